@@ -1,0 +1,141 @@
+"""Command line: ``python -m lib_lorakit <command>``.
+
+Exit codes: 0 done, 2 bad input (the message on stderr says what to do),
+1 unexpected failure, 130 interrupted. No command leaves a partial output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+
+from . import __version__
+from .errors import LorakitError, RecipeError
+
+log = logging.getLogger("lorakit")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's exit code 2 matches "bad input"
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _progress_printer(enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    state = {"last": -1}
+
+    def show(frac: float, msg: str) -> None:
+        pct = int(frac * 100)
+        if pct != state["last"]:
+            state["last"] = pct
+            sys.stderr.write(f"\r[{pct:3d}%] {msg[:70]:<70}")
+            sys.stderr.flush()
+            if frac >= 1.0:
+                sys.stderr.write("\n")
+
+    return show
+
+
+def _write_report(path: str | None, report: dict) -> None:
+    if not path:
+        return
+    from .formats.safetensors_io import check_output_path
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    check_output_path(path, overwrite=True)
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def cmd_bake(args: argparse.Namespace) -> int:
+    from .bake import LoraSpec, bake, parse_lora_arg, summary
+
+    specs: list[LoraSpec] = [parse_lora_arg(x) for x in args.lora or []]
+    for item in args.blocks or []:
+        hits = [(s, item[len(n) + 1:]) for s in specs
+                for n in dict.fromkeys((s.path, os.path.basename(s.path), s.label)) if item.startswith(n + "=")]
+        if not hits:
+            names = ", ".join(s.label for s in specs) or "none"
+            raise RecipeError(f"--blocks {item!r} names no --lora (LoRAs: {names}).",
+                              fix="Write --blocks NAME=PRESET_OR_VECTOR with NAME the LoRA's path, file name or "
+                                  "name without extension.")
+        for s, weights in hits:
+            s.blocks = weights
+    report = bake(args.base, specs, args.output, save_dtype=args.save_dtype, overwrite=args.overwrite,
+                  allow_unmatched=args.allow_unmatched, dry_run=args.dry_run,
+                  progress=_progress_printer(not args.quiet))
+    _write_report(args.report, report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(summary(report))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.dir, arch=args.arch, keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m lib_lorakit", description="lorakit: bake LoRA recipes into SD1.5/SDXL checkpoints.")
+    p.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details (and tracebacks) to stderr")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("bake", help="write a LoRA recipe permanently into a checkpoint",
+                       description="Bake LoRA/LyCORIS files into a checkpoint. Maths in fp32, one rounding to the "
+                                   "save dtype; a LoRA layer that matches nothing is an error.")
+    b.add_argument("base", help="base checkpoint (.safetensors; .ckpt/.pt read weights-only)")
+    b.add_argument("--lora", action="append", metavar="PATH[:STRENGTH[:TE_STRENGTH]]",
+                   help="a LoRA and its strength (default 1); TE_STRENGTH for the text encoders (default STRENGTH). "
+                        "Repeat for a recipe.")
+    b.add_argument("-o", "--output", help="output .safetensors (refused if it exists, unless --overwrite)")
+    b.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="default fp16")
+    b.add_argument("--blocks", action="append", metavar="PATH=PRESET_OR_VECTOR",
+                   help="per-block weights for one LoRA: a LoRA Block Weight preset (INALL, OUTALL, ...) or vector "
+                        "(17/26 values SD1.5, 12/20 SDXL), or named 'IN04=0.5,OUT05=0'")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    b.add_argument("--allow-unmatched", action="store_true",
+                   help="bake what matches and list unmatched LoRA layers in the report instead of failing")
+    b.add_argument("--dry-run", action="store_true", help="check and plan everything, write nothing")
+    b.add_argument("--report", metavar="FILE", help="write the full report as JSON")
+    b.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bake)
+
+    d = sub.add_parser("demo", help="build a small demo workspace (real key layout, tiny sizes) and bake it")
+    d.add_argument("--dir", default="lorakit-demo", help="workspace folder (default ./lorakit-demo)")
+    d.add_argument("--arch", choices=("sdxl", "sd15"), default="sdxl")
+    d.add_argument("--keep", action="store_true", help="reuse an existing workspace's inputs")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    # SIGTERM behaves like Ctrl-C: the same cleanup runs and no partial output remains.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return args.func(args)
+    except LorakitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception:
+        print("lorakit failed unexpectedly; please report this with the traceback below.", file=sys.stderr)
+        traceback.print_exc()
+        return 1

@@ -1,0 +1,413 @@
+"""Lazy, validated safetensors reading and a streaming, atomic writer.
+
+Reading never maps the file: tensors are read with ``pread`` into buffers the
+caller may reuse, so resident memory stays flat however large the file is.
+The header is validated in full before any tensor is touched.
+
+Writing computes the header first, streams tensors one by one into a temporary
+file beside the target, fsyncs, and renames. On any error (or Ctrl-C) the
+temporary file is removed and no output appears.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FormatError, OutputError
+
+# safetensors dtype code -> (torch dtype or None when torch lacks it, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "U16": (getattr(torch, "uint16", None), 2),
+    "U32": (getattr(torch, "uint32", None), 4),
+    "U64": (getattr(torch, "uint64", None), 8),
+    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1),
+    "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
+}
+TORCH_TO_CODE: dict[torch.dtype, str] = {v[0]: k for k, v in DTYPES.items() if v[0] is not None}
+
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+_READ_CHUNK = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file."""
+
+    name: str
+    dtype: str  # safetensors code, e.g. "F16"
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first byte
+    end: int  # absolute file offset past the last byte
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dt = DTYPES[self.dtype][0]
+        if dt is None:  # pragma: no cover - depends on the torch build
+            raise FormatError(f"dtype {self.dtype} of tensor {self.name!r} is not supported by this torch build.")
+        return dt
+
+
+def _bad(path: str, problem: str, fix: str | None = None) -> FormatError:
+    return FormatError(
+        f"{path}: not a valid safetensors file: {problem}",
+        fix=fix or "The file is damaged or incomplete. Download or export it again.",
+    )
+
+
+def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read and fully validate a safetensors header without touching tensor data.
+
+    Checks: the 8-byte length is sane and within the file, the JSON parses, every
+    dtype is known, shape x dtype size equals the byte span, spans lie inside the
+    data area, and no two spans overlap.
+
+    Returns:
+        (tensors by name, metadata)
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _bad(path, f"the file is only {size} bytes; a safetensors file starts with an 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > MAX_HEADER:
+                raise _bad(path, f"header length {n} is not sane (expected 2..{MAX_HEADER} bytes)",
+                           fix="This is probably not a safetensors file (or it is damaged).")
+            if 8 + n > size:
+                raise _bad(path, f"header length {n} runs past the end of the file ({size} bytes); the file is truncated")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: file not found.", fix="Check the path.") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a folder, not a model file.",
+                          fix="Give the .safetensors file itself (diffusers folders are not supported).") from None
+    except PermissionError:
+        raise FormatError(f"{path}: permission denied.", fix="Make the file readable for this user.") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(path, f"the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "the header is not a JSON object")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise _bad(path, "__metadata__ must map strings to strings")
+
+    data_start = 8 + n
+    data_size = size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise _bad(path, f"entry for tensor {name!r} is not an object")
+        dtype = entry.get("dtype")
+        shape = entry.get("shape")
+        offs = entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+                or offs[0] < 0 or offs[1] < offs[0]):
+            raise _bad(path, f"tensor {name!r} has invalid data_offsets {offs!r}")
+        expected = math.prod(shape) * DTYPES[dtype][1]
+        if offs[1] - offs[0] != expected:
+            raise _bad(path, f"tensor {name!r}: shape {shape} x {dtype} needs {expected} bytes but its span holds {offs[1] - offs[0]}")
+        if offs[1] > data_size:
+            raise _bad(path, f"tensor {name!r} ends at byte {offs[1]} of the data area, but the file holds only "
+                             f"{data_size} data bytes; the file is truncated",
+                       fix="The download or copy was interrupted. Download the file again.")
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + offs[0], data_start + offs[1])
+
+    spans = sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.start)
+    for a, b in zip(spans, spans[1:]):
+        if b.start < a.end:
+            raise _bad(path, f"tensors {a.name!r} and {b.name!r} overlap in the file")
+    return tensors, metadata
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, path: str, name: str) -> None:
+    done = 0
+    total = len(view)
+    while done < total:
+        got = os.preadv(fd, [view[done:done + _READ_CHUNK]], offset + done)
+        if got <= 0:
+            raise _bad(path, f"unexpected end of file while reading tensor {name!r} (file changed while reading?)")
+        done += got
+
+
+class SafetensorsFile:
+    """A validated, lazily read safetensors file. Use as a context manager."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        self.tensors, self.metadata = read_header(self.path)
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+
+    # --- context management -------------------------------------------------------
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - safety net
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # --- access -------------------------------------------------------------------
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return self._fd
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return [t.name for t in sorted(self.tensors.values(), key=lambda t: (t.start, t.name))]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor (a copy owned by the caller).
+
+        Args:
+            out: optional uint8 buffer with at least ``nbytes`` elements to read into;
+                the result is then a view of it.
+        """
+        info = self.tensors[name]
+        if out is None:
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        else:
+            buf = out[: info.nbytes]
+        if info.nbytes:
+            _pread_into(self.fd, memoryview(buf.numpy()).cast("B"), info.start, self.path, name)
+        return buf.view(info.torch_dtype).reshape(info.shape)
+
+
+# --- writing --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutEntry:
+    name: str
+    dtype: str  # safetensors code
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def build_header(entries: Sequence[OutEntry], metadata: Mapping[str, str] | None) -> bytes:
+    """Return the header bytes (length prefix + JSON padded to 8 bytes)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    off = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
+        off += e.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def check_output_path(path: str, *, overwrite: bool, inputs: Iterable[str] = ()) -> None:
+    """Refuse an output that exists (unless ``overwrite``) or that is one of the inputs."""
+    path = os.fspath(path)
+    for src in inputs:
+        if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
+            raise OutputError(f"The output {path} is one of the inputs.",
+                              fix="Choose a new output file name; lorakit never writes its input files.")
+    if os.path.isdir(path):
+        raise OutputError(f"The output {path} is a folder.", fix="Give a file name ending in .safetensors.")
+    if os.path.exists(path) and not overwrite:
+        raise OutputError(f"The output {path} already exists.",
+                          fix="Choose another name, or pass --overwrite to replace it.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OutputError(f"The output folder {parent} does not exist.", fix="Create it first, or pick another folder.")
+
+
+class StreamingWriter:
+    """Write a safetensors file tensor by tensor, atomically.
+
+    The header is written first; tensors must then arrive in exactly the order of
+    ``entries``. :meth:`commit` fsyncs and renames the temporary file into place;
+    leaving the ``with`` block with an exception removes it.
+    """
+
+    def __init__(self, path: str, entries: Sequence[OutEntry], metadata: Mapping[str, str] | None = None,
+                 *, overwrite: bool = False):
+        self.path = os.path.abspath(os.fspath(path))
+        self.entries = list(entries)
+        self.overwrite = overwrite
+        check_output_path(self.path, overwrite=overwrite)
+        names = [e.name for e in self.entries]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in output entries")
+        self.header = build_header(self.entries, metadata)
+        d, base = os.path.split(self.path)
+        self.tmp_path = os.path.join(d, f".{base}.{uuid.uuid4().hex[:8]}.lorakit-tmp")
+        self._f = open(self.tmp_path, "xb")
+        self._next = 0
+        self._pending = 0  # bytes still owed for the current entry
+        self.bytes_written = 0
+        self.total_bytes = len(self.header) + sum(e.nbytes for e in self.entries)
+        self._committed = False
+        try:
+            self._f.write(self.header)
+            self.bytes_written = len(self.header)
+        except BaseException:
+            self.abort()
+            raise
+
+    # The metadata may hold values only known at the end (e.g. a hash computed while
+    # streaming); they can be patched in place as long as the header length is unchanged.
+    def patch_metadata(self, metadata: Mapping[str, str]) -> None:
+        new = build_header(self.entries, metadata)
+        if len(new) != len(self.header):
+            raise ValueError("patched metadata must keep the header length")
+        self._f.flush()
+        os.pwrite(self._f.fileno(), new, 0)
+        self.header = new
+
+    def _begin(self, name: str, nbytes: int) -> OutEntry:
+        if self._next >= len(self.entries):
+            raise ValueError(f"unexpected tensor {name!r}: all entries already written")
+        e = self.entries[self._next]
+        if e.name != name:
+            raise ValueError(f"tensor order broken: expected {e.name!r}, got {name!r}")
+        if nbytes != e.nbytes:
+            raise ValueError(f"tensor {name!r}: {nbytes} bytes given, header says {e.nbytes}")
+        return e
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor (contiguous, dtype as declared)."""
+        e = self._begin(name, tensor.numel() * tensor.element_size())
+        if TORCH_TO_CODE.get(tensor.dtype) != e.dtype:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} but header says {e.dtype}")
+        t = tensor.contiguous()
+        if e.nbytes:
+            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+        self._next += 1
+        self.bytes_written += e.nbytes
+
+    def write_bytes(self, name: str, data: bytes | memoryview) -> None:
+        self._begin(name, len(data))
+        self._f.write(data)
+        self._next += 1
+        self.bytes_written += len(data)
+
+    def copy_range(self, name: str, src_fd: int, offset: int, nbytes: int) -> None:
+        """Write the next tensor by copying raw bytes from another file (no decode)."""
+        self._begin(name, nbytes)
+        self._f.flush()
+        out_fd = self._f.fileno()
+        done = 0
+        while done < nbytes:
+            try:
+                n = os.copy_file_range(src_fd, out_fd, nbytes - done, offset + done)
+            except OSError:
+                n = 0
+            if n <= 0:  # fall back to a plain read/write loop
+                chunk = os.pread(src_fd, min(_READ_CHUNK, nbytes - done), offset + done)
+                if not chunk:
+                    raise OSError(f"unexpected end of source while copying {name!r}")
+                n = os.write(out_fd, chunk)
+            done += n
+        self._next += 1
+        self.bytes_written += nbytes
+
+    def commit(self) -> str:
+        """Fsync and rename into place. Returns the final path."""
+        if self._next != len(self.entries):
+            missing = self.entries[self._next].name
+            raise ValueError(f"commit before all tensors were written (next: {missing!r})")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        if os.path.exists(self.path) and not self.overwrite:
+            self.abort()
+            raise OutputError(f"The output {self.path} appeared while lorakit was writing it.",
+                              fix="Choose another name, or pass --overwrite to replace it.")
+        os.replace(self.tmp_path, self.path)
+        self._committed = True
+        try:
+            dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+            pass
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the temporary file (idempotent)."""
+        if self._committed:
+            return
+        try:
+            self._f.close()
+        except Exception:
+            pass
+        try:
+            os.unlink(self.tmp_path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._committed:
+            self.abort()
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None,
+              *, overwrite: bool = False) -> str:
+    """Write a whole dict of tensors atomically (small files: LoRAs, test inputs)."""
+    entries = [OutEntry(k, TORCH_TO_CODE[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
+    with StreamingWriter(path, entries, metadata, overwrite=overwrite) as w:
+        for k, v in tensors.items():
+            w.write(k, v.detach().cpu())
+        return w.commit()

@@ -1,0 +1,183 @@
+"""Open model files as lazy tensor sources: safetensors, or pickles loaded weights-only.
+
+``.ckpt``/``.pt``/``.pth``/``.bin`` files are read only with
+``torch.load(weights_only=True)``, which refuses any Python object beyond tensors and
+plain containers; anything else is refused with a message saying how to convert.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+
+import torch
+
+from ..errors import FormatError
+from .safetensors_io import DTYPES, TORCH_TO_CODE, SafetensorsFile
+
+PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class TensorSource:
+    """A read-only collection of named tensors with metadata."""
+
+    path: str
+    metadata: dict[str, str]
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError  # pragma: no cover
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError  # pragma: no cover
+
+    def dtype(self, key: str) -> str:
+        """safetensors dtype code of a tensor."""
+        raise NotImplementedError  # pragma: no cover
+
+    def nbytes(self, key: str) -> int:
+        n = DTYPES[self.dtype(key)][1]
+        for s in self.shape(key):
+            n *= s
+        return n
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def raw_span(self, key: str) -> tuple[int, int, int] | None:
+        """(fd, offset, nbytes) of the tensor's bytes in a file, when they can be copied raw."""
+        return None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: self.shape(k) for k in self.keys()}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SafetensorsSource(TensorSource):
+    def __init__(self, path: str):
+        self.path = path
+        self.file = SafetensorsFile(path)
+        self.metadata = dict(self.file.metadata)
+        self._keys = self.file.keys()
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.file.tensors[key].shape
+
+    def dtype(self, key: str) -> str:
+        return self.file.tensors[key].dtype
+
+    def nbytes(self, key: str) -> int:
+        return self.file.tensors[key].nbytes
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.file.read(key, out)
+
+    def raw_span(self, key: str) -> tuple[int, int, int]:
+        t = self.file.tensors[key]
+        return self.file.fd, t.start, t.nbytes
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class DictSource(TensorSource):
+    """Tensors already in memory (pickle checkpoints, tests)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], path: str = "<memory>",
+                 metadata: Mapping[str, str] | None = None):
+        self.path = path
+        self.tensors = dict(tensors)
+        self.metadata = dict(metadata or {})
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def dtype(self, key: str) -> str:
+        dt = self.tensors[key].dtype
+        if dt not in TORCH_TO_CODE:
+            raise FormatError(f"{self.path}: tensor {key!r} has dtype {dt}, which safetensors cannot store.")
+        return TORCH_TO_CODE[dt]
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.tensors[key].detach().contiguous()
+
+
+def _load_pickle(path: str) -> dict:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, ValueError) as e:
+            if "mmap" not in str(e).lower() and "zip" not in str(e).lower():
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        what = str(e).split("\n")[0][:300]
+        raise FormatError(
+            f"{path}: this pickle file holds Python objects besides tensors, which lorakit will not load "
+            f"(loading them could run code). The loader said: {what}",
+            fix="Convert it to .safetensors in an environment you trust (for example, load it in the WebUI and "
+                "save it with the Checkpoint Merger, 'No interpolation', 'safetensors'), or use a .safetensors "
+                "release of the model.") from None
+    except (zipfile.BadZipFile, EOFError, RuntimeError) as e:
+        raise FormatError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}).",
+                          fix="The file is damaged or incomplete. Download it again.") from None
+    return obj
+
+
+def _flatten_state_dict(obj, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise FormatError(f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors.")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def open_source(path: str) -> TensorSource:
+    """Open a model file for reading.
+
+    Raises:
+        FormatError: missing, malformed, truncated, unsafe or unknown files.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: file not found.", fix="Check the path and the file name.")
+    if os.path.isdir(path):
+        raise FormatError(f"{path}: is a folder, not a model file.",
+                          fix="Give the .safetensors file itself (diffusers folders are not supported).")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in PICKLE_EXTS:
+        sd = _flatten_state_dict(_load_pickle(path), path)
+        return DictSource(sd, path=path)
+    if ext != ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise FormatError(f"{path}: looks like a PyTorch pickle but has the extension {ext!r}.",
+                              fix="Rename it to .ckpt or .pt so lorakit reads it (weights only).")
+    return SafetensorsSource(path)
+
+
+def sha256_file(path: str, chunk: int = 16 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()

@@ -1,0 +1,203 @@
+"""Synthetic models with real key layouts and random values: demo, tests, benchmarks.
+
+Checkpoints follow the shipped layouts exactly (key names, order, dtypes); ``tiny``
+divides every width that is a multiple of 64 by 64 (320 -> 5, 768 -> 12, 1280 -> 20),
+which keeps every relation between shapes (concatenations, fused q/k/v, GEGLU) intact.
+LoRAs are built in kohya's naming for the modules kohya's ``networks/lora.py`` trains.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+
+import torch
+
+from .formats.arch import ARCHS, load_layout
+from .formats.safetensors_io import TORCH_TO_CODE, OutEntry, StreamingWriter, save_file
+from .networks.resolve import unet_ldm_to_diffusers
+
+SHRINK = 64
+_DT = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+
+
+def tiny_shape(shape: tuple[int, ...], factor: int = SHRINK) -> tuple[int, ...]:
+    return tuple(d // factor if d >= factor and d % factor == 0 else d for d in shape)
+
+
+def checkpoint_entries(arch: str, *, tiny: bool = True, dtype: torch.dtype = torch.float16) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    out = []
+    for key, (shape, dt) in load_layout(ARCHS[arch].layout).items():
+        s = tiny_shape(shape) if tiny else shape
+        out.append((key, s, torch.int64 if dt == "int64" else dtype))
+    return out
+
+
+def _value(key: str, shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    if dtype == torch.int64:
+        return torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
+    if re.search(r"(norm|ln_\d|ln_final|layer_norm\d?|in_layers\.0|out_layers\.0|norm_out|out\.0)\.weight$", key):
+        t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+    elif key.endswith("logit_scale"):
+        t = torch.full(shape, 4.6052)
+    else:
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+        t = torch.randn(shape, generator=g) * (1.0 / math.sqrt(max(fan_in, 1)) if len(shape) > 1 else 0.02)
+    return t.to(dtype)
+
+
+def iter_checkpoint(arch: str, *, tiny: bool = True, dtype: torch.dtype = torch.float16,
+                    seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    for key, shape, dt in checkpoint_entries(arch, tiny=tiny, dtype=dtype):
+        yield key, _value(key, shape, dt, g)
+
+
+def write_checkpoint(path: str, arch: str, *, tiny: bool = True, dtype: torch.dtype = torch.float16, seed: int = 0,
+                     metadata: dict[str, str] | None = None, overwrite: bool = False,
+                     extra: dict[str, torch.Tensor] | None = None) -> str:
+    """Write a random checkpoint with the real layout, one tensor at a time (flat memory)."""
+    entries = [OutEntry(k, TORCH_TO_CODE[dt], s) for k, s, dt in checkpoint_entries(arch, tiny=tiny, dtype=dtype)]
+    extra = extra or {}
+    entries += [OutEntry(k, TORCH_TO_CODE[v.dtype], tuple(v.shape)) for k, v in extra.items()]
+    with StreamingWriter(path, entries, metadata, overwrite=overwrite) as w:
+        for key, t in iter_checkpoint(arch, tiny=tiny, dtype=dtype, seed=seed):
+            w.write(key, t)
+        for key, t in extra.items():
+            w.write(key, t)
+        return w.commit()
+
+
+# --- kohya LoRA module sets ----------------------------------------------------------------
+
+_ATTN = re.compile(r"\.(attn[12]\.to_(?:q|k|v|out\.0)|ff\.net\.(?:0\.proj|2)|proj_in|proj_out)\.weight$")
+_CONV = re.compile(r"\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection|op|conv)\.weight$")
+_TE = re.compile(r"\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.weight$")
+
+
+def kohya_modules(arch: str, *, conv: bool = True, te: bool = True,
+                  tiny: bool = True) -> list[tuple[str, tuple[int, ...]]]:
+    """(kohya module name, target weight shape) for the modules kohya's LoRA trains.
+
+    SD1.x UNet names are diffusers-style (``lora_unet_down_blocks_0_attentions_0_proj_in``),
+    SDXL names ldm-style (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``),
+    text encoders ``lora_te_`` (SD1) or ``lora_te1_``/``lora_te2_`` (SDXL, HF CLIP names).
+    """
+    a = ARCHS[arch]
+    layout = load_layout(a.layout)
+    out: list[tuple[str, tuple[int, ...]]] = []
+    up = "model.diffusion_model."
+    for key, (shape, _) in layout.items():
+        s = tiny_shape(shape) if tiny else shape
+        if key.startswith(up):
+            rel = key[len(up):-len(".weight")]
+            is_attn = bool(_ATTN.search(key))
+            is_conv = bool(_CONV.search(key)) and ("input_blocks" in key or "middle_block" in key
+                                                   or "output_blocks" in key) and not key.startswith(up + "input_blocks.0.")
+            if not (is_attn or (conv and is_conv)):
+                continue
+            name = unet_ldm_to_diffusers(rel) if arch == "sd15" else rel
+            out.append(("lora_unet_" + name.replace(".", "_"), s))
+        elif te and key.startswith(a.prefixes["te1"]) and _TE.search(key):
+            rel = key[len(a.prefixes["te1"]):-len(".weight")]
+            out.append((("lora_te_" if arch == "sd15" else "lora_te1_") + rel.replace(".", "_"), s))
+    if te and "te2" in a.prefixes:
+        g = a.prefixes["te2"]
+        n = sum(1 for k in layout if k.startswith(g) and k.endswith("attn.in_proj_weight"))
+        d = (tiny_shape((1280,)) if tiny else (1280,))[0]
+        for i in range(n):
+            p = f"lora_te2_text_model_encoder_layers_{i}_"
+            for q in ("q", "k", "v", "out"):
+                out.append((f"{p}self_attn_{q}_proj", (d, d)))
+            out.append((f"{p}mlp_fc1", (4 * d, d)))
+            out.append((f"{p}mlp_fc2", (d, 4 * d)))
+    return out
+
+
+# --- LoRA tensors per algorithm --------------------------------------------------------------
+
+
+def _factor(n: int) -> tuple[int, int]:
+    """Split n = a * b with a <= b as balanced as possible (LyCORIS factorization, factor -1)."""
+    best = (1, n)
+    for a in range(1, int(math.isqrt(n)) + 1):
+        if n % a == 0:
+            best = (a, n // a)
+    return best
+
+
+def module_tensors(algo: str, shape: tuple[int, ...], *, rank: int, alpha: float, g: torch.Generator,
+                   std: float = 0.05) -> dict[str, torch.Tensor]:
+    """Random tensors of one module of ``algo`` for a target weight of ``shape``.
+
+    algo: lora, locon (conv kernels in lora_down), tucker, loha, lokr, dora, full, ia3, oft, norm.
+    """
+    def rnd(*s: int) -> torch.Tensor:
+        return torch.randn(s, generator=g) * std
+
+    out_dim, in_dim = shape[0], (shape[1] if len(shape) > 1 else 1)
+    k = tuple(shape[2:])
+    r = max(1, min(rank, out_dim, in_dim))
+    a = torch.tensor(float(alpha))
+    if algo in ("lora", "locon", "dora"):
+        if k and k != (1, 1):
+            t = {"lora_down.weight": rnd(r, in_dim, *k), "lora_up.weight": rnd(out_dim, r, 1, 1)}
+        elif k:
+            t = {"lora_down.weight": rnd(r, in_dim, 1, 1), "lora_up.weight": rnd(out_dim, r, 1, 1)}
+        else:
+            t = {"lora_down.weight": rnd(r, in_dim), "lora_up.weight": rnd(out_dim, r)}
+        t["alpha"] = a
+        if algo == "dora":
+            w_norm = torch.rand(out_dim, generator=g) + 0.5
+            t["dora_scale"] = w_norm.reshape(out_dim, *([1] * (len(shape) - 1)))
+        return t
+    if algo == "tucker":
+        assert k, "tucker needs a conv target"
+        return {"lora_down.weight": rnd(r, in_dim, 1, 1), "lora_mid.weight": rnd(r, r, *k),
+                "lora_up.weight": rnd(out_dim, r, 1, 1), "alpha": a}
+    if algo == "loha":
+        flat = in_dim * math.prod(k)
+        return {"hada_w1_a": rnd(out_dim, r), "hada_w1_b": rnd(r, flat), "hada_w2_a": rnd(out_dim, r),
+                "hada_w2_b": rnd(r, flat), "alpha": a}
+    if algo == "lokr":
+        o1, o2 = _factor(out_dim)
+        i1, i2 = _factor(in_dim)
+        t = {"lokr_w1": rnd(o1, i1), "alpha": a}
+        r2 = max(1, min(r, o2, i2 * math.prod(k)))
+        if r2 < max(o2, i2) / 2:
+            t["lokr_w2_a"] = rnd(o2, r2)
+            t["lokr_w2_b"] = rnd(r2, i2, *k) if k else rnd(r2, i2)
+        else:
+            t["lokr_w2"] = rnd(o2, i2, *k)
+        return t
+    if algo == "full":
+        return {"diff": rnd(*shape), "diff_b": rnd(out_dim)}
+    if algo == "norm":
+        return {"w_norm": rnd(*shape), "b_norm": rnd(*shape)}
+    if algo == "ia3":
+        return {"weight": rnd(out_dim), "on_input": torch.tensor(False)}
+    if algo == "oft":
+        b = _factor(out_dim)[0] or 1
+        return {"oft_blocks": rnd(out_dim // b, b, b), "alpha": torch.tensor(0.0)}
+    raise ValueError(f"unknown synthetic algorithm {algo!r}")
+
+
+def make_lora(arch: str, algo: str = "lora", *, rank: int = 4, alpha: float = 2.0, tiny: bool = True,
+              conv: bool = True, te: bool = True, seed: int = 0, dtype: torch.dtype = torch.float16,
+              std: float = 0.05) -> dict[str, torch.Tensor]:
+    """A kohya-named LoRA state dict of one algorithm covering kohya's module set.
+
+    For ``algo='lora'`` conv 3x3 layers get LoCon-style kernels in ``lora_down``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for name, shape in kohya_modules(arch, conv=conv, te=te, tiny=tiny):
+        for p, t in module_tensors(algo, shape, rank=rank, alpha=alpha, g=g, std=std).items():
+            sd[f"{name}.{p}"] = t.to(dtype) if t.is_floating_point() else t
+    return sd
+
+
+def write_lora(path: str, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+               overwrite: bool = False) -> str:
+    return save_file(sd, path, metadata, overwrite=overwrite)
