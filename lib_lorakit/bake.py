@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import queue
@@ -34,19 +35,20 @@ from .formats.arch import ARCHS, Arch, Family, detect_checkpoint, detect_lora
 from .formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_output_path
 from .formats.sources import TensorSource, open_source, sha256_file
 from .networks import ShapeProblem, algorithm_name, check_group, compute_delta, identify, needs_weight
-from .networks.base import Algorithm
+from .networks.base import Algorithm, Delta
 from .networks.resolve import ParsedKeys, Target, TargetIndex, candidates, parse_keys
 
 SAVE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 FP16_MAX = 65504.0
 DROP_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
-CHUNK_ELEMS = 1 << 18  # rows are processed in chunks of ~1 MB of float32: cache-resident
+CHUNK_ELEMS = 1 << 20  # rows are processed in chunks of ~4 MB of float32, which stay in cache
 QUEUE_ITEMS = 6
 _HASH_PLACEHOLDER = "0" * 64
 _BIAS_PARAMS = {"full": "diff_b", "norm": "b_norm"}
 
 Progress = Callable[[float, str], None]
+log = logging.getLogger("lorakit.bake")
 
 
 @dataclass
@@ -401,8 +403,6 @@ class _Hasher(threading.Thread):
 
 @dataclass
 class _Stats:
-    key_change: dict[str, float] = field(default_factory=dict)
-    block_change: dict[str, tuple[float, str]] = field(default_factory=dict)
     max_round: tuple[float, str] = (0.0, "")
     max_abs: tuple[float, str] = (0.0, "")
     modified: int = 0
@@ -414,6 +414,49 @@ def _out_code(src_code: str, save: str) -> str:
     return save if src_code in FLOAT_CODES else src_code
 
 
+@dataclass
+class _Fetched:
+    key: str
+    weight: torch.Tensor  # the base tensor, as stored
+    buffer: torch.Tensor  # pooled buffer behind ``weight``
+    params: list[dict[str, torch.Tensor]]  # per contribution, float32
+    biases: list[tuple[torch.Tensor, float]]  # per bias contribution: (values, scale)
+
+
+class _Prefetcher(threading.Thread):
+    """Reads the next touched tensors (and their LoRA tensors) while the current one is computed."""
+
+    def __init__(self, baker: _Baker, keys: list[str]):
+        super().__init__(name="lorakit-prefetch", daemon=True)
+        self.baker = baker
+        self.keys = keys
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        for key in self.keys:
+            if self.stop.is_set():
+                return
+            try:
+                item = self.baker.fetch(key)
+            except BaseException as e:  # handed to the main thread
+                item = e
+            while not self.stop.is_set():
+                try:
+                    self.q.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def get(self) -> _Fetched:
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
 class _Baker:
     def __init__(self, plan: Plan, save_code: str, pool: _Pool, stats: _Stats):
         self.plan = plan
@@ -421,54 +464,68 @@ class _Baker:
         self.pool = pool
         self.stats = stats
         self._w = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
-        self._d = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
         self._r = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
 
     def _read_params(self, c: Contribution) -> dict[str, torch.Tensor]:
         src = self.plan.loras[c.lora].source
         return {p: src.read(k).float() for p, k in c.params.items()}
 
-    def tensor(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compute one output tensor. Returns (tensor in the output dtype, its pooled buffer)."""
+    def fetch(self, key: str) -> _Fetched:
+        """Read what one touched tensor needs (runs on the prefetch thread)."""
         base = self.plan.base
-        src_code = base.dtype(key)
-        out_code = _out_code(src_code, self.save_code)
         raw_buf = self.pool.get(base.nbytes(key))
+        w = base.read(key, out=raw_buf if base.raw_span(key) else None)
+        params = [self._read_params(c) for c in self.plan.weights.get(key, [])]
+        biases = []
+        for c, bp in self.plan.biases.get(key, []):
+            src = self.plan.loras[c.lora].source
+            scale = float(src.read(c.params["scale"]).reshape(-1)[0]) if "scale" in c.params else 1.0
+            biases.append((src.read(c.params[bp]).float().reshape(-1), scale))
+        return _Fetched(key, w, raw_buf, params, biases)
+
+    def tensor(self, f: _Fetched) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute one output tensor. Returns (tensor in the output dtype, its pooled buffer)."""
+        key, w = f.key, f.weight
         try:
-            w = base.read(key, out=raw_buf if base.raw_span(key) else None)
+            out_code = _out_code(self.plan.base.dtype(key), self.save_code)
             shape = tuple(w.shape)
             rows = shape[0] if len(shape) else 1
             w2 = w.reshape(rows, -1)
             cols = w2.shape[1]
-            lows, denses, notes = self._deltas(key, w2)
+            lows, others, notes = self._deltas(f, w2)
             out_dt = DTYPES[out_code][0]
             out_buf = self.pool.get(max(1, math.prod(shape)) * DTYPES[out_code][1])
             out = out_buf[: math.prod(shape) * DTYPES[out_code][1]].view(out_dt).reshape(rows, cols)
             if out_code not in FLOAT_CODES:
                 out.copy_(w2)
             else:
-                wnorm = self._combine(key, w2, out, lows, denses)
+                wnorm = self._combine(key, w2, out, lows, others)
                 self._note_changes(notes, w2, wnorm)
             return out.reshape(shape), out_buf
         finally:
-            self.pool.put(raw_buf)
+            self.pool.put(f.buffer)
 
-    def _deltas(self, key: str, w2: torch.Tensor):
-        """Per-target updates, each computed against the original weight."""
+    def _deltas(self, f: _Fetched, w2: torch.Tensor):
+        """Per-target updates, each computed against the original weight.
+
+        Returns (low-rank groups, other updates, notes): low-rank updates on the same rows
+        are concatenated into one (up, down) pair with the multipliers folded into ``up``;
+        the others stay factored where their algorithm allows (kron, Hadamard).
+        """
+        key = f.key
         contribs = self.plan.weights.get(key, [])
         bias_contribs = self.plan.biases.get(key, [])
         lows: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        denses: list[tuple[int, int, torch.Tensor]] = []
+        others: list[tuple[int, int, Delta, float]] = []
         notes: list[tuple[Contribution, float, int, int]] = []
         w32 = w2.float() if any(c.needs_weight for c in contribs) else None
-        for c in contribs:
+        for c, p in zip(contribs, f.params):
             t = c.target
             r0, r1 = t.rows if t.rows else (0, w2.shape[0])
             weight = None
             if c.needs_weight:
                 sl = w32[r0:r1]
                 weight = (sl.reshape(t.shape[::-1]).T if t.transpose else sl).reshape(t.shape)
-            p = self._read_params(c)
             try:
                 d = compute_delta(c.alg, p, t.shape, weight)
             except (ShapeProblem, RuntimeError, ValueError) as e:
@@ -476,32 +533,32 @@ class _Baker:
                                  f"{t.label}: {e}") from None
             m = c.multiplier
             notes.append((c, abs(m) * d.norm(), r0, r1))
-            if d.lowrank is not None and not t.transpose:
+            if t.transpose:  # stored transposed (OpenCLIP text_projection)
+                d = Delta(dense=d.to_dense(t.shape).T.contiguous())
+            if d.lowrank is not None:
                 up, down = d.lowrank
                 lows.setdefault((r0, r1), []).append((up * m, down))
-            elif d.lowrank is not None or d.dense is not None:
-                dense = d.to_dense(t.shape) * m
-                if t.transpose:
-                    dense = dense.T
-                denses.append((r0, r1, dense.reshape(r1 - r0, -1)))
-        for c, bp in bias_contribs:
+            elif d.kron is not None or d.hada is not None or d.dense is not None:
+                others.append((r0, r1, d, m))
+        for (c, bp), (b, scale) in zip(bias_contribs, f.biases):
             t = c.target
             r0, r1 = t.rows if t.rows else (0, w2.shape[0])
-            src = self.plan.loras[c.lora].source
-            b = src.read(c.params[bp]).float().reshape(-1)
-            scale = float(src.read(c.params["scale"]).reshape(-1)[0]) if "scale" in c.params else 1.0
             if b.numel() != r1 - r0:
                 raise MatchError(f"{self.plan.loras[c.lora].spec.path}: {c.params[bp]} has {b.numel()} values, "
                                  f"the bias {key} takes {r1 - r0}.")
-            denses.append((r0, r1, (b * (scale * c.multiplier)).reshape(r1 - r0, 1)))
+            others.append((r0, r1, Delta(dense=b.reshape(-1, 1)), scale * c.multiplier))
         merged = []
         for (r0, r1), parts in lows.items():
             merged.append((r0, r1, torch.cat([u for u, _ in parts], dim=1).contiguous(),
                            torch.cat([d for _, d in parts], dim=0).contiguous()))
-        return merged, denses, notes
+        return merged, others, notes
 
     def _note_changes(self, notes, w2: torch.Tensor, wnorm: float) -> None:
-        """Per LoRA and block: the largest |m·ΔW| / |W| (W the target, a row slice for CLIP-G q/k/v)."""
+        """Per LoRA and block: the largest |m·ΔW| / |W| (W the target, a row slice for CLIP-G q/k/v).
+
+        |ΔW| comes from the factored update (Gram matrices for low rank, |w1|·|w2| for kron),
+        so the statistic costs no pass over the weight.
+        """
         for c, dnorm, r0, r1 in notes:
             wn = wnorm if (r0, r1) == (0, w2.shape[0]) else float(
                 torch.linalg.vector_norm(w2[r0:r1], dtype=torch.float32))
@@ -511,45 +568,45 @@ class _Baker:
             if rel > st.block_change.get(block, -1.0):
                 st.block_change[block] = rel
 
-    def _combine(self, key: str, w2: torch.Tensor, out: torch.Tensor, lows, denses) -> float:
-        """Add the updates chunk by chunk, round once, and collect statistics. Returns |W|."""
+    def _combine(self, key: str, w2: torch.Tensor, out: torch.Tensor, lows, others) -> float:
+        """Add the updates chunk by chunk in float32, round once, and check the result. Returns |W|."""
         rows, cols = w2.shape
         step = max(1, CHUNK_ELEMS // max(cols, 1))
         big = cols > CHUNK_ELEMS
-        dn2 = wn2 = 0.0
-        amax = 0.0
+        amax = wn2 = 0.0
         max_round = 0.0
-        has_delta = bool(lows or denses)
+        has_delta = bool(lows or others)
+        rounding = out.dtype != torch.float32
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             n = (r1 - r0) * cols
+            if n == 0:
+                continue
             wc = (torch.empty(n) if big else self._w[:n]).view(r1 - r0, cols)
             wc.copy_(w2[r0:r1])
             if has_delta:
-                dc = (torch.empty(n) if big else self._d[:n]).view(r1 - r0, cols)
-                dc.zero_()
-                for s0, s1, up, down in lows:
-                    a, b = max(r0, s0), min(r1, s1)
-                    if a < b:
-                        dc[a - r0:b - r0].addmm_(up[a - s0:b - s0], down)
-                for s0, s1, dense in denses:
-                    a, b = max(r0, s0), min(r1, s1)
-                    if a < b:
-                        dc[a - r0:b - r0] += dense[a - s0:b - s0]
-                dn2 += float(torch.dot(dc.view(-1), dc.view(-1)))
-                wn2 += float(torch.dot(wc.view(-1), wc.view(-1)))
-                wc += dc
-            m = float(torch.linalg.vector_norm(wc, ord=math.inf)) if n else 0.0
-            if not math.isfinite(m):
+                flat = wc.view(-1)
+                wn2 += float(torch.dot(flat, flat))
+            for s0, s1, up, down in lows:
+                a, b = max(r0, s0), min(r1, s1)
+                if a < b:
+                    wc[a - r0:b - r0].addmm_(up[a - s0:b - s0], down)
+            for s0, s1, d, m in others:
+                a, b = max(r0, s0), min(r1, s1)
+                if a < b:
+                    d.add_rows(wc[a - r0:b - r0], a - s0, b - s0, m)
+            lo, hi = torch.aminmax(wc)
+            lo, hi = float(lo), float(hi)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
                 self._nonfinite(key, w2[r0:r1], has_delta)
-            amax = max(amax, m)
+            amax = max(amax, -lo, hi)
             oc = out[r0:r1]
             oc.copy_(wc)
-            if out.dtype != torch.float32:
+            if rounding:
                 rc = (torch.empty(n) if big else self._r[:n]).view(r1 - r0, cols)
-                rc.copy_(oc)
-                rc -= wc
-                max_round = max(max_round, float(torch.linalg.vector_norm(rc, ord=math.inf)) if n else 0.0)
+                torch.sub(oc, wc, out=rc)  # the rounding error, in one pass
+                lo, hi = torch.aminmax(rc)
+                max_round = max(max_round, -float(lo), float(hi))
         if out.dtype == torch.float16 and amax > FP16_MAX:
             raise ValueProblem(
                 f"{key}: a baked weight reaches {amax:.6g}, beyond the float16 range (65504); saving would turn it into inf.",
@@ -561,11 +618,6 @@ class _Baker:
             st.max_abs = (amax, key)
         if has_delta:
             st.modified += 1
-            rel = math.sqrt(dn2) / math.sqrt(wn2) if wn2 > 0 else (math.inf if dn2 > 0 else 0.0)
-            st.key_change[key] = rel
-            block = _block_or_component(key, self.plan.arch)
-            if rel > st.block_change.get(block, (-1.0, ""))[0]:
-                st.block_change[block] = (rel, key)
         else:
             st.converted += 1
         return math.sqrt(wn2)
@@ -577,12 +629,6 @@ class _Baker:
         names = sorted({self.plan.loras[c.lora].spec.label for c in self.plan.weights.get(key, [])})
         raise ValueProblem(f"{key}: baking {' + '.join(names) or 'the recipe'} gives NaN/inf values.",
                            fix="Lower the strengths; if it persists the LoRA is broken for this checkpoint.")
-
-
-def _block_or_component(key: str, arch: Arch) -> str:
-    from .formats.arch import block_of, component_of
-
-    return block_of(key, arch) or component_of(key, arch)
 
 
 def _peak_rss_mb() -> float:
@@ -634,34 +680,48 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
         check_output_path(output, overwrite=overwrite, inputs=[base_file] + [s.path for s in specs])
     say = progress or (lambda f, m: None)
     say(0.0, "checking inputs")
-    plan = plan_bake(base_path, specs, allow_unmatched=allow_unmatched)
-    stats = _Stats()
+    hasher = None
+    if not dry_run:  # the base file's SHA-256 (for the recipe) is taken on a side thread from the start
+        hasher = _Hasher(base_path.path if isinstance(base_path, TensorSource) else os.fspath(base_path))
+        hasher.start()
     try:
-        check_lora_values(plan, cancel=cancel)
-        base_sha = ""
-        if not dry_run:
-            base_sha = _execute(plan, output, SAVE_DTYPES[save_dtype], save_dtype, overwrite, stats, say, cancel)
-        report = _report(plan, stats, output, save_dtype, base_sha, dry_run, time.perf_counter() - t0)
-        say(1.0, "done")
-        return report
+        plan = plan_bake(base_path, specs, allow_unmatched=allow_unmatched)
+        stats = _Stats()
+        try:
+            check_lora_values(plan, cancel=cancel)
+            base_sha = ""
+            if not dry_run:
+                base_sha = _execute(plan, output, SAVE_DTYPES[save_dtype], save_dtype, overwrite, stats, say, cancel,
+                                    hasher)
+            report = _report(plan, stats, output, save_dtype, base_sha, dry_run, time.perf_counter() - t0)
+            say(1.0, "done")
+            return report
+        finally:
+            plan.base.close()
+            for st in plan.loras:
+                st.source.close()
     finally:
-        plan.base.close()
-        for st in plan.loras:
-            st.source.close()
+        if hasher is not None:
+            hasher.stop.set()
 
 
 def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite: bool, stats: _Stats,
-             say: Progress, cancel: threading.Event | None) -> str:
+             say: Progress, cancel: threading.Event | None, hasher: _Hasher) -> str:
     base = plan.base
     keys = base.keys()
     entries = [OutEntry(k, _out_code(base.dtype(k), save_code), base.shape(k)) for k in keys]
+    t_start = time.perf_counter()
+    waits = [0.0, 0.0, 0.0]
     pool = _Pool()
-    hasher = _Hasher(base.path)
-    hasher.start()
     total = sum(base.nbytes(k) for k in keys) or 1
     done = 0
     last = 0.0
     baker = _Baker(plan, save_code, pool, stats)
+    touched = [k for k, e in zip(keys, entries)
+               if k in plan.weights or k in plan.biases or e.dtype != base.dtype(k)]
+    touched_set = set(touched)
+    pre = _Prefetcher(baker, touched)
+    pre.start()
     with StreamingWriter(output, entries, _metadata(plan, save_dtype, _HASH_PLACEHOLDER), overwrite=overwrite) as w:
         wt = _Writer(w, pool)
         wt.start()
@@ -669,25 +729,38 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
             for key, e in zip(keys, entries):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("Bake cancelled; no output was written.")
-                touched = key in plan.weights or key in plan.biases
-                span = base.raw_span(key)
-                if not touched and e.dtype == base.dtype(key):
+                if key not in touched_set:
+                    span = base.raw_span(key)
                     if span is not None:
+                        t_a = time.perf_counter()
                         wt.put(("copy", key, span, None))
+                        waits[2] += time.perf_counter() - t_a
                     else:
                         wt.put(("data", key, base.read(key), None))
                     stats.copied += 1
                 else:
-                    t, buf = baker.tensor(key)
+                    t_a = time.perf_counter()
+                    fetched = pre.get()
+                    t_b = time.perf_counter()
+                    assert fetched.key == key
+                    t, buf = baker.tensor(fetched)
+                    t_c = time.perf_counter()
                     wt.put(("data", key, t, buf))
+                    waits[0] += t_b - t_a
+                    waits[1] += t_c - t_b
+                    waits[2] += time.perf_counter() - t_c
                 done += base.nbytes(key)
                 now = time.perf_counter()
                 if now - last > 0.25:
                     say(0.02 + 0.93 * done / total, f"baking {key}")
                     last = now
+            t_loop = time.perf_counter()
             wt.finish()
+            log.debug("bake: main loop done %.2fs after start, writer drained %.2fs later; waited %.2fs for reads, "
+                      "computed %.2fs, waited %.2fs for the writer", t_loop - t_start, time.perf_counter() - t_loop, *waits)
         except BaseException:
             hasher.stop.set()
+            pre.stop.set()
             if wt.is_alive():
                 try:
                     while True:  # let the writer drain and exit
@@ -698,12 +771,16 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
                 wt.join(timeout=30)
             raise
         say(0.96, "hashing the base checkpoint")
+        t_h = time.perf_counter()
         hasher.join()
+        log.debug("bake: waited %.2fs for the hash", time.perf_counter() - t_h)
         if hasher.error is not None:
             raise hasher.error
         w.patch_metadata(_metadata(plan, save_dtype, hasher.digest))
         say(0.98, "syncing to disk")
+        t_c = time.perf_counter()
         w.commit()
+        log.debug("bake: commit (flush, fsync, rename) %.2fs; direct I/O: %s", time.perf_counter() - t_c, w.direct_io)
     return hasher.digest
 
 
@@ -737,8 +814,6 @@ def _report(plan: Plan, stats: _Stats, output: str | None, save_dtype: str, base
         "output": None if dry_run else {"path": os.path.abspath(output), "save_dtype": save_dtype},
         "loras": loras,
         "tensors": {"modified": stats.modified, "converted": stats.converted, "copied": stats.copied},
-        "max_rel_change_by_block": {b: {"value": _r(v), "key": k}
-                                    for b, (v, k) in sorted(stats.block_change.items(), key=_block_sort(arch))},
         "rounding": {"save_dtype": save_dtype, "max_abs_rounding_loss": stats.max_round[0],
                      "key": stats.max_round[1] or None, "max_abs_weight": stats.max_abs[0],
                      "fp16_overflow": False},
@@ -774,9 +849,10 @@ def summary(report: dict) -> str:
                      + (f"; {len(lo['unmatched'])} UNMATCHED" if lo["unmatched"] else ""))
     t = report["tensors"]
     lines.append(f"  tensors: {t['modified']} changed, {t['converted']} converted, {t['copied']} copied as is")
-    top = sorted(report["max_rel_change_by_block"].items(), key=lambda kv: -kv[1]["value"])[:5]
-    if top:
-        lines.append("  largest relative change |dW|/|W|: " + ", ".join(f"{b} {v['value']:.3g}" for b, v in top))
+    lines.append("  largest relative change |strength·dW|/|W| by block:")
+    for lo in report["loras"]:
+        top = sorted(lo["max_rel_change_by_block"].items(), key=lambda kv: -kv[1])[:4]
+        lines.append(f"    {lo['name']}: " + (", ".join(f"{b} {v:.3g}" for b, v in top) or "no change"))
     r = report["rounding"]
     if not report["dry_run"]:
         lines.append(f"  saved as {r['save_dtype']}: max rounding loss {r['max_abs_rounding_loss']:.3g}, "

@@ -14,6 +14,7 @@ import torch
 from .bake import LoraSpec, bake, summary
 from .errors import LorakitError
 from .formats.safetensors_io import SafetensorsFile
+from .formats.sources import open_source
 from .synth import make_lora, write_checkpoint, write_lora
 
 RECIPE = [  # file, algorithm, strength, te strength
@@ -39,8 +40,9 @@ def _build(root: str, arch: str, keep: bool) -> tuple[str, dict[str, str]]:
         path = os.path.join(lora_dir, f"{name}.safetensors")
         files[name] = path
         if not (keep and os.path.exists(path)):
-            sd = make_lora(arch, algo, rank=4, alpha=2, seed=10 + i, te=algo in ("lora", "lokr"),
-                           conv=algo in ("lora", "loha"))
+            with open_source(base) as src:
+                sd = make_lora(arch, algo, rank=4, alpha=2, seed=10 + i, te=algo in ("lora", "lokr"),
+                               conv=algo in ("lora", "loha"), base=src)
             write_lora(path, sd, {"ss_network_module": "lycoris.kohya" if algo != "lora" else "networks.lora",
                                   "ss_output_name": name}, overwrite=True)
     other = "sd15" if arch == "sdxl" else "sdxl"

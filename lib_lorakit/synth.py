@@ -77,8 +77,8 @@ _TE = re.compile(r"\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.weight$")
 
 
 def kohya_modules(arch: str, *, conv: bool = True, te: bool = True,
-                  tiny: bool = True) -> list[tuple[str, tuple[int, ...]]]:
-    """(kohya module name, target weight shape) for the modules kohya's LoRA trains.
+                  tiny: bool = True) -> list[tuple[str, tuple[int, ...], str, tuple[int, int] | None]]:
+    """(kohya module name, target shape, checkpoint key, row slice) for the modules kohya's LoRA trains.
 
     SD1.x UNet names are diffusers-style (``lora_unet_down_blocks_0_attentions_0_proj_in``),
     SDXL names ldm-style (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``),
@@ -86,7 +86,7 @@ def kohya_modules(arch: str, *, conv: bool = True, te: bool = True,
     """
     a = ARCHS[arch]
     layout = load_layout(a.layout)
-    out: list[tuple[str, tuple[int, ...]]] = []
+    out: list[tuple[str, tuple[int, ...], str, tuple[int, int] | None]] = []
     up = "model.diffusion_model."
     for key, (shape, _) in layout.items():
         s = tiny_shape(shape) if tiny else shape
@@ -98,20 +98,22 @@ def kohya_modules(arch: str, *, conv: bool = True, te: bool = True,
             if not (is_attn or (conv and is_conv)):
                 continue
             name = unet_ldm_to_diffusers(rel) if arch == "sd15" else rel
-            out.append(("lora_unet_" + name.replace(".", "_"), s))
+            out.append(("lora_unet_" + name.replace(".", "_"), s, key, None))
         elif te and key.startswith(a.prefixes["te1"]) and _TE.search(key):
             rel = key[len(a.prefixes["te1"]):-len(".weight")]
-            out.append((("lora_te_" if arch == "sd15" else "lora_te1_") + rel.replace(".", "_"), s))
+            out.append((("lora_te_" if arch == "sd15" else "lora_te1_") + rel.replace(".", "_"), s, key, None))
     if te and "te2" in a.prefixes:
         g = a.prefixes["te2"]
         n = sum(1 for k in layout if k.startswith(g) and k.endswith("attn.in_proj_weight"))
         d = (tiny_shape((1280,)) if tiny else (1280,))[0]
         for i in range(n):
             p = f"lora_te2_text_model_encoder_layers_{i}_"
-            for q in ("q", "k", "v", "out"):
-                out.append((f"{p}self_attn_{q}_proj", (d, d)))
-            out.append((f"{p}mlp_fc1", (4 * d, d)))
-            out.append((f"{p}mlp_fc2", (d, 4 * d)))
+            blk = f"{g}transformer.resblocks.{i}."
+            for j, q in enumerate("qkv"):
+                out.append((f"{p}self_attn_{q}_proj", (d, d), blk + "attn.in_proj_weight", (j * d, (j + 1) * d)))
+            out.append((f"{p}self_attn_out_proj", (d, d), blk + "attn.out_proj.weight", None))
+            out.append((f"{p}mlp_fc1", (4 * d, d), blk + "mlp.c_fc.weight", None))
+            out.append((f"{p}mlp_fc2", (d, 4 * d), blk + "mlp.c_proj.weight", None))
     return out
 
 
@@ -185,15 +187,24 @@ def module_tensors(algo: str, shape: tuple[int, ...], *, rank: int, alpha: float
 
 def make_lora(arch: str, algo: str = "lora", *, rank: int = 4, alpha: float = 2.0, tiny: bool = True,
               conv: bool = True, te: bool = True, seed: int = 0, dtype: torch.dtype = torch.float16,
-              std: float = 0.05) -> dict[str, torch.Tensor]:
+              std: float = 0.05, base=None) -> dict[str, torch.Tensor]:
     """A kohya-named LoRA state dict of one algorithm covering kohya's module set.
 
-    For ``algo='lora'`` conv 3x3 layers get LoCon-style kernels in ``lora_down``.
+    For ``algo='lora'`` conv 3x3 layers get LoCon-style kernels in ``lora_down``. With
+    ``base`` (a tensor source of the checkpoint), DoRA magnitudes start from the base
+    weights' row norms, as training would leave them.
     """
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
-    for name, shape in kohya_modules(arch, conv=conv, te=te, tiny=tiny):
-        for p, t in module_tensors(algo, shape, rank=rank, alpha=alpha, g=g, std=std).items():
+    for name, shape, key, rows in kohya_modules(arch, conv=conv, te=te, tiny=tiny):
+        tensors = module_tensors(algo, shape, rank=rank, alpha=alpha, g=g, std=std)
+        if algo == "dora" and base is not None:
+            w = base.read(key).float()
+            w = w[rows[0]:rows[1]] if rows else w
+            norms = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
+            tensors["dora_scale"] = (norms * (1 + 0.02 * torch.randn(norms.shape, generator=g))).reshape(
+                tensors["dora_scale"].shape)
+        for p, t in tensors.items():
             sd[f"{name}.{p}"] = t.to(dtype) if t.is_floating_point() else t
     return sd
 

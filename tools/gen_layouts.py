@@ -206,7 +206,14 @@ SCHEDULE = ["alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alp
             "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
             "posterior_variance", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
             "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"]
-VPRED_FLAGS = ["v_pred", "ztsnr", "edm_vpred.sigma_min", "edm_vpred.sigma_max"]
+
+
+def add_vpred_flags(k: Keys) -> None:
+    """sd-mecha's v-prediction markers: empty int64 flags and EDM sigma scalars."""
+    k.add("v_pred", [0], "int64")
+    k.add("ztsnr", [0], "int64")
+    k.add("edm_vpred.sigma_min", [])
+    k.add("edm_vpred.sigma_max", [])
 
 
 def sd15() -> dict:
@@ -218,8 +225,7 @@ def sd15() -> dict:
     opt = Keys("float32")
     for s in SCHEDULE:
         opt.add(s, [1000])
-    for s in VPRED_FLAGS:
-        opt.add(s, [])
+    add_vpred_flags(opt)
     return {"name": "sd15-ldm", "tensors": dict(sorted(k.d.items())), "optional": dict(sorted(opt.d.items()))}
 
 
@@ -233,8 +239,7 @@ def sdxl() -> dict:
     opt = Keys("float32")
     for s in SCHEDULE:
         opt.add(s, [1000])
-    for s in VPRED_FLAGS:
-        opt.add(s, [])
+    add_vpred_flags(opt)
     return {"name": "sdxl-sgm", "tensors": dict(sorted(k.d.items())), "optional": dict(sorted(opt.d.items()))}
 
 

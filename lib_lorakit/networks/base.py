@@ -27,39 +27,71 @@ Shape = tuple[int, ...]
 class Delta:
     """One module's update in weight space, float32, at strength 1.
 
-    Exactly one of ``lowrank`` / ``dense`` is set (or neither, for a bias-only update).
+    At most one of the weight forms is set (none, for a bias-only update). The
+    factored forms let the bake add ΔW row-chunk by row-chunk without ever
+    materialising it:
 
     Attributes:
-        lowrank: (up (out, r), down (r, in_flat)) with the scale folded into ``up``;
-            ΔW = up @ down reshaped to the target shape. Kept factored so several
-            LoRAs on one weight become one GEMM and ΔW is never materialised.
+        lowrank: (up (out, r), down (r, in_flat)), scale folded into ``up``:
+            ΔW = up @ down. Several LoRAs on one weight become one GEMM.
+        kron: (w1 (a, b), w2 (c, d, ...)), scale folded into ``w1``: ΔW = kron(w1, w2)
+            reshaped to (a·c, b·d, ...).
+        hada: (w1a (out, r), w1b (r, in_flat), w2a, w2b), scale folded into ``w1a``:
+            ΔW = (w1a @ w1b) ⊙ (w2a @ w2b).
         dense: ΔW with the target's shape.
         bias: update of the layer's bias, shape (out,), or None.
     """
 
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None
     dense: torch.Tensor | None = None
+    kron: tuple[torch.Tensor, torch.Tensor] | None = None
+    hada: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     bias: torch.Tensor | None = None
+
+    def add_rows(self, dst: torch.Tensor, r0: int, r1: int, m: float = 1.0) -> None:
+        """dst += m · ΔW[r0:r1], ΔW seen as (out, in_flat); ``dst`` is (r1 - r0, in_flat)."""
+        if self.lowrank is not None:
+            up, down = self.lowrank
+            dst.addmm_(up[r0:r1], down, alpha=m)
+        elif self.kron is not None:
+            # row i = ia*c + ic of kron(w1, w2) is outer(w1[ia], w2[ic]) flattened
+            w1, w2 = self.kron
+            c = w2.shape[0]
+            b = w1.shape[1]
+            w2f = w2.reshape(c, -1)
+            full0, full1 = -(-r0 // c), r1 // c  # whole blocks of c rows inside [r0, r1)
+            if full0 < full1:  # all whole blocks in one broadcast: (na, c, b, d) += w1 (na,1,b,1) * w2 (1,c,1,d)
+                view = dst[full0 * c - r0:full1 * c - r0].view(full1 - full0, c, b, -1)
+                view.addcmul_(w1[full0:full1].view(-1, 1, b, 1), w2f.view(1, c, 1, -1), value=m)
+                edges = [(r0, full0 * c), (full1 * c, r1)]
+            else:
+                edges = [(r0, r1)]
+            for e0, e1 in edges:  # partial blocks at the chunk's ends
+                for ia in range(e0 // c, -(-e1 // c)):
+                    s0, s1 = max(e0, ia * c), min(e1, (ia + 1) * c)
+                    if s0 < s1:
+                        view = dst[s0 - r0:s1 - r0].view(s1 - s0, b, -1)
+                        view.addcmul_(w1[ia].view(1, b, 1), w2f[s0 - ia * c:s1 - ia * c].view(s1 - s0, 1, -1), value=m)
+        elif self.hada is not None:
+            a1, b1, a2, b2 = self.hada
+            dst.addcmul_(a1[r0:r1] @ b1, a2[r0:r1] @ b2, value=m)
+        elif self.dense is not None:
+            d = self.dense.reshape(self.dense.shape[0], -1) if self.dense.dim() > 1 else self.dense.reshape(-1, 1)
+            dst.add_(d[r0:r1], alpha=m)
 
     def to_dense(self, shape: Shape) -> torch.Tensor:
         """Materialise ΔW with ``shape`` (zeros when there is no weight update)."""
         if self.dense is not None:
             return self.dense.reshape(shape)
-        if self.lowrank is not None:
-            up, down = self.lowrank
-            return (up @ down).reshape(shape)
-        return torch.zeros(shape, dtype=torch.float32)
-
-    def scaled(self, m: float) -> Delta:
-        """Return this update times ``m``."""
-        return Delta(
-            lowrank=(self.lowrank[0] * m, self.lowrank[1]) if self.lowrank is not None else None,
-            dense=self.dense * m if self.dense is not None else None,
-            bias=self.bias * m if self.bias is not None else None,
-        )
+        if self.lowrank is None and self.kron is None and self.hada is None:
+            return torch.zeros(shape, dtype=torch.float32)
+        rows = shape[0] if len(shape) else 1
+        out = torch.zeros(rows, math.prod(shape) // max(rows, 1), dtype=torch.float32)
+        self.add_rows(out, 0, rows)
+        return out.reshape(shape)
 
     def norm(self) -> float:
-        """Frobenius norm of the weight update, without materialising a low-rank ΔW."""
+        """Frobenius norm of the weight update, without materialising a factored ΔW."""
         if self.dense is not None:
             return float(torch.linalg.vector_norm(self.dense))
         if self.lowrank is not None:
@@ -67,6 +99,16 @@ class Delta:
             # ||U D||_F^2 = sum((U^T U) * (D D^T)): two r x r Gram matrices
             g = (up.T @ up) * (down @ down.T)
             return math.sqrt(max(float(g.sum()), 0.0))
+        if self.kron is not None:
+            return float(torch.linalg.vector_norm(self.kron[0]) * torch.linalg.vector_norm(self.kron[1]))
+        if self.hada is not None:
+            a1, b1, a2, b2 = self.hada
+            total = 0.0
+            step = max(1, (1 << 18) // max(b1.shape[1], 1))
+            for r0 in range(0, a1.shape[0], step):
+                blk = (a1[r0:r0 + step] @ b1) * (a2[r0:r0 + step] @ b2)
+                total += float(torch.dot(blk.view(-1), blk.view(-1)))
+            return math.sqrt(total)
         return 0.0
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .base import Algorithm, Delta, Shape, ShapeProblem, alpha_scale, fit
+from .base import Algorithm, Delta, Shape, ShapeProblem, alpha_scale
 
 W1, W1A, W1B = "lokr_w1", "lokr_w1_a", "lokr_w1_b"
 W2, W2A, W2B = "lokr_w2", "lokr_w2_a", "lokr_w2_b"
@@ -85,11 +85,9 @@ class LoKr(Algorithm):
         else:
             b = p[W2B]
             w2 = (p[W2A] @ b.reshape(b.shape[0], -1)).reshape((p[W2A].shape[0],) + tuple(b.shape[1:]))
-        if len(target) == 4 and w2.dim() == 2:
-            # conv target with the kernel flattened into w2's columns
-            k = math.prod(target[2:])
-            w2 = w2.reshape(w2.shape[0], -1, *target[2:]) if w2.shape[1] % k == 0 else w2
-        for _ in range(w2.dim() - w1.dim()):
-            w1 = w1.unsqueeze(-1)
-        w = torch.kron(w1, w2.contiguous())
-        return Delta(dense=fit(w * scale, target, "LoKr"))
+        # kron(w1, w2) viewed as (a·c, b·(d·k·k)) is ΔW flattened to (out, in·k·k), whether w2
+        # holds the kernel as trailing dims or flattened into its columns; kept factored.
+        w2 = w2.reshape(w2.shape[0], -1).contiguous()
+        if w1.shape[0] * w2.shape[0] != target[0] or w1.numel() * w2.numel() != math.prod(target):
+            raise ShapeProblem(f"kron of {list(w1.shape)} and {list(w2.shape)} does not fit {list(target)}")
+        return Delta(kron=((w1 * scale).contiguous(), w2))

@@ -1,0 +1,249 @@
+"""Benchmark: bake three rank-32 LoRAs into a full-size SDXL checkpoint.
+
+Builds (once, reused with --keep) a random fp16 SDXL checkpoint with the exact real
+layout (2515 tensors, 6.94 GB) and three kohya-format LoRAs at rank 32 (LoRA, LoCon
+with conv layers, LoKr), then measures in the same run, each in its own process:
+
+- io-floor: sequential read of the inputs + write of an equal-size output, fsynced;
+- compute-floor: the ΔW FLOPs ÷ this machine's fp32 GEMM throughput, measured now;
+- naive: load everything, add each ΔW, save (what one-off scripts do);
+- lorakit: ``python -m lib_lorakit bake``.
+
+Prints wall time, peak RSS and each time's ratio to max(io-floor, compute-floor).
+Targets for lorakit: ratio <= 1.25, peak RSS <= 1 GB.
+
+    python bench/bake_sdxl.py [--dir bench/_work] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+LORAS = [("lora", "lora", False), ("locon", "lora", True), ("lokr", "lokr", True)]  # name, algo, conv
+STRENGTHS = {"lora": 0.7, "locon": 0.5, "lokr": 0.4}
+
+
+def build_inputs(work: str, keep: bool) -> tuple[str, list[str]]:
+    import torch
+
+    from lib_lorakit.synth import make_lora, write_checkpoint, write_lora
+
+    os.makedirs(work, exist_ok=True)
+    base = os.path.join(work, "sdxl-base-full.safetensors")
+    if not (keep and os.path.exists(base)):
+        t = time.perf_counter()
+        write_checkpoint(base, "sdxl", tiny=False, dtype=torch.float16, seed=0, overwrite=True)
+        print(f"built {base} ({os.path.getsize(base) / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", flush=True)
+    paths = []
+    for i, (name, algo, conv) in enumerate(LORAS):
+        p = os.path.join(work, f"{name}-r32.safetensors")
+        paths.append(p)
+        if not (keep and os.path.exists(p)):
+            sd = make_lora("sdxl", algo, rank=32, alpha=16, tiny=False, conv=conv, te=True, seed=100 + i, std=0.01)
+            write_lora(p, sd, {"ss_network_module": "networks.lora" if algo == "lora" else "lycoris.kohya",
+                               "ss_network_dim": "32", "ss_network_alpha": "16"}, overwrite=True)
+            print(f"built {p} ({os.path.getsize(p) / 1e6:.0f} MB)", flush=True)
+    return base, paths
+
+
+def run_child(args: list[str]) -> tuple[float, float, str]:
+    """Run a child process; return (wall s, peak RSS MB, stdout)."""
+    t = time.perf_counter()
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    out, err = p.communicate()
+    wall = time.perf_counter() - t
+    # peak RSS of this child alone: ru_maxrss of RUSAGE_CHILDREN is the max over children waited for,
+    # so each child reports its own via /proc before exiting instead.
+    if p.returncode != 0:
+        raise SystemExit(f"child failed ({p.returncode}): {' '.join(args)}\n{err[-3000:]}")
+    rss = float("nan")
+    for line in err.splitlines():
+        if line.startswith("PEAK_RSS_MB="):
+            rss = float(line.split("=")[1])
+    return wall, rss, out
+
+
+CHILD_PRELUDE = "import resource, sys, atexit\natexit.register(lambda: print(f'PEAK_RSS_MB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024:.1f}', file=sys.stderr))\n"
+
+IO_FLOOR = CHILD_PRELUDE + r"""
+import os
+inputs, out = sys.argv[1:-1], sys.argv[-1]
+buf = bytearray(16 << 20)
+mv = memoryview(buf)
+size = os.path.getsize(inputs[0])
+fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+with open(inputs[0], 'rb', buffering=0) as f:  # copy the checkpoint: read and write an equal size
+    while n := f.readinto(buf):
+        os.write(fd, mv[:n])
+for p in inputs[1:]:
+    with open(p, 'rb', buffering=0) as f:
+        while f.readinto(buf):
+            pass
+os.fsync(fd)
+os.close(fd)
+"""
+
+GEMM = CHILD_PRELUDE + r"""
+import time, torch
+best = 0.0
+for n in (2048, 4096):
+    a = torch.randn(n, n); b = torch.randn(n, n); c = torch.empty(n, n)
+    torch.mm(a, b, out=c)
+    reps = 4 if n == 4096 else 16
+    t = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b, out=c)
+    best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+print(best)
+"""
+
+NAIVE = CHILD_PRELUDE + r"""
+# What a one-off script does: load everything, compute each dW, add, save.
+import os, torch, safetensors.torch as st
+sys.path.insert(0, os.getcwd())
+from lib_lorakit.formats.arch import SDXL
+from lib_lorakit.networks import compute_delta, identify
+from lib_lorakit.networks.resolve import TargetIndex, candidates, parse_keys
+base, out = sys.argv[1], sys.argv[2]
+loras = [(p, float(s)) for p, s in (a.rsplit(':', 1) for a in sys.argv[3:])]
+sd = st.load_file(base)
+index = TargetIndex({k: tuple(v.shape) for k, v in sd.items()}, SDXL)
+for path, strength in loras:
+    lsd = st.load_file(path)
+    parsed = parse_keys(lsd)
+    for module, params in parsed.modules.items():
+        alg, _ = identify(frozenset(params))
+        t, _ = index.lookup(candidates(module, SDXL))
+        p = {k: lsd[v].float() for k, v in params.items()}
+        w = sd[t.weight_key]
+        r0, r1 = t.rows or (0, w.shape[0])
+        d = compute_delta(alg, p, t.shape, None).to_dense(t.shape) * strength
+        w32 = w.float()
+        w32[r0:r1] += d
+        sd[t.weight_key] = w32.to(w.dtype)
+st.save_file(sd, out)
+fd = os.open(out, os.O_RDONLY); os.fsync(fd); os.close(fd)
+"""
+
+
+def delta_flops(paths: list[str]) -> float:
+    from lib_lorakit.formats.safetensors_io import read_header
+
+    total = 0.0
+    for p in paths:
+        tensors, _ = read_header(p)
+        for k, info in tensors.items():
+            if k.endswith("lora_down.weight"):
+                up = tensors[k.replace("lora_down", "lora_up")]
+                r = info.shape[0]
+                total += 2.0 * up.shape[0] * math.prod(info.shape[1:]) * r
+            elif k.endswith(".lokr_w1"):
+                m = k[: -len(".lokr_w1")]
+                w1 = info.shape
+                if m + ".lokr_w2" in tensors:
+                    w2 = tensors[m + ".lokr_w2"].shape
+                    total += math.prod(w1) * math.prod(w2)  # kron: one multiply per output value
+                else:
+                    a, b = tensors[m + ".lokr_w2_a"].shape, tensors[m + ".lokr_w2_b"].shape
+                    w2n = a[0] * math.prod(b[1:])
+                    total += 2.0 * w2n * a[1] + math.prod(w1) * w2n
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", default=os.path.join(HERE, "_work"))
+    ap.add_argument("--keep", action="store_true", help="reuse inputs built by an earlier run")
+    ap.add_argument("--skip-naive", action="store_true", help="skip the naive baseline (needs ~15 GB RAM)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    work = os.path.abspath(args.dir)
+    base, loras = build_inputs(work, args.keep)
+    py = sys.executable
+    results: dict[str, dict] = {}
+    out = os.path.join(work, "out.safetensors")
+
+    def clean() -> None:
+        if os.path.exists(out):
+            os.unlink(out)
+
+    clean()
+    wall, rss, _ = run_child([py, "-c", IO_FLOOR, base, *loras, out])
+    results["io-floor"] = {"wall_s": wall, "peak_rss_mb": rss}
+    clean()
+
+    flops = delta_flops(loras)
+    _, _, gemm_out = run_child([py, "-c", GEMM])
+    gemm = float(gemm_out.strip().splitlines()[-1])
+    results["compute-floor"] = {"wall_s": flops / gemm, "flops": flops, "gemm_flops_per_s": gemm}
+
+    recipe = [f"{p}:{STRENGTHS[n]}" for p, (n, _, _) in zip(loras, LORAS)]
+    cmd = [py, "-c", CHILD_PRELUDE + "import runpy, sys; sys.argv[0]='lib_lorakit'; runpy.run_module('lib_lorakit', run_name='__main__')",
+           "bake", base, *sum((["--lora", r] for r in recipe), []), "-o", out, "-q", "--report", out + ".json"]
+    wall, rss, _ = run_child(cmd)
+    with open(out + ".json") as f:
+        rep = json.load(f)
+    results["lorakit"] = {"wall_s": wall, "peak_rss_mb": rss, "modified": rep["tensors"]["modified"],
+                          "matched": [lo["matched"] for lo in rep["loras"]]}
+    os.unlink(out + ".json")
+    lorakit_out = out + ".lorakit"
+    os.replace(out, lorakit_out)
+
+    if not args.skip_naive:
+        wall, rss, _ = run_child([py, "-c", NAIVE, base, out, *recipe])
+        results["naive"] = {"wall_s": wall, "peak_rss_mb": rss}
+        results["naive"]["max_abs_diff_vs_lorakit"] = compare(out, lorakit_out)
+        clean()
+    os.unlink(lorakit_out)
+
+    floor = max(results["io-floor"]["wall_s"], results["compute-floor"]["wall_s"])
+    size = os.path.getsize(base) / 1e9
+    print(f"\nSDXL fp16 checkpoint {size:.2f} GB + 3 LoRAs rank 32 ({sum(os.path.getsize(p) for p in loras) / 1e6:.0f} MB); "
+          f"{os.cpu_count()} CPUs")
+    print(f"compute floor: {flops / 1e9:.0f} GFLOP at {gemm / 1e9:.0f} GFLOP/s measured")
+    print(f"{'run':<15}{'wall s':>9}{'peak RSS MB':>13}{'x floor':>9}")
+    for name in ("io-floor", "compute-floor", "naive", "lorakit"):
+        if name in results:
+            r = results[name]
+            rss = r.get("peak_rss_mb", float("nan"))
+            print(f"{name:<15}{r['wall_s']:>9.1f}{rss:>13.0f}{r['wall_s'] / floor:>9.2f}")
+    lk = results["lorakit"]
+    ok = lk["wall_s"] / floor <= 1.25 and lk["peak_rss_mb"] <= 1024
+    print(f"lorakit: ratio {lk['wall_s'] / floor:.2f} (target <= 1.25), peak RSS {lk['peak_rss_mb']:.0f} MB "
+          f"(target <= 1024): {'PASS' if ok else 'FAIL'}")
+    if "naive" in results:
+        print(f"naive vs lorakit output: max abs difference {results['naive']['max_abs_diff_vs_lorakit']:.3g}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def compare(a: str, b: str) -> float:
+    """Max abs difference between two checkpoints, read tensor by tensor."""
+    import torch
+
+    from lib_lorakit.formats.safetensors_io import SafetensorsFile
+
+    worst = 0.0
+    with SafetensorsFile(a) as fa, SafetensorsFile(b) as fb:
+        for k in fa.keys():
+            x, y = fa.read(k), fb.read(k)
+            if x.is_floating_point():
+                worst = max(worst, float((x.float() - y.float()).abs().max()) if x.numel() else 0.0)
+            elif not torch.equal(x, y):
+                worst = math.inf
+    return worst
+
+
+if __name__ == "__main__":
+    main()
