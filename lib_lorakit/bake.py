@@ -36,7 +36,7 @@ from .formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_out
 from .formats.sources import TensorSource, open_source, sha256_file
 from .networks import ShapeProblem, algorithm_name, check_group, compute_delta, identify, needs_weight
 from .networks.base import Algorithm, Delta
-from .networks.resolve import ParsedKeys, Target, TargetIndex, candidates, parse_keys
+from .networks.resolve import ParsedKeys, Target, TargetIndex, candidates, explain_unknown, parse_keys
 
 SAVE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -204,7 +204,7 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
             loras.append(st)
             lshapes = src.shapes()
             for key in parsed.unknown:
-                st.unmatched.append((key, "unrecognised key name"))
+                st.unmatched.append((key, explain_unknown(key)))
             for module, params in parsed.modules.items():
                 names = frozenset(params)
                 alg, extra = identify(names)

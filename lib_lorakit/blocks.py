@@ -8,7 +8,8 @@ Vectors use LoRA Block Weight's block lists, so users' presets carry over:
   or 20 values (BASE, IN00..IN08, M00, OUT00..OUT08).
 
 As in LoRA Block Weight, blocks a short vector does not list get weight 0; the bake
-report says when a LoRA has layers there. BASE weights the text encoders.
+report says when a LoRA has layers there. The uniform presets (ALL, NONE, ALL0.5)
+cover every block. BASE weights the text encoders.
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ PRESETS: dict[str, dict[str, str]] = {"sd15": PRESETS_17, "sdxl": PRESETS_12}
 
 
 def _extra_presets(arch: str) -> dict[str, list[float]]:
+    """Presets over every block of the architecture (uniform ones never leave a block out)."""
     n = len(ARCHS[arch].blocks)
-    return {"UNETONLY": [0.0] + [1.0] * (n - 1), "TEONLY": [1.0] + [0.0] * (n - 1)}
+    return {"NONE": [0.0] * n, "ALL": [1.0] * n, "ALL0.5": [0.5] * n,
+            "UNETONLY": [0.0] + [1.0] * (n - 1), "TEONLY": [1.0] + [0.0] * (n - 1)}
 
 
 def preset_names(arch: str) -> list[str]:
-    return list(PRESETS[arch]) + list(_extra_presets(arch))
+    return list(dict.fromkeys(list(PRESETS[arch]) + list(_extra_presets(arch))))
 
 
 def parse_block_weights(text: str, arch: str, implicit: set[str] | None = None) -> dict[str, float]:

@@ -162,13 +162,14 @@ class TargetIndex:
                 self._reg("unet", d, t)
         elif comp == "te1":
             self._reg("te1", rel, t)
-        else:  # te2, OpenCLIP names
-            self._reg("te2", rel, t)
+        else:  # te2: OpenCLIP names (also as "model.<path>") and HF CLIP names
             self._reg("te2", "model." + rel, t)
             hf = self._clip_g_hf(rel)
+            if rel == "text_projection":  # OpenCLIP x @ P; the HF Linear's weight is P^T
+                self._reg("te2", hf, self._target(key, (shape[1], shape[0]), transpose=True))
+                return
+            self._reg("te2", rel, t)
             if hf:
-                if rel == "text_projection":  # OpenCLIP x @ P; HF Linear weight is P^T
-                    t = self._target(key, (shape[1], shape[0]), transpose=True)
                 self._reg("te2", hf, t)
 
     @staticmethod
@@ -206,7 +207,7 @@ class TargetIndex:
                 continue
             tried.append(ns)
             t = self.ns[ns].get(_norm(path))
-            if t is not None and all(t is not h for _, h in hits):
+            if t is not None and all(t != h for _, h in hits):
                 hits.append((ns, t))
         if len(hits) == 1:
             return hits[0][1], ""
@@ -269,6 +270,14 @@ def split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def explain_unknown(key: str) -> str:
+    """Why a key could not be split into module and parameter."""
+    if _KOHYA.match(key) and "." in key:
+        param = key.partition(".")[2]
+        return f"unknown algorithm: parameter {param!r} belongs to no network type lorakit knows"
+    return "unrecognised key name (no known LoRA/LyCORIS parameter suffix)"
+
+
 def parse_keys(keys: Iterable[str]) -> ParsedKeys:
     out = ParsedKeys()
     for key in keys:
@@ -293,7 +302,7 @@ _DOTTED_PREFIXES: tuple[tuple[str, str], ...] = (
     ("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"),
     ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
     ("cond_stage_model.transformer.", "te1"), ("conditioner.embedders.0.transformer.", "te1"),
-    ("conditioner.embedders.1.model.", "te2"),
+    ("conditioner.embedders.1.", "te2"),  # the rest is "model.<OpenCLIP path>"
     ("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.clip_g.transformer.", "te2"),
     ("te1.", "te1"), ("te2.", "te2"), ("te.", "te1"),
 )
