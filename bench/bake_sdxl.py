@@ -9,8 +9,10 @@ with conv layers, LoKr), then measures in the same run, each in its own process:
 - naive: load everything, add each ΔW, save (what one-off scripts do);
 - lorakit: ``python -m lib_lorakit bake``.
 
-Prints wall time, peak RSS and each time's ratio to max(io-floor, compute-floor).
-Targets for lorakit: ratio <= 1.25, peak RSS <= 1 GB.
+io-floor and lorakit run --repeat times, interleaved (with io-floor-direct, the same copy
+written with O_DIRECT, for information); the medians count. Prints wall time, peak RSS
+and each time's ratio to max(io-floor, compute-floor). Targets for lorakit: ratio <= 1.25,
+peak RSS <= 1 GB.
 
     python bench/bake_sdxl.py [--dir bench/_work] [--keep]
 """
@@ -21,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -62,8 +65,6 @@ def run_child(args: list[str]) -> tuple[float, float, str]:
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     out, err = p.communicate()
     wall = time.perf_counter() - t
-    # peak RSS of this child alone: ru_maxrss of RUSAGE_CHILDREN is the max over children waited for,
-    # so each child reports its own via /proc before exiting instead.
     if p.returncode != 0:
         raise SystemExit(f"child failed ({p.returncode}): {' '.join(args)}\n{err[-3000:]}")
     rss = float("nan")
@@ -73,7 +74,46 @@ def run_child(args: list[str]) -> tuple[float, float, str]:
     return wall, rss, out
 
 
-CHILD_PRELUDE = "import resource, sys, atexit\natexit.register(lambda: print(f'PEAK_RSS_MB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024:.1f}', file=sys.stderr))\n"
+# Each measured process reports its own peak RSS (VmHWM: ru_maxrss would include the parent's
+# memory, which Linux carries across fork+exec).
+CHILD_PRELUDE = r"""
+import atexit, resource, sys
+def _peak():
+    try:
+        for line in open('/proc/self/status'):
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+atexit.register(lambda: print(f'PEAK_RSS_MB={_peak():.1f}', file=sys.stderr))
+"""
+
+IO_FLOOR_DIRECT = CHILD_PRELUDE + r"""
+# The same copy written with O_DIRECT from an aligned buffer (what lorakit's writer does on Linux).
+import mmap, os
+inputs, out = sys.argv[1:-1], sys.argv[-1]
+B = 16 << 20
+buf = mmap.mmap(-1, B)
+mv = memoryview(buf)
+fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+with open(inputs[0], 'rb', buffering=0) as f:
+    while True:
+        n = f.readinto(mv)
+        if n < B:
+            break
+        os.write(fd, mv)
+os.close(fd)
+fd = os.open(out, os.O_WRONLY)
+os.lseek(fd, 0, os.SEEK_END)
+os.write(fd, mv[:n])
+for p in inputs[1:]:
+    with open(p, 'rb', buffering=0) as f:
+        while f.readinto(mv):
+            pass
+os.fsync(fd)
+os.close(fd)
+"""
 
 IO_FLOOR = CHILD_PRELUDE + r"""
 import os
@@ -160,46 +200,67 @@ def delta_flops(paths: list[str]) -> float:
     return total
 
 
+def settle() -> None:
+    """Let writeback (and discard of deleted outputs) finish before the next measurement."""
+    os.sync()
+    time.sleep(5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default=os.path.join(HERE, "_work"))
     ap.add_argument("--keep", action="store_true", help="reuse inputs built by an earlier run")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of io-floor and lorakit; the median counts")
     ap.add_argument("--skip-naive", action="store_true", help="skip the naive baseline (needs ~15 GB RAM)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     work = os.path.abspath(args.dir)
-    base, loras = build_inputs(work, args.keep)
     py = sys.executable
+    if not (args.keep and os.path.exists(os.path.join(work, "sdxl-base-full.safetensors"))):
+        # built in a child so this process stays small
+        subprocess.run([py, __file__, "--dir", work, "--build-only"], check=True)
+    base, loras = build_inputs(work, keep=True)
     results: dict[str, dict] = {}
     out = os.path.join(work, "out.safetensors")
 
     def clean() -> None:
-        if os.path.exists(out):
-            os.unlink(out)
+        for p in (out, out + ".json"):
+            if os.path.exists(p):
+                os.unlink(p)
 
+    recipe = [f"{p}:{STRENGTHS[n]}" for p, (n, _, _) in zip(loras, LORAS)]
+    bake_cmd = [py, "-c", CHILD_PRELUDE + "import runpy, sys; sys.argv[0]='lib_lorakit'; "
+                "runpy.run_module('lib_lorakit', run_name='__main__')",
+                "bake", base, *sum((["--lora", r] for r in recipe), []), "-o", out, "-q", "--report", out + ".json"]
+    samples: dict[str, list[tuple[float, float]]] = {"io-floor": [], "io-floor-direct": [], "lorakit": []}
     clean()
-    wall, rss, _ = run_child([py, "-c", IO_FLOOR, base, *loras, out])
-    results["io-floor"] = {"wall_s": wall, "peak_rss_mb": rss}
-    clean()
+    for i in range(args.repeat):  # interleaved, so a slow spell of the disk hits all of them
+        for name, cmd in (("io-floor", [py, "-c", IO_FLOOR, base, *loras, out]),
+                          ("io-floor-direct", [py, "-c", IO_FLOOR_DIRECT, base, *loras, out]),
+                          ("lorakit", bake_cmd)):
+            settle()
+            wall, rss, _ = run_child(cmd)
+            samples[name].append((wall, rss))
+            print(f"  {name} run {i + 1}: {wall:.1f} s, peak RSS {rss:.0f} MB", flush=True)
+            if name == "lorakit" and i == args.repeat - 1:
+                with open(out + ".json") as f:
+                    rep = json.load(f)
+                os.replace(out, out + ".lorakit")
+            clean()
+    for name, vals in samples.items():
+        walls = sorted(w for w, _ in vals)
+        results[name] = {"wall_s": statistics.median(walls), "samples_s": walls,
+                         "peak_rss_mb": max(r for _, r in vals)}
+    results["lorakit"].update(modified=rep["tensors"]["modified"], matched=[lo["matched"] for lo in rep["loras"]])
 
     flops = delta_flops(loras)
     _, _, gemm_out = run_child([py, "-c", GEMM])
     gemm = float(gemm_out.strip().splitlines()[-1])
     results["compute-floor"] = {"wall_s": flops / gemm, "flops": flops, "gemm_flops_per_s": gemm}
 
-    recipe = [f"{p}:{STRENGTHS[n]}" for p, (n, _, _) in zip(loras, LORAS)]
-    cmd = [py, "-c", CHILD_PRELUDE + "import runpy, sys; sys.argv[0]='lib_lorakit'; runpy.run_module('lib_lorakit', run_name='__main__')",
-           "bake", base, *sum((["--lora", r] for r in recipe), []), "-o", out, "-q", "--report", out + ".json"]
-    wall, rss, _ = run_child(cmd)
-    with open(out + ".json") as f:
-        rep = json.load(f)
-    results["lorakit"] = {"wall_s": wall, "peak_rss_mb": rss, "modified": rep["tensors"]["modified"],
-                          "matched": [lo["matched"] for lo in rep["loras"]]}
-    os.unlink(out + ".json")
     lorakit_out = out + ".lorakit"
-    os.replace(out, lorakit_out)
-
     if not args.skip_naive:
+        settle()
         wall, rss, _ = run_child([py, "-c", NAIVE, base, out, *recipe])
         results["naive"] = {"wall_s": wall, "peak_rss_mb": rss}
         results["naive"]["max_abs_diff_vs_lorakit"] = compare(out, lorakit_out)
@@ -208,21 +269,24 @@ def main() -> None:
 
     floor = max(results["io-floor"]["wall_s"], results["compute-floor"]["wall_s"])
     size = os.path.getsize(base) / 1e9
-    print(f"\nSDXL fp16 checkpoint {size:.2f} GB + 3 LoRAs rank 32 ({sum(os.path.getsize(p) for p in loras) / 1e6:.0f} MB); "
-          f"{os.cpu_count()} CPUs")
+    print(f"\nSDXL fp16 checkpoint {size:.2f} GB + 3 LoRAs rank 32 "
+          f"({sum(os.path.getsize(p) for p in loras) / 1e6:.0f} MB); {os.cpu_count()} CPUs; median of {args.repeat}")
     print(f"compute floor: {flops / 1e9:.0f} GFLOP at {gemm / 1e9:.0f} GFLOP/s measured")
-    print(f"{'run':<15}{'wall s':>9}{'peak RSS MB':>13}{'x floor':>9}")
-    for name in ("io-floor", "compute-floor", "naive", "lorakit"):
+    print(f"{'run':<17}{'wall s':>9}{'peak RSS MB':>13}{'x floor':>9}   samples")
+    for name in ("io-floor", "io-floor-direct", "compute-floor", "naive", "lorakit"):
         if name in results:
             r = results[name]
             rss = r.get("peak_rss_mb", float("nan"))
-            print(f"{name:<15}{r['wall_s']:>9.1f}{rss:>13.0f}{r['wall_s'] / floor:>9.2f}")
+            extra = " ".join(f"{x:.1f}" for x in r.get("samples_s", []))
+            print(f"{name:<17}{r['wall_s']:>9.1f}{rss:>13.0f}{r['wall_s'] / floor:>9.2f}   {extra}")
     lk = results["lorakit"]
     ok = lk["wall_s"] / floor <= 1.25 and lk["peak_rss_mb"] <= 1024
+    print(f"floor = max(io-floor, compute-floor) = {floor:.1f} s")
     print(f"lorakit: ratio {lk['wall_s'] / floor:.2f} (target <= 1.25), peak RSS {lk['peak_rss_mb']:.0f} MB "
           f"(target <= 1024): {'PASS' if ok else 'FAIL'}")
     if "naive" in results:
-        print(f"naive vs lorakit output: max abs difference {results['naive']['max_abs_diff_vs_lorakit']:.3g}")
+        print(f"naive vs lorakit output: max abs difference {results['naive']['max_abs_diff_vs_lorakit']:.3g} "
+              f"(the naive bake rounds to fp16 after each LoRA)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -246,4 +310,8 @@ def compare(a: str, b: str) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    if "--build-only" in sys.argv:
+        i = sys.argv.index("--dir")
+        build_inputs(os.path.abspath(sys.argv[i + 1]), keep=False)
+    else:
+        main()

@@ -3,6 +3,7 @@
 Checkpoints follow the shipped layouts exactly (key names, order, dtypes); ``tiny``
 divides every width that is a multiple of 64 by 64 (320 -> 5, 768 -> 12, 1280 -> 20),
 which keeps every relation between shapes (concatenations, fused q/k/v, GEGLU) intact.
+``tiny`` may also be another divisor (8, 16, 32) for mid-sized inputs; False is full size.
 LoRAs are built in kohya's naming for the modules kohya's ``networks/lora.py`` trains.
 """
 
@@ -22,14 +23,18 @@ SHRINK = 64
 _DT = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 
 
-def tiny_shape(shape: tuple[int, ...], factor: int = SHRINK) -> tuple[int, ...]:
-    return tuple(d // factor if d >= factor and d % factor == 0 else d for d in shape)
+def tiny_shape(shape: tuple[int, ...], factor: int | bool = SHRINK) -> tuple[int, ...]:
+    if factor is True:
+        factor = SHRINK
+    if not factor or factor == 1:
+        return tuple(shape)
+    return tuple(d // factor if d >= 64 and d % 64 == 0 else d for d in shape)
 
 
-def checkpoint_entries(arch: str, *, tiny: bool = True, dtype: torch.dtype = torch.float16) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+def checkpoint_entries(arch: str, *, tiny: bool | int = True, dtype: torch.dtype = torch.float16) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     out = []
     for key, (shape, dt) in load_layout(ARCHS[arch].layout).items():
-        s = tiny_shape(shape) if tiny else shape
+        s = tiny_shape(shape, tiny)
         out.append((key, s, torch.int64 if dt == "int64" else dtype))
     return out
 
@@ -47,14 +52,14 @@ def _value(key: str, shape: tuple[int, ...], dtype: torch.dtype, g: torch.Genera
     return t.to(dtype)
 
 
-def iter_checkpoint(arch: str, *, tiny: bool = True, dtype: torch.dtype = torch.float16,
+def iter_checkpoint(arch: str, *, tiny: bool | int = True, dtype: torch.dtype = torch.float16,
                     seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     for key, shape, dt in checkpoint_entries(arch, tiny=tiny, dtype=dtype):
         yield key, _value(key, shape, dt, g)
 
 
-def write_checkpoint(path: str, arch: str, *, tiny: bool = True, dtype: torch.dtype = torch.float16, seed: int = 0,
+def write_checkpoint(path: str, arch: str, *, tiny: bool | int = True, dtype: torch.dtype = torch.float16, seed: int = 0,
                      metadata: dict[str, str] | None = None, overwrite: bool = False,
                      extra: dict[str, torch.Tensor] | None = None) -> str:
     """Write a random checkpoint with the real layout, one tensor at a time (flat memory)."""
@@ -77,7 +82,7 @@ _TE = re.compile(r"\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.weight$")
 
 
 def kohya_modules(arch: str, *, conv: bool = True, te: bool = True,
-                  tiny: bool = True) -> list[tuple[str, tuple[int, ...], str, tuple[int, int] | None]]:
+                  tiny: bool | int = True) -> list[tuple[str, tuple[int, ...], str, tuple[int, int] | None]]:
     """(kohya module name, target shape, checkpoint key, row slice) for the modules kohya's LoRA trains.
 
     SD1.x UNet names are diffusers-style (``lora_unet_down_blocks_0_attentions_0_proj_in``),
@@ -89,7 +94,7 @@ def kohya_modules(arch: str, *, conv: bool = True, te: bool = True,
     out: list[tuple[str, tuple[int, ...], str, tuple[int, int] | None]] = []
     up = "model.diffusion_model."
     for key, (shape, _) in layout.items():
-        s = tiny_shape(shape) if tiny else shape
+        s = tiny_shape(shape, tiny)
         if key.startswith(up):
             rel = key[len(up):-len(".weight")]
             is_attn = bool(_ATTN.search(key))
@@ -105,7 +110,7 @@ def kohya_modules(arch: str, *, conv: bool = True, te: bool = True,
     if te and "te2" in a.prefixes:
         g = a.prefixes["te2"]
         n = sum(1 for k in layout if k.startswith(g) and k.endswith("attn.in_proj_weight"))
-        d = (tiny_shape((1280,)) if tiny else (1280,))[0]
+        d = tiny_shape((1280,), tiny)[0]
         for i in range(n):
             p = f"lora_te2_text_model_encoder_layers_{i}_"
             blk = f"{g}transformer.resblocks.{i}."
@@ -185,7 +190,7 @@ def module_tensors(algo: str, shape: tuple[int, ...], *, rank: int, alpha: float
     raise ValueError(f"unknown synthetic algorithm {algo!r}")
 
 
-def make_lora(arch: str, algo: str = "lora", *, rank: int = 4, alpha: float = 2.0, tiny: bool = True,
+def make_lora(arch: str, algo: str = "lora", *, rank: int = 4, alpha: float = 2.0, tiny: bool | int = True,
               conv: bool = True, te: bool = True, seed: int = 0, dtype: torch.dtype = torch.float16,
               std: float = 0.05, base=None) -> dict[str, torch.Tensor]:
     """A kohya-named LoRA state dict of one algorithm covering kohya's module set.
