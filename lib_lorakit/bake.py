@@ -344,6 +344,7 @@ class _Writer(threading.Thread):
         self.pool = pool
         self.q: queue.Queue = queue.Queue(maxsize=QUEUE_ITEMS)
         self.error: BaseException | None = None
+        self.stop = threading.Event()  # set on failure: drop what is queued, write nothing more
 
     def run(self) -> None:
         while True:
@@ -352,7 +353,7 @@ class _Writer(threading.Thread):
                 return
             kind, name, payload, buf = item
             try:
-                if self.error is None:
+                if self.error is None and not self.stop.is_set():
                     if kind == "copy":
                         self.w.copy_range(name, *payload)
                     else:
@@ -701,54 +702,53 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
             for st in plan.loras:
                 st.source.close()
     finally:
-        if hasher is not None:
+        if hasher is not None:  # no thread may outlive the call (the interpreter could be exiting)
             hasher.stop.set()
+            hasher.join(timeout=30)
 
 
 def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite: bool, stats: _Stats,
              say: Progress, cancel: threading.Event | None, hasher: _Hasher) -> str:
+    """Stream the output. Every thread started here is stopped and joined before returning."""
     base = plan.base
     keys = base.keys()
     entries = [OutEntry(k, _out_code(base.dtype(k), save_code), base.shape(k)) for k in keys]
     t_start = time.perf_counter()
-    waits = [0.0, 0.0, 0.0]
+    busy = {"reads": 0.0, "compute": 0.0, "writer": 0.0}
     pool = _Pool()
     total = sum(base.nbytes(k) for k in keys) or 1
     done = 0
     last = 0.0
     baker = _Baker(plan, save_code, pool, stats)
-    touched = [k for k, e in zip(keys, entries)
-               if k in plan.weights or k in plan.biases or e.dtype != base.dtype(k)]
-    touched_set = set(touched)
-    pre = _Prefetcher(baker, touched)
-    pre.start()
-    with StreamingWriter(output, entries, _metadata(plan, save_dtype, _HASH_PLACEHOLDER), overwrite=overwrite) as w:
-        wt = _Writer(w, pool)
-        wt.start()
-        try:
-            for key, e in zip(keys, entries):
+    touched = {k for k, e in zip(keys, entries) if k in plan.weights or k in plan.biases or e.dtype != base.dtype(k)}
+    pre = _Prefetcher(baker, [k for k in keys if k in touched])
+    wt: _Writer | None = None
+    try:
+        pre.start()
+        with StreamingWriter(output, entries, _metadata(plan, save_dtype, _HASH_PLACEHOLDER),
+                             overwrite=overwrite) as w:
+            wt = _Writer(w, pool)
+            wt.start()
+            for key in keys:
                 if cancel is not None and cancel.is_set():
-                    raise Cancelled("Bake cancelled; no output was written.")
-                if key not in touched_set:
+                    raise Cancelled("Bake cancelled; nothing was written.")
+                t_a = time.perf_counter()
+                if key not in touched:
                     span = base.raw_span(key)
-                    if span is not None:
-                        t_a = time.perf_counter()
-                        wt.put(("copy", key, span, None))
-                        waits[2] += time.perf_counter() - t_a
-                    else:
-                        wt.put(("data", key, base.read(key), None))
+                    wt.put(("copy", key, span, None) if span is not None else ("data", key, base.read(key), None))
                     stats.copied += 1
+                    busy["writer"] += time.perf_counter() - t_a
                 else:
-                    t_a = time.perf_counter()
                     fetched = pre.get()
                     t_b = time.perf_counter()
-                    assert fetched.key == key
+                    if fetched.key != key:  # pragma: no cover - an ordering bug would corrupt the output
+                        raise RuntimeError(f"prefetch order broken at {key}")
                     t, buf = baker.tensor(fetched)
                     t_c = time.perf_counter()
                     wt.put(("data", key, t, buf))
-                    waits[0] += t_b - t_a
-                    waits[1] += t_c - t_b
-                    waits[2] += time.perf_counter() - t_c
+                    busy["reads"] += t_b - t_a
+                    busy["compute"] += t_c - t_b
+                    busy["writer"] += time.perf_counter() - t_c
                 done += base.nbytes(key)
                 now = time.perf_counter()
                 if now - last > 0.25:
@@ -756,32 +756,37 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
                     last = now
             t_loop = time.perf_counter()
             wt.finish()
-            log.debug("bake: main loop done %.2fs after start, writer drained %.2fs later; waited %.2fs for reads, "
-                      "computed %.2fs, waited %.2fs for the writer", t_loop - t_start, time.perf_counter() - t_loop, *waits)
-        except BaseException:
-            hasher.stop.set()
-            pre.stop.set()
-            if wt.is_alive():
-                try:
-                    while True:  # let the writer drain and exit
-                        wt.q.put(None, timeout=1)
-                        break
-                except queue.Full:
-                    pass
-                wt.join(timeout=30)
-            raise
-        say(0.96, "hashing the base checkpoint")
-        t_h = time.perf_counter()
-        hasher.join()
-        log.debug("bake: waited %.2fs for the hash", time.perf_counter() - t_h)
-        if hasher.error is not None:
-            raise hasher.error
-        w.patch_metadata(_metadata(plan, save_dtype, hasher.digest))
-        say(0.98, "syncing to disk")
-        t_c = time.perf_counter()
-        w.commit()
-        log.debug("bake: commit (flush, fsync, rename) %.2fs; direct I/O: %s", time.perf_counter() - t_c, w.direct_io)
-    return hasher.digest
+            log.debug("bake: main loop %.2fs (waited %.2fs for reads, computed %.2fs, waited %.2fs for the writer), "
+                      "writer drained %.2fs later", t_loop - t_start, busy["reads"], busy["compute"], busy["writer"],
+                      time.perf_counter() - t_loop)
+            say(0.96, "hashing the base checkpoint")
+            hasher.join()
+            if hasher.error is not None:
+                raise hasher.error
+            w.patch_metadata(_metadata(plan, save_dtype, hasher.digest))
+            say(0.98, "syncing to disk")
+            w.commit()
+            log.debug("bake: done %.2fs after start; direct I/O: %s", time.perf_counter() - t_start, w.direct_io)
+        return hasher.digest
+    finally:
+        hasher.stop.set()
+        pre.stop.set()
+        _drain(pre.q)
+        if pre.is_alive():
+            pre.join(timeout=60)
+        if wt is not None and wt.is_alive():
+            wt.stop.set()
+            _drain(wt.q)
+            wt.q.put(None)
+            wt.join(timeout=60)
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
 
 
 def _report(plan: Plan, stats: _Stats, output: str | None, save_dtype: str, base_sha: str, dry_run: bool,
@@ -815,8 +820,7 @@ def _report(plan: Plan, stats: _Stats, output: str | None, save_dtype: str, base
         "loras": loras,
         "tensors": {"modified": stats.modified, "converted": stats.converted, "copied": stats.copied},
         "rounding": {"save_dtype": save_dtype, "max_abs_rounding_loss": stats.max_round[0],
-                     "key": stats.max_round[1] or None, "max_abs_weight": stats.max_abs[0],
-                     "fp16_overflow": False},
+                     "key": stats.max_round[1] or None, "max_abs_weight": stats.max_abs[0]},
         "warnings": plan.warnings,
         "wall_s": round(wall, 3),
         "peak_rss_mb": round(_peak_rss_mb(), 1),

@@ -87,6 +87,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, arch=args.arch, keep=args.keep)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .ui.standalone import serve
+
+    serve(args.models_dir, args.loras_dir, port=args.port, host=args.host, api_auth=args.api_auth)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m lib_lorakit", description="lorakit: bake LoRA recipes into SD1.5/SDXL checkpoints.")
     p.add_argument("--version", action="version", version=f"lorakit {__version__}")
@@ -114,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bake)
 
+    u = sub.add_parser("ui", help="serve the lorakit tab and /lorakit/v1 API locally, without a WebUI")
+    u.add_argument("--models-dir", required=True, help="checkpoint folder (the host's Stable-diffusion folder)")
+    u.add_argument("--loras-dir", required=True, help="LoRA folder")
+    u.add_argument("--port", type=int, default=7870)
+    u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    u.add_argument("--api-auth", help="require user:password[,user2:password2] for the API, like the WebUI's option")
+    u.set_defaults(func=cmd_ui)
+
     d = sub.add_parser("demo", help="build a small demo workspace (real key layout, tiny sizes) and bake it")
     d.add_argument("--dir", default="lorakit-demo", help="workspace folder (default ./lorakit-demo)")
     d.add_argument("--arch", choices=("sdxl", "sd15"), default="sdxl")
@@ -133,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from .formats.safetensors_io import cleanup_temps
+
+        cleanup_temps()
         print("\ninterrupted; no output was written", file=sys.stderr)
         return 130
     except Exception:

@@ -11,6 +11,7 @@ temporary file is removed and no output appears.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -271,6 +272,26 @@ def check_output_path(path: str, *, overwrite: bool, inputs: Iterable[str] = ())
 _ALIGN = 4096
 _STAGE = 8 * 1024 * 1024
 
+# Temporary files being written. A signal can land between creating a writer and entering its
+# ``with`` block; the CLI (and atexit) remove whatever is still listed here.
+_LIVE_TEMPS: set[str] = set()
+
+
+def cleanup_temps() -> list[str]:
+    """Delete every temporary output still being written (interrupt handlers). Returns them."""
+    removed = []
+    for path in list(_LIVE_TEMPS):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+        _LIVE_TEMPS.discard(path)
+    return removed
+
+
+atexit.register(cleanup_temps)
+
 
 class _Sink:
     """Sequential byte sink for the temporary file.
@@ -426,12 +447,14 @@ class StreamingWriter:
         self._patched: bytes | None = None
         d, base = os.path.split(self.path)
         self.tmp_path = os.path.join(d, f".{base}.{uuid.uuid4().hex[:8]}.lorakit-tmp")
-        self._sink = _Sink(self.tmp_path, direct=direct)
         self._next = 0
         self.bytes_written = 0
         self.total_bytes = len(self.header) + sum(e.nbytes for e in self.entries)
         self._committed = False
+        self._sink: _Sink | None = None
+        _LIVE_TEMPS.add(self.tmp_path)  # listed before it exists, so no window leaves it behind
         try:
+            self._sink = _Sink(self.tmp_path, direct=direct)
             self._sink.write(self.header)
             self.bytes_written = len(self.header)
         except BaseException:
@@ -497,6 +520,7 @@ class StreamingWriter:
                               fix="Choose another name, or pass --overwrite to replace it.")
         os.replace(self.tmp_path, self.path)
         self._committed = True
+        _LIVE_TEMPS.discard(self.tmp_path)
         try:
             dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
             try:
@@ -512,13 +536,15 @@ class StreamingWriter:
         if self._committed:
             return
         try:
-            self._sink.close()
+            if self._sink is not None:
+                self._sink.close()
         except Exception:
             pass
         try:
             os.unlink(self.tmp_path)
         except FileNotFoundError:
             pass
+        _LIVE_TEMPS.discard(self.tmp_path)
 
     def __enter__(self) -> StreamingWriter:
         return self

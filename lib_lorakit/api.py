@@ -1,0 +1,166 @@
+"""The HTTP API, ``/lorakit/v1``: the same operations as the CLI, as jobs.
+
+Mounted on the WebUI's FastAPI app by ``scripts/lorakit.py`` (and on the standalone
+launcher's). Models are documented, so the routes appear in the host's ``/docs``.
+Errors are JSON ``{"error": kind, "message": text}`` with 400/401/403/404/409/500,
+never a stack trace. With ``--api-auth`` the host's credentials are required.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import traceback
+from typing import Any, Dict, List, Optional
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel, Field
+
+from .errors import LorakitError
+from .service import BakeLora, BakeRequest, Lorakit
+
+log = logging.getLogger("lorakit.api")
+PREFIX = "/lorakit/v1"
+
+
+class LoraIn(BaseModel):
+    name: str = Field(..., description="A LoRA from the host's list (as in <lora:NAME:w>), or a path inside the LoRA folders")
+    strength: float = Field(1.0, description="UNet strength")
+    te_strength: Optional[float] = Field(None, description="Text-encoder strength (default: strength)")
+    blocks: Optional[str] = Field(None, description="LoRA Block Weight preset or vector, e.g. INALL or 17/26 (SD1.5), 12/20 (SDXL) values")
+
+
+class BakeIn(BaseModel):
+    base: str = Field(..., description="Base checkpoint: a name from the host's list or a path inside its checkpoint folders")
+    output: str = Field("", description="Output file name, written into the checkpoint folder (.safetensors added)")
+    loras: List[LoraIn] = Field(default_factory=list, description="The recipe")
+    prompt: Optional[str] = Field(None, description="Alternatively (or additionally): prompt text whose <lora:name:w> tags become the recipe")
+    save_dtype: Optional[str] = Field(None, description="fp16, bf16 or fp32 (default: lorakit's setting, fp16)")
+    overwrite: bool = Field(False, description="Replace an existing output")
+    allow_unmatched: bool = Field(False, description="Bake what matches and report the rest instead of failing")
+    dry_run: bool = Field(False, description="Check and plan only; write nothing")
+
+
+class JobRef(BaseModel):
+    job_id: str
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    state: str = Field(..., description="queued, running, done, error or cancelled")
+    progress: float = Field(..., description="0 to 1")
+    message: str
+    result: Optional[Dict[str, Any]] = Field(None, description="When done: the report and the output")
+    error: Optional[str] = Field(None, description="When failed or cancelled: what happened and what to do")
+    params: Dict[str, Any] = Field(default_factory=dict)
+    created: float
+    started: Optional[float] = None
+    finished: Optional[float] = None
+
+
+class ModelOut(BaseModel):
+    name: str
+    file: str
+
+
+class ErrorOut(BaseModel):
+    error: str
+    message: str
+
+
+def _error(status: int, kind: str, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": kind, "message": message})
+
+
+def _guard(fn):
+    """Turn lorakit errors into JSON answers, and anything else into a 500 without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LorakitError as e:
+            return _error(getattr(e, "http_status", 400), type(e).__name__, str(e))
+        except Exception as e:  # logged in full, answered without internals
+            log.error("lorakit API error:\n%s", traceback.format_exc())
+            return _error(500, "internal", f"Unexpected failure ({type(e).__name__}); the details are in the server log.")
+
+    return wrapper
+
+
+def parse_credentials(api_auth: str | None) -> dict[str, str]:
+    """``user:pass,user2:pass2`` (the WebUI's --api-auth) -> {user: pass}."""
+    out: dict[str, str] = {}
+    for item in (api_auth or "").split(","):
+        if ":" in item:
+            user, _, pw = item.strip().partition(":")
+            out[user] = pw
+    return out
+
+
+def build_router(service: Lorakit, credentials: dict[str, str] | None = None) -> APIRouter:
+    deps = []
+    if credentials:
+        basic = HTTPBasic(auto_error=False)
+
+        def check(request: Request, cred: Optional[HTTPBasicCredentials] = Depends(basic)) -> None:
+            ok = cred is not None and cred.username in credentials and secrets.compare_digest(
+                cred.password.encode(), credentials[cred.username].encode())
+            if not ok:
+                from fastapi import HTTPException
+
+                raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                    headers={"WWW-Authenticate": "Basic"})
+
+        deps.append(Depends(check))
+    r = APIRouter(prefix=PREFIX, tags=["lorakit"], dependencies=deps)
+    responses = {400: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+
+    @r.post("/bake", response_model=JobRef, responses=responses, summary="Bake a LoRA recipe into a checkpoint")
+    @_guard
+    def bake(body: BakeIn):
+        req = BakeRequest(base=body.base, output=body.output,
+                          loras=[BakeLora(x.name, x.strength, x.te_strength, x.blocks) for x in body.loras],
+                          prompt=body.prompt, save_dtype=body.save_dtype, overwrite=body.overwrite,
+                          allow_unmatched=body.allow_unmatched, dry_run=body.dry_run)
+        job = service.start_bake(req)
+        return {"job_id": job.id}
+
+    @r.get("/jobs", response_model=List[JobOut], summary="All recent jobs, newest first")
+    @_guard
+    def jobs():
+        return [j.as_dict() for j in service.jobs.list()]
+
+    @r.get("/jobs/{job_id}", response_model=JobOut, responses=responses, summary="A job's state, progress and result")
+    @_guard
+    def job(job_id: str):
+        j = service.jobs.get(job_id)
+        if j is None:
+            return _error(404, "NotFound", f"No job {job_id!r}.")
+        return j.as_dict()
+
+    @r.delete("/jobs/{job_id}", response_model=JobOut, responses=responses,
+              summary="Cancel a job (its partial output is removed)")
+    @_guard
+    def cancel(job_id: str, wait: float = 10.0):
+        j = service.jobs.cancel(job_id)
+        if j is None:
+            return _error(404, "NotFound", f"No job {job_id!r}.")
+        j.wait(max(0.0, min(wait, 60.0)))
+        return j.as_dict()
+
+    @r.get("/checkpoints", response_model=List[ModelOut], summary="The host's checkpoints (refreshed)")
+    @_guard
+    def checkpoints():
+        return [{"name": e.name, "file": e.as_dict()["file"]} for e in service.checkpoints()]
+
+    @r.get("/loras", response_model=List[ModelOut], summary="The host's LoRAs (refreshed)")
+    @_guard
+    def loras():
+        return [{"name": e.name, "file": e.as_dict()["file"]} for e in service.loras()]
+
+    return r

@@ -1,0 +1,126 @@
+"""lorakit's operations for a host: what the tab and the HTTP API both call.
+
+Requests carry names from the host's lists (or paths inside its model folders); they
+are resolved and validated synchronously, so the API can answer 400/403/404 at once,
+then the work runs as a :class:`~lib_lorakit.jobs.Job` under the host's queue lock.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import RecipeError
+from .hosts import Host, ModelEntry
+from .jobs import Job, JobManager
+from .prompt import parse_tags
+from .safepath import output_path, resolve_model
+
+SETTING_SAVE_DTYPE = "lorakit_save_dtype"
+SETTING_OUTPUT_SUBDIR = "lorakit_output_subdir"
+
+
+@dataclass
+class BakeLora:
+    name: str
+    strength: float = 1.0
+    te_strength: float | None = None
+    blocks: str | None = None
+
+
+@dataclass
+class BakeRequest:
+    base: str
+    output: str
+    loras: list[BakeLora] = field(default_factory=list)
+    prompt: str | None = None  # <lora:name:w> tags, added after ``loras``
+    save_dtype: str | None = None  # None: the setting (default fp16)
+    overwrite: bool = False
+    allow_unmatched: bool = False
+    dry_run: bool = False
+
+
+class Lorakit:
+    def __init__(self, host: Host, jobs: JobManager | None = None):
+        self.host = host
+        self.jobs = jobs or JobManager()
+
+    # --- lists -----------------------------------------------------------------------------
+    def checkpoints(self) -> list[ModelEntry]:
+        return self.host.list_checkpoints()
+
+    def loras(self) -> list[ModelEntry]:
+        return self.host.list_loras()
+
+    def resolve_checkpoint(self, value: str) -> str:
+        return resolve_model(value, self.checkpoints(), self.host.checkpoint_dirs(), "checkpoint")
+
+    def resolve_lora(self, value: str) -> str:
+        return resolve_model(value, self.loras(), self.host.lora_dirs(), "LoRA")
+
+    def output_path(self, name: str) -> str:
+        subdir = str(self.host.setting(SETTING_OUTPUT_SUBDIR, "") or "").strip().strip("/\\")
+        return output_path(name, self.host.checkpoint_dirs()[0], subdir)
+
+    # --- bake -------------------------------------------------------------------------------
+    def prepare_bake(self, req: BakeRequest):
+        """Resolve and check a request. Returns (base path, LoraSpecs, output path, save dtype)."""
+        from .bake import SAVE_DTYPES, LoraSpec
+
+        entries = list(req.loras)
+        if req.prompt:
+            entries += [BakeLora(t.name, t.strength, t.te_strength, t.blocks) for t in parse_tags(req.prompt)]
+        if not entries:
+            raise RecipeError("The recipe has no LoRA.", fix="Add LoRAs, or paste a prompt with <lora:name:weight> tags.")
+        base = self.resolve_checkpoint(req.base)
+        specs = []
+        for e in entries:
+            path = self.resolve_lora(e.name)
+            specs.append(LoraSpec(path=path, strength=float(e.strength),
+                                  te_strength=None if e.te_strength is None else float(e.te_strength),
+                                  blocks=e.blocks or None, name=os.path.splitext(os.path.basename(path))[0]))
+        out = None if req.dry_run else self.output_path(req.output)
+        dtype = req.save_dtype or self.host.setting(SETTING_SAVE_DTYPE, "fp16")
+        if dtype not in SAVE_DTYPES:
+            raise RecipeError(f"Unknown save dtype {dtype!r}.", fix=f"Use one of {', '.join(SAVE_DTYPES)}.")
+        if out is not None and os.path.isdir(os.path.dirname(out)):
+            from .formats.safetensors_io import check_output_path
+
+            check_output_path(out, overwrite=req.overwrite, inputs=[base] + [s.path for s in specs])
+        return base, specs, out, dtype
+
+    def start_bake(self, req: BakeRequest) -> Job:
+        base, specs, out, dtype = self.prepare_bake(req)
+        params = {"base": req.base, "loras": [vars(e) for e in req.loras], "prompt": req.prompt, "output": out,
+                  "save_dtype": dtype, "dry_run": req.dry_run}
+
+        def run(job: Job) -> dict[str, Any]:
+            from .bake import bake
+
+            with self.host.queue_lock():
+                job.mark_running("starting")
+                self.host.job_begin("lorakit: bake")
+                try:
+                    def progress(frac: float, msg: str) -> None:
+                        job.update(frac, msg)
+                        self.host.job_progress(frac, msg)
+                        if self.host.interrupted():
+                            job.cancel_event.set()
+
+                    if out is not None:
+                        os.makedirs(os.path.dirname(out), exist_ok=True)
+                    report = bake(base, specs, out, save_dtype=dtype, overwrite=req.overwrite,
+                                  allow_unmatched=req.allow_unmatched, dry_run=req.dry_run, progress=progress,
+                                  cancel=job.cancel_event)
+                    result: dict[str, Any] = {"report": report, "output": out, "checkpoint": None}
+                    if out is not None:
+                        self.host.refresh_checkpoints()
+                        for e in self.checkpoints():
+                            if os.path.realpath(e.path) == os.path.realpath(out):
+                                result["checkpoint"] = e.name
+                    return result
+                finally:
+                    self.host.job_end()
+
+        return self.jobs.submit("bake", params, run)

@@ -1,0 +1,17 @@
+"""The lorakit tab: one top-level block with a sub-tab per feature."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..service import Lorakit
+from .bake_tab import build_bake_tab
+
+
+def build_ui(service: Lorakit, **blocks_kw) -> gr.Blocks:
+    """Build the whole lorakit tab as a Blocks (the WebUI adds it as a top-level tab)."""
+    with gr.Blocks(analytics_enabled=False, **blocks_kw) as block:
+        with gr.Tabs(elem_id="lorakit_tabs"):
+            with gr.Tab("Bake", elem_id="lorakit_tab_bake"):
+                build_bake_tab(service)
+    return block

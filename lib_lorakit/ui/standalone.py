@@ -1,0 +1,71 @@
+"""``python -m lib_lorakit ui``: the lorakit tab and API on a local server, without a WebUI.
+
+Folders stand in for the WebUI's lists; image generation is not available here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gradio as gr
+
+from ..api import build_router
+from ..hosts import LocalHost
+from ..service import Lorakit
+from .app import build_ui
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def assets() -> tuple[str, str]:
+    """The extension's style.css and javascript, as the WebUI would load them."""
+    css = js = ""
+    p = os.path.join(ROOT, "style.css")
+    if os.path.exists(p):
+        with open(p) as f:
+            css = f.read()
+    jdir = os.path.join(ROOT, "javascript")
+    if os.path.isdir(jdir):
+        for fn in sorted(os.listdir(jdir)):
+            if fn.endswith(".js"):
+                with open(os.path.join(jdir, fn)) as f:
+                    js += f.read() + "\n"
+    return css, js
+
+
+def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None):
+    """The FastAPI app: the lorakit tab at /, the API at /lorakit/v1. Returns (app, service)."""
+    from fastapi import FastAPI
+
+    from ..api import parse_credentials
+
+    service = Lorakit(LocalHost(models_dir, loras_dir))
+    css, js = assets()
+    head = '<script src="/lorakit.js"></script>' if js else None
+    kw = {"title": "lorakit", "css": css}
+    if head and int(gr.__version__.split(".")[0]) >= 4:
+        kw["head"] = head  # gradio 3.41 has no head=; the WebUI injects scripts itself
+    demo = build_ui(service, **kw)
+    demo.queue()
+    app = FastAPI(title="lorakit")
+    app.include_router(build_router(service, parse_credentials(api_auth) or None))
+    if js:
+        from fastapi.responses import Response
+
+        @app.get("/lorakit.js", include_in_schema=False)
+        def _js():
+            return Response(js, media_type="application/javascript")
+    app = gr.mount_gradio_app(app, demo, path="/")
+    return app, service
+
+
+def serve(models_dir: str, loras_dir: str, *, port: int = 7870, host: str = "127.0.0.1",
+          api_auth: str | None = None) -> None:
+    import uvicorn
+
+    for d in (models_dir, loras_dir):
+        if not os.path.isdir(d):
+            raise SystemExit(f"error: {d} is not a folder")
+    app, _ = create_app(models_dir, loras_dir, api_auth=api_auth)
+    print(f"lorakit: http://{host}:{port}/  (API: http://{host}:{port}/lorakit/v1, docs: /docs)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
