@@ -62,6 +62,25 @@ class JobOut(BaseModel):
     finished: Optional[float] = None
 
 
+class Txt2ImgIn(BaseModel):
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    sampler_name: str = "Euler a"
+    scheduler: Optional[str] = Field(None, description="A1111 1.10 / Forge schedule type, e.g. Karras")
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    checkpoint: Optional[str] = Field(None, description="Checkpoint for this image only; the previous one is restored")
+
+
+class Txt2ImgOut(BaseModel):
+    images: List[str] = Field(..., description="PNG images, base64")
+    infotexts: List[str]
+    seed: int
+
+
 class ModelOut(BaseModel):
     name: str
     file: str
@@ -152,6 +171,29 @@ def build_router(service: Lorakit, credentials: dict[str, str] | None = None) ->
             return _error(404, "NotFound", f"No job {job_id!r}.")
         j.wait(max(0.0, min(wait, 60.0)))
         return j.as_dict()
+
+    @r.post("/txt2img", response_model=Txt2ImgOut, responses={**responses, 501: {"model": ErrorOut}},
+            summary="Generate with the host's own processing (in-process; under its queue lock)")
+    @_guard
+    def txt2img(body: Txt2ImgIn):
+        import base64
+        import io
+
+        from .hosts import NotSupported
+
+        req = body.model_dump() if hasattr(body, "model_dump") else body.dict()
+        if req.get("checkpoint"):
+            service.resolve_checkpoint(req["checkpoint"])  # 400/403/404 before generating
+        try:
+            out = service.host.txt2img(req)
+        except NotSupported as e:
+            return _error(501, "NotSupported", str(e))
+        pngs = []
+        for im in out["images"]:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            pngs.append(base64.b64encode(buf.getvalue()).decode())
+        return {"images": pngs, "infotexts": out["infotexts"], "seed": int(out["seed"])}
 
     @r.get("/checkpoints", response_model=List[ModelOut], summary="The host's checkpoints (refreshed)")
     @_guard

@@ -193,3 +193,10 @@ def test_routes_are_documented(client):
     schemas = spec["components"]["schemas"]
     assert "BakeIn" in schemas and "strength" in schemas["LoraIn"]["properties"]
     _ = torch
+
+
+def test_txt2img_is_not_available_standalone(client):
+    r = client.post("/lorakit/v1/txt2img", json={"prompt": "a cat", "steps": 2})
+    assert r.status_code == 501 and r.json()["error"] == "NotSupported" and "WebUI" in r.json()["message"]
+    r = client.post("/lorakit/v1/txt2img", json={"prompt": "a cat", "checkpoint": "/etc/passwd"})
+    assert r.status_code == 403

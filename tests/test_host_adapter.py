@@ -121,7 +121,7 @@ def test_extension_registers_tab_settings_routes_and_cleans_up(webui):
     reg["on_app_started"][0](None, app)
     reg["on_app_started"][0](None, app)  # a UI reload: no doubled routes
     routes = [(r.path, tuple(sorted(r.methods))) for r in app.router.routes if r.path.startswith("/lorakit/v1")]
-    assert len(routes) == len(set(routes)) == 6 and ("/lorakit/v1/bake", ("POST",)) in routes
+    assert len(routes) == len(set(routes)) == 7 and ("/lorakit/v1/bake", ("POST",)) in routes
     with TestClient(app) as c:
         assert c.get("/lorakit/v1/jobs").json() == []
     reg["on_script_unloaded"][0]()
@@ -192,3 +192,35 @@ def test_webui_interrupt_cancels_a_bake(webui):
     assert job.state == "cancelled"
     assert sorted(os.listdir(ckdir)) == ["base.safetensors"]
     _ = threading
+
+
+def test_txt2img_route_returns_pngs(webui):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib_lorakit.host import extension
+
+    _, fake, tmp = webui
+    write_checkpoint(os.path.join(tmp, "models", "Stable-diffusion", "m.safetensors"), "sd15", tiny=True)
+    extension._state.update(service=None, app=None)
+    app = FastAPI()
+    extension.on_app_started(None, app)
+    with TestClient(app) as c:
+        r = c.post("/lorakit/v1/txt2img", json={"prompt": "a cat", "seed": 5, "width": 64, "height": 32,
+                                                "checkpoint": "m"})
+    assert r.status_code == 200, r.text
+    import base64
+    import io
+
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (64, 32)
+    assert r.json()["seed"] == 5
+
+
+def test_current_checkpoint(webui):
+    _, fake, tmp = webui
+    write_checkpoint(os.path.join(tmp, "models", "Stable-diffusion", "m.safetensors"), "sd15", tiny=True)
+    fake.sd_models.list_models()
+    fake.shared.opts.sd_model_checkpoint = next(iter(fake.sd_models.checkpoints_list))  # a title "m.safetensors [..]"
+    assert host_pkg.get_host().current_checkpoint() == "m.safetensors"

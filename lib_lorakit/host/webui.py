@@ -76,6 +76,17 @@ class WebUIHost:
     def list_checkpoints(self) -> list[ModelEntry]:
         return scan_checkpoints(self.checkpoint_dirs(), self._titles())
 
+    def current_checkpoint(self) -> str | None:
+        """The checkpoint selected in the WebUI, as named in :meth:`list_checkpoints`."""
+        try:
+            sel = _m("modules.shared").opts.sd_model_checkpoint
+        except AttributeError:
+            return None
+        for e in self.list_checkpoints():
+            if sel and (sel == e.name or sel in e.aliases):
+                return e.name
+        return None
+
     def list_loras(self) -> list[ModelEntry]:
         return scan_models(self.lora_dirs(), LORA_EXTS)
 

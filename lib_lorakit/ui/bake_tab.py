@@ -22,8 +22,9 @@ POLL_S = 0.3
 
 def progress_html(frac: float, message: str, state: str = "running") -> str:
     pct = max(0.0, min(1.0, frac)) * 100
+    text = "idle" if state == "idle" else f"{state}: {pct:.0f}% {message}"
     return (f'<div class="lorakit-progress lorakit-{html.escape(state)}"><div class="lorakit-bar" '
-            f'style="width:{pct:.1f}%"></div><span>{html.escape(state)}: {pct:.0f}% {html.escape(message)}</span></div>')
+            f'style="width:{pct:.1f}%"></div><span>{html.escape(text)}</span></div>')
 
 
 def error_md(e: Exception) -> str:
@@ -74,17 +75,19 @@ def build_bake_tab(service: Lorakit) -> None:
     def lora_names() -> list[str]:
         return [e.name for e in service.loras()]
 
+    current = service.host.current_checkpoint()
     with gr.Row():
-        base = gr.Dropdown(label="Base checkpoint", choices=ckpt_names(), elem_id="lorakit_bake_base")
-        refresh = gr.Button("Refresh lists", elem_id="lorakit_bake_refresh")
+        base = gr.Dropdown(label="Base checkpoint", choices=ckpt_names(), value=current, elem_id="lorakit_bake_base",
+                           scale=4)
+        refresh = gr.Button("Refresh lists", elem_id="lorakit_bake_refresh", scale=1, min_width=120)
     with gr.Row():
         lora = gr.Dropdown(label="LoRA", choices=lora_names(), elem_id="lorakit_bake_lora")
         strength = gr.Number(label="Strength", value=1.0, elem_id="lorakit_bake_strength")
         te = gr.Textbox(label="TE strength (blank: same)", value="", elem_id="lorakit_bake_te")
         blocks = gr.Textbox(label="Block weights (optional)", placeholder="INALL, or 17/26 (SD1.5) or 12/20 (SDXL) values",
                             elem_id="lorakit_bake_blocks")
-        add = gr.Button("Add to recipe", elem_id="lorakit_bake_add")
-    recipe = gr.Dataframe(headers=HEADERS, datatype=["str", "number", "str", "str"], type="array",
+        add = gr.Button("Add to recipe", elem_id="lorakit_bake_add", scale=1, min_width=120)
+    recipe = gr.Dataframe(value=[["", 1.0, "", ""]], headers=HEADERS, datatype=["str", "number", "str", "str"], type="array",
                           row_count=(1, "dynamic"), col_count=(4, "fixed"), interactive=True,
                           label="Recipe", elem_id="lorakit_bake_recipe")
     with gr.Accordion("Paste prompt tags", open=False):
@@ -103,7 +106,7 @@ def build_bake_tab(service: Lorakit) -> None:
         run = gr.Button("Bake", variant="primary", elem_id="lorakit_bake_run")
         check = gr.Button("Check only (dry run)", elem_id="lorakit_bake_check")
         cancel = gr.Button("Cancel", variant="stop", elem_id="lorakit_bake_cancel")
-    progress = gr.HTML(progress_html(0, "idle", "idle"), elem_id="lorakit_bake_progress")
+    progress = gr.HTML(progress_html(0, "", "idle"), elem_id="lorakit_bake_progress")
     summary = gr.Markdown("", elem_id="lorakit_bake_summary")
     with gr.Accordion("Full report (JSON)", open=False):
         report = gr.JSON(label="Report", elem_id="lorakit_bake_report")

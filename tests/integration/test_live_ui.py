@@ -1,0 +1,61 @@
+"""The lorakit tab inside a live WebUI, in a real browser: bake, then the new checkpoint is in the
+host's own checkpoint dropdown without a restart. Needs LORAKIT_WEBUI_URL, Playwright and Chromium."""
+
+import os
+import re
+import uuid
+
+import pytest
+from live import URL, call
+
+CHROMIUM = os.environ.get("LORAKIT_CHROMIUM", "/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not URL, reason="LORAKIT_WEBUI_URL is not set")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+def pick(page, elem_id, value):
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.fill(value)
+    page.locator(f"#{elem_id} ul li, .options li").filter(has_text=value).first.click()
+
+
+def host_checkpoint_choices(page) -> str:
+    """Open the host's checkpoint dropdown (A1111: #setting_sd_model_checkpoint; Forge: .model_selection)."""
+    box = page.locator("#setting_sd_model_checkpoint input, .model_selection input").first
+    box.click()
+    page.wait_for_timeout(500)
+    text = page.locator("ul.options").first.inner_text()
+    page.keyboard.press("Escape")
+    return text
+
+
+def test_bake_from_the_tab_updates_the_host_dropdown(base, lora):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Chromium is not installed")
+    out = f"lorakit-ui-{uuid.uuid4().hex[:6]}"
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(URL)
+        # the top-level tab: a button in gradio 3.41 (A1111), role "tab" in gradio 4 (Forge)
+        page.locator(".tab-nav button").filter(has_text=re.compile(r"^\s*lorakit\s*$")).first.click(timeout=120_000)
+        assert out not in host_checkpoint_choices(page)
+        page.locator("#lorakit_bake_refresh").click()  # the LoRA was written after the page loaded
+        page.wait_for_timeout(1000)
+        pick(page, "lorakit_bake_base", base)
+        pick(page, "lorakit_bake_lora", lora)
+        page.locator("#lorakit_bake_add").click()
+        page.wait_for_function(f"document.querySelector('#lorakit_bake_recipe').innerText.includes('{lora}')")
+        page.locator("#lorakit_bake_output textarea, #lorakit_bake_output input").first.fill(out)
+        page.locator("#lorakit_bake_run").click()
+        page.wait_for_function("document.querySelector('#lorakit_bake_summary').innerText.includes('Saved')",
+                               timeout=600_000)
+        page.wait_for_timeout(1500)  # lorakit.js clicks the host's refresh button
+        choices = host_checkpoint_choices(page)
+        browser.close()
+    assert out + ".safetensors" in choices
+    status, models = call("GET", "/sdapi/v1/sd-models")
+    assert any(m["title"].startswith(out + ".safetensors") for m in models)
