@@ -5,10 +5,11 @@ network's update in float32 (each computed against the original weight), rounds
 once to the save dtype and streams the result into a temporary file that is renamed
 into place at the end. Tensors no LoRA touches are copied byte for byte.
 
-Reading, maths and writing overlap: a writer thread drains a short queue while the
-main thread computes the next tensor, and a hasher thread takes the base file's
-SHA-256 for the recipe metadata. Memory stays flat: buffers are reused and no tensor
-larger than the largest touched weight is ever held.
+Reading, maths and writing overlap: a prefetch thread reads the next tensors and their
+LoRA tensors, the main thread adds the updates in cache-sized row chunks, a writer
+thread drains a short queue, and a hasher thread takes the base file's SHA-256 for the
+recipe metadata. Memory stays flat: buffers are reused and no tensor larger than the
+largest touched weight is held.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import logging
 import math
 import os
 import queue
-import resource
 import threading
 import time
 from collections import Counter
@@ -632,8 +632,19 @@ class _Baker:
                            fix="Lower the strengths; if it persists the LoRA is broken for this checkpoint.")
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB (None where the platform cannot tell)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except ImportError:  # Windows
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().peak_wset / 1e6
+        except Exception:
+            return None
 
 
 def _metadata(plan: Plan, save_dtype: str, base_sha: str) -> dict[str, str]:
@@ -823,7 +834,7 @@ def _report(plan: Plan, stats: _Stats, output: str | None, save_dtype: str, base
                      "key": stats.max_round[1] or None, "max_abs_weight": stats.max_abs[0]},
         "warnings": plan.warnings,
         "wall_s": round(wall, 3),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": None if (rss := _peak_rss_mb()) is None else round(rss, 1),
     }
 
 
@@ -863,7 +874,8 @@ def summary(report: dict) -> str:
                      f"max |w| {r['max_abs_weight']:.4g}")
     for w in report["warnings"]:
         lines.append(f"  warning: {w}")
-    lines.append(f"  {report['wall_s']:.2f} s, peak memory {report['peak_rss_mb']:.0f} MB")
+    mem = f", peak memory {report['peak_rss_mb']:.0f} MB" if report.get("peak_rss_mb") else ""
+    lines.append(f"  {report['wall_s']:.2f} s{mem}")
     return "\n".join(lines)
 
 

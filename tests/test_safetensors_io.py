@@ -191,3 +191,38 @@ def test_copy_range_and_patch_metadata(tmp_path):
     assert all(torch.equal(back[k], t[k]) for k in t)
     with SafetensorsFile(out) as f:
         assert f.metadata == {"sha": "abcdef12"}
+
+
+def test_portable_paths_without_preadv_copy_file_range_or_o_direct(tmp_path, monkeypatch):
+    """What Windows and macOS run: seek+read under a lock, plain copies, buffered writes."""
+    import lib_lorakit.formats.safetensors_io as sio
+
+    src = str(tmp_path / "src.safetensors")
+    t = sample()
+    save_file(t, src)
+    monkeypatch.delattr(os, "preadv")
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    out = str(tmp_path / "out.safetensors")
+    with SafetensorsFile(src) as f:
+        assert all(torch.equal(f.read(k), t[k]) for k in t)
+        keys = f.keys()
+        with StreamingWriter(out, [OutEntry(k, f.info(k).dtype, f.info(k).shape) for k in keys]) as w:
+            assert not w.direct_io
+            for k in keys:
+                w.copy_range(k, f.fd, f.info(k).start, f.info(k).nbytes)
+            w.commit()
+    back = safetensors.torch.load_file(out)
+    assert all(torch.equal(back[k], t[k]) for k in t)
+    _ = sio
+
+
+def test_direct_io_writer_handles_large_and_unaligned_files(tmp_path):
+    """Tensors spanning several staging buffers, and a tail that is not block-aligned."""
+    g = torch.Generator().manual_seed(1)
+    t = {"big": torch.randn(3 * 1024 * 1024 + 7, generator=g), "tail": torch.randn(13, generator=g).half()}
+    p = str(tmp_path / "big.safetensors")
+    save_file(t, p)
+    back = safetensors.torch.load_file(p)
+    assert torch.equal(back["big"], t["big"]) and torch.equal(back["tail"], t["tail"])
+    assert os.path.getsize(p) % 4096 != 0  # the padding of the last direct block was trimmed

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import struct
+import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -154,11 +155,28 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, metadata
 
 
+_SEEK_LOCK = threading.Lock()  # Windows has no pread: seek + read must not interleave between threads
+
+
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` from ``fd`` at ``offset`` without moving a shared file position.
+
+    Returns the number of bytes read (0 at end of file). Thread-safe on every platform.
+    """
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    with _SEEK_LOCK:  # pragma: no cover - Windows
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, len(view))
+        view[: len(data)] = data
+        return len(data)
+
+
 def _pread_into(fd: int, view: memoryview, offset: int, path: str, name: str) -> None:
     done = 0
     total = len(view)
     while done < total:
-        got = os.preadv(fd, [view[done:done + _READ_CHUNK]], offset + done)
+        got = pread_into(fd, view[done:done + _READ_CHUNK], offset + done)
         if got <= 0:
             raise _bad(path, f"unexpected end of file while reading tensor {name!r} (file changed while reading?)")
         done += got
@@ -379,18 +397,18 @@ class _Sink:
                 except (OSError, AttributeError):
                     n = 0
                 if n <= 0:
-                    chunk = os.pread(src_fd, min(_READ_CHUNK, nbytes - done), offset + done)
-                    if not chunk:
+                    chunk = bytearray(min(_READ_CHUNK, nbytes - done))
+                    n = pread_into(src_fd, memoryview(chunk), offset + done)
+                    if n <= 0:
                         raise OSError("unexpected end of source file")
-                    self._write_all(chunk)
-                    n = len(chunk)
+                    self._write_all(memoryview(chunk)[:n])
                 done += n
             self.pos += nbytes
             return
         done = 0
         while done < nbytes:
             n = min(nbytes - done, _STAGE - self._fill)
-            got = os.preadv(src_fd, [self._mv[self._fill:self._fill + n]], offset + done)
+            got = pread_into(src_fd, self._mv[self._fill:self._fill + n], offset + done)
             if got <= 0:
                 raise OSError("unexpected end of source file")
             self._fill += got
