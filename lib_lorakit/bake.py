@@ -155,7 +155,7 @@ def _open_lora(spec: LoraSpec, arch: Arch, base_path: str) -> tuple[TensorSource
             la = ARCHS[fam.arch].label
             raise ArchitectureError(
                 f"{spec.path} is a LoRA for {la} ({'; '.join(fam.evidence)}), but the checkpoint {base_path} is {arch.label}.",
-                fix=f"Bake it into a {la} checkpoint, or pick a LoRA made for {arch.label}.")
+                fix=f"Bake it into an {la} checkpoint, or pick a LoRA made for {arch.label}.")
         parsed = parse_keys(shapes)
     except BaseException:
         src.close()
