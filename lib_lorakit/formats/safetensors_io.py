@@ -512,12 +512,6 @@ class StreamingWriter:
         self._next += 1
         self.bytes_written += e.nbytes
 
-    def write_bytes(self, name: str, data: bytes | memoryview) -> None:
-        self._begin(name, len(data))
-        self._sink.write(data)
-        self._next += 1
-        self.bytes_written += len(data)
-
     def copy_range(self, name: str, src_fd: int, offset: int, nbytes: int) -> None:
         """Write the next tensor by copying raw bytes from another file (no decode)."""
         self._begin(name, nbytes)

@@ -180,6 +180,3 @@ def fit(delta: torch.Tensor, target: Shape, what: str) -> torch.Tensor:
         return delta.reshape(target)
     raise ShapeProblem(f"{what} gives an update of shape {list(delta.shape)}, the weight is {list(target)}")
 
-
-def same_numel(shape: Shape, target: Shape) -> bool:
-    return math.prod(shape) == math.prod(target)
