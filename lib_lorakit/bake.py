@@ -14,7 +14,6 @@ largest touched weight is held.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -37,13 +36,13 @@ from .formats.sources import TensorSource, open_source, sha256_file
 from .networks import ShapeProblem, algorithm_name, check_group, compute_delta, identify, needs_weight
 from .networks.base import Algorithm, Delta
 from .networks.resolve import ParsedKeys, Target, TargetIndex, candidates, explain_unknown, parse_keys
+from .streaming import Hasher, Pool, WriterThread, drain, peak_rss_mb
 
 SAVE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 FP16_MAX = 65504.0
 DROP_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
 CHUNK_ELEMS = 1 << 20  # rows are processed in chunks of ~4 MB of float32, which stay in cache
-QUEUE_ITEMS = 6
 _HASH_PLACEHOLDER = "0" * 64
 _BIAS_PARAMS = {"full": "diff_b", "norm": "b_norm"}
 
@@ -312,96 +311,6 @@ def check_lora_values(plan: Plan, progress: Progress | None = None, cancel: thre
 # --- execution ---------------------------------------------------------------------------------
 
 
-class _Pool:
-    """Reusable uint8 buffers: fresh large allocations cost page faults on every use."""
-
-    def __init__(self) -> None:
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    def get(self, nbytes: int) -> torch.Tensor:
-        with self._lock:
-            best = None
-            for i, b in enumerate(self._free):
-                if b.numel() >= nbytes and (best is None or b.numel() < self._free[best].numel()):
-                    best = i
-            if best is not None:
-                return self._free.pop(best)
-        return torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
-
-    def put(self, buf: torch.Tensor) -> None:
-        with self._lock:
-            self._free.append(buf)
-            if len(self._free) > QUEUE_ITEMS + 4:
-                self._free.sort(key=lambda b: b.numel())
-                self._free.pop(0)
-
-
-class _Writer(threading.Thread):
-    def __init__(self, writer: StreamingWriter, pool: _Pool):
-        super().__init__(name="lorakit-writer", daemon=True)
-        self.w = writer
-        self.pool = pool
-        self.q: queue.Queue = queue.Queue(maxsize=QUEUE_ITEMS)
-        self.error: BaseException | None = None
-        self.stop = threading.Event()  # set on failure: drop what is queued, write nothing more
-
-    def run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            kind, name, payload, buf = item
-            try:
-                if self.error is None and not self.stop.is_set():
-                    if kind == "copy":
-                        self.w.copy_range(name, *payload)
-                    else:
-                        self.w.write(name, payload)
-            except BaseException as e:  # reported to the main thread
-                self.error = e
-            finally:
-                if buf is not None:
-                    self.pool.put(buf)
-
-    def put(self, item) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.q.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def finish(self) -> None:
-        self.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
-class _Hasher(threading.Thread):
-    def __init__(self, path: str):
-        super().__init__(name="lorakit-hash", daemon=True)
-        self.path = path
-        self.digest = ""
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        try:
-            h = hashlib.sha256()
-            with open(self.path, "rb", buffering=0) as f:
-                buf = bytearray(8 << 20)
-                view = memoryview(buf)
-                while not self.stop.is_set() and (n := f.readinto(buf)):
-                    h.update(view[:n])
-            self.digest = h.hexdigest()
-        except BaseException as e:  # pragma: no cover - I/O failure
-            self.error = e
-
-
 @dataclass
 class _Stats:
     max_round: tuple[float, str] = (0.0, "")
@@ -459,7 +368,7 @@ class _Prefetcher(threading.Thread):
 
 
 class _Baker:
-    def __init__(self, plan: Plan, save_code: str, pool: _Pool, stats: _Stats):
+    def __init__(self, plan: Plan, save_code: str, pool: Pool, stats: _Stats):
         self.plan = plan
         self.save_code = save_code
         self.pool = pool
@@ -632,21 +541,6 @@ class _Baker:
                            fix="Lower the strengths; if it persists the LoRA is broken for this checkpoint.")
 
 
-def _peak_rss_mb() -> float | None:
-    """This process's peak resident memory in MB (None where the platform cannot tell)."""
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    except ImportError:  # Windows
-        try:
-            import psutil
-
-            return psutil.Process().memory_info().peak_wset / 1e6
-        except Exception:
-            return None
-
-
 def _metadata(plan: Plan, save_dtype: str, base_sha: str) -> dict[str, str]:
     meta = {k: v for k, v in plan.base.metadata.items() if k not in DROP_METADATA}
     recipe = {
@@ -692,9 +586,9 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
         check_output_path(output, overwrite=overwrite, inputs=[base_file] + [s.path for s in specs])
     say = progress or (lambda f, m: None)
     say(0.0, "checking inputs")
-    hasher = None
+    hasher: Hasher | None = None
     if not dry_run:  # the base file's SHA-256 (for the recipe) is taken on a side thread from the start
-        hasher = _Hasher(base_path.path if isinstance(base_path, TensorSource) else os.fspath(base_path))
+        hasher = Hasher(base_path.path if isinstance(base_path, TensorSource) else os.fspath(base_path))
         hasher.start()
     try:
         plan = plan_bake(base_path, specs, allow_unmatched=allow_unmatched)
@@ -719,26 +613,26 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
 
 
 def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite: bool, stats: _Stats,
-             say: Progress, cancel: threading.Event | None, hasher: _Hasher) -> str:
+             say: Progress, cancel: threading.Event | None, hasher: Hasher) -> str:
     """Stream the output. Every thread started here is stopped and joined before returning."""
     base = plan.base
     keys = base.keys()
     entries = [OutEntry(k, _out_code(base.dtype(k), save_code), base.shape(k)) for k in keys]
     t_start = time.perf_counter()
     busy = {"reads": 0.0, "compute": 0.0, "writer": 0.0}
-    pool = _Pool()
+    pool = Pool()
     total = sum(base.nbytes(k) for k in keys) or 1
     done = 0
     last = 0.0
     baker = _Baker(plan, save_code, pool, stats)
     touched = {k for k, e in zip(keys, entries) if k in plan.weights or k in plan.biases or e.dtype != base.dtype(k)}
     pre = _Prefetcher(baker, [k for k in keys if k in touched])
-    wt: _Writer | None = None
+    wt: WriterThread | None = None
     try:
         pre.start()
         with StreamingWriter(output, entries, _metadata(plan, save_dtype, _HASH_PLACEHOLDER),
                              overwrite=overwrite) as w:
-            wt = _Writer(w, pool)
+            wt = WriterThread(w, pool)
             wt.start()
             for key in keys:
                 if cancel is not None and cancel.is_set():
@@ -782,22 +676,14 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
     finally:
         hasher.stop.set()
         pre.stop.set()
-        _drain(pre.q)
+        drain(pre.q)
         if pre.is_alive():
             pre.join(timeout=60)
         if wt is not None and wt.is_alive():
             wt.stop.set()
-            _drain(wt.q)
+            drain(wt.q)
             wt.q.put(None)
             wt.join(timeout=60)
-
-
-def _drain(q: queue.Queue) -> None:
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass
 
 
 def _report(plan: Plan, stats: _Stats, output: str | None, save_dtype: str, base_sha: str, dry_run: bool,
@@ -834,7 +720,7 @@ def _report(plan: Plan, stats: _Stats, output: str | None, save_dtype: str, base
                      "key": stats.max_round[1] or None, "max_abs_weight": stats.max_abs[0]},
         "warnings": plan.warnings,
         "wall_s": round(wall, 3),
-        "peak_rss_mb": None if (rss := _peak_rss_mb()) is None else round(rss, 1),
+        "peak_rss_mb": None if (rss := peak_rss_mb()) is None else round(rss, 1),
     }
 
 
