@@ -81,6 +81,47 @@ def cmd_bake(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge, parse_model_arg, summary
+
+    models = [parse_model_arg(x) for x in args.model]
+    te_from = None
+    if args.te_from is not None:
+        try:
+            te_from = int(args.te_from)
+        except ValueError:
+            raise RecipeError(f"--te-from {args.te_from!r} must be a model number (1 for the first --model).") from None
+    report = merge(models, args.output, method=args.method, base=args.base, blocks=args.blocks,
+                   vae_from=args.vae_from, te_from=te_from, normalize=not args.no_normalize, density=args.density,
+                   drop=args.drop, seed=args.seed, scale=args.scale, save_dtype=args.save_dtype,
+                   overwrite=args.overwrite, progress=_progress_printer(not args.quiet))
+    _write_report(args.report, report)
+    print(json.dumps(report, indent=2) if args.json else summary(report))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .merge.diff import chart, diff, table
+
+    result = diff(args.a, args.b, progress=_progress_printer(not args.quiet))
+    if args.chart:
+        from .formats.safetensors_io import check_output_path
+
+        check_output_path(args.chart, overwrite=True)
+        tmp = args.chart + f".tmp-{os.getpid()}.png"
+        chart(result, f"{os.path.basename(args.b)} vs {os.path.basename(args.a)}").save(tmp)
+        os.replace(tmp, args.chart)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{os.path.basename(args.b)} against {os.path.basename(args.a)} ({result['arch']}):")
+        print(table(result))
+        for what in ("only_in_a", "only_in_b", "shape_mismatch"):
+            if result[what]:
+                print(f"{what.replace('_', ' ')}: {len(result[what])} keys, e.g. {result[what][0]}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -120,6 +161,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bake)
+
+    m = sub.add_parser("merge", help="merge checkpoints: weighted, add-difference, TIES, DARE, slerp",
+                       description="Merge N checkpoints in fp32 with one rounding, streaming. The VAE is never "
+                                   "averaged: it is copied from one source.")
+    m.add_argument("--model", action="append", required=True, metavar="PATH[:WEIGHT]",
+                   help="an ingredient and its weight; the first is the primary. Add-difference: A, then B:w")
+    m.add_argument("--method", choices=("weighted", "add-difference", "ties", "dare", "slerp"), default="weighted")
+    m.add_argument("--base", metavar="PATH", help="C for add-difference (A + w(B - C)), TIES and DARE")
+    m.add_argument("--blocks", metavar="PRESET_OR_VECTOR",
+                   help="per-block factors on the non-primary contributions (SuperMerger block order: BASE,IN00..,"
+                        "M00,OUT..); with the second model at weight 1 a vector is SuperMerger's per-block alpha")
+    m.add_argument("--vae-from", metavar="N|PATH", help="copy the VAE from model N (default 1) or a VAE file")
+    m.add_argument("--te-from", metavar="N", help="copy the text encoders from model N instead of merging them")
+    m.add_argument("-o", "--output", required=True)
+    m.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    m.add_argument("--no-normalize", action="store_true", help="use the weights as given (default: scale to sum 1)")
+    m.add_argument("--density", type=float, default=0.2, help="TIES: fraction of each difference kept (0.2)")
+    m.add_argument("--drop", type=float, default=0.5, help="DARE: fraction of each difference dropped (0.5)")
+    m.add_argument("--seed", type=int, default=0, help="DARE: random seed")
+    m.add_argument("--scale", type=float, default=1.0, help="TIES/DARE: scale of the merged difference")
+    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--report", metavar="FILE")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("-q", "--quiet", action="store_true")
+    m.set_defaults(func=cmd_merge)
+
+    df = sub.add_parser("diff", help="where does B differ from A: relative change and cosine per block")
+    df.add_argument("a")
+    df.add_argument("b")
+    df.add_argument("--chart", metavar="PNG", help="also write a bar chart")
+    df.add_argument("--json", action="store_true")
+    df.add_argument("-q", "--quiet", action="store_true")
+    df.set_defaults(func=cmd_diff)
 
     u = sub.add_parser("ui", help="serve the lorakit tab and /lorakit/v1 API locally, without a WebUI")
     u.add_argument("--models-dir", required=True, help="checkpoint folder (the host's Stable-diffusion folder)")

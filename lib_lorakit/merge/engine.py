@@ -1,0 +1,549 @@
+"""Merge N checkpoints: weighted, add-difference, TIES, DARE, slerp; per-block; VAE-safe; streaming.
+
+The output is built key by key in the primary's order. Each key is either *merged*
+(float32 maths, one rounding to the save dtype) or *copied* byte for byte from one
+source, with the reason recorded:
+
+- VAE: never averaged; copied from the chosen ingredient (default the primary) or a VAE file.
+- text encoders: merged like the UNet, unless ``te_from`` names an ingredient to copy them from.
+- keys only some inputs have (schedule buffers, v-pred flags, EMA, ...), keys outside the
+  model's components, and integer tensors (``position_ids``): copied from the primary (or
+  the first input that has them), listed in the report.
+
+Different architectures are refused; different v-prediction settings or lineages warn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import __version__
+from ..blocks import format_weights, parse_block_weights
+from ..errors import ArchitectureError, Cancelled, RecipeError, ValueProblem
+from ..formats.arch import ARCHS, Arch, Family, block_of, component_of, detect_checkpoint
+from ..formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_output_path
+from ..formats.sources import TensorSource, open_source
+from ..streaming import Hasher, Pool, WriterThread, drain, peak_rss_mb
+from . import methods
+from .diff import Diag, block_key, tabulate
+
+METHODS = ("weighted", "add-difference", "ties", "dare", "slerp")
+SAVE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+FP16_MAX = 65504.0
+DROP_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
+VAE_PREFIX = "first_stage_model."
+_HASH_PLACEHOLDER = "0" * 64
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class ModelSpec:
+    path: str
+    weight: float = 1.0
+    name: str | None = None
+    source: TensorSource | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        return self.name or os.path.splitext(os.path.basename(self.path))[0]
+
+
+def parse_model_arg(text: str) -> ModelSpec:
+    """``PATH[:WEIGHT]`` (the path may contain ':')."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            w = float(tail)
+            if not math.isfinite(w):
+                raise RecipeError(f"--model {text!r}: weight {tail} is not a finite number.")
+            return ModelSpec(path=path, weight=w)
+        except ValueError:
+            pass
+    return ModelSpec(path=text)
+
+
+@dataclass
+class Input:
+    """One opened input file."""
+
+    role: str  # "model 1".., "base", "vae"
+    label: str
+    path: str
+    source: TensorSource
+    family: Family | None = None
+    sha256: str = ""
+
+
+@dataclass
+class Action:
+    kind: str  # "merge" or "copy"
+    src: int = 0  # index into MergePlan.inputs for copies
+    reason: str = ""
+
+
+@dataclass
+class MergePlan:
+    arch: Arch
+    inputs: list[Input]
+    models: list[int]  # input indices of the ingredients, in order (models[0] is the primary)
+    base: int | None  # input index of C (add-difference, TIES, DARE)
+    keys: list[str]
+    actions: dict[str, Action]
+    weights: list[float]  # effective weights (normalised for weighted merges)
+    given_weights: list[float]
+    block_weights: dict[str, float] | None
+    vae_from: str
+    te_from: int | None
+    warnings: list[str]
+    only_some: list[str]
+    copied_other: list[str]
+
+
+def _open(role: str, label: str, path: str, source: TensorSource | None) -> Input:
+    src = source if source is not None else open_source(path)
+    return Input(role=role, label=label, path=path, source=src)
+
+
+def plan_merge(models: Sequence[ModelSpec], *, method: str = "weighted", base: str | TensorSource | None = None,
+               blocks: str | None = None, vae_from: str | int | None = None, te_from: int | None = None,
+               normalize: bool = True) -> MergePlan:
+    """Open, check and decide every key. Nothing is written; no tensor value is read."""
+    if method not in METHODS:
+        raise RecipeError(f"Unknown merge method {method!r}.", fix=f"Use one of {', '.join(METHODS)}.")
+    need = {"weighted": (2, None), "add-difference": (2, 2), "slerp": (2, 2), "ties": (1, None), "dare": (1, None)}
+    lo, hi = need[method]
+    if len(models) < lo or (hi and len(models) > hi):
+        want = f"exactly {lo}" if hi == lo else f"at least {lo}"
+        raise RecipeError(f"The {method} merge takes {want} --model, got {len(models)}.",
+                          fix="For add-difference give A then B (with its weight) and --base C.")
+    if method in ("add-difference", "ties", "dare") and base is None:
+        raise RecipeError(f"The {method} merge needs --base (the model the differences are taken from).")
+    if method not in ("add-difference", "ties", "dare") and base is not None:
+        raise RecipeError(f"--base is only used by add-difference, TIES and DARE, not by {method}.")
+    inputs: list[Input] = []
+    try:
+        for i, m in enumerate(models):
+            inputs.append(_open(f"model {i + 1}", m.label, m.path, m.source))
+        base_idx = None
+        if base is not None:
+            bsrc = base if isinstance(base, TensorSource) else None
+            bpath = base.path if isinstance(base, TensorSource) else os.fspath(base)
+            inputs.append(_open("base", os.path.splitext(os.path.basename(bpath))[0], bpath, bsrc))
+            base_idx = len(inputs) - 1
+        for inp in inputs:
+            inp.family = detect_checkpoint(inp.source.shapes(), inp.source.metadata, inp.path)
+        arch_id = inputs[0].family.arch
+        for inp in inputs[1:]:
+            if inp.family.arch != arch_id:
+                raise ArchitectureError(
+                    f"Cannot merge {inputs[0].path} ({inputs[0].family.label}) with {inp.path} ({inp.family.label}): "
+                    f"different architectures.", fix="Merge checkpoints of one family only (all SD1.5 or all SDXL).")
+        arch = ARCHS[arch_id]
+        warnings = _family_warnings(inputs)
+
+        given = [float(m.weight) for m in models]
+        weights = list(given)
+        if method == "weighted" and normalize:
+            total = sum(given)
+            if total == 0:
+                raise RecipeError("The weights sum to 0; they cannot be normalised.",
+                                  fix="Give positive weights, or pass --no-normalize.")
+            weights = [w / total for w in given]
+        block_weights = parse_block_weights(blocks, arch.id) if blocks else None
+
+        vae_label, vae_idx = _vae_source(vae_from, models, inputs)
+        if te_from is not None and not 1 <= te_from <= len(models):
+            raise RecipeError(f"--te-from {te_from}: there are {len(models)} models (1 to {len(models)}).")
+        te_idx = None if te_from is None else te_from - 1
+
+        merge_inputs = list(range(len(models))) + ([base_idx] if base_idx is not None else [])
+        keys, actions, only_some, other = _decide(arch, inputs, merge_inputs, vae_idx, te_idx)
+        return MergePlan(arch=arch, inputs=inputs, models=list(range(len(models))), base=base_idx, keys=keys,
+                         actions=actions, weights=weights, given_weights=given, block_weights=block_weights,
+                         vae_from=vae_label, te_from=te_from, warnings=warnings, only_some=only_some,
+                         copied_other=other)
+    except BaseException:
+        for inp in inputs:
+            inp.source.close()
+        raise
+
+
+def _family_warnings(inputs: list[Input]) -> list[str]:
+    out = []
+    # a file without any v-prediction marker is taken to be epsilon-prediction
+    vp = {inp.label: bool(inp.family.vpred) for inp in inputs}
+    if len(set(vp.values())) > 1:
+        out.append("v-prediction differs: " + ", ".join(
+            f"{k} {'v-pred' if v else 'eps (no v-pred marker)'}" for k, v in vp.items())
+            + "; the merge needs one prediction setting and fits neither input fully.")
+    lineages = {inp.label: {n for n, _ in inp.family.lineage} for inp in inputs if inp.family.lineage}
+    flat = {n for v in lineages.values() for n in v}
+    if len(flat) > 1:
+        out.append("lineages differ: " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in lineages.items())
+                   + " (from metadata and names); prompts and LoRAs of one may not suit the other.")
+    return out
+
+
+def _vae_source(vae_from, models, inputs: list[Input]) -> tuple[str, int]:
+    if vae_from is None or vae_from == "" or vae_from == 1 or vae_from == "1":
+        return f"{inputs[0].label} (model 1)", 0
+    if isinstance(vae_from, int) or (isinstance(vae_from, str) and vae_from.isdigit()):
+        n = int(vae_from)
+        if not 1 <= n <= len(models):
+            raise RecipeError(f"--vae-from {n}: there are {len(models)} models (1 to {len(models)}).")
+        return f"{inputs[n - 1].label} (model {n})", n - 1
+    path = os.fspath(vae_from)
+    src = open_source(path)
+    keys = src.keys()
+    prefixed = any(k.startswith(VAE_PREFIX) for k in keys)
+    if not prefixed:  # a bare VAE file (encoder.*, decoder.*, quant_conv.*): read it under the prefix
+        if not any(k.startswith(("encoder.", "decoder.")) for k in keys):
+            src.close()
+            raise RecipeError(f"{path} is not a VAE (no encoder./decoder. or first_stage_model. keys).")
+        src = _PrefixedSource(src, VAE_PREFIX)
+    inputs.append(Input(role="vae", label=os.path.splitext(os.path.basename(path))[0], path=path, source=src))
+    return f"{inputs[-1].label} (VAE file)", len(inputs) - 1
+
+
+class _PrefixedSource(TensorSource):
+    """A VAE file's keys seen under ``first_stage_model.``."""
+
+    def __init__(self, inner: TensorSource, prefix: str):
+        self.inner, self.prefix = inner, prefix
+        self.path, self.metadata = inner.path, inner.metadata
+
+    def keys(self):
+        return [self.prefix + k for k in self.inner.keys()]
+
+    def _k(self, key: str) -> str:
+        return key[len(self.prefix):]
+
+    def shape(self, key):
+        return self.inner.shape(self._k(key))
+
+    def dtype(self, key):
+        return self.inner.dtype(self._k(key))
+
+    def nbytes(self, key):
+        return self.inner.nbytes(self._k(key))
+
+    def read(self, key, out=None):
+        return self.inner.read(self._k(key), out)
+
+    def raw_span(self, key):
+        return self.inner.raw_span(self._k(key))
+
+    def close(self):
+        self.inner.close()
+
+
+def _decide(arch: Arch, inputs: list[Input], merge_inputs: list[int], vae_idx: int, te_idx: int | None):
+    keysets = [set(inp.source.keys()) for inp in inputs]
+    primary = inputs[0].source
+    keys = primary.keys()
+    seen = set(keys)
+    for i in merge_inputs[1:]:
+        for k in inputs[i].source.keys():
+            if k not in seen and component_of(k, arch) != "vae":
+                seen.add(k)
+                keys.append(k)
+    vae = inputs[vae_idx].source
+    for k in (k for k in keys if component_of(k, arch) == "vae"):
+        if k not in keysets[vae_idx]:
+            raise RecipeError(f"The VAE source {inputs[vae_idx].path} lacks the VAE tensor {k}.",
+                              fix="Use a complete VAE for this architecture.")
+        if tuple(vae.shape(k)) != tuple(primary.shape(k)):
+            raise RecipeError(f"The VAE source {inputs[vae_idx].path} has {k} {list(vae.shape(k))}, the model "
+                              f"{list(primary.shape(k))}.", fix="Use a VAE for this architecture.")
+    actions: dict[str, Action] = {}
+    only_some: list[str] = []
+    other: list[str] = []
+    for k in keys:
+        comp = component_of(k, arch)
+        have = [i for i in merge_inputs if k in keysets[i]]
+        first = have[0]
+        if comp == "vae":
+            actions[k] = Action("copy", vae_idx, "vae")
+        elif comp in ("te1", "te2") and te_idx is not None:
+            actions[k] = Action("copy", te_idx if k in keysets[te_idx] else first, "text encoder source")
+        elif comp not in ("unet", "te1", "te2"):
+            actions[k] = Action("copy", first, "outside the model's components")
+            other.append(k)
+        elif inputs[first].source.dtype(k) not in FLOAT_CODES:
+            actions[k] = Action("copy", first, "integer tensor")
+        elif len(have) != len(merge_inputs):
+            actions[k] = Action("copy", first, "missing from some inputs")
+            only_some.append(k)
+        else:
+            shapes = {tuple(inputs[i].source.shape(k)) for i in have}
+            if len(shapes) > 1:
+                desc = ", ".join(f"{inputs[i].label} {list(inputs[i].source.shape(k))}" for i in have)
+                raise RecipeError(f"{k} has different shapes in the inputs ({desc}).",
+                                  fix="These checkpoints differ in structure (e.g. an inpainting model); merge "
+                                      "models of the same variant.")
+            actions[k] = Action("merge")
+    return keys, actions, only_some, other
+
+
+# --- execution ------------------------------------------------------------------------------------
+
+
+def _coefficients(plan: MergePlan, key: str) -> tuple[list[float], float]:
+    """The effective weights for ``key`` after the block weight, and the block factor."""
+    b = 1.0
+    if plan.block_weights is not None:
+        b = plan.block_weights.get(block_of(key, plan.arch) or "", 1.0)
+    w = list(plan.weights)
+    return w, b
+
+
+def merge_tensor(plan: MergePlan, key: str, tensors: list[torch.Tensor], base: torch.Tensor | None, method: str,
+                 *, density: float, drop: float, seed: int, scale: float, normalize: bool) -> torch.Tensor:
+    """Merge one key's float32 tensors (``tensors`` in ingredient order)."""
+    w, b = _coefficients(plan, key)
+    if method == "weighted":
+        w = [w[0]] + [x * b for x in w[1:]]
+        if normalize:
+            w[0] = 1.0 - sum(w[1:])
+        return methods.weighted(tensors, w)
+    if method == "add-difference":
+        return methods.add_difference(tensors[0], tensors[1], base, w[1] * b)
+    if method == "ties":
+        return methods.ties(base, tensors, w, density, scale * b)
+    if method == "dare":
+        return methods.dare(base, tensors, w, drop, scale * b, seed=seed, key=key)
+    t = w[1] / (w[0] + w[1]) if (w[0] + w[1]) else 0.0
+    return methods.slerp(tensors[0], tensors[1], t * b)
+
+
+def _metadata(plan: MergePlan, method: str, params: dict, save_dtype: str, hashes: list[str]) -> dict[str, str]:
+    meta = {k: v for k, v in plan.inputs[0].source.metadata.items() if k not in DROP_METADATA}
+    recipe = {
+        "operation": "merge", "method": method,
+        "models": [{"name": plan.inputs[i].label, "file": os.path.basename(plan.inputs[i].path), "sha256": hashes[i],
+                    "weight": plan.given_weights[n]} for n, i in enumerate(plan.models)],
+        "effective_weights": plan.weights,
+        "base": None if plan.base is None else {"name": plan.inputs[plan.base].label,
+                                                 "file": os.path.basename(plan.inputs[plan.base].path),
+                                                 "sha256": hashes[plan.base]},
+        "blocks": format_weights(plan.block_weights, plan.arch.id) if plan.block_weights else None,
+        "vae_from": plan.vae_from, "te_from": plan.te_from, "params": params, "save_dtype": save_dtype,
+    }
+    vae = [inp for inp in plan.inputs if inp.role == "vae"]
+    if vae:
+        recipe["vae_file"] = {"file": os.path.basename(vae[0].path), "sha256": hashes[plan.inputs.index(vae[0])]}
+    meta["lorakit.version"] = __version__
+    meta["lorakit.recipe"] = json.dumps(recipe, separators=(",", ":"))
+    return meta
+
+
+def merge(models: Sequence[ModelSpec], output: str, *, method: str = "weighted",
+          base: str | TensorSource | None = None, blocks: str | None = None, vae_from: str | int | None = None,
+          te_from: int | None = None, normalize: bool = True, density: float = 0.2, drop: float = 0.5,
+          seed: int = 0, scale: float = 1.0, save_dtype: str = "fp16", overwrite: bool = False,
+          progress: Progress | None = None, cancel: threading.Event | None = None) -> dict:
+    """Merge ``models`` into ``output`` (safetensors) and return the report.
+
+    Raises:
+        LorakitError: bad input (exit code 2); no output is left behind.
+    """
+    t0 = time.perf_counter()
+    say = progress or (lambda f, m: None)
+    if save_dtype not in SAVE_DTYPES:
+        raise RecipeError(f"Unknown save dtype {save_dtype!r}.", fix=f"Use one of {', '.join(SAVE_DTYPES)}.")
+    if not str(output).lower().endswith(".safetensors"):
+        raise RecipeError(f"The output {output} must end in .safetensors.")
+    if not 0.0 < density <= 1.0:
+        raise RecipeError(f"--density {density} must be in (0, 1].")
+    if not 0.0 <= drop < 1.0:
+        raise RecipeError(f"--drop {drop} must be in [0, 1).")
+    paths = [m.path for m in models] + ([base.path if isinstance(base, TensorSource) else base] if base else [])
+    check_output_path(output, overwrite=overwrite, inputs=[p for p in paths if p])
+    say(0.0, "checking inputs")
+    plan = plan_merge(models, method=method, base=base, blocks=blocks, vae_from=vae_from, te_from=te_from,
+                      normalize=normalize)
+    params = {"density": density, "drop": drop, "seed": seed, "scale": scale, "normalize": normalize}
+    hashers = [Hasher(inp.path) for inp in plan.inputs]
+    for h in hashers:
+        h.start()
+    try:
+        stats = _execute(plan, output, method, params, SAVE_DTYPES[save_dtype], save_dtype, overwrite, hashers,
+                         say, cancel)
+        for inp, h in zip(plan.inputs, hashers):
+            inp.sha256 = h.digest
+        report = _report(plan, method, params, stats, output, save_dtype, time.perf_counter() - t0)
+        say(1.0, "done")
+        return report
+    finally:
+        for h in hashers:
+            h.stop.set()
+            h.join(timeout=30)
+        for inp in plan.inputs:
+            inp.source.close()
+
+
+@dataclass
+class _Stats:
+    merged: int = 0
+    copied: dict[str, int] = field(default_factory=dict)
+    max_round: tuple[float, str] = (0.0, "")
+    max_abs: tuple[float, str] = (0.0, "")
+    diag: dict[int, dict[tuple[str, str], Diag]] = field(default_factory=dict)
+
+
+def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code: str, save_dtype: str,
+             overwrite: bool, hashers: list[Hasher], say: Progress, cancel: threading.Event | None) -> _Stats:
+    stats = _Stats()
+    entries = []
+    for k in plan.keys:
+        a = plan.actions[k]
+        src = plan.inputs[a.src if a.kind == "copy" else 0].source
+        code = src.dtype(k)
+        entries.append(OutEntry(k, save_code if a.kind == "merge" else code, tuple(src.shape(k))))
+    total = sum(e.nbytes for e in entries) or 1
+    done = 0
+    last = 0.0
+    pool = Pool()
+    order = plan.models + ([plan.base] if plan.base is not None else [])
+    wt: WriterThread | None = None
+    try:
+        with StreamingWriter(output, entries, _metadata(plan, method, params, save_dtype,
+                                                        [_HASH_PLACEHOLDER] * len(plan.inputs)),
+                             overwrite=overwrite) as w:
+            wt = WriterThread(w, pool)
+            wt.start()
+            for k, e in zip(plan.keys, entries):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("Merge cancelled; nothing was written.")
+                a = plan.actions[k]
+                if a.kind == "copy":
+                    src = plan.inputs[a.src].source
+                    span = src.raw_span(k)
+                    wt.put(("copy", k, span, None) if span is not None else ("data", k, src.read(k), None))
+                    stats.copied[a.reason] = stats.copied.get(a.reason, 0) + 1
+                else:
+                    f32 = [plan.inputs[i].source.read(k).float() for i in order]
+                    base = f32[len(plan.models)] if plan.base is not None else None
+                    ingredients = f32[: len(plan.models)]
+                    merged = merge_tensor(plan, k, ingredients, base, method, density=params["density"],
+                                          drop=params["drop"], seed=params["seed"], scale=params["scale"],
+                                          normalize=params["normalize"])
+                    where = block_key(k, plan.arch)
+                    for n in range(1, len(ingredients)):
+                        stats.diag.setdefault(n, {}).setdefault(where, Diag()).add(ingredients[0], ingredients[n])
+                    buf = pool.get(e.nbytes)
+                    out = buf[: e.nbytes].view(DTYPES[save_code][0]).reshape(e.shape)
+                    _round(k, merged, out, stats)
+                    wt.put(("data", k, out, buf))
+                    stats.merged += 1
+                done += e.nbytes
+                now = time.perf_counter()
+                if now - last > 0.25:
+                    say(0.02 + 0.93 * done / total, f"merging {k}")
+                    last = now
+            wt.finish()
+            say(0.96, "hashing the inputs")
+            for h in hashers:
+                h.join()
+                if h.error is not None:
+                    raise h.error
+            w.patch_metadata(_metadata(plan, method, params, save_dtype, [h.digest for h in hashers]))
+            say(0.98, "syncing to disk")
+            w.commit()
+        return stats
+    finally:
+        if wt is not None and wt.is_alive():
+            wt.stop.set()
+            drain(wt.q)
+            wt.q.put(None)
+            wt.join(timeout=60)
+
+
+def _round(key: str, merged: torch.Tensor, out: torch.Tensor, stats: _Stats) -> None:
+    lo, hi = torch.aminmax(merged) if merged.numel() else (torch.tensor(0.0), torch.tensor(0.0))
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueProblem(f"{key}: the merge gives NaN/inf values (an input may hold NaN/inf there).",
+                           fix="Check the inputs; a damaged checkpoint cannot be merged.")
+    amax = max(-lo, hi)
+    if out.dtype == torch.float16 and amax > FP16_MAX:
+        raise ValueProblem(f"{key}: a merged weight reaches {amax:.6g}, beyond the float16 range (65504).",
+                           fix="Save with --save-dtype bf16 or fp32.")
+    out.copy_(merged)
+    if out.dtype != torch.float32 and merged.numel():
+        err = out.float().sub_(merged)
+        lo, hi = torch.aminmax(err)
+        r = max(-float(lo), float(hi))
+        if r > stats.max_round[0]:
+            stats.max_round = (r, key)
+    if amax > stats.max_abs[0]:
+        stats.max_abs = (amax, key)
+
+
+def _report(plan: MergePlan, method: str, params: dict, stats: _Stats, output: str, save_dtype: str,
+            wall: float) -> dict:
+    arch = plan.arch
+    diagnostics = [{"ingredient": plan.inputs[plan.models[n]].label, "against": plan.inputs[0].label,
+                    **tabulate(stats.diag.get(n, {}), arch)} for n in range(1, len(plan.models))]
+    return {
+        "lorakit_version": __version__,
+        "operation": "merge",
+        "method": method,
+        "params": params,
+        "arch": arch.id,
+        "inputs": [{"role": inp.role, "name": inp.label, "path": inp.path, "sha256": inp.sha256,
+                    "family": inp.family.as_dict() if inp.family else None} for inp in plan.inputs],
+        "weights": {"given": plan.given_weights, "effective": plan.weights,
+                    "normalised": method == "weighted" and params["normalize"]},
+        "blocks": format_weights(plan.block_weights, arch.id) if plan.block_weights else None,
+        "vae_from": plan.vae_from,
+        "te_from": plan.te_from,
+        "output": {"path": os.path.abspath(output), "save_dtype": save_dtype},
+        "tensors": {"merged": stats.merged, "copied": stats.copied},
+        "only_in_some_inputs": plan.only_some,
+        "copied_outside_components": plan.copied_other,
+        "diagnostics": diagnostics,
+        "rounding": {"save_dtype": save_dtype, "max_abs_rounding_loss": stats.max_round[0],
+                     "key": stats.max_round[1] or None, "max_abs_weight": stats.max_abs[0]},
+        "warnings": plan.warnings,
+        "wall_s": round(wall, 3),
+        "peak_rss_mb": None if (rss := peak_rss_mb()) is None else round(rss, 1),
+    }
+
+
+def summary(report: dict) -> str:
+    lines = [f"Merged {report['output']['path']} — {report['method']}, {ARCHS[report['arch']].label}"]
+    w = report["weights"]
+    for inp, eff in zip([i for i in report["inputs"] if i["role"].startswith("model")], w["effective"]):
+        lines.append(f"  {inp['role']}: {inp['name']} weight {eff:.4g}")
+    for inp in report["inputs"]:
+        if inp["role"] in ("base", "vae"):
+            lines.append(f"  {inp['role']}: {inp['name']}")
+    lines.append(f"  VAE copied from {report['vae_from']}"
+                 + (f"; text encoders from model {report['te_from']}" if report["te_from"] else ""))
+    t = report["tensors"]
+    copied = ", ".join(f"{n} {r}" for r, n in t["copied"].items())
+    lines.append(f"  tensors: {t['merged']} merged; copied: {copied or 'none'}")
+    for d in report["diagnostics"]:
+        top = sorted(((c, b, v["rel_change"]) for c, bs in d["by_block"].items() for b, v in bs.items()
+                      if c == "unet"), key=lambda x: -x[2])[:4]
+        lines.append(f"  {d['ingredient']} vs {d['against']}: " + ", ".join(
+            f"{c} {v['rel_change']:.3g}" for c, v in d["by_component"].items())
+            + ("; most different blocks " + ", ".join(f"{b} {v:.3g}" for _, b, v in top) if top else ""))
+    r = report["rounding"]
+    lines.append(f"  saved as {r['save_dtype']}: max rounding loss {r['max_abs_rounding_loss']:.3g}")
+    for wmsg in report["warnings"]:
+        lines.append(f"  warning: {wmsg}")
+    mem = f", peak memory {report['peak_rss_mb']:.0f} MB" if report.get("peak_rss_mb") else ""
+    lines.append(f"  {report['wall_s']:.2f} s{mem}")
+    return "\n".join(lines)
