@@ -1,6 +1,5 @@
 // lorakit: after a bake, refresh the host's checkpoint dropdown so the new model shows at once.
 (function () {
-    var last = "";
     var REFRESH_IDS = ["refresh_sd_model_checkpoint", "forge_refresh_checkpoint", "refresh_checkpoint"];
 
     function root() {
@@ -19,13 +18,17 @@
         return false;
     }
 
+    var seen = {};
+
     function check() {
-        var el = root().querySelector("#lorakit_bake_done textarea, #lorakit_bake_done input");
-        if (!el) return;
-        var v = el.value;
-        if (v && v !== last) {
-            last = v;
-            refreshHostCheckpoints();
+        // any lorakit job that wrote a checkpoint (bake, merge) reports it in a hidden "done" box
+        var boxes = root().querySelectorAll("[id^=lorakit_][id$=_done] textarea, [id^=lorakit_][id$=_done] input");
+        for (var i = 0; i < boxes.length; i++) {
+            var v = boxes[i].value;
+            if (v && v !== seen[i]) {
+                seen[i] = v;
+                refreshHostCheckpoints();
+            }
         }
     }
 

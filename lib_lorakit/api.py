@@ -1,4 +1,4 @@
-"""The HTTP API, ``/lorakit/v1``: the same operations as the CLI, as jobs.
+"""The HTTP API, ``/lorakit/v1``: the same operations as the CLI; long ones as jobs.
 
 Mounted on the WebUI's FastAPI app by ``scripts/lorakit.py`` (and on the standalone
 launcher's). Models are documented, so the routes appear in the host's ``/docs``.
@@ -42,6 +42,44 @@ class BakeIn(BaseModel):
     overwrite: bool = Field(False, description="Replace an existing output")
     allow_unmatched: bool = Field(False, description="Bake what matches and report the rest instead of failing")
     dry_run: bool = Field(False, description="Check and plan only; write nothing")
+
+
+class MergeModelIn(BaseModel):
+    name: str = Field(..., description="A checkpoint from the host's list, or a path inside its checkpoint folders")
+    weight: float = Field(1.0, description="Weight (weighted sum; normalised unless normalize=false)")
+
+
+class MergeIn(BaseModel):
+    models: List[MergeModelIn] = Field(..., description="Ingredients; the first is the primary. Add-difference: A, then B with its weight")
+    output: str = Field(..., description="Output file name, written into the checkpoint folder")
+    method: str = Field("weighted", description="weighted, add-difference, ties, dare or slerp")
+    base: Optional[str] = Field(None, description="C for add-difference (A + w(B - C)), TIES and DARE")
+    blocks: Optional[str] = Field(None, description="Per-block factors on the non-primary contributions (preset or vector)")
+    vae_from: Optional[str] = Field(None, description="Model number (1 = primary, the default) or a VAE file name")
+    te_from: Optional[int] = Field(None, description="Copy the text encoders from this model number instead of merging")
+    normalize: bool = True
+    density: float = Field(0.2, description="TIES: fraction of each difference kept")
+    drop: float = Field(0.5, description="DARE: fraction of each difference dropped")
+    seed: int = Field(0, description="DARE: random seed")
+    scale: float = Field(1.0, description="TIES/DARE: scale of the merged difference")
+    save_dtype: Optional[str] = None
+    overwrite: bool = False
+
+
+class DiffIn(BaseModel):
+    a: str = Field(..., description="Reference checkpoint")
+    b: str = Field(..., description="Checkpoint compared with it")
+
+
+class DiffOut(BaseModel):
+    a: str
+    b: str
+    arch: str
+    by_component: Dict[str, Dict[str, float]] = Field(..., description="Relative change |B-A|/|A| and cosine per component")
+    by_block: Dict[str, Dict[str, Dict[str, float]]] = Field(..., description="The same per component and block")
+    only_in_a: List[str]
+    only_in_b: List[str]
+    shape_mismatch: List[str]
 
 
 class JobRef(BaseModel):
@@ -148,6 +186,23 @@ def build_router(service: Lorakit, credentials: dict[str, str] | None = None) ->
                           allow_unmatched=body.allow_unmatched, dry_run=body.dry_run)
         job = service.start_bake(req)
         return {"job_id": job.id}
+
+    @r.post("/merge", response_model=JobRef, responses=responses, summary="Merge checkpoints (a job)")
+    @_guard
+    def merge(body: MergeIn):
+        from .service import MergeModel, MergeRequest
+
+        req = MergeRequest(models=[MergeModel(m.name, m.weight) for m in body.models], output=body.output,
+                           method=body.method, base=body.base, blocks=body.blocks, vae_from=body.vae_from,
+                           te_from=body.te_from, normalize=body.normalize, density=body.density, drop=body.drop,
+                           seed=body.seed, scale=body.scale, save_dtype=body.save_dtype, overwrite=body.overwrite)
+        return {"job_id": service.start_merge(req).id}
+
+    @r.post("/diff", response_model=DiffOut, responses=responses,
+            summary="Where B differs from A: relative change and cosine per component and block")
+    @_guard
+    def diff(body: DiffIn):
+        return service.diff(body.a, body.b)
 
     @r.get("/jobs", response_model=List[JobOut], summary="All recent jobs, newest first")
     @_guard

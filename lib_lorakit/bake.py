@@ -36,7 +36,7 @@ from .formats.sources import TensorSource, open_source, sha256_file
 from .networks import ShapeProblem, algorithm_name, check_group, compute_delta, identify, needs_weight
 from .networks.base import Algorithm, Delta
 from .networks.resolve import ParsedKeys, Target, TargetIndex, candidates, explain_unknown, parse_keys
-from .streaming import Hasher, Pool, WriterThread, drain, peak_rss_mb
+from .streaming import Hasher, Pool, ReadGate, WriterThread, drain, peak_rss_mb
 
 SAVE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -588,7 +588,7 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
     say(0.0, "checking inputs")
     hasher: Hasher | None = None
     if not dry_run:  # the base file's SHA-256 (for the recipe) is taken on a side thread from the start
-        hasher = Hasher(base_path.path if isinstance(base_path, TensorSource) else os.fspath(base_path))
+        hasher = Hasher(base_path.path if isinstance(base_path, TensorSource) else os.fspath(base_path), ReadGate())
         hasher.start()
     try:
         plan = plan_bake(base_path, specs, allow_unmatched=allow_unmatched)
@@ -655,11 +655,16 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
                     busy["compute"] += t_c - t_b
                     busy["writer"] += time.perf_counter() - t_c
                 done += base.nbytes(key)
+                span = base.raw_span(key)
+                if span is not None and hasher.gate is not None:  # keep the hasher just ahead (read-ahead)
+                    hasher.gate.advance(span[1] + span[2])
                 now = time.perf_counter()
                 if now - last > 0.25:
                     say(0.02 + 0.93 * done / total, f"baking {key}")
                     last = now
             t_loop = time.perf_counter()
+            if hasher.gate is not None:
+                hasher.gate.release()
             wt.finish()
             log.debug("bake: main loop %.2fs (waited %.2fs for reads, computed %.2fs, waited %.2fs for the writer), "
                       "writer drained %.2fs later", t_loop - t_start, busy["reads"], busy["compute"], busy["writer"],
@@ -675,6 +680,8 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
         return hasher.digest
     finally:
         hasher.stop.set()
+        if hasher.gate is not None:
+            hasher.gate.release()
         pre.stop.set()
         drain(pre.q)
         if pre.is_alive():

@@ -38,6 +38,7 @@ class Host(Protocol):
 
     def checkpoint_dirs(self) -> list[str]: ...
     def lora_dirs(self) -> list[str]: ...
+    def vae_dirs(self) -> list[str]: ...
     def list_checkpoints(self) -> list[ModelEntry]: ...  # refreshed on every call
     def list_loras(self) -> list[ModelEntry]: ...  # refreshed on every call
     def outputs_dir(self) -> str: ...
@@ -112,6 +113,10 @@ class LocalHost:
 
     def lora_dirs(self) -> list[str]:
         return [self._lora]
+
+    def vae_dirs(self) -> list[str]:
+        sibling = os.path.join(os.path.dirname(self._ckpt), "VAE")
+        return [sibling] if os.path.isdir(sibling) else []
 
     def list_checkpoints(self) -> list[ModelEntry]:
         return scan_checkpoints(self.checkpoint_dirs())

@@ -30,6 +30,30 @@ class BakeLora:
 
 
 @dataclass
+class MergeModel:
+    name: str
+    weight: float = 1.0
+
+
+@dataclass
+class MergeRequest:
+    models: list[MergeModel]
+    output: str
+    method: str = "weighted"
+    base: str | None = None
+    blocks: str | None = None
+    vae_from: str | int | None = None  # model number, or a VAE file name (VAE or checkpoint folders)
+    te_from: int | None = None
+    normalize: bool = True
+    density: float = 0.2
+    drop: float = 0.5
+    seed: int = 0
+    scale: float = 1.0
+    save_dtype: str | None = None
+    overwrite: bool = False
+
+
+@dataclass
 class BakeRequest:
     base: str
     output: str
@@ -95,12 +119,29 @@ class Lorakit:
         params = {"base": req.base, "loras": [vars(e) for e in req.loras], "prompt": req.prompt, "output": out,
                   "save_dtype": dtype, "dry_run": req.dry_run}
 
-        def run(job: Job) -> dict[str, Any]:
+        def work(progress, cancel) -> dict[str, Any]:
             from .bake import bake
 
+            if out is not None:
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+            report = bake(base, specs, out, save_dtype=dtype, overwrite=req.overwrite,
+                          allow_unmatched=req.allow_unmatched, dry_run=req.dry_run, progress=progress, cancel=cancel)
+            return {"report": report, "output": out, "checkpoint": self._written(out) if out else None}
+
+        return self._run_job("bake", params, "lorakit: bake", work)
+
+    # --- merge -------------------------------------------------------------------------------
+    def vae_files(self) -> list[ModelEntry]:
+        from .hosts import CHECKPOINT_EXTS, scan_models
+
+        return scan_models(self.host.vae_dirs(), CHECKPOINT_EXTS)
+
+    def _run_job(self, kind: str, params: dict[str, Any], title: str, work) -> Job:
+        """Run ``work(progress, cancel)`` as a job under the host's queue lock, with host progress."""
+        def run(job: Job) -> Any:
             with self.host.queue_lock():
                 job.mark_running("starting")
-                self.host.job_begin("lorakit: bake")
+                self.host.job_begin(title)
                 try:
                     def progress(frac: float, msg: str) -> None:
                         job.update(frac, msg)
@@ -108,19 +149,60 @@ class Lorakit:
                         if self.host.interrupted():
                             job.cancel_event.set()
 
-                    if out is not None:
-                        os.makedirs(os.path.dirname(out), exist_ok=True)
-                    report = bake(base, specs, out, save_dtype=dtype, overwrite=req.overwrite,
-                                  allow_unmatched=req.allow_unmatched, dry_run=req.dry_run, progress=progress,
-                                  cancel=job.cancel_event)
-                    result: dict[str, Any] = {"report": report, "output": out, "checkpoint": None}
-                    if out is not None:
-                        self.host.refresh_checkpoints()
-                        for e in self.checkpoints():
-                            if os.path.realpath(e.path) == os.path.realpath(out):
-                                result["checkpoint"] = e.name
-                    return result
+                    return work(progress, job.cancel_event)
                 finally:
                     self.host.job_end()
 
-        return self.jobs.submit("bake", params, run)
+        return self.jobs.submit(kind, params, run)
+
+    def _written(self, out: str) -> str | None:
+        """Refresh the host's list and return the new checkpoint's name in it."""
+        self.host.refresh_checkpoints()
+        for e in self.checkpoints():
+            if os.path.realpath(e.path) == os.path.realpath(out):
+                return e.name
+        return None
+
+    def prepare_merge(self, req: MergeRequest):
+        from .merge import METHODS, ModelSpec
+
+        if req.method not in METHODS:
+            raise RecipeError(f"Unknown merge method {req.method!r}.", fix=f"Use one of {', '.join(METHODS)}.")
+        if not req.models:
+            raise RecipeError("No models to merge.", fix="Add at least two checkpoints.")
+        models = [ModelSpec(self.resolve_checkpoint(m.name), float(m.weight)) for m in req.models]
+        base = self.resolve_checkpoint(req.base) if req.base else None
+        vae = req.vae_from
+        if vae not in (None, "") and not (isinstance(vae, int) or str(vae).isdigit()):
+            roots = self.host.vae_dirs() + self.host.checkpoint_dirs()
+            vae = resolve_model(str(vae), self.vae_files() + self.checkpoints(), roots, "VAE")
+        out = self.output_path(req.output)
+        dtype = req.save_dtype or self.host.setting(SETTING_SAVE_DTYPE, "fp16")
+        if os.path.isdir(os.path.dirname(out)):
+            from .formats.safetensors_io import check_output_path
+
+            check_output_path(out, overwrite=req.overwrite, inputs=[m.path for m in models] + ([base] if base else []))
+        return models, base, vae, out, dtype
+
+    def start_merge(self, req: MergeRequest) -> Job:
+        models, base, vae, out, dtype = self.prepare_merge(req)
+        params = {"models": [vars(m) for m in req.models], "method": req.method, "base": req.base,
+                  "blocks": req.blocks, "vae_from": req.vae_from, "te_from": req.te_from, "output": out,
+                  "save_dtype": dtype}
+
+        def work(progress, cancel) -> dict[str, Any]:
+            from .merge import merge
+
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            report = merge(models, out, method=req.method, base=base, blocks=req.blocks or None, vae_from=vae,
+                           te_from=req.te_from, normalize=req.normalize, density=req.density, drop=req.drop,
+                           seed=req.seed, scale=req.scale, save_dtype=dtype, overwrite=req.overwrite,
+                           progress=progress, cancel=cancel)
+            return {"report": report, "output": out, "checkpoint": self._written(out)}
+
+        return self._run_job("merge", params, "lorakit: merge", work)
+
+    def diff(self, a: str, b: str) -> dict[str, Any]:
+        from .merge.diff import diff
+
+        return diff(self.resolve_checkpoint(a), self.resolve_checkpoint(b))

@@ -44,13 +44,25 @@ class Pool:
 
 
 class WriterThread(threading.Thread):
-    def __init__(self, writer: StreamingWriter, pool: Pool):
+    """Writes queued tensors in order. At most ``QUEUE_ITEMS`` items and ``budget`` bytes wait."""
+
+    def __init__(self, writer: StreamingWriter, pool: Pool, budget: int = 256 << 20):
         super().__init__(name="lorakit-writer", daemon=True)
         self.w = writer
         self.pool = pool
         self.q: queue.Queue = queue.Queue(maxsize=QUEUE_ITEMS)
         self.error: BaseException | None = None
         self.stop = threading.Event()  # set on failure: drop what is queued, write nothing more
+        self.budget = budget
+        self._queued = 0
+        self._cv = threading.Condition()
+
+    @staticmethod
+    def _size(item) -> int:
+        if item is None or item[0] != "data":
+            return 0
+        t = item[2]
+        return t.numel() * t.element_size()
 
     def run(self) -> None:
         while True:
@@ -69,8 +81,16 @@ class WriterThread(threading.Thread):
             finally:
                 if buf is not None:
                     self.pool.put(buf)
+                with self._cv:
+                    self._queued -= self._size(item)
+                    self._cv.notify_all()
 
     def put(self, item) -> None:
+        size = self._size(item)
+        with self._cv:  # bounded memory: wait while queued tensors exceed the budget
+            while self._queued > 0 and self._queued + size > self.budget and self.error is None:
+                self._cv.wait(timeout=0.5)
+            self._queued += size
         while True:
             if self.error is not None:
                 raise self.error
@@ -87,10 +107,41 @@ class WriterThread(threading.Thread):
             raise self.error
 
 
+class ReadGate:
+    """Keeps a hasher just ahead of the engine's reads of the same file.
+
+    The hasher then works as read-ahead: the engine finds the bytes in the page cache
+    instead of the disk reading each file twice when inputs exceed memory.
+    """
+
+    def __init__(self, lead: int = 512 << 20):
+        self.lead = lead
+        self._pos = 0
+        self._open = False
+        self._cv = threading.Condition()
+
+    def advance(self, offset: int) -> None:
+        with self._cv:
+            if offset > self._pos:
+                self._pos = offset
+                self._cv.notify_all()
+
+    def release(self) -> None:
+        with self._cv:
+            self._open = True
+            self._cv.notify_all()
+
+    def wait_for(self, offset: int, stop: threading.Event) -> None:
+        with self._cv:
+            while not self._open and not stop.is_set() and offset > self._pos + self.lead:
+                self._cv.wait(timeout=0.5)
+
+
 class Hasher(threading.Thread):
-    def __init__(self, path: str):
+    def __init__(self, path: str, gate: ReadGate | None = None):
         super().__init__(name="lorakit-hash", daemon=True)
         self.path = path
+        self.gate = gate
         self.digest = ""
         self.error: BaseException | None = None
         self.stop = threading.Event()
@@ -101,9 +152,17 @@ class Hasher(threading.Thread):
             with open(self.path, "rb", buffering=0) as f:
                 buf = bytearray(8 << 20)
                 view = memoryview(buf)
-                while not self.stop.is_set() and (n := f.readinto(buf)):
+                pos = 0
+                while not self.stop.is_set():
+                    if self.gate is not None:
+                        self.gate.wait_for(pos + len(buf), self.stop)
+                    n = f.readinto(buf)
+                    if not n:
+                        break
                     h.update(view[:n])
-            self.digest = h.hexdigest()
+                    pos += n
+            if not self.stop.is_set():
+                self.digest = h.hexdigest()
         except BaseException as e:  # pragma: no cover - I/O failure
             self.error = e
 

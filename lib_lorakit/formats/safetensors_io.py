@@ -241,6 +241,21 @@ class SafetensorsFile:
             _pread_into(self.fd, memoryview(buf.numpy()).cast("B"), info.start, self.path, name)
         return buf.view(info.torch_dtype).reshape(info.shape)
 
+    def read_rows(self, name: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read rows ``r0:r1`` of a tensor (its first dimension) as a (r1 - r0, cols) tensor.
+
+        Only those bytes are read, so large tensors can be processed in bounded memory.
+        """
+        info = self.tensors[name]
+        rows = info.shape[0] if info.shape else 1
+        cols = info.numel // rows if rows else 0
+        item = DTYPES[info.dtype][1]
+        n = (r1 - r0) * cols * item
+        buf = torch.empty(n, dtype=torch.uint8) if out is None else out[:n]
+        if n:
+            _pread_into(self.fd, memoryview(buf.numpy()).cast("B"), info.start + r0 * cols * item, self.path, name)
+        return buf.view(info.torch_dtype).reshape(r1 - r0, cols)
+
 
 # --- writing --------------------------------------------------------------------------
 

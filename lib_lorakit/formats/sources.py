@@ -50,6 +50,12 @@ class TensorSource:
         """(fd, offset, nbytes) of the tensor's bytes in a file, when they can be copied raw."""
         return None
 
+    def read_rows(self, key: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``r0:r1`` of a tensor as (r1 - r0, cols), in its stored dtype."""
+        t = self.read(key)
+        rows = t.shape[0] if t.dim() else 1
+        return t.reshape(rows, -1)[r0:r1]
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self.shape(k) for k in self.keys()}
 
@@ -88,6 +94,9 @@ class SafetensorsSource(TensorSource):
     def raw_span(self, key: str) -> tuple[int, int, int]:
         t = self.file.tensors[key]
         return self.file.fd, t.start, t.nbytes
+
+    def read_rows(self, key: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.file.read_rows(key, r0, r1, out)
 
     def close(self) -> None:
         self.file.close()

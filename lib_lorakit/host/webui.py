@@ -56,6 +56,13 @@ class WebUIHost:
             dirs.append(lyco)
         return _unique(dirs)
 
+    def vae_dirs(self) -> list[str]:
+        shared = _m("modules.shared")
+        dirs = [os.path.join(self._models_path(), "VAE")]
+        if getattr(shared.cmd_opts, "vae_dir", None):
+            dirs.append(shared.cmd_opts.vae_dir)
+        return _unique(dirs)
+
     def outputs_dir(self) -> str:
         shared = _m("modules.shared")
         base = getattr(shared.opts, "outdir_samples", "") or os.path.join(_m("modules.paths").data_path, "outputs")

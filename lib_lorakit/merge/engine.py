@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .. import __version__
@@ -31,7 +32,7 @@ from ..errors import ArchitectureError, Cancelled, RecipeError, ValueProblem
 from ..formats.arch import ARCHS, Arch, Family, block_of, component_of, detect_checkpoint
 from ..formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_output_path
 from ..formats.sources import TensorSource, open_source
-from ..streaming import Hasher, Pool, WriterThread, drain, peak_rss_mb
+from ..streaming import Hasher, Pool, ReadGate, WriterThread, drain, peak_rss_mb
 from . import methods
 from .diff import Diag, block_key, tabulate
 
@@ -298,32 +299,138 @@ def _decide(arch: Arch, inputs: list[Input], merge_inputs: list[int], vae_idx: i
 # --- execution ------------------------------------------------------------------------------------
 
 
-def _coefficients(plan: MergePlan, key: str) -> tuple[list[float], float]:
-    """The effective weights for ``key`` after the block weight, and the block factor."""
+CHUNK_ELEMS = 1 << 20  # float32 elements per row chunk (~4 MB): memory stays flat, data stays in cache
+
+
+def _coefficients(plan: MergePlan, method: str, key: str, normalize: bool) -> tuple[list[float], float]:
+    """Effective weights for ``key`` (block factor folded in) and the factor for difference methods."""
     b = 1.0
     if plan.block_weights is not None:
         b = plan.block_weights.get(block_of(key, plan.arch) or "", 1.0)
     w = list(plan.weights)
-    return w, b
-
-
-def merge_tensor(plan: MergePlan, key: str, tensors: list[torch.Tensor], base: torch.Tensor | None, method: str,
-                 *, density: float, drop: float, seed: int, scale: float, normalize: bool) -> torch.Tensor:
-    """Merge one key's float32 tensors (``tensors`` in ingredient order)."""
-    w, b = _coefficients(plan, key)
     if method == "weighted":
         w = [w[0]] + [x * b for x in w[1:]]
         if normalize:
             w[0] = 1.0 - sum(w[1:])
-        return methods.weighted(tensors, w)
-    if method == "add-difference":
-        return methods.add_difference(tensors[0], tensors[1], base, w[1] * b)
-    if method == "ties":
-        return methods.ties(base, tensors, w, density, scale * b)
-    if method == "dare":
-        return methods.dare(base, tensors, w, drop, scale * b, seed=seed, key=key)
-    t = w[1] / (w[0] + w[1]) if (w[0] + w[1]) else 0.0
-    return methods.slerp(tensors[0], tensors[1], t * b)
+    return w, b
+
+
+class _Scratch:
+    """Reusable buffers for one chunk per input."""
+
+    def __init__(self, n_inputs: int):
+        self.raw = [torch.empty(CHUNK_ELEMS * 4, dtype=torch.uint8) for _ in range(n_inputs)]
+        self.f32 = [torch.empty(CHUNK_ELEMS) for _ in range(n_inputs)]
+        self.out = torch.empty(CHUNK_ELEMS)
+        self.err = torch.empty(CHUNK_ELEMS)
+
+
+def _chunks(rows: int, cols: int):
+    step = max(1, CHUNK_ELEMS // max(cols, 1))
+    for i, r0 in enumerate(range(0, rows, step)):
+        yield i, r0, min(rows, r0 + step)
+
+
+class _Merger:
+    def __init__(self, plan: MergePlan, method: str, params: dict, stats: "_Stats", gates):
+        self.plan, self.method, self.params, self.stats, self.gates = plan, method, params, stats, gates
+        self.order = plan.models + ([plan.base] if plan.base is not None else [])
+        self.scratch = _Scratch(len(self.order))
+
+    def _read(self, key: str, r0: int, r1: int, cols: int) -> list[torch.Tensor]:
+        """Rows r0:r1 of every input, as float32 views of scratch buffers."""
+        out = []
+        n = (r1 - r0) * cols
+        for j, i in enumerate(self.order):
+            src = self.plan.inputs[i].source
+            span = src.raw_span(key)
+            if span is not None:
+                row_bytes = span[2] // max(self.rows, 1)
+                self.gates[i].advance(span[1] + r1 * row_bytes)
+            big = n > CHUNK_ELEMS
+            raw = src.read_rows(key, r0, r1, None if big else self.scratch.raw[j])
+            f = (torch.empty(n) if big else self.scratch.f32[j][:n]).view(r1 - r0, cols)
+            f.copy_(raw)
+            out.append(f)
+        return out
+
+    def tensor(self, key: str, shape: tuple[int, ...], out: torch.Tensor) -> None:
+        """Merge ``key`` into ``out`` (save dtype, shape (rows, cols)), chunk by chunk."""
+        plan, p, m = self.plan, self.params, self.method
+        self.rows = shape[0] if shape else 1
+        cols = out.shape[1]
+        w, b = _coefficients(plan, m, key, p["normalize"])
+        n_models = len(plan.models)
+        extra = None
+        if m == "ties":
+            extra = self._ties_thresholds(key, cols, p["density"])
+        elif m == "slerp":
+            extra = methods.SlerpStats()
+            for _, r0, r1 in _chunks(self.rows, cols):
+                a, bb = self._read(key, r0, r1, cols)[:2]
+                extra.add(a, bb)
+        where = block_key(key, plan.arch)
+        amax = 0.0
+        for ci, r0, r1 in _chunks(self.rows, cols):
+            xs = self._read(key, r0, r1, cols)
+            n = (r1 - r0) * cols
+            res = (torch.empty(n) if n > CHUNK_ELEMS else self.scratch.out[:n]).view(r1 - r0, cols)
+            ing, base = xs[:n_models], (xs[n_models] if plan.base is not None else None)
+            if m == "weighted":
+                methods.weighted(ing, w, res)
+            elif m == "add-difference":
+                methods.add_difference(ing[0], ing[1], base, w[1] * b, res)
+            elif m == "ties":
+                methods.ties(base, ing, w, extra, p["scale"] * b, res)
+            elif m == "dare":
+                methods.dare(base, ing, w, p["drop"], p["scale"] * b, seed=p["seed"], key=key, chunk=ci, out=res)
+            else:
+                t = w[1] / (w[0] + w[1]) if (w[0] + w[1]) else 0.0
+                methods.slerp(ing[0], ing[1], t * b, extra, res)
+            for k in range(1, n_models):
+                self.stats.diag.setdefault(k, {}).setdefault(where, Diag()).add(ing[0], ing[k])
+            amax = max(amax, self._round(key, res, out[r0:r1]))
+        if out.dtype == torch.float16 and amax > FP16_MAX:
+            raise ValueProblem(f"{key}: a merged weight reaches {amax:.6g}, beyond the float16 range (65504).",
+                               fix="Save with --save-dtype bf16 or fp32.")
+        if amax > self.stats.max_abs[0]:
+            self.stats.max_abs = (amax, key)
+
+    def _ties_thresholds(self, key: str, cols: int, density: float) -> list[float]:
+        """Per model, the magnitude of its top ``density`` fraction of |θ_i − θ_C| over the whole tensor."""
+        if density >= 1.0:
+            return [0.0] * len(self.plan.models)
+        numel = self.rows * cols
+        buf = np.empty(numel, dtype=np.float32)
+        out = []
+        n_models = len(self.plan.models)
+        for i in range(n_models):
+            pos = 0
+            for _, r0, r1 in _chunks(self.rows, cols):
+                xs = self._read(key, r0, r1, cols)
+                d = (xs[i] - xs[n_models]).abs_().reshape(-1)
+                buf[pos:pos + d.numel()] = d.numpy()
+                pos += d.numel()
+            out.append(methods.ties_threshold(buf, density))
+        return out
+
+    def _round(self, key: str, res: torch.Tensor, out: torch.Tensor) -> float:
+        if res.numel() == 0:
+            return 0.0
+        lo, hi = torch.aminmax(res)
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueProblem(f"{key}: the merge gives NaN/inf values (an input may hold NaN/inf there).",
+                               fix="Check the inputs; a damaged checkpoint cannot be merged.")
+        out.copy_(res)
+        if out.dtype != torch.float32:
+            err = self.scratch.err[: res.numel()].view(res.shape) if res.numel() <= CHUNK_ELEMS else torch.empty_like(res)
+            torch.sub(out, res, out=err)
+            elo, ehi = torch.aminmax(err)
+            r = max(-float(elo), float(ehi))
+            if r > self.stats.max_round[0]:
+                self.stats.max_round = (r, key)
+        return max(-lo, hi)
 
 
 def _metadata(plan: MergePlan, method: str, params: dict, save_dtype: str, hashes: list[str]) -> dict[str, str]:
@@ -373,12 +480,13 @@ def merge(models: Sequence[ModelSpec], output: str, *, method: str = "weighted",
     plan = plan_merge(models, method=method, base=base, blocks=blocks, vae_from=vae_from, te_from=te_from,
                       normalize=normalize)
     params = {"density": density, "drop": drop, "seed": seed, "scale": scale, "normalize": normalize}
-    hashers = [Hasher(inp.path) for inp in plan.inputs]
+    gates = [ReadGate() for _ in plan.inputs]
+    hashers = [Hasher(inp.path, gate) for inp, gate in zip(plan.inputs, gates)]
     for h in hashers:
         h.start()
     try:
         stats = _execute(plan, output, method, params, SAVE_DTYPES[save_dtype], save_dtype, overwrite, hashers,
-                         say, cancel)
+                         gates, say, cancel)
         for inp, h in zip(plan.inputs, hashers):
             inp.sha256 = h.digest
         report = _report(plan, method, params, stats, output, save_dtype, time.perf_counter() - t0)
@@ -402,7 +510,8 @@ class _Stats:
 
 
 def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code: str, save_dtype: str,
-             overwrite: bool, hashers: list[Hasher], say: Progress, cancel: threading.Event | None) -> _Stats:
+             overwrite: bool, hashers: list[Hasher], gates: list[ReadGate], say: Progress,
+             cancel: threading.Event | None) -> _Stats:
     stats = _Stats()
     entries = []
     for k in plan.keys:
@@ -414,7 +523,7 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
     done = 0
     last = 0.0
     pool = Pool()
-    order = plan.models + ([plan.base] if plan.base is not None else [])
+    merger = _Merger(plan, method, params, stats, gates)
     wt: WriterThread | None = None
     try:
         with StreamingWriter(output, entries, _metadata(plan, method, params, save_dtype,
@@ -432,19 +541,11 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
                     wt.put(("copy", k, span, None) if span is not None else ("data", k, src.read(k), None))
                     stats.copied[a.reason] = stats.copied.get(a.reason, 0) + 1
                 else:
-                    f32 = [plan.inputs[i].source.read(k).float() for i in order]
-                    base = f32[len(plan.models)] if plan.base is not None else None
-                    ingredients = f32[: len(plan.models)]
-                    merged = merge_tensor(plan, k, ingredients, base, method, density=params["density"],
-                                          drop=params["drop"], seed=params["seed"], scale=params["scale"],
-                                          normalize=params["normalize"])
-                    where = block_key(k, plan.arch)
-                    for n in range(1, len(ingredients)):
-                        stats.diag.setdefault(n, {}).setdefault(where, Diag()).add(ingredients[0], ingredients[n])
                     buf = pool.get(e.nbytes)
-                    out = buf[: e.nbytes].view(DTYPES[save_code][0]).reshape(e.shape)
-                    _round(k, merged, out, stats)
-                    wt.put(("data", k, out, buf))
+                    rows = e.shape[0] if e.shape else 1
+                    out = buf[: e.nbytes].view(DTYPES[save_code][0]).reshape(rows, -1)
+                    merger.tensor(k, e.shape, out)
+                    wt.put(("data", k, out.reshape(e.shape), buf))
                     stats.merged += 1
                 done += e.nbytes
                 now = time.perf_counter()
@@ -453,6 +554,8 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
                     last = now
             wt.finish()
             say(0.96, "hashing the inputs")
+            for g in gates:
+                g.release()
             for h in hashers:
                 h.join()
                 if h.error is not None:
@@ -462,32 +565,13 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
             w.commit()
         return stats
     finally:
+        for g in gates:
+            g.release()
         if wt is not None and wt.is_alive():
             wt.stop.set()
             drain(wt.q)
             wt.q.put(None)
             wt.join(timeout=60)
-
-
-def _round(key: str, merged: torch.Tensor, out: torch.Tensor, stats: _Stats) -> None:
-    lo, hi = torch.aminmax(merged) if merged.numel() else (torch.tensor(0.0), torch.tensor(0.0))
-    lo, hi = float(lo), float(hi)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueProblem(f"{key}: the merge gives NaN/inf values (an input may hold NaN/inf there).",
-                           fix="Check the inputs; a damaged checkpoint cannot be merged.")
-    amax = max(-lo, hi)
-    if out.dtype == torch.float16 and amax > FP16_MAX:
-        raise ValueProblem(f"{key}: a merged weight reaches {amax:.6g}, beyond the float16 range (65504).",
-                           fix="Save with --save-dtype bf16 or fp32.")
-    out.copy_(merged)
-    if out.dtype != torch.float32 and merged.numel():
-        err = out.float().sub_(merged)
-        lo, hi = torch.aminmax(err)
-        r = max(-float(lo), float(hi))
-        if r > stats.max_round[0]:
-            stats.max_round = (r, key)
-    if amax > stats.max_abs[0]:
-        stats.max_abs = (amax, key)
 
 
 def _report(plan: MergePlan, method: str, params: dict, stats: _Stats, output: str, save_dtype: str,

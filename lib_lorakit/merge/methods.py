@@ -1,7 +1,8 @@
-"""Merge methods, one tensor at a time, in float32.
+"""Merge methods in float32, applied to row chunks of one key's tensors.
 
-Every function takes float32 tensors of one key and returns the merged float32 tensor;
-block weights arrive already folded into the coefficients.
+Element-wise methods work on any chunk. The two that need the whole tensor get what
+they need from a first pass: TIES its per-model magnitude thresholds, slerp the norms
+and the dot product. Block weights arrive folded into the coefficients.
 
 - weighted: Σ w_i·θ_i.
 - add-difference: A + w·(B − C).
@@ -9,46 +10,52 @@ block weights arrive already folded into the coefficients.
   ``density`` fraction by magnitude, a sign elected from Σ w_i·τ̂_i, the agreeing
   entries averaged (weighted), then θ_C + λ·τ_m.
 - DARE (Yu et al. 2023): each τ_i keeps a random (1 − p) of its entries, rescaled by
-  1/(1 − p); θ_C + λ·Σ w_i·τ̃_i. The mask is seeded per (seed, key, model), so a merge
-  is reproducible whatever the order keys are processed in.
-- slerp: spherical interpolation of the two flattened tensors, the norm interpolated
-  linearly (as sd-mecha's slerp); nearly parallel tensors fall back to a linear blend.
+  1/(1 − p); θ_C + λ·Σ w_i·τ̃_i. Masks are seeded per (seed, key, model, chunk), so a
+  merge is reproducible.
+- slerp: spherical interpolation of the two flattened tensors with the norm
+  interpolated linearly (as sd-mecha's slerp); nearly parallel tensors blend linearly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
-def weighted(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    out = tensors[0] * weights[0]
-    for t, w in zip(tensors[1:], weights[1:]):
-        out.add_(t, alpha=w)
+def weighted(xs: list[torch.Tensor], weights: list[float], out: torch.Tensor) -> torch.Tensor:
+    torch.mul(xs[0], weights[0], out=out)
+    for x, w in zip(xs[1:], weights[1:]):
+        out.add_(x, alpha=w)
     return out
 
 
-def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, w: float) -> torch.Tensor:
-    out = b - c
-    out.mul_(w).add_(a)
-    return out
+def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, w: float, out: torch.Tensor) -> torch.Tensor:
+    torch.sub(b, c, out=out)
+    return out.mul_(w).add_(a)
 
 
-def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude (ties kept)."""
-    if density >= 1.0 or tau.numel() == 0:
-        return tau
-    k = max(1, int(round(density * tau.numel())))
-    mag = tau.abs().reshape(-1)
-    threshold = torch.kthvalue(mag, mag.numel() - k + 1).values
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+def ties_threshold(abs_tau: np.ndarray, density: float) -> float:
+    """The magnitude at and above which the top ``density`` fraction lies (partitions in place)."""
+    n = abs_tau.size
+    if density >= 1.0 or n == 0:
+        return 0.0
+    k = max(1, int(round(density * n)))
+    abs_tau.partition(n - k)
+    return float(abs_tau[n - k])
 
 
-def ties(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], density: float,
-         scale: float) -> torch.Tensor:
-    taus = [trim(m - base, density) for m in models]
+def ties(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], thresholds: list[float],
+         scale: float, out: torch.Tensor) -> torch.Tensor:
+    taus = []
+    for x, thr in zip(xs, thresholds):
+        t = x - base
+        if thr > 0:
+            t = torch.where(t.abs() >= thr, t, torch.zeros_like(t))
+        taus.append(t)
     total = torch.zeros_like(base)
     for t, w in zip(taus, weights):
         total.add_(t, alpha=w)
@@ -61,37 +68,51 @@ def ties(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], d
         den.add_(agree.to(base.dtype) * w)
     nz = den != 0
     merged = torch.where(nz, num / torch.where(nz, den, torch.ones_like(den)), torch.zeros_like(num))
-    return base + scale * merged
+    torch.add(base, merged, alpha=scale, out=out)
+    return out
 
 
-def dare_generator(seed: int, key: str, index: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{key}:{index}".encode()).digest()
+def dare_generator(seed: int, key: str, index: int, chunk: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{key}:{index}:{chunk}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def dare(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], drop: float, scale: float, *,
-         seed: int, key: str) -> torch.Tensor:
-    if not 0.0 <= drop < 1.0:
-        raise ValueError(f"DARE drop rate must be in [0, 1), got {drop}")
-    out = base.clone()
-    for i, (m, w) in enumerate(zip(models, weights)):
-        tau = m - base
+def dare(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], drop: float, scale: float, *,
+         seed: int, key: str, chunk: int, out: torch.Tensor) -> torch.Tensor:
+    out.copy_(base)
+    for i, (x, w) in enumerate(zip(xs, weights)):
+        tau = x - base
         if drop > 0:
-            keep = torch.rand(tau.shape, generator=dare_generator(seed, key, i)) >= drop
+            keep = torch.rand(tau.shape, generator=dare_generator(seed, key, i, chunk)) >= drop
             tau = torch.where(keep, tau / (1.0 - drop), torch.zeros_like(tau))
         out.add_(tau, alpha=w * scale)
     return out
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    if float(na) == 0.0 or float(nb) == 0.0:
-        return torch.lerp(a, b, t)
-    ua, ub = a / na, b / nb
-    dot = float((ua * ub).sum().clamp(-1.0, 1.0))
+@dataclass
+class SlerpStats:
+    """Sums over the whole tensor, from a first pass: |a|^2, |b|^2, a·b."""
+
+    a2: float = 0.0
+    b2: float = 0.0
+    ab: float = 0.0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        fa, fb = a.reshape(-1), b.reshape(-1)
+        self.a2 += float(torch.dot(fa, fa))
+        self.b2 += float(torch.dot(fb, fb))
+        self.ab += float(torch.dot(fa, fb))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, st: SlerpStats, out: torch.Tensor) -> torch.Tensor:
+    na, nb = math.sqrt(st.a2), math.sqrt(st.b2)
+    if na == 0.0 or nb == 0.0:
+        return torch.lerp(a, b, t, out=out)
+    dot = max(-1.0, min(1.0, st.ab / (na * nb)))
     if abs(dot) > 0.9995:
-        return torch.lerp(a, b, t)
+        return torch.lerp(a, b, t, out=out)
     omega = math.acos(dot)
     so = math.sin(omega)
-    out = ua * (math.sin((1 - t) * omega) / so) + ub * (math.sin(t * omega) / so)
-    return out * float(torch.lerp(na, nb, t))
+    norm = (1 - t) * na + t * nb
+    torch.mul(a, math.sin((1 - t) * omega) / so / na * norm, out=out)
+    return out.add_(b, alpha=math.sin(t * omega) / so / nb * norm)

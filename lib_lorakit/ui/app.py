@@ -6,6 +6,7 @@ import gradio as gr
 
 from ..service import Lorakit
 from .bake_tab import build_bake_tab
+from .merge_tab import build_merge_tab
 
 
 def build_ui(service: Lorakit, **blocks_kw) -> gr.Blocks:
@@ -14,4 +15,6 @@ def build_ui(service: Lorakit, **blocks_kw) -> gr.Blocks:
         with gr.Tabs(elem_id="lorakit_tabs"):
             with gr.Tab("Bake", elem_id="lorakit_tab_bake"):
                 build_bake_tab(service)
+            with gr.Tab("Merge", elem_id="lorakit_tab_merge"):
+                build_merge_tab(service)
     return block

@@ -3,7 +3,6 @@ per-block weights, save dtype, output name; Bake runs as a job with progress and
 
 from __future__ import annotations
 
-import html
 import json
 import time
 from collections.abc import Iterator
@@ -15,20 +14,9 @@ from ..errors import LorakitError
 from ..jobs import FINISHED
 from ..prompt import parse_tags
 from ..service import SETTING_SAVE_DTYPE, BakeLora, BakeRequest, Lorakit
+from .common import POLL_S, error_md, progress_html
 
 HEADERS = ["LoRA", "strength", "TE strength", "block weights"]
-POLL_S = 0.3
-
-
-def progress_html(frac: float, message: str, state: str = "running") -> str:
-    pct = max(0.0, min(1.0, frac)) * 100
-    text = "idle" if state == "idle" else f"{state}: {pct:.0f}% {message}"
-    return (f'<div class="lorakit-progress lorakit-{html.escape(state)}"><div class="lorakit-bar" '
-            f'style="width:{pct:.1f}%"></div><span>{html.escape(text)}</span></div>')
-
-
-def error_md(e: Exception) -> str:
-    return "**Error:** " + html.escape(str(e)).replace("\n", "  \n")
 
 
 def rows_to_loras(rows: Any) -> list[BakeLora]:

@@ -1,0 +1,26 @@
+"""Small pieces shared by the lorakit sub-tabs."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+POLL_S = 0.3
+
+
+def progress_html(frac: float, message: str, state: str = "running") -> str:
+    pct = max(0.0, min(1.0, frac)) * 100
+    text = "idle" if state == "idle" else f"{state}: {pct:.0f}% {message}"
+    return (f'<div class="lorakit-progress lorakit-{html.escape(state)}"><div class="lorakit-bar" '
+            f'style="width:{pct:.1f}%"></div><span>{html.escape(text)}</span></div>')
+
+
+def error_md(e: Exception) -> str:
+    return "**Error:** " + html.escape(str(e)).replace("\n", "  \n")
+
+
+def table_rows(rows: Any) -> list[list]:
+    """Dataframe value (list of lists or pandas) -> list of lists without blank first cells."""
+    if hasattr(rows, "values") and hasattr(rows, "columns"):
+        rows = rows.values.tolist()
+    return [list(r) for r in rows or [] if str((list(r) + [""])[0] or "").strip()]

@@ -1,0 +1,162 @@
+"""The Merge sub-tab: ingredients with weights (a 70/20/10 preset), method, blocks, VAE and
+text-encoder sources; runs as a job with progress; report and a per-block diagnostics chart.
+Below it, Diff: where does one checkpoint differ from another, block by block."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import gradio as gr
+
+from ..errors import LorakitError
+from ..jobs import FINISHED
+from ..merge import METHODS
+from ..merge.diff import chart, table
+from ..service import SETTING_SAVE_DTYPE, Lorakit, MergeModel, MergeRequest
+from .common import POLL_S, error_md, progress_html, table_rows
+
+PRIMARY = "model 1 (primary)"
+MERGE_TE = "merge them"
+
+
+def rows_to_models(rows) -> list[MergeModel]:
+    out = []
+    for r in table_rows(rows):
+        r = r + [""] * (2 - len(r))
+        try:
+            w = 1.0 if str(r[1]).strip() == "" else float(r[1])
+        except ValueError:
+            raise LorakitError(f"{r[0]}: weight {r[1]!r} is not a number.") from None
+        out.append(MergeModel(str(r[0]).strip(), w))
+    return out
+
+
+def summary_md(result: dict) -> str:
+    from ..merge import summary
+
+    head = f"**Saved** `{result['checkpoint']}` — it is in the checkpoint list now." if result.get("checkpoint") else ""
+    return head + "\n\n```\n" + summary(result["report"]) + "\n```"
+
+
+def build_merge_tab(service: Lorakit) -> None:
+    def ckpt_names() -> list[str]:
+        return [e.name for e in service.checkpoints()]
+
+    def vae_choices(n: int = 3) -> list[str]:
+        return [PRIMARY] + [f"model {i}" for i in range(2, max(n, 2) + 1)] + [e.name for e in service.vae_files()]
+
+    with gr.Row():
+        pick = gr.Dropdown(label="Checkpoint", choices=ckpt_names(), elem_id="lorakit_merge_pick", scale=4)
+        weight = gr.Number(label="Weight", value=1.0, elem_id="lorakit_merge_weight", scale=1)
+        add = gr.Button("Add ingredient", elem_id="lorakit_merge_add", scale=1, min_width=120)
+        preset = gr.Button("70 / 20 / 10", elem_id="lorakit_merge_preset", scale=1, min_width=120)
+        refresh = gr.Button("Refresh lists", elem_id="lorakit_merge_refresh", scale=1, min_width=120)
+    ingredients = gr.Dataframe(value=[["", 1.0]], headers=["checkpoint", "weight"], datatype=["str", "number"],
+                               type="array", row_count=(1, "dynamic"), col_count=(2, "fixed"), interactive=True,
+                               label="Ingredients (the first is the primary)", elem_id="lorakit_merge_models")
+    with gr.Row():
+        method = gr.Radio(list(METHODS), value="weighted", label="Method", elem_id="lorakit_merge_method")
+        base = gr.Dropdown(label="Base C (add-difference, TIES, DARE)", choices=ckpt_names(),
+                           elem_id="lorakit_merge_base")
+    with gr.Row():
+        blocks = gr.Textbox(label="Block factors (optional)", placeholder="e.g. IN04=0.3,OUT02=0.5 or a 26/20-value vector",
+                            elem_id="lorakit_merge_blocks")
+        vae = gr.Dropdown(label="VAE from", choices=vae_choices(), value=PRIMARY, elem_id="lorakit_merge_vae")
+        te = gr.Dropdown(label="Text encoders", choices=[MERGE_TE, "model 1", "model 2", "model 3"], value=MERGE_TE,
+                         elem_id="lorakit_merge_te")
+    with gr.Accordion("TIES / DARE settings", open=False):
+        with gr.Row():
+            normalize = gr.Checkbox(label="Normalise weights (weighted sum)", value=True, elem_id="lorakit_merge_norm")
+            density = gr.Number(label="TIES density", value=0.2, elem_id="lorakit_merge_density")
+            drop = gr.Number(label="DARE drop rate", value=0.5, elem_id="lorakit_merge_drop")
+            seed = gr.Number(label="DARE seed", value=0, precision=0, elem_id="lorakit_merge_seed")
+            scale = gr.Number(label="Difference scale", value=1.0, elem_id="lorakit_merge_scale")
+    with gr.Row():
+        dtype = gr.Radio(["fp16", "bf16", "fp32"], value=service.host.setting(SETTING_SAVE_DTYPE, "fp16"),
+                         label="Save as", elem_id="lorakit_merge_dtype")
+        output = gr.Textbox(label="Output name", placeholder="my-merge", elem_id="lorakit_merge_output")
+        overwrite = gr.Checkbox(label="Overwrite", value=False, elem_id="lorakit_merge_overwrite")
+    with gr.Row():
+        run = gr.Button("Merge", variant="primary", elem_id="lorakit_merge_run")
+        cancel = gr.Button("Cancel", variant="stop", elem_id="lorakit_merge_cancel")
+    progress = gr.HTML(progress_html(0, "", "idle"), elem_id="lorakit_merge_progress")
+    summary = gr.Markdown("", elem_id="lorakit_merge_summary")
+    diag = gr.Image(label="Second ingredient against the primary, per block", type="pil", interactive=False,
+                    elem_id="lorakit_merge_chart")
+    with gr.Accordion("Full report (JSON)", open=False):
+        report = gr.JSON(elem_id="lorakit_merge_report")
+    job_id = gr.Textbox(value="", elem_id="lorakit_merge_job", elem_classes=["lorakit-hidden"], show_label=False)
+    done = gr.Textbox(value="", elem_id="lorakit_merge_done", elem_classes=["lorakit-hidden"], show_label=False)
+
+    gr.Markdown("### Diff: where does B differ from A?")
+    with gr.Row():
+        diff_a = gr.Dropdown(label="A (reference)", choices=ckpt_names(), elem_id="lorakit_diff_a")
+        diff_b = gr.Dropdown(label="B", choices=ckpt_names(), elem_id="lorakit_diff_b")
+        compare = gr.Button("Compare", elem_id="lorakit_diff_run", scale=0, min_width=120)
+    diff_table = gr.Markdown("", elem_id="lorakit_diff_table")
+    diff_chart = gr.Image(type="pil", interactive=False, show_label=False, elem_id="lorakit_diff_chart")
+
+    def do_refresh():
+        names = ckpt_names()
+        return (gr.update(choices=names), gr.update(choices=names), gr.update(choices=vae_choices()),
+                gr.update(choices=names), gr.update(choices=names))
+
+    def do_add(rows, name, w):
+        rows = table_rows(rows)
+        if name:
+            rows.append([name, 1.0 if w is None else w])
+        return rows or [["", 1.0]]
+
+    def do_preset(rows):
+        rows = table_rows(rows)
+        for r, w in zip(rows, (0.7, 0.2, 0.1)):
+            r[1] = w
+        return rows or [["", 1.0]]
+
+    def do_merge(rows, method_v, base_v, blocks_v, vae_v, te_v, norm_v, dens, drp, sd, sc, dtype_v, out_v, ow):
+        try:
+            vae_from = None if vae_v in (None, "", PRIMARY) else (vae_v.split()[1] if vae_v.startswith("model ") else vae_v)
+            te_from = None if te_v in (None, "", MERGE_TE) else int(te_v.split()[1])
+            req = MergeRequest(models=rows_to_models(rows), output=out_v or "", method=method_v, base=base_v or None,
+                               blocks=(blocks_v or "").strip() or None, vae_from=vae_from, te_from=te_from,
+                               normalize=bool(norm_v), density=float(dens), drop=float(drp), seed=int(sd or 0),
+                               scale=float(sc), save_dtype=dtype_v, overwrite=bool(ow))
+            if not req.output.strip():
+                raise LorakitError("No output name.", fix="Type a name for the new checkpoint.")
+            job = service.start_merge(req)
+        except LorakitError as e:
+            yield "", progress_html(0, "not started", "error"), error_md(e), None, None, gr.update()
+            return
+        while job.state not in FINISHED:
+            yield job.id, progress_html(job.progress, job.message, job.state), "", None, None, gr.update()
+            time.sleep(POLL_S)
+        if job.state == "done":
+            rep = job.result["report"]
+            img = chart(rep["diagnostics"][0], f"{rep['diagnostics'][0]['ingredient']} vs "
+                                               f"{rep['diagnostics'][0]['against']}") if rep["diagnostics"] else None
+            marker = json.dumps({"checkpoint": job.result.get("checkpoint"), "t": time.time()})
+            yield job.id, progress_html(1, "done", "done"), summary_md(job.result), img, rep, marker
+        else:
+            yield job.id, progress_html(job.progress, job.state, job.state), \
+                error_md(Exception(job.error or job.state)), None, None, gr.update()
+
+    def do_cancel(jid):
+        return "Cancelling..." if jid and service.jobs.cancel(jid) is not None else "Nothing to cancel."
+
+    def do_diff(a, b):
+        try:
+            res = service.diff(a or "", b or "")
+        except LorakitError as e:
+            return error_md(e), None
+        return table(res), chart(res, f"{b} vs {a}")
+
+    refresh.click(do_refresh, inputs=[], outputs=[pick, base, vae, diff_a, diff_b])
+    add.click(do_add, inputs=[ingredients, pick, weight], outputs=[ingredients])
+    preset.click(do_preset, inputs=[ingredients], outputs=[ingredients])
+    run.click(do_merge, inputs=[ingredients, method, base, blocks, vae, te, normalize, density, drop, seed, scale,
+                                dtype, output, overwrite],
+              outputs=[job_id, progress, summary, diag, report, done])
+    cancel.click(do_cancel, inputs=[job_id], outputs=[summary], queue=False)
+    compare.click(do_diff, inputs=[diff_a, diff_b], outputs=[diff_table, diff_chart])
