@@ -36,7 +36,7 @@ from .formats.sources import TensorSource, open_source, sha256_file
 from .networks import ShapeProblem, algorithm_name, check_group, compute_delta, identify, needs_weight
 from .networks.base import Algorithm, Delta
 from .networks.resolve import ParsedKeys, Target, TargetIndex, candidates, explain_unknown, parse_keys
-from .streaming import Hasher, Pool, ReadGate, WriterThread, drain, peak_rss_mb
+from .streaming import Hasher, Pool, ReadGate, WriterThread, drain, engine_threads, peak_rss_mb
 
 SAVE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -597,8 +597,9 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
             check_lora_values(plan, cancel=cancel)
             base_sha = ""
             if not dry_run:
-                base_sha = _execute(plan, output, SAVE_DTYPES[save_dtype], save_dtype, overwrite, stats, say, cancel,
-                                    hasher)
+                with engine_threads():
+                    base_sha = _execute(plan, output, SAVE_DTYPES[save_dtype], save_dtype, overwrite, stats, say,
+                                        cancel, hasher)
             report = _report(plan, stats, output, save_dtype, base_sha, dry_run, time.perf_counter() - t0)
             say(1.0, "done")
             return report

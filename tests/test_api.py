@@ -200,3 +200,36 @@ def test_txt2img_is_not_available_standalone(client):
     assert r.status_code == 501 and r.json()["error"] == "NotSupported" and "WebUI" in r.json()["message"]
     r = client.post("/lorakit/v1/txt2img", json={"prompt": "a cat", "checkpoint": "/etc/passwd"})
     assert r.status_code == 403
+
+
+def test_merge_and_diff_routes(client, folders):
+    tmp, ckpt, loras, outside = folders
+    write_checkpoint(str(ckpt / "other-xl.safetensors"), "sdxl", tiny=True, seed=9)
+    vae_dir = tmp / "models" / "VAE"
+    vae_dir.mkdir()
+    import safetensors.torch
+
+    sd = safetensors.torch.load_file(str(ckpt / "other-xl.safetensors"))
+    write(vae_dir, "fix.vae.safetensors", {k[len("first_stage_model."):]: v for k, v in sd.items()
+                                           if k.startswith("first_stage_model.")})
+    r = client.post("/lorakit/v1/merge", json={"models": [{"name": "base-xl.safetensors", "weight": 0.7},
+                                                          {"name": "other-xl", "weight": 0.3}],
+                                               "output": "mixed", "vae_from": "fix.vae", "blocks": "IN04=0"})
+    assert r.status_code == 200, r.text
+    j = wait(client, r.json()["job_id"])
+    assert j["state"] == "done", j
+    rep = j["result"]["report"]
+    assert j["result"]["checkpoint"] == "mixed.safetensors" and rep["vae_from"] == "fix.vae (VAE file)"
+    out = safetensors.torch.load_file(str(ckpt / "mixed.safetensors"))
+    k = "first_stage_model.decoder.conv_out.weight"
+    assert torch.equal(out[k], sd[k])
+    r = client.post("/lorakit/v1/diff", json={"a": "base-xl.safetensors", "b": "mixed.safetensors"})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["arch"] == "sdxl" and d["by_block"]["unet"]["IN04"]["rel_change"] == 0.0
+    assert d["by_block"]["unet"]["IN05"]["rel_change"] > 0
+    r = client.post("/lorakit/v1/merge", json={"models": [{"name": "base-xl"}, {"name": str(outside / "secret.safetensors")}],
+                                               "output": "x"})
+    assert r.status_code == 403
+    r = client.post("/lorakit/v1/merge", json={"models": [{"name": "base-xl"}], "output": "x", "method": "magic"})
+    assert r.status_code == 400 and "Unknown merge method" in r.json()["message"]

@@ -30,13 +30,22 @@ class Diag:
     b2: float = 0.0
     ab: float = 0.0
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+    def add(self, a: torch.Tensor, b: torch.Tensor, a2: float | None = None, scratch: torch.Tensor | None = None) -> None:
+        """Add one pair of tensors. ``a2`` (|a|^2, when the caller has it) and ``scratch`` save work.
+
+        |B - A|^2 is summed directly (a2 + b2 - 2ab would cancel for similar models); a·b and
+        |b|^2 follow from a·d with d = b - a.
+        """
         fa, fb = a.reshape(-1), b.reshape(-1)
-        d = fb - fa  # directly: a2 + b2 - 2ab would cancel catastrophically for similar models
-        self.d2 += float(torch.dot(d, d))
-        self.a2 += float(torch.dot(fa, fa))
-        self.b2 += float(torch.dot(fb, fb))
-        self.ab += float(torch.dot(fa, fb))
+        d = torch.sub(fb, fa, out=scratch.reshape(-1)[: fa.numel()]) if scratch is not None else fb - fa
+        if a2 is None:
+            a2 = float(torch.dot(fa, fa))
+        d2 = float(torch.dot(d, d))
+        ad = float(torch.dot(fa, d))
+        self.d2 += d2
+        self.a2 += a2
+        self.ab += a2 + ad
+        self.b2 += a2 + 2 * ad + d2
 
     def merge(self, other: Diag) -> None:
         self.d2 += other.d2

@@ -32,7 +32,7 @@ from ..errors import ArchitectureError, Cancelled, RecipeError, ValueProblem
 from ..formats.arch import ARCHS, Arch, Family, block_of, component_of, detect_checkpoint
 from ..formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_output_path
 from ..formats.sources import TensorSource, open_source
-from ..streaming import Hasher, Pool, ReadGate, WriterThread, drain, peak_rss_mb
+from ..streaming import Hasher, Pool, ReadGate, WriterThread, drain, engine_threads, peak_rss_mb
 from . import methods
 from .diff import Diag, block_key, tabulate
 
@@ -387,8 +387,12 @@ class _Merger:
             else:
                 t = w[1] / (w[0] + w[1]) if (w[0] + w[1]) else 0.0
                 methods.slerp(ing[0], ing[1], t * b, extra, res)
-            for k in range(1, n_models):
-                self.stats.diag.setdefault(k, {}).setdefault(where, Diag()).add(ing[0], ing[k])
+            if n_models > 1:
+                flat = ing[0].reshape(-1)
+                a2 = float(torch.dot(flat, flat))
+                for k in range(1, n_models):
+                    scratch = self.scratch.err if n <= CHUNK_ELEMS else None
+                    self.stats.diag.setdefault(k, {}).setdefault(where, Diag()).add(ing[0], ing[k], a2, scratch)
             amax = max(amax, self._round(key, res, out[r0:r1]))
         if out.dtype == torch.float16 and amax > FP16_MAX:
             raise ValueProblem(f"{key}: a merged weight reaches {amax:.6g}, beyond the float16 range (65504).",
@@ -485,8 +489,9 @@ def merge(models: Sequence[ModelSpec], output: str, *, method: str = "weighted",
     for h in hashers:
         h.start()
     try:
-        stats = _execute(plan, output, method, params, SAVE_DTYPES[save_dtype], save_dtype, overwrite, hashers,
-                         gates, say, cancel)
+        with engine_threads():
+            stats = _execute(plan, output, method, params, SAVE_DTYPES[save_dtype], save_dtype, overwrite, hashers,
+                             gates, say, cancel)
         for inp, h in zip(plan.inputs, hashers):
             inp.sha256 = h.digest
         report = _report(plan, method, params, stats, output, save_dtype, time.perf_counter() - t0)
