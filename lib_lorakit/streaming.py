@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from .formats.safetensors_io import StreamingWriter
+from .formats.safetensors_io import StreamingWriter, pread_into
 
 QUEUE_ITEMS = 6
 
@@ -206,3 +206,104 @@ def drain(q: queue.Queue) -> None:
             q.get_nowait()
     except queue.Empty:
         pass
+
+
+class Token:
+    """Releases a pooled buffer once every user is done with it."""
+
+    def __init__(self, users: int, on_free):
+        self._n = users
+        self._lock = threading.Lock()
+        self._on_free = on_free
+
+    def release(self) -> None:
+        with self._lock:
+            self._n -= 1
+            free = self._n == 0
+        if free:
+            self._on_free()
+
+
+class FedHasher(threading.Thread):
+    """SHA-256 of a file from the byte ranges an engine has already read.
+
+    Ranges must arrive in file order; the bytes between them (and after the last) are read
+    here. A range out of order switches to hashing the whole file at the end. Each input
+    is thus read from disk once, not once for the merge and once more for its hash.
+    """
+
+    def __init__(self, path: str, max_items: int = 16):
+        super().__init__(name="lorakit-hash", daemon=True)
+        self.path = path
+        self.q: queue.Queue = queue.Queue(maxsize=max_items)
+        self.pos = 0
+        self.fallback = False
+        self.digest = ""
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def feed(self, offset: int, data, release) -> None:
+        while True:
+            if self.stop.is_set():
+                release()
+                return
+            try:
+                self.q.put((offset, data, release), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        self.q.put(None)
+
+    def _hash_range(self, fd: int, h, start: int, end: int) -> None:
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        while start < end and not self.stop.is_set():
+            n = pread_into(fd, view[: min(len(buf), end - start)], start)
+            if n <= 0:
+                raise OSError(f"{self.path}: unexpected end of file while hashing")
+            h.update(view[:n])
+            start += n
+
+    def run(self) -> None:
+        h = hashlib.sha256()
+        fd = None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            while True:
+                item = self.q.get()
+                if item is None:
+                    break
+                offset, data, release = item
+                try:
+                    if self.fallback or self.stop.is_set() or self.error is not None:
+                        continue
+                    if offset < self.pos:
+                        self.fallback = True
+                        continue
+                    if offset > self.pos:
+                        self._hash_range(fd, h, self.pos, offset)
+                    h.update(data)
+                    self.pos = offset + len(data)
+                finally:
+                    release()
+            if self.stop.is_set():
+                return
+            if self.fallback:
+                h, self.pos = hashlib.sha256(), 0
+            self._hash_range(fd, h, self.pos, os.fstat(fd).st_size)
+            if not self.stop.is_set():
+                self.digest = h.hexdigest()
+        except BaseException as e:  # reported to the engine
+            self.error = e
+            while True:  # keep releasing what is still queued
+                try:
+                    item = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[2]()
+        finally:
+            if fd is not None:
+                os.close(fd)

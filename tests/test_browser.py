@@ -101,3 +101,35 @@ def test_bake_in_the_browser(server):
     assert "ink @ 1" in summary and "grain @ 0.5" in summary and "unet" in summary
     assert "done" in progress and "100%" in progress
     assert (ckpt / "browser-baked.safetensors").exists()
+
+
+def test_merge_in_the_browser(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, ckpt = server
+    write_checkpoint(str(ckpt / "sdxl-other.safetensors"), "sdxl", tiny=True, seed=5)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(url)
+        page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Merge").first.click(
+            timeout=60_000)
+        page.locator("#lorakit_merge_refresh").click()  # the second checkpoint was written after start-up
+        page.wait_for_timeout(1000)
+        for name in ("sdxl-base.safetensors", "sdxl-other.safetensors"):
+            pick(page, "lorakit_merge_pick", name)
+            page.locator("#lorakit_merge_add").click()
+            page.wait_for_function(f"document.querySelector('#lorakit_merge_models').innerText.includes('{name}')")
+        page.locator("#lorakit_merge_preset").click()
+        page.wait_for_function("document.querySelector('#lorakit_merge_models').innerText.includes('0.7')")
+        page.locator("#lorakit_merge_output textarea, #lorakit_merge_output input").first.fill("browser-merge")
+        page.locator("#lorakit_merge_run").click()
+        page.wait_for_function("document.querySelector('#lorakit_merge_summary').innerText.includes('Saved')",
+                               timeout=120_000)
+        summary = page.locator("#lorakit_merge_summary").first.inner_text()
+        page.wait_for_selector("#lorakit_merge_chart img", timeout=30_000)
+        browser.close()
+    assert "browser-merge.safetensors" in summary and "weight 0.7" in summary and "weight 0.2" in summary
+    assert "VAE copied from sdxl-base" in summary
+    assert (ckpt / "browser-merge.safetensors").exists()

@@ -42,6 +42,10 @@ class Diag:
             a2 = float(torch.dot(fa, fa))
         d2 = float(torch.dot(d, d))
         ad = float(torch.dot(fa, d))
+        self.add_sums(a2, d2, ad)
+
+    def add_sums(self, a2: float, d2: float, ad: float) -> None:
+        """Add |a|^2, |b - a|^2 and a·(b - a) of one pair of tensors."""
         self.d2 += d2
         self.a2 += a2
         self.ab += a2 + ad

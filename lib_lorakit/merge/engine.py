@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from ..errors import ArchitectureError, Cancelled, RecipeError, ValueProblem
 from ..formats.arch import ARCHS, Arch, Family, block_of, component_of, detect_checkpoint
 from ..formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_output_path
 from ..formats.sources import TensorSource, open_source
-from ..streaming import Hasher, Pool, ReadGate, WriterThread, drain, engine_threads, peak_rss_mb
+from ..streaming import FedHasher, Pool, Token, WriterThread, drain, engine_threads, peak_rss_mb
 from . import methods
 from .diff import Diag, block_key, tabulate
 
@@ -331,34 +332,129 @@ def _chunks(rows: int, cols: int):
         yield i, r0, min(rows, r0 + step)
 
 
+class _Chunk:
+    """Rows r0:r1 of one key from every input, as stored, with the tokens that free the buffers."""
+
+    def __init__(self, key: str, r0: int, r1: int, raws: list[torch.Tensor], tokens: list[Token]):
+        self.key, self.r0, self.r1, self.raws, self.tokens = key, r0, r1, raws, tokens
+
+    def release(self) -> None:
+        for t in self.tokens:
+            t.release()
+        self.tokens = []
+
+
+class _Reader(threading.Thread):
+    """Reads every merged key, chunk by chunk, ahead of the main thread, and hands each chunk's
+    bytes to that file's hasher too, so no input is read twice."""
+
+    def __init__(self, plan: MergePlan, keys: list[str], order: list[int], feeders: list[FedHasher]):
+        super().__init__(name="lorakit-read", daemon=True)
+        self.plan, self.keys, self.order, self.feeders = plan, keys, order, feeders
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.stop = threading.Event()
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def _buffer(self, nbytes: int) -> tuple[torch.Tensor, bool]:
+        if nbytes > CHUNK_ELEMS * 4:
+            return torch.empty(nbytes, dtype=torch.uint8), False
+        with self._lock:
+            if self._free:
+                return self._free.pop(), True
+        return torch.empty(CHUNK_ELEMS * 4, dtype=torch.uint8), True
+
+    def _give_back(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+    def run(self) -> None:
+        try:
+            primary = self.plan.inputs[0].source
+            for key in self.keys:
+                shape = tuple(primary.shape(key))
+                rows = shape[0] if shape else 1
+                cols = max(1, math.prod(shape) // max(rows, 1)) if math.prod(shape) else 0
+                for ci, r0, r1 in _chunks(rows, cols):
+                    raws, tokens = [], []
+                    for i in self.order:
+                        src = self.plan.inputs[i].source
+                        item = DTYPES[src.dtype(key)][1]
+                        nbytes = (r1 - r0) * cols * item
+                        buf, pooled = self._buffer(nbytes)
+                        raws.append(src.read_rows(key, r0, r1, buf))
+                        span = src.raw_span(key)
+                        feed = span is not None and nbytes > 0
+                        tok = Token(2 if feed else 1, (lambda b=buf: self._give_back(b)) if pooled else (lambda: None))
+                        if feed:
+                            self.feeders[i].feed(span[1] + r0 * cols * item, buf.numpy()[:nbytes].data, tok.release)
+                        tokens.append(tok)
+                    chunk = _Chunk(key, r0, r1, raws, tokens)
+                    while not self.stop.is_set():
+                        try:
+                            self.q.put(chunk, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if self.stop.is_set():
+                        chunk.release()
+                        return
+        except BaseException as e:  # handed to the main thread
+            self.q.put(e)
+
+    def get(self, key: str, r0: int) -> _Chunk:
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item.key != key or item.r0 != r0:  # pragma: no cover - would be an ordering bug
+            raise RuntimeError(f"merge read order broken at {key} rows {r0}")
+        return item
+
+
 class _Merger:
-    def __init__(self, plan: MergePlan, method: str, params: dict, stats: "_Stats", gates):
-        self.plan, self.method, self.params, self.stats, self.gates = plan, method, params, stats, gates
+    def __init__(self, plan: MergePlan, method: str, params: dict, stats: "_Stats", reader: _Reader):
+        self.plan, self.method, self.params, self.stats, self.reader = plan, method, params, stats, reader
         self.order = plan.models + ([plan.base] if plan.base is not None else [])
         self.scratch = _Scratch(len(self.order))
 
+    def _read_raw(self, key: str, r0: int, r1: int) -> list[torch.Tensor]:
+        """Rows r0:r1 of every input as stored, read now (first passes of TIES and slerp)."""
+        big = (r1 - r0) * self.cols > CHUNK_ELEMS
+        return [self.plan.inputs[i].source.read_rows(key, r0, r1, None if big else self.scratch.raw[j])
+                for j, i in enumerate(self.order)]
+
+    def _f32(self, raws: list[torch.Tensor], shape) -> list[torch.Tensor]:
+        n = math.prod(shape)
+        return [(torch.empty(n) if n > CHUNK_ELEMS else self.scratch.f32[j][:n]).view(shape).copy_(raw)
+                for j, raw in enumerate(raws)]
+
     def _read(self, key: str, r0: int, r1: int, cols: int) -> list[torch.Tensor]:
         """Rows r0:r1 of every input, as float32 views of scratch buffers."""
-        out = []
-        n = (r1 - r0) * cols
-        for j, i in enumerate(self.order):
-            src = self.plan.inputs[i].source
-            span = src.raw_span(key)
-            if span is not None:
-                row_bytes = span[2] // max(self.rows, 1)
-                self.gates[i].advance(span[1] + r1 * row_bytes)
-            big = n > CHUNK_ELEMS
-            raw = src.read_rows(key, r0, r1, None if big else self.scratch.raw[j])
-            f = (torch.empty(n) if big else self.scratch.f32[j][:n]).view(r1 - r0, cols)
-            f.copy_(raw)
-            out.append(f)
-        return out
+        return self._f32(self._read_raw(key, r0, r1), (r1 - r0, cols))
+
+    def _weighted(self, raws: list[torch.Tensor], w: list[float], res: torch.Tensor, where) -> None:
+        """Σ w_i·x_i as a·Σw + Σ_{i>0} w_i·(x_i − a): the differences feed the diagnostics too.
+
+        Inputs are used as stored and each is touched once (x_i − a promotes to float32).
+        """
+        n = res.numel()
+        a = (torch.empty(n) if n > CHUNK_ELEMS else self.scratch.f32[0][:n]).view(res.shape).copy_(raws[0])
+        fa = a.reshape(-1)
+        a2 = float(torch.dot(fa, fa))
+        torch.mul(a, sum(w), out=res)
+        d = (torch.empty(n) if n > CHUNK_ELEMS else self.scratch.err[:n]).view(res.shape)
+        for k in range(1, len(raws)):
+            torch.sub(raws[k], a, out=d)
+            fd = d.reshape(-1)
+            self.stats.diag.setdefault(k, {}).setdefault(where, Diag()).add_sums(
+                a2, float(torch.dot(fd, fd)), float(torch.dot(fa, fd)))
+            res.add_(d, alpha=w[k])
 
     def tensor(self, key: str, shape: tuple[int, ...], out: torch.Tensor) -> None:
         """Merge ``key`` into ``out`` (save dtype, shape (rows, cols)), chunk by chunk."""
         plan, p, m = self.plan, self.params, self.method
         self.rows = shape[0] if shape else 1
-        cols = out.shape[1]
+        cols = self.cols = out.shape[1]
         w, b = _coefficients(plan, m, key, p["normalize"])
         n_models = len(plan.models)
         extra = None
@@ -372,13 +468,19 @@ class _Merger:
         where = block_key(key, plan.arch)
         amax = 0.0
         for ci, r0, r1 in _chunks(self.rows, cols):
-            xs = self._read(key, r0, r1, cols)
             n = (r1 - r0) * cols
             res = (torch.empty(n) if n > CHUNK_ELEMS else self.scratch.out[:n]).view(r1 - r0, cols)
+            chunk = self.reader.get(key, r0)
+            try:
+                if m == "weighted":
+                    self._weighted(chunk.raws, w, res, where)
+                    amax = max(amax, self._round(key, res, out[r0:r1]))
+                    continue
+                xs = self._f32(chunk.raws, (r1 - r0, cols))
+            finally:
+                chunk.release()
             ing, base = xs[:n_models], (xs[n_models] if plan.base is not None else None)
-            if m == "weighted":
-                methods.weighted(ing, w, res)
-            elif m == "add-difference":
+            if m == "add-difference":
                 methods.add_difference(ing[0], ing[1], base, w[1] * b, res)
             elif m == "ties":
                 methods.ties(base, ing, w, extra, p["scale"] * b, res)
@@ -484,14 +586,13 @@ def merge(models: Sequence[ModelSpec], output: str, *, method: str = "weighted",
     plan = plan_merge(models, method=method, base=base, blocks=blocks, vae_from=vae_from, te_from=te_from,
                       normalize=normalize)
     params = {"density": density, "drop": drop, "seed": seed, "scale": scale, "normalize": normalize}
-    gates = [ReadGate() for _ in plan.inputs]
-    hashers = [Hasher(inp.path, gate) for inp, gate in zip(plan.inputs, gates)]
+    hashers = [FedHasher(inp.path) for inp in plan.inputs]
     for h in hashers:
         h.start()
     try:
         with engine_threads():
             stats = _execute(plan, output, method, params, SAVE_DTYPES[save_dtype], save_dtype, overwrite, hashers,
-                             gates, say, cancel)
+                             say, cancel)
         for inp, h in zip(plan.inputs, hashers):
             inp.sha256 = h.digest
         report = _report(plan, method, params, stats, output, save_dtype, time.perf_counter() - t0)
@@ -515,8 +616,7 @@ class _Stats:
 
 
 def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code: str, save_dtype: str,
-             overwrite: bool, hashers: list[Hasher], gates: list[ReadGate], say: Progress,
-             cancel: threading.Event | None) -> _Stats:
+             overwrite: bool, hashers: list[FedHasher], say: Progress, cancel: threading.Event | None) -> _Stats:
     stats = _Stats()
     entries = []
     for k in plan.keys:
@@ -528,9 +628,12 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
     done = 0
     last = 0.0
     pool = Pool()
-    merger = _Merger(plan, method, params, stats, gates)
+    order = plan.models + ([plan.base] if plan.base is not None else [])
+    reader = _Reader(plan, [k for k in plan.keys if plan.actions[k].kind == "merge"], order, hashers)
+    merger = _Merger(plan, method, params, stats, reader)
     wt: WriterThread | None = None
     try:
+        reader.start()
         with StreamingWriter(output, entries, _metadata(plan, method, params, save_dtype,
                                                         [_HASH_PLACEHOLDER] * len(plan.inputs)),
                              overwrite=overwrite) as w:
@@ -559,8 +662,8 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
                     last = now
             wt.finish()
             say(0.96, "hashing the inputs")
-            for g in gates:
-                g.release()
+            for h in hashers:
+                h.finish()
             for h in hashers:
                 h.join()
                 if h.error is not None:
@@ -570,8 +673,21 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
             w.commit()
         return stats
     finally:
-        for g in gates:
-            g.release()
+        reader.stop.set()
+        while reader.is_alive():  # unblock and stop the reader, releasing what it queued
+            try:
+                item = reader.q.get(timeout=0.1)
+                if isinstance(item, _Chunk):
+                    item.release()
+            except queue.Empty:
+                pass
+        for h in hashers:
+            h.stop.set()
+            if h.is_alive():
+                try:
+                    h.q.put_nowait(None)
+                except queue.Full:
+                    pass
         if wt is not None and wt.is_alive():
             wt.stop.set()
             drain(wt.q)
