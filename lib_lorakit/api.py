@@ -82,6 +82,70 @@ class DiffOut(BaseModel):
     shape_mismatch: List[str]
 
 
+class TriggerCandidateOut(BaseModel):
+    tag: str
+    share: float = Field(..., description="Share of the training images whose captions carry the tag")
+    count: int
+    score: float
+    evidence: List[str]
+
+
+class InspectOut(BaseModel):
+    lora: str = Field(..., description="The name asked for (or the host's list name)")
+    file: str
+    architecture: Optional[str] = Field(None, description="sd15, sdxl, or null when undetermined")
+    algorithms: List[str] = Field(default_factory=list, description="LoRA, LoCon, LoHa, LoKr, DoRA, ...")
+    rank: Optional[int] = None
+    alpha: Optional[float] = None
+    components: List[str] = Field(default_factory=list, description="unet, te1, te2")
+    trigger: Optional[str] = Field(None, description="The real trigger, or null when there is none")
+    trigger_reason: str = ""
+    trigger_candidates: List[TriggerCandidateOut] = Field(default_factory=list)
+    most_frequent_tags: List[str] = Field(default_factory=list, description="What the images share; not the trigger")
+    kind: str = Field("", description="passive or trigger-dependent")
+    kind_evidence: List[str] = Field(default_factory=list)
+    baking: str = ""
+    category: str = ""
+    category_detail: Dict[str, Any] = Field(default_factory=dict)
+    max_safe_strength: Optional[float] = None
+    max_safe_reason: str = ""
+    family: Dict[str, Any] = Field(default_factory=dict)
+    structure: Dict[str, Any] = Field(default_factory=dict, description="Modules, ranks/alphas and their spread, blocks")
+    training: Dict[str, Any] = Field(default_factory=dict, description="kohya/modelspec metadata, folders, tag counts")
+    weight_stats: Optional[Dict[str, Any]] = Field(None, description="Per-block |dW| (relative with a checkpoint)")
+    warnings: List[str] = Field(default_factory=list)
+    error: Optional[str] = Field(None, description="Set (and little else) when the file could not be read")
+
+
+class InspectIn(BaseModel):
+    loras: List[str] = Field(default_factory=list, description="LoRA names from the host's list")
+    all: bool = Field(False, description="Inspect every LoRA in the host's list instead")
+    checkpoint: Optional[str] = Field(None, description="The checkpoint they will be used with (cross-lineage ceilings)")
+    weights: bool = Field(False, description="Per-block weight statistics (reads the tensors; slower)")
+
+
+class InspectManyOut(BaseModel):
+    reports: List[InspectOut]
+
+
+class UserMetadataIn(BaseModel):
+    lora: str
+    activation_text: Optional[str] = Field(None, description="Written to the WebUI's 'activation text'")
+    preferred_weight: Optional[float] = Field(None, description="Written to the WebUI's 'preferred weight'")
+
+
+class UserMetadataOut(BaseModel):
+    path: str
+    before: Dict[str, Any]
+    after: Dict[str, Any]
+
+
+class StrengthsIO(BaseModel):
+    max_safe_strength: Dict[str, float] = Field(default_factory=dict, description="category -> ceiling")
+    cross_lineage: Dict[str, float] = Field(default_factory=dict,
+                                            description="'LoRA lineage>checkpoint lineage' -> ceiling, '*>*' default")
+
+
 class JobRef(BaseModel):
     job_id: str
 
@@ -203,6 +267,42 @@ def build_router(service: Lorakit, credentials: dict[str, str] | None = None) ->
     @_guard
     def diff(body: DiffIn):
         return service.diff(body.a, body.b)
+
+    @r.get("/inspect", response_model=InspectOut, responses=responses,
+           summary="What a LoRA really is: family, network, real trigger, kind, category, max-safe strength")
+    @_guard
+    def inspect_one(lora: str, checkpoint: Optional[str] = None, weights: bool = False):
+        rep = service.inspect([lora], checkpoint=checkpoint, weights=weights)[0]
+        if "error" in rep:
+            return _error(400, "FormatError", rep["error"])
+        return rep
+
+    @r.post("/inspect", response_model=InspectManyOut, responses=responses, summary="Inspect several LoRAs (or all)")
+    @_guard
+    def inspect_many(body: InspectIn):
+        reps = service.inspect(body.loras, all_loras=body.all, checkpoint=body.checkpoint, weights=body.weights)
+        return {"reports": reps}
+
+    @r.post("/inspect/user-metadata", response_model=UserMetadataOut, responses=responses,
+            summary="Write a trigger and strength into the WebUI's per-LoRA user metadata (<lora>.json)")
+    @_guard
+    def user_metadata(body: UserMetadataIn):
+        return service.write_user_metadata(body.lora, body.activation_text, body.preferred_weight)
+
+    @r.get("/inspect/strengths", response_model=StrengthsIO, summary="The max-safe strength tables in use")
+    @_guard
+    def strengths():
+        st = service.settings()
+        return {"max_safe_strength": st["max_safe_strength"], "cross_lineage": st["cross_lineage"]}
+
+    @r.put("/inspect/strengths", response_model=StrengthsIO, responses=responses,
+           summary="Change entries of the max-safe strength tables (merged key by key)")
+    @_guard
+    def set_strengths(body: StrengthsIO):
+        changes = {k: v for k, v in (("max_safe_strength", body.max_safe_strength),
+                                     ("cross_lineage", body.cross_lineage)) if v}
+        st = service.update_settings(changes)
+        return {"max_safe_strength": st["max_safe_strength"], "cross_lineage": st["cross_lineage"]}
 
     @r.get("/jobs", response_model=List[JobOut], summary="All recent jobs, newest first")
     @_guard

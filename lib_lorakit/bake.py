@@ -176,11 +176,14 @@ def _likely_cause(unmatched: list[tuple[str, str]], total: int) -> str:
     return "some layer names do not exist in this checkpoint (another model variant, or a damaged file)."
 
 
-def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unmatched: bool = False) -> Plan:
+def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unmatched: bool = False,
+              index: TargetIndex | None = None) -> Plan:
     """Open and validate everything, and decide where every LoRA module goes.
 
     Nothing is written and no tensor value is read: shapes come from the headers.
     Raises the error a user should see (exit code 2) on any problem.
+    ``index`` reuses a prebuilt :class:`TargetIndex` of ``base`` (the inspector matches many LoRAs
+    against one layout).
     """
     if not specs:
         raise RecipeError("The recipe has no LoRA.", fix="Add at least one --lora PATH[:STRENGTH].")
@@ -191,7 +194,7 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
         shapes = base.shapes()
         fam = detect_checkpoint(shapes, base.metadata, base_path)
         arch = ARCHS[fam.arch]
-        index = TargetIndex(shapes, arch)
+        index = index if index is not None and index.arch is arch else TargetIndex(shapes, arch)
         weights: dict[str, list[Contribution]] = {}
         biases: dict[str, list[tuple[Contribution, str]]] = {}
         warnings: list[str] = []

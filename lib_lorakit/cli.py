@@ -122,6 +122,40 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_paths, render
+    from .inspect import usermeta
+    from .settings import load
+
+    settings = load(args.data_dir) if args.data_dir else None
+    reports = inspect_paths(args.lora, checkpoint=args.checkpoint, weights=args.weights, settings=settings,
+                            progress=_progress_printer(not args.quiet and not args.json))
+    if not reports:
+        raise RecipeError(f"No LoRA files (.safetensors, .ckpt, .pt) found in {', '.join(args.lora)}.")
+    failed = 0
+    for rep in reports:
+        if "error" in rep:
+            failed += 1
+        elif args.write_user_metadata:
+            res = usermeta.write(rep["file"], activation_text=rep["trigger"] or "",
+                                 preferred_weight=rep["max_safe_strength"] or None, arch=rep["architecture"])
+            rep["user_metadata_written"] = res
+        if args.json:
+            print(json.dumps(rep, ensure_ascii=False), flush=True)
+        else:
+            print(render(rep, tags=args.tags), flush=True)
+            if rep.get("user_metadata_written"):
+                print(f"  wrote {rep['user_metadata_written']['path']}: {rep['user_metadata_written']['after']}\n")
+    if not args.json and len(reports) > 1:
+        kinds = {k: sum(r.get("kind") == k for r in reports) for k in ("passive", "trigger-dependent")}
+        print(f"{len(reports)} files: {kinds['passive']} passive, {kinds['trigger-dependent']} trigger-dependent, "
+              f"{failed} unreadable")
+    if failed:
+        print(f"error: {failed} of {len(reports)} file(s) could not be read (see above).", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -194,6 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("--json", action="store_true")
     df.add_argument("-q", "--quiet", action="store_true")
     df.set_defaults(func=cmd_diff)
+
+    i = sub.add_parser("inspect", help="what a LoRA really is: family, network, real trigger, kind, category, "
+                                        "max-safe strength",
+                       description="Inspect LoRA files (folders are scanned recursively). Reads headers only, "
+                                   "unless --weights asks for per-block weight statistics.")
+    i.add_argument("lora", nargs="+", help="LoRA files or folders")
+    i.add_argument("--checkpoint", metavar="CKPT",
+                   help="the checkpoint it will be used with: family checks and cross-lineage ceilings (its header "
+                        "only); with --weights, ‖ΔW‖/‖W‖ per block")
+    i.add_argument("--weights", action="store_true",
+                   help="per-block ‖ΔW‖ at strength 1, relative to --checkpoint's weights when given (reads tensors)")
+    i.add_argument("--json", action="store_true", help="one JSON object per file, one per line")
+    i.add_argument("--tags", type=int, default=12, help="tags shown per training folder (12)")
+    i.add_argument("--data-dir", metavar="DIR",
+                   help="lorakit's data folder, for the edited max-safe strength table (settings.json)")
+    i.add_argument("--write-user-metadata", action="store_true",
+                   help="write the trigger and max-safe strength into each LoRA's <name>.json (the WebUI's "
+                        "'activation text' and 'preferred weight'), keeping its other fields")
+    i.add_argument("-q", "--quiet", action="store_true")
+    i.set_defaults(func=cmd_inspect)
 
     u = sub.add_parser("ui", help="serve the lorakit tab and /lorakit/v1 API locally, without a WebUI")
     u.add_argument("--models-dir", required=True, help="checkpoint folder (the host's Stable-diffusion folder)")

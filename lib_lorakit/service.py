@@ -206,3 +206,52 @@ class Lorakit:
         from .merge.diff import diff
 
         return diff(self.resolve_checkpoint(a), self.resolve_checkpoint(b))
+
+    # --- inspect -------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        from .settings import load
+
+        return load(self.host.data_dir())
+
+    def update_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
+        from .settings import update
+
+        return update(self.host.data_dir(), changes)
+
+    def inspect(self, names: list[str] | None = None, *, all_loras: bool = False, checkpoint: str | None = None,
+                weights: bool = False, progress=None, cancel=None) -> list[dict[str, Any]]:
+        """Inspect LoRAs by name (or every LoRA in the host's list); headers only unless ``weights``."""
+        from .inspect import inspect_paths
+
+        if all_loras:
+            entries = self.loras()
+            paths = [e.path for e in entries]
+            label = {e.path: e.name for e in entries}
+        else:
+            if not names:
+                raise RecipeError("No LoRA to inspect.", fix="Give one or more LoRA names from the list.")
+            paths, label = [], {}
+            for n in names:
+                path = self.resolve_lora(n)
+                paths.append(path)
+                label[path] = n
+        ckpt = self.resolve_checkpoint(checkpoint) if checkpoint else None
+        reports = inspect_paths(paths, checkpoint=ckpt, weights=weights, settings=self.settings(),
+                                progress=progress, cancel=cancel)
+        for r in reports:
+            r["lora"] = label.get(r["file"], os.path.splitext(os.path.basename(r["file"]))[0])
+        return reports
+
+    def write_user_metadata(self, name: str, activation_text: str | None, preferred_weight: float | None
+                            ) -> dict[str, Any]:
+        """Write the trigger / strength into the host's per-LoRA user metadata, then refresh its list."""
+        from .inspect import usermeta
+        from .inspect.structure import read_structure
+        from .formats.sources import open_source
+
+        path = self.resolve_lora(name)
+        with open_source(path) as src:
+            arch = read_structure(src).arch
+        res = usermeta.write(path, activation_text=activation_text, preferred_weight=preferred_weight, arch=arch)
+        self.host.refresh_loras()
+        return res

@@ -201,8 +201,11 @@ def make_lora(arch: str, algo: str = "lora", *, rank: int = 4, alpha: float = 2.
     """
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
+    layout = load_layout(ARCHS[arch].layout)
     for name, shape, key, rows in kohya_modules(arch, conv=conv, te=te, tiny=tiny):
         tensors = module_tensors(algo, shape, rank=rank, alpha=alpha, g=g, std=std)
+        if "diff_b" in tensors and (rows is not None or key[: -len("weight")] + "bias" not in layout):
+            del tensors["diff_b"]  # LyCORIS stores a bias difference only where the layer has a bias
         if algo == "dora" and base is not None:
             w = base.read(key).float()
             w = w[rows[0]:rows[1]] if rows else w
@@ -217,3 +220,57 @@ def make_lora(arch: str, algo: str = "lora", *, rank: int = 4, alpha: float = 2.
 def write_lora(path: str, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                overwrite: bool = False) -> str:
     return save_file(sd, path, metadata, overwrite=overwrite)
+
+
+def kohya_metadata(arch: str, *, output_name: str, folders: dict[str, tuple[int, list[tuple[str, int]]]],
+                   dim: int = 4, alpha: float = 2.0, network_module: str = "networks.lora",
+                   network_args: dict | None = None, keep_tokens: int = 0, base_model: str | None = None,
+                   epochs: int = 10, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Metadata as kohya's train_network.py writes it (every value a string, JSON where kohya uses JSON).
+
+    Args:
+        folders: image folder name (kohya style "10_name") -> (image count, [(tag, captions with it), ...]),
+            tags in the order they first appear in the captions.
+    """
+    import json
+    import time
+
+    steps = sum(n * int(name.split("_", 1)[0]) if name.split("_", 1)[0].isdigit() else n
+                for name, (n, _) in folders.items()) * epochs
+    meta = {
+        "ss_session_id": "1234567890", "ss_training_started_at": str(time.time() - 3600),
+        "ss_output_name": output_name, "ss_learning_rate": "0.0001", "ss_text_encoder_lr": "5e-05",
+        "ss_unet_lr": "0.0001", "ss_num_train_images": str(sum(n for n, _ in folders.values())),
+        "ss_num_reg_images": "0", "ss_num_batches_per_epoch": str(steps // epochs), "ss_num_epochs": str(epochs),
+        "ss_epoch": str(epochs), "ss_batch_size_per_device": "1", "ss_total_batch_size": "1",
+        "ss_gradient_checkpointing": "True", "ss_gradient_accumulation_steps": "1", "ss_max_train_steps": str(steps),
+        "ss_lr_warmup_steps": "0", "ss_lr_scheduler": "cosine", "ss_network_module": network_module,
+        "ss_network_dim": str(dim), "ss_network_alpha": f"{alpha:g}" if alpha != int(alpha) else f"{alpha:.1f}",
+        "ss_mixed_precision": "bf16", "ss_full_fp16": "False", "ss_v2": "False",
+        "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1",
+        "ss_clip_skip": "None" if arch == "sdxl" else "2", "ss_max_token_length": "None", "ss_cache_latents": "True",
+        "ss_seed": "42", "ss_lowram": "False", "ss_noise_offset": "None", "ss_min_snr_gamma": "5.0",
+        "ss_sd_model_name": base_model or ("sd_xl_base_1.0.safetensors" if arch == "sdxl" else "v1-5-pruned-emaonly.safetensors"),
+        "ss_resolution": "(1024, 1024)" if arch == "sdxl" else "(512, 512)", "ss_optimizer": "bitsandbytes.optim.adamw.AdamW8bit",
+        "ss_color_aug": "False", "ss_flip_aug": "False", "ss_random_crop": "False", "ss_shuffle_caption": "True",
+        "ss_enable_bucket": "True", "ss_bucket_no_upscale": "True", "ss_min_bucket_reso": "256",
+        "ss_max_bucket_reso": "2048", "ss_keep_tokens": str(keep_tokens), "ss_caption_dropout_rate": "0.0",
+        "ss_caption_dropout_every_n_epochs": "0", "ss_caption_tag_dropout_rate": "0.0",
+        "ss_dataset_dirs": json.dumps({name: {"n_repeats": int(name.split("_", 1)[0]) if name.split("_", 1)[0].isdigit()
+                                              else 1, "img_count": n} for name, (n, _) in folders.items()}),
+        "ss_reg_dataset_dirs": json.dumps({}),
+        "ss_tag_frequency": json.dumps({name: dict(tags) for name, (_, tags) in folders.items()}),
+        "ss_bucket_info": json.dumps({"buckets": {}, "mean_img_ar_error": 0.0}),
+        "ss_training_finished_at": str(time.time()), "ss_steps": str(steps),
+        "sshs_model_hash": "0" * 64, "sshs_legacy_hash": "00000000",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ("stable-diffusion-xl-v1-base/lora" if arch == "sdxl" else "stable-diffusion-v1/lora"),
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl"
+        else "diffusers",
+        "modelspec.title": output_name, "modelspec.resolution": "1024x1024" if arch == "sdxl" else "512x512",
+        "modelspec.prediction_type": "epsilon",
+    }
+    if network_args:
+        meta["ss_network_args"] = json.dumps({k: str(v) for k, v in network_args.items()})
+    meta.update(extra or {})
+    return meta

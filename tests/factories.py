@@ -9,32 +9,15 @@ import os
 import torch
 
 from lib_lorakit.formats.safetensors_io import TORCH_TO_CODE, save_file
-from lib_lorakit.formats.sources import TensorSource
+from lib_lorakit.formats.sources import LayoutSource
 from lib_lorakit.synth import make_lora, write_checkpoint
 
 SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 REFERENCE = os.path.join(SHARED, "reference")
 
-_CODES = {"float32": "F32", "float16": "F16", "int64": "I64", "bfloat16": "BF16"}
 
-
-class ShapeSource(TensorSource):
-    """A tensor source that only knows names, shapes and dtypes (no values)."""
-
-    def __init__(self, table: dict[str, tuple[tuple[int, ...], str]], path: str = "<shapes>",
-                 metadata: dict[str, str] | None = None):
-        self.path = path
-        self.table = table
-        self.metadata = dict(metadata or {})
-
-    def keys(self) -> list[str]:
-        return list(self.table)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.table[key][0])
-
-    def dtype(self, key: str) -> str:
-        return _CODES[self.table[key][1]]
+class ShapeSource(LayoutSource):
+    """A layout-only source that fails the test if anything reads a value."""
 
     def read(self, key: str, out=None) -> torch.Tensor:  # pragma: no cover - never called by planning
         raise AssertionError(f"planning must not read values ({key})")
@@ -79,5 +62,15 @@ def numel(shape) -> int:
     return math.prod(shape)
 
 
-__all__ = ["ShapeSource", "reference", "tiny_checkpoint", "tiny_lora", "write", "files_in", "rel_err", "SHARED",
-           "REFERENCE", "TORCH_TO_CODE"]
+__all__ = [
+    "REFERENCE",
+    "SHARED",
+    "TORCH_TO_CODE",
+    "ShapeSource",
+    "files_in",
+    "reference",
+    "rel_err",
+    "tiny_checkpoint",
+    "tiny_lora",
+    "write",
+]

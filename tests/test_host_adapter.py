@@ -121,7 +121,11 @@ def test_extension_registers_tab_settings_routes_and_cleans_up(webui):
     reg["on_app_started"][0](None, app)
     reg["on_app_started"][0](None, app)  # a UI reload: no doubled routes
     routes = [(r.path, tuple(sorted(r.methods))) for r in app.router.routes if r.path.startswith("/lorakit/v1")]
-    assert len(routes) == len(set(routes)) == 7 and ("/lorakit/v1/bake", ("POST",)) in routes
+    from lib_lorakit.api import build_router
+
+    expected = {(r.path, tuple(sorted(r.methods))) for r in build_router(extension._state["service"]).routes}
+    assert len(routes) == len(set(routes)) == len(expected) >= 12 and set(routes) == expected
+    assert ("/lorakit/v1/bake", ("POST",)) in routes and ("/lorakit/v1/inspect", ("GET",)) in routes
     with TestClient(app) as c:
         assert c.get("/lorakit/v1/jobs").json() == []
     reg["on_script_unloaded"][0]()

@@ -20,6 +20,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -49,9 +50,8 @@ MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 _READ_CHUNK = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives in a safetensors file."""
+class TensorInfo(NamedTuple):
+    """Where one tensor lives in a safetensors file (a tuple: headers hold thousands of them)."""
 
     name: str
     dtype: str  # safetensors code, e.g. "F16"
@@ -126,33 +126,49 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     data_start = 8 + n
     data_size = size - data_start
     tensors: dict[str, TensorInfo] = {}
+    sizes = {k: v[1] for k, v in DTYPES.items()}
     for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise _bad(path, f"entry for tensor {name!r} is not an object")
-        dtype = entry.get("dtype")
-        shape = entry.get("shape")
-        offs = entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
-                or offs[0] < 0 or offs[1] < offs[0]):
-            raise _bad(path, f"tensor {name!r} has invalid data_offsets {offs!r}")
-        expected = math.prod(shape) * DTYPES[dtype][1]
-        if offs[1] - offs[0] != expected:
-            raise _bad(path, f"tensor {name!r}: shape {shape} x {dtype} needs {expected} bytes but its span holds {offs[1] - offs[0]}")
-        if offs[1] > data_size:
-            raise _bad(path, f"tensor {name!r} ends at byte {offs[1]} of the data area, but the file holds only "
-                             f"{data_size} data bytes; the file is truncated",
-                       fix="The download or copy was interrupted. Download the file again.")
-        tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + offs[0], data_start + offs[1])
+        try:  # the common case in one go; anything odd falls through to the checks that name the problem
+            dtype, shape, (o0, o1) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape_t = tuple(shape)
+            ok = (type(shape) is list and type(o0) is int and type(o1) is int and 0 <= o0 <= o1 <= data_size
+                  and all(type(d) is int and d >= 0 for d in shape_t)
+                  and o1 - o0 == math.prod(shape_t) * sizes[dtype])
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            _explain(path, name, entry, data_size)
+        tensors[name] = TensorInfo(name, dtype, shape_t, data_start + o0, data_start + o1)
 
     spans = sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.start)
     for a, b in zip(spans, spans[1:]):
         if b.start < a.end:
             raise _bad(path, f"tensors {a.name!r} and {b.name!r} overlap in the file")
     return tensors, metadata
+
+
+def _explain(path: str, name: str, entry: object, data_size: int) -> None:
+    """Raise the error that names what is wrong with one header entry."""
+    if not isinstance(entry, dict):
+        raise _bad(path, f"entry for tensor {name!r} is not an object")
+    dtype = entry.get("dtype")
+    shape = entry.get("shape")
+    offs = entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
+            or offs[0] < 0 or offs[1] < offs[0]):
+        raise _bad(path, f"tensor {name!r} has invalid data_offsets {offs!r}")
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if offs[1] - offs[0] != expected:
+        raise _bad(path, f"tensor {name!r}: shape {shape} x {dtype} needs {expected} bytes but its span holds {offs[1] - offs[0]}")
+    if offs[1] > data_size:
+        raise _bad(path, f"tensor {name!r} ends at byte {offs[1]} of the data area, but the file holds only "
+                         f"{data_size} data bytes; the file is truncated",
+                   fix="The download or copy was interrupted. Download the file again.")
+    raise _bad(path, f"tensor {name!r} has an invalid entry {entry!r}")  # pragma: no cover - all cases above
 
 
 _SEEK_LOCK = threading.Lock()  # Windows has no pread: seek + read must not interleave between threads
@@ -188,6 +204,7 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = os.fspath(path)
         self.tensors, self.metadata = read_header(self.path)
+        self._keys: list[str] | None = None
         self._fd: int | None = os.open(self.path, os.O_RDONLY)
 
     # --- context management -------------------------------------------------------
@@ -217,7 +234,9 @@ class SafetensorsFile:
 
     def keys(self) -> list[str]:
         """Tensor names in file order."""
-        return [t.name for t in sorted(self.tensors.values(), key=lambda t: (t.start, t.name))]
+        if self._keys is None:
+            self._keys = [t.name for t in sorted(self.tensors.values(), key=lambda t: (t.start, t.name))]
+        return list(self._keys)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

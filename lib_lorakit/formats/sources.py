@@ -98,6 +98,10 @@ class SafetensorsSource(TensorSource):
     def read_rows(self, key: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.file.read_rows(key, r0, r1, out)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        t = self.file.tensors
+        return {k: t[k].shape for k in self._keys}
+
     def close(self) -> None:
         self.file.close()
 
@@ -125,6 +129,36 @@ class DictSource(TensorSource):
 
     def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.tensors[key].detach().contiguous()
+
+
+_DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32"}
+
+
+class LayoutSource(TensorSource):
+    """Names, shapes and dtypes only (a key layout): for planning and matching, never for values.
+
+    ``table`` maps key -> (shape, dtype) where dtype is a safetensors code ("F16") or a
+    torch-style name ("float16") as the layout files store it.
+    """
+
+    def __init__(self, table: Mapping[str, tuple[tuple[int, ...], str]], path: str = "<layout>",
+                 metadata: Mapping[str, str] | None = None):
+        self.path = path
+        self.table = dict(table)
+        self.metadata = dict(metadata or {})
+
+    def keys(self) -> list[str]:
+        return list(self.table)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.table[key][0])
+
+    def dtype(self, key: str) -> str:
+        d = self.table[key][1]
+        return _DTYPE_NAMES.get(d, d)
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        raise FormatError(f"{self.path} holds only the key layout; tensor {key!r} has no values.")
 
 
 def _load_pickle(path: str) -> dict:

@@ -1,0 +1,329 @@
+"""What a LoRA really is: family, algorithm, rank/alpha, training tags, the real trigger,
+passive vs trigger-dependent, category and maximum safe strength.
+
+    >>> from lib_lorakit.inspect import inspect_paths
+    >>> reports = inspect_paths(["models/Lora"])          # headers only
+    >>> reports[0]["trigger"], reports[0]["kind"], reports[0]["max_safe_strength"]
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import LorakitError
+from ..formats.arch import ARCHS, Family, detect_checkpoint
+from ..formats.safetensors_io import read_header
+from ..formats.sources import open_source
+from ..hosts import LORA_EXTS
+from .category import classify, cross_lineage_ceiling, max_safe
+from .metadata import Training, read_training
+from .structure import ALGORITHM_LABELS, Structure, read_structure
+from .tokens import ClipBPE, clip_bpe
+from .trigger import decide, rank_candidates
+
+__all__ = ["inspect_file", "inspect_paths", "collect_files", "render", "checkpoint_family"]
+
+
+@dataclass
+class _Parsed:
+    path: str
+    training: Training
+    structure: Structure
+    size: int
+
+
+def collect_files(paths: Iterable[str]) -> list[str]:
+    """Files named, and LoRA files below folders named (recursive, sorted)."""
+    out: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                           if f.lower().endswith(LORA_EXTS) and not f.startswith("."))
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise LorakitError(f"{p}: no such file or folder.", fix="Check the path.")
+    return list(dict.fromkeys(out))
+
+
+def checkpoint_family(path: str) -> Family:
+    """The family (arch, lineage) of a checkpoint from its header alone."""
+    if path.endswith(".safetensors"):
+        tensors, meta = read_header(path)
+        return detect_checkpoint({k: t.shape for k, t in tensors.items()}, meta, path)
+    with open_source(path) as src:
+        return detect_checkpoint(src.shapes(), src.metadata, path)
+
+
+def _parse(path: str, read_alphas: bool) -> _Parsed:
+    with open_source(path) as src:
+        tr = read_training(src.metadata, path)
+        st = read_structure(src, tr.network_args, read_alphas=read_alphas)
+    return _Parsed(path=path, training=tr, structure=st, size=os.path.getsize(path))
+
+
+def _names(p: _Parsed) -> list[str]:
+    stem = os.path.splitext(os.path.basename(p.path))[0]
+    out = [stem]
+    for k in ("ss_output_name",):
+        v = p.training.value(k)
+        if isinstance(v, str) and v:
+            out.append(v)
+    if p.training.modelspec.get("title"):
+        out.append(p.training.modelspec["title"])
+    return list(dict.fromkeys(out))
+
+
+def _top_tags(tr: Training, n: int = 12) -> list[str]:
+    merged: Counter = Counter()
+    for f in tr.folders:
+        if not f.is_reg:
+            merged.update(f.tags)
+    return [t for t, _ in merged.most_common(n)]
+
+
+def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict[str, Any] | None,
+            collection: Counter | None, size: int) -> dict[str, Any]:
+    tr, st = p.training, p.structure
+    warnings = list(tr.warnings)
+    fam = st.family
+    names = _names(p)
+    cands = rank_candidates(tr, names, bpe, collection, size)
+    verdict = decide(tr, cands, st.components)
+    has_captions = any(f.tags for f in tr.folders)
+    cat = classify(tr, names, verdict.trigger, st.components, has_captions)
+    table = (settings or {}).get("max_safe_strength")
+    strength = max_safe(cat.name, table)
+    strength_reason = f"{cat.name} ceiling {strength:g}"
+
+    # lineage: tags like score_9 mark Pony training even without a name hint
+    lineage = [n for n, _ in fam.lineage]
+    if "Pony" not in lineage and any(t.startswith("score_") for t in _top_tags(tr, 40)):
+        fam.lineage.append(("Pony", "training captions carry score_* tags"))
+        lineage.append("Pony")
+    if ckpt is not None:
+        if ckpt.arch != st.arch and st.arch is not None:
+            warnings.append(f"made for {ARCHS[st.arch].label if st.arch in ARCHS else st.arch}, the checkpoint is "
+                            f"{ckpt.label}: it cannot be used there.")
+            strength = 0.0
+            strength_reason = "wrong architecture for the checkpoint"
+        else:
+            ceil = cross_lineage_ceiling(lineage, [n for n, _ in ckpt.lineage], (settings or {}).get("cross_lineage"))
+            if ceil is not None and ceil[0] < strength:
+                strength = ceil[0]
+                strength_reason = f"{ceil[1]}: cross-lineage ceiling {ceil[0]:g}"
+                warnings.append(f"{ceil[1]} ({'; '.join(e for _, e in fam.lineage)} vs "
+                                f"{'; '.join(e for _, e in ckpt.lineage)}): keep it at or below {ceil[0]:g}.")
+            if fam.vpred is not None and ckpt.vpred is not None and fam.vpred != ckpt.vpred:
+                warnings.append(f"trained for {'v' if fam.vpred else 'epsilon'}-prediction, the checkpoint is "
+                                f"{'v' if ckpt.vpred else 'epsilon'}-prediction.")
+    if st.arch is None:
+        warnings.append("the architecture could not be determined from the keys or the metadata.")
+    if st.unmatched:
+        warnings.append(f"{len(st.unmatched)} module(s) match no layer of the {ARCHS[st.arch].label if st.arch in ARCHS else ''} "
+                        f"layout (first: {st.unmatched[0][0]}: {st.unmatched[0][1]}); baking it would fail.")
+    if st.embeddings:
+        warnings.append(f"bundled embedding(s) {', '.join(st.embeddings)}: they only work at generation time.")
+    if not tr.folders and tr.trainer == "unknown" and not tr.modelspec:
+        warnings.append("no training metadata in the file: trigger and category rest on the name alone.")
+    if tr.folders and not has_captions:
+        warnings.append("training folders are listed but carry no tag statistics (captions were not recorded).")
+    top_raw = _top_tags(tr, 5)
+    if top_raw and verdict.trigger not in top_raw[:1]:
+        shown = ", ".join(top_raw)
+        if verdict.trigger:
+            note = f"the most frequent tags ({shown}) are what the images share, not the trigger ({verdict.trigger!r})"
+        else:
+            note = f"the most frequent tags ({shown}) are what the images share; none of them is a trigger"
+        warnings.append(note)
+
+    rank, alpha = st.main_rank(), st.main_alpha()
+    return {
+        "file": p.path,
+        "name": os.path.splitext(os.path.basename(p.path))[0],
+        "size_bytes": p.size,
+        "architecture": st.arch,
+        "architecture_label": ARCHS[st.arch].label if st.arch in ARCHS else "unknown",
+        "family": fam.as_dict(),
+        "algorithms": [ALGORITHM_LABELS.get(a, a) for a in st.algorithms],
+        "rank": rank,
+        "alpha": alpha,
+        "scale": (alpha / rank) if (alpha is not None and rank) else None,
+        "components": st.components,
+        "structure": st.as_dict(),
+        "training": tr.as_dict(),
+        "trigger": verdict.trigger,
+        "trigger_reason": verdict.reason,
+        "trigger_candidates": [c.as_dict() for c in verdict.candidates[:8]],
+        "most_frequent_tags": top_raw,
+        "kind": verdict.kind,
+        "kind_evidence": verdict.kind_evidence,
+        "baking": verdict.baking,
+        "category": cat.name,
+        "category_detail": cat.as_dict(),
+        "max_safe_strength": round(strength, 3),
+        "max_safe_reason": strength_reason,
+        "clip_vocabulary": bpe.source if bpe else None,
+        "warnings": warnings,
+    }
+
+
+def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weights: bool = False,
+                  settings: dict[str, Any] | None = None, workers: int = 8,
+                  progress: Callable[[float, str], None] | None = None,
+                  cancel: threading.Event | None = None) -> list[dict[str, Any]]:
+    """Inspect every LoRA in ``paths`` (folders recursively). Headers only unless ``weights``.
+
+    ``checkpoint`` (read from its header) adds the family checks and cross-lineage ceilings, and
+    with ``weights`` makes the per-block statistics relative to its weights.
+
+    A file that cannot be read yields ``{"file", "error"}`` instead of stopping the scan.
+    With several files, tags that are top tags of many LoRAs count against being a trigger.
+    """
+    files = collect_files(paths)
+    ckpt = checkpoint_family(checkpoint) if checkpoint else None
+    bpe = clip_bpe()
+    deep = weights
+    parsed: dict[str, _Parsed | dict] = {}
+    done = 0
+    lock = threading.Lock()
+
+    def one(path: str):
+        nonlocal done
+        if cancel is not None and cancel.is_set():
+            return
+        try:
+            parsed[path] = _parse(path, deep)
+        except LorakitError as e:
+            parsed[path] = {"file": path, "error": str(e)}
+        with lock:
+            done += 1
+            if progress:
+                progress(0.5 * done / max(1, len(files)) if deep else done / max(1, len(files)),
+                         f"read {done}/{len(files)}")
+
+    if len(files) > 1 and workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            list(ex.map(one, files))
+    else:
+        for f in files:
+            one(f)
+    collection: Counter = Counter()
+    ok = [p for p in parsed.values() if isinstance(p, _Parsed)]
+    for p in ok:
+        collection.update(set(_top_tags(p.training)))
+    out: list[dict[str, Any]] = []
+    for i, path in enumerate(files):
+        if cancel is not None and cancel.is_set():
+            break
+        p = parsed.get(path)
+        if p is None:
+            continue
+        if isinstance(p, dict):
+            out.append(p)
+            continue
+        rep = _report(p, bpe, ckpt, settings, collection, len(ok))
+        if deep and p.structure.arch in ARCHS:
+            from .weights import weight_stats
+            try:
+                ws = weight_stats(path, p.structure.arch, checkpoint if ckpt and ckpt.arch == p.structure.arch else None,
+                                  cancel)
+                rep["weight_stats"] = ws.as_dict()
+                rep["warnings"].extend(ws.hints)
+            except LorakitError as e:
+                rep["warnings"].append(f"weight statistics unavailable: {e}")
+            if progress:
+                progress(0.5 + 0.5 * (i + 1) / len(files), f"weights {i + 1}/{len(files)}")
+        out.append(rep)
+    return out
+
+
+def inspect_file(path: str, **kw) -> dict[str, Any]:
+    """Inspect one LoRA file (see :func:`inspect_paths`); raises on an unreadable file."""
+    rep = inspect_paths([path], **kw)[0]
+    if "error" in rep:
+        raise LorakitError(rep["error"])
+    return rep
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def render(rep: dict[str, Any], *, tags: int = 12) -> str:
+    """A readable report (what the CLI prints and the tab shows)."""
+    if "error" in rep:
+        return f"{rep['file']}\n  ERROR: {rep['error']}\n"
+    st = rep["structure"]
+    tr = rep["training"]
+    L = [f"{rep['file']}"]
+    fam = rep["family"]
+    lin = ", ".join(f"{x['lineage']} ({x['evidence']})" for x in fam["lineage"])
+    L.append(f"  model      {rep['architecture_label']}" + (f"  · lineage {lin}" if lin else "") +
+             (f"  · {'v' if fam['vpred'] else 'epsilon'}-prediction" if fam["vpred"] is not None else ""))
+    rs = st["rank_spread"]
+    spread = f" (ranks {rs['min']}–{rs['max']})" if rs and rs["min"] != rs["max"] else ""
+    al = st["alpha_spread"]
+    aspread = f" (alphas {al['min']:g}–{al['max']:g})" if al and al["min"] != al["max"] else ""
+    L.append(f"  network    {', '.join(rep['algorithms']) or 'none recognised'} · rank {rep['rank']}{spread} · "
+             f"alpha {_fmt(rep['alpha'])}{aspread} [{st['alpha_source']}] · {st['modules']} modules "
+             f"({', '.join(f'{c} {n}' for c, n in st['modules_per_component'].items())})"
+             + (f" · {st['conv_modules']} conv (rank {st['conv_rank']})" if st["conv_modules"] else ""))
+    if st["blocks"]:
+        L.append("  blocks     " + " ".join(f"{b}:{n}" for b, n in st["blocks"].items()))
+    L.append(f"  trainer    {tr['trainer']}")
+    for f, v in tr["fields"].items():
+        if f in ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_num_epochs", "ss_epoch",
+                 "ss_steps", "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_resolution",
+                 "ss_keep_tokens", "ss_caption_dropout_rate", "ss_optimizer", "ss_network_module"):
+            L.append(f"    {f[3:]:<22} {_fmt(v)}")
+    if tr["network_args"]:
+        L.append(f"    {'network_args':<22} " + ", ".join(f"{k}={v}" for k, v in tr["network_args"].items()))
+    for k, v in tr["modelspec"].items():
+        if k in ("title", "author", "description", "trigger_phrase", "usage_hint", "tags", "merged_from"):
+            L.append(f"    {k:<22} {' '.join(str(v).split())[:100]}")
+    for f in tr["folders"]:
+        head = f"  folder     {f['name']}: {f['images'] if f['images'] is not None else '?'} images"
+        head += f" × {f['repeats']} repeats" if f["repeats"] else ""
+        head += " (regularisation)" if f["is_reg"] else ""
+        L.append(head)
+        if f["tags"]:
+            L.append("             " + ", ".join(
+                f"{t['tag']} {t['share']:.0%}" if t["share"] is not None else f"{t['tag']} ×{t['count']}"
+                for t in f["tags"][:tags]) + (f", … ({f['distinct_tags']} tags)" if f["distinct_tags"] > tags else ""))
+    L.append(f"  trigger    {rep['trigger']!r}" if rep["trigger"] else "  trigger    none")
+    L.append(f"             {rep['trigger_reason']}")
+    for c in rep["trigger_candidates"][:3]:
+        L.append(f"             · {c['tag']!r} score {c['score']:.1f}: {'; '.join(c['evidence'])}")
+    L.append(f"  kind       {rep['kind']}: " + "; ".join(rep["kind_evidence"]))
+    L.append(f"             {rep['baking']}")
+    cd = rep["category_detail"]
+    L.append(f"  category   {rep['category']} ({cd['confidence_label']} confidence)"
+             + (f": {'; '.join(cd['evidence'])}" if cd["evidence"] else ""))
+    L.append(f"  max safe   {rep['max_safe_strength']:g} ({rep['max_safe_reason']})")
+    ws = rep.get("weight_stats")
+    if ws:
+        what = "‖ΔW‖/‖W‖ at strength 1" if ws["relative"] else "‖ΔW‖ at strength 1 (no checkpoint given)"
+        L.append(f"  weights    {what}:")
+        vals = [(b["block"], b["relative"] if ws["relative"] else b["delta_norm"]) for b in ws["blocks"]]
+        top = max((v for _, v in vals if v is not None), default=0) or 1
+        for b, v in vals:
+            if v is None:
+                continue
+            bar = "█" * max(1, round(24 * v / top))
+            L.append(f"             {b:<6} {(f'{v:.2%}' if ws['relative'] else f'{v:.4g}'):>9} {bar}")
+        if ws["skipped_count"]:
+            L.append(f"             ({ws['skipped_count']} module(s) skipped: {ws['skipped'][0]})")
+    for w in rep["warnings"]:
+        L.append(f"  warning    {w}")
+    return "\n".join(L) + "\n"

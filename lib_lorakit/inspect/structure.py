@@ -1,0 +1,215 @@
+"""What a LoRA file contains: algorithms, ranks and alphas, trained components and blocks.
+
+The file's modules are matched against the real key layout of the architecture it was
+made for (the same matching the bake uses, against a layout instead of a checkpoint), so
+the report knows each module's component and UNet block without any model on disk.
+Only the header is read; alphas come from the trainer's metadata when it states them
+and agrees with the file's shapes, otherwise from the tiny alpha tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..bake import LoraSpec, plan_bake
+from ..errors import ArchitectureError, MatchError
+from ..formats.arch import ARCHS, Family, detect_lora, load_layout
+from ..formats.sources import LayoutSource, TensorSource
+from ..networks import algorithm_name
+from ..networks.base import scalar
+from ..networks.resolve import TargetIndex, parse_keys
+
+ALGORITHM_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA",
+                    "doha": "DoRA (LoHa)", "dokr": "DoRA (LoKr)", "full": "full (diff)", "norm": "norm",
+                    "ia3": "(IA)³", "glora": "GLoRA", "oft": "OFT", "boft": "BOFT"}
+
+
+@dataclass
+class Module:
+    name: str
+    algorithm: str
+    component: str
+    block: str | None
+    conv: bool  # a 3x3 (or larger) convolution
+    rank: int | None
+    shape: tuple[int, ...]
+    params: dict[str, str]
+    alpha: float | None = None
+
+
+@dataclass
+class Structure:
+    arch: str | None
+    family: Family
+    modules: list[Module] = field(default_factory=list)
+    unmatched: list[tuple[str, str]] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)
+    alpha_source: str = ""  # "metadata", "tensors", "none in file"
+
+    @property
+    def algorithms(self) -> list[str]:
+        c = Counter(m.algorithm for m in self.modules)
+        return [a for a, _ in c.most_common()]
+
+    @property
+    def components(self) -> list[str]:
+        present = {m.component for m in self.modules}
+        return [c for c in ("unet", "te1", "te2") if c in present]
+
+    def ranks(self) -> list[int]:
+        return [m.rank for m in self.modules if m.rank]
+
+    def main_rank(self) -> int | None:
+        r = self.ranks()
+        return Counter(r).most_common(1)[0][0] if r else None
+
+    def main_alpha(self) -> float | None:
+        main = self.main_rank()
+        a = [m.alpha for m in self.modules if m.alpha is not None and m.rank == main]
+        return Counter(a).most_common(1)[0][0] if a else None
+
+    def blocks(self) -> dict[str, int]:
+        out: Counter = Counter(m.block for m in self.modules if m.block)
+        return dict(out)
+
+    def as_dict(self) -> dict[str, Any]:
+        ranks = self.ranks()
+        alphas = [m.alpha for m in self.modules if m.alpha is not None]
+        arch = ARCHS.get(self.arch) if self.arch else None
+        order = {b: i for i, b in enumerate(arch.blocks)} if arch else {}
+        per_comp = Counter(m.component for m in self.modules)
+        return {
+            "modules": len(self.modules),
+            "modules_per_component": dict(per_comp),
+            "algorithms": self.algorithms,
+            "algorithm_counts": dict(Counter(m.algorithm for m in self.modules)),
+            "rank": self.main_rank(),
+            "rank_spread": {"min": min(ranks), "max": max(ranks), "distinct": sorted(set(ranks))} if ranks else None,
+            "alpha": self.main_alpha(),
+            "alpha_spread": {"min": min(alphas), "max": max(alphas), "distinct": sorted(set(alphas))[:16]}
+            if alphas else None,
+            "alpha_source": self.alpha_source,
+            "conv_modules": sum(m.conv for m in self.modules),
+            "conv_rank": Counter(m.rank for m in self.modules if m.conv and m.rank).most_common(1)[0][0]
+            if any(m.conv and m.rank for m in self.modules) else None,
+            "blocks": dict(sorted(self.blocks().items(), key=lambda kv: order.get(kv[0], 99))),
+            "unmatched": [{"module": m, "reason": r} for m, r in self.unmatched[:20]],
+            "unmatched_count": len(self.unmatched),
+            "embeddings": self.embeddings,
+        }
+
+
+@functools.cache
+def _layout_index(arch: str) -> tuple[LayoutSource, TargetIndex]:
+    base = LayoutSource(load_layout(ARCHS[arch].layout), path=f"<{ARCHS[arch].label} layout>")
+    return base, TargetIndex(base.shapes(), ARCHS[arch])
+
+
+def _plan(src: TensorSource, arch: str):
+    base, index = _layout_index(arch)
+    return plan_bake(base, [LoraSpec(path=src.path, source=src)], allow_unmatched=True, index=index)
+
+
+def _declared_alpha(meta: dict[str, str], args: dict[str, Any], modules: list[Module]) -> dict[str, float] | None:
+    """Alphas per module class from kohya's metadata, when present and consistent with the shapes.
+
+    kohya (networks/lora.py) and LyCORIS give Linear and 1x1 convolutions ``network_dim`` /
+    ``network_alpha``, larger kernels ``conv_dim`` / ``conv_alpha``. Block-wise dims or
+    alphas, "Dynamic" values (resized LoRAs) or ranks that disagree send us to the tensors.
+    """
+    if any(k in args for k in ("block_alphas", "conv_block_alphas", "block_dims", "conv_block_dims")):
+        return None
+    try:
+        dim = int(meta["ss_network_dim"])
+        alpha = float(meta["ss_network_alpha"])
+    except (KeyError, ValueError, TypeError):
+        return None
+    conv_dim = conv_alpha = None
+    if "conv_dim" in args:
+        try:
+            conv_dim = int(args["conv_dim"])
+            conv_alpha = float(args.get("conv_alpha", 1.0))
+        except (TypeError, ValueError):
+            return None
+    for m in modules:
+        if m.rank is None:
+            continue
+        expect = conv_dim if m.conv else dim
+        if expect is None or m.rank != min(expect, *(m.shape[:2] if len(m.shape) >= 2 else (expect,))):
+            return None
+    out = {"linear": alpha}
+    if conv_alpha is not None:
+        out["conv"] = conv_alpha
+    return out
+
+
+def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, read_alphas: bool = False) -> Structure:
+    """Match a LoRA's modules to its architecture's layout (header only, unless alphas must be read).
+
+    Args:
+        src: the open LoRA file.
+        args: kohya ``ss_network_args`` (parsed), for conv alphas.
+        read_alphas: always read the alpha tensors, even where the metadata states them.
+    """
+    shapes = src.shapes()
+    fam = detect_lora(shapes, src.metadata, src.path)
+    st = Structure(arch=fam.arch, family=fam)
+    archs = [fam.arch] if fam.arch in ARCHS else ([] if fam.arch else list(ARCHS))
+    best = None
+    for a in archs:
+        try:
+            plan = _plan(src, a)
+        except (MatchError, ArchitectureError):
+            continue
+        n = sum(len(cs) for cs in plan.weights.values())
+        if best is None or n > best[1]:
+            best = (plan, n, a)
+    if best is None:
+        parsed = parse_keys(shapes)
+        st.embeddings = sorted(parsed.embeddings)
+        st.unmatched = [(m, "no layout of a known architecture has it") for m in parsed.modules]
+        return st
+    plan, _, arch = best
+    st.embeddings = sorted(plan.loras[0].parsed.embeddings)
+    st.arch = arch
+    if fam.arch is None:
+        fam.arch = arch
+        fam.evidence.append(f"module names and shapes match the {ARCHS[arch].label} layout")
+    lstate = plan.loras[0]
+    st.unmatched = list(lstate.unmatched)
+    lshapes = shapes
+    for key, contribs in plan.weights.items():
+        for c in contribs:
+            pshapes = {p: tuple(lshapes[k]) for p, k in c.params.items()}
+            alg = algorithm_name(c.alg, c.params)
+            if alg == "lora" and len(c.target.shape) == 4 and c.target.shape[2:] != (1, 1):
+                alg = "locon"
+            st.modules.append(Module(name=c.module, algorithm=alg, component=c.target.component, block=c.target.block,
+                                     conv=len(c.target.shape) == 4 and tuple(c.target.shape[2:]) != (1, 1),
+                                     rank=c.alg.rank(pshapes), shape=tuple(c.target.shape), params=dict(c.params)))
+    st.modules.sort(key=lambda m: m.name)
+    with_alpha = [m for m in st.modules if "alpha" in m.params]
+    if not with_alpha:
+        st.alpha_source = "none in file (scale 1)" if st.modules else ""
+        return st
+    declared = None if read_alphas else _declared_alpha(src.metadata, args or {}, st.modules)
+    if declared is not None:
+        for m in with_alpha:
+            m.alpha = declared.get("conv" if m.conv else "linear", declared["linear"])
+        st.alpha_source = "metadata"
+    else:
+        for m in with_alpha:
+            v = scalar({"alpha": src.read(m.params["alpha"])}, "alpha")
+            m.alpha = float(v) if v is not None else None
+        st.alpha_source = "tensors"
+    return st
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}

@@ -1,0 +1,173 @@
+"""The real trigger of a LoRA, and whether the LoRA needs it (trigger-dependent) or not (passive).
+
+The WebUI shows a LoRA's most frequent training tags as "trigger words"; those are
+``1girl, solo, long hair`` — what the images have in common, not what activates the
+LoRA. A trigger is a tag that (1) sits in (nearly) every caption, (2) is rare as text, so
+the text encoder had nothing attached to it before training (a made-up word splits into
+several CLIP tokens), and usually (3) comes first in the captions (kohya's keep_tokens
+pins it there) or names the image folder / the LoRA itself. Each candidate carries the
+evidence for its score; below the threshold the answer is "no trigger".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .metadata import Training
+from .tokens import ClipBPE, is_generic, rarity
+
+TRIGGER_THRESHOLD = 3.0
+MIN_SHARE = 0.6  # a trigger is in (nearly) every caption of its folder
+
+
+@dataclass
+class Candidate:
+    tag: str
+    share: float  # of the training images (non-regularisation folders)
+    count: int
+    score: float = 0.0
+    evidence: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tag": self.tag, "share": round(self.share, 3), "count": self.count, "score": round(self.score, 2),
+                "evidence": self.evidence}
+
+
+@dataclass
+class Verdict:
+    trigger: str | None
+    candidates: list[Candidate]
+    reason: str  # why this trigger, or why none
+    kind: str  # "passive" | "trigger-dependent"
+    kind_evidence: list[str]
+    baking: str  # what the kind means for baking
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "", s.lower())
+
+
+def _name_hit(tag: str, names: list[str]) -> str | None:
+    t = _norm(tag)
+    if len(t) < 3:
+        return None
+    for n in names:
+        nn = _norm(n)
+        if len(nn) >= 3 and (t in nn or (len(nn) >= 4 and nn in t)):
+            return n
+    return None
+
+
+def rank_candidates(tr: Training, names: list[str], bpe: ClipBPE | None,
+                    collection_counts: dict[str, int] | None = None, collection_size: int = 0) -> list[Candidate]:
+    """Score every tag that is in most captions of some training folder.
+
+    Args:
+        tr: parsed training metadata.
+        names: the file name, output name and title, for "the tag names the LoRA".
+        bpe: CLIP's tokenizer when available (rarity by token split), else an estimate.
+        collection_counts: tag -> number of LoRAs in the scanned collection whose top tags include it.
+        collection_size: how many LoRAs were scanned together.
+    """
+    folders = [f for f in tr.folders if not f.is_reg and f.tags]
+    if not folders:
+        return []
+    total_images = sum(f.images or max(f.tags.values()) for f in folders)
+    counts: dict[str, int] = {}
+    for f in folders:
+        for t, c in f.tags.items():
+            counts[t] = counts.get(t, 0) + c
+    cands: list[Candidate] = []
+    for tag, count in counts.items():
+        share = min(1.0, count / total_images) if total_images else 0.0
+        if share < MIN_SHARE * 0.5:
+            continue
+        c = Candidate(tag=tag, share=share, count=count)
+        c.score += 2.0 * share
+        c.evidence.append(f"in {count} of {total_images} captions ({share:.0%})")
+        if is_generic(tag):
+            c.score -= 4.0
+            c.evidence.append("a generic description/quality tag, never a trigger")
+        r, why = rarity(tag, bpe)
+        c.score += 2.0 * r
+        c.evidence.append(f"rarity {r:.2f}: {why}")
+        for f in folders:
+            pos = list(f.tags).index(tag) if tag in f.tags else -1
+            keep = f.keep_tokens if f.keep_tokens is not None else tr.keep_tokens
+            if 0 <= pos < max(1, keep):
+                c.score += 1.5 if keep >= 1 else 1.0
+                c.evidence.append(f"first tag of folder {f.name!r}'s captions" +
+                                  (f" (kept in place by keep_tokens={keep})" if keep >= 1 else ""))
+                break
+        for f in folders:
+            if f.class_tokens and (_norm(tag) == _norm(f.class_tokens) or
+                                   _norm(tag) in {_norm(w) for w in f.class_tokens.split()}):
+                c.score += 2.0
+                c.evidence.append(f"is the class token of folder {f.name!r}")
+                break
+        hit = _name_hit(tag, names)
+        if hit:
+            c.score += 1.5
+            c.evidence.append(f"matches the LoRA's name {hit!r}")
+        if collection_counts and collection_size >= 5:
+            n = collection_counts.get(tag, 0)
+            if n > max(2, collection_size // 20):
+                c.score -= 2.0
+                c.evidence.append(f"also a top tag of {n} of the {collection_size} LoRAs scanned with it")
+        if share < MIN_SHARE:
+            c.score -= 1.0
+            c.evidence.append(f"missing from {1 - share:.0%} of the captions")
+        cands.append(c)
+    for trig, src in tr.declared_triggers:
+        for c in cands:
+            if _norm(c.tag) and _norm(c.tag) in _norm(trig):
+                c.score += 3.0
+                c.evidence.append(f"declared by the author in {src}")
+    cands.sort(key=lambda c: (-c.score, -c.share, c.tag))
+    return cands
+
+
+def decide(tr: Training, cands: list[Candidate], components: list[str]) -> Verdict:
+    """Pick the trigger (or none) and classify the LoRA as passive or trigger-dependent."""
+    top = cands[0] if cands else None
+    trigger = None
+    if tr.declared_triggers and not (top and top.score >= TRIGGER_THRESHOLD):
+        trigger, src = tr.declared_triggers[0]
+        reason = f"declared by the author in {src} (the captions do not confirm it)" if cands else \
+            f"declared by the author in {src} (no caption statistics in the file)"
+    elif top and top.score >= TRIGGER_THRESHOLD and top.share >= MIN_SHARE and not is_generic(top.tag):
+        trigger = top.tag
+        reason = f"{top.tag!r}: " + "; ".join(e for e in top.evidence if not e.startswith("rarity 0.00"))
+        if len(cands) > 1 and cands[1].score >= TRIGGER_THRESHOLD and cands[1].share >= MIN_SHARE \
+                and not is_generic(cands[1].tag):
+            reason += f". Runner-up {cands[1].tag!r} (score {cands[1].score:.1f}) may be part of it."
+    elif not cands:
+        reason = "no trigger: the file has no caption statistics (ss_tag_frequency) and no declared trigger"
+    else:
+        best = top.tag if top else ""
+        reason = (f"no trigger: no tag is both in nearly every caption and rare, first or named after the LoRA "
+                  f"(best {best!r} scored {top.score:.1f} < {TRIGGER_THRESHOLD})") if top else "no trigger"
+
+    dep, pas = [], []
+    if trigger:
+        dep.append(f"a dominant activation tag {trigger!r}")
+    elif cands:
+        pas.append("captions carry no dominant rare tag (diffuse tags)")
+    te = [c for c in components if c in ("te1", "te2")]
+    if te:
+        dep.append(f"the text encoder{'s' if len(te) > 1 else ''} ({', '.join(te)}) were trained")
+    elif components:
+        pas.append("UNet only (no text-encoder modules)")
+    if tr.keep_tokens >= 1:
+        dep.append(f"keep_tokens = {tr.keep_tokens} (the first caption tag was pinned)")
+    score = len(dep) - len(pas) + (1 if trigger else 0)
+    kind = "trigger-dependent" if trigger and score >= 1 else "passive"
+    if kind == "trigger-dependent":
+        baking = (f"Baked into a checkpoint it stays tied to {trigger!r}: without the trigger in the prompt the effect "
+                  "is weak. Keep it as a runtime LoRA, or bake and always prompt the trigger.")
+    else:
+        baking = "Works without a trigger word, so it bakes cleanly: the baked model shows it in every image."
+    return Verdict(trigger=trigger, candidates=cands, reason=reason, kind=kind,
+                   kind_evidence=[f"+ {d}" for d in dep] + [f"- {p}" for p in pas], baking=baking)
