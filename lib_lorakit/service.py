@@ -242,6 +242,27 @@ class Lorakit:
             r["lora"] = label.get(r["file"], os.path.splitext(os.path.basename(r["file"]))[0])
         return reports
 
+    def start_inspect_all(self, checkpoint: str | None = None, weights: bool = False) -> Job:
+        """Inspect every LoRA in the host's list as a job (read-only: it does not take the queue lock)."""
+        import time
+
+        ckpt = checkpoint
+        if ckpt:
+            self.resolve_checkpoint(ckpt)  # refuse bad names before starting
+
+        def run(job: Job) -> dict[str, Any]:
+            job.mark_running("reading headers")
+            t0 = time.perf_counter()
+            reps = self.inspect(all_loras=True, checkpoint=ckpt, weights=weights, progress=job.update,
+                                cancel=job.cancel_event)
+            if job.cancel_event.is_set():
+                from .errors import Cancelled
+
+                raise Cancelled("Inspection cancelled.")
+            return {"reports": reps, "seconds": time.perf_counter() - t0}
+
+        return self.jobs.submit("inspect", {"all": True, "checkpoint": checkpoint, "weights": weights}, run)
+
     def write_user_metadata(self, name: str, activation_text: str | None, preferred_weight: float | None
                             ) -> dict[str, Any]:
         """Write the trigger / strength into the host's per-LoRA user metadata, then refresh its list."""

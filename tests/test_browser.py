@@ -2,6 +2,7 @@
 the report, and find the output file. Needs Playwright and Debian's Chromium (/usr/bin/chromium);
 skips without them unless LORAKIT_REQUIRE_BROWSER=1 (CI sets it)."""
 
+import json
 import os
 import shutil
 import socket
@@ -12,7 +13,7 @@ import time
 import pytest
 from factories import write
 
-from lib_lorakit.synth import make_lora, write_checkpoint
+from lib_lorakit.synth import kohya_metadata, make_lora, write_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = os.environ.get("LORAKIT_CHROMIUM", "/usr/bin/chromium")
@@ -133,3 +134,43 @@ def test_merge_in_the_browser(server):
     assert "browser-merge.safetensors" in summary and "weight 0.7" in summary and "weight 0.2" in summary
     assert "VAE copied from sdxl-base" in summary
     assert (ckpt / "browser-merge.safetensors").exists()
+
+
+def test_inspect_in_the_browser(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, ckpt = server
+    loras = ckpt.parent / "Lora"
+    meta = kohya_metadata("sd15", output_name="zkwgirl", keep_tokens=1, dim=2, alpha=1.0, folders={
+        "10_zkwgirl": (20, [("zkwgirl", 20), ("1girl", 20), ("solo", 20), ("red hair", 19)])})
+    write(loras, "zkwgirl.safetensors", make_lora("sd15", "lora", rank=2, alpha=1.0, tiny=False, conv=False), meta)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(url)
+        page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Inspect").first.click(
+            timeout=60_000)
+        page.locator("#lorakit_inspect_refresh").click()  # the LoRA was added after start-up
+        page.wait_for_timeout(1000)
+        pick(page, "lorakit_inspect_lora", "zkwgirl")
+        page.locator("#lorakit_inspect_run").click()
+        page.wait_for_function("document.querySelector('#lorakit_inspect_report').innerText.includes('trigger-dependent')",
+                               timeout=60_000)
+        report = page.locator("#lorakit_inspect_report").first.inner_text()
+        act = page.locator("#lorakit_inspect_act textarea, #lorakit_inspect_act input").first.input_value()
+        page.locator("#lorakit_inspect_write").click()
+        page.wait_for_selector("#lorakit_inspect_confirm", state="visible", timeout=30_000)
+        assert not (loras / "zkwgirl.json").exists()  # nothing is written before the confirmation
+        page.locator("#lorakit_inspect_confirm").click()
+        page.wait_for_function("document.querySelector('#lorakit_inspect_written').innerText.includes('Wrote')",
+                               timeout=30_000)
+        page.locator("#lorakit_inspect_all").click()
+        page.wait_for_function("document.querySelector('#lorakit_inspect_report').innerText.includes('LoRAs')",
+                               timeout=60_000)
+        table = page.locator("#lorakit_inspect_summary").first.inner_text()
+        browser.close()
+    assert "zkwgirl" in report and "character" in report and act == "zkwgirl"
+    data = json.loads((loras / "zkwgirl.json").read_text())
+    assert data["activation text"] == "zkwgirl" and data["preferred weight"] == 0.9
+    assert "ink" in table and "grain" in table and "zkwgirl" in table

@@ -23,7 +23,11 @@ IDS = ["lorakit_tabs", "lorakit_tab_bake", "lorakit_bake_base", "lorakit_bake_re
        "lorakit_merge_add", "lorakit_merge_preset", "lorakit_merge_models", "lorakit_merge_method", "lorakit_merge_base",
        "lorakit_merge_blocks", "lorakit_merge_vae", "lorakit_merge_te", "lorakit_merge_output", "lorakit_merge_run",
        "lorakit_merge_cancel", "lorakit_merge_progress", "lorakit_merge_summary", "lorakit_merge_chart",
-       "lorakit_diff_a", "lorakit_diff_b", "lorakit_diff_run", "lorakit_diff_table", "lorakit_diff_chart"]
+       "lorakit_diff_a", "lorakit_diff_b", "lorakit_diff_run", "lorakit_diff_table", "lorakit_diff_chart",
+       "lorakit_tab_inspect", "lorakit_inspect_lora", "lorakit_inspect_ckpt", "lorakit_inspect_weights",
+       "lorakit_inspect_run", "lorakit_inspect_all", "lorakit_inspect_report", "lorakit_inspect_act",
+       "lorakit_inspect_pref", "lorakit_inspect_write", "lorakit_inspect_confirm", "lorakit_inspect_summary",
+       "lorakit_inspect_strengths", "lorakit_inspect_lineages", "lorakit_inspect_save"]
 
 
 def test_tab_builds_with_every_control(tmp_path):
@@ -35,8 +39,8 @@ def test_tab_builds_with_every_control(tmp_path):
     ids = {c.get("props", {}).get("elem_id") for c in cfg["components"]}
     missing = [i for i in IDS if i not in ids]
     assert not missing, f"gradio {gr.__version__}: missing {missing}"
-    assert len(cfg["dependencies"]) >= 12  # bake: refresh, add, tags, bake, check, cancel; merge: refresh, add,
-    # preset, merge, cancel, compare
+    assert len(cfg["dependencies"]) >= 19  # bake: refresh, add, tags, bake, check, cancel; merge: refresh, add,
+    # preset, merge, cancel, compare; inspect: refresh, inspect, scan, ask, confirm, dismiss, save
     json.dumps(cfg)  # serialisable, as the WebUI sends it to the browser
 
 
@@ -59,3 +63,22 @@ def test_merge_rows():
     assert [(m.name, m.weight) for m in models] == [("a.safetensors", 0.7), ("b.safetensors", 0.3)]
     with pytest.raises(LorakitError, match="weight 'x' is not a number"):
         rows_to_models([["a", "x"]])
+
+
+def test_inspect_report_markdown(tmp_path):
+    from factories import write
+
+    from lib_lorakit.inspect import inspect_file
+    from lib_lorakit.synth import kohya_metadata, make_lora
+    from lib_lorakit.ui.inspect_tab import report_md, summary_rows
+
+    meta = kohya_metadata("sd15", output_name="zkw", keep_tokens=1, dim=2, alpha=1.0, folders={
+        "10_zkw": (12, [("zkw", 12), ("1girl", 12), ("red <b>hair</b>", 11)])})
+    rep = inspect_file(write(tmp_path, "zkw.safetensors", make_lora("sd15", "lora", rank=2, alpha=1.0, tiny=False),
+                            meta))
+    md = report_md(rep)
+    assert "| `zkw` | trigger-dependent | character" in md and "**0.9**" in md
+    assert "&lt;b&gt;" in md and "<b>hair" not in md  # tags are escaped
+    assert "Folder `10_zkw`" in md and "12 images × 10 repeats" in md
+    row = summary_rows([rep, {"file": "/x/bad.safetensors", "lora": "bad", "error": "truncated"}])
+    assert row[0][:2] == ["zkw", "SD1.5"] and row[0][4] == "zkw" and row[1][1] == "unreadable"

@@ -6,6 +6,7 @@ import gradio as gr
 
 from ..service import Lorakit
 from .bake_tab import build_bake_tab
+from .inspect_tab import build_inspect_tab
 from .merge_tab import build_merge_tab
 
 
@@ -17,4 +18,6 @@ def build_ui(service: Lorakit, **blocks_kw) -> gr.Blocks:
                 build_bake_tab(service)
             with gr.Tab("Merge", elem_id="lorakit_tab_merge"):
                 build_merge_tab(service)
+            with gr.Tab("Inspect", elem_id="lorakit_tab_inspect"):
+                build_inspect_tab(service)
     return block
