@@ -35,7 +35,7 @@ from .formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_out
 from .formats.sources import TensorSource, open_source, sha256_file
 from .networks import ShapeProblem, algorithm_name, check_group, compute_delta, identify, needs_weight
 from .networks.base import Algorithm, Delta
-from .networks.resolve import ParsedKeys, Target, TargetIndex, candidates, explain_unknown, parse_keys
+from .networks.resolve import ParsedKeys, Target, TargetIndex, explain_unknown, parse_keys
 from .streaming import Hasher, Pool, ReadGate, WriterThread, drain, engine_threads, peak_rss_mb
 
 SAVE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -65,6 +65,7 @@ class LoraSpec:
     blocks: str | None = None
     name: str | None = None
     source: TensorSource | None = field(default=None, repr=False, compare=False)  # pre-opened (tests, API)
+    family: Family | None = field(default=None, repr=False, compare=False)  # already detected (inspector)
 
     @property
     def label(self) -> str:
@@ -146,7 +147,7 @@ def _open_lora(spec: LoraSpec, arch: Arch, base_path: str) -> tuple[TensorSource
     src = spec.source if spec.source is not None else open_source(spec.path)
     try:
         shapes = src.shapes()
-        fam = detect_lora(shapes, src.metadata, spec.path)
+        fam = spec.family if spec.family is not None else detect_lora(shapes, src.metadata, spec.path)
         if fam.arch == "sd2":
             raise ArchitectureError(f"{spec.path} is a LoRA for SD2.x ({'; '.join(fam.evidence)}).",
                                     fix="lorakit bakes into SD1.5 and SDXL checkpoints only.")
@@ -177,13 +178,13 @@ def _likely_cause(unmatched: list[tuple[str, str]], total: int) -> str:
 
 
 def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unmatched: bool = False,
-              index: TargetIndex | None = None) -> Plan:
+              index: TargetIndex | None = None, base_family: Family | None = None) -> Plan:
     """Open and validate everything, and decide where every LoRA module goes.
 
     Nothing is written and no tensor value is read: shapes come from the headers.
     Raises the error a user should see (exit code 2) on any problem.
-    ``index`` reuses a prebuilt :class:`TargetIndex` of ``base`` (the inspector matches many LoRAs
-    against one layout).
+    ``index`` and ``base_family`` reuse what an earlier call found for the same ``base`` (the
+    inspector matches many LoRAs against one layout).
     """
     if not specs:
         raise RecipeError("The recipe has no LoRA.", fix="Add at least one --lora PATH[:STRENGTH].")
@@ -192,7 +193,7 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
     loras: list[LoraState] = []
     try:
         shapes = base.shapes()
-        fam = detect_checkpoint(shapes, base.metadata, base_path)
+        fam = base_family if base_family is not None else detect_checkpoint(shapes, base.metadata, base_path)
         arch = ARCHS[fam.arch]
         index = index if index is not None and index.arch is arch else TargetIndex(shapes, arch)
         weights: dict[str, list[Contribution]] = {}
@@ -216,7 +217,7 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
                 if extra:
                     st.unmatched.append((module, f"unknown algorithm: {alg.id} does not use {', '.join(extra)}"))
                     continue
-                target, problem = index.lookup(candidates(module, arch))
+                target, problem = index.find(module)
                 if target is None:
                     st.unmatched.append((module, problem))
                     continue

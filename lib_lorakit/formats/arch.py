@@ -229,7 +229,8 @@ def detect_checkpoint(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[s
     return fam
 
 
-_LORA_SDXL_NAME = re.compile(r"(?:^|[._])(?:lora_te[12]_|text_encoder_2[._]|te2[._])")
+_LORA_SDXL_NAME = re.compile(r"(?:^|[._])(?:lora_te[12]_|text_encoder_2[._]|te2[._])", re.M)
+_LORA_CTX = re.compile(r"attn2_to_[kv]_(?:lora_down|lora_A|down)_weight$")
 # SD1.5 has one transformer layer per attention block; SDXL has 2 or 10.
 _LORA_XL_BLOCK = re.compile(r"transformer_blocks[._][1-9]")
 # Attention at the first level and the 10th-12th blocks exist only in SD1.x.
@@ -250,18 +251,21 @@ def detect_lora(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, st
     votes: dict[str, list[str]] = {}
 
     for k, shape in shapes.items():
+        if "attn2" not in k:
+            continue
         kn = k.replace(".", "_")
-        if re.search(r"attn2_to_[kv]_(?:lora_down|lora_A|down)_weight$", kn) or kn.endswith("attn2_processor_to_k_lora_down_weight"):
+        if _LORA_CTX.search(kn) or kn.endswith("attn2_processor_to_k_lora_down_weight"):
             ctx = shape[1] if len(shape) >= 2 else None
             arch = {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(ctx)
             if arch:
                 votes.setdefault(arch, []).append(f"{k} has input width {ctx}")
                 break
-    if any(_LORA_SDXL_NAME.search(k) for k in shapes):
+    blob = "\n".join(shapes)  # one regex pass over all names instead of one per key
+    if any(m in blob for m in ("lora_te1_", "lora_te2_", "text_encoder_2", "te2")) and _LORA_SDXL_NAME.search(blob):
         votes.setdefault("sdxl", []).append("text encoder 2 (CLIP-G) modules present")
-    if any(_LORA_XL_BLOCK.search(k) for k in shapes):
+    if _LORA_XL_BLOCK.search(blob):
         votes.setdefault("sdxl", []).append("UNet blocks with two or more transformer layers")
-    if any(_LORA_SD1_BLOCK.search(k) for k in shapes):
+    if _LORA_SD1_BLOCK.search("\n".join(k[:64] for k in shapes)):  # the block part is at the start of a name
         votes.setdefault("sd15", []).append("UNet blocks that only SD1.x has")
     bmv = metadata.get("ss_base_model_version", "")
     ms = metadata.get("modelspec.architecture", "")

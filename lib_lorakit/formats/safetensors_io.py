@@ -131,9 +131,10 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         try:  # the common case in one go; anything odd falls through to the checks that name the problem
             dtype, shape, (o0, o1) = entry["dtype"], entry["shape"], entry["data_offsets"]
             shape_t = tuple(shape)
+            n = math.prod(shape_t)  # an int only if every dimension is one (floats and strings fall out)
             ok = (type(shape) is list and type(o0) is int and type(o1) is int and 0 <= o0 <= o1 <= data_size
-                  and all(type(d) is int and d >= 0 for d in shape_t)
-                  and o1 - o0 == math.prod(shape_t) * sizes[dtype])
+                  and type(n) is int and (not shape_t or min(shape_t) >= 0) and True not in map(type(True).__instancecheck__, shape_t)
+                  and o1 - o0 == n * sizes[dtype])
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:

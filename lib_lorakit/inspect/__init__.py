@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import LorakitError
 from ..formats.arch import ARCHS, Family, detect_checkpoint
 from ..formats.safetensors_io import read_header
-from ..formats.sources import open_source
+from ..formats.sources import open_header, open_source
 from ..hosts import LORA_EXTS
 from .category import classify, cross_lineage_ceiling, max_safe
 from .metadata import Training, read_training
@@ -64,7 +64,7 @@ def checkpoint_family(path: str) -> Family:
 
 
 def _parse(path: str, read_alphas: bool) -> _Parsed:
-    with open_source(path) as src:
+    with open_header(path) as src:
         tr = read_training(src.metadata, path)
         st = read_structure(src, tr.network_args, read_alphas=read_alphas)
     return _Parsed(path=path, training=tr, structure=st, size=os.path.getsize(path))
@@ -177,7 +177,7 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
 
 
 def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weights: bool = False,
-                  settings: dict[str, Any] | None = None, workers: int = 8,
+                  settings: dict[str, Any] | None = None, workers: int = 4,
                   progress: Callable[[float, str], None] | None = None,
                   cancel: threading.Event | None = None) -> list[dict[str, Any]]:
     """Inspect every LoRA in ``paths`` (folders recursively). Headers only unless ``weights``.

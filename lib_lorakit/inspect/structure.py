@@ -17,7 +17,7 @@ from typing import Any
 
 from ..bake import LoraSpec, plan_bake
 from ..errors import ArchitectureError, MatchError
-from ..formats.arch import ARCHS, Family, detect_lora, load_layout
+from ..formats.arch import ARCHS, Family, detect_checkpoint, detect_lora, load_layout
 from ..formats.sources import LayoutSource, TensorSource
 from ..networks import algorithm_name
 from ..networks.base import scalar
@@ -104,14 +104,16 @@ class Structure:
 
 
 @functools.cache
-def _layout_index(arch: str) -> tuple[LayoutSource, TargetIndex]:
+def _layout_index(arch: str) -> tuple[LayoutSource, TargetIndex, Family]:
     base = LayoutSource(load_layout(ARCHS[arch].layout), path=f"<{ARCHS[arch].label} layout>")
-    return base, TargetIndex(base.shapes(), ARCHS[arch])
+    shapes = base.shapes()
+    return base, TargetIndex(shapes, ARCHS[arch]), detect_checkpoint(shapes, {}, base.path)
 
 
-def _plan(src: TensorSource, arch: str):
-    base, index = _layout_index(arch)
-    return plan_bake(base, [LoraSpec(path=src.path, source=src)], allow_unmatched=True, index=index)
+def _plan(src: TensorSource, arch: str, family: Family | None = None):
+    base, index, fam = _layout_index(arch)
+    return plan_bake(base, [LoraSpec(path=src.path, source=src, family=family)], allow_unmatched=True, index=index,
+                     base_family=fam)
 
 
 def _declared_alpha(meta: dict[str, str], args: dict[str, Any], modules: list[Module]) -> dict[str, float] | None:
@@ -162,7 +164,7 @@ def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, rea
     best = None
     for a in archs:
         try:
-            plan = _plan(src, a)
+            plan = _plan(src, a, fam if fam.arch == a else None)
         except (MatchError, ArchitectureError):
             continue
         n = sum(len(cs) for cs in plan.weights.values())

@@ -5,6 +5,7 @@ The registry is an ordered tuple: the first algorithm that claims a group wins.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -26,6 +27,7 @@ __all__ = ["ALGORITHMS", "Algorithm", "Delta", "ShapeProblem", "identify", "chec
            "algorithm_name", "needs_weight"]
 
 
+@functools.lru_cache(maxsize=1024)  # a handful of distinct parameter sets per file
 def identify(names: frozenset[str]) -> tuple[type[Algorithm] | None, list[str]]:
     """Pick the algorithm for a key group. Returns (algorithm, names it does not own)."""
     for alg in ALGORITHMS:

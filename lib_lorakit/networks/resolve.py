@@ -19,6 +19,7 @@ SDXL's second text encoder (CLIP-G) is stored in OpenCLIP layout: HF ``q_proj``/
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ class TargetIndex:
         self.arch = arch
         self.shapes = dict(shapes)
         self.ns: dict[str, dict[str, Target]] = {"unet": {}, "te1": {}, "te2": {}, "ckpt": {}}
+        self._memo: dict[str, tuple[Target | None, str]] = {}
         for key, shape in shapes.items():
             self._add_key(key, tuple(shape))
 
@@ -198,6 +200,13 @@ class TargetIndex:
         self._reg("te2", rel, whole)  # transformer.resblocks.N.attn.in_proj
         self._reg("ckpt", key[: -len("_weight")], whole)
 
+    def find(self, module: str) -> tuple[Target | None, str]:
+        """:meth:`lookup` of a LoRA module name, remembered (module names repeat across LoRA files)."""
+        hit = self._memo.get(module)
+        if hit is None:
+            hit = self._memo[module] = self.lookup(candidates(module, self.arch))
+        return hit
+
     def lookup(self, candidates: Iterable[tuple[str, str]]) -> tuple[Target | None, str]:
         """Find the target for (namespace, path) candidates. Returns (target, problem)."""
         hits: list[tuple[str, Target]] = []
@@ -252,6 +261,7 @@ class ParsedKeys:
     unknown: list[str] = field(default_factory=list)  # keys with no recognisable parameter name
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the same key names recur in every LoRA of an architecture
 def split_key(key: str) -> tuple[str, str] | None:
     """Split a LoRA key into (module name, internal parameter name); None if unrecognised."""
     m = _PROCESSOR.match(key)
