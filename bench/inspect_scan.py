@@ -13,7 +13,8 @@ Measured in the same run, each in its own process (interpreter start-up included
 - metadata-reader: what the WebUI and one-off scripts do — safetensors.safe_open, the
   metadata, ss_tag_frequency parsed and its top tags listed (no module matching);
 - lorakit: ``python -m lib_lorakit inspect DIR --json`` (every module matched against the
-  real layout, the trigger, the kind, the category).
+  real layout, the trigger, the kind, the category), with its default worker processes
+  (one per core, at most 8) and with ``--jobs 1`` (threads only, as inside the WebUI).
 
 "cold" drops the page cache first (root only; otherwise the run says so), "warm" repeats
 with the files cached.
@@ -221,13 +222,15 @@ def main() -> None:
     py = sys.executable
     lorakit = [py, "-c", CHILD_PRELUDE + "import sys; from lib_lorakit.cli import main; "
                "sys.exit(main(['inspect', sys.argv[1], '--json', '-q']))", work]
+    single = [py, "-c", CHILD_PRELUDE + "import sys; from lib_lorakit.cli import main; "
+              "sys.exit(main(['inspect', sys.argv[1], '--json', '-q', '--jobs', '1']))", work]
     reader = [py, "-c", METADATA_READER, work]
     results: dict[str, list[float]] = {}
     rss: dict[str, float] = {}
-    check = None
+    check = check1 = None
     for cache in ("cold", "warm"):
         for _ in range(args.repeat):
-            for name, cmd in (("metadata-reader", reader), ("lorakit", lorakit)):
+            for name, cmd in (("metadata-reader", reader), ("lorakit", lorakit), ("lorakit --jobs 1", single)):
                 if cache == "cold" and not drop_caches():
                     print("cannot drop the page cache (needs root): 'cold' runs are warm")
                 wall, peak, out = run_child(cmd)
@@ -235,6 +238,9 @@ def main() -> None:
                 rss[f"{name} {cache}"] = max(rss.get(f"{name} {cache}", 0), peak)
                 if name == "lorakit":
                     check = out
+                elif name == "lorakit --jobs 1":
+                    check1 = out
+    assert check == check1, "worker processes and a single process disagree"
     reps = [json.loads(line) for line in check.splitlines()]
     assert len(reps) == len(files), (len(reps), len(files))
     bad = [r for r in reps if "error" in r or r["structure"]["unmatched_count"]]

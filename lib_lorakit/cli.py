@@ -128,8 +128,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .settings import load
 
     settings = load(args.data_dir) if args.data_dir else None
+    jobs = args.jobs if args.jobs is not None else min(8, os.cpu_count() or 1)
     reports = inspect_paths(args.lora, checkpoint=args.checkpoint, weights=args.weights, settings=settings,
-                            progress=_progress_printer(not args.quiet and not args.json))
+                            processes=jobs, progress=_progress_printer(not args.quiet and not args.json))
     if not reports:
         raise RecipeError(f"No LoRA files (.safetensors, .ckpt, .pt) found in {', '.join(args.lora)}.")
     failed = 0
@@ -246,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--write-user-metadata", action="store_true",
                    help="write the trigger and max-safe strength into each LoRA's <name>.json (the WebUI's "
                         "'activation text' and 'preferred weight'), keeping its other fields")
+    i.add_argument("--jobs", type=int, metavar="N",
+                   help="worker processes for large folders (default: CPU cores, at most 8; 1 = none)")
     i.add_argument("-q", "--quiet", action="store_true")
     i.set_defaults(func=cmd_inspect)
 

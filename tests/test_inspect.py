@@ -215,6 +215,19 @@ def test_a_damaged_file_in_a_folder_scan(tmp_path, capsys):
     assert "truncated" in out[0]["error"] and out[1]["rank"] == 2
 
 
+def test_worker_processes_agree_with_threads(tmp_path):
+    for i in range(64):
+        meta = character_meta(name=f"char{i}") if i % 2 else style_meta(name=f"style{i}")
+        make = make_lora("sd15", "lora", rank=2, alpha=1.0, tiny=True, te=bool(i % 2), seed=i)
+        write(tmp_path, f"l{i:02d}.safetensors", make, meta)
+    (tmp_path / "zz_bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    threads = inspect_paths([str(tmp_path)], processes=0)
+    procs = inspect_paths([str(tmp_path)], processes=2)
+    assert len(procs) == 65 and procs[-1]["file"].endswith("zz_bad.safetensors") and "error" in procs[-1]
+    assert json.dumps(procs, sort_keys=True, default=str) == json.dumps(threads, sort_keys=True, default=str)
+    assert {r.get("kind") for r in procs[:-1]} == {"passive", "trigger-dependent"}
+
+
 # --- family and strengths --------------------------------------------------------------------------------
 
 

@@ -176,8 +176,15 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
     }
 
 
+def _parse_safe(args: tuple[str, bool]) -> _Parsed | dict:
+    try:
+        return _parse(*args)
+    except LorakitError as e:
+        return {"file": args[0], "error": str(e)}
+
+
 def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weights: bool = False,
-                  settings: dict[str, Any] | None = None, workers: int = 4,
+                  settings: dict[str, Any] | None = None, workers: int = 4, processes: int = 0,
                   progress: Callable[[float, str], None] | None = None,
                   cancel: threading.Event | None = None) -> list[dict[str, Any]]:
     """Inspect every LoRA in ``paths`` (folders recursively). Headers only unless ``weights``.
@@ -187,6 +194,11 @@ def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weight
 
     A file that cannot be read yields ``{"file", "error"}`` instead of stopping the scan.
     With several files, tags that are top tags of many LoRAs count against being a trigger.
+
+    Args:
+        workers: threads reading headers (overlaps disk reads).
+        processes: worker processes (spawned) for large scans, which are CPU-bound; 0 uses threads
+            only. The CLI uses processes; inside the WebUI only threads are used.
     """
     files = collect_files(paths)
     ckpt = checkpoint_family(checkpoint) if checkpoint else None
@@ -210,7 +222,20 @@ def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weight
                 progress(0.5 * done / max(1, len(files)) if deep else done / max(1, len(files)),
                          f"read {done}/{len(files)}")
 
-    if len(files) > 1 and workers > 1:
+    if processes > 1 and len(files) >= 64:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as ex:
+            for path, res in zip(files, ex.map(_parse_safe, [(f, deep) for f in files], chunksize=16)):
+                parsed[path] = res
+                done += 1
+                if progress:
+                    progress(0.5 * done / len(files) if deep else done / len(files), f"read {done}/{len(files)}")
+                if cancel is not None and cancel.is_set():
+                    ex.shutdown(wait=False, cancel_futures=True)
+                    break
+    elif len(files) > 1 and workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as ex:
             list(ex.map(one, files))
     else:

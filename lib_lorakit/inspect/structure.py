@@ -18,6 +18,7 @@ from typing import Any
 from ..bake import LoraSpec, plan_bake
 from ..errors import ArchitectureError, MatchError
 from ..formats.arch import ARCHS, Family, detect_checkpoint, detect_lora, load_layout
+from ..formats.safetensors_io import SafetensorsFile
 from ..formats.sources import LayoutSource, TensorSource
 from ..networks import algorithm_name
 from ..networks.base import scalar
@@ -204,8 +205,14 @@ def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, rea
             m.alpha = declared.get("conv" if m.conv else "linear", declared["linear"])
         st.alpha_source = "metadata"
     else:
+        keys = [m.params["alpha"] for m in with_alpha]
+        if src.path.lower().endswith(".safetensors"):
+            with SafetensorsFile(src.path) as f:
+                values = f.read_many(keys)
+        else:
+            values = {k: src.read(k) for k in keys}
         for m in with_alpha:
-            v = scalar({"alpha": src.read(m.params["alpha"])}, "alpha")
+            v = scalar({"alpha": values[m.params["alpha"]]}, "alpha")
             m.alpha = float(v) if v is not None else None
         st.alpha_source = "tensors"
     return st
