@@ -1,0 +1,1 @@
+"""Evaluation logic: image diagnostics and verdicts (tournament scoring and triage to come)."""

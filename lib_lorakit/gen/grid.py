@@ -1,0 +1,327 @@
+"""The LoRA strength grid: plan, evaluate, draw, summarise.
+
+Rows are LoRAs (or the epochs of one training run), columns strengths. Column 0 is always
+the baseline: the same prompt without the LoRA, the same seed. The user's prompt is kept
+exactly; only the tag of the LoRA under test is taken out and set per cell, so nothing
+else in the prompt changes between columns.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from ..errors import RecipeError
+from ..eval.image import compare
+from ..eval.verdict import judge
+from .run import Cell, Run
+
+MAX_CELLS = 2000
+DEFAULT_STEP = 0.25
+
+
+def parse_strengths(text: str | Sequence[float] | None, max_safe: float | None = None) -> list[float]:
+    """Strengths from ``"0, 0.25, 0.5"``, ``"0-1.5:0.25"`` (a range with a step; a mix is fine) or a list.
+
+    Empty: 0 to ``max_safe`` (default 1.0) in steps of 0.25 (the last step lands on ``max_safe``).
+    0 (the baseline) is always included, first; duplicates go; order is ascending.
+    """
+    vals: list[float] = []
+    if text is None or (isinstance(text, str) and not text.strip()):
+        top = float(max_safe) if max_safe else 1.0
+        n = max(1, math.ceil(top / DEFAULT_STEP - 1e-9))
+        vals = [round(top * i / n, 4) for i in range(n + 1)]
+    elif isinstance(text, str):
+        for part in re.split(r"[,\s]+", text.strip()):
+            if not part:
+                continue
+            m = re.fullmatch(r"(-?[\d.]+)\s*-\s*(-?[\d.]+)(?::([\d.]+))?", part)
+            try:
+                if m:
+                    a, b = float(m.group(1)), float(m.group(2))
+                    step = float(m.group(3)) if m.group(3) else DEFAULT_STEP
+                    if step <= 0:
+                        raise ValueError
+                    n = int(math.floor((b - a) / step + 1e-9))
+                    if n < 0 or n > 200:
+                        raise ValueError
+                    vals.extend(round(a + i * step, 4) for i in range(n + 1))
+                else:
+                    vals.append(float(part))
+            except ValueError:
+                raise RecipeError(f"Strengths: {part!r} is not a number or a range.",
+                                  fix="Write a list like 0, 0.25, 0.5 or a range like 0-1.5:0.25.") from None
+    else:
+        vals = [float(v) for v in text]
+    bad = [v for v in vals if not math.isfinite(v) or abs(v) > 10]
+    if bad:
+        raise RecipeError(f"Strength {bad[0]} is out of range.", fix="Use strengths between -10 and 10.")
+    return sorted({0.0, *(round(v, 4) for v in vals)})
+
+
+_EPOCH_NUM = re.compile(r"(\d+)(?!.*\d)")
+
+
+def epoch_of(path: str, metadata: dict[str, str] | None = None) -> int | None:
+    """A LoRA file's epoch: ``ss_epoch`` in its metadata, else the last number in its file name
+    (``name-000004.safetensors`` → 4)."""
+    if metadata:
+        try:
+            return int(str(metadata.get("ss_epoch", "")).strip())
+        except ValueError:
+            pass
+    m = _EPOCH_NUM.search(os.path.splitext(os.path.basename(path))[0])
+    return int(m.group(1)) if m else None
+
+
+def order_epochs(paths: Sequence[str], read_metadata: Callable[[str], dict[str, str]] | None = None) -> list[tuple[str, int | None]]:
+    """Files of one training run in epoch order (metadata first, then the file-name number; a file with
+    neither — usually the final save — goes last)."""
+    out = []
+    for p in paths:
+        meta = None
+        if read_metadata:
+            try:
+                meta = read_metadata(p)
+            except Exception:  # an unreadable header shows up later, when it is used
+                meta = None
+        out.append((p, epoch_of(p, meta)))
+    return sorted(out, key=lambda x: (x[1] is None, x[1] if x[1] is not None else 0, os.path.basename(x[0])))
+
+
+_TAG = re.compile(r"\s*,?\s*<(?:lora|lyco):([^:>]+)(?::[^>]*)?>\s*,?\s*", re.I)
+
+
+def strip_lora(prompt: str, names: Sequence[str]) -> str:
+    """``prompt`` without the tags of the named LoRAs (and the separator next to each); every other
+    character stays as it was."""
+    want = {n.lower() for n in names}
+
+    def sub(m: re.Match) -> str:
+        if m.group(1).strip().lower() not in want:
+            return m.group(0)
+        if m.start() == 0 or m.end() == len(m.string):
+            return ""
+        return ", " if "," in m.group(0).replace(m.group(0).strip(" ,"), "") else " "
+
+    return _TAG.sub(sub, prompt)
+
+
+def with_lora(prompt: str, name: str, strength: float) -> str:
+    """The cell's prompt: the stripped prompt plus the LoRA's tag (none at strength 0)."""
+    if strength == 0:
+        return prompt
+    sep = ", " if prompt and not prompt.rstrip().endswith(",") else (" " if prompt else "")
+    return f"{prompt}{sep}<lora:{name}:{strength:g}>"
+
+
+@dataclass
+class GridRow:
+    label: str  # the LoRA's name, or "name @ epoch N"
+    lora: str  # the name the WebUI's <lora:...> tag uses
+    max_safe: float | None = None
+    epoch: int | None = None
+
+
+@dataclass
+class GridSpec:
+    rows: list[GridRow]
+    prompt: str
+    negative_prompt: str = ""
+    strengths: str | list[float] | None = None  # None/"": 0 .. each row's max-safe strength
+    seeds: list[int] = field(default_factory=lambda: [1])
+    checkpoint: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        if not self.rows:
+            raise RecipeError("The grid has no LoRA.", fix="Pick at least one LoRA (or put its tag in the prompt).")
+        if not self.seeds:
+            raise RecipeError("The grid has no seed.")
+        out: list[Cell] = []
+        base = strip_lora(self.prompt, [r.lora for r in self.rows])
+        baselines: set[int] = set()
+        for r in self.rows:
+            for s in parse_strengths(self.strengths, r.max_safe):
+                for seed in self.seeds:
+                    if s == 0:
+                        if seed in baselines:
+                            continue  # one baseline per seed serves every row
+                        baselines.add(seed)
+                        out.append(Cell(row="baseline", col="0", prompt=base, negative_prompt=self.negative_prompt,
+                                        seed=int(seed), checkpoint=self.checkpoint, lora=None, strength=0.0,
+                                        settings=dict(self.settings)))
+                        continue
+                    out.append(Cell(row=r.label, col=f"{s:g}", prompt=with_lora(base, r.lora, s),
+                                    negative_prompt=self.negative_prompt, seed=int(seed), checkpoint=self.checkpoint,
+                                    lora=r.lora, strength=s, settings=dict(self.settings),
+                                    extra={"epoch": r.epoch} if r.epoch is not None else {}))
+        if len(out) > MAX_CELLS:
+            raise RecipeError(f"The grid would make {len(out)} images (limit {MAX_CELLS}).",
+                              fix="Use fewer LoRAs, strengths or seeds.")
+        return out
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def evaluate(run: Run) -> dict[str, Any]:
+    """Compare every image with its seed's baseline and give each row its verdict (images are read
+    only through the manifest)."""
+    res = run.results()
+    cells = run.cells
+    base: dict[int, tuple[Cell, dict]] = {c.seed: (c, res[c.key]) for c in cells
+                                          if c.row == "baseline" and c.key in res and res[c.key]["status"] == "ok"}
+    base_img = {seed: run.load_image(ev) for seed, (_, ev) in base.items()}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for c in cells:
+        if c.row == "baseline":
+            continue
+        ev = res.get(c.key)
+        entry: dict[str, Any] = {"strength": c.strength, "seed": c.seed, "status": "missing"}
+        if ev and ev["status"] == "ok":
+            entry["status"] = ev["check"]["status"]
+            if c.seed in base:
+                entry["baseline_status"] = base[c.seed][1]["check"]["status"]
+                entry["metrics"] = compare(run.load_image(ev), base_img[c.seed])
+        elif ev:
+            entry["status"] = "failed"
+        rows.setdefault(c.row, []).append(entry)
+    verdicts = {}
+    for row, entries in rows.items():
+        usable = [e for e in entries if "metrics" in e]
+        v = judge(usable)
+        gaps = [e for e in entries if "metrics" not in e]
+        if gaps:
+            v["text"] += f" ({len(gaps)} image(s) failed or missing; judged on the rest)"
+            v["incomplete"] = len(gaps)
+        verdicts[row] = v
+    return {"verdicts": verdicts}
+
+
+# --- drawing ------------------------------------------------------------------------------------
+
+BADGE = {"black": (20, 20, 20), "blank": (90, 90, 160), "blown-out": (230, 120, 0), "failed": (200, 0, 0),
+         "missing": (120, 120, 120)}
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def draw_grid(run: Run, verdicts: dict[str, Any] | None = None, max_cell: int = 256) -> Image.Image:
+    """One labelled picture: a row per LoRA/epoch (and seed), a column per strength, the baseline
+    at 0 in every row. Flagged, failed and missing cells carry a visible badge."""
+    res = run.results()
+    cells = run.cells
+    cols = sorted({float(c.col) for c in cells})
+    seeds = sorted({c.seed for c in cells})
+    rows = [r for r in dict.fromkeys(c.row for c in cells) if r != "baseline"]
+    at: dict[tuple[str, float, int], Cell] = {(c.row, float(c.col), c.seed): c for c in cells}
+    sizes = [(c.settings.get("width") or 512, c.settings.get("height") or 512) for c in cells]
+    w0, h0 = sizes[0]
+    scale = min(1.0, max_cell / max(w0, h0))
+    cw, ch = max(32, int(w0 * scale)), max(32, int(h0 * scale))
+    font, small = _font(max(12, ch // 12)), _font(max(10, ch // 16))
+    left, top, pad = max(140, cw), 36, 4
+    vh = 0 if not verdicts else 22
+    lines = [(r, s) for r in rows for s in seeds]
+    W = left + len(cols) * (cw + pad) + pad
+    H = top + len(lines) * (ch + pad + vh) + pad
+    grid = Image.new("RGB", (W, H), (255, 255, 255))
+    d = ImageDraw.Draw(grid)
+    for j, s in enumerate(cols):
+        d.text((left + j * (cw + pad) + 4, 8), "baseline (0)" if s == 0 else f"{s:g}", fill=(0, 0, 0), font=font)
+    for i, (r, seed) in enumerate(lines):
+        y = top + i * (ch + pad + vh)
+        label = r if len(seeds) == 1 else f"{r}\nseed {seed}"
+        d.multiline_text((6, y + 4), _wrap(label, 18), fill=(0, 0, 0), font=small)
+        for j, s in enumerate(cols):
+            x = left + j * (cw + pad)
+            c = at.get(("baseline", 0.0, seed)) if s == 0 else at.get((r, s, seed))
+            ev = res.get(c.key) if c else None
+            status = "missing" if c is None or ev is None else ("failed" if ev["status"] == "failed" else "ok")
+            if status == "ok":
+                im = run.load_image(ev).convert("RGB").resize((cw, ch))
+                grid.paste(im, (x, y))
+                status = ev["check"]["status"]
+            else:
+                d.rectangle([x, y, x + cw - 1, y + ch - 1], fill=(235, 235, 235))
+            if status != "ok":
+                d.rectangle([x, y, x + cw - 1, y + ch - 1], outline=BADGE[status], width=4)
+                d.rectangle([x, y + ch - 22, x + cw - 1, y + ch - 1], fill=BADGE[status])
+                d.text((x + 6, y + ch - 20), status.upper(), fill=(255, 255, 255), font=small)
+        if verdicts and r in verdicts:
+            text = verdicts[r]["text"].translate(_ASCII)
+            d.text((left, y + ch + 3), text[: max(20, (W - left) // 6)], fill=(60, 60, 60), font=small)
+    return grid
+
+
+_ASCII = str.maketrans({"→": "->", "≥": ">=", "–": "-", "×": "x", "—": "-"})  # the bundled font's glyphs
+
+
+def _wrap(text: str, width: int) -> str:
+    out, line = [], ""
+    for word in re.split(r"(\s+|(?<=[-_/]))", text):
+        if len(line) + len(word) > width and line:
+            out.append(line)
+            line = word.lstrip()
+        else:
+            line += word
+    out.append(line)
+    return "\n".join(out[:4])
+
+
+def summary_markdown(run: Run, verdicts: dict[str, Any], grid_file: str | None = None) -> str:
+    rec = run.record()
+    cells = run.cells
+    settings = cells[0].settings if cells else {}
+    lines = [f"# Strength grid {run.id}", ""]
+    base = next((c for c in cells if c.row == "baseline"), None)
+    if base:
+        lines += [f"- Prompt (baseline): `{base.prompt}`", f"- Negative: `{base.negative_prompt}`"]
+    lines += [f"- Seeds: {', '.join(str(s) for s in sorted({c.seed for c in cells}))}",
+              f"- Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}"]
+    if rec:
+        lines.append(f"- Images: {rec.get('ok')} ok, {rec.get('failed')} failed, {rec.get('missing')} missing, "
+                     f"{rec.get('flagged')} flagged; {rec.get('model_switches')} model switch(es), "
+                     f"{rec.get('seconds_per_image')} s per image")
+        for w in rec.get("warnings") or []:
+            lines.append(f"- Warning: {w}")
+    if grid_file:
+        lines += ["", f"![grid]({grid_file})"]
+    lines += ["", "| LoRA | verdict |", "|---|---|"]
+    for row, v in verdicts.items():
+        lines.append(f"| {row} | **{v['case']}** — {v['text']} |")
+    lines += ["", "Thresholds: see the README (Strength grid → verdicts)."]
+    return "\n".join(lines) + "\n"
+
+
+def finish(run: Run, max_cell: int = 256) -> dict[str, Any]:
+    """Evaluate, draw ``grid.png`` and write ``summary.md`` and ``verdicts.json`` into the run folder."""
+    import json
+
+    from .run import _atomic_write
+
+    ev = evaluate(run)
+    grid = draw_grid(run, ev["verdicts"], max_cell=max_cell)
+    import io
+
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    _atomic_write(os.path.join(run.dir, "grid.png"), buf.getvalue())
+    _atomic_write(os.path.join(run.dir, "verdicts.json"), json.dumps(ev["verdicts"], indent=1).encode())
+    md = summary_markdown(run, ev["verdicts"], "grid.png")
+    _atomic_write(os.path.join(run.dir, "summary.md"), md.encode())
+    return {"run_dir": run.dir, "grid": os.path.join(run.dir, "grid.png"),
+            "summary": os.path.join(run.dir, "summary.md"), "verdicts": ev["verdicts"], "record": run.record(),
+            "grid_image": grid}
