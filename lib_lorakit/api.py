@@ -66,6 +66,22 @@ class MergeIn(BaseModel):
     overwrite: bool = False
 
 
+class GridIn(BaseModel):
+    loras: List[str] = Field(default_factory=list, description="LoRAs from the host's list (rows); empty: those tagged in the prompt")
+    prompt: str = Field(..., description="The prompt; the tested LoRAs' tags are taken out and set per cell")
+    negative_prompt: str = ""
+    strengths: Optional[str] = Field(None, description="'0, 0.25, 0.5' or '0-1.5:0.25'; empty: 0 up to each LoRA's max-safe strength. 0 (the baseline) is always in")
+    epochs: bool = Field(False, description="Rows are the epoch files of each LoRA's training run")
+    seeds: Optional[str] = Field(None, description="'1, 2, 3' or '3x' (default 1)")
+    checkpoint: Optional[str] = Field(None, description="A checkpoint from the host's list (default: the loaded one; restored afterwards)")
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler_name: str = "Euler a"
+    scheduler: Optional[str] = None
+
+
 class DiffIn(BaseModel):
     a: str = Field(..., description="Reference checkpoint")
     b: str = Field(..., description="Checkpoint compared with it")
@@ -250,6 +266,15 @@ def build_router(service: Lorakit, credentials: dict[str, str] | None = None) ->
                           allow_unmatched=body.allow_unmatched, dry_run=body.dry_run)
         job = service.start_bake(req)
         return {"job_id": job.id}
+
+    @r.post("/grid", response_model=JobRef, responses={**responses, 501: {"model": ErrorOut}},
+            summary="LoRA strength grid (a job): images, grid, verdicts in a run folder")
+    @_guard
+    def grid(body: GridIn):
+        from .service import GridRequest
+
+        req = GridRequest(**(body.model_dump() if hasattr(body, "model_dump") else body.dict()))
+        return {"job_id": service.start_grid(req).id}
 
     @r.post("/merge", response_model=JobRef, responses=responses, summary="Merge checkpoints (a job)")
     @_guard

@@ -157,6 +157,79 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gen_settings(args: argparse.Namespace) -> dict:
+    return {"steps": args.steps, "cfg_scale": args.cfg_scale, "width": args.width, "height": args.height,
+            "sampler_name": args.sampler, **({"scheduler": args.scheduler} if args.scheduler else {})}
+
+
+def _read_prompts(path: str | None) -> list[str] | None:
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the prompts file ({e.strerror}).") from None
+    if not lines:
+        raise RecipeError(f"{path}: no prompts (one per line; # starts a comment).")
+    return lines
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from .gen.backend import HttpBackend
+    from .gen.grid import build_spec, parse_seeds, run_grid
+    from .settings import load
+
+    if not args.prompt and not args.prompts:
+        raise RecipeError("The grid needs a prompt.", fix="Give --prompt TEXT or --prompts FILE.")
+    be = HttpBackend(args.webui, args.api_auth)
+    be.refresh()
+    ck = args.checkpoint or be.current_checkpoint()
+    ckpt_path = None
+    if ck:
+        from .gen.backend import resolve_name
+
+        ckpt_path = resolve_name(ck, be.checkpoints(), "checkpoint").path
+    spec, notes = build_spec(be.loras(), loras=args.lora or [], prompt=_read_prompts(args.prompts) or args.prompt,
+                             negative_prompt=args.negative, strengths=args.strengths, epochs=args.epochs,
+                             seeds=parse_seeds(args.seeds), checkpoint=args.checkpoint, checkpoint_path=ckpt_path,
+                             settings=_gen_settings(args), inspector_settings=load(args.data_dir) if args.data_dir else None)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    res = run_grid(be, spec, args.out, notes=notes, progress=_progress_printer(not args.quiet))
+    res.pop("grid_image", None)
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        for row, v in res["verdicts"].items():
+            print(f"{row}: {v['case']} - {v['text']}")
+        rec = res["record"]
+        print(f"{rec['ok']} images ok, {rec['failed']} failed, {rec['flagged']} flagged; grid {res['grid']}; "
+              f"summary {res['summary']}")
+    return 0 if res["record"]["failed"] == 0 else 3
+
+
+def cmd_autotest(args: argparse.Namespace) -> int:
+    from .gen.autotest import AutotestOptions, run_autotest
+    from .gen.backend import HttpBackend
+    from .gen.grid import parse_seeds
+    from .settings import load
+
+    if not args.lora and not args.watch:
+        raise RecipeError("Nothing to test.", fix="Give LoRA files or folders, and/or --watch FOLDER.")
+    opts = AutotestOptions(negative_prompt=args.negative, strengths=args.strengths, seeds=parse_seeds(args.seeds),
+                           checkpoint=args.checkpoint, settings=_gen_settings(args), epochs=args.epochs,
+                           use_trigger=not args.no_trigger)
+    prompts = _read_prompts(args.prompts)
+    if prompts:
+        opts.prompts = prompts
+    be = HttpBackend(args.webui, args.api_auth)
+    results = run_autotest(be, args.lora, args.out, opts, watch=args.watch, interval=args.interval,
+                           watch_for=args.watch_for, log=lambda m: print(m, flush=True),
+                           inspector_settings=load(args.data_dir) if args.data_dir else None)
+    return 2 if any("error" in r for r in results) else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -259,6 +332,52 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     u.add_argument("--api-auth", help="require user:password[,user2:password2] for the API, like the WebUI's option")
     u.set_defaults(func=cmd_ui)
+
+    def gen_args(x: argparse.ArgumentParser) -> None:
+        x.add_argument("--webui", required=True, metavar="URL", help="a WebUI started with --api, e.g. http://127.0.0.1:7860")
+        x.add_argument("--api-auth", metavar="USER:PASSWORD", help="the WebUI's --api-auth credentials")
+        x.add_argument("--checkpoint", help="checkpoint from the WebUI's list (default: the loaded one; restored after "
+                                            "each image)")
+        x.add_argument("--strengths", help="'0, 0.25, 0.5' or '0-1.5:0.25' (default: 0 up to each LoRA's max-safe "
+                                           "strength from the inspector); 0, the baseline, is always in")
+        x.add_argument("--seeds", help="'1, 2, 3' or '3x' (default 1)")
+        x.add_argument("--epochs", action="store_true", help="rows are the epoch files of each LoRA's training run")
+        x.add_argument("--prompts", metavar="FILE", help="prompts, one per line")
+        x.add_argument("--negative", default="", help="negative prompt")
+        x.add_argument("--steps", type=int, default=20)
+        x.add_argument("--cfg-scale", type=float, default=7.0)
+        x.add_argument("--width", type=int, default=512)
+        x.add_argument("--height", type=int, default=512)
+        x.add_argument("--sampler", default="Euler a")
+        x.add_argument("--scheduler", help="scheduler (A1111 1.9+/Forge), e.g. Karras")
+        x.add_argument("--data-dir", metavar="DIR", help="lorakit's data folder (edited max-safe strength table)")
+
+    g = sub.add_parser("grid", help="LoRA strength grid through a running WebUI",
+                       description="Generate a LoRA strength grid through a WebUI's API: a baseline column at 0, one "
+                                   "row per LoRA (or epoch), a verdict per row. Writes a run folder with every "
+                                   "image, its manifest, grid.png and summary.md. Exit 3 when images failed.")
+    g.add_argument("--lora", action="append", metavar="NAME", help="a LoRA from the WebUI's list (repeat); default: "
+                                                                  "those tagged in the prompt")
+    g.add_argument("--prompt", default="", help="the prompt (tags of the tested LoRAs are set per cell)")
+    gen_args(g)
+    g.add_argument("--out", default="lorakit-runs", help="folder for run folders (default ./lorakit-runs)")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("-q", "--quiet", action="store_true")
+    g.set_defaults(func=cmd_grid)
+
+    a = sub.add_parser("autotest", help="strength grid for each new LoRA (or epoch) through a WebUI; --watch a folder",
+                       description="For each LoRA file (or each file appearing in --watch FOLDER once complete): "
+                                   "inspect it, run a strength grid through the WebUI over several prompts (its "
+                                   "trigger added, baseline included), and write the grid, the verdict and a "
+                                   "markdown summary into its run folder. Files already tested are skipped.")
+    a.add_argument("lora", nargs="*", help="LoRA files or folders (inside the WebUI's LoRA folders)")
+    gen_args(a)
+    a.add_argument("--watch", metavar="FOLDER", help="keep testing new complete files that appear here")
+    a.add_argument("--interval", type=float, default=10.0, help="seconds between looks at --watch (default 10)")
+    a.add_argument("--watch-for", type=float, metavar="SECONDS", help="stop watching after this long (default: never)")
+    a.add_argument("--no-trigger", action="store_true", help="do not add the inspector's trigger to the prompts")
+    a.add_argument("--out", default="lorakit-runs", help="folder for run folders and the state file (default ./lorakit-runs)")
+    a.set_defaults(func=cmd_autotest)
 
     d = sub.add_parser("demo", help="build a small demo workspace (real key layout, tiny sizes) and bake it")
     d.add_argument("--dir", default="lorakit-demo", help="workspace folder (default ./lorakit-demo)")

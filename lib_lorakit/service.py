@@ -65,6 +65,23 @@ class BakeRequest:
     dry_run: bool = False
 
 
+@dataclass
+class GridRequest:
+    loras: list[str] = field(default_factory=list)  # empty: the LoRAs tagged in the prompt
+    prompt: str = ""
+    negative_prompt: str = ""
+    strengths: str | list[float] | None = None  # None/"": up to each LoRA's max-safe strength
+    epochs: bool = False
+    seeds: str | list[int] | None = None
+    checkpoint: str | None = None  # None: the host's loaded checkpoint
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler_name: str = "Euler a"
+    scheduler: str | None = None
+
+
 class Lorakit:
     def __init__(self, host: Host, jobs: JobManager | None = None):
         self.host = host
@@ -276,3 +293,53 @@ class Lorakit:
         res = usermeta.write(path, activation_text=activation_text, preferred_weight=preferred_weight, arch=arch)
         self.host.refresh_loras()
         return res
+
+    # --- strength grid ---------------------------------------------------------------------------
+    def prepare_grid(self, req: GridRequest, backend=None):
+        """The grid's spec and notes, names checked against the (refreshed) host lists."""
+        from .gen.backend import HostBackend, resolve_name
+        from .gen.grid import build_spec, parse_seeds
+        from .settings import load as load_settings
+
+        backend = backend or HostBackend(self.host)
+        backend.refresh()
+        ckpt_path = None
+        if req.checkpoint:
+            ckpt_path = resolve_name(req.checkpoint, backend.checkpoints(), "checkpoint").path
+        else:
+            cur = backend.current_checkpoint()
+            if cur:
+                ckpt_path = resolve_name(cur, backend.checkpoints(), "checkpoint").path
+        settings = {k: getattr(req, k) for k in ("steps", "cfg_scale", "width", "height", "sampler_name", "scheduler")
+                    if getattr(req, k) not in (None, "")}
+        return build_spec(backend.loras(), loras=req.loras, prompt=req.prompt, negative_prompt=req.negative_prompt,
+                          strengths=req.strengths, epochs=req.epochs, seeds=parse_seeds(req.seeds),
+                          checkpoint=req.checkpoint or None, checkpoint_path=ckpt_path, settings=settings,
+                          inspector_settings=load_settings(self.host.data_dir()))
+
+    def start_grid(self, req: GridRequest) -> Job:
+        """A strength grid as a job. Each image waits for the host's queue on its own, so the WebUI stays
+        usable between images; the job's progress counts images."""
+        from .gen.backend import GenerationUnavailable, HostBackend
+        from .gen.grid import run_grid
+
+        if self.host.flavour == "standalone":
+            raise GenerationUnavailable("The standalone launcher cannot make images, so it cannot run a strength grid.",
+                                        fix="Run it in the WebUI, or use `python -m lib_lorakit autotest --webui URL`.")
+        backend = HostBackend(self.host)
+        spec, notes = self.prepare_grid(req, backend)
+        cells = spec.cells()  # refuse an oversized grid before starting
+
+        def run(job: Job) -> dict[str, Any]:
+            job.mark_running(f"{len(cells)} images")
+            def progress(frac: float, msg: str) -> None:
+                job.update(frac, msg)
+                if self.host.interrupted():  # the WebUI's own Interrupt button stops the grid too
+                    job.cancel_event.set()
+
+            res = run_grid(backend, spec, self.host.outputs_dir(), notes=notes, progress=progress,
+                           cancel=job.cancel_event)
+            res.pop("grid_image", None)
+            return res
+
+        return self.jobs.submit("grid", {**vars(req), "images": len(cells)}, run)

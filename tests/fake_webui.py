@@ -126,13 +126,19 @@ def install(monkeypatch, root: str, flavour: str = "a1111"):
     call_queue.queue_lock = FIFOLock() if flavour == "forge" else threading.Lock()
     processing = mod("modules.processing")
 
-    class Processed:
-        def __init__(self, p):
+    class Processed:  # modules.processing.Processed(p, images_list, seed, info, ..., infotexts=...)
+        def __init__(self, p, images_list=None, seed=None, info="", infotexts=None, **kw):
             from PIL import Image
 
-            self.images = [Image.new("RGB", (p.width, p.height), (10, 20, 30))]
-            self.infotexts = [f"{p.prompt}\nSteps: {p.steps}, Sampler: {p.sampler_name}, Seed: {p.seed}"]
-            self.seed = p.seed
+            if images_list is None:
+                images_list = [Image.new("RGB", (p.width, p.height), (10, 20, 30))]
+                infotexts = [f"{p.prompt}\nSteps: {p.steps}, Sampler: {p.sampler_name}, Seed: {p.seed}"]
+            self.images = images_list
+            self.infotexts = infotexts or [info]
+            self.info = info
+            self.seed = p.seed if seed is None else seed
+
+    processing.Processed = Processed
 
     class Txt2Img:
         def __init__(self, sd_model=None, **kw):
@@ -153,6 +159,18 @@ def install(monkeypatch, root: str, flavour: str = "a1111"):
         return Processed(p)
 
     processing.process_images = process_images
+    scripts = mod("modules.scripts")
+
+    class Script:  # the base class A1111/Forge scripts subclass
+        def title(self):
+            raise NotImplementedError
+
+    scripts.Script = Script
+    images = mod("modules.images")
+    images.saved = []
+    images.save_image = lambda image, path, basename, **kw: images.saved.append((image, path, basename, kw))
+    shared.opts.grid_save = True
+    shared.opts.grid_format = "png"
     cb = mod("modules.script_callbacks")
     cb.registered = {}
     for name in ("on_ui_tabs", "on_ui_settings", "on_app_started", "on_script_unloaded"):
@@ -162,7 +180,7 @@ def install(monkeypatch, root: str, flavour: str = "a1111"):
     page.refresh = lambda: setattr(page, "refreshed", page.refreshed + 1)
     uen.extra_pages = [page]
     for name in ("paths", "shared", "sd_models", "shared_items", "call_queue", "processing", "script_callbacks",
-                 "ui_extra_networks"):
+                 "ui_extra_networks", "scripts", "images"):
         setattr(pkg, name, mods[f"modules.{name}"])
     if flavour == "forge":
         b = mod("backend")

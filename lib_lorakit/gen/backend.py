@@ -34,6 +34,12 @@ class GenError(LorakitError):
     """Generation failed or the generating WebUI cannot be used."""
 
 
+class GenerationUnavailable(GenError):
+    """This host cannot make images (the standalone launcher): HTTP 501."""
+
+    http_status = 501
+
+
 class UnknownModel(GenError):
     """A checkpoint or LoRA name the generating host does not list (HTTP 404)."""
 

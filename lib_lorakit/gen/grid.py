@@ -132,40 +132,59 @@ class GridRow:
 @dataclass
 class GridSpec:
     rows: list[GridRow]
-    prompt: str
+    prompt: str | list[str]  # one prompt, or several (each gets its own baselines)
     negative_prompt: str = ""
     strengths: str | list[float] | None = None  # None/"": 0 .. each row's max-safe strength
     seeds: list[int] = field(default_factory=lambda: [1])
     checkpoint: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
     def cells(self) -> list[Cell]:
         if not self.rows:
             raise RecipeError("The grid has no LoRA.", fix="Pick at least one LoRA (or put its tag in the prompt).")
         if not self.seeds:
             raise RecipeError("The grid has no seed.")
+        if not self.prompts:
+            raise RecipeError("The grid has no prompt.")
         out: list[Cell] = []
-        base = strip_lora(self.prompt, [r.lora for r in self.rows])
-        baselines: set[int] = set()
+        tested = [r.lora for r in self.rows]
+        baselines: set[tuple[int, int]] = set()
+        many = len(self.prompts) > 1
         for r in self.rows:
             for s in parse_strengths(self.strengths, r.max_safe):
-                for seed in self.seeds:
-                    if s == 0:
-                        if seed in baselines:
-                            continue  # one baseline per seed serves every row
-                        baselines.add(seed)
-                        out.append(Cell(row="baseline", col="0", prompt=base, negative_prompt=self.negative_prompt,
-                                        seed=int(seed), checkpoint=self.checkpoint, lora=None, strength=0.0,
-                                        settings=dict(self.settings)))
-                        continue
-                    out.append(Cell(row=r.label, col=f"{s:g}", prompt=with_lora(base, r.lora, s),
-                                    negative_prompt=self.negative_prompt, seed=int(seed), checkpoint=self.checkpoint,
-                                    lora=r.lora, strength=s, settings=dict(self.settings),
-                                    extra={"epoch": r.epoch} if r.epoch is not None else {}))
+                for pi, prompt in enumerate(self.prompts):
+                    base = strip_lora(prompt, tested)
+                    extra = {"prompt": pi} if many else {}
+                    for seed in self.seeds:
+                        if s == 0:
+                            if (pi, seed) in baselines:
+                                continue  # one baseline per prompt and seed serves every row
+                            baselines.add((pi, seed))
+                            out.append(Cell(row="baseline", col="0", prompt=base,
+                                            negative_prompt=self.negative_prompt, seed=int(seed),
+                                            checkpoint=self.checkpoint, lora=None, strength=0.0,
+                                            settings=dict(self.settings), extra=dict(extra)))
+                            continue
+                        ex = dict(extra)
+                        if r.epoch is not None:
+                            ex["epoch"] = r.epoch
+                        out.append(Cell(row=r.label, col=f"{s:g}", prompt=with_lora(base, r.lora, s),
+                                        negative_prompt=self.negative_prompt, seed=int(seed),
+                                        checkpoint=self.checkpoint, lora=r.lora, strength=s,
+                                        settings=dict(self.settings), extra=ex))
         if len(out) > MAX_CELLS:
             raise RecipeError(f"The grid would make {len(out)} images (limit {MAX_CELLS}).",
-                              fix="Use fewer LoRAs, strengths or seeds.")
+                              fix="Use fewer LoRAs, strengths, prompts or seeds.")
         return out
+
+
+def _sample(c: Cell) -> tuple[int, int]:
+    """Which baseline a cell is compared with: (prompt index, seed)."""
+    return (int(c.extra.get("prompt", 0)), c.seed)
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -176,9 +195,10 @@ def evaluate(run: Run) -> dict[str, Any]:
     only through the manifest)."""
     res = run.results()
     cells = run.cells
-    base: dict[int, tuple[Cell, dict]] = {c.seed: (c, res[c.key]) for c in cells
-                                          if c.row == "baseline" and c.key in res and res[c.key]["status"] == "ok"}
-    base_img = {seed: run.load_image(ev) for seed, (_, ev) in base.items()}
+    base: dict[tuple[int, int], tuple[Cell, dict]] = {
+        _sample(c): (c, res[c.key]) for c in cells
+        if c.row == "baseline" and c.key in res and res[c.key]["status"] == "ok"}
+    base_img = {k: run.load_image(ev) for k, (_, ev) in base.items()}
     rows: dict[str, list[dict[str, Any]]] = {}
     for c in cells:
         if c.row == "baseline":
@@ -187,9 +207,9 @@ def evaluate(run: Run) -> dict[str, Any]:
         entry: dict[str, Any] = {"strength": c.strength, "seed": c.seed, "status": "missing"}
         if ev and ev["status"] == "ok":
             entry["status"] = ev["check"]["status"]
-            if c.seed in base:
-                entry["baseline_status"] = base[c.seed][1]["check"]["status"]
-                entry["metrics"] = compare(run.load_image(ev), base_img[c.seed])
+            if _sample(c) in base:
+                entry["baseline_status"] = base[_sample(c)][1]["check"]["status"]
+                entry["metrics"] = compare(run.load_image(ev), base_img[_sample(c)])
         elif ev:
             entry["status"] = "failed"
         rows.setdefault(c.row, []).append(entry)
@@ -224,9 +244,9 @@ def draw_grid(run: Run, verdicts: dict[str, Any] | None = None, max_cell: int = 
     res = run.results()
     cells = run.cells
     cols = sorted({float(c.col) for c in cells})
-    seeds = sorted({c.seed for c in cells})
+    samples = sorted({_sample(c) for c in cells})
     rows = [r for r in dict.fromkeys(c.row for c in cells) if r != "baseline"]
-    at: dict[tuple[str, float, int], Cell] = {(c.row, float(c.col), c.seed): c for c in cells}
+    at: dict[tuple[str, float, tuple[int, int]], Cell] = {(c.row, float(c.col), _sample(c)): c for c in cells}
     sizes = [(c.settings.get("width") or 512, c.settings.get("height") or 512) for c in cells]
     w0, h0 = sizes[0]
     scale = min(1.0, max_cell / max(w0, h0))
@@ -234,20 +254,22 @@ def draw_grid(run: Run, verdicts: dict[str, Any] | None = None, max_cell: int = 
     font, small = _font(max(12, ch // 12)), _font(max(10, ch // 16))
     left, top, pad = max(140, cw), 36, 4
     vh = 0 if not verdicts else 22
-    lines = [(r, s) for r in rows for s in seeds]
+    lines = [(r, sm) for r in rows for sm in samples]
     W = left + len(cols) * (cw + pad) + pad
-    H = top + len(lines) * (ch + pad + vh) + pad
+    H = top + len(lines) * (ch + pad) + len(rows) * vh + pad
     grid = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(grid)
     for j, s in enumerate(cols):
         d.text((left + j * (cw + pad) + 4, 8), "baseline (0)" if s == 0 else f"{s:g}", fill=(0, 0, 0), font=font)
-    for i, (r, seed) in enumerate(lines):
-        y = top + i * (ch + pad + vh)
-        label = r if len(seeds) == 1 else f"{r}\nseed {seed}"
+    many_p = len({p for p, _ in samples}) > 1
+    y = top - (ch + pad)
+    for i, (r, sm) in enumerate(lines):
+        y += ch + pad + (vh if i and sm == samples[0] else 0)
+        label = r if len(samples) == 1 else f"{r}\n" + (f"prompt {sm[0] + 1}, " if many_p else "") + f"seed {sm[1]}"
         d.multiline_text((6, y + 4), _wrap(label, 18), fill=(0, 0, 0), font=small)
         for j, s in enumerate(cols):
             x = left + j * (cw + pad)
-            c = at.get(("baseline", 0.0, seed)) if s == 0 else at.get((r, s, seed))
+            c = at.get(("baseline", 0.0, sm)) if s == 0 else at.get((r, s, sm))
             ev = res.get(c.key) if c else None
             status = "missing" if c is None or ev is None else ("failed" if ev["status"] == "failed" else "ok")
             if status == "ok":
@@ -260,7 +282,7 @@ def draw_grid(run: Run, verdicts: dict[str, Any] | None = None, max_cell: int = 
                 d.rectangle([x, y, x + cw - 1, y + ch - 1], outline=BADGE[status], width=4)
                 d.rectangle([x, y + ch - 22, x + cw - 1, y + ch - 1], fill=BADGE[status])
                 d.text((x + 6, y + ch - 20), status.upper(), fill=(255, 255, 255), font=small)
-        if verdicts and r in verdicts:
+        if verdicts and r in verdicts and sm == samples[-1]:
             text = verdicts[r]["text"].translate(_ASCII)
             d.text((left, y + ch + 3), text[: max(20, (W - left) // 6)], fill=(60, 60, 60), font=small)
     return grid
@@ -286,9 +308,11 @@ def summary_markdown(run: Run, verdicts: dict[str, Any], grid_file: str | None =
     cells = run.cells
     settings = cells[0].settings if cells else {}
     lines = [f"# Strength grid {run.id}", ""]
-    base = next((c for c in cells if c.row == "baseline"), None)
-    if base:
-        lines += [f"- Prompt (baseline): `{base.prompt}`", f"- Negative: `{base.negative_prompt}`"]
+    bases = [c for c in cells if c.row == "baseline"]
+    for p in dict.fromkeys(c.prompt for c in bases):
+        lines.append(f"- Prompt (baseline): `{p}`")
+    if bases:
+        lines.append(f"- Negative: `{bases[0].negative_prompt}`")
     lines += [f"- Seeds: {', '.join(str(s) for s in sorted({c.seed for c in cells}))}",
               f"- Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}"]
     if rec:
@@ -325,3 +349,128 @@ def finish(run: Run, max_cell: int = 256) -> dict[str, Any]:
     return {"run_dir": run.dir, "grid": os.path.join(run.dir, "grid.png"),
             "summary": os.path.join(run.dir, "summary.md"), "verdicts": ev["verdicts"], "record": run.record(),
             "grid_image": grid}
+
+
+# --- from user input to a grid ----------------------------------------------------------------------
+
+_RUN_KEY = re.compile(r"[-_. ]?(?:e|ep|epoch)?[-_]?\d+$", re.I)
+
+
+def run_key(path: str) -> str:
+    """A training run's name from one of its files: the file name without extension and without a
+    trailing epoch number (``mychar-000004`` → ``mychar``)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return _RUN_KEY.sub("", stem) or stem
+
+
+def epoch_files(lora, loras) -> list:
+    """The files of ``lora``'s training run among ``loras`` (same folder, same run name), in epoch order."""
+    from ..formats.sources import open_header
+
+    key, folder = run_key(lora.path), os.path.dirname(os.path.realpath(lora.path))
+    sib = [e for e in loras if run_key(e.path) == key and os.path.dirname(os.path.realpath(e.path)) == folder]
+    by_path = {e.path: e for e in sib}
+
+    def meta(p: str) -> dict[str, str]:
+        return open_header(p).metadata if p.lower().endswith(".safetensors") and os.path.isfile(p) else {}
+
+    return [(by_path[p], ep) for p, ep in order_epochs(list(by_path), meta)]
+
+
+def inspect_for_grid(path: str, checkpoint_path: str | None, settings: dict[str, Any] | None
+                     ) -> tuple[dict[str, Any], list[str]]:
+    """The inspector's report for a LoRA, against the checkpoint when its header can be read (for the
+    cross-lineage ceiling), else alone; ({}, notes) when the LoRA cannot be read from here."""
+    from ..errors import LorakitError
+    from ..inspect import inspect_file
+
+    if not path or not os.path.isfile(path):
+        return {}, [f"{path or 'the LoRA'}: not readable from here, so no inspector facts"]
+    notes: list[str] = []
+    if checkpoint_path and os.path.isfile(checkpoint_path):
+        try:
+            return inspect_file(path, checkpoint=checkpoint_path, settings=settings), notes
+        except LorakitError as e:
+            notes.append(f"checkpoint not used for lineage checks: {str(e).splitlines()[0]}")
+    try:
+        return inspect_file(path, settings=settings), notes
+    except LorakitError as e:
+        return {}, notes + [f"inspector: {str(e).splitlines()[0]}"]
+
+
+def max_safe_for(path: str, checkpoint_path: str | None, settings: dict[str, Any] | None) -> tuple[float | None, str]:
+    """The inspector's max-safe strength for a LoRA (with cross-lineage ceilings against the checkpoint),
+    and why; (None, reason) when the file cannot be inspected here."""
+    rep, notes = inspect_for_grid(path, checkpoint_path, settings)
+    if not rep:
+        return None, "; ".join(notes)
+    return rep.get("max_safe_strength"), f"{rep.get('category')}: {rep.get('max_safe_reason', 'inspector')}"
+
+
+def build_spec(loras_listed, *, loras: Sequence[str], prompt: str, negative_prompt: str = "",
+               strengths: str | Sequence[float] | None = None, epochs: bool = False, seeds: Sequence[int] = (1,),
+               checkpoint: str | None = None, checkpoint_path: str | None = None,
+               settings: dict[str, Any] | None = None, inspector_settings: dict[str, Any] | None = None
+               ) -> tuple[GridSpec, list[str]]:
+    """A :class:`GridSpec` from what a user gives: LoRA names (or none: those tagged in the prompt),
+    strengths (or none: up to each LoRA's max-safe strength), epochs mode, seeds. Returns the spec and
+    notes for the report."""
+    from .backend import resolve_name
+
+    names = [n for n in loras if n and n.strip()]
+    notes: list[str] = []
+    if not names:
+        names = [m.group(1).strip() for m in re.finditer(r"<(?:lora|lyco):([^:>]+)", prompt, re.I)]
+        if names:
+            notes.append(f"LoRAs from the prompt's tags: {', '.join(names)}")
+    if not names:
+        raise RecipeError("No LoRA to test.", fix="Pick LoRAs, or put <lora:name:1> tags in the prompt.")
+    rows: list[GridRow] = []
+    for n in dict.fromkeys(names):
+        info = resolve_name(n, list(loras_listed), "LoRA")
+        files = epoch_files(info, loras_listed) if epochs else [(info, None)]
+        if epochs and len(files) < 2:
+            notes.append(f"{info.name}: no other epochs of its run ({run_key(info.path)}*) next to it")
+        for f, ep in files:
+            cap, why = (None, "") if strengths else max_safe_for(f.path, checkpoint_path, inspector_settings)
+            if not strengths:
+                notes.append(f"{f.name}: strengths up to {cap if cap else 1.0:g} "
+                             f"({'max-safe for ' + why if cap else why or 'default'})")
+            label = f.name if ep is None or not epochs else f"{f.name} (epoch {ep})"
+            rows.append(GridRow(label=label, lora=f.name, max_safe=cap, epoch=ep))
+    spec = GridSpec(rows=rows, prompt=prompt, negative_prompt=negative_prompt, strengths=strengths,
+                    seeds=[int(s) for s in seeds], checkpoint=checkpoint, settings=dict(settings or {}))
+    return spec, notes
+
+
+def parse_seeds(text: str | Sequence[int] | None, default: int = 1) -> list[int]:
+    """Seeds from ``"1, 2, 3"`` or ``"3x"`` (three seeds from 1) or a list; never -1 (a grid must be
+    reproducible)."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return [default]
+    if isinstance(text, str):
+        m = re.fullmatch(r"\s*(\d+)\s*[x×]\s*", text)
+        if m:
+            return [default + i for i in range(int(m.group(1)))]
+        try:
+            vals = [int(v) for v in re.split(r"[,\s]+", text.strip()) if v]
+        except ValueError:
+            raise RecipeError(f"Seeds: {text!r} is not a list of whole numbers.", fix="Write 1, 2, 3 or 3x.") from None
+    else:
+        vals = [int(v) for v in text]
+    if any(v < 0 for v in vals):
+        raise RecipeError("Seeds must be fixed (0 or more), not -1: the baseline and every strength share a seed.")
+    return list(dict.fromkeys(vals))
+
+
+def run_grid(backend, spec: GridSpec, outputs_dir: str, *, notes: Sequence[str] = (), kind: str = "grid",
+             progress=None, cancel=None, max_cell: int = 256) -> dict[str, Any]:
+    """Plan, generate, judge and draw a strength grid in a new run folder."""
+    from .run import execute
+
+    run = Run.create(outputs_dir, kind, spec.cells(), meta={"notes": list(notes), "backend": backend.kind})
+    rec = execute(run, backend, progress=progress, cancel=cancel)
+    out = finish(run, max_cell=max_cell)
+    out["notes"] = list(notes)
+    out["record"] = rec
+    return out
