@@ -180,9 +180,18 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from .gen.grid import build_spec, parse_seeds, run_grid
     from .settings import load
 
+    be = HttpBackend(args.webui, args.api_auth)
+    if args.resume:
+        from .gen.grid import finish
+        from .gen.run import Run, execute
+
+        run = Run(args.resume)
+        print(f"resuming {run.dir}: {len(run.missing())} of {len(run.cells)} image(s) to make", file=sys.stderr)
+        execute(run, be, progress=_progress_printer(not args.quiet))
+        res = finish(run)
+        return _print_grid(res, args.json)
     if not args.prompt and not args.prompts:
         raise RecipeError("The grid needs a prompt.", fix="Give --prompt TEXT or --prompts FILE.")
-    be = HttpBackend(args.webui, args.api_auth)
     be.refresh()
     ck = args.checkpoint or be.current_checkpoint()
     ckpt_path = None
@@ -197,16 +206,22 @@ def cmd_grid(args: argparse.Namespace) -> int:
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     res = run_grid(be, spec, args.out, notes=notes, progress=_progress_printer(not args.quiet))
+    return _print_grid(res, args.json)
+
+
+def _print_grid(res: dict, as_json: bool) -> int:
     res.pop("grid_image", None)
-    if args.json:
+    if as_json:
         print(json.dumps(res, indent=2, default=str))
     else:
         for row, v in res["verdicts"].items():
             print(f"{row}: {v['case']} - {v['text']}")
         rec = res["record"]
-        print(f"{rec['ok']} images ok, {rec['failed']} failed, {rec['flagged']} flagged; grid {res['grid']}; "
-              f"summary {res['summary']}")
-    return 0 if res["record"]["failed"] == 0 else 3
+        print(f"{rec['ok']} images ok, {rec['failed']} failed, {rec['missing']} missing, {rec['flagged']} flagged; "
+              f"grid {res['grid']}; summary {res['summary']}")
+        if rec["failed"] or rec["missing"]:
+            print(f"run it again to fill the gaps: python -m lib_lorakit grid --webui URL --resume {res['run_dir']}")
+    return 0 if res["record"]["failed"] == 0 and res["record"]["missing"] == 0 else 3
 
 
 def cmd_autotest(args: argparse.Namespace) -> int:
@@ -361,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="", help="the prompt (tags of the tested LoRAs are set per cell)")
     gen_args(g)
     g.add_argument("--out", default="lorakit-runs", help="folder for run folders (default ./lorakit-runs)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="make only the missing or failed images of an earlier run "
+                                                      "(its plan is kept; other options are ignored)")
     g.add_argument("--json", action="store_true")
     g.add_argument("-q", "--quiet", action="store_true")
     g.set_defaults(func=cmd_grid)

@@ -164,3 +164,18 @@ def test_watch_tests_a_file_only_once_it_is_complete(webui):
     assert tested_sizes == [len(data)]
     state = json.load(open(tmp / "runs" / "autotest-state.json"))
     assert str(target) in state["done"]
+
+
+def test_grid_resume_fills_only_the_gaps(webui, capsys):
+    srv, tmp = webui
+    srv.fake.fail_calls = {2}
+    args = ["grid", "--webui", srv.url, "--lora", "styleA", "--prompt", "a castle", "--strengths", "0, 1",
+            "--seeds", "1, 2", "--width", "64", "--height", "64", "-q"]
+    assert main(args + ["--out", str(tmp / "runs")]) == 3
+    out = capsys.readouterr().out
+    assert "1 failed" in out and "--resume" in out
+    run_dir = out.split("--resume ")[1].split()[0]
+    before = len(srv.fake.calls)
+    assert main(["grid", "--webui", srv.url, "--resume", run_dir, "-q"]) == 0
+    assert len(srv.fake.calls) - before == 1
+    assert "styleA: healthy" in capsys.readouterr().out and Run(run_dir).missing() == []

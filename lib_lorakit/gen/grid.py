@@ -468,9 +468,19 @@ def run_grid(backend, spec: GridSpec, outputs_dir: str, *, notes: Sequence[str] 
     """Plan, generate, judge and draw a strength grid in a new run folder."""
     from .run import execute
 
+    import time
+
+    from .run import update_record
+
+    t0 = time.perf_counter()
     run = Run.create(outputs_dir, kind, spec.cells(), meta={"notes": list(notes), "backend": backend.kind})
     rec = execute(run, backend, progress=progress, cancel=cancel)
+    t1 = time.perf_counter()
     out = finish(run, max_cell=max_cell)
+    t2 = time.perf_counter()
+    # the whole run's own cost: planning, pre-flight, checks, files, manifest, evaluation, grid
+    out["record"] = update_record(run, seconds_finish=round(t2 - t1, 3),
+                                  seconds_total=round(t2 - t0, 3),
+                                  seconds_lorakit_total=round(t2 - t0 - rec["seconds_generating"], 3))
     out["notes"] = list(notes)
-    out["record"] = rec
     return out

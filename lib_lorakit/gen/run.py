@@ -348,10 +348,11 @@ def execute(run: Run, backend: Backend, *, progress: Callable[[float, str], None
     todo = order_cells(todo, cur_name)
     t_start = time.perf_counter()
     switches, made, failed, times = 0, 0, 0, []
+    in_backend = [0.0]
     loaded = current
     for i, cell in enumerate(todo):
         if cancel is not None and cancel.is_set():
-            _write_record(run, pf, switches, made, failed, times, t_start, cancelled=True)
+            _write_record(run, pf, switches, made, failed, times, t_start, in_backend[0], cancelled=True)
             raise Cancelled(f"Run {run.id} cancelled after {made} image(s); run it again to continue.")
         ck = pf.checkpoints[cell.checkpoint or ""]
         lora = pf.loras.get(cell.lora) if cell.lora else None
@@ -367,7 +368,10 @@ def execute(run: Run, backend: Backend, *, progress: Callable[[float, str], None
                 "checkpoint_hash": ck.hash, "lora_file": lora.path if lora else None,
                 "lora_hash": lora.hash if lora else None}
         try:
-            out = backend.txt2img(req)
+            try:
+                out = backend.txt2img(req)
+            finally:
+                in_backend[0] += time.perf_counter() - t0
             problem = infotext_problem(out.infotext, ck, lora if (cell.strength or 0) != 0 else None) \
                 if check_infotext else None
             if problem:
@@ -389,17 +393,26 @@ def execute(run: Run, backend: Backend, *, progress: Callable[[float, str], None
                     "seconds": round(dt, 3)})
     if progress:
         progress(1.0, f"{made} image(s) made, {failed} failed")
-    return _write_record(run, pf, switches, made, failed, times, t_start)
+    return _write_record(run, pf, switches, made, failed, times, t_start, in_backend[0])
+
+
+def update_record(run: Run, **fields: Any) -> dict[str, Any]:
+    """Add fields to ``run.json`` (atomically)."""
+    rec = {**run.record(), **fields}
+    _atomic_write(os.path.join(run.dir, RECORD), json.dumps(rec, indent=1).encode())
+    return rec
 
 
 def _write_record(run: Run, pf: Preflight, switches: int, made: int, failed: int, times: list[float],
-                  t_start: float, cancelled: bool = False) -> dict[str, Any]:
+                  t_start: float, in_backend: float, cancelled: bool = False) -> dict[str, Any]:
     res = run.results()
     rec = {"id": run.id, "kind": run.kind, "dir": run.dir, "cells": len(run.cells),
            "ok": sum(r["status"] == "ok" for r in res.values()),
            "failed": sum(r["status"] == "failed" for r in res.values()),
            "missing": len(run.cells) - len(res), "made_now": made, "failed_now": failed,
            "model_switches": switches, "seconds": round(time.perf_counter() - t_start, 3),
+           "seconds_generating": round(in_backend, 3),  # inside the WebUI's txt2img
+           "seconds_lorakit": round(time.perf_counter() - t_start - in_backend, 3),  # checks, files, manifest
            "seconds_per_image": round(sum(times) / len(times), 3) if times else None,
            "flagged": sum(r["status"] == "ok" and r["check"]["status"] != "ok" for r in res.values()),
            "warnings": pf.warnings, "cancelled": cancelled, "updated": _now()}

@@ -77,6 +77,9 @@ def run_script(p, *args) -> Any:
     from ..settings import load as load_settings
     from . import get_host
 
+    import time
+
+    t_start = time.perf_counter()
     processing = _m("modules.processing")
     shared = _m("modules.shared")
     opts = parse_args(args)
@@ -119,6 +122,11 @@ def run_script(p, *args) -> Any:
                 images.append(run.load_image(ev))
                 infos.append(ev.get("infotext") or "")
     _save_grid(p, grid, infos[0])
+    from ..gen.run import update_record
+
+    total = time.perf_counter() - t_start  # everything the Script did, generation included
+    update_record(run, seconds_script=round(total, 3),
+                  seconds_lorakit_script=round(total - res["record"]["seconds_generating"], 3))
     return processing.Processed(p, images, seeds[0], infos[0], infotexts=infos)
 
 
