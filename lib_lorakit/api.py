@@ -82,6 +82,44 @@ class GridIn(BaseModel):
     scheduler: Optional[str] = None
 
 
+class TriageIn(BaseModel):
+    folder: Optional[str] = Field(None, description="A folder inside the LoRA folders (recursive); empty: every LoRA")
+    checkpoint: Optional[str] = Field(None, description="Checkpoint (default: the loaded one)")
+    arch: Optional[str] = Field(None, description="Only sd15 or sdxl LoRAs")
+    category: Optional[str] = Field(None, description="Only this inspector category")
+    name_filter: Optional[str] = Field(None, description="Only names matching this (substring or regular expression)")
+    prompts: Optional[Dict[str, str]] = Field(None, description="Prompt per category (defaults built in)")
+    seeds: Optional[str] = Field(None, description="'1, 2' or '2x' (default 1)")
+    strength: Optional[float] = Field(None, description="Override every LoRA's max-safe strength")
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler_name: str = "Euler a"
+    scheduler: Optional[str] = None
+    name: str = ""
+
+
+class DecisionIn(BaseModel):
+    idx: int
+    decision: str = Field(..., description="yes, maybe, no, or clear (undo)")
+    client: Optional[str] = Field(None, description="The deciding client (a browser tab)")
+    seq: Optional[int] = Field(None, description="The client's sequence number: a replay of (client, seq) is ignored")
+
+
+class DecisionsIn(BaseModel):
+    decisions: List[DecisionIn]
+
+
+class ArchiveIn(BaseModel):
+    decision: str = Field("no", description="Archive the LoRAs with this decision")
+
+
+class RestoreIn(BaseModel):
+    batch: str = Field(..., description="An archive batch folder (its name, or its path in lorakit's archive folder)")
+
+
 class DiffIn(BaseModel):
     a: str = Field(..., description="Reference checkpoint")
     b: str = Field(..., description="Checkpoint compared with it")
@@ -328,6 +366,83 @@ def build_router(service: Lorakit, credentials: dict[str, str] | None = None) ->
                                      ("cross_lineage", body.cross_lineage)) if v}
         st = service.update_settings(changes)
         return {"max_safe_strength": st["max_safe_strength"], "cross_lineage": st["cross_lineage"]}
+
+    @r.post("/triage", responses={**responses, 501: {"model": ErrorOut}},
+            summary="Create a triage of a LoRA folder and generate its image pairs (a job)")
+    @_guard
+    def triage_create(body: TriageIn):
+        from .service import TriageRequest
+
+        job, tid = service.start_triage(TriageRequest(**(body.model_dump() if hasattr(body, "model_dump")
+                                                          else body.dict())))
+        return {"job_id": job.id, "triage_id": tid}
+
+    @r.get("/triage", summary="Triage sessions, newest first")
+    @_guard
+    def triage_list():
+        return service.triage_store().triages()
+
+    @r.get("/triage/{tid}", responses=responses, summary="A triage's state and counts")
+    @_guard
+    def triage_state(tid: str):
+        return service.triage(tid).state()
+
+    @r.get("/triage/{tid}/items", responses=responses, summary="Items with decisions (filter: all, undecided, yes, maybe, no)")
+    @_guard
+    def triage_items(tid: str, filter: str = "all"):
+        return service.triage(tid).views(filter)
+
+    @r.get("/triage/{tid}/next", responses=responses,
+           summary="The next item (after idx, by filter) and the one after it, to preload")
+    @_guard
+    def triage_next(tid: str, after: int = -1, filter: str = "undecided"):
+        views = service.triage(tid).views(filter)
+        rest = [v for v in views if v["idx"] > after] or views
+        return {"item": rest[0] if rest else None, "next": rest[1] if len(rest) > 1 else None,
+                "remaining": len(views)}
+
+    @r.get("/triage/{tid}/image/{idx}/{which}", responses=responses, summary="An item's image (lora or baseline), PNG")
+    @_guard
+    def triage_image(tid: str, idx: int, which: str):
+        from fastapi.responses import FileResponse
+
+        if which not in ("lora", "baseline"):
+            return _error(400, "BadRequest", "which must be 'lora' or 'baseline'.")
+        return FileResponse(service.triage(tid).image_path(idx, which), media_type="image/png",
+                            headers={"Cache-Control": "private, max-age=86400, immutable"})
+
+    @r.post("/triage/{tid}/decisions", responses=responses, summary="Record decisions (replays are ignored)")
+    @_guard
+    def triage_decide(tid: str, body: DecisionsIn):
+        t = service.triage(tid)
+        try:
+            n = t.store.decide(tid, [d.model_dump() if hasattr(d, "model_dump") else d.dict() for d in body.decisions])
+        except ValueError as e:
+            return _error(400, "BadRequest", str(e))
+        return {"recorded": n, "state": t.state()}
+
+    @r.get("/triage/{tid}/report", responses=responses, summary="The report: markdown (default) or csv")
+    @_guard
+    def triage_report(tid: str, format: str = "md"):
+        from fastapi.responses import PlainTextResponse
+
+        from .eval.triage import report_csv, report_markdown
+
+        t = service.triage(tid)
+        if format == "csv":
+            return PlainTextResponse(report_csv(t), media_type="text/csv")
+        return PlainTextResponse(report_markdown(t), media_type="text/markdown")
+
+    @r.post("/triage/{tid}/archive", responses=responses,
+            summary="Move the NO LoRAs and their sidecars into lorakit's archive folder (reversible)")
+    @_guard
+    def triage_archive(tid: str, body: ArchiveIn):
+        return service.triage_archive(tid, body.decision)
+
+    @r.post("/triage/{tid}/restore", responses=responses, summary="Put an archive batch back, byte for byte")
+    @_guard
+    def triage_restore(tid: str, body: RestoreIn):
+        return service.triage_restore(body.batch)
 
     @r.get("/jobs", response_model=List[JobOut], summary="All recent jobs, newest first")
     @_guard

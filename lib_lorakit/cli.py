@@ -245,6 +245,81 @@ def cmd_autotest(args: argparse.Namespace) -> int:
     return 2 if any("error" in r for r in results) else 0
 
 
+def cmd_triage(args: argparse.Namespace) -> int:
+    from .eval import triage as tr
+    from .eval.store import Store
+
+    store = Store(args.data_dir)
+    if args.action == "list":
+        for t in store.triages():
+            print(f"{t['id']}  {t['state']:<10} pass {t['pass']}  {t['name']}")
+        return 0
+    if args.action == "create":
+        from .gen.backend import HttpBackend
+        from .gen.grid import parse_seeds
+        from .settings import load
+
+        prompts = {}
+        for item in args.prompt or []:
+            cat, sep, text = item.partition("=")
+            if not sep or not text.strip():
+                raise RecipeError(f"--prompt {item!r}: write CATEGORY=PROMPT, e.g. style=a village street.")
+            prompts[cat.strip()] = text.strip()
+        be = HttpBackend(args.webui, args.api_auth)
+        folder = os.path.abspath(args.folder) if args.folder else None
+        t = tr.create_triage(store, be, folder=folder, checkpoint=args.checkpoint, prompts=prompts or None,
+                             seeds=parse_seeds(args.seeds), strength=args.strength, negative_prompt=args.negative,
+                             settings=_gen_settings(args), arch=args.arch, category=args.category,
+                             name_filter=args.name, inspector_settings=load(args.data_dir), name=args.title or "")
+        st = t.state()
+        print(f"triage {t.id}: {st['items']} LoRAs, {st['skipped']} skipped", file=sys.stderr)
+        for it in t.items:
+            if it.get("skipped"):
+                print(f"  skipped {it['lora']}: {it['skipped']}", file=sys.stderr)
+        rec = tr.generate(t, be, args.out, progress=_progress_printer(True))
+        print(t.id)
+        print(f"{rec.get('ok', 0)} images ok, {rec.get('failed', 0)} failed; review it in the WebUI's Triage tab or "
+              f"the standalone launcher (--data-dir {args.data_dir})", file=sys.stderr)
+        return 0 if not rec.get("failed") and not rec.get("missing") else 3
+    t = tr.Triage(store, args.id)
+    if args.action == "decide":
+        store.decide(t.id, [{"idx": args.idx, "decision": args.decision, "client": "cli"}])
+        print(json.dumps(t.state()))
+        return 0
+    if args.action == "report":
+        text = tr.report_csv(t) if args.csv else tr.report_markdown(t)
+        if args.output:
+            from .gen.run import _atomic_write
+            from .formats.safetensors_io import check_output_path
+
+            check_output_path(args.output, overwrite=args.overwrite)
+            _atomic_write(args.output, text.encode())
+            print(f"wrote {args.output}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        return 0
+    if args.action == "archive":
+        roots = [args.lora_root] if args.lora_root else ([t.rec["params"]["folder"]] if t.rec["params"].get("folder")
+                                                         else [])
+        res = tr.archive(t, args.archive_dir, roots, decision=args.decision)
+        print(f"archived {res['loras']} LoRA(s), {res['files']} file(s), {res['bytes'] / 2**20:.1f} MB into "
+              f"{res['batch']}; undo with: python -m lib_lorakit triage restore {res['batch']}")
+        return 0
+    raise RecipeError(f"unknown action {args.action}")
+
+
+def cmd_triage_restore(args: argparse.Namespace) -> int:
+    from .eval.triage import restore
+
+    res = restore(args.batch)
+    print(f"{res['state']}: {len(res['restored'])} file(s) back in place")
+    for c in res["conflicts"]:
+        print(f"  left in the archive (its original path is taken): {c}", file=sys.stderr)
+    for m in res["missing"]:
+        print(f"  missing from the archive: {m}", file=sys.stderr)
+    return 0 if res["state"] == "restored" else 2
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -395,6 +470,51 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-trigger", action="store_true", help="do not add the inspector's trigger to the prompts")
     a.add_argument("--out", default="lorakit-runs", help="folder for run folders and the state file (default ./lorakit-runs)")
     a.set_defaults(func=cmd_autotest)
+
+    t = sub.add_parser("triage", help="keep/maybe/drop many LoRAs: image pairs, decisions, report, archive",
+                       description="LoRA triage: one image per LoRA at its max-safe strength beside a no-LoRA "
+                                   "baseline; decisions in the WebUI's Triage tab (or the standalone launcher); a "
+                                   "report; a reversible archive of the NO files.")
+    tsub = t.add_subparsers(dest="action", required=True, parser_class=_Parser)
+
+    def data(x):
+        x.add_argument("--data-dir", default="lorakit-data", help="lorakit's data folder with lorakit.db "
+                                                                  "(default ./lorakit-data; the WebUI's is "
+                                                                  "extensions/lorakit's data folder)")
+
+    tc = tsub.add_parser("create", help="plan a triage of a LoRA folder and generate its pairs through a WebUI")
+    tc.add_argument("--folder", help="a folder inside the WebUI's LoRA folder (default: every LoRA it lists)")
+    tc.add_argument("--arch", choices=("sd15", "sdxl"))
+    tc.add_argument("--category", help="only this inspector category")
+    tc.add_argument("--name", help="only LoRAs whose name matches (substring or regular expression)")
+    tc.add_argument("--strength", type=float, help="override every LoRA's max-safe strength")
+    tc.add_argument("--prompt", action="append", metavar="CATEGORY=PROMPT", help="prompt for a category (repeat)")
+    tc.add_argument("--title", help="a name for the triage")
+    gen_args(tc)
+    tc.set_defaults(data_dir="lorakit-data")
+    tc.add_argument("--out", default="lorakit-runs", help="folder for the run folder (default ./lorakit-runs)")
+    tl = tsub.add_parser("list", help="triage sessions")
+    tr_ = tsub.add_parser("report", help="markdown (or --csv) report")
+    tr_.add_argument("id")
+    tr_.add_argument("--csv", action="store_true")
+    tr_.add_argument("-o", "--output", help="write to this file (refused if it exists, unless --overwrite)")
+    tr_.add_argument("--overwrite", action="store_true")
+    td = tsub.add_parser("decide", help="record one decision")
+    td.add_argument("id")
+    td.add_argument("idx", type=int)
+    td.add_argument("decision", choices=("yes", "maybe", "no", "clear"))
+    ta = tsub.add_parser("archive", help="move the NO LoRAs and their sidecars into an archive folder (reversible)")
+    ta.add_argument("id")
+    ta.add_argument("--archive-dir", required=True, help="where archive batches go (outside the LoRA folders)")
+    ta.add_argument("--lora-root", help="the LoRA folder (archived paths keep their place below it)")
+    ta.add_argument("--decision", default="no", choices=("no", "maybe", "yes"))
+    for x in (tl, tr_, td, ta):
+        data(x)
+        x.set_defaults(func=cmd_triage)
+    tc.set_defaults(func=cmd_triage)
+    trs = tsub.add_parser("restore", help="put an archive batch back, byte for byte (never overwrites)")
+    trs.add_argument("batch", help="the batch folder printed by archive")
+    trs.set_defaults(func=cmd_triage_restore)
 
     d = sub.add_parser("demo", help="build a small demo workspace (real key layout, tiny sizes) and bake it")
     d.add_argument("--dir", default="lorakit-demo", help="workspace folder (default ./lorakit-demo)")

@@ -82,6 +82,26 @@ class GridRequest:
     scheduler: str | None = None
 
 
+@dataclass
+class TriageRequest:
+    folder: str | None = None  # inside the LoRA folders; None/"": every LoRA the host lists
+    checkpoint: str | None = None  # None: the host's loaded checkpoint
+    arch: str | None = None
+    category: str | None = None
+    name_filter: str | None = None
+    prompts: dict[str, str] | None = None  # per category (defaults in lib_lorakit.eval.triage)
+    seeds: str | list[int] | None = None
+    strength: float | None = None  # None: each LoRA's max-safe strength
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler_name: str = "Euler a"
+    scheduler: str | None = None
+    name: str = ""
+
+
 class Lorakit:
     def __init__(self, host: Host, jobs: JobManager | None = None):
         self.host = host
@@ -343,3 +363,81 @@ class Lorakit:
             return res
 
         return self.jobs.submit("grid", {**vars(req), "images": len(cells)}, run)
+
+    # --- triage ------------------------------------------------------------------------------------
+    def triage_store(self):
+        from .eval.store import Store
+
+        if getattr(self, "_store", None) is None:
+            self._store = Store(self.host.data_dir())
+        return self._store
+
+    def triage(self, tid: str):
+        from .eval.triage import Triage
+
+        return Triage(self.triage_store(), tid)
+
+    def start_triage(self, req: TriageRequest) -> tuple[Job, str]:
+        """Plan (synchronously: bad names and empty folders answer at once) and generate as a job."""
+        from .eval.triage import create_triage, generate
+        from .gen.backend import GenerationUnavailable, HostBackend
+        from .gen.grid import parse_seeds
+        from .settings import load as load_settings
+
+        if self.host.flavour == "standalone":
+            raise GenerationUnavailable("The standalone launcher cannot make images, so it cannot generate a triage.",
+                                        fix="Create it in the WebUI or with `python -m lib_lorakit triage create "
+                                            "--webui URL`; the standalone launcher can review it.")
+        if req.folder:
+            from .safepath import inside
+
+            roots = self.host.lora_dirs()
+            target = req.folder if os.path.isabs(req.folder) else os.path.join(roots[0], req.folder)
+            if not inside(target, roots):
+                from .safepath import PathRefused
+
+                raise PathRefused(f"{req.folder} is outside the LoRA folders.", fix="Pick a folder inside them.")
+        backend = HostBackend(self.host)
+        settings = {k: getattr(req, k) for k in ("steps", "cfg_scale", "width", "height", "sampler_name", "scheduler")
+                    if getattr(req, k) not in (None, "")}
+        t = create_triage(self.triage_store(), backend, folder=req.folder or None, roots=self.host.lora_dirs(),
+                          checkpoint=req.checkpoint, prompts=req.prompts, seeds=parse_seeds(req.seeds),
+                          strength=req.strength, negative_prompt=req.negative_prompt, settings=settings,
+                          arch=req.arch, category=req.category, name_filter=req.name_filter,
+                          inspector_settings=load_settings(self.host.data_dir()), name=req.name)
+
+        def run(job: Job) -> dict[str, Any]:
+            job.mark_running("generating")
+
+            def progress(frac: float, msg: str) -> None:
+                job.update(frac, msg)
+                if self.host.interrupted():
+                    job.cancel_event.set()
+
+            rec = generate(t, backend, self.host.outputs_dir(), progress=progress, cancel=job.cancel_event)
+            return {"triage_id": t.id, "record": rec, "state": self.triage(t.id).state()}
+
+        return self.jobs.submit("triage", {"triage_id": t.id, **vars(req)}, run), t.id
+
+    def archive_dir(self) -> str:
+        roots = self.host.lora_dirs()
+        return os.path.join(os.path.dirname(os.path.realpath(roots[0])), "Lora-archive")
+
+    def triage_archive(self, tid: str, decision: str = "no") -> dict[str, Any]:
+        from .eval.triage import archive
+
+        res = archive(self.triage(tid), self.archive_dir(), self.host.lora_dirs(), decision=decision)
+        self.host.refresh_loras()
+        return res
+
+    def triage_restore(self, batch: str) -> dict[str, Any]:
+        from .eval.triage import restore
+        from .safepath import PathRefused, inside
+
+        base = self.archive_dir()
+        path = batch if os.path.isabs(batch) else os.path.join(base, batch)
+        if not inside(path, [base]):
+            raise PathRefused(f"{batch} is not an archive batch of lorakit's archive folder {base}.")
+        res = restore(path)
+        self.host.refresh_loras()
+        return res

@@ -64,6 +64,23 @@ def create(setup, **kw):
     return tr.Triage(store, t.id)
 
 
+def test_create_and_generate_through_a_backend(setup):
+    be, paths, out, store, tmp = setup
+    t = tr.create_triage(store, be, checkpoint="base", seeds=[1, 2], settings={"width": 64, "height": 64},
+                         roots=[str(tmp / "Lora")], folder="")
+    assert t.rec["params"]["checkpoint"] == "base.safetensors [abc]"
+    be.fail_calls = {3}
+    rec = tr.generate(t, be, out)
+    assert rec["failed"] == 1 and store.triage(t.id)["state"] == "incomplete"
+    n = len(be.calls)
+    rec = tr.generate(tr.Triage(store, t.id), be, out)  # resumes in the same run folder
+    assert len(be.calls) - n == 1 and store.triage(t.id)["state"] == "ready"
+    st = tr.Triage(store, t.id).state()
+    # the checkpoint is a 1-byte stand-in here, so no architecture is known and nothing is skipped
+    assert st["items"] == 7 and st["skipped"] == 0
+    assert all(v["image"]["status"] == "ok" for v in tr.Triage(store, t.id).views())
+
+
 def test_plan_strengths_triggers_shared_baselines_and_skips(setup):
     t = create(setup)
     active = [it for it in t.items if not it.get("skipped")]
@@ -199,3 +216,40 @@ def test_archive_name_clash_and_restore_conflict(setup):
     assert back["state"] == "partly restored" and len(back["conflicts"]) == 1
     assert open(os.path.join(lora_root, "character1.safetensors"), "rb").read() == b"new download"
     assert os.path.exists(twin)
+
+
+def test_triage_cli_end_to_end(tmp_path, capsys):
+    from fake_sdapi import FakeWebUI
+
+    from lib_lorakit.cli import main
+
+    ck, lo = tmp_path / "ck", tmp_path / "Lora"
+    ck.mkdir()
+    (ck / "base.safetensors").write_bytes(b"x")
+    paths = make_loras(str(lo), 3)
+    before = {p: sha(p) for p in paths}
+    srv = FakeWebUI(FakeBackend(str(ck), str(lo)))
+    data = str(tmp_path / "data")
+    try:
+        code = main(["triage", "create", "--webui", srv.url, "--folder", str(lo), "--width", "64", "--height", "64",
+                     "--data-dir", data, "--out", str(tmp_path / "runs"), "--prompt", "style=an old harbour"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        tid = out.out.strip().splitlines()[-1]
+    finally:
+        srv.close()
+    assert main(["triage", "list", "--data-dir", data]) == 0 and tid in capsys.readouterr().out
+    t = tr.Triage(Store(data), tid)
+    assert any(it.get("prompt", "").startswith("an old harbour") for it in t.items)
+    style = next(it for it in t.items if it["category"] == "style")
+    assert main(["triage", "decide", tid, str(style["idx"]), "no", "--data-dir", data]) == 0
+    rep = tmp_path / "report.md"
+    assert main(["triage", "report", tid, "-o", str(rep), "--data-dir", data]) == 0
+    assert "| NO | 1 |" in rep.read_text()
+    assert main(["triage", "report", tid, "-o", str(rep), "--data-dir", data]) == 2  # never overwrites
+    capsys.readouterr()
+    assert main(["triage", "archive", tid, "--archive-dir", str(tmp_path / "arch"), "--data-dir", data]) == 0
+    batch = capsys.readouterr().out.split("triage restore ")[1].strip()
+    assert not os.path.exists(style["path"])
+    assert main(["triage", "restore", batch]) == 0
+    assert {p: sha(p) for p in paths} == before

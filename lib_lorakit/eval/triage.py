@@ -394,3 +394,67 @@ def restore(batch: str) -> dict[str, Any]:
 
 class TriageError(LorakitError):
     pass
+
+
+# --- create and generate (shared by the WebUI service and the CLI) -----------------------------------
+
+
+def create_triage(store: Store, backend, *, folder: str | None = None, roots: Sequence[str] = (),
+                  checkpoint: str | None = None, prompts: dict[str, str] | None = None, seeds: Sequence[int] = (1,),
+                  strength: float | None = None, negative_prompt: str = "", settings: dict[str, Any] | None = None,
+                  arch: str | None = None, category: str | None = None, name_filter: str | None = None,
+                  inspector_settings: dict[str, Any] | None = None, name: str = "") -> Triage:
+    """Plan a triage over the backend's (refreshed) LoRA list — those under ``folder`` when given — and
+    store it. The checkpoint's architecture decides what is skipped."""
+    from ..gen.backend import resolve_name
+    from ..inspect import checkpoint_family, inspect_paths
+
+    backend.refresh()
+    loras = backend.loras()
+    if folder:
+        base = os.path.realpath(folder if os.path.isabs(folder) or not roots else os.path.join(roots[0], folder))
+        loras = [e for e in loras if os.path.realpath(e.path).startswith(base + os.sep)]
+        if not loras:
+            raise RecipeError(f"The WebUI lists no LoRA under {folder}.",
+                              fix="Pick a folder inside the WebUI's LoRA folder (or leave it empty for all).")
+    ck_name = checkpoint or backend.current_checkpoint()
+    if not ck_name:
+        raise RecipeError("No checkpoint given and none loaded.", fix="Pick a checkpoint.")
+    ck = resolve_name(ck_name, backend.checkpoints(), "checkpoint")
+    ck_arch = None
+    try:
+        ck_arch = checkpoint_family(ck.path).arch if os.path.isfile(ck.path) else None
+    except LorakitError:
+        ck_arch = None
+    paths = [e.path for e in loras]
+    reports = inspect_paths(paths, settings=inspector_settings)
+    items, cells = plan(reports, names={e.path: e.name for e in loras}, checkpoint_arch=ck_arch, prompts=prompts,
+                        seeds=seeds, strength=strength, negative_prompt=negative_prompt, checkpoint=ck.name,
+                        settings=settings, arch=arch, category=category, name_filter=name_filter)
+    params = {"folder": folder, "checkpoint": ck.name, "checkpoint_arch": ck_arch, "seeds": list(seeds),
+              "strength": strength, "prompts": prompts or {}, "settings": settings or {}, "arch": arch,
+              "category": category, "name_filter": name_filter, "cells": [c.as_dict() for c in cells]}
+    return Triage.create(store, items, params, name=name)
+
+
+def generate(t: Triage, backend, outputs_dir: str, *, progress: Callable[[float, str], None] | None = None,
+             cancel=None) -> dict[str, Any]:
+    """Make the triage's images (a run folder of kind "triage"); a second call fills only what is missing."""
+    from ..gen.run import execute
+
+    cells = [Cell.from_dict(c) for c in t.rec["params"].get("cells", [])]
+    if not cells:
+        t.store.set_triage(t.id, state="ready")
+        return {"cells": 0}
+    run = t.run()
+    if run is None:
+        run = Run.create(outputs_dir, "triage", cells, meta={"triage": t.id})
+        t.store.set_triage(t.id, run_dir=run.dir)
+    t.store.set_triage(t.id, state="generating")
+    try:
+        rec = execute(run, backend, progress=progress, cancel=cancel)
+    except BaseException:
+        t.store.set_triage(t.id, state="incomplete")
+        raise
+    t.store.set_triage(t.id, state="ready" if rec["missing"] == 0 and rec["failed"] == 0 else "incomplete")
+    return rec
