@@ -139,27 +139,41 @@ def test_module_entry_point_and_demo(tmp_path):
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_real_signal_mid_write_leaves_no_debris(tmp_path, sig):
-    """Send a real signal while the output is being written; nothing may remain."""
+    """Send a real signal while the output is being written; nothing may remain.
+
+    On a loaded machine the signal can land after the final rename; such an attempt must have left a
+    complete output and no temporary file, and is repeated until one attempt is really interrupted."""
     import signal
     import time
 
+    from lib_lorakit.formats.safetensors_io import SafetensorsFile
     from lib_lorakit.synth import write_checkpoint
 
     base = str(tmp_path / "base.safetensors")
     write_checkpoint(base, "sdxl", tiny=8, seed=1)  # ~70 MB: the bake takes long enough to interrupt
     lora = write(tmp_path, "l.safetensors", make_lora("sdxl", "lora", tiny=8, conv=True, rank=4))
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    p = subprocess.Popen([sys.executable, "-m", "lib_lorakit", "bake", base, "--lora", lora, "-o",
-                          str(out_dir / "o.safetensors"), "-q"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(n.endswith(".lorakit-tmp") for n in os.listdir(out_dir)):
-        if p.poll() is not None:
-            break
-        time.sleep(0.002)
-    assert p.poll() is None, "the bake finished before it could be interrupted"
-    p.send_signal(getattr(signal, sig))
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
-    assert "no output was written" in err
-    assert os.listdir(out_dir) == []
+    interrupted = 0
+    for attempt in range(4):
+        out_dir = tmp_path / f"out{attempt}"
+        out_dir.mkdir()
+        p = subprocess.Popen([sys.executable, "-m", "lib_lorakit", "bake", base, "--lora", lora, "-o",
+                              str(out_dir / "o.safetensors"), "-q"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(n.endswith(".lorakit-tmp") for n in os.listdir(out_dir)):
+            if p.poll() is not None:
+                break
+            time.sleep(0.002)
+        assert p.poll() is None, "the bake finished before it could be interrupted"
+        p.send_signal(getattr(signal, sig))
+        _, err = p.communicate(timeout=60)
+        if p.returncode == 0:  # the signal came after the rename: a whole file and nothing else
+            assert os.listdir(out_dir) == ["o.safetensors"]
+            with SafetensorsFile(str(out_dir / "o.safetensors")):
+                pass
+            continue
+        assert p.returncode == 130, err
+        assert "no output was written" in err
+        assert os.listdir(out_dir) == []
+        interrupted += 1
+        break
+    assert interrupted == 1

@@ -33,19 +33,24 @@ def assets() -> tuple[str, str]:
     return css, js
 
 
-def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None):
+def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, data_dir: str | None = None):
     """The FastAPI app: the lorakit tab at /, the API at /lorakit/v1. Returns (app, service)."""
     from fastapi import FastAPI
 
     from ..api import parse_credentials
 
-    service = Lorakit(LocalHost(models_dir, loras_dir))
+    service = Lorakit(LocalHost(models_dir, loras_dir, data_dir=data_dir))
     css, js = assets()
     head = '<script src="/lorakit.js"></script>' if js else None
     kw = {"title": "lorakit", "css": css}
     if head and int(gr.__version__.split(".")[0]) >= 4:
         kw["head"] = head  # gradio 3.41 has no head=; the WebUI injects scripts itself
     demo = build_ui(service, **kw)
+    if js and "head" not in kw:  # gradio 3.41: load the script once the page is up
+        loader = ("() => { if (!window.lorakitLoaded) { window.lorakitLoaded = 1; const s = document.createElement('script');"
+                  " s.src = '/lorakit.js'; document.head.appendChild(s); } }")
+        with demo:
+            demo.load(None, None, None, _js=loader)
     demo.queue()
     app = FastAPI(title="lorakit")
     app.include_router(build_router(service, parse_credentials(api_auth) or None))
@@ -60,12 +65,12 @@ def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None):
 
 
 def serve(models_dir: str, loras_dir: str, *, port: int = 7870, host: str = "127.0.0.1",
-          api_auth: str | None = None) -> None:
+          api_auth: str | None = None, data_dir: str | None = None) -> None:
     import uvicorn
 
     for d in (models_dir, loras_dir):
         if not os.path.isdir(d):
             raise SystemExit(f"error: {d} is not a folder")
-    app, _ = create_app(models_dir, loras_dir, api_auth=api_auth)
+    app, _ = create_app(models_dir, loras_dir, api_auth=api_auth, data_dir=data_dir)
     print(f"lorakit: http://{host}:{port}/  (API: http://{host}:{port}/lorakit/v1, docs: /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
