@@ -59,3 +59,40 @@ def test_bake_from_the_tab_updates_the_host_dropdown(base, lora):
     assert out + ".safetensors" in choices
     status, models = call("GET", "/sdapi/v1/sd-models")
     assert any(m["title"].startswith(out + ".safetensors") for m in models)
+
+
+def test_triage_review_in_the_webui():
+    """Review the newest triage in the WebUI's lorakit → Triage tab by keyboard (run after test_live_triage)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Chromium is not installed")
+    status, triages = call("GET", "/lorakit/v1/triage")
+    ready = [t for t in triages if t["state"] == "ready"]
+    if not ready:
+        pytest.skip("no ready triage on this WebUI (run tests/integration/test_live_triage.py first)")
+    tid = ready[0]["id"]
+    status, st0 = call("GET", f"/lorakit/v1/triage/{tid}")
+    call("POST", f"/lorakit/v1/triage/{tid}/decisions",
+         {"decisions": [{"idx": it["idx"], "decision": "clear", "client": "reset", "seq": n}
+                        for n, it in enumerate(call("GET", f"/lorakit/v1/triage/{tid}/items")[1])]})
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(URL)
+        page.locator(".tab-nav button").filter(has_text=re.compile(r"^\s*lorakit\s*$")).first.click(timeout=120_000)
+        page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Triage").first.click()
+        page.locator("#lorakit_triage_refresh").click()
+        page.wait_for_selector(f"#lorakit-triage-view[data-loaded='{tid}']", timeout=30_000)
+        page.wait_for_function("document.querySelector('#lorakit-triage-img-lora').complete", timeout=30_000)
+        n = st0["items"]
+        for i in range(n):
+            page.keyboard.press("ymn"[i % 3])
+            page.wait_for_function(f"window.lorakitTriageTimings.length >= {i + 1}", timeout=10_000)
+            page.wait_for_timeout(150)
+        page.wait_for_function("JSON.parse(localStorage.getItem('lorakit-triage-pending') || '[]').length === 0",
+                               timeout=10_000)
+        timings = page.evaluate("window.lorakitTriageTimings")
+        browser.close()
+    status, st = call("GET", f"/lorakit/v1/triage/{tid}")
+    assert st["decided"] == n, st
+    print(f"\nWebUI triage: {n} pairs, key press -> next pair shown max {max(timings):.1f} ms")
