@@ -120,6 +120,52 @@ class RestoreIn(BaseModel):
     batch: str = Field(..., description="An archive batch folder (its name, or its path in lorakit's archive folder)")
 
 
+class CandidateIn(BaseModel):
+    id: str = Field(..., description="A short unique id (hidden from evaluators until Reveal)")
+    checkpoint: Optional[str] = Field(None, description="A checkpoint from the host's list")
+    loras: List[Dict[str, Any]] = Field(default_factory=list, description="[{name, strength}] added to every prompt")
+    merge: Optional[Dict[str, Any]] = Field(None, description="{models: [{name, weight}], method, base, blocks}: built first")
+    control: bool = Field(False, description="The previous version (exactly one, unless first_version)")
+    note: str = ""
+
+
+class PromptIn(BaseModel):
+    prompt: str
+    negative_prompt: str = ""
+    seed: Optional[int] = None
+
+
+class TournamentIn(BaseModel):
+    name: str = "tournament"
+    candidates: List[CandidateIn]
+    prompts: List[PromptIn] = Field(..., description="At least 5")
+    settings: Dict[str, Any] = Field(default_factory=dict, description="steps, cfg_scale, width, height, sampler_name, scheduler")
+    first_version: bool = Field(False, description="No control: the report says so")
+
+
+class VoteIn(BaseModel):
+    prompt: int
+    ranks: List[str] = Field(default_factory=list, description="Letters, best first (at most 3)")
+    bombs: List[str] = Field(default_factory=list, description="Letters of unusable images")
+    all_bad: bool = False
+    no_preference: bool = False
+    client: Optional[str] = None
+    seq: Optional[int] = None
+
+
+class VotesIn(BaseModel):
+    evaluator: str
+    votes: List[VoteIn]
+
+
+class NextRoundIn(BaseModel):
+    mode: str = Field("narrow", description="narrow or dial-in")
+    step: float = 0.1
+    axis: Optional[int] = None
+    values: Optional[List[float]] = None
+    create: bool = Field(False, description="Create the next round's tournament from the proposal")
+
+
 class DiffIn(BaseModel):
     a: str = Field(..., description="Reference checkpoint")
     b: str = Field(..., description="Checkpoint compared with it")
@@ -443,6 +489,121 @@ def build_router(service: Lorakit, credentials: dict[str, str] | None = None) ->
     @_guard
     def triage_restore(tid: str, body: RestoreIn):
         return service.triage_restore(body.batch)
+
+    def dump(m):
+        return m.model_dump() if hasattr(m, "model_dump") else m.dict()
+
+    @r.post("/tournaments", responses=responses, summary="Create a blind tournament (≥ 5 prompts, one control)")
+    @_guard
+    def tournament_create(body: TournamentIn):
+        data = dump(body)
+        for i, p in enumerate(data["prompts"]):
+            if p.get("seed") is None:
+                p["seed"] = 1000 + i
+        tid = service.create_tournament(data)
+        return {"id": tid}
+
+    @r.get("/tournaments", summary="Tournaments, newest first")
+    @_guard
+    def tournament_list():
+        return service.tournaments().list()
+
+    @r.get("/tournaments/{tid}", responses=responses, summary="A tournament: state, round, lineage (recipes after Reveal)")
+    @_guard
+    def tournament_get(tid: str):
+        from .eval.tournament import lineage
+
+        rec = service.tournaments().get(tid)
+        out = {k: v for k, v in rec.items() if k != "spec"}
+        out["prompts"] = len(rec["spec"]["prompts"])
+        out["candidates"] = len(rec["spec"]["candidates"])
+        if rec["revealed"]:
+            out["spec"] = rec["spec"]
+            out["lineage"] = lineage(service.tournaments(), tid)
+        return out
+
+    @r.post("/tournaments/{tid}/generate", responses={**responses, 501: {"model": ErrorOut}},
+            summary="Build merge candidates and generate the images (a job)")
+    @_guard
+    def tournament_generate(tid: str):
+        return {"job_id": service.start_tournament(tid).id}
+
+    @r.get("/tournaments/{tid}/ballot", responses=responses, summary="An evaluator's blind ballot")
+    @_guard
+    def tournament_ballot(tid: str, evaluator: str):
+        from .eval.tournament import ballot
+
+        return ballot(service.tournaments(), tid, evaluator)
+
+    @r.get("/tournaments/{tid}/image/{evaluator}/{prompt}/{letter}", responses=responses,
+           summary="An image of a ballot, by its letter (PNG)")
+    @_guard
+    def tournament_image(tid: str, evaluator: str, prompt: int, letter: str):
+        from fastapi.responses import FileResponse
+
+        from .eval.tournament import image_path
+
+        return FileResponse(image_path(service.tournaments(), tid, evaluator, prompt, letter), media_type="image/png",
+                            headers={"Cache-Control": "private, max-age=86400"})
+
+    @r.post("/tournaments/{tid}/votes", responses=responses, summary="Cast votes (a replayed client/seq is ignored)")
+    @_guard
+    def tournament_votes(tid: str, body: VotesIn):
+        try:
+            n = service.tournaments().vote(tid, body.evaluator, [dump(v) for v in body.votes])
+        except ValueError as e:
+            return _error(400, "BadRequest", str(e))
+        return {"recorded": n}
+
+    @r.get("/tournaments/{tid}/scores", responses=responses, summary="Scores under every scheme, with uncertainty")
+    @_guard
+    def tournament_scores(tid: str, resamples: int = 1000):
+        from .eval.tournament import scores
+
+        return scores(service.tournaments(), tid, resamples=max(100, min(resamples, 20000)))
+
+    @r.get("/tournaments/{tid}/chart", responses=responses, summary="The score chart (PNG)")
+    @_guard
+    def tournament_chart(tid: str):
+        import io
+
+        from fastapi.responses import Response
+
+        from .eval.chart import score_chart
+        from .eval.tournament import scores
+
+        buf = io.BytesIO()
+        score_chart(scores(service.tournaments(), tid)).save(buf, format="PNG")
+        return Response(buf.getvalue(), media_type="image/png")
+
+    @r.post("/tournaments/{tid}/reveal", responses=responses, summary="Reveal who is who")
+    @_guard
+    def tournament_reveal(tid: str):
+        service.tournaments().update(tid, revealed=1)
+        return {"id": tid, "revealed": True}
+
+    @r.get("/tournaments/{tid}/report", responses=responses, summary="Report after Reveal: markdown (default) or csv")
+    @_guard
+    def tournament_report(tid: str, format: str = "md"):
+        from fastapi.responses import PlainTextResponse
+
+        from .eval.tournament import report_csv, report_markdown
+
+        if format == "csv":
+            return PlainTextResponse(report_csv(service.tournaments(), tid), media_type="text/csv")
+        return PlainTextResponse(report_markdown(service.tournaments(), tid), media_type="text/markdown")
+
+    @r.post("/tournaments/{tid}/next-round", responses=responses,
+            summary="Propose (and optionally create) the next round from the winner")
+    @_guard
+    def tournament_next(tid: str, body: NextRoundIn):
+        from .eval.tournament import propose_next
+
+        prop = propose_next(service.tournaments(), tid, body.mode, step=body.step, axis=body.axis, values=body.values)
+        if body.create:
+            prop["id"] = service.create_tournament({"name": f"{service.tournaments().get(tid)['name']} r{prop['round']}",
+                                                     **prop}, parent=tid, round_no=prop["round"])
+        return prop
 
     @r.get("/jobs", response_model=List[JobOut], summary="All recent jobs, newest first")
     @_guard

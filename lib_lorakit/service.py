@@ -441,3 +441,71 @@ class Lorakit:
         res = restore(path)
         self.host.refresh_loras()
         return res
+
+    # --- tournaments ---------------------------------------------------------------------------------
+    def tournaments(self):
+        from .eval.tournament import Tournaments
+
+        if getattr(self, "_tours", None) is None:
+            self._tours = Tournaments(self.triage_store())
+        return self._tours
+
+    def create_tournament(self, data: dict[str, Any], parent: str | None = None, round_no: int = 1) -> str:
+        from .eval.tournament import Candidate, TournamentSpec
+
+        try:
+            spec = TournamentSpec(name=str(data.get("name") or "tournament"),
+                                  candidates=[Candidate(**{k: v for k, v in c.items() if v is not None})
+                                              for c in data.get("candidates") or []],
+                                  prompts=[dict(p) for p in data.get("prompts") or []],
+                                  settings=dict(data.get("settings") or {}),
+                                  first_version=bool(data.get("first_version")))
+        except TypeError as e:
+            raise RecipeError(f"Bad candidate: {e}.") from None
+        return self.tournaments().create(spec, parent=parent, round_no=round_no)
+
+    def build_merge(self, cand, name: str) -> str:
+        """Build a merge candidate into the checkpoint folder; returns its name in the host's list."""
+        from .merge import ModelSpec, merge
+
+        m = cand.merge
+        out = self.output_path(name)
+        if os.path.exists(out):  # built by an earlier, interrupted run of this tournament
+            return self._written(out) or os.path.basename(out)
+        models = [ModelSpec(self.resolve_checkpoint(x["name"]), float(x.get("weight", 1.0))) for x in m["models"]]
+        base = self.resolve_checkpoint(m["base"]) if m.get("base") else None
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        merge(models, out, method=m.get("method", "weighted"), base=base, blocks=m.get("blocks") or None,
+              save_dtype=m.get("save_dtype") or self.host.setting(SETTING_SAVE_DTYPE, "fp16"))
+        return self._written(out) or os.path.basename(out)
+
+    def start_tournament(self, tid: str) -> Job:
+        """Build merge candidates and generate every image, as a job (each image waits for the queue)."""
+        from .eval.tournament import generate
+        from .gen.backend import GenerationUnavailable, HostBackend
+
+        self.tournaments().get(tid)
+        if self.host.flavour == "standalone":
+            raise GenerationUnavailable("The standalone launcher cannot make images.",
+                                        fix="Generate in the WebUI or with `python -m lib_lorakit tournament generate "
+                                            "--webui URL`; the standalone launcher can run the blind ranking.")
+        backend = HostBackend(self.host)
+
+        def run(job: Job) -> dict[str, Any]:
+            job.mark_running("starting")
+
+            def progress(frac: float, msg: str) -> None:
+                job.update(frac, msg)
+                if self.host.interrupted():
+                    job.cancel_event.set()
+
+            def build(c, name):
+                job.update(0.0, f"merging {c.id}")
+                with self.host.queue_lock():
+                    return self.build_merge(c, name)
+
+            rec = generate(self.tournaments(), tid, backend, self.host.outputs_dir(), build_merge=build,
+                           progress=progress, cancel=job.cancel_event)
+            return {"tournament": tid, "record": rec}
+
+        return self.jobs.submit("tournament", {"tournament": tid}, run)
