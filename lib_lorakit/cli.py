@@ -320,6 +320,93 @@ def cmd_triage_restore(args: argparse.Namespace) -> int:
     return 0 if res["state"] == "restored" else 2
 
 
+def cmd_tournament(args: argparse.Namespace) -> int:
+    from .eval import tournament as T
+    from .eval.store import Store
+
+    tours = T.Tournaments(Store(args.data_dir))
+    a = args.action
+    if a == "list":
+        for t in tours.list():
+            print(f"{t['id']}  round {t['round']}  {t['state']:<10} {'revealed' if t['revealed'] else 'blind':<8} {t['name']}")
+        return 0
+    if a == "create":
+        try:
+            with open(args.spec, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"{args.spec}: cannot read the tournament spec ({e}).") from None
+        spec = T.TournamentSpec(name=data.get("name", "tournament"),
+                                candidates=[T.Candidate(**c) for c in data.get("candidates", [])],
+                                prompts=[{"seed": 1000 + i, **p} for i, p in enumerate(data.get("prompts", []))],
+                                settings=data.get("settings", {}), first_version=bool(data.get("first_version")))
+        print(tours.create(spec))
+        return 0
+    if a == "generate":
+        from .gen.backend import HttpBackend
+
+        def build(c, name):
+            if not args.models_dir:
+                raise RecipeError(f"Candidate {c.id} is a merge: give --models-dir (the WebUI's checkpoint folder).")
+            from .merge import ModelSpec, merge
+
+            def path_of(n):
+                p = n if os.path.isabs(n) else os.path.join(args.models_dir, n)
+                return p if os.path.exists(p) else p + ".safetensors"
+
+            out = os.path.join(args.models_dir, name + ".safetensors")
+            if not os.path.exists(out):
+                merge([ModelSpec(path_of(m["name"]), float(m.get("weight", 1.0))) for m in c.merge["models"]], out,
+                      method=c.merge.get("method", "weighted"),
+                      base=path_of(c.merge["base"]) if c.merge.get("base") else None,
+                      blocks=c.merge.get("blocks") or None)
+            return name
+
+        be = HttpBackend(args.webui, args.api_auth)
+        rec = T.generate(tours, args.id, be, args.out, build_merge=build, progress=_progress_printer(True))
+        print(f"{rec['ok']} images ok, {rec['failed']} failed, {rec['missing']} missing; rank them blind in the "
+              f"Tournament tab or the standalone launcher (--data-dir {args.data_dir})")
+        return 0 if rec["failed"] == 0 and rec["missing"] == 0 else 3
+    if a == "score":
+        sc = T.scores(tours, args.id)
+        if args.json:
+            print(json.dumps(sc, indent=2, default=str))
+            return 0
+        for name, vals in sc["schemes"].items():
+            print(f"{name}: " + ", ".join(f"{c} {v:.2f}" for c, v in sorted(
+                vals.items(), key=lambda kv: kv[1], reverse=name != "average rank")))
+        for n in sc["notes"]:
+            print(f"note: {n}")
+        if sc["separability"].get("text"):
+            print(sc["separability"]["text"])
+        return 0
+    if a == "reveal":
+        tours.update(args.id, revealed=1)
+        print(f"{args.id} revealed")
+        return 0
+    if a == "report":
+        text = T.report_csv(tours, args.id) if args.csv else T.report_markdown(tours, args.id)
+        if args.output:
+            from .formats.safetensors_io import check_output_path
+            from .gen.run import _atomic_write
+
+            check_output_path(args.output, overwrite=args.overwrite)
+            _atomic_write(args.output, text.encode())
+        else:
+            sys.stdout.write(text)
+        return 0
+    if a == "next-round":
+        prop = T.propose_next(tours, args.id, args.mode, step=args.step)
+        if args.create:
+            spec = T.TournamentSpec(name=f"{tours.get(args.id)['name']} r{prop['round']}",
+                                    candidates=[T.Candidate(**c) for c in prop["candidates"]], prompts=prop["prompts"],
+                                    settings=prop["settings"], first_version=prop["first_version"])
+            prop["id"] = tours.create(spec, parent=args.id, round_no=prop["round"])
+        print(json.dumps(prop, indent=2))
+        return 0
+    raise RecipeError(f"unknown action {a}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -518,6 +605,38 @@ def build_parser() -> argparse.ArgumentParser:
     trs = tsub.add_parser("restore", help="put an archive batch back, byte for byte (never overwrites)")
     trs.add_argument("batch", help="the batch folder printed by archive")
     trs.set_defaults(func=cmd_triage_restore)
+
+    to = sub.add_parser("tournament", help="blind tournaments of checkpoints, recipes and merges",
+                        description="Blind tournaments: at least 5 prompts, one control (the previous version), hidden "
+                                    "labels, top-3 ranking, scores under several schemes with uncertainty, rounds.")
+    tosub = to.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    t_create = tosub.add_parser("create", help="create from a JSON spec {name, candidates, prompts, settings}")
+    t_create.add_argument("spec")
+    t_gen = tosub.add_parser("generate", help="build merge candidates and generate the images through a WebUI")
+    t_gen.add_argument("id")
+    t_gen.add_argument("--webui", required=True, metavar="URL")
+    t_gen.add_argument("--api-auth", metavar="USER:PASSWORD")
+    t_gen.add_argument("--models-dir", help="the WebUI's checkpoint folder on this machine (where merges are built)")
+    t_gen.add_argument("--out", default="lorakit-runs", help="folder for the run folder (default ./lorakit-runs)")
+    t_score = tosub.add_parser("score", help="scores under every scheme (blind until revealed)")
+    t_score.add_argument("id")
+    t_score.add_argument("--json", action="store_true")
+    t_rev = tosub.add_parser("reveal", help="reveal who is who")
+    t_rev.add_argument("id")
+    t_rep = tosub.add_parser("report", help="markdown (or --csv) report, after reveal")
+    t_rep.add_argument("id")
+    t_rep.add_argument("--csv", action="store_true")
+    t_rep.add_argument("-o", "--output")
+    t_rep.add_argument("--overwrite", action="store_true")
+    t_next = tosub.add_parser("next-round", help="propose the next round from the winner (narrow or dial-in)")
+    t_next.add_argument("id")
+    t_next.add_argument("--mode", choices=("narrow", "dial-in"), default="narrow")
+    t_next.add_argument("--step", type=float, default=0.1)
+    t_next.add_argument("--create", action="store_true", help="create the proposed round")
+    t_list = tosub.add_parser("list", help="tournaments")
+    for x in (t_create, t_gen, t_score, t_rev, t_rep, t_next, t_list):
+        x.add_argument("--data-dir", default="lorakit-data", help="lorakit's data folder (default ./lorakit-data)")
+        x.set_defaults(func=cmd_tournament)
 
     d = sub.add_parser("demo", help="build a small demo workspace (real key layout, tiny sizes) and bake it")
     d.add_argument("--dir", default="lorakit-demo", help="workspace folder (default ./lorakit-demo)")

@@ -167,3 +167,36 @@ def test_reveal_report_and_next_rounds(env):
     child = tours.create(T.TournamentSpec(name="r2", candidates=[T.Candidate(**c) for c in nxt["candidates"]],
                                           prompts=nxt["prompts"], settings=nxt["settings"]), parent=tid, round_no=2)
     assert [x["round"] for x in T.lineage(tours, child)] == [1, 2]
+
+
+def test_tournament_cli(env, capsys):
+    from fake_sdapi import FakeWebUI
+
+    from lib_lorakit.cli import main
+
+    tours, be, out, tmp = env
+    data = str(tmp / "data")
+    spec_file = tmp / "t.json"
+    spec_file.write_text(json.dumps({"name": "cli", "settings": {"width": 64, "height": 64},
+                                     "prompts": [{"prompt": p["prompt"]} for p in PROMPTS[:5]],
+                                     "candidates": [{"id": "v1", "checkpoint": "base", "control": True},
+                                                    {"id": "v2", "checkpoint": "other"}]}))
+    assert main(["tournament", "create", str(spec_file), "--data-dir", data]) == 0
+    tid = capsys.readouterr().out.strip()
+    srv = FakeWebUI(be)
+    try:
+        assert main(["tournament", "generate", tid, "--webui", srv.url, "--out", out, "--data-dir", data]) == 0
+    finally:
+        srv.close()
+    for p in range(5):
+        order = tours.order(tid, "me", p)
+        tours.vote(tid, "me", [{"prompt": p, "ranks": ["AB"[order.index("v2")]]}])
+    capsys.readouterr()
+    assert main(["tournament", "score", tid, "--data-dir", data]) == 0
+    assert "candidate" in capsys.readouterr().out  # blind
+    assert main(["tournament", "reveal", tid, "--data-dir", data]) == 0
+    assert main(["tournament", "report", tid, "--data-dir", data, "-o", str(tmp / "r.md")]) == 0
+    assert "v2 beats v1 in 5 of 5 prompts" in (tmp / "r.md").read_text()
+    capsys.readouterr()
+    assert main(["tournament", "next-round", tid, "--data-dir", data]) == 2  # a plain checkpoint has no recipe
+    assert "no recipe to vary" in capsys.readouterr().err
