@@ -280,3 +280,96 @@ def test_triage_by_keyboard_in_the_browser(triage_server):
     with open(os.path.join(str(data), "triage-timings.json"), "w") as f:
         json.dump(timings, f)
     assert len(timings) == 30 and med <= 100 and p90 <= 100
+
+
+@pytest.fixture
+def tournament_server(tmp_path):
+    """The standalone launcher over a pre-generated tournament: 3 candidates x 5 prompts."""
+    need(os.path.exists(CHROMIUM) or shutil.which("chromium"), "Chromium is not installed")
+    pytest.importorskip("gradio")
+    from fake_gen import FakeBackend
+
+    from lib_lorakit.eval import tournament as T
+    from lib_lorakit.eval.store import Store
+
+    ckpt, loras, data = tmp_path / "Stable-diffusion", tmp_path / "Lora", tmp_path / "data"
+    ckpt.mkdir()
+    loras.mkdir()
+    for f in ("v1", "v2"):
+        (ckpt / f"{f}.safetensors").write_bytes(b"x")
+    (loras / "detail.safetensors").write_bytes(b"x")
+    tours = T.Tournaments(Store(str(data)))
+    spec = T.TournamentSpec(name="browser", settings={"width": 256, "height": 256}, prompts=[
+        {"prompt": p, "seed": 10 + i} for i, p in enumerate(["a cat", "a dog", "a castle", "a street", "a lake"])],
+        candidates=[T.Candidate("v1", checkpoint="v1", control=True), T.Candidate("v2", checkpoint="v2"),
+                    T.Candidate("v2+detail", checkpoint="v2", loras=[{"name": "detail", "strength": 0.7}])])
+    tid = tours.create(spec)
+    T.generate(tours, tid, FakeBackend(str(ckpt), str(loras), size=256), str(data / "outputs"))
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "lib_lorakit", "ui", "--models-dir", str(ckpt), "--loras-dir",
+                          str(loras), "--data-dir", str(data), "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    import urllib.request
+
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "lorakit/v1/jobs", timeout=2)
+            break
+        except OSError:
+            if p.poll() is not None:
+                raise AssertionError(p.stdout.read())
+            time.sleep(0.3)
+    yield url, tid, tours
+    p.terminate()
+    p.wait(timeout=30)
+
+
+def test_blind_tournament_by_keyboard_reveal_and_report(tournament_server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, tid, tours = tournament_server
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(url)
+        page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Tournament").first.click(
+            timeout=60_000)
+        page.locator("#lorakit_tour_evaluator textarea, #lorakit_tour_evaluator input").first.fill("alice")
+        page.wait_for_selector(f"#lorakit-tour-view[data-loaded='{tid}|alice']", timeout=30_000)
+        head = page.locator("#lorakit-tour-head").inner_text()
+        grid_text = page.locator("#lorakit-tour-grid").inner_text()
+        page.locator("#lorakit-tour-grid").click(position={"x": 1, "y": 1})  # focus the page, not a textbox
+        for p in range(5):
+            page.wait_for_function(f"document.querySelector('#lorakit-tour-view').dataset.prompt === '{p}'")
+            page.wait_for_function("document.querySelectorAll('#lorakit-tour-grid img').length === 3 && "
+                                   "[...document.querySelectorAll('#lorakit-tour-grid img')].every(i => i.complete)")
+            for key in ("1", "2", "b"):  # A 1st, B 2nd, C bombed
+                page.keyboard.press(key)
+            page.keyboard.press("Enter")
+            page.wait_for_function(f"document.querySelector('#lorakit-tour-view').dataset.voted === '{p + 1}'")
+        page.wait_for_function("JSON.parse(localStorage.getItem('lorakit-tournament-pending') || '[]').length === 0",
+                               timeout=10_000)
+        # reveal and report from the tab
+        page.get_by_text("Scores, reveal, report, next round").click()
+        page.locator("#lorakit_tour_scores_btn").click()
+        page.wait_for_function("document.querySelector('#lorakit_tour_out').innerText.includes('candidate 1')",
+                               timeout=30_000)
+        page.locator("#lorakit_tour_reveal_ok input").check()
+        page.locator("#lorakit_tour_reveal").click()
+        page.wait_for_function("document.querySelector('#lorakit_tour_out').innerText.includes('Revealed')",
+                               timeout=30_000)
+        page.locator("#lorakit_tour_report_btn").click()
+        page.wait_for_function("document.querySelector('#lorakit_tour_out').innerText.includes('Control')",
+                               timeout=30_000)
+        report = page.locator("#lorakit_tour_out").first.inner_text()
+        browser.close()
+    assert "Prompt 1 of 5" in head and "v1" not in grid_text and "v2" not in grid_text  # blind
+    ballots = tours.ballots(tid)
+    assert len(ballots) == 5 and all(len(b.ranks) == 2 and len(b.bombs) == 1 for b in ballots)
+    for p, b in enumerate(ballots):
+        order = tours.order(tid, "alice", p)
+        assert b.ranks == order[:2] and b.bombs == [order[2]]  # the letters mapped through the stored shuffle
+    assert "Control (the previous version): v1" in report and "v2+detail" in report

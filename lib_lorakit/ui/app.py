@@ -8,6 +8,7 @@ from ..service import Lorakit
 from .bake_tab import build_bake_tab
 from .inspect_tab import build_inspect_tab
 from .merge_tab import build_merge_tab
+from .tournament_tab import build_tournament_tab
 from .triage_tab import build_triage_tab
 
 
@@ -23,4 +24,6 @@ def build_ui(service: Lorakit, **blocks_kw) -> gr.Blocks:
                 build_inspect_tab(service)
             with gr.Tab("Triage", elem_id="lorakit_tab_triage"):
                 build_triage_tab(service)
+            with gr.Tab("Tournament", elem_id="lorakit_tab_tournament"):
+                build_tournament_tab(service)
     return block
