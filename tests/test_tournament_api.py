@@ -80,7 +80,8 @@ def test_tournament_end_to_end(client):
     assert "candidate" not in str(b["prompts"][0]["entries"])
     png = c.get(f"/lorakit/v1/tournaments/{tid}/image/ann/0/B")
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
-    votes = [{"prompt": i, "ranks": ["A", "B"], "bombs": ["C"], "client": "t", "seq": i} for i in range(5)]
+    # zed has no preference anywhere (so the outcome below is decided by ann alone)
+    votes = [{"prompt": i, "no_preference": True, "client": "t", "seq": i} for i in range(5)]
     assert c.post(f"/lorakit/v1/tournaments/{tid}/votes", json={"evaluator": "zed", "votes": votes}).json()["recorded"] == 5
     assert c.post(f"/lorakit/v1/tournaments/{tid}/votes",
                   json={"evaluator": "zed", "votes": [{"prompt": 0, "ranks": ["Q"]}]}).status_code == 400

@@ -96,3 +96,39 @@ def test_triage_review_in_the_webui():
     status, st = call("GET", f"/lorakit/v1/triage/{tid}")
     assert st["decided"] == n, st
     print(f"\nWebUI triage: {n} pairs, key press -> next pair shown max {max(timings):.1f} ms")
+
+
+def test_tournament_ranking_in_the_webui():
+    """Rank the newest generated tournament blind in the WebUI's lorakit → Tournament tab (run after
+    test_live_tournament)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Chromium is not installed")
+    status, tours = call("GET", "/lorakit/v1/tournaments")
+    ready = [t for t in tours if t["state"] == "ready"]
+    if not ready:
+        pytest.skip("no generated tournament on this WebUI (run tests/integration/test_live_tournament.py first)")
+    tid = ready[0]["id"]
+    ev = f"ui-{uuid.uuid4().hex[:4]}"
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(URL)
+        page.locator(".tab-nav button").filter(has_text=re.compile(r"^\s*lorakit\s*$")).first.click(timeout=120_000)
+        page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Tournament").first.click()
+        page.locator("#lorakit_tour_refresh").click()
+        page.wait_for_timeout(1000)
+        page.locator("#lorakit_tour_evaluator textarea, #lorakit_tour_evaluator input").first.fill(ev)
+        page.wait_for_selector(f"#lorakit-tour-view[data-loaded='{tid}|{ev}']", timeout=30_000)
+        n = int(page.locator("#lorakit-tour-head").inner_text().split(" of ")[1].split()[0])
+        page.locator("#lorakit-tour-grid").click(position={"x": 1, "y": 1})
+        for p in range(n):
+            page.wait_for_function(f"document.querySelector('#lorakit-tour-view').dataset.prompt === '{p}'")
+            page.keyboard.press("1")
+            page.keyboard.press("Enter")
+            page.wait_for_function(f"document.querySelector('#lorakit-tour-view').dataset.voted === '{p + 1}'")
+        page.wait_for_function("JSON.parse(localStorage.getItem('lorakit-tournament-pending') || '[]').length === 0",
+                               timeout=10_000)
+        browser.close()
+    status, b = call("GET", f"/lorakit/v1/tournaments/{tid}/ballot?evaluator={ev}")
+    assert b["voted"] == n and all(p["vote"]["ranks"] == ["A"] for p in b["prompts"])
