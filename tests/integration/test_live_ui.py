@@ -82,6 +82,8 @@ def test_triage_review_in_the_webui():
         page.locator(".tab-nav button").filter(has_text=re.compile(r"^\s*lorakit\s*$")).first.click(timeout=120_000)
         page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Triage").first.click()
         page.locator("#lorakit_triage_refresh").click()
+        page.wait_for_timeout(1000)
+        pick(page, "lorakit_triage_pick", tid)
         page.wait_for_selector(f"#lorakit-triage-view[data-loaded='{tid}']", timeout=30_000)
         page.wait_for_function("document.querySelector('#lorakit-triage-img-lora').complete", timeout=30_000)
         n = st0["items"]
@@ -118,6 +120,7 @@ def test_tournament_ranking_in_the_webui():
         page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Tournament").first.click()
         page.locator("#lorakit_tour_refresh").click()
         page.wait_for_timeout(1000)
+        pick(page, "lorakit_tour_pick", tid)
         page.locator("#lorakit_tour_evaluator textarea, #lorakit_tour_evaluator input").first.fill(ev)
         page.wait_for_selector(f"#lorakit-tour-view[data-loaded='{tid}|{ev}']", timeout=30_000)
         n = int(page.locator("#lorakit-tour-head").inner_text().split(" of ")[1].split()[0])
