@@ -593,6 +593,28 @@ def build_router(service: Lorakit, credentials: dict[str, str] | None = None) ->
             return PlainTextResponse(report_csv(service.tournaments(), tid), media_type="text/csv")
         return PlainTextResponse(report_markdown(service.tournaments(), tid), media_type="text/markdown")
 
+    @r.get("/tournaments/{tid}/contact/{prompt}", responses=responses,
+           summary="Contact sheet of one prompt, candidates named (after Reveal), PNG")
+    @_guard
+    def tournament_contact(tid: str, prompt: int):
+        import io
+
+        from fastapi.responses import Response
+
+        from .eval.tournament import contact_sheet
+
+        buf = io.BytesIO()
+        contact_sheet(service.tournaments(), tid, prompt).save(buf, format="PNG")
+        return Response(buf.getvalue(), media_type="image/png")
+
+    @r.get("/tournaments/{tid}/winner", responses=responses,
+           summary="The winner's recipe as a body for POST /merge and/or /bake (after Reveal)")
+    @_guard
+    def tournament_winner(tid: str):
+        from .eval.tournament import winner_recipe
+
+        return winner_recipe(service.tournaments(), tid)
+
     @r.post("/tournaments/{tid}/next-round", responses=responses,
             summary="Propose (and optionally create) the next round from the winner")
     @_guard

@@ -386,6 +386,14 @@ def cmd_tournament(args: argparse.Namespace) -> int:
         return 0
     if a == "report":
         text = T.report_csv(tours, args.id) if args.csv else T.report_markdown(tours, args.id)
+        if args.sheets:
+            os.makedirs(args.sheets, exist_ok=True)
+            for p in range(len(tours.spec(args.id).prompts)):
+                out = os.path.join(args.sheets, f"prompt-{p + 1:02d}.png")
+                if os.path.exists(out) and not args.overwrite:
+                    raise RecipeError(f"{out} exists.", fix="Pass --overwrite or another --sheets folder.")
+                T.contact_sheet(tours, args.id, p).save(out)
+            print(f"contact sheets in {args.sheets}", file=sys.stderr)
         if args.output:
             from .formats.safetensors_io import check_output_path
             from .gen.run import _atomic_write
@@ -628,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     t_rep.add_argument("--csv", action="store_true")
     t_rep.add_argument("-o", "--output")
     t_rep.add_argument("--overwrite", action="store_true")
+    t_rep.add_argument("--sheets", metavar="DIR", help="also write a contact sheet per prompt into DIR")
     t_next = tosub.add_parser("next-round", help="propose the next round from the winner (narrow or dial-in)")
     t_next.add_argument("id")
     t_next.add_argument("--mode", choices=("narrow", "dial-in"), default="narrow")

@@ -195,7 +195,9 @@ def test_tournament_cli(env, capsys):
     assert main(["tournament", "score", tid, "--data-dir", data]) == 0
     assert "candidate" in capsys.readouterr().out  # blind
     assert main(["tournament", "reveal", tid, "--data-dir", data]) == 0
-    assert main(["tournament", "report", tid, "--data-dir", data, "-o", str(tmp / "r.md")]) == 0
+    assert main(["tournament", "report", tid, "--data-dir", data, "-o", str(tmp / "r.md"), "--sheets",
+                 str(tmp / "sheets")]) == 0
+    assert sorted(os.listdir(tmp / "sheets")) == [f"prompt-{i:02d}.png" for i in range(1, 6)]
     assert "v2 beats v1 in 5 of 5 prompts" in (tmp / "r.md").read_text()
     capsys.readouterr()
     assert main(["tournament", "next-round", tid, "--data-dir", data]) == 2  # a plain checkpoint has no recipe

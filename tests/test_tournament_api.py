@@ -99,6 +99,14 @@ def test_tournament_end_to_end(client):
     c.post(f"/lorakit/v1/tournaments/{tid}/votes", json={"evaluator": "ann", "votes": votes})
     md = c.get(f"/lorakit/v1/tournaments/{tid}/report").text
     assert "Control (the previous version): **v1**" in md and "merge(weighted: base×0.7, late×0.3)" in md
+    sheet = c.get(f"/lorakit/v1/tournaments/{tid}/contact/0")
+    assert sheet.status_code == 200 and sheet.content[:4] == b"\x89PNG"
+    win = c.get(f"/lorakit/v1/tournaments/{tid}/winner").json()
+    assert win["candidate"] == "mix" and win["merge"]["models"] == [{"name": "base", "weight": 0.7},
+                                                                    {"name": "late", "weight": 0.3}]
+    r = c.post("/lorakit/v1/merge", json={**{k: v for k, v in win["merge"].items() if v is not None},
+                                          "output": "winner-rebuilt"})
+    assert r.status_code == 200, r.text  # the exported recipe is a valid merge request
     nxt = c.post(f"/lorakit/v1/tournaments/{tid}/next-round", json={"mode": "dial-in", "create": True}).json()
     assert nxt["winner"] == "mix" and nxt["round"] == 2 and nxt["id"]
     assert [x["id"] for x in nxt["candidates"]][:2] == ["v1", "mix"]

@@ -538,3 +538,61 @@ def lineage(tours: Tournaments, tid: str) -> list[dict[str, Any]]:
                       "candidates": [Candidate(**c).recipe() for c in rec["spec"]["candidates"]]})
         cur = rec.get("parent")
     return chain[::-1]
+
+
+def contact_sheet(tours: Tournaments, tid: str, prompt: int, cell: int = 320):
+    """One prompt's images side by side, labelled with the candidates (after Reveal), flags marked."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rec = tours.get(tid)
+    if not rec["revealed"]:
+        raise RecipeError("A contact sheet names the candidates: reveal the tournament first.")
+    spec = TournamentSpec.from_dict(rec["spec"])
+    if not 0 <= prompt < len(spec.prompts):
+        raise TournamentNotFound(f"No prompt {prompt}.")
+    run = Run(rec["run_dir"])
+    res = run.results()
+    cells = {c.extra["candidate"]: c for c in run.cells if c.extra.get("prompt") == prompt}
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:
+        font = ImageFont.load_default()
+    sheet = Image.new("RGB", (len(spec.candidates) * (cell + 8) + 8, cell + 58), (255, 255, 255))
+    d = ImageDraw.Draw(sheet)
+    d.text((8, 6), f"{prompt + 1}. {spec.prompts[prompt]['prompt'][:120]} (seed {spec.prompts[prompt].get('seed')})",
+           fill=(0, 0, 0), font=font)
+    for i, cand in enumerate(spec.candidates):
+        x = 8 + i * (cell + 8)
+        ev = res.get(cells[cand.id].key) if cand.id in cells else None
+        if ev and ev["status"] == "ok":
+            sheet.paste(run.load_image(ev).convert("RGB").resize((cell, cell)), (x, 28))
+            flag = ev["check"]["status"]
+        else:
+            d.rectangle([x, 28, x + cell - 1, 28 + cell - 1], fill=(230, 230, 230))
+            flag = "failed" if ev else "missing"
+        label = cand.id + (" (control)" if cand.control else "") + ("" if flag == "ok" else f" [{flag.upper()}]")
+        d.text((x, cell + 34), label[:40], fill=(160, 0, 0) if flag != "ok" else (0, 0, 0), font=font)
+    return sheet
+
+
+def winner_recipe(tours: Tournaments, tid: str) -> dict[str, Any]:
+    """The Bradley–Terry winner as a request for the Bake or Merge routes (after Reveal)."""
+    rec = tours.get(tid)
+    if not rec["revealed"]:
+        raise RecipeError("The winner's recipe names it: reveal the tournament first.")
+    spec = TournamentSpec.from_dict(rec["spec"])
+    sc = scores(tours, tid, resamples=200)
+    win = max(sc["bradley_terry"]["log_strength"].items(), key=lambda kv: kv[1])[0]
+    c = next(x for x in spec.candidates if x.id == win)
+    out: dict[str, Any] = {"candidate": c.id, "recipe": c.recipe(), "kind": c.kind}
+    if c.merge:
+        m = {k: v for k, v in c.merge.items() if k != "built"}
+        out["merge"] = {"models": m["models"], "method": m.get("method", "weighted"), "base": m.get("base"),
+                        "blocks": m.get("blocks"), "output": f"{spec.name}-{c.id}".replace(" ", "_")}
+        if c.merge.get("built"):
+            out["built_checkpoint"] = c.merge["built"]
+    if c.loras:
+        out["bake"] = {"base": c.merge.get("built") if c.merge else c.checkpoint,
+                       "loras": [{"name": x["name"], "strength": x.get("strength", 1.0)} for x in c.loras],
+                       "output": f"{spec.name}-{c.id}-baked".replace(" ", "_")}
+    return out

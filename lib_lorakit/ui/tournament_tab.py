@@ -91,6 +91,7 @@ def build_tournament_tab(service: Lorakit) -> None:
                                     elem_id="lorakit_tour_reveal_ok")
             reveal_btn = gr.Button("Reveal", variant="stop", elem_id="lorakit_tour_reveal")
             report_btn = gr.Button("Report", elem_id="lorakit_tour_report_btn")
+            winner_btn = gr.Button("Winner's recipe (for Bake/Merge)", elem_id="lorakit_tour_winner")
         out_md = gr.Markdown(elem_id="lorakit_tour_out")
         chart = gr.Image(label="Scores", type="pil", interactive=False, elem_id="lorakit_tour_chart")
         with gr.Row():
@@ -145,6 +146,18 @@ def build_tournament_tab(service: Lorakit) -> None:
             return error_md(e)
 
     report_btn.click(do_report, [pick], [out_md])
+
+    def do_winner(v):
+        from ..eval.tournament import winner_recipe
+
+        try:
+            w = winner_recipe(service.tournaments(), _tid(v))
+        except Exception as e:  # noqa: BLE001
+            return error_md(e)
+        return (f"Winner **{w['candidate']}**: {w['recipe']}. Use this body with `POST /lorakit/v1/merge` or "
+                f"`/bake`, or copy the names into the Merge/Bake tabs:\n\n```json\n{json.dumps(w, indent=1)}\n```")
+
+    winner_btn.click(do_winner, [pick], [out_md])
 
     def do_propose(v, m, st):
         from ..eval.tournament import propose_next
