@@ -153,11 +153,12 @@ def test_real_signal_mid_write_leaves_no_debris(tmp_path, sig):
     write_checkpoint(base, "sdxl", tiny=8, seed=1)  # ~70 MB: the bake takes long enough to interrupt
     lora = write(tmp_path, "l.safetensors", make_lora("sdxl", "lora", tiny=8, conv=True, rank=4))
     interrupted = 0
-    for attempt in range(4):
+    for attempt in range(6):
         out_dir = tmp_path / f"out{attempt}"
         out_dir.mkdir()
         p = subprocess.Popen([sys.executable, "-m", "lib_lorakit", "bake", base, "--lora", lora, "-o",
-                              str(out_dir / "o.safetensors"), "-q"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                              str(out_dir / "o.safetensors"), "--save-dtype", "fp32", "-q"], cwd=ROOT,
+                             stderr=subprocess.PIPE, text=True)  # fp32: a longer write to land the signal in
         deadline = time.time() + 60
         while time.time() < deadline and not any(n.endswith(".lorakit-tmp") for n in os.listdir(out_dir)):
             if p.poll() is not None:

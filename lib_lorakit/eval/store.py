@@ -41,15 +41,39 @@ def _now() -> str:
 
 
 class Store:
+    """The database file is created on first use, not before: opening lorakit (the standalone launcher
+    points its data folder into the checkpoint folder) leaves no trace until something is stored."""
+
     def __init__(self, data_dir: str):
-        os.makedirs(data_dir, exist_ok=True)
+        self.data_dir = data_dir
         self.path = os.path.join(data_dir, "lorakit.db")
-        with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+        self._ready = False
+        self._schemas: list[str] = [SCHEMA]
+
+    @property
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def add_schema(self, sql: str) -> None:
+        """More tables (created with the file, or now if it exists)."""
+        self._schemas.append(sql)
+        if self._ready:
+            with self._db() as db:
+                db.executescript(sql)
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
+        if not self._ready:
+            os.makedirs(self.data_dir, exist_ok=True)
+            first = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            try:
+                first.execute("PRAGMA busy_timeout=30000")
+                first.execute("PRAGMA journal_mode=WAL")
+                for sql in self._schemas:
+                    first.executescript(sql)
+            finally:
+                first.close()
+            self._ready = True
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
             db.execute("PRAGMA busy_timeout=30000")
@@ -88,6 +112,8 @@ class Store:
         return d
 
     def triages(self) -> list[dict[str, Any]]:
+        if not self.exists:
+            return []
         with self._db() as db:
             rows = db.execute("SELECT id, created, name, state, pass, run_dir FROM triage ORDER BY created DESC").fetchall()
         return [dict(r) for r in rows]

@@ -135,8 +135,7 @@ class Tournaments:
 
     def __init__(self, store: Store):
         self.store = store
-        with store._db() as db:
-            db.executescript(SCHEMA)
+        store.add_schema(SCHEMA)
 
     def create(self, spec: TournamentSpec, *, parent: str | None = None, round_no: int = 1) -> str:
         spec.validate()
@@ -159,6 +158,8 @@ class Tournaments:
         return TournamentSpec.from_dict(self.get(tid)["spec"])
 
     def list(self) -> list[dict[str, Any]]:
+        if not self.store.exists:
+            return []
         with self.store._db() as db:
             rows = db.execute("SELECT id, created, name, state, revealed, parent, round, run_dir FROM tournaments "
                               "ORDER BY created DESC").fetchall()
