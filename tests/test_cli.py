@@ -156,9 +156,12 @@ def test_real_signal_mid_write_leaves_no_debris(tmp_path, sig):
     for attempt in range(6):
         out_dir = tmp_path / f"out{attempt}"
         out_dir.mkdir()
+        # fp32: a longer write to land the signal in. SIGINT back to its default for the child: a runner that
+        # started these tests in the background (`cmd &` in a script) hands SIGINT down ignored.
         p = subprocess.Popen([sys.executable, "-m", "lib_lorakit", "bake", base, "--lora", lora, "-o",
                               str(out_dir / "o.safetensors"), "--save-dtype", "fp32", "-q"], cwd=ROOT,
-                             stderr=subprocess.PIPE, text=True)  # fp32: a longer write to land the signal in
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 60
         while time.time() < deadline and not any(n.endswith(".lorakit-tmp") for n in os.listdir(out_dir)):
             if p.poll() is not None:
