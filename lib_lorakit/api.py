@@ -467,6 +467,19 @@ def build_router(service: Lorakit, credentials: dict[str, str] | None = None) ->
             return _error(400, "BadRequest", str(e))
         return {"recorded": n, "state": t.state()}
 
+    @r.post("/triage/{tid}/pass", responses=responses,
+            summary="Start another review pass (earlier passes stay in the history)")
+    @_guard
+    def triage_new_pass(tid: str):
+        t = service.triage(tid)
+        n = t.store.new_pass(tid)
+        return {"pass": n, "state": t.state()}
+
+    @r.get("/triage/{tid}/history", responses=responses, summary="Every decision of every pass, in order")
+    @_guard
+    def triage_history(tid: str):
+        return service.triage(tid).store.history(tid)
+
     @r.get("/triage/{tid}/report", responses=responses, summary="The report: markdown (default) or csv")
     @_guard
     def triage_report(tid: str, format: str = "md"):

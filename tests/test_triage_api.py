@@ -73,6 +73,7 @@ def test_triage_end_to_end(client):
     assert c.post(f"/lorakit/v1/triage/{tid}/decisions",
                   json={"decisions": [{"idx": 0, "decision": "perhaps"}]}).status_code == 400
     assert c.get(f"/lorakit/v1/triage/{tid}/next").json()["item"] is None
+    assert len(c.get(f"/lorakit/v1/triage/{tid}/history").json()) == 5
     md = c.get(f"/lorakit/v1/triage/{tid}/report").text
     assert "| NO | 2 |" in md
     assert c.get(f"/lorakit/v1/triage/{tid}/report?format=csv").text.startswith("lora,file,decision")
@@ -89,3 +90,6 @@ def test_triage_end_to_end(client):
     back = c.post(f"/lorakit/v1/triage/{tid}/restore", json={"batch": os.path.basename(res["batch"])}).json()
     assert back["state"] == "restored"
     assert {p: sha(p) for p in c.paths} == before
+    r = c.post(f"/lorakit/v1/triage/{tid}/pass").json()
+    assert r["pass"] == 2 and r["state"]["decided"] == 0  # a second pass; the first stays in the history
+    assert {h["pass"] for h in c.get(f"/lorakit/v1/triage/{tid}/history").json()} == {1}

@@ -74,6 +74,7 @@ def build_triage_tab(service: Lorakit) -> None:
             batch = gr.Textbox(label="Archive batch to restore", placeholder="the batch folder name",
                                elem_id="lorakit_triage_batch")
             restore_btn = gr.Button("Restore batch")
+            pass_btn = gr.Button("Start a new pass", elem_id="lorakit_triage_new_pass")
         report = gr.Markdown(elem_id="lorakit_triage_report")
         report_file = gr.Textbox(label="CSV", lines=6, visible=False)
     with gr.Accordion("New triage", open=not choices):
@@ -138,6 +139,16 @@ def build_triage_tab(service: Lorakit) -> None:
         return f"**{res['state']}**: {len(res['restored'])} file(s) back in place.{extra}"
 
     restore_btn.click(do_restore, [batch], [report])
+
+    def do_pass(v):
+        try:
+            t = service.triage(_tid(v))
+            n = t.store.new_pass(t.id)
+        except Exception as e:  # noqa: BLE001
+            return error_md(e)
+        return f"Pass {n} started: every LoRA is undecided again; earlier passes stay in the history. Reload the triage."
+
+    pass_btn.click(do_pass, [pick], [report])
 
     def do_start(folder_v, ck, arch_v, cat, nm, seeds_v, st, steps_v, w, h) -> Iterator[tuple]:
         import time
