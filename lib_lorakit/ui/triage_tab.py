@@ -9,6 +9,7 @@ empty viewer the script fills.
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Iterator
 
 import gradio as gr
@@ -88,6 +89,10 @@ def build_triage_tab(service: Lorakit) -> None:
             name = gr.Textbox(label="Name filter", placeholder="substring or regular expression")
             seeds = gr.Textbox(label="Seeds", value="1")
             strength = gr.Textbox(label="Strength (empty: each LoRA's max-safe)")
+        from ..eval.triage import DEFAULT_PROMPTS
+
+        prompts = gr.Code(label="Prompt per category (the trigger is added for trigger-dependent LoRAs)",
+                          language="json", value=json.dumps(DEFAULT_PROMPTS, indent=1), elem_id="lorakit_triage_prompts")
         with gr.Row():
             steps = gr.Number(label="Steps", value=20, precision=0)
             width = gr.Number(label="Width", value=512, precision=0)
@@ -150,11 +155,14 @@ def build_triage_tab(service: Lorakit) -> None:
 
     pass_btn.click(do_pass, [pick], [report])
 
-    def do_start(folder_v, ck, arch_v, cat, nm, seeds_v, st, steps_v, w, h) -> Iterator[tuple]:
+    def do_start(folder_v, ck, arch_v, cat, nm, seeds_v, st, prompts_v, steps_v, w, h) -> Iterator[tuple]:
         import time
 
         try:
-            req = TriageRequest(folder=folder_v or None, checkpoint=ck or None, arch=arch_v or None,
+            table = json.loads(prompts_v) if (prompts_v or "").strip() else None
+            if table is not None and not (isinstance(table, dict) and all(isinstance(v, str) for v in table.values())):
+                raise ValueError("the prompts must be a JSON object of category -> prompt")
+            req = TriageRequest(folder=folder_v or None, checkpoint=ck or None, arch=arch_v or None, prompts=table,
                                 category=cat or None, name_filter=nm or None, seeds=seeds_v or None,
                                 strength=float(st) if str(st or "").strip() else None, steps=int(steps_v or 20),
                                 width=int(w or 512), height=int(h or 512))
@@ -176,5 +184,5 @@ def build_triage_tab(service: Lorakit) -> None:
                    gr.update(), gr.update())
         time.sleep(0)
 
-    start.click(do_start, [folder, ckpt, arch, category, name, seeds, strength, steps, width, height],
+    start.click(do_start, [folder, ckpt, arch, category, name, seeds, strength, prompts, steps, width, height],
                 [progress, message, pick, tid])
