@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any
 
 from .errors import RecipeError
+from .fsutil import atomic_write
 from .inspect.category import CATEGORIES, DEFAULT_CROSS_LINEAGE, DEFAULT_MAX_SAFE
 
 FILE = "settings.json"
@@ -87,17 +87,5 @@ def update(data_dir: str, changes: dict[str, Any]) -> dict[str, Any]:
         else:
             stored[k] = v
     os.makedirs(data_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".tmp", dir=data_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(stored, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(p, json.dumps(stored, indent=2, sort_keys=True).encode("utf-8"))
     return load(data_dir)

@@ -2,6 +2,7 @@
 the report, and find the output file. Needs Playwright and Debian's Chromium (/usr/bin/chromium);
 skips without them unless LORAKIT_REQUIRE_BROWSER=1 (CI sets it)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def launch(ckpt, loras, data=None):
+    """``python -m lib_lorakit ui`` on a free port; yields its URL once the API answers."""
+    import urllib.request
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "lib_lorakit", "ui", "--models-dir", str(ckpt), "--loras-dir", str(loras),
+           "--port", str(port)] + (["--data-dir", str(data)] if data else [])
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url + "lorakit/v1/jobs", timeout=2)
+                break
+            except OSError:
+                if p.poll() is not None:
+                    raise AssertionError(p.stdout.read())
+                time.sleep(0.3)
+        yield url
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
 @pytest.fixture
 def server(tmp_path):
     need(os.path.exists(CHROMIUM) or shutil.which("chromium"), "Chromium is not installed")
@@ -43,24 +70,8 @@ def server(tmp_path):
     write_checkpoint(str(ckpt / "sdxl-base.safetensors"), "sdxl", tiny=True, seed=1)
     write(loras, "ink.safetensors", make_lora("sdxl", "lora", seed=2, conv=False))
     write(loras, "grain.safetensors", make_lora("sdxl", "loha", seed=3, conv=False, te=False))
-    port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "lib_lorakit", "ui", "--models-dir", str(ckpt), "--loras-dir", str(loras),
-                          "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    import urllib.request
-
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "lorakit/v1/jobs", timeout=2)
-            break
-        except OSError:
-            if p.poll() is not None:
-                raise AssertionError(p.stdout.read())
-            time.sleep(0.3)
-    yield url, ckpt
-    p.terminate()
-    p.wait(timeout=30)
+    with launch(ckpt, loras) as url:
+        yield url, ckpt
 
 
 def pick(page, elem_id: str, value: str) -> None:
@@ -203,25 +214,8 @@ def triage_server(tmp_path):
     run = Run.create(str(data / "outputs"), "triage", cells)
     store.set_triage(t.id, run_dir=run.dir, state="ready")
     execute(run, FakeBackend(str(ckpt), str(loras), size=384))
-    port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "lib_lorakit", "ui", "--models-dir", str(ckpt), "--loras-dir",
-                          str(loras), "--data-dir", str(data), "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    import urllib.request
-
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "lorakit/v1/jobs", timeout=2)
-            break
-        except OSError:
-            if p.poll() is not None:
-                raise AssertionError(p.stdout.read())
-            time.sleep(0.3)
-    yield url, t.id, data
-    p.terminate()
-    p.wait(timeout=30)
+    with launch(ckpt, loras, data) as url:
+        yield url, t.id, data
 
 
 def test_triage_by_keyboard_in_the_browser(triage_server):
@@ -305,25 +299,8 @@ def tournament_server(tmp_path):
                     T.Candidate("v2+detail", checkpoint="v2", loras=[{"name": "detail", "strength": 0.7}])])
     tid = tours.create(spec)
     T.generate(tours, tid, FakeBackend(str(ckpt), str(loras), size=256), str(data / "outputs"))
-    port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "lib_lorakit", "ui", "--models-dir", str(ckpt), "--loras-dir",
-                          str(loras), "--data-dir", str(data), "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    import urllib.request
-
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "lorakit/v1/jobs", timeout=2)
-            break
-        except OSError:
-            if p.poll() is not None:
-                raise AssertionError(p.stdout.read())
-            time.sleep(0.3)
-    yield url, tid, tours
-    p.terminate()
-    p.wait(timeout=30)
+    with launch(ckpt, loras, data) as url:
+        yield url, tid, tours
 
 
 def test_blind_tournament_by_keyboard_reveal_and_report(tournament_server):

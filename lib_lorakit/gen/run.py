@@ -37,6 +37,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..errors import Cancelled, LorakitError, RecipeError
 from ..eval.image import check_image
+from ..fsutil import atomic_write
 from .backend import Backend, GenError, ModelInfo, resolve_name
 from .emphasis import emphasis_warning
 
@@ -81,19 +82,7 @@ class Cell:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, data)
 
 
 def _now() -> str:

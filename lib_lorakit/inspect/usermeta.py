@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any
 
 from ..errors import OutputError, RecipeError
+from ..fsutil import atomic_write
 
 SD_VERSION = {"sd15": "SD1", "sdxl": "SDXL"}
 
@@ -66,23 +66,5 @@ def write(lora_path: str, *, activation_text: str | None = None, preferred_weigh
     before = {k: data.get(k) for k in changes}
     data.update(changes)
     p = path_for(lora_path)
-    folder = os.path.dirname(os.path.abspath(p))
-    fd, tmp = tempfile.mkstemp(prefix=".lorakit-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=4, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(p):
-            try:
-                os.chmod(tmp, os.stat(p).st_mode & 0o777)
-            except OSError:
-                pass
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(p, json.dumps(data, indent=4, ensure_ascii=False).encode("utf-8"), keep_mode=True)
     return {"path": p, "before": before, "after": changes}
