@@ -180,17 +180,35 @@ class Lorakit:
                 job.mark_running("starting")
                 self.host.job_begin(title)
                 try:
-                    def progress(frac: float, msg: str) -> None:
-                        job.update(frac, msg)
-                        self.host.job_progress(frac, msg)
-                        if self.host.interrupted():
-                            job.cancel_event.set()
-
-                    return work(progress, job.cancel_event)
+                    return work(self._progress(job, host_progress=True), job.cancel_event)
                 finally:
                     self.host.job_end()
 
         return self.jobs.submit(kind, params, run)
+
+    def _progress(self, job: Job, host_progress: bool = False):
+        """A job's progress callback; the WebUI's own Interrupt button cancels the job too."""
+        def progress(frac: float, msg: str) -> None:
+            job.update(frac, msg)
+            if host_progress:
+                self.host.job_progress(frac, msg)
+            if self.host.interrupted():
+                job.cancel_event.set()
+
+        return progress
+
+    def _generating_backend(self, what: str, fix: str):
+        """The in-process generation backend; the standalone launcher cannot make images (HTTP 501)."""
+        from .gen.backend import GenerationUnavailable, HostBackend
+
+        if self.host.flavour == "standalone":
+            raise GenerationUnavailable(f"The standalone launcher cannot make images, so it cannot {what}.", fix=fix)
+        return HostBackend(self.host)
+
+    @staticmethod
+    def _gen_settings(req) -> dict[str, Any]:
+        return {k: getattr(req, k) for k in ("steps", "cfg_scale", "width", "height", "sampler_name", "scheduler")
+                if getattr(req, k) not in (None, "")}
 
     def _written(self, out: str) -> str | None:
         """Refresh the host's list and return the new checkpoint's name in it."""
@@ -330,34 +348,25 @@ class Lorakit:
             cur = backend.current_checkpoint()
             if cur:
                 ckpt_path = resolve_name(cur, backend.checkpoints(), "checkpoint").path
-        settings = {k: getattr(req, k) for k in ("steps", "cfg_scale", "width", "height", "sampler_name", "scheduler")
-                    if getattr(req, k) not in (None, "")}
         return build_spec(backend.loras(), loras=req.loras, prompt=req.prompt, negative_prompt=req.negative_prompt,
                           strengths=req.strengths, epochs=req.epochs, seeds=parse_seeds(req.seeds),
-                          checkpoint=req.checkpoint or None, checkpoint_path=ckpt_path, settings=settings,
+                          checkpoint=req.checkpoint or None, checkpoint_path=ckpt_path,
+                          settings=self._gen_settings(req),
                           inspector_settings=load_settings(self.host.data_dir()))
 
     def start_grid(self, req: GridRequest) -> Job:
         """A strength grid as a job. Each image waits for the host's queue on its own, so the WebUI stays
         usable between images; the job's progress counts images."""
-        from .gen.backend import GenerationUnavailable, HostBackend
         from .gen.grid import run_grid
 
-        if self.host.flavour == "standalone":
-            raise GenerationUnavailable("The standalone launcher cannot make images, so it cannot run a strength grid.",
-                                        fix="Run it in the WebUI, or use `python -m lib_lorakit autotest --webui URL`.")
-        backend = HostBackend(self.host)
+        backend = self._generating_backend(
+            "run a strength grid", "Run it in the WebUI, or use `python -m lib_lorakit autotest --webui URL`.")
         spec, notes = self.prepare_grid(req, backend)
         cells = spec.cells()  # refuse an oversized grid before starting
 
         def run(job: Job) -> dict[str, Any]:
             job.mark_running(f"{len(cells)} images")
-            def progress(frac: float, msg: str) -> None:
-                job.update(frac, msg)
-                if self.host.interrupted():  # the WebUI's own Interrupt button stops the grid too
-                    job.cancel_event.set()
-
-            res = run_grid(backend, spec, self.host.outputs_dir(), notes=notes, progress=progress,
+            res = run_grid(backend, spec, self.host.outputs_dir(), notes=notes, progress=self._progress(job),
                            cancel=job.cancel_event)
             res.pop("grid_image", None)
             return res
@@ -380,14 +389,12 @@ class Lorakit:
     def start_triage(self, req: TriageRequest) -> tuple[Job, str]:
         """Plan (synchronously: bad names and empty folders answer at once) and generate as a job."""
         from .eval.triage import create_triage, generate
-        from .gen.backend import GenerationUnavailable, HostBackend
         from .gen.grid import parse_seeds
         from .settings import load as load_settings
 
-        if self.host.flavour == "standalone":
-            raise GenerationUnavailable("The standalone launcher cannot make images, so it cannot generate a triage.",
-                                        fix="Create it in the WebUI or with `python -m lib_lorakit triage create "
-                                            "--webui URL`; the standalone launcher can review it.")
+        backend = self._generating_backend(
+            "generate a triage", "Create it in the WebUI or with `python -m lib_lorakit triage create --webui URL`; "
+                                 "the standalone launcher can review it.")
         if req.folder:
             from .safepath import inside
 
@@ -397,24 +404,15 @@ class Lorakit:
                 from .safepath import PathRefused
 
                 raise PathRefused(f"{req.folder} is outside the LoRA folders.", fix="Pick a folder inside them.")
-        backend = HostBackend(self.host)
-        settings = {k: getattr(req, k) for k in ("steps", "cfg_scale", "width", "height", "sampler_name", "scheduler")
-                    if getattr(req, k) not in (None, "")}
         t = create_triage(self.triage_store(), backend, folder=req.folder or None, roots=self.host.lora_dirs(),
                           checkpoint=req.checkpoint, prompts=req.prompts, seeds=parse_seeds(req.seeds),
-                          strength=req.strength, negative_prompt=req.negative_prompt, settings=settings,
+                          strength=req.strength, negative_prompt=req.negative_prompt, settings=self._gen_settings(req),
                           arch=req.arch, category=req.category, name_filter=req.name_filter,
                           inspector_settings=load_settings(self.host.data_dir()), name=req.name)
 
         def run(job: Job) -> dict[str, Any]:
             job.mark_running("generating")
-
-            def progress(frac: float, msg: str) -> None:
-                job.update(frac, msg)
-                if self.host.interrupted():
-                    job.cancel_event.set()
-
-            rec = generate(t, backend, self.host.outputs_dir(), progress=progress, cancel=job.cancel_event)
+            rec = generate(t, backend, self.host.outputs_dir(), progress=self._progress(job), cancel=job.cancel_event)
             return {"triage_id": t.id, "record": rec, "state": self.triage(t.id).state()}
 
         return self.jobs.submit("triage", {"triage_id": t.id, **vars(req)}, run), t.id
@@ -482,22 +480,14 @@ class Lorakit:
     def start_tournament(self, tid: str) -> Job:
         """Build merge candidates and generate every image, as a job (each image waits for the queue)."""
         from .eval.tournament import generate
-        from .gen.backend import GenerationUnavailable, HostBackend
 
         self.tournaments().get(tid)
-        if self.host.flavour == "standalone":
-            raise GenerationUnavailable("The standalone launcher cannot make images.",
-                                        fix="Generate in the WebUI or with `python -m lib_lorakit tournament generate "
-                                            "--webui URL`; the standalone launcher can run the blind ranking.")
-        backend = HostBackend(self.host)
+        backend = self._generating_backend(
+            "generate a tournament", "Generate in the WebUI or with `python -m lib_lorakit tournament generate "
+                                     "--webui URL`; the standalone launcher can run the blind ranking.")
 
         def run(job: Job) -> dict[str, Any]:
             job.mark_running("starting")
-
-            def progress(frac: float, msg: str) -> None:
-                job.update(frac, msg)
-                if self.host.interrupted():
-                    job.cancel_event.set()
 
             def build(c, name):
                 job.update(0.0, f"merging {c.id}")
@@ -505,7 +495,7 @@ class Lorakit:
                     return self.build_merge(c, name)
 
             rec = generate(self.tournaments(), tid, backend, self.host.outputs_dir(), build_merge=build,
-                           progress=progress, cancel=job.cancel_event)
+                           progress=self._progress(job), cancel=job.cancel_event)
             return {"tournament": tid, "record": rec}
 
         return self.jobs.submit("tournament", {"tournament": tid}, run)

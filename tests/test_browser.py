@@ -33,6 +33,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def open_browser(pw):
+    """Debian's Chromium, headless, with nothing reaching out to the network."""
+    return pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+
+
 @contextlib.contextmanager
 def launch(ckpt, loras, data=None):
     """``python -m lib_lorakit ui`` on a free port; yields its URL once the API answers."""
@@ -86,9 +93,7 @@ def test_bake_in_the_browser(server):
     sync_api = pytest.importorskip("playwright.sync_api")
     url, ckpt = server
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = open_browser(pw)
         page = browser.new_page()
         page.goto(url)
         page.wait_for_selector("#lorakit_bake_base", timeout=60_000)
@@ -120,9 +125,7 @@ def test_merge_in_the_browser(server):
     url, ckpt = server
     write_checkpoint(str(ckpt / "sdxl-other.safetensors"), "sdxl", tiny=True, seed=5)
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = open_browser(pw)
         page = browser.new_page()
         page.goto(url)
         page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Merge").first.click(
@@ -155,9 +158,7 @@ def test_inspect_in_the_browser(server):
         "10_zkwgirl": (20, [("zkwgirl", 20), ("1girl", 20), ("solo", 20), ("red hair", 19)])})
     write(loras, "zkwgirl.safetensors", make_lora("sd15", "lora", rank=2, alpha=1.0, tiny=False, conv=False), meta)
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = open_browser(pw)
         page = browser.new_page()
         page.goto(url)
         page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Inspect").first.click(
@@ -227,9 +228,7 @@ def test_triage_by_keyboard_in_the_browser(triage_server):
     url, tid, data = triage_server
     keys = ["y", "m", "n"] * 10
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = open_browser(pw)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
         page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Triage").first.click(
@@ -307,9 +306,7 @@ def test_blind_tournament_by_keyboard_reveal_and_report(tournament_server):
     sync_api = pytest.importorskip("playwright.sync_api")
     url, tid, tours = tournament_server
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = open_browser(pw)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(url)
         page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Tournament").first.click(

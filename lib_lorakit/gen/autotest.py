@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import LorakitError, RecipeError
 from ..hosts import LORA_EXTS
 from .backend import Backend, ModelInfo, UnknownModel
-from .grid import GridRow, GridSpec, epoch_files, inspect_for_grid, max_safe_for, run_grid
+from .grid import GridRow, GridSpec, epoch_files, inspect_for_grid, max_safe_for, max_safe_of, run_grid
 from .run import _atomic_write
 
 DEFAULT_PROMPTS = [
@@ -110,7 +110,12 @@ def test_lora(backend: Backend, path: str, out_dir: str, opts: AutotestOptions,
     files = epoch_files(info, loras) if opts.epochs else [(info, None)]
     rows = []
     for f, ep in files:
-        cap, why = (None, "") if opts.strengths else max_safe_for(f.path, ckpt_path, inspector_settings)
+        if opts.strengths:
+            cap, why = None, ""
+        elif rep and os.path.realpath(f.path) == os.path.realpath(path):  # inspected above: not read twice
+            cap, why = max_safe_of(rep)
+        else:
+            cap, why = max_safe_for(f.path, ckpt_path, inspector_settings)
         if not opts.strengths:
             notes.append(f"{f.name}: strengths up to {cap if cap else 1.0:g} "
                          f"({'max-safe for ' + why if cap else why or 'default'})")

@@ -404,6 +404,11 @@ def max_safe_for(path: str, checkpoint_path: str | None, settings: dict[str, Any
     rep, notes = inspect_for_grid(path, checkpoint_path, settings)
     if not rep:
         return None, "; ".join(notes)
+    return max_safe_of(rep)
+
+
+def max_safe_of(rep: dict[str, Any]) -> tuple[float | None, str]:
+    """The max-safe strength in an inspector report, and why."""
     return rep.get("max_safe_strength"), f"{rep.get('category')}: {rep.get('max_safe_reason', 'inspector')}"
 
 
