@@ -113,7 +113,8 @@ def test_bad_recipe_is_a_400_json(client):
     r = client.post("/lorakit/v1/bake", json={"base": "base-xl", "output": "o", "loras": []})
     assert r.status_code == 400 and r.json()["error"] == "RecipeError"
     r = client.post("/lorakit/v1/bake", json={"output": "o"})
-    assert r.status_code == 422  # schema validation by FastAPI
+    assert r.status_code == 400 and r.json()["error"] == "RequestInvalid"  # schema validation: the documented body
+    assert "base: required" in r.json()["message"]
     assert client.get("/lorakit/v1/jobs/nope").status_code == 404
 
 
@@ -191,7 +192,7 @@ def test_routes_are_documented(client):
     assert {"/lorakit/v1/bake", "/lorakit/v1/jobs", "/lorakit/v1/jobs/{job_id}"} <= set(paths)
     assert "delete" in paths["/lorakit/v1/jobs/{job_id}"]
     schemas = spec["components"]["schemas"]
-    assert "BakeIn" in schemas and "strength" in schemas["LoraIn"]["properties"]
+    assert "BakeRequest" in schemas and "strength" in schemas["LoraEntry"]["properties"]
     _ = torch
 
 

@@ -69,7 +69,7 @@ def _bad_header(tmp, base):
     ("wrong architecture", r"is a LoRA for SD1\.5 .*but the checkpoint .* is SDXL"),
     ("nan weights", r"nan\.safetensors has NaN/inf weights"),
     ("missing file", r"nope\.safetensors: file not found"),
-    ("existing output", r"already exists.*\nFix: Choose another name, or pass --overwrite"),
+    ("existing output", r"already exists.*\nFix: Choose another name, or turn on the overwrite option"),
     ("bad strength", r"'abc' in block weights|not a number"),
 ])
 def test_bad_inputs_exit_2_with_clear_message_and_no_output(inputs, capsys, case, match):

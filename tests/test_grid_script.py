@@ -125,11 +125,11 @@ def test_grid_route_runs_a_job_through_the_host(webui):
     from fastapi.testclient import TestClient
 
     from lib_lorakit.api import build_router
-    from lib_lorakit.service import Lorakit
+    from lib_lorakit.ops import HostContext
 
     fake, tmp = webui
     app = FastAPI()
-    app.include_router(build_router(Lorakit(host_pkg.get_host())))
+    app.include_router(build_router(HostContext(host_pkg.get_host())))
     with TestClient(app) as c:
         r = c.post("/lorakit/v1/grid", json={"loras": ["stylA"], "prompt": "a castle"})
         assert r.status_code == 404 and "styleA" in r.json()["message"]
@@ -161,4 +161,4 @@ def test_grid_route_on_the_standalone_launcher_says_why_not(tmp_path):
     app, _ = create_app(str(tmp_path / "ck"), str(tmp_path / "lo"))
     with TestClient(app) as c:
         r = c.post("/lorakit/v1/grid", json={"loras": ["x"], "prompt": "a castle"})
-    assert r.status_code == 501 and "autotest --webui" in r.json()["message"]
+    assert r.status_code == 501 and "autotest with a WebUI URL" in r.json()["message"]

@@ -150,15 +150,15 @@ def test_api_auth_follows_the_webui_option(webui):
 
 def test_bake_through_the_host_refreshes_its_list(webui):
     _, fake, tmp = webui
-    from lib_lorakit.service import BakeLora, BakeRequest, Lorakit
+    from lib_lorakit.ops import HostContext, bake
 
     ckdir = os.path.join(tmp, "models", "Stable-diffusion")
     write_checkpoint(os.path.join(ckdir, "base.safetensors"), "sdxl", tiny=True)
     write(os.path.join(tmp, "models", "Lora"), "ink.safetensors", make_lora("sdxl", conv=False))
     fake.sd_models.list_models()
-    svc = Lorakit(host_pkg.get_host())
+    svc = HostContext(host_pkg.get_host())
     before = fake.sd_models.list_calls
-    job = svc.start_bake(BakeRequest(base="base.safetensors", output="baked", loras=[BakeLora("ink", 0.5)]))
+    job = bake.start(svc, {"base": "base.safetensors", "output": "baked", "loras": [{"name": "ink", "strength": 0.5}]})
     assert job.wait(60) and job.state == "done", job.error
     assert fake.sd_models.list_calls > before
     assert job.result["checkpoint"] == "baked.safetensors"
@@ -169,12 +169,12 @@ def test_bake_through_the_host_refreshes_its_list(webui):
 
 def test_webui_interrupt_cancels_a_bake(webui):
     _, fake, tmp = webui
-    from lib_lorakit.service import BakeLora, BakeRequest, Lorakit
+    from lib_lorakit.ops import HostContext, bake
 
     ckdir = os.path.join(tmp, "models", "Stable-diffusion")
     write_checkpoint(os.path.join(ckdir, "base.safetensors"), "sdxl", tiny=True)
     write(os.path.join(tmp, "models", "Lora"), "ink.safetensors", make_lora("sdxl"))
-    svc = Lorakit(host_pkg.get_host())
+    svc = HostContext(host_pkg.get_host())
     real_progress = svc.host.job_progress
 
     def progress(frac, msg):
@@ -189,7 +189,7 @@ def test_webui_interrupt_cancels_a_bake(webui):
     old = bk.time.perf_counter
     bk.time.perf_counter = lambda: next(ticks)
     try:
-        job = svc.start_bake(BakeRequest(base="base.safetensors", output="never", loras=[BakeLora("ink")]))
+        job = bake.start(svc, {"base": "base.safetensors", "output": "never", "loras": [{"name": "ink"}]})
         assert job.wait(60)
     finally:
         bk.time.perf_counter = old

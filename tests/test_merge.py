@@ -212,12 +212,12 @@ def test_structure_mismatch_names_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(method="add-difference"), "needs --base"),
+    (dict(method="add-difference"), "needs a base model"),
     (dict(method="slerp", n=3), "exactly 2"),
     (dict(method="weighted", n=1), "at least 2"),
     (dict(method="nope"), "Unknown merge method"),
     (dict(method="weighted", base=True), "only used by"),
-    (dict(vae_from=5), "--vae-from 5"),
+    (dict(vae_from=5), "VAE from model 5"),
 ])
 def test_bad_recipes(tmp_path, three, kw, match):
     n = kw.pop("n", 2)
@@ -295,7 +295,7 @@ def test_cli_merge_and_diff(tmp_path, three, capsys):
     assert code == 2 and "different architectures" in capsys.readouterr().err
     code = main(["merge", "--model", three[0], "--model", three[1], "--method", "add-difference", "-o",
                  str(tmp_path / "x.safetensors"), "-q"])
-    assert code == 2 and "needs --base" in capsys.readouterr().err
+    assert code == 2 and "needs a base model" in capsys.readouterr().err
 
 
 mecha = pytest.importorskip("sd_mecha", reason="sd-mecha is a test dependency")

@@ -22,7 +22,7 @@ def client(webui):  # noqa: F811
     from fastapi.testclient import TestClient
 
     from lib_lorakit.api import build_router
-    from lib_lorakit.service import Lorakit
+    from lib_lorakit.ops import HostContext
 
     fake, tmp = webui
     ckdir = os.path.join(str(tmp), "models", "Stable-diffusion")
@@ -40,7 +40,7 @@ def client(webui):  # noqa: F811
 
     fake.processing.process_images = process_images
     app = FastAPI()
-    app.include_router(build_router(Lorakit(host_pkg.get_host())))
+    app.include_router(build_router(HostContext(host_pkg.get_host())))
     with TestClient(app) as c:
         c.ckdir = ckdir
         yield c

@@ -24,7 +24,7 @@ def client(webui):  # noqa: F811
     from fastapi.testclient import TestClient
 
     from lib_lorakit.api import build_router
-    from lib_lorakit.service import Lorakit
+    from lib_lorakit.ops import HostContext
 
     fake, tmp = webui
     lora_dir = os.path.join(str(tmp), "models", "Lora")
@@ -32,7 +32,7 @@ def client(webui):  # noqa: F811
         os.remove(os.path.join(lora_dir, f))
     paths = make_loras(os.path.join(lora_dir, "batch1"), 5)
     app = FastAPI()
-    app.include_router(build_router(Lorakit(host_pkg.get_host())))
+    app.include_router(build_router(HostContext(host_pkg.get_host())))
     with TestClient(app) as c:
         c.paths = paths
         c.lora_dir = lora_dir

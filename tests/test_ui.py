@@ -8,7 +8,7 @@ gr = pytest.importorskip("gradio")
 
 from lib_lorakit.errors import LorakitError  # noqa: E402
 from lib_lorakit.hosts import LocalHost  # noqa: E402
-from lib_lorakit.service import Lorakit  # noqa: E402
+from lib_lorakit.ops import HostContext  # noqa: E402
 from lib_lorakit.ui import build_ui  # noqa: E402
 from lib_lorakit.ui.bake_tab import rows_to_loras  # noqa: E402
 from lib_lorakit.ui.common import progress_html  # noqa: E402
@@ -33,7 +33,7 @@ IDS = ["lorakit_tabs", "lorakit_tab_bake", "lorakit_bake_base", "lorakit_bake_re
 def test_tab_builds_with_every_control(tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "lo").mkdir()
-    svc = Lorakit(LocalHost(str(tmp_path / "ck"), str(tmp_path / "lo")))
+    svc = HostContext(LocalHost(str(tmp_path / "ck"), str(tmp_path / "lo")))
     block = build_ui(svc)
     cfg = block.get_config_file() if hasattr(block, "get_config_file") else block.config
     ids = {c.get("props", {}).get("elem_id") for c in cfg["components"]}

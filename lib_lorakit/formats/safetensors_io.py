@@ -333,7 +333,7 @@ def check_output_path(path: str, *, overwrite: bool, inputs: Iterable[str] = ())
         raise OutputError(f"The output {path} is a folder.", fix="Give a file name ending in .safetensors.")
     if os.path.exists(path) and not overwrite:
         raise OutputError(f"The output {path} already exists.",
-                          fix="Choose another name, or pass --overwrite to replace it.")
+                          fix="Choose another name, or turn on the overwrite option to replace it.")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise OutputError(f"The output folder {parent} does not exist.", fix="Create it first, or pick another folder.")
@@ -581,7 +581,7 @@ class StreamingWriter:
         if os.path.exists(self.path) and not self.overwrite:
             self.abort()
             raise OutputError(f"The output {self.path} appeared while lorakit was writing it.",
-                              fix="Choose another name, or pass --overwrite to replace it.")
+                              fix="Choose another name, or turn on the overwrite option to replace it.")
         os.replace(self.tmp_path, self.path)
         self._committed = True
         _LIVE_TEMPS.discard(self.tmp_path)

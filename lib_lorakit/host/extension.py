@@ -17,10 +17,11 @@ _state: dict[str, Any] = {"service": None, "app": None}
 
 
 def service():
-    from ..service import Lorakit
+    """The operations' context for this WebUI (one per process: its jobs and store)."""
+    from ..ops import HostContext
 
     if _state["service"] is None:
-        _state["service"] = Lorakit(get_host())
+        _state["service"] = HostContext(get_host())
     return _state["service"]
 
 

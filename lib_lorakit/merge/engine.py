@@ -36,8 +36,8 @@ from ..formats.sources import TensorSource, open_source
 from ..streaming import FedHasher, Pool, Token, WriterThread, drain, engine_threads, peak_rss_mb
 from . import methods
 from .diff import Diag, block_key, tabulate
+from .registry import BASE_METHODS, METHODS, REGISTRY  # declared once, in registry.py
 
-METHODS = ("weighted", "add-difference", "ties", "dare", "slerp")
 SAVE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 FP16_MAX = 65504.0
@@ -122,16 +122,15 @@ def plan_merge(models: Sequence[ModelSpec], *, method: str = "weighted", base: s
     """Open, check and decide every key. Nothing is written; no tensor value is read."""
     if method not in METHODS:
         raise RecipeError(f"Unknown merge method {method!r}.", fix=f"Use one of {', '.join(METHODS)}.")
-    need = {"weighted": (2, None), "add-difference": (2, 2), "slerp": (2, 2), "ties": (1, None), "dare": (1, None)}
-    lo, hi = need[method]
+    lo, hi = REGISTRY[method].models
     if len(models) < lo or (hi and len(models) > hi):
         want = f"exactly {lo}" if hi == lo else f"at least {lo}"
-        raise RecipeError(f"The {method} merge takes {want} --model, got {len(models)}.",
-                          fix="For add-difference give A then B (with its weight) and --base C.")
-    if method in ("add-difference", "ties", "dare") and base is None:
-        raise RecipeError(f"The {method} merge needs --base (the model the differences are taken from).")
-    if method not in ("add-difference", "ties", "dare") and base is not None:
-        raise RecipeError(f"--base is only used by add-difference, TIES and DARE, not by {method}.")
+        raise RecipeError(f"The {method} merge takes {want} models, got {len(models)}.",
+                          fix="For add-difference give A then B (with its weight) and a base C.")
+    if REGISTRY[method].needs_base and base is None:
+        raise RecipeError(f"The {method} merge needs a base model (the model the differences are taken from).")
+    if not REGISTRY[method].needs_base and base is not None:
+        raise RecipeError(f"A base model is only used by {', '.join(BASE_METHODS)}, not by {method}.")
     inputs: list[Input] = []
     try:
         for i, m in enumerate(models):
@@ -159,13 +158,13 @@ def plan_merge(models: Sequence[ModelSpec], *, method: str = "weighted", base: s
             total = sum(given)
             if total == 0:
                 raise RecipeError("The weights sum to 0; they cannot be normalised.",
-                                  fix="Give positive weights, or pass --no-normalize.")
+                                  fix="Give positive weights, or turn normalisation off.")
             weights = [w / total for w in given]
         block_weights = parse_block_weights(blocks, arch.id) if blocks else None
 
         vae_label, vae_idx = _vae_source(vae_from, models, inputs)
         if te_from is not None and not 1 <= te_from <= len(models):
-            raise RecipeError(f"--te-from {te_from}: there are {len(models)} models (1 to {len(models)}).")
+            raise RecipeError(f"Text encoders from model {te_from}: there are {len(models)} models (1 to {len(models)}).")
         te_idx = None if te_from is None else te_from - 1
 
         merge_inputs = list(range(len(models))) + ([base_idx] if base_idx is not None else [])
@@ -202,7 +201,7 @@ def _vae_source(vae_from, models, inputs: list[Input]) -> tuple[str, int]:
     if isinstance(vae_from, int) or (isinstance(vae_from, str) and vae_from.isdigit()):
         n = int(vae_from)
         if not 1 <= n <= len(models):
-            raise RecipeError(f"--vae-from {n}: there are {len(models)} models (1 to {len(models)}).")
+            raise RecipeError(f"VAE from model {n}: there are {len(models)} models (1 to {len(models)}).")
         return f"{inputs[n - 1].label} (model {n})", n - 1
     path = os.fspath(vae_from)
     src = open_source(path)
@@ -458,9 +457,10 @@ class _Merger:
         w, b = _coefficients(plan, m, key, p["normalize"])
         n_models = len(plan.models)
         extra = None
-        if m == "ties":
+        spec = REGISTRY[m]
+        if spec.prepass == "ties":
             extra = self._ties_thresholds(key, cols, p["density"])
-        elif m == "slerp":
+        elif spec.prepass == "slerp":
             extra = methods.SlerpStats()
             for _, r0, r1 in _chunks(self.rows, cols):
                 a, bb = self._read(key, r0, r1, cols)[:2]
@@ -472,7 +472,7 @@ class _Merger:
             res = (torch.empty(n) if n > CHUNK_ELEMS else self.scratch.out[:n]).view(r1 - r0, cols)
             chunk = self.reader.get(key, r0)
             try:
-                if m == "weighted":
+                if spec.apply is None:
                     self._weighted(chunk.raws, w, res, where)
                     amax = max(amax, self._round(key, res, out[r0:r1]))
                     continue
@@ -480,15 +480,7 @@ class _Merger:
             finally:
                 chunk.release()
             ing, base = xs[:n_models], (xs[n_models] if plan.base is not None else None)
-            if m == "add-difference":
-                methods.add_difference(ing[0], ing[1], base, w[1] * b, res)
-            elif m == "ties":
-                methods.ties(base, ing, w, extra, p["scale"] * b, res)
-            elif m == "dare":
-                methods.dare(base, ing, w, p["drop"], p["scale"] * b, seed=p["seed"], key=key, chunk=ci, out=res)
-            else:
-                t = w[1] / (w[0] + w[1]) if (w[0] + w[1]) else 0.0
-                methods.slerp(ing[0], ing[1], t * b, extra, res)
+            spec.apply(ing, base, w, b, p, extra, key, ci, res)
             if n_models > 1:
                 flat = ing[0].reshape(-1)
                 a2 = float(torch.dot(flat, flat))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..service import Lorakit
+from ..ops.context import HostContext
 from .bake_tab import build_bake_tab
 from .inspect_tab import build_inspect_tab
 from .merge_tab import build_merge_tab
@@ -12,7 +12,7 @@ from .tournament_tab import build_tournament_tab
 from .triage_tab import build_triage_tab
 
 
-def build_ui(service: Lorakit, **blocks_kw) -> gr.Blocks:
+def build_ui(service: HostContext, **blocks_kw) -> gr.Blocks:
     """Build the whole lorakit tab as a Blocks (the WebUI adds it as a top-level tab)."""
     with gr.Blocks(analytics_enabled=False, **blocks_kw) as block:
         with gr.Tabs(elem_id="lorakit_tabs"):

@@ -13,13 +13,15 @@ import gradio as gr
 from ..errors import LorakitError
 from ..jobs import FINISHED
 from ..prompt import parse_tags
-from ..service import SETTING_SAVE_DTYPE, BakeLora, BakeRequest, Lorakit
+from ..ops import bake as bake_op
+from ..ops.bake import BakeRequest, LoraEntry
+from ..ops.context import HostContext
 from .common import POLL_S, error_md, progress_html
 
 HEADERS = ["LoRA", "strength", "TE strength", "block weights"]
 
 
-def rows_to_loras(rows: Any) -> list[BakeLora]:
+def rows_to_loras(rows: Any) -> list[LoraEntry]:
     """Dataframe rows -> recipe entries (blank rows skipped; numbers checked)."""
     if hasattr(rows, "values") and hasattr(rows, "columns"):  # pandas
         rows = rows.values.tolist()
@@ -38,8 +40,9 @@ def rows_to_loras(rows: Any) -> list[BakeLora]:
             except ValueError:
                 raise LorakitError(f"{name}: {what} {v!r} is not a number.") from None
 
-        out.append(BakeLora(name=name, strength=num(row[1], "strength", 1.0),
-                            te_strength=num(row[2], "TE strength", None), blocks=str(row[3] or "").strip() or None))
+        out.append(LoraEntry.parse({"name": name, "strength": num(row[1], "strength", 1.0),
+                                    "te_strength": num(row[2], "TE strength", None),
+                                    "blocks": str(row[3] or "").strip() or None}, what=f"LoRA {name}"))
     return out
 
 
@@ -56,7 +59,7 @@ def summary_md(result: dict) -> str:
     return "\n\n".join(lines)
 
 
-def build_bake_tab(service: Lorakit) -> None:
+def build_bake_tab(service: HostContext) -> None:
     def ckpt_names() -> list[str]:
         return [e.name for e in service.checkpoints()]
 
@@ -84,7 +87,7 @@ def build_bake_tab(service: Lorakit) -> None:
                             elem_id="lorakit_bake_prompt")
         use_prompt = gr.Button("Use these tags as the recipe", elem_id="lorakit_bake_use_prompt")
     with gr.Row():
-        dtype = gr.Radio(["fp16", "bf16", "fp32"], value=service.host.setting(SETTING_SAVE_DTYPE, "fp16"),
+        dtype = gr.Radio(["fp16", "bf16", "fp32"], value=service.default_save_dtype(),
                          label="Save as", elem_id="lorakit_bake_dtype")
         output = gr.Textbox(label="Output name", placeholder="my-model-baked", elem_id="lorakit_bake_output")
         overwrite = gr.Checkbox(label="Overwrite", value=False, elem_id="lorakit_bake_overwrite")
@@ -123,11 +126,12 @@ def build_bake_tab(service: Lorakit) -> None:
 
     def do_bake(dry: bool, base_v, rows, dtype_v, out_v, ow, au) -> Iterator[tuple]:
         try:
-            req = BakeRequest(base=base_v or "", output=out_v or "", loras=rows_to_loras(rows), save_dtype=dtype_v,
-                              overwrite=bool(ow), allow_unmatched=bool(au), dry_run=dry)
+            req = BakeRequest.parse({"base": base_v or "", "output": out_v or "", "loras": rows_to_loras(rows),
+                                     "save_dtype": dtype_v, "overwrite": bool(ow), "allow_unmatched": bool(au),
+                                     "dry_run": dry})
             if not dry and not req.output.strip():
                 raise LorakitError("No output name.", fix="Type a name for the new checkpoint.")
-            job = service.start_bake(req)
+            job = bake_op.start(service, req)
         except LorakitError as e:
             yield "", progress_html(0, "not started", "error"), error_md(e), None, gr.update()
             return

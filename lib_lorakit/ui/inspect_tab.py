@@ -13,7 +13,8 @@ import gradio as gr
 from ..errors import LorakitError
 from ..inspect.category import CATEGORIES
 from ..jobs import FINISHED
-from ..service import Lorakit
+from ..ops import inspect as inspect_op
+from ..ops.context import HostContext
 from .common import POLL_S, error_md, progress_html, table_rows
 
 SUMMARY_HEADERS = ["LoRA", "model", "network", "rank", "trigger", "kind", "category", "max safe", "warnings"]
@@ -114,7 +115,7 @@ def lineage_rows(settings: dict[str, Any]) -> list[list]:
     return [[k, v] for k, v in settings["cross_lineage"].items()]
 
 
-def build_inspect_tab(service: Lorakit) -> None:
+def build_inspect_tab(service: HostContext) -> None:
     def lora_names() -> list[str]:
         return [e.name for e in service.loras()]
 
@@ -168,7 +169,7 @@ def build_inspect_tab(service: Lorakit) -> None:
         try:
             if not name:
                 raise LorakitError("No LoRA picked.", fix="Choose a LoRA from the list.")
-            rep = service.inspect([name], checkpoint=ck or None, weights=bool(deep))[0]
+            rep = inspect_op.inspect(service, {"loras": [name], "checkpoint": ck or None, "weights": bool(deep)})[0]
         except LorakitError as e:
             return progress_html(0, "", "error"), error_md(e), None, gr.update(), gr.update()
         if "error" in rep:
@@ -178,7 +179,7 @@ def build_inspect_tab(service: Lorakit) -> None:
 
     def do_scan(ck):
         try:
-            job = service.start_inspect_all(checkpoint=ck or None)
+            job = inspect_op.start_all(service, {"checkpoint": ck or None})
         except LorakitError as e:
             yield progress_html(0, "", "error"), error_md(e), gr.update()
             return
@@ -212,7 +213,8 @@ def build_inspect_tab(service: Lorakit) -> None:
 
     def do_write(name, text, weight):
         try:
-            res = service.write_user_metadata(name, text, weight)
+            res = inspect_op.write_user_metadata(service, {"lora": name or "", "activation_text": text,
+                                                           "preferred_weight": weight})
         except LorakitError as e:
             return gr.update(visible=False), error_md(e)
         return gr.update(visible=False), f"Wrote `{_e(res['path'])}`: {_e(json.dumps(res['after']))}"

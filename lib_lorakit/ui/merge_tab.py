@@ -12,16 +12,18 @@ import gradio as gr
 
 from ..errors import LorakitError
 from ..jobs import FINISHED
-from ..merge import METHODS
+from ..merge.registry import METHODS, param_default
 from ..merge.diff import chart, table
-from ..service import SETTING_SAVE_DTYPE, Lorakit, MergeModel, MergeRequest
+from ..ops import merge as merge_op
+from ..ops.context import HostContext
+from ..ops.merge import MergeModelIn, MergeRequest
 from .common import POLL_S, error_md, progress_html, table_rows
 
 PRIMARY = "model 1 (primary)"
 MERGE_TE = "merge them"
 
 
-def rows_to_models(rows) -> list[MergeModel]:
+def rows_to_models(rows) -> list[MergeModelIn]:
     out = []
     for r in table_rows(rows):
         r = r + [""] * (2 - len(r))
@@ -29,7 +31,7 @@ def rows_to_models(rows) -> list[MergeModel]:
             w = 1.0 if str(r[1]).strip() == "" else float(r[1])
         except ValueError:
             raise LorakitError(f"{r[0]}: weight {r[1]!r} is not a number.") from None
-        out.append(MergeModel(str(r[0]).strip(), w))
+        out.append(MergeModelIn.parse({"name": str(r[0]).strip(), "weight": w}, what=f"ingredient {r[0]}"))
     return out
 
 
@@ -40,7 +42,7 @@ def summary_md(result: dict) -> str:
     return head + "\n\n```\n" + summary(result["report"]) + "\n```"
 
 
-def build_merge_tab(service: Lorakit) -> None:
+def build_merge_tab(service: HostContext) -> None:
     def ckpt_names() -> list[str]:
         return [e.name for e in service.checkpoints()]
 
@@ -69,12 +71,12 @@ def build_merge_tab(service: Lorakit) -> None:
     with gr.Accordion("TIES / DARE settings", open=False):
         with gr.Row():
             normalize = gr.Checkbox(label="Normalise weights (weighted sum)", value=True, elem_id="lorakit_merge_norm")
-            density = gr.Number(label="TIES density", value=0.2, elem_id="lorakit_merge_density")
-            drop = gr.Number(label="DARE drop rate", value=0.5, elem_id="lorakit_merge_drop")
-            seed = gr.Number(label="DARE seed", value=0, precision=0, elem_id="lorakit_merge_seed")
-            scale = gr.Number(label="Difference scale", value=1.0, elem_id="lorakit_merge_scale")
+            density = gr.Number(label="TIES density", value=param_default("density"), elem_id="lorakit_merge_density")
+            drop = gr.Number(label="DARE drop rate", value=param_default("drop"), elem_id="lorakit_merge_drop")
+            seed = gr.Number(label="DARE seed", value=param_default("seed"), precision=0, elem_id="lorakit_merge_seed")
+            scale = gr.Number(label="Difference scale", value=param_default("scale"), elem_id="lorakit_merge_scale")
     with gr.Row():
-        dtype = gr.Radio(["fp16", "bf16", "fp32"], value=service.host.setting(SETTING_SAVE_DTYPE, "fp16"),
+        dtype = gr.Radio(["fp16", "bf16", "fp32"], value=service.default_save_dtype(),
                          label="Save as", elem_id="lorakit_merge_dtype")
         output = gr.Textbox(label="Output name", placeholder="my-merge", elem_id="lorakit_merge_output")
         overwrite = gr.Checkbox(label="Overwrite", value=False, elem_id="lorakit_merge_overwrite")
@@ -119,13 +121,14 @@ def build_merge_tab(service: Lorakit) -> None:
         try:
             vae_from = None if vae_v in (None, "", PRIMARY) else (vae_v.split()[1] if vae_v.startswith("model ") else vae_v)
             te_from = None if te_v in (None, "", MERGE_TE) else int(te_v.split()[1])
-            req = MergeRequest(models=rows_to_models(rows), output=out_v or "", method=method_v, base=base_v or None,
-                               blocks=(blocks_v or "").strip() or None, vae_from=vae_from, te_from=te_from,
-                               normalize=bool(norm_v), density=float(dens), drop=float(drp), seed=int(sd or 0),
-                               scale=float(sc), save_dtype=dtype_v, overwrite=bool(ow))
+            req = MergeRequest.parse({"models": rows_to_models(rows), "output": out_v or "", "method": method_v,
+                                      "base": base_v or None, "blocks": (blocks_v or "").strip() or None,
+                                      "vae_from": vae_from, "te_from": te_from, "normalize": bool(norm_v),
+                                      "density": float(dens), "drop": float(drp), "seed": int(sd or 0),
+                                      "scale": float(sc), "save_dtype": dtype_v, "overwrite": bool(ow)})
             if not req.output.strip():
                 raise LorakitError("No output name.", fix="Type a name for the new checkpoint.")
-            job = service.start_merge(req)
+            job = merge_op.start(service, req)
         except LorakitError as e:
             yield "", progress_html(0, "not started", "error"), error_md(e), None, None, gr.update()
             return
@@ -147,7 +150,7 @@ def build_merge_tab(service: Lorakit) -> None:
 
     def do_diff(a, b):
         try:
-            res = service.diff(a or "", b or "")
+            res = merge_op.diff(service, {"a": a or "", "b": b or ""})
         except LorakitError as e:
             return error_md(e), None
         return table(res), chart(res, f"{b} vs {a}")

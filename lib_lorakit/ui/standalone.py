@@ -11,7 +11,7 @@ import gradio as gr
 
 from ..api import build_router
 from ..hosts import LocalHost
-from ..service import Lorakit
+from ..ops import HostContext
 from .app import build_ui
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,7 +39,7 @@ def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, 
 
     from ..api import parse_credentials
 
-    service = Lorakit(LocalHost(models_dir, loras_dir, data_dir=data_dir))
+    service = HostContext(LocalHost(models_dir, loras_dir, data_dir=data_dir))
     css, js = assets()
     head = '<script src="/lorakit.js"></script>' if js else None
     kw = {"title": "lorakit", "css": css}

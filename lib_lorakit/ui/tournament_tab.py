@@ -11,7 +11,9 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from ..service import Lorakit
+from ..errors import LorakitError
+from ..ops import tournament as tour_op
+from ..ops.context import HostContext
 from .common import POLL_S, error_md, progress_html
 
 VIEWER = """
@@ -48,9 +50,12 @@ EXAMPLE = json.dumps({
 }, indent=1)
 
 
-def _choices(service: Lorakit) -> list[str]:
+def _choices(service: HostContext) -> list[str]:
     return [f"{t['id']} · r{t['round']} · {t['name']} ({t['state']}{', revealed' if t['revealed'] else ''})"
-            for t in service.tournaments().list()]
+            for t in tour_op.tournaments(service)]
+
+
+PROPOSAL_ONLY = ("parent", "round", "winner", "mode", "id")
 
 
 def _tid(choice: str | None) -> str:
@@ -74,7 +79,7 @@ def scores_md(sc: dict) -> str:
     return head + "\n".join(rows) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
-def build_tournament_tab(service: Lorakit) -> None:
+def build_tournament_tab(service: HostContext) -> None:
     choices = _choices(service)
     with gr.Row():
         pick = gr.Dropdown(label="Tournament", choices=choices, value=choices[0] if choices else None,
@@ -119,10 +124,9 @@ def build_tournament_tab(service: Lorakit) -> None:
 
     def do_scores(v):
         from ..eval.chart import score_chart
-        from ..eval.tournament import scores
 
         try:
-            sc = scores(service.tournaments(), _tid(v))
+            sc = tour_op.scores(service, _tid(v))
         except Exception as e:  # noqa: BLE001
             return error_md(e), None
         return scores_md(sc), score_chart(sc)
@@ -132,26 +136,25 @@ def build_tournament_tab(service: Lorakit) -> None:
     def do_reveal(v, ok):
         if not ok:
             return "Tick the box first: Reveal shows every evaluator who is who."
-        service.tournaments().update(_tid(v), revealed=1)
+        try:
+            tour_op.reveal(service, _tid(v))
+        except Exception as e:  # noqa: BLE001
+            return error_md(e)
         return "Revealed. Reload the ballot (Refresh) to see the recipes under the images."
 
     reveal_btn.click(do_reveal, [pick, reveal_ok], [out_md])
 
     def do_report(v):
-        from ..eval.tournament import report_markdown
-
         try:
-            return report_markdown(service.tournaments(), _tid(v))
+            return tour_op.report(service, _tid(v))
         except Exception as e:  # noqa: BLE001
             return error_md(e)
 
     report_btn.click(do_report, [pick], [out_md])
 
     def do_winner(v):
-        from ..eval.tournament import winner_recipe
-
         try:
-            w = winner_recipe(service.tournaments(), _tid(v))
+            w = tour_op.winner(service, _tid(v))
         except Exception as e:  # noqa: BLE001
             return error_md(e)
         return (f"Winner **{w['candidate']}**: {w['recipe']}. Use this body with `POST /lorakit/v1/merge` or "
@@ -160,10 +163,8 @@ def build_tournament_tab(service: Lorakit) -> None:
     winner_btn.click(do_winner, [pick], [out_md])
 
     def do_propose(v, m, st):
-        from ..eval.tournament import propose_next
-
         try:
-            return json.dumps(propose_next(service.tournaments(), _tid(v), m, step=float(st or 0.1)), indent=1)
+            return json.dumps(tour_op.next_round(service, _tid(v), {"mode": m, "step": float(st or 0.1)}), indent=1)
         except Exception as e:  # noqa: BLE001
             return json.dumps({"error": str(e)})
 
@@ -172,9 +173,14 @@ def build_tournament_tab(service: Lorakit) -> None:
     def do_create(text, parent=None):
         try:
             data = json.loads(text or "{}")
+            if not isinstance(data, dict):
+                raise LorakitError("The spec must be a JSON object {name, candidates, prompts, settings}.")
             round_no = int(data.get("round", 1))
-            new = service.create_tournament({**data, "name": data.get("name") or f"round {round_no}"},
-                                            parent=data.get("parent") or parent, round_no=round_no)
+            parent = data.get("parent") or parent
+            for k in PROPOSAL_ONLY:  # a next-round proposal carries these beside the spec
+                data.pop(k, None)
+            new = tour_op.create(service, {**data, "name": data.get("name") or f"round {round_no}"},
+                                 parent=parent, round_no=round_no)
         except Exception as e:  # noqa: BLE001
             return error_md(e), gr.update(), gr.update()
         c = _choices(service)
@@ -186,7 +192,7 @@ def build_tournament_tab(service: Lorakit) -> None:
 
     def do_generate(v) -> Iterator[tuple]:
         try:
-            job = service.start_tournament(_tid(v))
+            job = tour_op.start_generate(service, _tid(v))
         except Exception as e:  # noqa: BLE001
             yield progress_html(0, "not started", "error"), error_md(e)
             return

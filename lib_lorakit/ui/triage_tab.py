@@ -14,7 +14,9 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from ..service import Lorakit, TriageRequest
+from ..gen.profiles import GEN_DEFAULTS
+from ..ops import triage as triage_op
+from ..ops.context import HostContext
 from .common import POLL_S, error_md, progress_html
 
 VIEWER = """
@@ -47,15 +49,15 @@ VIEWER = """
 """
 
 
-def _choices(service: Lorakit) -> list[str]:
-    return [f"{t['id']} · {t['name']} ({t['state']})" for t in service.triage_store().triages()]
+def _choices(service: HostContext) -> list[str]:
+    return [f"{t['id']} · {t['name']} ({t['state']})" for t in triage_op.triages(service)]
 
 
 def _tid(choice: str | None) -> str:
     return (choice or "").split(" · ")[0].strip()
 
 
-def build_triage_tab(service: Lorakit) -> None:
+def build_triage_tab(service: HostContext) -> None:
     choices = _choices(service)
     with gr.Row():
         pick = gr.Dropdown(label="Triage", choices=choices, value=choices[0] if choices else None,
@@ -94,9 +96,9 @@ def build_triage_tab(service: Lorakit) -> None:
         prompts = gr.Code(label="Prompt per category (the trigger is added for trigger-dependent LoRAs)",
                           language="json", value=json.dumps(DEFAULT_PROMPTS, indent=1), elem_id="lorakit_triage_prompts")
         with gr.Row():
-            steps = gr.Number(label="Steps", value=20, precision=0)
-            width = gr.Number(label="Width", value=512, precision=0)
-            height = gr.Number(label="Height", value=512, precision=0)
+            steps = gr.Number(label="Steps", value=GEN_DEFAULTS["steps"], precision=0)
+            width = gr.Number(label="Width", value=GEN_DEFAULTS["width"], precision=0)
+            height = gr.Number(label="Height", value=GEN_DEFAULTS["height"], precision=0)
             start = gr.Button("Create and generate", variant="primary", elem_id="lorakit_triage_start")
         progress = gr.HTML(progress_html(0, "", "idle"), elem_id="lorakit_triage_progress")
         message = gr.Markdown()
@@ -110,15 +112,13 @@ def build_triage_tab(service: Lorakit) -> None:
     pick.change(lambda v: _tid(v), [pick], [tid])
 
     def do_report(v, fmt):
-        from ..eval.triage import Triage, report_csv, report_markdown
-
         try:
-            t = Triage(service.triage_store(), _tid(v))
+            text = triage_op.report(service, _tid(v), fmt)
         except Exception as e:  # noqa: BLE001 - shown to the user
             return error_md(e), gr.update(visible=False)
         if fmt == "csv":
-            return "", gr.update(value=report_csv(t), visible=True)
-        return report_markdown(t), gr.update(visible=False)
+            return "", gr.update(value=text, visible=True)
+        return text, gr.update(visible=False)
 
     report_btn.click(lambda v: do_report(v, "md"), [pick], [report, report_file])
     csv_btn.click(lambda v: do_report(v, "csv"), [pick], [report, report_file])
@@ -127,7 +127,7 @@ def build_triage_tab(service: Lorakit) -> None:
         if not ok:
             return "Tick the box to confirm first: the NO files will be moved (not deleted) into the archive folder."
         try:
-            res = service.triage_archive(_tid(v))
+            res = triage_op.archive(service, _tid(v), {"decision": "no"})
         except Exception as e:  # noqa: BLE001
             return error_md(e)
         return (f"Archived {res['loras']} LoRA(s), {res['files']} file(s), {res['bytes'] / 2**20:.1f} MB into "
@@ -137,7 +137,7 @@ def build_triage_tab(service: Lorakit) -> None:
 
     def do_restore(b):
         try:
-            res = service.triage_restore(b.strip())
+            res = triage_op.restore(service, {"batch": (b or "").strip()})
         except Exception as e:  # noqa: BLE001
             return error_md(e)
         extra = "".join(f"\n- left in the archive (path taken): `{html.escape(c)}`" for c in res["conflicts"])
@@ -147,8 +147,7 @@ def build_triage_tab(service: Lorakit) -> None:
 
     def do_pass(v):
         try:
-            t = service.triage(_tid(v))
-            n = t.store.new_pass(t.id)
+            n = triage_op.new_pass(service, _tid(v))["pass"]
         except Exception as e:  # noqa: BLE001
             return error_md(e)
         return f"Pass {n} started: every LoRA is undecided again; earlier passes stay in the history. Reload the triage."
@@ -162,11 +161,12 @@ def build_triage_tab(service: Lorakit) -> None:
             table = json.loads(prompts_v) if (prompts_v or "").strip() else None
             if table is not None and not (isinstance(table, dict) and all(isinstance(v, str) for v in table.values())):
                 raise ValueError("the prompts must be a JSON object of category -> prompt")
-            req = TriageRequest(folder=folder_v or None, checkpoint=ck or None, arch=arch_v or None, prompts=table,
-                                category=cat or None, name_filter=nm or None, seeds=seeds_v or None,
-                                strength=float(st) if str(st or "").strip() else None, steps=int(steps_v or 20),
-                                width=int(w or 512), height=int(h or 512))
-            job, new = service.start_triage(req)
+            req = {"folder": folder_v or None, "checkpoint": ck or None, "arch": arch_v or None, "prompts": table,
+                   "category": cat or None, "name_filter": nm or None, "seeds": seeds_v or None,
+                   "strength": float(st) if str(st or "").strip() else None,
+                   "steps": int(steps_v) if steps_v else None, "width": int(w) if w else None,
+                   "height": int(h) if h else None}
+            job, new = triage_op.start(service, req)
         except Exception as e:  # noqa: BLE001
             yield progress_html(0, "not started", "error"), error_md(e), gr.update(), gr.update()
             return

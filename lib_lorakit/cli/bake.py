@@ -1,0 +1,141 @@
+"""Commands: bake, merge, diff."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from ..errors import RecipeError
+from ..merge.registry import METHODS, param_default
+from ..ops import bake as bake_op
+from ..ops import merge as merge_op
+from .common import local, progress_printer, write_json, write_text
+
+
+def lora_entries(args: argparse.Namespace) -> list[dict]:
+    """``--lora PATH[:STRENGTH[:TE]]`` and ``--blocks NAME=WEIGHTS`` as the request's LoRA entries."""
+    from ..bake import parse_lora_arg
+
+    specs = [parse_lora_arg(x) for x in args.lora or []]
+    for item in args.blocks or []:
+        hits = [(s, item[len(n) + 1:]) for s in specs
+                for n in dict.fromkeys((s.path, os.path.basename(s.path), s.label)) if item.startswith(n + "=")]
+        if not hits:
+            names = ", ".join(s.label for s in specs) or "none"
+            raise RecipeError(f"--blocks {item!r} names no --lora (LoRAs: {names}).",
+                              fix="Write --blocks NAME=PRESET_OR_VECTOR with NAME the LoRA's path, file name or "
+                                  "name without extension.")
+        for s, weights in hits:
+            s.blocks = weights
+    return [{"name": s.path, "strength": s.strength, "te_strength": s.te_strength, "blocks": s.blocks} for s in specs]
+
+
+def cmd_bake(args: argparse.Namespace) -> int:
+    from ..bake import summary
+
+    req = {"base": args.base, "output": args.output or "", "loras": lora_entries(args), "save_dtype": args.save_dtype,
+           "overwrite": args.overwrite, "allow_unmatched": args.allow_unmatched, "dry_run": args.dry_run}
+    report = bake_op.bake(local(args), req, progress=progress_printer(not args.quiet))["report"]
+    write_json(args.report, report)
+    print(json.dumps(report, indent=2) if args.json else summary(report))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..merge import parse_model_arg, summary
+
+    models = [parse_model_arg(x) for x in args.model]
+    te_from = None
+    if args.te_from is not None:
+        try:
+            te_from = int(args.te_from)
+        except ValueError:
+            raise RecipeError(f"--te-from {args.te_from!r} must be a model number (1 for the first --model).") from None
+    req = {"models": [{"name": m.path, "weight": m.weight} for m in models], "output": args.output,
+           "method": args.method, "base": args.base, "blocks": args.blocks, "vae_from": args.vae_from,
+           "te_from": te_from, "normalize": not args.no_normalize, "density": args.density, "drop": args.drop,
+           "seed": args.seed, "scale": args.scale, "save_dtype": args.save_dtype, "overwrite": args.overwrite}
+    report = merge_op.merge(local(args), req, progress=progress_printer(not args.quiet))["report"]
+    write_json(args.report, report)
+    print(json.dumps(report, indent=2) if args.json else summary(report))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    import io
+
+    from ..merge.diff import chart, table
+
+    result = merge_op.diff(local(args), {"a": args.a, "b": args.b}, progress=progress_printer(not args.quiet))
+    if args.chart:
+        buf = io.BytesIO()
+        chart(result, f"{os.path.basename(args.b)} vs {os.path.basename(args.a)}").save(buf, format="PNG")
+        write_text(args.chart, buf.getvalue())
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{os.path.basename(args.b)} against {os.path.basename(args.a)} ({result['arch']}):")
+        print(table(result))
+        for what in ("only_in_a", "only_in_b", "shape_mismatch"):
+            if result[what]:
+                print(f"{what.replace('_', ' ')}: {len(result[what])} keys, e.g. {result[what][0]}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    b = sub.add_parser("bake", help="write a LoRA recipe permanently into a checkpoint",
+                       description="Bake LoRA/LyCORIS files into a checkpoint. Maths in fp32, one rounding to the "
+                                   "save dtype; a LoRA layer that matches nothing is an error.")
+    b.add_argument("base", help="base checkpoint (.safetensors; .ckpt/.pt read weights-only)")
+    b.add_argument("--lora", action="append", metavar="PATH[:STRENGTH[:TE_STRENGTH]]",
+                   help="a LoRA and its strength (default 1); TE_STRENGTH for the text encoders (default STRENGTH). "
+                        "Repeat for a recipe.")
+    b.add_argument("-o", "--output", help="output .safetensors (refused if it exists, unless --overwrite)")
+    b.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="default fp16")
+    b.add_argument("--blocks", action="append", metavar="PATH=PRESET_OR_VECTOR",
+                   help="per-block weights for one LoRA: a LoRA Block Weight preset (INALL, OUTALL, ...) or vector "
+                        "(17/26 values SD1.5, 12/20 SDXL), or named 'IN04=0.5,OUT05=0'")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    b.add_argument("--allow-unmatched", action="store_true",
+                   help="bake what matches and list unmatched LoRA layers in the report instead of failing")
+    b.add_argument("--dry-run", action="store_true", help="check and plan everything, write nothing")
+    b.add_argument("--report", metavar="FILE", help="write the full report as JSON")
+    b.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bake)
+
+    m = sub.add_parser("merge", help="merge checkpoints: " + ", ".join(METHODS),
+                       description="Merge N checkpoints in fp32 with one rounding, streaming. The VAE is never "
+                                   "averaged: it is copied from one source.")
+    m.add_argument("--model", action="append", required=True, metavar="PATH[:WEIGHT]",
+                   help="an ingredient and its weight; the first is the primary. Add-difference: A, then B:w")
+    m.add_argument("--method", choices=METHODS, default="weighted")
+    m.add_argument("--base", metavar="PATH", help="C for add-difference (A + w(B - C)), TIES and DARE")
+    m.add_argument("--blocks", metavar="PRESET_OR_VECTOR",
+                   help="per-block factors on the non-primary contributions (SuperMerger block order: BASE,IN00..,"
+                        "M00,OUT..); with the second model at weight 1 a vector is SuperMerger's per-block alpha")
+    m.add_argument("--vae-from", metavar="N|PATH", help="copy the VAE from model N (default 1) or a VAE file")
+    m.add_argument("--te-from", metavar="N", help="copy the text encoders from model N instead of merging them")
+    m.add_argument("-o", "--output", required=True)
+    m.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    m.add_argument("--no-normalize", action="store_true", help="use the weights as given (default: scale to sum 1)")
+    for name, flag, kind in (("density", "--density", float), ("drop", "--drop", float), ("seed", "--seed", int),
+                             ("scale", "--scale", float)):
+        from ..merge.registry import REGISTRY
+
+        helptext = next(p.help for mm in REGISTRY.values() for p in mm.params if p.name == name)
+        m.add_argument(flag, type=kind, default=param_default(name), help=f"{helptext} ({param_default(name)})")
+    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--report", metavar="FILE")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("-q", "--quiet", action="store_true")
+    m.set_defaults(func=cmd_merge)
+
+    df = sub.add_parser("diff", help="where does B differ from A: relative change and cosine per block")
+    df.add_argument("a")
+    df.add_argument("b")
+    df.add_argument("--chart", metavar="PNG", help="also write a bar chart")
+    df.add_argument("--json", action="store_true")
+    df.add_argument("-q", "--quiet", action="store_true")
+    df.set_defaults(func=cmd_diff)

@@ -1,0 +1,110 @@
+"""What every command shares: the parser class, progress on the terminal, writing files safely."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..gen.profiles import GEN_DEFAULTS
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's exit code 2 matches "bad input"
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def progress_printer(enabled: bool):
+    """A progress callback drawing ``[ 42%] message`` on stderr (only on a terminal)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    state = {"last": -1}
+
+    def show(frac: float, msg: str) -> None:
+        pct = int(frac * 100)
+        if pct != state["last"]:
+            state["last"] = pct
+            sys.stderr.write(f"\r[{pct:3d}%] {msg[:70]:<70}")
+            sys.stderr.flush()
+            if frac >= 1.0:
+                sys.stderr.write("\n")
+
+    return show
+
+
+def write_text(path: str, text: str | bytes, overwrite: bool = True) -> None:
+    """Write a report file atomically (temp file + rename); refuse an existing one unless ``overwrite``."""
+    from ..formats.safetensors_io import check_output_path
+    from ..fsutil import atomic_write
+
+    check_output_path(path, overwrite=overwrite)
+    atomic_write(path, text.encode() if isinstance(text, str) else text)
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def gen_args(x: argparse.ArgumentParser, webui_required: bool = True) -> None:
+    """The options of every command that generates through a WebUI (defaults: the generation profile's)."""
+    x.add_argument("--webui", required=webui_required, metavar="URL",
+                   help="a WebUI started with --api, e.g. http://127.0.0.1:7860")
+    x.add_argument("--api-auth", metavar="USER:PASSWORD", help="the WebUI's --api-auth credentials")
+    x.add_argument("--checkpoint", help="checkpoint from the WebUI's list (default: the loaded one; restored after "
+                                        "each image)")
+    x.add_argument("--strengths", help="'0, 0.25, 0.5' or '0-1.5:0.25' (default: 0 up to each LoRA's max-safe "
+                                       "strength from the inspector); 0, the baseline, is always in")
+    x.add_argument("--seeds", help="'1, 2, 3' or '3x' (default 1)")
+    x.add_argument("--epochs", action="store_true", help="rows are the epoch files of each LoRA's training run")
+    x.add_argument("--prompts", metavar="FILE", help="prompts, one per line")
+    x.add_argument("--negative", default="", help="negative prompt")
+    d = GEN_DEFAULTS
+    x.add_argument("--steps", type=int, help=f"sampling steps (default {d['steps']})")
+    x.add_argument("--cfg-scale", type=float, help=f"CFG scale (default {d['cfg_scale']:g})")
+    x.add_argument("--width", type=int, help=f"width (default {d['width']})")
+    x.add_argument("--height", type=int, help=f"height (default {d['height']})")
+    x.add_argument("--sampler", help=f"sampler (default {d['sampler_name']})")
+    x.add_argument("--scheduler", help="scheduler (A1111 1.9+/Forge), e.g. Karras")
+    x.add_argument("--data-dir", metavar="DIR", help="lorakit's data folder (edited max-safe strength table)")
+
+
+def gen_fields(args: argparse.Namespace) -> dict:
+    """The generation settings given on the command line, as request fields (unset ones left out)."""
+    out = {"steps": args.steps, "cfg_scale": args.cfg_scale, "width": args.width, "height": args.height,
+           "sampler_name": args.sampler, "scheduler": args.scheduler}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def read_prompts(path: str | None) -> list[str] | None:
+    from ..errors import RecipeError
+
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the prompts file ({e.strerror}).") from None
+    if not lines:
+        raise RecipeError(f"{path}: no prompts (one per line; # starts a comment).")
+    return lines
+
+
+def local(args: argparse.Namespace, **kw):
+    """The operations' context for a command: file paths, its data folder and WebUI."""
+    from ..ops import LocalContext
+
+    return LocalContext(getattr(args, "data_dir", None), webui=getattr(args, "webui", None),
+                        api_auth=getattr(args, "api_auth", None), **kw)
+
+
+def data_arg(x: argparse.ArgumentParser) -> None:
+    x.add_argument("--data-dir", default="lorakit-data", help="lorakit's data folder with lorakit.db (default "
+                                                              "./lorakit-data; the WebUI's is extensions/lorakit's "
+                                                              "data folder)")
+
+
+__all__ = ["Parser", "data_arg", "gen_args", "gen_fields", "local", "progress_printer", "read_prompts",
+           "write_json", "write_text"]

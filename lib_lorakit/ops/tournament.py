@@ -1,0 +1,252 @@
+"""Blind tournaments: one spec parser, creation, generation, ballots, votes, scores, reveal, report, rounds."""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any, Dict, List, Optional, Union
+
+from ..errors import RecipeError
+from ..jobs import Job
+from .context import Context, LocalContext
+from .gen import SETTING_FIELDS, GenSettings
+from .model import Field, Request
+
+FIRST_SEED = 1000  # prompt i without a seed gets FIRST_SEED + i
+
+
+class CandidateLora(Request):
+    name: str = Field(..., min_length=1)
+    strength: float = Field(1.0, ge=-20, le=20)
+
+
+class CandidateIn(Request):
+    id: Optional[str] = Field(None, max_length=80, description="A short unique id (hidden from evaluators until "
+                                                               "Reveal); default: from the checkpoint's name")
+    checkpoint: Optional[str] = Field(None, description="A checkpoint from the host's list")
+    loras: List[CandidateLora] = Field(default_factory=list, description="[{name, strength}] added to every prompt")
+    merge: Optional[Dict[str, Any]] = Field(None, description="{models: [{name, weight}], method, base, blocks}: built "
+                                                              "first")
+    control: bool = Field(False, description="The previous version (exactly one, unless first_version)")
+    note: str = ""
+
+
+class PromptIn(Request):
+    prompt: str = Field(..., min_length=1)
+    negative_prompt: str = ""
+    seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
+
+
+class TournamentRequest(Request):
+    name: str = Field("tournament", max_length=200)
+    candidates: List[CandidateIn]
+    prompts: List[Union[PromptIn, str]] = Field(..., description="At least 5 (text, or {prompt, negative_prompt, "
+                                                                 "seed})")
+    settings: GenSettings = Field(default_factory=GenSettings, description="steps, cfg_scale, width, height, "
+                                                                          "sampler_name, scheduler")
+    first_version: bool = Field(False, description="No control: the report says so")
+
+    @classmethod
+    def fix_hint(cls) -> str:
+        return ('A spec is {"name", "candidates": [{"checkpoint", "control"}, ...], "prompts": [≥ 5 texts], '
+                '"settings": {...}}.')
+
+
+class VoteIn(Request):
+    prompt: int = Field(..., ge=0)
+    ranks: List[str] = Field(default_factory=list, description="Letters, best first (at most 3)")
+    bombs: List[str] = Field(default_factory=list, description="Letters of unusable images")
+    all_bad: bool = False
+    no_preference: bool = False
+    client: Optional[str] = None
+    seq: Optional[int] = Field(None, ge=0)
+
+
+class VotesRequest(Request):
+    evaluator: str = Field(..., min_length=1, max_length=100)
+    votes: List[VoteIn]
+
+
+class NextRoundRequest(Request):
+    mode: str = Field("narrow", description="narrow or dial-in")
+    step: float = Field(0.1, gt=0, le=1)
+    axis: Optional[int] = Field(None, ge=0)
+    values: Optional[List[float]] = None
+    create: bool = Field(False, description="Create the next round's tournament from the proposal")
+
+
+def _auto_id(c: CandidateIn, i: int) -> str:
+    base = c.checkpoint or ("merge" if c.merge else "")
+    base = re.sub(r"\.(safetensors|ckpt|pt|pth)$", "", base.split("/")[-1].split("\\")[-1], flags=re.I)
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-")[:40]
+    return base or f"candidate-{i + 1}"
+
+
+def spec_of(req: TournamentRequest | dict):
+    """The one parser of a tournament spec (JSON file, HTTP body, form or next-round proposal)."""
+    from ..eval.tournament import Candidate, TournamentSpec
+
+    req = TournamentRequest.parse(req, what="tournament spec")
+    cands, seen = [], set()
+    for i, c in enumerate(req.candidates):
+        cid = (c.id or "").strip() or _auto_id(c, i)
+        while cid in seen and not c.id:
+            cid = f"{cid}-{i + 1}"
+        seen.add(cid)
+        cands.append(Candidate(id=cid, checkpoint=c.checkpoint, loras=[x.dump() for x in c.loras], merge=c.merge,
+                               control=c.control, note=c.note))
+    prompts = []
+    for i, p in enumerate(req.prompts):
+        p = PromptIn(prompt=p) if isinstance(p, str) else p
+        prompts.append({"prompt": p.prompt, "negative_prompt": p.negative_prompt,
+                        "seed": FIRST_SEED + i if p.seed is None else p.seed})
+    settings = {k: v for k, v in req.settings.dump().items() if k in SETTING_FIELDS and v not in (None, "")}
+    spec = TournamentSpec(name=req.name, candidates=cands, prompts=prompts, settings=settings,
+                          first_version=req.first_version)
+    spec.validate()
+    return spec
+
+
+def create(ctx: Context, req: TournamentRequest | dict, parent: str | None = None, round_no: int = 1) -> str:
+    return ctx.tournaments().create(spec_of(req), parent=parent, round_no=round_no)
+
+
+def tournaments(ctx: Context) -> list[dict[str, Any]]:
+    return ctx.tournaments().list()
+
+
+def summary(ctx: Context, tid: str) -> dict[str, Any]:
+    """A tournament's state; its spec and lineage only after Reveal."""
+    from ..eval.tournament import lineage
+
+    rec = ctx.tournaments().get(tid)
+    out = {k: v for k, v in rec.items() if k != "spec"}
+    out["prompts"] = len(rec["spec"]["prompts"])
+    out["candidates"] = len(rec["spec"]["candidates"])
+    if rec["revealed"]:
+        out["spec"] = rec["spec"]
+        out["lineage"] = lineage(ctx.tournaments(), tid)
+    return out
+
+
+def _builder(ctx: Context, exclusive: Any = None):
+    from .merge import build_candidate
+
+    def build(c, name):
+        if isinstance(ctx, LocalContext) and not ctx.models_dir:
+            raise RecipeError(f"Candidate {c.id} is a merge: lorakit needs the WebUI's checkpoint folder on this "
+                              f"machine to build it.", fix="Name the WebUI's checkpoint folder (models dir).")
+        if exclusive is not None:
+            with exclusive():
+                return build_candidate(ctx, c.merge, name)
+        return build_candidate(ctx, c.merge, name)
+
+    return build
+
+
+def generate(ctx: Context, tid: str, outputs: str | None = None, progress=None, cancel=None) -> dict[str, Any]:
+    """Build merge candidates and generate every image now; returns the run record."""
+    from ..eval.tournament import generate as gen
+
+    ctx.tournaments().get(tid)
+    backend = ctx.backend("generate a tournament")
+    return gen(ctx.tournaments(), tid, backend, outputs or ctx.outputs_dir(), build_merge=_builder(ctx),
+               progress=progress, cancel=cancel)
+
+
+def start_generate(ctx: Context, tid: str) -> Job:
+    """Build merge candidates and generate every image, as a job (each image waits for the queue)."""
+    from ..eval.tournament import generate as gen
+
+    ctx.tournaments().get(tid)
+    backend = ctx.backend("generate a tournament", "Generate in the WebUI or from the command line with a WebUI "
+                                                   "URL; the standalone launcher can run the blind ranking.")
+    lock = getattr(getattr(ctx, "host", None), "queue_lock", None)
+
+    def work(progress, cancel) -> dict[str, Any]:
+        rec = gen(ctx.tournaments(), tid, backend, ctx.outputs_dir(), build_merge=_builder(ctx, lock),
+                  progress=progress, cancel=cancel)
+        return {"tournament": tid, "record": rec}
+
+    return ctx.submit("tournament", {"tournament": tid}, work, exclusive=False)
+
+
+def ballot(ctx: Context, tid: str, evaluator: str) -> dict[str, Any]:
+    from ..eval.tournament import ballot as make_ballot
+
+    if not (evaluator or "").strip():
+        raise RecipeError("No evaluator name.", fix="Type your name: each evaluator gets their own shuffle.")
+    return make_ballot(ctx.tournaments(), tid, evaluator)
+
+
+def image_path(ctx: Context, tid: str, evaluator: str, prompt: int, letter: str) -> str:
+    from ..eval.tournament import image_path as path_of
+
+    return path_of(ctx.tournaments(), tid, evaluator, prompt, letter)
+
+
+def vote(ctx: Context, tid: str, req: VotesRequest | dict) -> dict[str, Any]:
+    """Record votes in one transaction (a replayed client/seq is ignored)."""
+    req = VotesRequest.parse(req)
+    try:
+        n = ctx.tournaments().vote(tid, req.evaluator.strip(), [v.dump() for v in req.votes])
+    except ValueError as e:
+        raise RecipeError(f"Tournament {tid}: {e}.") from None
+    return {"recorded": n}
+
+
+def scores(ctx: Context, tid: str, resamples: int = 1000) -> dict[str, Any]:
+    from ..eval.tournament import scores as score
+
+    return score(ctx.tournaments(), tid, resamples=max(100, min(int(resamples), 20000)))
+
+
+def chart_png(ctx: Context, tid: str) -> bytes:
+    from ..eval.chart import score_chart
+
+    buf = io.BytesIO()
+    score_chart(scores(ctx, tid)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def reveal(ctx: Context, tid: str) -> dict[str, Any]:
+    ctx.tournaments().get(tid)
+    ctx.tournaments().update(tid, revealed=1)
+    return {"id": tid, "revealed": True}
+
+
+def report(ctx: Context, tid: str, format: str = "md") -> str:
+    from ..eval.tournament import report_csv, report_markdown
+
+    if format not in ("md", "csv"):
+        raise RecipeError(f"Unknown report format {format!r}.", fix="Use md or csv.")
+    return report_csv(ctx.tournaments(), tid) if format == "csv" else report_markdown(ctx.tournaments(), tid)
+
+
+def contact_png(ctx: Context, tid: str, prompt: int) -> bytes:
+    from ..eval.tournament import contact_sheet
+
+    buf = io.BytesIO()
+    contact_sheet(ctx.tournaments(), tid, prompt).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def winner(ctx: Context, tid: str) -> dict[str, Any]:
+    from ..eval.tournament import winner_recipe
+
+    return winner_recipe(ctx.tournaments(), tid)
+
+
+def next_round(ctx: Context, tid: str, req: NextRoundRequest | dict) -> dict[str, Any]:
+    """Propose (and optionally create) the next round from the winner."""
+    from ..eval.tournament import propose_next
+
+    req = NextRoundRequest.parse(req)
+    if req.mode not in ("narrow", "dial-in"):
+        raise RecipeError(f"Unknown mode {req.mode!r}.", fix="Use narrow or dial-in.")
+    prop = propose_next(ctx.tournaments(), tid, req.mode, step=req.step, axis=req.axis, values=req.values)
+    if req.create:
+        body = {"name": f"{ctx.tournaments().get(tid)['name']} r{prop['round']}",
+                **{k: prop[k] for k in ("candidates", "prompts", "settings", "first_version") if k in prop}}
+        prop["id"] = create(ctx, body, parent=tid, round_no=prop["round"])
+    return prop
