@@ -8,11 +8,39 @@ arguments ``te=``, ``unet=``, ``lbw=`` (LoRA Block Weight) and ``dyn=``.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import RecipeError
 
 TAG = re.compile(r"<(lora|lyco):([^>]+)>", re.I)
+# a tag with the separator around it, for taking tags out of a prompt
+_SPAN = re.compile(r"\s*,?\s*" + TAG.pattern + r"\s*,?\s*", re.I)
+
+
+def tag_name(match: re.Match) -> str:
+    """The LoRA name of a :data:`TAG` match (what stands before the first ':')."""
+    return match.group(2).split(":", 1)[0].strip()
+
+
+def tag_names(text: str) -> list[str]:
+    """The LoRA names tagged in ``text``, in order (no checks: see :func:`parse_tags` for the recipe)."""
+    return [tag_name(m) for m in TAG.finditer(text or "")]
+
+
+def strip_tags(prompt: str, names: Sequence[str]) -> str:
+    """``prompt`` without the tags of the named LoRAs (and the separator next to each); every other
+    character stays as it was."""
+    want = {n.lower() for n in names}
+
+    def sub(m: re.Match) -> str:
+        if tag_name(m).lower() not in want:
+            return m.group(0)
+        if m.start() == 0 or m.end() == len(m.string):
+            return ""
+        return ", " if "," in m.group(0).replace(m.group(0).strip(" ,"), "") else " "
+
+    return _SPAN.sub(sub, prompt)
 
 
 @dataclass

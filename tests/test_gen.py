@@ -12,8 +12,8 @@ from fake_gen import FakeBackend, decode
 from PIL import Image
 
 from lib_lorakit.errors import Cancelled, RecipeError
-from lib_lorakit.eval import image as im
-from lib_lorakit.eval.verdict import judge
+from lib_lorakit.gen import image as im
+from lib_lorakit.gen.verdict import judge
 from lib_lorakit.gen.backend import UnknownModel
 from lib_lorakit.gen.emphasis import emphasis_warning, max_emphasis, parse_attention
 from lib_lorakit.gen.grid import (GridRow, GridSpec, draw_grid, evaluate, finish, order_epochs, parse_strengths,

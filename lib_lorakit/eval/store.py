@@ -1,8 +1,9 @@
 """lorakit's SQLite store (stdlib ``sqlite3``, WAL) for decisions that must never be lost.
 
-One file, ``lorakit.db`` in lorakit's data folder. Each call opens its own connection
-(safe from any thread or process); every write is its own committed transaction, so a
-restart, a reload or a second browser tab loses nothing. Decisions are append-only
+One file, ``lorakit.db`` in lorakit's data folder. Each thread keeps one connection (safe from
+any thread or process; a triage keypress or a vote costs one transaction on it); every write is
+its own committed transaction, so a restart, a reload or a second browser tab loses nothing.
+All of lorakit's SQL lives in this module: the triage and tournament code call its methods. Decisions are append-only
 history: the current decision of an item is its latest row in the current pass.
 A client may send the same decision twice (a replay after a dropped connection): the
 (client, client_seq) pair makes the second one a no-op.
@@ -15,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -33,6 +35,17 @@ CREATE TABLE IF NOT EXISTS triage_decisions (
     decision TEXT NOT NULL, client TEXT NOT NULL, client_seq INTEGER NOT NULL, at TEXT NOT NULL,
     UNIQUE (triage_id, client, client_seq));
 CREATE INDEX IF NOT EXISTS triage_decisions_item ON triage_decisions (triage_id, pass, idx, seq);
+CREATE TABLE IF NOT EXISTS tournaments (
+    id TEXT PRIMARY KEY, created TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, state TEXT NOT NULL,
+    run_dir TEXT, revealed INTEGER NOT NULL DEFAULT 0, parent TEXT, round INTEGER NOT NULL DEFAULT 1);
+CREATE TABLE IF NOT EXISTS tournament_shuffles (
+    tournament TEXT NOT NULL, evaluator TEXT NOT NULL, prompt INTEGER NOT NULL, ord TEXT NOT NULL,
+    PRIMARY KEY (tournament, evaluator, prompt));
+CREATE TABLE IF NOT EXISTS tournament_votes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, tournament TEXT NOT NULL, evaluator TEXT NOT NULL, prompt INTEGER NOT NULL,
+    ranks TEXT NOT NULL, bombs TEXT NOT NULL, all_bad INTEGER NOT NULL, no_preference INTEGER NOT NULL,
+    client TEXT NOT NULL, client_seq INTEGER NOT NULL, at TEXT NOT NULL,
+    UNIQUE (tournament, evaluator, client, client_seq));
 """
 
 
@@ -49,6 +62,8 @@ class Store:
         self.path = os.path.join(data_dir, "lorakit.db")
         self._ready = False
         self._schemas: list[str] = [SCHEMA]
+        self._local = threading.local()
+        self._init_lock = threading.Lock()
 
     @property
     def exists(self) -> bool:
@@ -61,27 +76,44 @@ class Store:
             with self._db() as db:
                 db.executescript(sql)
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+        db.execute("PRAGMA busy_timeout=30000")
+        db.execute("PRAGMA synchronous=FULL")
+        db.row_factory = sqlite3.Row
+        return db
+
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        if not self._ready:
-            os.makedirs(self.data_dir, exist_ok=True)
-            first = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            try:
-                first.execute("PRAGMA busy_timeout=30000")
-                first.execute("PRAGMA journal_mode=WAL")
-                for sql in self._schemas:
-                    first.executescript(sql)
-            finally:
-                first.close()
-            self._ready = True
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        """This thread's connection (opened on first use; the file and its tables are created then)."""
+        with self._init_lock:
+            if not self._ready:
+                os.makedirs(self.data_dir, exist_ok=True)
+                first = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                try:
+                    first.execute("PRAGMA busy_timeout=30000")
+                    first.execute("PRAGMA journal_mode=WAL")
+                    for sql in self._schemas:
+                        first.executescript(sql)
+                finally:
+                    first.close()
+                self._ready = True
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
         try:
-            db.execute("PRAGMA busy_timeout=30000")
-            db.execute("PRAGMA synchronous=FULL")
-            db.row_factory = sqlite3.Row
             yield db
-        finally:
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close this thread's connection (others close with their threads)."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
             db.close()
+            self._local.db = None
 
     # --- triage sessions --------------------------------------------------------------------------
     def create_triage(self, tid: str, name: str, params: dict[str, Any], items: Sequence[dict[str, Any]]) -> None:
@@ -131,16 +163,13 @@ class Store:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT pass FROM triage WHERE id = ?", (tid,)).fetchone()
             if row is None:
-                db.execute("ROLLBACK")
                 raise KeyError(tid)
             n_items = db.execute("SELECT COUNT(*) FROM triage_items WHERE triage_id = ?", (tid,)).fetchone()[0]
             new = 0
             for d in decisions:
                 if d["decision"] not in (*DECISIONS, CLEAR):
-                    db.execute("ROLLBACK")
                     raise ValueError(f"decision {d['decision']!r} is not yes, maybe, no or clear")
                 if not 0 <= int(d["idx"]) < n_items:
-                    db.execute("ROLLBACK")
                     raise ValueError(f"item {d['idx']} does not exist (the triage has {n_items})")
                 cur = db.execute(
                     "INSERT OR IGNORE INTO triage_decisions (triage_id, idx, pass, decision, client, client_seq, at) "
@@ -186,3 +215,74 @@ def _server_seq(db: sqlite3.Connection, tid: str) -> int:
     r = db.execute("SELECT COALESCE(MAX(client_seq), 0) + 1 FROM triage_decisions WHERE triage_id = ? AND "
                    "client = 'server'", (tid,)).fetchone()
     return int(r[0])
+
+
+# --- tournaments ----------------------------------------------------------------------------------------
+
+
+class TournamentRows:
+    """The tournament tables of a :class:`Store` (records, per-evaluator shuffles, votes)."""
+
+    TOURNAMENT_FIELDS = ("state", "run_dir", "revealed", "spec")
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def create(self, tid: str, name: str, spec: dict[str, Any], parent: str | None, round_no: int) -> None:
+        with self.store._db() as db:
+            db.execute("INSERT INTO tournaments (id, created, name, spec, state, parent, round) VALUES (?,?,?,?,?,?,?)",
+                       (tid, _now(), name, json.dumps(spec), "created", parent, round_no))
+
+    def get(self, tid: str) -> dict[str, Any] | None:
+        with self.store._db() as db:
+            r = db.execute("SELECT * FROM tournaments WHERE id = ?", (tid,)).fetchone()
+        if r is None:
+            return None
+        d = dict(r)
+        d["spec"] = json.loads(d["spec"])
+        return d
+
+    def list(self) -> list[dict[str, Any]]:
+        if not self.store.exists:
+            return []
+        with self.store._db() as db:
+            rows = db.execute("SELECT id, created, name, state, revealed, parent, round, run_dir FROM tournaments "
+                              "ORDER BY created DESC").fetchall()
+        return [dict(r) for r in rows]
+
+    def update(self, tid: str, **fields: Any) -> None:
+        if set(fields) - set(self.TOURNAMENT_FIELDS):
+            raise ValueError(f"cannot set {set(fields) - set(self.TOURNAMENT_FIELDS)}")
+        with self.store._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            for k, v in fields.items():
+                db.execute(f"UPDATE tournaments SET {k} = ? WHERE id = ?", (json.dumps(v) if k == "spec" else v, tid))
+            db.execute("COMMIT")
+
+    def order(self, tid: str, evaluator: str, prompt: int, make: Any) -> list[str]:
+        """The stored order for (evaluator, prompt); ``make()`` gives one the first time (kept if two race)."""
+        q = "SELECT ord FROM tournament_shuffles WHERE tournament = ? AND evaluator = ? AND prompt = ?"
+        with self.store._db() as db:
+            r = db.execute(q, (tid, evaluator, prompt)).fetchone()
+            if r:
+                return json.loads(r["ord"])
+            db.execute("INSERT OR IGNORE INTO tournament_shuffles (tournament, evaluator, prompt, ord) VALUES (?,?,?,?)",
+                       (tid, evaluator, prompt, json.dumps(make())))
+            return json.loads(db.execute(q, (tid, evaluator, prompt)).fetchone()["ord"])
+
+    def add_votes(self, rows: Sequence[tuple]) -> int:
+        """Insert vote rows in one transaction; a replayed (evaluator, client, seq) is ignored. Returns how many were new."""
+        new = 0
+        with self.store._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            for row in rows:
+                cur = db.execute("INSERT OR IGNORE INTO tournament_votes (tournament, evaluator, prompt, ranks, bombs, "
+                                 "all_bad, no_preference, client, client_seq, at) VALUES (?,?,?,?,?,?,?,?,?,?)", row)
+                new += cur.rowcount
+            db.execute("COMMIT")
+        return new
+
+    def votes(self, tid: str) -> list[dict[str, Any]]:
+        with self.store._db() as db:
+            rows = db.execute("SELECT * FROM tournament_votes WHERE tournament = ? ORDER BY seq", (tid,)).fetchall()
+        return [dict(r) for r in rows]

@@ -30,25 +30,10 @@ from typing import Any
 from ..errors import RecipeError
 from ..gen.run import Cell, Run
 from .scoring import Ballot, score
-from .store import Store
+from .store import Store, TournamentRows
 
 MIN_PROMPTS = 5
 LETTERS = string.ascii_uppercase
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tournaments (
-    id TEXT PRIMARY KEY, created TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, state TEXT NOT NULL,
-    run_dir TEXT, revealed INTEGER NOT NULL DEFAULT 0, parent TEXT, round INTEGER NOT NULL DEFAULT 1);
-CREATE TABLE IF NOT EXISTS tournament_shuffles (
-    tournament TEXT NOT NULL, evaluator TEXT NOT NULL, prompt INTEGER NOT NULL, ord TEXT NOT NULL,
-    PRIMARY KEY (tournament, evaluator, prompt));
-CREATE TABLE IF NOT EXISTS tournament_votes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, tournament TEXT NOT NULL, evaluator TEXT NOT NULL, prompt INTEGER NOT NULL,
-    ranks TEXT NOT NULL, bombs TEXT NOT NULL, all_bad INTEGER NOT NULL, no_preference INTEGER NOT NULL,
-    client TEXT NOT NULL, client_seq INTEGER NOT NULL, at TEXT NOT NULL,
-    UNIQUE (tournament, evaluator, client, client_seq));
-"""
-
 
 class TournamentNotFound(RecipeError):
     http_status = 404
@@ -135,66 +120,45 @@ class Tournaments:
 
     def __init__(self, store: Store):
         self.store = store
-        store.add_schema(SCHEMA)
+        self.rows = TournamentRows(store)
 
     def create(self, spec: TournamentSpec, *, parent: str | None = None, round_no: int = 1) -> str:
         spec.validate()
         tid = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        with self.store._db() as db:
-            db.execute("INSERT INTO tournaments (id, created, name, spec, state, parent, round) VALUES (?,?,?,?,?,?,?)",
-                       (tid, _now(), spec.name, json.dumps(spec.as_dict()), "created", parent, round_no))
+        self.rows.create(tid, spec.name, spec.as_dict(), parent, round_no)
         return tid
 
     def get(self, tid: str) -> dict[str, Any]:
-        with self.store._db() as db:
-            r = db.execute("SELECT * FROM tournaments WHERE id = ?", (tid,)).fetchone()
-        if r is None:
-            raise TournamentNotFound(f"No tournament {tid!r}.", fix="List them with GET /lorakit/v1/tournaments.")
-        d = dict(r)
-        d["spec"] = json.loads(d["spec"])
+        d = self.rows.get(tid)
+        if d is None:
+            raise TournamentNotFound(f"No tournament {tid!r}.", fix="List the tournaments to see their ids.")
         return d
 
     def spec(self, tid: str) -> TournamentSpec:
         return TournamentSpec.from_dict(self.get(tid)["spec"])
 
     def list(self) -> list[dict[str, Any]]:
-        if not self.store.exists:
-            return []
-        with self.store._db() as db:
-            rows = db.execute("SELECT id, created, name, state, revealed, parent, round, run_dir FROM tournaments "
-                              "ORDER BY created DESC").fetchall()
-        return [dict(r) for r in rows]
+        return self.rows.list()
 
     def update(self, tid: str, **fields: Any) -> None:
-        allowed = {"state", "run_dir", "revealed", "spec"}
-        if set(fields) - allowed:
-            raise ValueError(fields)
-        with self.store._db() as db:
-            for k, v in fields.items():
-                db.execute(f"UPDATE tournaments SET {k} = ? WHERE id = ?",
-                           (json.dumps(v) if k == "spec" else v, tid))
+        self.rows.update(tid, **fields)
 
     # --- blind ballots ----------------------------------------------------------------------------
     def order(self, tid: str, evaluator: str, prompt: int) -> list[str]:
         """The candidates' order for this evaluator and prompt (letters A, B, ... in this order); made once
         (seeded from a secret, not from the ids) and stored."""
-        with self.store._db() as db:
-            r = db.execute("SELECT ord FROM tournament_shuffles WHERE tournament = ? AND evaluator = ? AND prompt = ?",
-                           (tid, evaluator, prompt)).fetchone()
-            if r:
-                return json.loads(r["ord"])
+        def make() -> list[str]:
             ids = [c["id"] for c in self.get(tid)["spec"]["candidates"]]
-            rng = random.Random(secrets.randbits(64))
-            rng.shuffle(ids)
-            db.execute("INSERT OR IGNORE INTO tournament_shuffles (tournament, evaluator, prompt, ord) VALUES (?,?,?,?)",
-                       (tid, evaluator, prompt, json.dumps(ids)))
-            r = db.execute("SELECT ord FROM tournament_shuffles WHERE tournament = ? AND evaluator = ? AND prompt = ?",
-                           (tid, evaluator, prompt)).fetchone()
-            return json.loads(r["ord"])
+            random.Random(secrets.randbits(64)).shuffle(ids)
+            return ids
+
+        return self.rows.order(tid, evaluator, prompt, make)
 
     def vote(self, tid: str, evaluator: str, votes: Sequence[dict[str, Any]]) -> int:
         """Record votes ``{prompt, ranks: [letters], bombs: [letters], all_bad, no_preference, client, seq}``;
         letters are mapped through this evaluator's stored order. Returns how many were new."""
+        if not str(evaluator or "").strip():
+            raise ValueError("no evaluator name")
         n_prompts = len(self.get(tid)["spec"]["prompts"])
         rows = []
         for v in votes:
@@ -210,27 +174,23 @@ class Tournaments:
                     raise ValueError(f"{what}: {bad} are not letters of this ballot ({', '.join(letter)})")
                 return [letter[x] for x in xs]
 
-            ranks = ids(list(v.get("ranks") or [])[:3], "ranks")
+            ranks_given = list(v.get("ranks") or [])
+            if len(ranks_given) > 3:
+                raise ValueError(f"prompt {p}: {len(ranks_given)} ranks given ({', '.join(ranks_given)}); at most 3")
+            ranks = ids(ranks_given, "ranks")
             bombs = ids(list(v.get("bombs") or []), "bombs")
             if len(set(ranks)) != len(ranks):
-                raise ValueError("a candidate is ranked twice")
+                raise ValueError(f"prompt {p}: a candidate is ranked twice")
+            both = sorted(set(ranks_given) & set(v.get("bombs") or []))
+            if both:
+                raise ValueError(f"prompt {p}: {', '.join(both)} both ranked and bombed")
             rows.append((tid, evaluator, p, json.dumps(ranks), json.dumps(bombs), int(bool(v.get("all_bad"))),
                          int(bool(v.get("no_preference"))), str(v.get("client") or "server"),
                          int(v["seq"]) if v.get("seq") is not None else secrets.randbits(62), _now()))
-        new = 0
-        with self.store._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            for row in rows:
-                cur = db.execute("INSERT OR IGNORE INTO tournament_votes (tournament, evaluator, prompt, ranks, bombs, "
-                                 "all_bad, no_preference, client, client_seq, at) VALUES (?,?,?,?,?,?,?,?,?,?)", row)
-                new += cur.rowcount
-            db.execute("COMMIT")
-        return new
+        return self.rows.add_votes(rows)
 
     def votes(self, tid: str) -> list[dict[str, Any]]:
-        with self.store._db() as db:
-            rows = db.execute("SELECT * FROM tournament_votes WHERE tournament = ? ORDER BY seq", (tid,)).fetchall()
-        return [dict(r) for r in rows]
+        return self.rows.votes(tid)
 
     def ballots(self, tid: str) -> list[Ballot]:
         """The latest vote of every evaluator on every prompt."""

@@ -18,8 +18,9 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import RecipeError
-from ..eval.image import compare
-from ..eval.verdict import judge
+from .image import compare
+from .verdict import judge
+from ..prompt import strip_tags
 from .run import Cell, Run
 
 MAX_CELLS = 2000
@@ -95,22 +96,7 @@ def order_epochs(paths: Sequence[str], read_metadata: Callable[[str], dict[str, 
     return sorted(out, key=lambda x: (x[1] is None, x[1] if x[1] is not None else 0, os.path.basename(x[0])))
 
 
-_TAG = re.compile(r"\s*,?\s*<(?:lora|lyco):([^:>]+)(?::[^>]*)?>\s*,?\s*", re.I)
-
-
-def strip_lora(prompt: str, names: Sequence[str]) -> str:
-    """``prompt`` without the tags of the named LoRAs (and the separator next to each); every other
-    character stays as it was."""
-    want = {n.lower() for n in names}
-
-    def sub(m: re.Match) -> str:
-        if m.group(1).strip().lower() not in want:
-            return m.group(0)
-        if m.start() == 0 or m.end() == len(m.string):
-            return ""
-        return ", " if "," in m.group(0).replace(m.group(0).strip(" ,"), "") else " "
-
-    return _TAG.sub(sub, prompt)
+strip_lora = strip_tags  # the grid's name for it
 
 
 def with_lora(prompt: str, name: str, strength: float) -> str:

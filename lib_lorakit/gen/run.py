@@ -36,8 +36,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..errors import Cancelled, LorakitError, RecipeError
-from ..eval.image import check_image
+from .image import check_image
 from ..fsutil import atomic_write
+from ..prompt import tag_names
 from .backend import Backend, GenError, ModelInfo, resolve_name
 from .emphasis import emphasis_warning
 
@@ -222,7 +223,6 @@ class Preflight:
                 "loras": {k: asdict(v) for k, v in self.loras.items()}, "warnings": self.warnings}
 
 
-_LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)", re.I)
 
 
 def preflight(cells: Iterable[Cell], backend: Backend) -> Preflight:
@@ -245,16 +245,16 @@ def preflight(cells: Iterable[Cell], backend: Backend) -> Preflight:
     res_l: dict[str, ModelInfo] = {}
     names = {c.lora for c in cells if c.lora}
     for c in cells:
-        names.update(m.strip() for m in _LORA_TAG.findall(c.prompt))
-    tag_names: dict[str, list[str]] = {}
+        names.update(tag_names(c.prompt))
+    files_named: dict[str, list[str]] = {}
     for e in loras:
-        tag_names.setdefault(e.name, []).append(e.path)
+        files_named.setdefault(e.name, []).append(e.path)
     warnings: list[str] = []
     for name in sorted(names):
         res_l[name] = info = resolve_name(name, loras, "LoRA")
-        if len(tag_names.get(info.name, [])) > 1:
-            warnings.append(f"LoRA name {info.name!r} belongs to {len(tag_names[info.name])} files "
-                            f"({', '.join(tag_names[info.name])}); the WebUI picks one of them. Rename the others.")
+        if len(files_named.get(info.name, [])) > 1:
+            warnings.append(f"LoRA name {info.name!r} belongs to {len(files_named[info.name])} files "
+                            f"({', '.join(files_named[info.name])}); the WebUI picks one of them. Rename the others.")
     seen: set[str] = set()
     for c in cells:
         for text, where in ((c.prompt, "prompt"), (c.negative_prompt, "negative prompt")):

@@ -1,7 +1,7 @@
 """What a strength grid row shows: no visible effect, weak, healthy or overfit.
 
 A row is one LoRA (or one epoch) at several strengths, each image compared with the
-no-LoRA baseline of the same seed (:func:`lib_lorakit.eval.image.compare`). Measures are
+no-LoRA baseline of the same seed (:func:`lib_lorakit.gen.image.compare`). Measures are
 averaged over seeds per strength. The thresholds are constants here and in the README.
 """
 
