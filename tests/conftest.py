@@ -16,3 +16,23 @@ def shared_reference():
     if not os.path.isdir(REFERENCE):
         pytest.skip("../shared/reference is not present")
     return REFERENCE
+
+
+@pytest.fixture
+def model_dirs(tmp_path):
+    """Empty model folders laid out as the WebUI's: (models/Stable-diffusion, models/Lora)."""
+    ckpt = tmp_path / "models" / "Stable-diffusion"
+    loras = tmp_path / "models" / "Lora"
+    ckpt.mkdir(parents=True)
+    loras.mkdir(parents=True)
+    return ckpt, loras
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_handler_restored():
+    """In-process CLI runs install a SIGTERM handler; each test must leave the one it found."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    assert signal.getsignal(signal.SIGTERM) == before, "a test left its SIGTERM handler installed"

@@ -4,6 +4,7 @@ import os
 import time
 
 import pytest
+from helpers import wait_job
 import torch
 from factories import write
 
@@ -38,14 +39,8 @@ def client(folders):
         yield c
 
 
-def wait(client, job_id, timeout=60, auth=None):
-    t = time.time()
-    while time.time() - t < timeout:
-        j = client.get(f"/lorakit/v1/jobs/{job_id}", auth=auth).json()
-        if j["state"] in ("done", "error", "cancelled"):
-            return j
-        time.sleep(0.05)
-    raise AssertionError("job did not finish")
+def wait(c, job_id, timeout=60, auth=None):
+    return wait_job(c, job_id, timeout=timeout, auth=auth)
 
 
 def test_bake_job_end_to_end(client, folders):

@@ -7,6 +7,7 @@ import os
 import time
 
 import pytest
+from helpers import wait_job
 from fake_gen import FakeBackend
 from test_grid_script import webui  # noqa: F401
 
@@ -46,13 +47,8 @@ def client(webui):  # noqa: F811
         yield c
 
 
-def wait(c, job_id):
-    for _ in range(1200):
-        j = c.get(f"/lorakit/v1/jobs/{job_id}").json()
-        if j["state"] in ("done", "error", "cancelled"):
-            return j
-        time.sleep(0.05)
-    raise AssertionError(j)
+def wait(c, job_id, timeout=60, auth=None):
+    return wait_job(c, job_id, timeout=timeout, auth=auth)
 
 
 def test_tournament_end_to_end(client):

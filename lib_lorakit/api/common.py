@@ -55,12 +55,13 @@ class LorakitRoute(APIRoute):
 
     def get_route_handler(self):
         handler = super().get_route_handler()
+        model = getattr(getattr(self, "body_field", None), "type_", None)
 
         async def route(request: Request):
             try:
                 return await handler(request)
             except RequestValidationError as e:
-                return answer(validation_errors_to_invalid(e.errors()))
+                return answer(validation_errors_to_invalid(e.errors(), getattr(e, "body", None), model))
 
         return route
 

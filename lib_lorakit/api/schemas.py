@@ -27,6 +27,14 @@ class TriggerCandidateOut(BaseModel):
 
 
 class InspectOut(BaseModel):
+    """The inspector's report (fields beyond these documented ones are passed through as they are)."""
+
+    if int(__import__("pydantic").VERSION.split(".")[0]) >= 2:
+        model_config = {"extra": "allow"}
+    else:  # pragma: no cover - pydantic 1 (A1111)
+        class Config:
+            extra = "allow"
+
     lora: str = Field(..., description="The name asked for (or the host's list name)")
     file: str
     architecture: Optional[str] = Field(None, description="sd15, sdxl, or null when undetermined")

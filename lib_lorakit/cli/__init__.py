@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from ..formats.safetensors_io import cleanup_temps
+        from ..ops.files import remove_partial_outputs
 
-        cleanup_temps()
+        remove_partial_outputs()
         print("\ninterrupted; no output was written", file=sys.stderr)
         return 130
     except Exception:

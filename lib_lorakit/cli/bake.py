@@ -15,68 +15,64 @@ from .common import local, progress_printer, write_json, write_text
 
 def lora_entries(args: argparse.Namespace) -> list[dict]:
     """``--lora PATH[:STRENGTH[:TE]]`` and ``--blocks NAME=WEIGHTS`` as the request's LoRA entries."""
-    from ..bake import parse_lora_arg
+    entries = [bake_op.entry_of_text(x) for x in args.lora or []]
 
-    specs = [parse_lora_arg(x) for x in args.lora or []]
+    def names(e: dict) -> tuple[str, ...]:
+        base = os.path.basename(e["name"])
+        return tuple(dict.fromkeys((e["name"], base, os.path.splitext(base)[0])))
+
     for item in args.blocks or []:
-        hits = [(s, item[len(n) + 1:]) for s in specs
-                for n in dict.fromkeys((s.path, os.path.basename(s.path), s.label)) if item.startswith(n + "=")]
+        hits = [(e, item[len(n) + 1:]) for e in entries for n in names(e) if item.startswith(n + "=")]
         if not hits:
-            names = ", ".join(s.label for s in specs) or "none"
-            raise RecipeError(f"--blocks {item!r} names no --lora (LoRAs: {names}).",
+            given = ", ".join(names(e)[-1] for e in entries) or "none"
+            raise RecipeError(f"--blocks {item!r} names no --lora (LoRAs: {given}).",
                               fix="Write --blocks NAME=PRESET_OR_VECTOR with NAME the LoRA's path, file name or "
                                   "name without extension.")
-        for s, weights in hits:
-            s.blocks = weights
-    return [{"name": s.path, "strength": s.strength, "te_strength": s.te_strength, "blocks": s.blocks} for s in specs]
+        for e, weights in hits:
+            e["blocks"] = weights
+    return entries
 
 
 def cmd_bake(args: argparse.Namespace) -> int:
-    from ..bake import summary
-
     req = {"base": args.base, "output": args.output or "", "loras": lora_entries(args), "save_dtype": args.save_dtype,
            "overwrite": args.overwrite, "allow_unmatched": args.allow_unmatched, "dry_run": args.dry_run}
     report = bake_op.bake(local(args), req, progress=progress_printer(not args.quiet))["report"]
     write_json(args.report, report)
-    print(json.dumps(report, indent=2) if args.json else summary(report))
+    print(json.dumps(report, indent=2) if args.json else bake_op.summary(report))
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from ..merge import parse_model_arg, summary
-
-    models = [parse_model_arg(x) for x in args.model]
+    models = [merge_op.model_of_text(x) for x in args.model]
     te_from = None
     if args.te_from is not None:
         try:
             te_from = int(args.te_from)
         except ValueError:
             raise RecipeError(f"--te-from {args.te_from!r} must be a model number (1 for the first --model).") from None
-    req = {"models": [{"name": m.path, "weight": m.weight} for m in models], "output": args.output,
+    req = {"models": models, "output": args.output,
            "method": args.method, "base": args.base, "blocks": args.blocks, "vae_from": args.vae_from,
            "te_from": te_from, "normalize": not args.no_normalize, "density": args.density, "drop": args.drop,
            "seed": args.seed, "scale": args.scale, "save_dtype": args.save_dtype, "overwrite": args.overwrite}
     report = merge_op.merge(local(args), req, progress=progress_printer(not args.quiet))["report"]
     write_json(args.report, report)
-    print(json.dumps(report, indent=2) if args.json else summary(report))
+    print(json.dumps(report, indent=2) if args.json else merge_op.summary(report))
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
     import io
 
-    from ..merge.diff import chart, table
-
     result = merge_op.diff(local(args), {"a": args.a, "b": args.b}, progress=progress_printer(not args.quiet))
     if args.chart:
         buf = io.BytesIO()
-        chart(result, f"{os.path.basename(args.b)} vs {os.path.basename(args.a)}").save(buf, format="PNG")
+        merge_op.diff_chart(result, f"{os.path.basename(args.b)} vs {os.path.basename(args.a)}").save(buf, format="PNG")
         write_text(args.chart, buf.getvalue())
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"{os.path.basename(args.b)} against {os.path.basename(args.a)} ({result['arch']}):")
-        print(table(result))
+        print(merge_op.diff_table(result))
         for what in ("only_in_a", "only_in_b", "shape_mismatch"):
             if result[what]:
                 print(f"{what.replace('_', ' ')}: {len(result[what])} keys, e.g. {result[what][0]}")
@@ -110,7 +106,7 @@ def add_parsers(sub) -> None:
                                    "averaged: it is copied from one source.")
     m.add_argument("--model", action="append", required=True, metavar="PATH[:WEIGHT]",
                    help="an ingredient and its weight; the first is the primary. Add-difference: A, then B:w")
-    m.add_argument("--method", choices=METHODS, default="weighted")
+    m.add_argument("--method", default="weighted", help="one of: " + ", ".join(METHODS) + " (weighted)")
     m.add_argument("--base", metavar="PATH", help="C for add-difference (A + w(B - C)), TIES and DARE")
     m.add_argument("--blocks", metavar="PRESET_OR_VECTOR",
                    help="per-block factors on the non-primary contributions (SuperMerger block order: BASE,IN00..,"
@@ -120,10 +116,10 @@ def add_parsers(sub) -> None:
     m.add_argument("-o", "--output", required=True)
     m.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     m.add_argument("--no-normalize", action="store_true", help="use the weights as given (default: scale to sum 1)")
+    from ..merge.registry import REGISTRY
+
     for name, flag, kind in (("density", "--density", float), ("drop", "--drop", float), ("seed", "--seed", int),
                              ("scale", "--scale", float)):
-        from ..merge.registry import REGISTRY
-
         helptext = next(p.help for mm in REGISTRY.values() for p in mm.params if p.name == name)
         m.add_argument(flag, type=kind, default=param_default(name), help=f"{helptext} ({param_default(name)})")
     m.add_argument("--overwrite", action="store_true")

@@ -35,11 +35,9 @@ def progress_printer(enabled: bool):
 
 def write_text(path: str, text: str | bytes, overwrite: bool = True) -> None:
     """Write a report file atomically (temp file + rename); refuse an existing one unless ``overwrite``."""
-    from ..formats.safetensors_io import check_output_path
-    from ..fsutil import atomic_write
+    from ..ops.files import write_file
 
-    check_output_path(path, overwrite=overwrite)
-    atomic_write(path, text.encode() if isinstance(text, str) else text)
+    write_file(path, text, overwrite=overwrite)
 
 
 def write_json(path: str | None, data: dict) -> None:

@@ -14,10 +14,8 @@ from .common import gen_args, gen_fields, local, progress_printer, read_prompts
 def cmd_grid(args: argparse.Namespace) -> int:
     ctx = local(args)
     if args.resume:
-        from ..gen.run import Run
-
-        run = Run(args.resume)
-        print(f"resuming {run.dir}: {len(run.missing())} of {len(run.cells)} image(s) to make", file=sys.stderr)
+        todo, planned = grid_op.missing(args.resume)
+        print(f"resuming {args.resume}: {todo} of {planned} image(s) to make", file=sys.stderr)
         return _print_grid(grid_op.resume(ctx, args.resume, progress=progress_printer(not args.quiet)), args.json)
     if not args.prompt and not args.prompts:
         raise RecipeError("The grid needs a prompt.", fix="Give --prompt TEXT or --prompts FILE.")

@@ -12,8 +12,6 @@ from .common import local, progress_printer
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..inspect import render, usermeta
-
     jobs = args.jobs if args.jobs is not None else min(8, os.cpu_count() or 1)
     reports = inspect_op.inspect(local(args), {"loras": args.lora, "checkpoint": args.checkpoint,
                                                "weights": args.weights},
@@ -23,13 +21,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if "error" in rep:
             failed += 1
         elif args.write_user_metadata:
-            res = usermeta.write(rep["file"], activation_text=rep["trigger"] or "",
-                                 preferred_weight=rep["max_safe_strength"] or None, arch=rep["architecture"])
-            rep["user_metadata_written"] = res
+            rep["user_metadata_written"] = inspect_op.write_user_metadata_file(rep)
         if args.json:
             print(json.dumps(rep, ensure_ascii=False), flush=True)
         else:
-            print(render(rep, tags=args.tags), flush=True)
+            print(inspect_op.render(rep, tags=args.tags), flush=True)
             if rep.get("user_metadata_written"):
                 print(f"  wrote {rep['user_metadata_written']['path']}: {rep['user_metadata_written']['after']}\n")
     if not args.json and len(reports) > 1:

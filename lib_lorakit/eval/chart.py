@@ -21,6 +21,10 @@ def score_chart(sc: dict[str, Any], width: int = 900) -> Image.Image:
     cands = sc["candidates"]
     schemes = [s for s in sc["schemes"] if s != "Bradley-Terry"]
     row_h, pad, left = 16, 10, 170
+    if not sc.get("enough_votes", True):  # no scores yet: say so instead of drawing zeros
+        img = Image.new("RGB", (width, 60), (255, 255, 255))
+        ImageDraw.Draw(img).text((10, 20), sc["separability"]["text"][:120], fill=(0, 0, 0), font=_font(14))
+        return img
     block = len(cands) * row_h + 28
     height = pad + (len(schemes) + 1) * (block + pad) + 10
     img = Image.new("RGB", (width, height), (255, 255, 255))
@@ -43,6 +47,9 @@ def score_chart(sc: dict[str, Any], width: int = 900) -> Image.Image:
             d.text((max(x0, x1) + 6, y + i * row_h), f"{v:.2f}", fill=(40, 40, 40), font=small)
         y += len(cands) * row_h + pad + 6
     bt = sc["bradley_terry"]
+    if not bt["interval90"]:  # too few prompts ranked for an interval
+        d.text((10, y), sc["separability"]["text"][:120], fill=(0, 0, 0), font=f)
+        return img
     d.text((10, y), "Bradley-Terry log-strength, 90% bootstrap interval, P(best)", fill=(0, 0, 0), font=f)
     y += 22
     lo = min(v[0] for v in bt["interval90"].values())

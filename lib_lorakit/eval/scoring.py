@@ -53,6 +53,8 @@ class Ballot:
         return [[c] for c in ranked] + ([rest] if rest else []) + ([bombs] if bombs else [])
 
 
+MIN_PROMPTS_FOR_UNCERTAINTY = 3  # a bootstrap over fewer prompts than this states no uncertainty
+
 def points(ballots: Sequence[Ballot], candidates: Sequence[str], table: Sequence[float]) -> dict[str, float]:
     out = {c: 0.0 for c in candidates}
     for b in ballots:
@@ -181,7 +183,21 @@ def versus(ballots: Sequence[Ballot], candidates: Sequence[str], control: str) -
 
 def score(ballots: Sequence[Ballot], candidates: Sequence[str], *, control: str | None = None,
           win_heavy: Sequence[float] = (5, 2, 1), resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Every scheme side by side, with the leaders, disagreements, separability and the control comparison."""
+    """Every scheme side by side, with the leaders, disagreements, separability and the control comparison.
+
+    With no ballot that ranks or bombs anything there are no scores ("not enough votes yet"); with
+    fewer than :data:`MIN_PROMPTS_FOR_UNCERTAINTY` prompts ranked there are scores but no intervals or
+    P(best) — a bootstrap over one or two prompts would claim a certainty it does not have. Never NaN.
+    """
+    informative = [b for b in ballots if b.ranks or b.bombs]
+    voted = len({b.prompt for b in informative})
+    if not informative:
+        text = (f"Not enough votes yet: {len(ballots)} ballot(s), none ranks or bombs a candidate. Rank at least "
+                f"{MIN_PROMPTS_FOR_UNCERTAINTY} prompts to see scores with their uncertainty.")
+        return {"candidates": list(candidates), "schemes": {}, "leaders": {}, "enough_votes": False,
+                "bradley_terry": {"log_strength": {}, "interval90": {}, "p_best": {}, "prompts": 0},
+                "separability": {"leader": None, "runner_up": None, "separable": False, "p_ahead": None, "text": text},
+                "notes": [text], "ballots": len(ballots), "prompts": 0}
     schemes: dict[str, dict[str, float]] = {
         "standard 3/2/1": points(ballots, candidates, (3, 2, 1)),
         f"win-heavy {'/'.join(f'{x:g}' for x in win_heavy)}": points(ballots, candidates, win_heavy),
@@ -207,12 +223,19 @@ def score(ballots: Sequence[Ballot], candidates: Sequence[str], *, control: str 
             others = [k for k, w in leaders.items() if len(w) == 1 and set(w) <= set(v)]
             tail = f" ({', '.join(others)} separate them)" if others else ""
             notes.append(f"{name}: a tie between {' and '.join(v)}{tail}.")
-    sep = separability(bt, candidates)
-    if sep["leader"] and not sep["separable"]:
-        notes.append(sep["text"])
+    if voted < MIN_PROMPTS_FOR_UNCERTAINTY:
+        bt = {**bt, "interval90": {}, "p_best": {}}
+        text = (f"Only {voted} prompt(s) ranked: too few to say how sure the order is (intervals and P(best) need "
+                f"at least {MIN_PROMPTS_FOR_UNCERTAINTY}).")
+        sep = {"leader": None, "runner_up": None, "separable": False, "p_ahead": None, "text": text}
+        notes.append(text)
+    else:
+        sep = separability(bt, candidates)
+        if sep["leader"] and not sep["separable"]:
+            notes.append(sep["text"])
     res = {"candidates": list(candidates), "schemes": schemes, "leaders": leaders,
            "bradley_terry": {k: v for k, v in bt.items() if k != "samples"}, "separability": sep, "notes": notes,
-           "ballots": len(ballots), "prompts": bt["prompts"]}
+           "ballots": len(ballots), "prompts": bt["prompts"], "enough_votes": True}
     if control:
         res["versus_control"] = versus(ballots, candidates, control)
     return res

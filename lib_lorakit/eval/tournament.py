@@ -360,9 +360,11 @@ def report_markdown(tours: Tournaments, tid: str) -> str:
     bt = sc["bradley_terry"]
     for c in spec.candidates:
         vals = " | ".join(f"{sc['schemes'][s][c.id]:.2f}" for s in sc["schemes"])
-        lo, hi = bt["interval90"][c.id]
-        lines.append(f"| {c.id}{' (control)' if c.control else ''} | {c.recipe()} | {vals} | {lo:+.2f} … {hi:+.2f} | "
-                     f"{bt['p_best'][c.id]:.0%} |")
+        iv = bt["interval90"].get(c.id)
+        interval = f"{iv[0]:+.2f} … {iv[1]:+.2f}" if iv else "—"
+        pbest = f"{bt['p_best'][c.id]:.0%}" if c.id in bt["p_best"] else "—"
+        lines.append(f"| {c.id}{' (control)' if c.control else ''} | {c.recipe()} | {vals}{' | ' if vals else ''}"
+                     f"{interval} | {pbest} |")
     lines += ["", "Leaders: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in sc["leaders"].items())]
     lines += [f"- {n}" for n in sc["notes"]]
     if sc["separability"].get("text"):
@@ -411,11 +413,20 @@ def report_csv(tours: Tournaments, tid: str) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["candidate", "recipe", "control", *sc["schemes"].keys(), "bt_low90", "bt_high90", "p_best"])
+    bt = sc["bradley_terry"]
     for c in spec.candidates:
-        lo, hi = sc["bradley_terry"]["interval90"][c.id]
+        lo, hi = bt["interval90"].get(c.id, ("", ""))
         w.writerow([c.id, c.recipe(), c.control, *(round(sc["schemes"][s][c.id], 4) for s in sc["schemes"]),
-                    round(lo, 4), round(hi, 4), round(sc["bradley_terry"]["p_best"][c.id], 4)])
+                    lo if lo == "" else round(lo, 4), hi if hi == "" else round(hi, 4),
+                    round(bt["p_best"][c.id], 4) if c.id in bt["p_best"] else ""])
     return buf.getvalue()
+
+
+def _winner(sc: dict[str, Any]) -> str:
+    """The Bradley–Terry leader; refused while no vote ranks anything."""
+    if not sc["bradley_terry"]["log_strength"]:
+        raise RecipeError("No winner yet: no vote ranks or bombs a candidate.", fix="Rank the prompts first.")
+    return max(sc["bradley_terry"]["log_strength"].items(), key=lambda kv: kv[1])[0]
 
 
 def propose_next(tours: Tournaments, tid: str, mode: str = "narrow", step: float = 0.1, axis: int | None = None,
@@ -428,7 +439,7 @@ def propose_next(tours: Tournaments, tid: str, mode: str = "narrow", step: float
     rec = tours.get(tid)
     spec = TournamentSpec.from_dict(rec["spec"])
     sc = score(tours.ballots(tid), [c.id for c in spec.candidates], resamples=200)
-    winner_id = max(sc["bradley_terry"]["log_strength"].items(), key=lambda kv: kv[1])[0]
+    winner_id = _winner(sc)
     win = next(c for c in spec.candidates if c.id == winner_id)
     out: list[Candidate] = []
     control = next((c for c in spec.candidates if c.control), None)
@@ -543,7 +554,7 @@ def winner_recipe(tours: Tournaments, tid: str) -> dict[str, Any]:
         raise RecipeError("The winner's recipe names it: reveal the tournament first.")
     spec = TournamentSpec.from_dict(rec["spec"])
     sc = scores(tours, tid, resamples=200)
-    win = max(sc["bradley_terry"]["log_strength"].items(), key=lambda kv: kv[1])[0]
+    win = _winner(sc)
     c = next(x for x in spec.candidates if x.id == win)
     out: dict[str, Any] = {"candidate": c.id, "recipe": c.recipe(), "kind": c.kind}
     if c.merge:

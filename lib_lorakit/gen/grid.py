@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import RecipeError
 from .image import compare
 from .verdict import judge
-from ..prompt import strip_tags
+from ..prompt import strip_tags, tag_names
 from .run import Cell, Run
 
 MAX_CELLS = 2000
@@ -411,7 +411,7 @@ def build_spec(loras_listed, *, loras: Sequence[str], prompt: str, negative_prom
     names = [n for n in loras if n and n.strip()]
     notes: list[str] = []
     if not names:
-        names = [m.group(1).strip() for m in re.finditer(r"<(?:lora|lyco):([^:>]+)", prompt, re.I)]
+        names = tag_names(prompt)
         if names:
             notes.append(f"LoRAs from the prompt's tags: {', '.join(names)}")
     if not names:

@@ -161,10 +161,13 @@ class WebUIHost:
         ckpt = request.get("checkpoint")
         if ckpt:
             override["sd_model_checkpoint"] = self._checkpoint_title(ckpt)
+        from ..gen.profiles import default_settings
+
+        gs = {**default_settings(), **{k: v for k, v in request.items() if v is not None}}
         kw = dict(prompt=request.get("prompt", ""), negative_prompt=request.get("negative_prompt", ""),
-                  seed=int(request.get("seed", -1)), sampler_name=request.get("sampler_name", "Euler a"),
-                  steps=int(request.get("steps", 20)), cfg_scale=float(request.get("cfg_scale", 7.0)),
-                  width=int(request.get("width", 512)), height=int(request.get("height", 512)), batch_size=1, n_iter=1,
+                  seed=int(request.get("seed", -1)), sampler_name=gs["sampler_name"],
+                  steps=int(gs["steps"]), cfg_scale=float(gs["cfg_scale"]),
+                  width=int(gs["width"]), height=int(gs["height"]), batch_size=1, n_iter=1,
                   do_not_save_samples=True, do_not_save_grid=True, override_settings=override,
                   override_settings_restore_afterwards=True)
         with self.queue_lock():

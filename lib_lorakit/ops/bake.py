@@ -47,6 +47,27 @@ class BakePlan:
     save_dtype: str
 
 
+def summary(report: dict[str, Any]) -> str:
+    """The bake report in words (terminal and tab)."""
+    from ..bake import summary as render
+
+    return render(report)
+
+
+def entry_of_text(text: str) -> dict[str, Any]:
+    """``PATH[:STRENGTH[:TE_STRENGTH]]`` (the command line's form) as a :class:`LoraEntry` dict."""
+    from ..bake import parse_lora_arg
+
+    s = parse_lora_arg(text)
+    return {"name": s.path, "strength": s.strength, "te_strength": s.te_strength, "blocks": s.blocks}
+
+
+def entries_of_prompt(text: str) -> list[dict[str, Any]]:
+    """The ``<lora:…>`` tags of a prompt as LoRA entries (UNet strength, TE strength, block weights)."""
+    return [{"name": t.name, "strength": t.strength, "te_strength": t.te_strength, "blocks": t.blocks}
+            for t in parse_tags(text)]
+
+
 def save_dtype_of(ctx: Context, value: str | None) -> str:
     """The save dtype asked for (or the context's default), checked against the engine's list."""
     from ..bake import SAVE_DTYPES

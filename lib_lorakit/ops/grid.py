@@ -36,6 +36,14 @@ class AutotestRequest(GenSettings):
     use_trigger: bool = Field(True, description="Add the inspector's trigger to the prompts")
 
 
+def missing(run_dir: str) -> tuple[int, int]:
+    """(images still to make, images planned) of a run folder."""
+    from ..gen.run import Run
+
+    run = Run(run_dir)
+    return len(run.missing()), len(run.cells)
+
+
 def prepare(ctx: Context, req: GridRequest, backend) -> tuple[Any, list[str]]:
     """The grid's spec and notes, names checked against the (refreshed) lists of the backend."""
     from ..gen.backend import resolve_name

@@ -34,6 +34,34 @@ class StrengthsRequest(Request):
                                             description="'LoRA lineage>checkpoint lineage' -> ceiling, '*>*' default")
 
 
+def render(report: dict[str, Any], tags: int = 12) -> str:
+    """An inspector report in words."""
+    from ..inspect import render as render_report
+
+    return render_report(report, tags=tags)
+
+
+def categories() -> tuple[str, ...]:
+    from ..inspect.category import CATEGORIES
+
+    return tuple(CATEGORIES)
+
+
+def user_metadata(ctx: Context, lora: str) -> dict[str, Any]:
+    """The host's per-LoRA user metadata (<lora>.json) as it is now."""
+    from ..inspect import usermeta
+
+    return usermeta.read(ctx.resolve_lora(lora))
+
+
+def write_user_metadata_file(report: dict[str, Any]) -> dict[str, Any]:
+    """Write an inspected file's trigger and max-safe strength into its <lora>.json (other fields kept)."""
+    from ..inspect import usermeta
+
+    return usermeta.write(report["file"], activation_text=report["trigger"] or "",
+                          preferred_weight=report["max_safe_strength"] or None, arch=report["architecture"])
+
+
 def _targets(ctx: Context, req: InspectRequest) -> tuple[list[str], dict[str, str]]:
     if req.all:
         if not isinstance(ctx, HostContext):

@@ -63,6 +63,34 @@ class MergePlan:
     save_dtype: str
 
 
+def summary(report: dict[str, Any]) -> str:
+    """The merge report in words (terminal and tab)."""
+    from ..merge import summary as render
+
+    return render(report)
+
+
+def model_of_text(text: str) -> dict[str, Any]:
+    """``PATH[:WEIGHT]`` (the command line's form) as a :class:`MergeModelIn` dict."""
+    from ..merge import parse_model_arg
+
+    m = parse_model_arg(text)
+    return {"name": m.path, "weight": m.weight}
+
+
+def diff_table(result: dict[str, Any]) -> str:
+    from ..merge.diff import table
+
+    return table(result)
+
+
+def diff_chart(result: dict[str, Any], title: str):
+    """A bar chart of a diff (or of a merge ingredient's diagnostics), as a PIL image."""
+    from ..merge.diff import chart
+
+    return chart(result, title)
+
+
 def prepare(ctx: Context, req: MergeRequest) -> MergePlan:
     from ..formats.safetensors_io import check_output_path
     from ..merge import ModelSpec

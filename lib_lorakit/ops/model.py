@@ -38,8 +38,8 @@ def _loc(loc: Any) -> str:
 
 
 def _describe(value: Any) -> str:
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
+    if isinstance(value, float):
+        return f"{value:g}"  # 50 and 50.0 read the same whichever door sent them
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -133,6 +133,16 @@ def dump(m: BaseModel) -> dict[str, Any]:
     return m.model_dump() if PYDANTIC_V2 else m.dict()
 
 
-def validation_errors_to_invalid(errors: list[dict[str, Any]], body: Any = None) -> RequestInvalid:
-    """FastAPI's request-validation errors as the documented lorakit error."""
-    return RequestInvalid(f"request: {explain(list(errors), body)}")
+def validation_errors_to_invalid(errors: list[dict[str, Any]], body: Any = None, model: Any = None) -> RequestInvalid:
+    """FastAPI's request-validation errors as the documented lorakit error (worded as :meth:`Request.parse`'s)."""
+    errors = list(errors)
+    if isinstance(model, type) and issubclass(model, Request):
+        roots = [e for e in errors if _loc(e.get("loc")) == "request" and str(e.get("type", "")) in _NOT_AN_OBJECT]
+        if roots:
+            got = roots[0].get("input", body)
+            return RequestInvalid(f"{_title(model)}: expected an object with fields, got {type(got).__name__}.")
+        return RequestInvalid(f"{_title(model)}: {explain(errors, body)}", fix=model.fix_hint())
+    return RequestInvalid(f"request: {explain(errors, body)}")
+
+
+_NOT_AN_OBJECT = ("model_attributes_type", "model_type", "dict_type", "type_error.dict", "dict_attributes_type")

@@ -202,11 +202,16 @@ def scores(ctx: Context, tid: str, resamples: int = 1000) -> dict[str, Any]:
 
 
 def chart_png(ctx: Context, tid: str) -> bytes:
+    buf = io.BytesIO()
+    chart_image(scores(ctx, tid)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def chart_image(sc: dict[str, Any]):
+    """The score chart of :func:`scores`' result, as a PIL image."""
     from ..eval.chart import score_chart
 
-    buf = io.BytesIO()
-    score_chart(scores(ctx, tid)).save(buf, format="PNG")
-    return buf.getvalue()
+    return score_chart(sc)
 
 
 def reveal(ctx: Context, tid: str) -> dict[str, Any]:

@@ -14,6 +14,13 @@ from .model import Field, Request
 FILTERS = ("all", "undecided", "yes", "maybe", "no")
 
 
+def default_prompts() -> dict[str, str]:
+    """The built-in triage prompt per category."""
+    from ..eval.triage import DEFAULT_PROMPTS
+
+    return dict(DEFAULT_PROMPTS)
+
+
 class TriageRequest(GenSettings):
     folder: Optional[str] = Field(None, description="A folder inside the LoRA folders (recursive); empty: every LoRA")
     checkpoint: Optional[str] = Field(None, description="Checkpoint (default: the loaded one)")

@@ -12,7 +12,6 @@ import gradio as gr
 
 from ..errors import LorakitError
 from ..jobs import FINISHED
-from ..prompt import parse_tags
 from ..ops import bake as bake_op
 from ..ops.bake import BakeRequest, LoraEntry
 from ..ops.context import HostContext
@@ -48,14 +47,12 @@ def rows_to_loras(rows: Any) -> list[LoraEntry]:
 
 def summary_md(result: dict) -> str:
     rep = result["report"]
-    from ..bake import summary
-
     lines = []
     if result.get("checkpoint"):
         lines.append(f"**Saved** `{result['checkpoint']}` — it is in the checkpoint list now.")
     elif rep.get("dry_run"):
         lines.append("**Dry run**: everything matched; nothing was written.")
-    lines.append("```\n" + summary(rep) + "\n```")
+    lines.append("```\n" + bake_op.summary(rep) + "\n```")
     return "\n\n".join(lines)
 
 
@@ -116,12 +113,13 @@ def build_bake_tab(service: HostContext) -> None:
 
     def do_prompt(text):
         try:
-            tags = parse_tags(text)
+            tags = bake_op.entries_of_prompt(text)
         except LorakitError as e:
             return gr.update(), error_md(e)
         if not tags:
             return gr.update(), "**No <lora:...> tags found** in the text."
-        rows = [[t.name, t.strength, "" if t.te_strength == t.strength else t.te_strength, t.blocks or ""] for t in tags]
+        rows = [[t["name"], t["strength"], "" if t["te_strength"] == t["strength"] else t["te_strength"], t["blocks"] or ""]
+                for t in tags]
         return rows, f"Recipe set from {len(rows)} tag(s)."
 
     def do_bake(dry: bool, base_v, rows, dtype_v, out_v, ow, au) -> Iterator[tuple]:

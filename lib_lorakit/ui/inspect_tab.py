@@ -11,7 +11,6 @@ from typing import Any
 import gradio as gr
 
 from ..errors import LorakitError
-from ..inspect.category import CATEGORIES
 from ..jobs import FINISHED
 from ..ops import inspect as inspect_op
 from ..ops.context import HostContext
@@ -108,7 +107,7 @@ def summary_rows(reports: list[dict[str, Any]]) -> list[list]:
 
 def strength_rows(settings: dict[str, Any]) -> list[list]:
     table = settings["max_safe_strength"]
-    return [[c, table.get(c, table["unknown"])] for c in CATEGORIES]
+    return [[c, table.get(c, table["unknown"])] for c in inspect_op.categories()]
 
 
 def lineage_rows(settings: dict[str, Any]) -> list[list]:
@@ -201,9 +200,7 @@ def build_inspect_tab(service: HostContext) -> None:
         if not name:
             return gr.update(visible=False), "", error_md(LorakitError("No LoRA picked."))
         try:
-            from ..inspect import usermeta
-
-            current = usermeta.read(service.resolve_lora(name))
+            current = inspect_op.user_metadata(service, name)
         except LorakitError as e:
             return gr.update(visible=False), "", error_md(e)
         old_t, old_w = current.get("activation text", ""), current.get("preferred weight", "")

@@ -13,7 +13,6 @@ import gradio as gr
 from ..errors import LorakitError
 from ..jobs import FINISHED
 from ..merge.registry import METHODS, param_default
-from ..merge.diff import chart, table
 from ..ops import merge as merge_op
 from ..ops.context import HostContext
 from ..ops.merge import MergeModelIn, MergeRequest
@@ -36,10 +35,8 @@ def rows_to_models(rows) -> list[MergeModelIn]:
 
 
 def summary_md(result: dict) -> str:
-    from ..merge import summary
-
     head = f"**Saved** `{result['checkpoint']}` — it is in the checkpoint list now." if result.get("checkpoint") else ""
-    return head + "\n\n```\n" + summary(result["report"]) + "\n```"
+    return head + "\n\n```\n" + merge_op.summary(result["report"]) + "\n```"
 
 
 def build_merge_tab(service: HostContext) -> None:
@@ -137,7 +134,7 @@ def build_merge_tab(service: HostContext) -> None:
             time.sleep(POLL_S)
         if job.state == "done":
             rep = job.result["report"]
-            img = chart(rep["diagnostics"][0], f"{rep['diagnostics'][0]['ingredient']} vs "
+            img = merge_op.diff_chart(rep["diagnostics"][0], f"{rep['diagnostics'][0]['ingredient']} vs "
                                                f"{rep['diagnostics'][0]['against']}") if rep["diagnostics"] else None
             marker = json.dumps({"checkpoint": job.result.get("checkpoint"), "t": time.time()})
             yield job.id, progress_html(1, "done", "done"), summary_md(job.result), img, rep, marker
@@ -153,7 +150,7 @@ def build_merge_tab(service: HostContext) -> None:
             res = merge_op.diff(service, {"a": a or "", "b": b or ""})
         except LorakitError as e:
             return error_md(e), None
-        return table(res), chart(res, f"{b} vs {a}")
+        return merge_op.diff_table(res), merge_op.diff_chart(res, f"{b} vs {a}")
 
     refresh.click(do_refresh, inputs=[], outputs=[pick, base, vae, diff_a, diff_b])
     add.click(do_add, inputs=[ingredients, pick, weight], outputs=[ingredients])

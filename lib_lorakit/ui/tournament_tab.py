@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import gradio as gr
 
 from ..errors import LorakitError
+from ..gen.profiles import default_settings
 from ..ops import tournament as tour_op
 from ..ops.context import HostContext
 from .common import POLL_S, error_md, progress_html
@@ -46,7 +47,7 @@ EXAMPLE = json.dumps({
         "portrait of a woman, upper body, soft light", "a knight in armour, full body, castle background",
         "a cat on a windowsill, morning light", "a busy street at night, neon signs, rain",
         "hands holding a cup of coffee, close-up"])],
-    "settings": {"steps": 20, "cfg_scale": 6, "width": 832, "height": 1216, "sampler_name": "Euler a"},
+    "settings": {**default_settings(), "cfg_scale": 6, "width": 832, "height": 1216},
 }, indent=1)
 
 
@@ -66,10 +67,14 @@ def scores_md(sc: dict) -> str:
     names = list(sc["schemes"])
     rows = ["| candidate | " + " | ".join(names) + " | BT 90% | P(best) |", "|---|" + "---:|" * (len(names) + 2)]
     bt = sc["bradley_terry"]
+    if not sc.get("enough_votes", True):
+        return ("" if sc["revealed"] else "*Blind: candidates are numbered until Reveal.*\n\n") + \
+            f"**{sc['separability']['text']}**"
     for c in sc["candidates"]:
-        lo, hi = bt["interval90"][c]
-        rows.append(f"| {c} | " + " | ".join(f"{sc['schemes'][n][c]:.2f}" for n in names) +
-                    f" | {lo:+.2f} … {hi:+.2f} | {bt['p_best'][c]:.0%} |")
+        iv = bt["interval90"].get(c)
+        interval = f"{iv[0]:+.2f} … {iv[1]:+.2f}" if iv else "—"
+        pbest = f"{bt['p_best'][c]:.0%}" if c in bt["p_best"] else "—"
+        rows.append(f"| {c} | " + " | ".join(f"{sc['schemes'][n][c]:.2f}" for n in names) + f" | {interval} | {pbest} |")
     notes = [f"- {n}" for n in sc["notes"]]
     if sc["separability"].get("text") and sc["separability"]["text"] not in sc["notes"]:
         notes.append(f"- {sc['separability']['text']}")
@@ -123,13 +128,11 @@ def build_tournament_tab(service: HostContext) -> None:
     pick.change(lambda v: _tid(v), [pick], [tid])
 
     def do_scores(v):
-        from ..eval.chart import score_chart
-
         try:
             sc = tour_op.scores(service, _tid(v))
         except Exception as e:  # noqa: BLE001
             return error_md(e), None
-        return scores_md(sc), score_chart(sc)
+        return scores_md(sc), tour_op.chart_image(sc)
 
     scores_btn.click(do_scores, [pick], [out_md, chart])
 

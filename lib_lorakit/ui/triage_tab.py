@@ -91,10 +91,9 @@ def build_triage_tab(service: HostContext) -> None:
             name = gr.Textbox(label="Name filter", placeholder="substring or regular expression")
             seeds = gr.Textbox(label="Seeds", value="1")
             strength = gr.Textbox(label="Strength (empty: each LoRA's max-safe)")
-        from ..eval.triage import DEFAULT_PROMPTS
 
         prompts = gr.Code(label="Prompt per category (the trigger is added for trigger-dependent LoRAs)",
-                          language="json", value=json.dumps(DEFAULT_PROMPTS, indent=1), elem_id="lorakit_triage_prompts")
+                          language="json", value=json.dumps(triage_op.default_prompts(), indent=1), elem_id="lorakit_triage_prompts")
         with gr.Row():
             steps = gr.Number(label="Steps", value=GEN_DEFAULTS["steps"], precision=0)
             width = gr.Number(label="Width", value=GEN_DEFAULTS["width"], precision=0)

@@ -1,0 +1,19 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import time
+
+FINISHED = ("done", "error", "cancelled")
+
+
+def wait_job(client, job_id: str, timeout: float = 60.0, auth=None) -> dict:
+    """Poll ``/lorakit/v1/jobs/{job_id}`` until the job has finished; return its JSON."""
+    t0 = time.time()
+    j: dict = {}
+    while time.time() - t0 < timeout:
+        j = client.get(f"/lorakit/v1/jobs/{job_id}", auth=auth).json()
+        if j.get("state") in FINISHED:
+            return j
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish in {timeout:g} s: {j}")
