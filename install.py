@@ -11,6 +11,7 @@ REQUIREMENTS = {
     "safetensors": "safetensors>=0.4",
     "numpy": "numpy",
     "pillow": "pillow",
+    "pydantic": "pydantic>=1.10",  # both WebUIs ship it; listed for completeness
 }
 
 

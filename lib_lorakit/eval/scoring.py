@@ -185,15 +185,14 @@ def score(ballots: Sequence[Ballot], candidates: Sequence[str], *, control: str 
           win_heavy: Sequence[float] = (5, 2, 1), resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Every scheme side by side, with the leaders, disagreements, separability and the control comparison.
 
-    With no ballot that ranks or bombs anything there are no scores ("not enough votes yet"); with
-    fewer than :data:`MIN_PROMPTS_FOR_UNCERTAINTY` prompts ranked there are scores but no intervals or
+    With no ballot there are no scores ("not enough votes yet"); with fewer than
+    :data:`MIN_PROMPTS_FOR_UNCERTAINTY` prompts where a vote ranks or bombs there are scores but no intervals or
     P(best) — a bootstrap over one or two prompts would claim a certainty it does not have. Never NaN.
     """
-    informative = [b for b in ballots if b.ranks or b.bombs]
-    voted = len({b.prompt for b in informative})
-    if not informative:
-        text = (f"Not enough votes yet: {len(ballots)} ballot(s), none ranks or bombs a candidate. Rank at least "
-                f"{MIN_PROMPTS_FOR_UNCERTAINTY} prompts to see scores with their uncertainty.")
+    voted = len({b.prompt for b in ballots if b.ranks or b.bombs})  # prompts where a vote tells candidates apart
+    if not ballots:
+        text = (f"Not enough votes yet: no ballot has been cast. Rank at least {MIN_PROMPTS_FOR_UNCERTAINTY} prompts "
+                f"to see scores with their uncertainty.")
         return {"candidates": list(candidates), "schemes": {}, "leaders": {}, "enough_votes": False,
                 "bradley_terry": {"log_strength": {}, "interval90": {}, "p_best": {}, "prompts": 0},
                 "separability": {"leader": None, "runner_up": None, "separable": False, "p_ahead": None, "text": text},
