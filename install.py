@@ -11,7 +11,6 @@ REQUIREMENTS = {
     "safetensors": "safetensors>=0.4",
     "numpy": "numpy",
     "pillow": "pillow",
-    "pydantic": "pydantic>=1.10",  # both WebUIs ship it; listed for completeness
 }
 
 
