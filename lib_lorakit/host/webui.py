@@ -161,6 +161,8 @@ class WebUIHost:
         ckpt = request.get("checkpoint")
         if ckpt:
             override["sd_model_checkpoint"] = self._checkpoint_title(ckpt)
+        if request.get("clip_skip"):
+            override["CLIP_stop_at_last_layers"] = int(request["clip_skip"])
         kw = dict(prompt=request.get("prompt", ""), negative_prompt=request.get("negative_prompt", ""),
                   seed=int(request.get("seed", -1)), sampler_name=request.get("sampler_name", "Euler a"),
                   steps=int(request.get("steps", 20)), cfg_scale=float(request.get("cfg_scale", 7.0)),
