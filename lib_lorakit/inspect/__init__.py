@@ -25,7 +25,8 @@ from .category import classify, cross_lineage_ceiling, max_safe
 from .metadata import Training, read_training
 from .structure import ALGORITHM_LABELS, Structure, read_structure
 from .tokens import ClipBPE, clip_bpe
-from .trigger import decide, rank_candidates
+from .review import review
+from .trigger import decide, find_triggers, rank_candidates
 
 __all__ = ["inspect_file", "inspect_paths", "collect_files", "render", "checkpoint_family"]
 
@@ -98,6 +99,18 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
     names = _names(p)
     cands = rank_candidates(tr, names, bpe, collection, size)
     verdict = decide(tr, cands, st.components)
+    triggers = find_triggers(tr, names, bpe, collection, size)
+    if triggers and verdict.trigger not in {t["tag"] for t in triggers}:
+        # several concepts, each with its own word: the largest is the trigger, the others are listed
+        first = triggers[0]["tag"]
+        verdict = decide(_with_trigger(tr, first), cands, st.components) if verdict.trigger is None else verdict
+        if verdict.trigger is None:
+            verdict.trigger = first
+            verdict.kind = "trigger-dependent"
+            verdict.kind_evidence.insert(0, f"+ {len(triggers)} concepts, each with its own trigger")
+        verdict.reason = (f"{len(triggers)} concepts: " + "; ".join(
+            f"{tr.written(t['tag'])!r} in {t['share']:.0%} of the images" for t in triggers)
+            + f". {verdict.reason}")
     has_captions = any(f.tags for f in tr.folders)
     cat = classify(tr, names, verdict.trigger, st.components, has_captions)
     table = (settings or {}).get("max_safe_strength")
@@ -106,7 +119,7 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
 
     # lineage: tags like score_9 mark Pony training even without a name hint
     lineage = [n for n, _ in fam.lineage]
-    if "Pony" not in lineage and any(t.startswith("score_") for t in _top_tags(tr, 40)):
+    if "Pony" not in lineage and any(t.startswith(("score_", "score ")) for t in _top_tags(tr, 40)):
         fam.lineage.append(("Pony", "training captions carry score_* tags"))
         lineage.append("Pony")
     if ckpt is not None:
@@ -146,6 +159,7 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
         warnings.append(note)
 
     rank, alpha = st.main_rank(), st.main_alpha()
+    findings = review(tr, st, verdict.trigger)
     return {
         "file": p.path,
         "name": os.path.splitext(os.path.basename(p.path))[0],
@@ -160,7 +174,9 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
         "components": st.components,
         "structure": st.as_dict(),
         "training": tr.as_dict(),
-        "trigger": verdict.trigger,
+        "trigger": tr.written(verdict.trigger),  # as the captions wrote it: what a prompt must repeat
+        "trigger_normalised": verdict.trigger,
+        "triggers": [{**t, "tag": tr.written(t["tag"]), "normalised": t["tag"]} for t in triggers],
         "trigger_reason": verdict.reason,
         "trigger_candidates": [c.as_dict() for c in verdict.candidates[:8]],
         "most_frequent_tags": top_raw,
@@ -172,8 +188,16 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
         "max_safe_strength": round(strength, 3),
         "max_safe_reason": strength_reason,
         "clip_vocabulary": bpe.source if bpe else None,
+        "training_review": findings,
         "warnings": warnings,
     }
+
+
+def _with_trigger(tr: Training, tag: str) -> Training:
+    """``tr`` with ``tag`` declared, so :func:`decide` weighs the LoRA's kind around it."""
+    import dataclasses
+
+    return dataclasses.replace(tr, declared_triggers=[(tag, "its own training folder")])
 
 
 def _parse_safe(args: tuple[str, bool]) -> _Parsed | dict:
@@ -330,6 +354,8 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
     L.append(f"             {rep['trigger_reason']}")
     for c in rep["trigger_candidates"][:3]:
         L.append(f"             · {c['tag']!r} score {c['score']:.1f}: {'; '.join(c['evidence'])}")
+    for t in rep.get("triggers") or []:
+        L.append(f"  concept    {t['tag']!r}: {t['share']:.0%} of the images ({'; '.join(t['evidence'])})")
     L.append(f"  kind       {rep['kind']}: " + "; ".join(rep["kind_evidence"]))
     L.append(f"             {rep['baking']}")
     cd = rep["category_detail"]
@@ -349,6 +375,8 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
             L.append(f"             {b:<6} {(f'{v:.2%}' if ws['relative'] else f'{v:.4g}'):>9} {bar}")
         if ws["skipped_count"]:
             L.append(f"             ({ws['skipped_count']} module(s) skipped: {ws['skipped'][0]})")
+    for f in rep.get("training_review") or []:
+        L.append(f"  training   {f['text']}")
     for w in rep["warnings"]:
         L.append(f"  warning    {w}")
     return "\n".join(L) + "\n"
