@@ -63,12 +63,16 @@ def plan(reports: Sequence[dict[str, Any]], *, names: dict[str, str], checkpoint
         if "error" in rep:
             items.append({**it, "skipped": f"cannot be read: {rep['error'].splitlines()[0]}"})
             continue
+        if rep.get("file_type") == "checkpoint":
+            items.append({**it, "skipped": "a checkpoint, not a LoRA"})
+            continue
         if arch and rep.get("architecture") != arch:
             continue
         if category and rep.get("category") != category:
             continue
         it.update(architecture=rep.get("architecture"), category=rep.get("category"), kind=rep.get("kind"),
                   trigger=rep.get("trigger"), warnings=list(rep.get("warnings") or []),
+                  training_review=[f["text"] for f in rep.get("training_review") or []],
                   strength=float(strength if strength is not None else rep.get("max_safe_strength") or 0.8),
                   strength_reason="set by you" if strength is not None else rep.get("max_safe_reason", ""))
         if checkpoint_arch and rep.get("architecture") != checkpoint_arch:

@@ -138,6 +138,7 @@ def test_lora(backend: Backend, path: str, out_dir: str, opts: AutotestOptions,
         head.append(f"- Inspector: {rep.get('architecture')}, {', '.join(rep.get('algorithms') or [])}, rank "
                     f"{rep.get('rank')}, {rep.get('category')} (max-safe {rep.get('max_safe_strength')}), "
                     f"{rep.get('kind')}, trigger {trig!r}")
+        head += [f"- Training: {f['text']}" for f in rep.get("training_review") or []]
     head += [f"- Note: {n}" for n in notes]
     md = md.replace("\n\n", "\n\n" + "\n".join(head) + "\n", 1)
     _atomic_write(md_path, md.encode())

@@ -64,10 +64,50 @@ def checkpoint_family(path: str) -> Family:
         return detect_checkpoint(src.shapes(), src.metadata, path)
 
 
-def _parse(path: str, read_alphas: bool) -> _Parsed:
+_CKPT_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.", "first_stage_model.")
+_ADAPTER_MARKS = (".lora_", "lora_up.", "lora_down.", ".lora_A.", ".lora_B.", ".hada_", ".lokr_", ".oft_")
+_ADAPTER_ENDS = (".alpha", ".diff", ".diff_b", ".dora_scale")
+
+
+def is_checkpoint(keys) -> bool:
+    """True for a full model (ldm/sgm key prefixes, no adapter tensors), not a LoRA."""
+    keys = list(keys)
+    return any(k.startswith(_CKPT_PREFIXES) for k in keys) and not any(
+        k.endswith(_ADAPTER_ENDS) or any(m in k for m in _ADAPTER_MARKS) for k in keys)
+
+
+def checkpoint_report(path: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``inspect`` says about a checkpoint: that it is one, its family and its generation profile."""
+    from ..gen.profiles import settings_for
+
+    fam = checkpoint_family(path)
     with open_header(path) as src:
-        tr = read_training(src.metadata, path)
-        st = read_structure(src, tr.network_args, read_alphas=read_alphas)
+        n = len(src.keys())
+    chosen = settings_for(path, settings=settings)
+    lin = ", ".join(f"{x} ({e})" for x, e in fam.lineage)
+    return {"file": path, "name": os.path.splitext(os.path.basename(path))[0], "file_type": "checkpoint",
+            "size_bytes": os.path.getsize(path), "tensors": n, "architecture": fam.arch,
+            "architecture_label": fam.label, "family": fam.as_dict(), "variant": fam.variant,
+            "profile": chosen["profile"], "profile_label": chosen["label"], "profile_reason": chosen["reason"],
+            "generation_settings": chosen["settings"],
+            "summary": f"an {fam.label} checkpoint" + (f" ({lin})" if lin else "") +
+                       (f", {'v' if fam.vpred else 'epsilon'}-prediction" if fam.vpred is not None else "") +
+                       ", not a LoRA: bake LoRAs into it or pick it as the base.",
+            # the fields a LoRA listing shows, so mixed folders list it as what it is
+            "trigger": None, "kind": "checkpoint", "category": "checkpoint", "algorithms": [], "rank": None,
+            "max_safe_strength": 0.0, "warnings": []}
+
+
+def _parse(path: str, read_alphas: bool, base=None) -> _Parsed | dict:
+    with open_header(path) as src:
+        if is_checkpoint(src.keys()):
+            ckpt = True
+        else:
+            ckpt = False
+            tr = read_training(src.metadata, path)
+            st = read_structure(src, tr.network_args, read_alphas=read_alphas, base=base)
+    if ckpt:
+        return checkpoint_report(path)
     return _Parsed(path=path, training=tr, structure=st, size=os.path.getsize(path))
 
 
@@ -100,11 +140,11 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
     cands = rank_candidates(tr, names, bpe, collection, size)
     verdict = decide(tr, cands, st.components)
     triggers = find_triggers(tr, names, bpe, collection, size)
-    if triggers and verdict.trigger not in {t["tag"] for t in triggers}:
+    if triggers:
         # several concepts, each with its own word: the largest is the trigger, the others are listed
-        first = triggers[0]["tag"]
-        verdict = decide(_with_trigger(tr, first), cands, st.components) if verdict.trigger is None else verdict
-        if verdict.trigger is None:
+        if verdict.trigger not in {t["tag"] for t in triggers}:
+            first = triggers[0]["tag"]
+            verdict = decide(_with_trigger(tr, first), cands, st.components)
             verdict.trigger = first
             verdict.kind = "trigger-dependent"
             verdict.kind_evidence.insert(0, f"+ {len(triggers)} concepts, each with its own trigger")
@@ -226,6 +266,11 @@ def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weight
     """
     files = collect_files(paths)
     ckpt = checkpoint_family(checkpoint) if checkpoint else None
+    base = None
+    if checkpoint and ckpt is not None and ckpt.arch:
+        from .structure import checkpoint_context
+
+        base = checkpoint_context(checkpoint)  # match as the bake does, against this very file
     bpe = clip_bpe()
     deep = weights
     parsed: dict[str, _Parsed | dict] = {}
@@ -237,7 +282,7 @@ def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weight
         if cancel is not None and cancel.is_set():
             return
         try:
-            parsed[path] = _parse(path, deep)
+            parsed[path] = _parse(path, deep, base)
         except LorakitError as e:
             parsed[path] = {"file": path, "error": str(e)}
         with lock:
@@ -313,6 +358,14 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
     """A readable report (what the CLI prints and the tab shows)."""
     if "error" in rep:
         return f"{rep['file']}\n  ERROR: {rep['error']}\n"
+    if rep.get("file_type") == "checkpoint":
+        fam = rep["family"]
+        L = [rep["file"], f"  checkpoint {rep['summary']}",
+             f"  evidence   {'; '.join(fam['evidence'])}" + (f"; {fam['vpred_evidence']}" if fam["vpred_evidence"] else ""),
+             f"  tensors    {rep['tensors']}" + (f" · variant {rep['variant']}" if rep["variant"] else ""),
+             f"  profile    {rep['profile_label']} ({rep['profile_reason']}): " +
+             ", ".join(f"{k}={v}" for k, v in rep["generation_settings"].items())]
+        return "\n".join(L) + "\n"
     st = rep["structure"]
     tr = rep["training"]
     L = [f"{rep['file']}"]

@@ -173,6 +173,7 @@ def decide(tr: Training, cands: list[Candidate], components: list[str]) -> Verdi
                    kind_evidence=[f"+ {d}" for d in dep] + [f"- {p}" for p in pas], baking=baking)
 
 
+MULTI_MIN_RARITY = 0.3  # not an everyday caption word
 MULTI_MIN_SHARE = 0.2  # a concept of a multi-concept LoRA is in at least this share of its folder's captions
 
 
@@ -210,7 +211,7 @@ def find_triggers(tr: Training, names: list[str], bpe: ClipBPE | None,
             share = c / n if n else 0.0
             if MULTI_MIN_SHARE <= share < MIN_SHARE and not is_generic(t):
                 r, why = rarity(t, bpe)
-                if r >= 0.5:
+                if r >= MULTI_MIN_RARITY:
                     rare.append((t, c, share, r, why))
         if len(rare) >= 2 and sum(x[2] for x in rare) >= 0.8:
             for t, c, share, r, why in rare:
