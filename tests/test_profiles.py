@@ -290,3 +290,35 @@ def test_grid_script_without_the_profile_keeps_the_txt2img_fields(webui, checkpo
     calls = [c for c, _ in fake.processing.calls]
     assert calls and all((c.width, c.steps, c.sampler_name, c.negative_prompt) == (64, 4, "Euler", "blurry")
                          for c in calls)
+
+
+def test_profile_settings_are_checked_when_stored(tmp_path):
+    from lib_lorakit import settings as S
+
+    with pytest.raises(RecipeError, match=r"steps = 0 is outside 1\.\.150"):
+        S.update(str(tmp_path), {"generation_profiles": {"pony": {"steps": 0}}})
+    S.update(str(tmp_path), {"generation_profiles": {"pony": {"steps": 30}}})
+    S.update(str(tmp_path), {"generation_profiles": {"pony": {"cfg_scale": 6}}})  # field by field
+    assert S.load(str(tmp_path))["generation_profiles"] == {"pony": {"steps": 30, "cfg_scale": 6}}
+
+
+def test_clip_skip_reaches_the_webui_as_its_setting(tmp_path):
+    """HTTP: override_settings CLIP_stop_at_last_layers next to the checkpoint (restored afterwards)."""
+    from fake_sdapi import FakeWebUI
+
+    from lib_lorakit.gen.backend import HttpBackend
+
+    ck, lo = tmp_path / "ck", tmp_path / "Lora"
+    ck.mkdir()
+    lo.mkdir()
+    (ck / "base.safetensors").write_bytes(b"x")
+    srv = FakeWebUI(FakeBackend(str(ck), str(lo)))
+    try:
+        HttpBackend(srv.url).txt2img({"prompt": "x", "seed": 1, "checkpoint": "base.safetensors [abc]", "clip_skip": 2,
+                                      "width": 64, "height": 64})
+        body = next(b for m, p, b in srv.requests if p == "/sdapi/v1/txt2img")
+        assert body["override_settings"] == {"sd_model_checkpoint": "base.safetensors [abc]",
+                                             "CLIP_stop_at_last_layers": 2}
+        assert body["override_settings_restore_afterwards"] is True
+    finally:
+        srv.close()
