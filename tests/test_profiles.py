@@ -50,7 +50,7 @@ def checkpoints(tmp_path_factory):
 
 def expected(name: str) -> dict:
     raw = RAW["profiles"][name]
-    return {k: raw[k] for k in GEN}
+    return {k: raw.get(k) for k in GEN}  # no clip_skip: the host's own setting (None sent)
 
 
 def sent(call: dict) -> dict:
@@ -81,7 +81,7 @@ def workspace(tmp_path, checkpoints, name, lora_meta=True):
 def test_each_lineage_gets_its_profile(checkpoints, name):
     got = P.settings_for(checkpoints[name])
     assert got["profile"] == name, got["reason"]
-    assert {k: got["settings"][k] for k in GEN} == expected(name)
+    assert {k: got["settings"].get(k) for k in GEN} == expected(name)
     assert got["quality"] == RAW["profiles"][name]["quality"]
     assert got["negative"] == RAW["profiles"][name]["negative"]
     assert got["reason"] and got["overridden"] == []
@@ -170,7 +170,7 @@ def test_grid_job_uses_the_profile_and_records_it(tmp_path, checkpoints, name):
     assert be.calls and all(sent(c) == expected(name) for c in be.calls)
     assert all(c["negative_prompt"] == RAW["profiles"][name]["negative"] for c in be.calls)
     rec = Run(res["run_dir"]).record()
-    assert rec["profile"] == name and {k: rec["settings"][k] for k in GEN} == expected(name)
+    assert rec["profile"] == name and {k: rec["settings"].get(k) for k in GEN} == expected(name)
     assert Run(res["run_dir"]).plan["meta"]["profile"]["profile"] == name
     with open(res["summary"], encoding="utf-8") as f:
         assert f"(`{name}`)" in f.read()
@@ -208,7 +208,7 @@ def test_triage_uses_the_profile_and_records_it(tmp_path, checkpoints, name):
         first, rest = body.split(", ", 1)
         assert it["prompt"] == f"{raw['quality']}, {first}, qzchar, {rest}"
     rec = tr.generate(t, be, str(tmp_path / "out"))
-    assert rec["profile"] == name and {k: rec["settings"][k] for k in GEN} == expected(name)
+    assert rec["profile"] == name and {k: rec["settings"].get(k) for k in GEN} == expected(name)
     assert be.calls and all(sent(c) == expected(name) and c["negative_prompt"] == raw["negative"] for c in be.calls)
     assert tr.Triage(store, t.id).rec["params"]["profile"]["profile"] == name
     # the triage form shows the same
@@ -226,7 +226,7 @@ def test_tournament_from_the_form_uses_the_profile_and_records_it(tmp_path, chec
          {"kind": "recipe", "checkpoint": other, "loras": "qzchar:0.6"}],
         control=0, prompts=None, seeds="7", checkpoint_path=names, name="form")
     raw = RAW["profiles"][name]
-    assert spec["profile"]["profile"] == name and {k: spec["settings"][k] for k in GEN} == expected(name)
+    assert spec["profile"]["profile"] == name and {k: spec["settings"].get(k) for k in GEN} == expected(name)
     assert [c["control"] for c in spec["candidates"]] == [True, False, False]
     assert [p["seed"] for p in spec["prompts"]] == [7, 8, 9, 10, 11]
     assert all(p["negative_prompt"] == raw["negative"] for p in spec["prompts"])
@@ -234,7 +234,7 @@ def test_tournament_from_the_form_uses_the_profile_and_records_it(tmp_path, chec
     tours = T.Tournaments(Store(str(tmp_path / "data")))
     tid = tours.create(T.TournamentSpec.from_dict(spec))
     rec = T.generate(tours, tid, be, str(tmp_path / "out"))
-    assert rec["profile"] == name and {k: rec["settings"][k] for k in GEN} == expected(name)
+    assert rec["profile"] == name and {k: rec["settings"].get(k) for k in GEN} == expected(name)
     assert len(be.calls) == 15 and all(sent(c) == expected(name) for c in be.calls)
 
 
@@ -274,12 +274,12 @@ def test_grid_script_uses_the_loaded_checkpoints_profile(webui, checkpoints, nam
     assert calls and all((c.width, c.height, c.steps, c.cfg_scale, c.sampler_name, c.scheduler) ==
                          (raw["width"], raw["height"], raw["steps"], raw["cfg_scale"], raw["sampler_name"],
                           raw["scheduler"]) for c in calls)
-    assert all(c.override_settings.get("CLIP_stop_at_last_layers") == raw["clip_skip"] for c in calls)
+    assert all(c.override_settings.get("CLIP_stop_at_last_layers") == raw.get("clip_skip") for c in calls)
     assert all(c.negative_prompt == raw["negative"] for c in calls)
     assert (p.width, p.steps) == (64, 4)  # the user's processing object is untouched
     run_dir = processed.infotexts[0].split("run folder ")[1].splitlines()[0]
     rec = Run(run_dir).record()
-    assert rec["profile"] == name and {k: rec["settings"][k] for k in GEN} == expected(name)
+    assert rec["profile"] == name and {k: rec["settings"].get(k) for k in GEN} == expected(name)
 
 
 def test_grid_script_without_the_profile_keeps_the_txt2img_fields(webui, checkpoints):  # noqa: F811
@@ -322,3 +322,15 @@ def test_clip_skip_reaches_the_webui_as_its_setting(tmp_path):
         assert body["override_settings_restore_afterwards"] is True
     finally:
         srv.close()
+
+
+def test_a_json_spec_gets_the_controls_profile_under_its_own_settings(tmp_path, checkpoints):
+    from lib_lorakit.eval.forms import spec_with_profile
+
+    data = {"name": "j", "candidates": [{"id": "v1", "checkpoint": "ill", "control": True}, {"id": "v2", "checkpoint": "x"}],
+            "prompts": [{"prompt": f"p{i}", "seed": i} for i in range(5)], "settings": {"steps": 9}}
+    d = spec_with_profile(data, checkpoint_path={"ill": checkpoints["illustrious"]})
+    raw = RAW["profiles"]["illustrious"]
+    assert d["settings"]["steps"] == 9 and d["settings"]["width"] == raw["width"]
+    assert d["profile"]["profile"] == "illustrious" and d["profile"]["overridden"] == ["steps"]
+    assert all(p["negative_prompt"] == raw["negative"] for p in d["prompts"]) and data["settings"] == {"steps": 9}

@@ -165,3 +165,24 @@ def triage_form_defaults(checkpoint_path: str | None, *, profile: str | None = N
     return {"profile": chosen["profile"], "label": chosen["label"], "reason": chosen["reason"],
             "settings": chosen["settings"], "negative_prompt": chosen["negative"], "notes": chosen["notes"],
             "prompts": {cat: category_prompt(chosen, cat) for cat in category_prompts(chosen)}}
+
+
+def spec_with_profile(data: Mapping[str, Any], *,
+                      checkpoint_path: Callable[[str], str | None] | Mapping[str, str] | None = None,
+                      profile: str | None = None, lorakit_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON tournament spec with the control's generation profile under its ``settings`` (the spec's own
+    values win) and the profile recorded: what the JSON route does so that a hand-written spec renders like
+    a form-made one. Prompts stay as written; an empty negative prompt becomes the profile's."""
+    d = dict(data)
+    cands = list(d.get("candidates") or [])
+    ref = next((c for c in cands if c.get("control")), cands[0] if cands else {})
+    ref_ck = ref.get("checkpoint") or (((ref.get("merge") or {}).get("models") or [{}])[0].get("name"))
+    lookup = checkpoint_path.get if isinstance(checkpoint_path, Mapping) else checkpoint_path
+    path = lookup(ref_ck) if lookup and ref_ck else None
+    chosen = settings_for(path, d.get("settings") or {}, profile=profile, settings=lorakit_settings)
+    d["settings"] = dict(chosen["settings"])
+    d["profile"] = record_of({**chosen, "reason": f"{chosen['reason']} (from {ref_ck})"})
+    d["prompts"] = [{**p, "negative_prompt": p.get("negative_prompt") or chosen["negative"]}
+                    for p in (d.get("prompts") or [])]
+    TournamentSpec.from_dict({"name": d.get("name") or "tournament", **d}).validate()
+    return d

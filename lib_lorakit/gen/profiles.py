@@ -361,5 +361,5 @@ def table_markdown(profiles: Mapping[str, Profile] | None = None) -> str:
         cfg = f"{s['cfg_scale']:g}" + (f" (rescale {s['cfg_rescale']:g})" if s.get("cfg_rescale") else "")
         rows.append(f"| {p.label} (`{p.name}`) | {how.get(p.name, 'user profile')} | {s['width']}×{s['height']} | "
                     f"{s['sampler_name']} / {s.get('scheduler', 'Automatic')} | {s['steps']} | {cfg} | "
-                    f"{s.get('clip_skip', 1)} | {p.prompt_style} | {p.quality or '—'} |")
+                    f"{s.get('clip_skip', 'host')} | {p.prompt_style} | {p.quality or '—'} |")
     return "\n".join(rows) + "\n"
