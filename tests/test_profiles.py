@@ -14,12 +14,13 @@ from fake_gen import FakeBackend
 from test_grid_script import load_script_class, processing_object, webui  # noqa: F401 (fixture)
 
 from lib_lorakit.errors import RecipeError
-from lib_lorakit.eval import triage as tr
 from lib_lorakit.eval import tournament as T
+from lib_lorakit.eval import triage as tr
 from lib_lorakit.eval.forms import tournament_spec_from_form, triage_form_defaults
 from lib_lorakit.eval.store import Store
 from lib_lorakit.gen import profiles as P
-from lib_lorakit.gen.autotest import AutotestOptions, test_lora as autotest_one
+from lib_lorakit.gen.autotest import AutotestOptions
+from lib_lorakit.gen.autotest import test_lora as autotest_one
 from lib_lorakit.gen.grid import build_spec, run_grid
 from lib_lorakit.gen.run import Run
 from lib_lorakit.synth import kohya_metadata, make_lora, write_checkpoint
@@ -178,7 +179,7 @@ def test_grid_job_uses_the_profile_and_records_it(tmp_path, checkpoints, name):
 
 @pytest.mark.parametrize("name", ["sd15", "illustrious", "noobai-vpred"])
 def test_autotest_uses_the_profile_prompts_and_settings(tmp_path, checkpoints, name):
-    be, path = workspace(tmp_path, checkpoints, name)
+    be, _ = workspace(tmp_path, checkpoints, name)
     lora = os.path.join(be.lora_dir, "qzchar.safetensors")
     res = autotest_one(be, lora, str(tmp_path / "out"), AutotestOptions(strengths="0, 1", checkpoint="base"))
     assert all(sent(c) == expected(name) for c in be.calls)
@@ -218,7 +219,7 @@ def test_triage_uses_the_profile_and_records_it(tmp_path, checkpoints, name):
 
 @pytest.mark.parametrize("name", list(LINEAGES))
 def test_tournament_from_the_form_uses_the_profile_and_records_it(tmp_path, checkpoints, name):
-    be, path = workspace(tmp_path, checkpoints, name)
+    be, _ = workspace(tmp_path, checkpoints, name)
     names = {c.name: c.path for c in be.checkpoints()}
     base, other = sorted(names)
     spec = tournament_spec_from_form(

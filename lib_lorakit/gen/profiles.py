@@ -94,7 +94,9 @@ def _check_value(where: str, key: str, value: Any) -> Any:
             v = kind(value)
         except (TypeError, ValueError):
             raise RecipeError(f"{where}: {key} = {value!r} is not a number.", fix=f"Give a number from {lo:g} to {hi:g}.") from None
-        if isinstance(v, float) and not math.isfinite(v) or not lo <= v <= hi or kind is int and v != float(value):
+        if kind is int and v != float(value):
+            raise RecipeError(f"{where}: {key} = {value!r} is not a whole number.", fix=f"Give a whole number from {lo:g} to {hi:g}.")
+        if isinstance(v, float) and not math.isfinite(v) or not lo <= v <= hi:
             raise RecipeError(f"{where}: {key} = {value!r} is outside {lo:g}..{hi:g}.",
                               fix=f"Give {'a whole number' if kind is int else 'a number'} from {lo:g} to {hi:g}.")
         return v
