@@ -139,3 +139,16 @@ def test_review_in_json_report_is_plain_data(tmp_path):
     rep = inspect_file(lora(tmp_path, "x", CLEAN, epochs=40))
     json.dumps(rep["training_review"])
     assert os.path.basename(rep["file"]) == "x.safetensors"
+
+
+def test_worker_process_path_matches_against_the_checkpoint_too(tmp_path):
+    """What each worker of a large folder scan runs: the same checkpoint context as the threads."""
+    from lib_lorakit.demo import _build
+    from lib_lorakit.inspect import _parse_safe
+
+    base, files = _build(str(tmp_path), "sd15", keep=False)
+    parsed = _parse_safe((files["style-locon"], False, base))
+    assert parsed.structure.matched_against == f"the checkpoint {base}" and not parsed.structure.unmatched
+    alone = _parse_safe((files["style-locon"], False, None))
+    assert alone.structure.matched_against == "the SD1.5 layout at 1/64 width"
+    assert len(alone.structure.modules) == len(parsed.structure.modules)

@@ -240,9 +240,16 @@ def _with_trigger(tr: Training, tag: str) -> Training:
     return dataclasses.replace(tr, declared_triggers=[(tag, "its own training folder")])
 
 
-def _parse_safe(args: tuple[str, bool]) -> _Parsed | dict:
+def _parse_safe(args: tuple[str, bool, str | None]) -> _Parsed | dict:
+    """One file in a worker process; the checkpoint's match context is built once per worker."""
+    path, deep, checkpoint = args
     try:
-        return _parse(*args)
+        base = None
+        if checkpoint:
+            from .structure import cached_checkpoint_context
+
+            base = cached_checkpoint_context(checkpoint)
+        return _parse(path, deep, base)
     except LorakitError as e:
         return {"file": args[0], "error": str(e)}
 
@@ -296,7 +303,8 @@ def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weight
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as ex:
-            for path, res in zip(files, ex.map(_parse_safe, [(f, deep) for f in files], chunksize=16)):
+            for path, res in zip(files, ex.map(_parse_safe, [(f, deep, checkpoint if base else None) for f in files],
+                                                    chunksize=16)):
                 parsed[path] = res
                 done += 1
                 if progress:

@@ -135,6 +135,12 @@ def checkpoint_context(path: str) -> tuple[str, tuple[LayoutSource, TargetIndex,
     return fam.arch, (base, TargetIndex(base.shapes(), ARCHS[fam.arch]), fam)
 
 
+@functools.lru_cache(maxsize=2)
+def cached_checkpoint_context(path: str):
+    """:func:`checkpoint_context`, kept for the worker processes of a folder scan."""
+    return checkpoint_context(path)
+
+
 def _plan(src: TensorSource, arch: str, family: Family | None = None, ctx=None):
     base, index, fam = ctx or _layout_index(arch)
     return plan_bake(base, [LoraSpec(path=src.path, source=src, family=family)], allow_unmatched=True, index=index,
