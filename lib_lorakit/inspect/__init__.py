@@ -389,6 +389,8 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
              f"alpha {_fmt(rep['alpha'])}{aspread} [{st['alpha_source']}] · {st['modules']} modules "
              f"({', '.join(f'{c} {n}' for c, n in st['modules_per_component'].items())})"
              + (f" · {st['conv_modules']} conv (rank {st['conv_rank']})" if st["conv_modules"] else ""))
+    if st.get("matched_against"):
+        L.append(f"  matched    against {st['matched_against']}")
     if st["blocks"]:
         L.append("  blocks     " + " ".join(f"{b}:{n}" for b, n in st["blocks"].items()))
     L.append(f"  trainer    {tr['trainer']}")
