@@ -596,6 +596,9 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
         hasher.start()
     try:
         plan = plan_bake(base_path, specs, allow_unmatched=allow_unmatched)
+        # --- pre-flight (lib_lorakit/preflight.py): strength above max-safe, stacked styles, other lineage ---
+        from .preflight import bake_preflight
+        plan.warnings.extend(bake_preflight(base_path, specs))
         stats = _Stats()
         try:
             check_lora_values(plan, cancel=cancel)

@@ -84,6 +84,16 @@ def update(data_dir: str, changes: dict[str, Any]) -> dict[str, Any]:
             stored.setdefault(k, {}).update(_check_table(k, v, CATEGORIES))
         elif k == "cross_lineage":
             stored.setdefault(k, {}).update(_check_table(k, v, None))
+        elif k == "generation_profiles":  # {profile: {field: value}}, merged field by field, checked whole
+            from .gen.profiles import load_profiles
+
+            merged = {n: dict(f) for n, f in (stored.get(k) or {}).items()} if isinstance(stored.get(k), dict) else {}
+            for name, fields in (v or {}).items() if isinstance(v, dict) else [(None, v)]:
+                if not isinstance(fields, dict):
+                    raise RecipeError(f"Setting generation_profiles[{name!r}] must be an object of field -> value.")
+                merged.setdefault(name, {}).update(fields)
+            load_profiles(merged)
+            stored[k] = merged
         else:
             stored[k] = v
     os.makedirs(data_dir, exist_ok=True)

@@ -80,7 +80,7 @@ def test_script_registers_and_builds_its_ui(webui):
 
     with gr.Blocks():
         comps = s.ui(False)
-    assert len(comps) == 5
+    assert len(comps) == 6  # loras, strengths, epochs, seeds, return_images, use_profile
     assert sorted(comps[0].choices if isinstance(comps[0].choices[0], str) else [c[0] for c in comps[0].choices]) \
         == ["burnD", "styleA"]
 

@@ -98,6 +98,9 @@ def test_txt2img_uses_host_processing_under_the_queue_lock(webui):
         "a cat", "dog", 7, 3, 5.0, 64, "Karras")
     assert out["images"][0].size == (64, 64) and "Seed: 7" in out["infotexts"][0]
     assert ("begin", "lorakit: txt2img") in fake.shared.state.log
+    assert "CLIP_stop_at_last_layers" not in p.override_settings  # not asked for: the host's own setting
+    h.txt2img({"prompt": "a cat", "seed": 7, "width": 64, "height": 64, "checkpoint": "m.safetensors", "clip_skip": 2})
+    assert fake.processing.calls[-1][0].override_settings["CLIP_stop_at_last_layers"] == 2  # a profile's clip skip
 
 
 def test_extension_registers_tab_settings_routes_and_cleans_up(webui):

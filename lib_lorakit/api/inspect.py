@@ -4,7 +4,7 @@
 
 from typing import Optional
 
-from ..ops import inspect
+from ..ops import gen, inspect
 from ..ops.context import HostContext
 from ..ops.inspect import InspectRequest, StrengthsRequest, UserMetadataRequest
 from .common import RESPONSES, error, feature_router, guard
@@ -44,5 +44,21 @@ def router(ctx: HostContext):
     @guard
     def set_strengths(body: StrengthsRequest):
         return inspect.set_strengths(ctx, body)
+
+    @r.get("/profiles", summary="The generation profiles in use (per architecture and lineage)")
+    @guard
+    def profiles():
+        return gen.profiles(ctx)
+
+    @r.put("/profiles", responses=RESPONSES, summary="Change fields of the generation profiles (merged field by field)")
+    @guard
+    def set_profiles(body: gen.ProfilesRequest):
+        return gen.update_profiles(ctx, body)
+
+    @r.get("/profiles/for", responses=RESPONSES,
+           summary="The profile a checkpoint gets (default: the loaded one), why, and its settings")
+    @guard
+    def profile_for(checkpoint: Optional[str] = None, profile: Optional[str] = None):
+        return gen.profile_for(ctx, checkpoint, profile)
 
     return r

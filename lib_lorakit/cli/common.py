@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 
-from ..gen.profiles import GEN_DEFAULTS
 
 
 class Parser(argparse.ArgumentParser):
@@ -58,20 +57,23 @@ def gen_args(x: argparse.ArgumentParser, webui_required: bool = True) -> None:
     x.add_argument("--epochs", action="store_true", help="rows are the epoch files of each LoRA's training run")
     x.add_argument("--prompts", metavar="FILE", help="prompts, one per line")
     x.add_argument("--negative", default="", help="negative prompt")
-    d = GEN_DEFAULTS
-    x.add_argument("--steps", type=int, help=f"sampling steps (default {d['steps']})")
-    x.add_argument("--cfg-scale", type=float, help=f"CFG scale (default {d['cfg_scale']:g})")
-    x.add_argument("--width", type=int, help=f"width (default {d['width']})")
-    x.add_argument("--height", type=int, help=f"height (default {d['height']})")
-    x.add_argument("--sampler", help=f"sampler (default {d['sampler_name']})")
-    x.add_argument("--scheduler", help="scheduler (A1111 1.9+/Forge), e.g. Karras")
+    x.add_argument("--profile", help="generation profile: sd15, sdxl, pony, illustrious, noobai-eps, noobai-vpred "
+                                     "(default: detected from the checkpoint); the options below override it")
+    x.add_argument("--steps", type=int, help="sampling steps (default: the profile's)")
+    x.add_argument("--cfg-scale", type=float, help="CFG scale (default: the profile's)")
+    x.add_argument("--width", type=int, help="width (default: the profile's)")
+    x.add_argument("--height", type=int, help="height (default: the profile's)")
+    x.add_argument("--sampler", help="sampler (default: the profile's)")
+    x.add_argument("--scheduler", help="scheduler (A1111 1.9+/Forge), e.g. Karras (default: the profile's)")
+    x.add_argument("--clip-skip", type=int, help="CLIP skip (default: the profile's, or the WebUI's setting)")
     x.add_argument("--data-dir", metavar="DIR", help="lorakit's data folder (edited max-safe strength table)")
 
 
 def gen_fields(args: argparse.Namespace) -> dict:
     """The generation settings given on the command line, as request fields (unset ones left out)."""
     out = {"steps": args.steps, "cfg_scale": args.cfg_scale, "width": args.width, "height": args.height,
-           "sampler_name": args.sampler, "scheduler": args.scheduler}
+           "sampler_name": args.sampler, "scheduler": args.scheduler, "clip_skip": args.clip_skip,
+           "profile": args.profile}
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -70,6 +70,7 @@ class TournamentSpec:
     prompts: list[dict[str, Any]]  # [{prompt, negative_prompt, seed}]
     settings: dict[str, Any] = field(default_factory=dict)
     first_version: bool = False  # no control: stated in the report
+    profile: dict[str, Any] = field(default_factory=dict)  # the generation profile the settings came from
 
     def validate(self) -> None:
         if len(self.prompts) < MIN_PROMPTS:
@@ -99,13 +100,17 @@ class TournamentSpec:
                 raise RecipeError(f"Candidate {c.id}: no checkpoint and no merge recipe.")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "candidates": [asdict(c) for c in self.candidates], "prompts": self.prompts,
-                "settings": self.settings, "first_version": self.first_version}
+        d = {"name": self.name, "candidates": [asdict(c) for c in self.candidates], "prompts": self.prompts,
+             "settings": self.settings, "first_version": self.first_version}
+        if self.profile:
+            d["profile"] = self.profile
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TournamentSpec":
         return cls(name=d["name"], candidates=[Candidate(**c) for c in d["candidates"]], prompts=list(d["prompts"]),
-                   settings=dict(d.get("settings") or {}), first_version=bool(d.get("first_version")))
+                   settings=dict(d.get("settings") or {}), first_version=bool(d.get("first_version")),
+                   profile=dict(d.get("profile") or {}))
 
     def control(self) -> str | None:
         return next((c.id for c in self.candidates if c.control), None)
@@ -250,7 +255,10 @@ def generate(tours: Tournaments, tid: str, backend, outputs_dir: str, *,
             ck[c.id] = c.checkpoint
     run = Run(rec["run_dir"]) if rec.get("run_dir") else None
     if run is None:
-        run = Run.create(outputs_dir, "tournament", cells_for(spec, ck), meta={"tournament": tid})
+        meta: dict[str, Any] = {"tournament": tid}
+        if spec.profile:
+            meta["profile"] = spec.profile
+        run = Run.create(outputs_dir, "tournament", cells_for(spec, ck), meta=meta)
         tours.update(tid, run_dir=run.dir)
     tours.update(tid, state="generating")
     try:
@@ -259,7 +267,10 @@ def generate(tours: Tournaments, tid: str, backend, outputs_dir: str, *,
         tours.update(tid, state="incomplete")
         raise
     tours.update(tid, state="ready" if out["missing"] == 0 and out["failed"] == 0 else "incomplete")
-    return out
+    from ..gen.grid import profile_record
+    from ..gen.run import update_record
+
+    return update_record(run, **profile_record(spec.settings, spec.profile))
 
 
 # --- ballots for the UI -------------------------------------------------------------------------------
@@ -397,6 +408,8 @@ def report_markdown(tours: Tournaments, tid: str) -> str:
             cells.append(",".join(places) + (f" ⚠{f}" if f not in ("", "ok") else ""))
         lines.append(f"| {pi + 1} | {p['prompt'][:60]} | {p.get('seed')} | " + " | ".join(cells) + " |")
     lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in spec.settings.items())]
+    if spec.profile:
+        lines.append(f"Profile: {spec.profile.get('label')} (`{spec.profile.get('profile')}`): {spec.profile.get('reason')}")
     if run:
         pre = next((e for e in run.events() if e.get("event") == "preflight"), None)
         if pre:

@@ -24,21 +24,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import LorakitError, RecipeError
+from ..gen.profiles import category_prompt, category_prompts, compose
 from ..gen.run import Cell, Run
 from .store import DECISIONS, Store
 
-DEFAULT_PROMPTS: dict[str, str] = {
-    "character": "a full body portrait of a person standing, simple background, looking at viewer",
-    "style": "a village street with houses and trees, a person walking, daylight",
-    "concept": "a person in a park, upper body, detailed background",
-    "clothing": "a person standing, full body, plain background",
-    "pose": "a person, full body, plain background",
-    "lighting": "a portrait of a person in a room by a window, photo",
-    "detail": "a portrait of a person, close-up, detailed face, photo",
-    "background": "a wide landscape with mountains, a lake and a small house",
-    "slider": "a portrait of a person, upper body, looking at viewer",
-    "unknown": "a portrait of a person in a garden, upper body",
-}
+DEFAULT_PROMPTS: dict[str, str] = category_prompts(style="natural")  # booru forms: gen/profiles.json
 SIDECAR_SUFFIXES = (".json", ".civitai.info", ".info", ".txt", ".yaml", ".png", ".jpg", ".jpeg", ".webp", ".gif",
                     ".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp", ".preview.gif")
 
@@ -46,14 +36,20 @@ SIDECAR_SUFFIXES = (".json", ".civitai.info", ".info", ".txt", ".yaml", ".png", 
 def plan(reports: Sequence[dict[str, Any]], *, names: dict[str, str], checkpoint_arch: str | None,
          prompts: dict[str, str] | None = None, seeds: Sequence[int] = (1,), strength: float | None = None,
          negative_prompt: str = "", checkpoint: str | None = None, settings: dict[str, Any] | None = None,
-         arch: str | None = None, category: str | None = None, name_filter: str | None = None
-         ) -> tuple[list[dict[str, Any]], list[Cell]]:
+         arch: str | None = None, category: str | None = None, name_filter: str | None = None,
+         profile: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[Cell]]:
     """Items (one per LoRA, skipped ones included with the reason) and the cells to generate.
 
     ``reports``: inspector reports; ``names``: file -> the WebUI's tag name. Filters: ``arch``
     (sd15/sdxl), ``category``, ``name_filter`` (a substring or a regular expression).
+    ``profile``: the checkpoint's generation profile (:func:`~lib_lorakit.gen.profiles.settings_for`):
+    its prompt style, quality tags, trigger position and negative prompt. A prompt you give for a
+    category is used as written (the trigger still goes where the lineage puts it).
     """
-    table = {**DEFAULT_PROMPTS, **(prompts or {})}
+    table = {**(category_prompts(profile) if profile else DEFAULT_PROMPTS), **(prompts or {})}
+    mine = set(prompts or {})
+    if profile and not negative_prompt:
+        negative_prompt = profile.get("negative", "")
     rx = re.compile(name_filter, re.I) if name_filter else None
     items: list[dict[str, Any]] = []
     cells: list[Cell] = []
@@ -67,20 +63,30 @@ def plan(reports: Sequence[dict[str, Any]], *, names: dict[str, str], checkpoint
         if "error" in rep:
             items.append({**it, "skipped": f"cannot be read: {rep['error'].splitlines()[0]}"})
             continue
+        if rep.get("file_type") == "checkpoint":
+            items.append({**it, "skipped": "a checkpoint, not a LoRA"})
+            continue
         if arch and rep.get("architecture") != arch:
             continue
         if category and rep.get("category") != category:
             continue
         it.update(architecture=rep.get("architecture"), category=rep.get("category"), kind=rep.get("kind"),
                   trigger=rep.get("trigger"), warnings=list(rep.get("warnings") or []),
+                  training_review=[f["text"] for f in rep.get("training_review") or []],
                   strength=float(strength if strength is not None else rep.get("max_safe_strength") or 0.8),
                   strength_reason="set by you" if strength is not None else rep.get("max_safe_reason", ""))
         if checkpoint_arch and rep.get("architecture") != checkpoint_arch:
             items.append({**it, "skipped": f"a {rep.get('architecture')} LoRA; the checkpoint is {checkpoint_arch}"})
             continue
-        prompt = table.get(rep.get("category") or "unknown", table["unknown"])
-        if it["trigger"] and it["kind"] == "trigger-dependent":
-            prompt = f"{it['trigger']}, {prompt}"
+        cat = rep.get("category") or "unknown"
+        cat = cat if cat in table else "unknown"
+        trig = it["trigger"] if it["trigger"] and it["kind"] == "trigger-dependent" else None
+        if profile is None:
+            prompt = f"{trig}, {table[cat]}" if trig else table[cat]
+        elif cat in mine:
+            prompt = compose(table[cat], trigger=trig, trigger_position=profile.get("trigger_position", "first"))
+        else:
+            prompt = category_prompt(profile, cat, trig, body=table[cat])
         it["prompt"] = prompt
         it["cells"], it["baselines"] = [], []
         for seed in seeds:
@@ -403,10 +409,12 @@ def create_triage(store: Store, backend, *, folder: str | None = None, roots: Se
                   checkpoint: str | None = None, prompts: dict[str, str] | None = None, seeds: Sequence[int] = (1,),
                   strength: float | None = None, negative_prompt: str = "", settings: dict[str, Any] | None = None,
                   arch: str | None = None, category: str | None = None, name_filter: str | None = None,
-                  inspector_settings: dict[str, Any] | None = None, name: str = "") -> Triage:
+                  inspector_settings: dict[str, Any] | None = None, name: str = "",
+                  profile: str | None = None) -> Triage:
     """Plan a triage over the backend's (refreshed) LoRA list — those under ``folder`` when given — and
     store it. The checkpoint's architecture decides what is skipped."""
     from ..gen.backend import resolve_name
+    from ..gen.profiles import record_of, settings_for
     from ..inspect import checkpoint_family, inspect_paths
 
     backend.refresh()
@@ -428,11 +436,15 @@ def create_triage(store: Store, backend, *, folder: str | None = None, roots: Se
         ck_arch = None
     paths = [e.path for e in loras]
     reports = inspect_paths(paths, settings=inspector_settings)
+    chosen = settings_for(ck.path if os.path.isfile(ck.path or "") else None, settings, profile=profile,
+                          settings=inspector_settings)
     items, cells = plan(reports, names={e.path: e.name for e in loras}, checkpoint_arch=ck_arch, prompts=prompts,
                         seeds=seeds, strength=strength, negative_prompt=negative_prompt, checkpoint=ck.name,
-                        settings=settings, arch=arch, category=category, name_filter=name_filter)
+                        settings=chosen["settings"], arch=arch, category=category, name_filter=name_filter,
+                        profile=chosen)
     params = {"folder": folder, "checkpoint": ck.name, "checkpoint_arch": ck_arch, "seeds": list(seeds),
-              "strength": strength, "prompts": prompts or {}, "settings": settings or {}, "arch": arch,
+              "strength": strength, "prompts": prompts or {}, "settings": chosen["settings"],
+              "user_settings": settings or {}, "profile": record_of(chosen), "arch": arch,
               "category": category, "name_filter": name_filter, "cells": [c.as_dict() for c in cells]}
     return Triage.create(store, items, params, name=name)
 
@@ -448,7 +460,10 @@ def generate(t: Triage, backend, outputs_dir: str, *, progress: Callable[[float,
         return {"cells": 0}
     run = t.run()
     if run is None:
-        run = Run.create(outputs_dir, "triage", cells, meta={"triage": t.id})
+        meta = {"triage": t.id}
+        if t.rec["params"].get("profile"):
+            meta["profile"] = t.rec["params"]["profile"]
+        run = Run.create(outputs_dir, "triage", cells, meta=meta)
         t.store.set_triage(t.id, run_dir=run.dir)
     t.store.set_triage(t.id, state="generating")
     try:
@@ -457,4 +472,7 @@ def generate(t: Triage, backend, outputs_dir: str, *, progress: Callable[[float,
         t.store.set_triage(t.id, state="incomplete")
         raise
     t.store.set_triage(t.id, state="ready" if rec["missing"] == 0 and rec["failed"] == 0 else "incomplete")
-    return rec
+    from ..gen.grid import profile_record
+    from ..gen.run import update_record
+
+    return update_record(run, **profile_record(t.rec["params"].get("settings") or {}, t.rec["params"].get("profile")))

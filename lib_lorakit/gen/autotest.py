@@ -22,26 +22,22 @@ from ..errors import LorakitError, RecipeError
 from ..hosts import LORA_EXTS
 from .backend import Backend, ModelInfo, UnknownModel
 from .grid import GridRow, GridSpec, epoch_files, inspect_for_grid, max_safe_for, max_safe_of, run_grid
+from .profiles import prompt_set as _prompt_set
 from .run import _atomic_write
 
-DEFAULT_PROMPTS = [
-    "a portrait of a person, upper body, looking at viewer, detailed",
-    "a full body shot of a person standing in a city street",
-    "a landscape with mountains, a lake and trees, daylight",
-    "a cosy room interior with a window and a plant",
-    "a close-up of a cat sitting on a wooden table",
-]
+DEFAULT_PROMPTS = _prompt_set()  # plain sentences; a checkpoint of a booru lineage gets booru tags
 STATE = "autotest-state.json"
 
 
 @dataclass
 class AutotestOptions:
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    negative_prompt: str = ""
+    prompts: list[str] | None = None  # None: the checkpoint profile's prompt set (booru or plain sentences)
+    negative_prompt: str = ""  # "": the profile's negative prompt
     strengths: str | None = None  # None: 0 .. max-safe
     seeds: list[int] = field(default_factory=lambda: [1])
     checkpoint: str | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # overrides of the checkpoint profile's settings
+    profile: str | None = None  # a profile name instead of the detected one
     epochs: bool = False  # rows = every epoch of the file's run, instead of the file alone
     use_trigger: bool = True
 
@@ -97,13 +93,20 @@ def test_lora(backend: Backend, path: str, out_dir: str, opts: AutotestOptions,
         from .backend import resolve_name
 
         ckpt_path = resolve_name(ck_name, backend.checkpoints(), "checkpoint").path
+    from .profiles import prompt_set, record_of, settings_for
+
     notes: list[str] = []
-    prompts = list(opts.prompts)
+    chosen = settings_for(ckpt_path, opts.settings, profile=opts.profile, settings=inspector_settings)
+    notes.append(f"generation profile {chosen['label']} ({chosen['reason']})")
     rep, more = inspect_for_grid(path, ckpt_path, inspector_settings)
     notes += more
     trig = rep.get("trigger")
-    if trig and opts.use_trigger:
-        prompts = [f"{trig}, {p}" for p in prompts]
+    use = trig if trig and opts.use_trigger else None
+    if opts.prompts:
+        prompts = [f"{use}, {p}" if use else p for p in opts.prompts]
+    else:
+        prompts = prompt_set(chosen, trigger=use)  # the trigger where this lineage expects it
+    if use:
         notes.append(f"trigger {trig!r} ({rep.get('kind')}) added to every prompt, baseline included")
     elif rep:
         notes.append(f"no trigger ({rep.get('kind')}): prompts used as given")
@@ -121,8 +124,9 @@ def test_lora(backend: Backend, path: str, out_dir: str, opts: AutotestOptions,
                          f"({'max-safe for ' + why if cap else why or 'default'})")
         rows.append(GridRow(label=f.name if ep is None or not opts.epochs else f"{f.name} (epoch {ep})", lora=f.name,
                             max_safe=cap, epoch=ep))
-    spec = GridSpec(rows=rows, prompt=prompts, negative_prompt=opts.negative_prompt, strengths=opts.strengths,
-                    seeds=list(opts.seeds), checkpoint=opts.checkpoint, settings=dict(opts.settings))
+    spec = GridSpec(rows=rows, prompt=prompts, negative_prompt=opts.negative_prompt or chosen["negative"],
+                    strengths=opts.strengths, seeds=list(opts.seeds), checkpoint=opts.checkpoint,
+                    settings=dict(chosen["settings"]), profile=record_of(chosen))
     res = run_grid(backend, spec, out_dir, notes=notes, kind="autotest", progress=progress)
     res.pop("grid_image", None)
     # the summary gets the inspector's view on top
@@ -134,6 +138,7 @@ def test_lora(backend: Backend, path: str, out_dir: str, opts: AutotestOptions,
         head.append(f"- Inspector: {rep.get('architecture')}, {', '.join(rep.get('algorithms') or [])}, rank "
                     f"{rep.get('rank')}, {rep.get('category')} (max-safe {rep.get('max_safe_strength')}), "
                     f"{rep.get('kind')}, trigger {trig!r}")
+        head += [f"- Training: {f['text']}" for f in rep.get("training_review") or []]
     head += [f"- Note: {n}" for n in notes]
     md = md.replace("\n\n", "\n\n" + "\n".join(head) + "\n", 1)
     _atomic_write(md_path, md.encode())

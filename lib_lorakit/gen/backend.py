@@ -230,8 +230,13 @@ class HttpBackend:
         body = {k: request[k] for k in ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height",
                                         "sampler_name", "scheduler") if request.get(k) not in (None, "")}
         body.update(batch_size=1, n_iter=1, send_images=True, save_images=False)
+        override: dict[str, Any] = {}
         if request.get("checkpoint"):
-            body["override_settings"] = {"sd_model_checkpoint": request["checkpoint"]}
+            override["sd_model_checkpoint"] = request["checkpoint"]
+        if request.get("clip_skip"):
+            override["CLIP_stop_at_last_layers"] = int(request["clip_skip"])
+        if override:
+            body["override_settings"] = override
             body["override_settings_restore_afterwards"] = True
         res = self._call("POST", "/sdapi/v1/txt2img", body)
         images = (res or {}).get("images") or []

@@ -124,6 +124,7 @@ class GridSpec:
     seeds: list[int] = field(default_factory=lambda: [1])
     checkpoint: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)  # the generation profile used (profiles.record_of)
 
     @property
     def prompts(self) -> list[str]:
@@ -301,6 +302,11 @@ def summary_markdown(run: Run, verdicts: dict[str, Any], grid_file: str | None =
         lines.append(f"- Negative: `{bases[0].negative_prompt}`")
     lines += [f"- Seeds: {', '.join(str(s) for s in sorted({c.seed for c in cells}))}",
               f"- Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}"]
+    prof = run.plan.get("meta", {}).get("profile")
+    if prof:
+        lines.append(f"- Profile: {prof.get('label')} (`{prof.get('profile')}`): {prof.get('reason')}"
+                     + (f"; changed by you: {', '.join(prof['overridden'])}" if prof.get("overridden") else ""))
+        lines += [f"- Note: {n}" for n in prof.get("notes") or []]
     if rec:
         lines.append(f"- Images: {rec.get('ok')} ok, {rec.get('failed')} failed, {rec.get('missing')} missing, "
                      f"{rec.get('flagged')} flagged; {rec.get('model_switches')} model switch(es), "
@@ -401,12 +407,16 @@ def max_safe_of(rep: dict[str, Any]) -> tuple[float | None, str]:
 def build_spec(loras_listed, *, loras: Sequence[str], prompt: str, negative_prompt: str = "",
                strengths: str | Sequence[float] | None = None, epochs: bool = False, seeds: Sequence[int] = (1,),
                checkpoint: str | None = None, checkpoint_path: str | None = None,
-               settings: dict[str, Any] | None = None, inspector_settings: dict[str, Any] | None = None
-               ) -> tuple[GridSpec, list[str]]:
+               settings: dict[str, Any] | None = None, inspector_settings: dict[str, Any] | None = None,
+               profile: str | None = None) -> tuple[GridSpec, list[str]]:
     """A :class:`GridSpec` from what a user gives: LoRA names (or none: those tagged in the prompt),
     strengths (or none: up to each LoRA's max-safe strength), epochs mode, seeds. Returns the spec and
-    notes for the report."""
+    notes for the report.
+
+    The generation settings are the checkpoint's profile (:func:`~lib_lorakit.gen.profiles.settings_for`,
+    or the named ``profile``) with ``settings`` on top; an empty negative prompt becomes the profile's."""
     from .backend import resolve_name
+    from .profiles import record_of, settings_for
 
     names = [n for n in loras if n and n.strip()]
     notes: list[str] = []
@@ -429,8 +439,11 @@ def build_spec(loras_listed, *, loras: Sequence[str], prompt: str, negative_prom
                              f"({'max-safe for ' + why if cap else why or 'default'})")
             label = f.name if ep is None or not epochs else f"{f.name} (epoch {ep})"
             rows.append(GridRow(label=label, lora=f.name, max_safe=cap, epoch=ep))
-    spec = GridSpec(rows=rows, prompt=prompt, negative_prompt=negative_prompt, strengths=strengths,
-                    seeds=[int(s) for s in seeds], checkpoint=checkpoint, settings=dict(settings or {}))
+    chosen = settings_for(checkpoint_path, settings, profile=profile, settings=inspector_settings)
+    notes.append(f"generation profile {chosen['label']} ({chosen['reason']})")
+    spec = GridSpec(rows=rows, prompt=prompt, negative_prompt=negative_prompt or chosen["negative"],
+                    strengths=strengths, seeds=[int(s) for s in seeds], checkpoint=checkpoint,
+                    settings=dict(chosen["settings"]), profile=record_of(chosen))
     return spec, notes
 
 
@@ -454,6 +467,15 @@ def parse_seeds(text: str | Sequence[int] | None, default: int = 1) -> list[int]
     return list(dict.fromkeys(vals))
 
 
+def profile_record(settings: dict[str, Any], profile: dict[str, Any] | None) -> dict[str, Any]:
+    """The fields a run record (``run.json``) keeps about what it generated with."""
+    out: dict[str, Any] = {"settings": dict(settings)}
+    if profile:
+        out["profile"] = profile.get("profile")
+        out["profile_detail"] = dict(profile)
+    return out
+
+
 def run_grid(backend, spec: GridSpec, outputs_dir: str, *, notes: Sequence[str] = (), kind: str = "grid",
              progress=None, cancel=None, max_cell: int = 256) -> dict[str, Any]:
     """Plan, generate, judge and draw a strength grid in a new run folder."""
@@ -464,7 +486,10 @@ def run_grid(backend, spec: GridSpec, outputs_dir: str, *, notes: Sequence[str] 
     from .run import update_record
 
     t0 = time.perf_counter()
-    run = Run.create(outputs_dir, kind, spec.cells(), meta={"notes": list(notes), "backend": backend.kind})
+    meta = {"notes": list(notes), "backend": backend.kind}
+    if spec.profile:
+        meta["profile"] = spec.profile
+    run = Run.create(outputs_dir, kind, spec.cells(), meta=meta)
     rec = execute(run, backend, progress=progress, cancel=cancel)
     t1 = time.perf_counter()
     out = finish(run, max_cell=max_cell)
@@ -472,6 +497,7 @@ def run_grid(backend, spec: GridSpec, outputs_dir: str, *, notes: Sequence[str] 
     # the whole run's own cost: planning, pre-flight, checks, files, manifest, evaluation, grid
     out["record"] = update_record(run, seconds_finish=round(t2 - t1, 3),
                                   seconds_total=round(t2 - t0, 3),
-                                  seconds_lorakit_total=round(t2 - t0 - rec["seconds_generating"], 3))
+                                  seconds_lorakit_total=round(t2 - t0 - rec["seconds_generating"], 3),
+                                  **profile_record(spec.settings, spec.profile))
     out["notes"] = list(notes)
     return out

@@ -46,7 +46,7 @@ PLAN = "plan.json"
 MANIFEST = "manifest.jsonl"
 RECORD = "run.json"
 IMAGES = "images"
-SETTINGS_KEYS = ("steps", "cfg_scale", "width", "height", "sampler_name", "scheduler")
+SETTINGS_KEYS = ("steps", "cfg_scale", "width", "height", "sampler_name", "scheduler", "clip_skip", "cfg_rescale")
 
 
 @dataclass

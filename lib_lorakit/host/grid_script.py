@@ -6,7 +6,10 @@ seed, as the built-in X/Y/Z plot does. Everything else — the plan, the run fol
 manifest, the post-checks, the verdicts, the grid picture — is lorakit's library.
 
 From the API: ``POST /sdapi/v1/txt2img`` with ``"script_name": "lorakit: lora strength grid"``
-and ``"script_args": [loras, strengths, epochs, seeds, return_images]`` (see the README).
+and ``"script_args": [loras, strengths, epochs, seeds, return_images, use_profile]`` (see the README).
+With ``use_profile`` (the tab's default; False for API calls that leave it out) the images are
+made with the loaded checkpoint's generation profile (size, sampler, schedule, steps, CFG, clip
+skip) instead of the txt2img fields; the prompt is always yours.
 """
 
 from __future__ import annotations
@@ -46,6 +49,14 @@ class ScriptBackend(HostBackend):
         pc.negative_prompt = request.get("negative_prompt", pc.negative_prompt)
         pc.seed = int(request["seed"])
         pc.subseed_strength = 0
+        for k in ("width", "height", "steps", "cfg_scale", "sampler_name"):
+            if request.get(k) not in (None, ""):
+                setattr(pc, k, request[k])
+        if request.get("scheduler") and hasattr(pc, "scheduler"):
+            pc.scheduler = request["scheduler"]
+        if request.get("clip_skip"):
+            pc.override_settings = {**(getattr(pc, "override_settings", None) or {}),
+                                    "CLIP_stop_at_last_layers": int(request["clip_skip"])}
         pc.batch_size = 1
         pc.n_iter = 1
         pc.do_not_save_grid = True
@@ -62,13 +73,14 @@ class ScriptBackend(HostBackend):
 
 def parse_args(args: tuple) -> dict[str, Any]:
     """script_args → options; short lists (old API calls) get the defaults."""
-    vals = list(args) + [None] * 5
-    loras, strengths, epochs, seeds, return_images = vals[:5]
+    vals = list(args) + [None] * 6
+    loras, strengths, epochs, seeds, return_images, use_profile = vals[:6]
     if isinstance(loras, str):
         loras = [x.strip() for x in loras.split(",") if x.strip()]
     return {"loras": list(loras or []), "strengths": (strengths or "").strip() or None, "epochs": bool(epochs),
             "seeds": (str(seeds).strip() if seeds not in (None, "") else None),
-            "return_images": True if return_images is None else bool(return_images)}
+            "return_images": True if return_images is None else bool(return_images),
+            "use_profile": bool(use_profile)}
 
 
 def run_script(p, *args) -> Any:
@@ -98,6 +110,11 @@ def run_script(p, *args) -> Any:
                 "sampler_name": p.sampler_name}
     if getattr(p, "scheduler", None):
         settings["scheduler"] = p.scheduler
+    clip = getattr(getattr(shared, "opts", None), "CLIP_stop_at_last_layers", None)
+    if isinstance(clip, int) and clip >= 1:
+        settings["clip_skip"] = clip
+    if opts["use_profile"]:
+        settings = {}  # the checkpoint's profile decides; the txt2img fields are not overrides here
     spec, notes = build_spec(backend.loras(), loras=opts["loras"], prompt=p.prompt, negative_prompt=p.negative_prompt,
                              strengths=opts["strengths"], epochs=opts["epochs"], seeds=seeds, checkpoint=cur,
                              checkpoint_path=ck_path, settings=settings,
@@ -183,11 +200,14 @@ def script_class():
                                          elem_id="lorakit_grid_epochs")
                     return_images = gr.Checkbox(label="Also show the individual images", value=True,
                                                 elem_id="lorakit_grid_images")
+                    use_profile = gr.Checkbox(label="Settings from the checkpoint's profile (size, sampler, steps, "
+                                              "CFG, clip skip), not the fields above", value=True,
+                                              elem_id="lorakit_grid_profile")
                 gr.HTML("<p style='opacity:.7'>A baseline column at strength 0 (no LoRA, same seed) is always "
                         "included. The tested LoRAs' tags are taken out of the prompt and set per cell. Each row "
                         "gets a verdict (no effect / weak / healthy / overfit); images, manifest and summary go to "
                         "outputs/lorakit/grid/.</p>")
-            return [loras, strengths, epochs, seeds, return_images]
+            return [loras, strengths, epochs, seeds, return_images, use_profile]
 
         def run(self, p, *args):
             return run_script(p, *args)

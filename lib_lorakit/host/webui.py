@@ -161,6 +161,8 @@ class WebUIHost:
         ckpt = request.get("checkpoint")
         if ckpt:
             override["sd_model_checkpoint"] = self._checkpoint_title(ckpt)
+        if request.get("clip_skip"):
+            override["CLIP_stop_at_last_layers"] = int(request["clip_skip"])
         from ..gen.profiles import default_settings
 
         gs = {**default_settings(), **{k: v for k, v in request.items() if v is not None}}

@@ -25,7 +25,8 @@ from .category import classify, cross_lineage_ceiling, max_safe
 from .metadata import Training, read_training
 from .structure import ALGORITHM_LABELS, Structure, read_structure
 from .tokens import ClipBPE, clip_bpe
-from .trigger import decide, rank_candidates
+from .review import review
+from .trigger import decide, find_triggers, rank_candidates
 
 __all__ = ["inspect_file", "inspect_paths", "collect_files", "render", "checkpoint_family"]
 
@@ -63,10 +64,50 @@ def checkpoint_family(path: str) -> Family:
         return detect_checkpoint(src.shapes(), src.metadata, path)
 
 
-def _parse(path: str, read_alphas: bool) -> _Parsed:
+_CKPT_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.", "first_stage_model.")
+_ADAPTER_MARKS = (".lora_", "lora_up.", "lora_down.", ".lora_A.", ".lora_B.", ".hada_", ".lokr_", ".oft_")
+_ADAPTER_ENDS = (".alpha", ".diff", ".diff_b", ".dora_scale")
+
+
+def is_checkpoint(keys) -> bool:
+    """True for a full model (ldm/sgm key prefixes, no adapter tensors), not a LoRA."""
+    keys = list(keys)
+    return any(k.startswith(_CKPT_PREFIXES) for k in keys) and not any(
+        k.endswith(_ADAPTER_ENDS) or any(m in k for m in _ADAPTER_MARKS) for k in keys)
+
+
+def checkpoint_report(path: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``inspect`` says about a checkpoint: that it is one, its family and its generation profile."""
+    from ..gen.profiles import settings_for
+
+    fam = checkpoint_family(path)
     with open_header(path) as src:
-        tr = read_training(src.metadata, path)
-        st = read_structure(src, tr.network_args, read_alphas=read_alphas)
+        n = len(src.keys())
+    chosen = settings_for(path, settings=settings)
+    lin = ", ".join(f"{x} ({e})" for x, e in fam.lineage)
+    return {"file": path, "name": os.path.splitext(os.path.basename(path))[0], "file_type": "checkpoint",
+            "size_bytes": os.path.getsize(path), "tensors": n, "architecture": fam.arch,
+            "architecture_label": fam.label, "family": fam.as_dict(), "variant": fam.variant,
+            "profile": chosen["profile"], "profile_label": chosen["label"], "profile_reason": chosen["reason"],
+            "generation_settings": chosen["settings"],
+            "summary": f"an {fam.label} checkpoint" + (f" ({lin})" if lin else "") +
+                       (f", {'v' if fam.vpred else 'epsilon'}-prediction" if fam.vpred is not None else "") +
+                       ", not a LoRA: bake LoRAs into it or pick it as the base.",
+            # the fields a LoRA listing shows, so mixed folders list it as what it is
+            "trigger": None, "kind": "checkpoint", "category": "checkpoint", "algorithms": [], "rank": None,
+            "max_safe_strength": 0.0, "warnings": []}
+
+
+def _parse(path: str, read_alphas: bool, base=None) -> _Parsed | dict:
+    with open_header(path) as src:
+        if is_checkpoint(src.keys()):
+            ckpt = True
+        else:
+            ckpt = False
+            tr = read_training(src.metadata, path)
+            st = read_structure(src, tr.network_args, read_alphas=read_alphas, base=base)
+    if ckpt:
+        return checkpoint_report(path)
     return _Parsed(path=path, training=tr, structure=st, size=os.path.getsize(path))
 
 
@@ -98,6 +139,18 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
     names = _names(p)
     cands = rank_candidates(tr, names, bpe, collection, size)
     verdict = decide(tr, cands, st.components)
+    triggers = find_triggers(tr, names, bpe, collection, size)
+    if triggers:
+        # several concepts, each with its own word: the largest is the trigger, the others are listed
+        if verdict.trigger not in {t["tag"] for t in triggers}:
+            first = triggers[0]["tag"]
+            verdict = decide(_with_trigger(tr, first), cands, st.components)
+            verdict.trigger = first
+            verdict.kind = "trigger-dependent"
+            verdict.kind_evidence.insert(0, f"+ {len(triggers)} concepts, each with its own trigger")
+        verdict.reason = (f"{len(triggers)} concepts: " + "; ".join(
+            f"{tr.written(t['tag'])!r} in {t['share']:.0%} of the images" for t in triggers)
+            + f". {verdict.reason}")
     has_captions = any(f.tags for f in tr.folders)
     cat = classify(tr, names, verdict.trigger, st.components, has_captions)
     table = (settings or {}).get("max_safe_strength")
@@ -106,7 +159,7 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
 
     # lineage: tags like score_9 mark Pony training even without a name hint
     lineage = [n for n, _ in fam.lineage]
-    if "Pony" not in lineage and any(t.startswith("score_") for t in _top_tags(tr, 40)):
+    if "Pony" not in lineage and any(t.startswith(("score_", "score ")) for t in _top_tags(tr, 40)):
         fam.lineage.append(("Pony", "training captions carry score_* tags"))
         lineage.append("Pony")
     if ckpt is not None:
@@ -146,6 +199,7 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
         warnings.append(note)
 
     rank, alpha = st.main_rank(), st.main_alpha()
+    findings = review(tr, st, verdict.trigger)
     return {
         "file": p.path,
         "name": os.path.splitext(os.path.basename(p.path))[0],
@@ -160,7 +214,9 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
         "components": st.components,
         "structure": st.as_dict(),
         "training": tr.as_dict(),
-        "trigger": verdict.trigger,
+        "trigger": tr.written(verdict.trigger),  # as the captions wrote it: what a prompt must repeat
+        "trigger_normalised": verdict.trigger,
+        "triggers": [{**t, "tag": tr.written(t["tag"]), "normalised": t["tag"]} for t in triggers],
         "trigger_reason": verdict.reason,
         "trigger_candidates": [c.as_dict() for c in verdict.candidates[:8]],
         "most_frequent_tags": top_raw,
@@ -172,13 +228,28 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
         "max_safe_strength": round(strength, 3),
         "max_safe_reason": strength_reason,
         "clip_vocabulary": bpe.source if bpe else None,
+        "training_review": findings,
         "warnings": warnings,
     }
 
 
-def _parse_safe(args: tuple[str, bool]) -> _Parsed | dict:
+def _with_trigger(tr: Training, tag: str) -> Training:
+    """``tr`` with ``tag`` declared, so :func:`decide` weighs the LoRA's kind around it."""
+    import dataclasses
+
+    return dataclasses.replace(tr, declared_triggers=[(tag, "its own training folder")])
+
+
+def _parse_safe(args: tuple[str, bool, str | None]) -> _Parsed | dict:
+    """One file in a worker process; the checkpoint's match context is built once per worker."""
+    path, deep, checkpoint = args
     try:
-        return _parse(*args)
+        base = None
+        if checkpoint:
+            from .structure import cached_checkpoint_context
+
+            base = cached_checkpoint_context(checkpoint)
+        return _parse(path, deep, base)
     except LorakitError as e:
         return {"file": args[0], "error": str(e)}
 
@@ -202,6 +273,11 @@ def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weight
     """
     files = collect_files(paths)
     ckpt = checkpoint_family(checkpoint) if checkpoint else None
+    base = None
+    if checkpoint and ckpt is not None and ckpt.arch:
+        from .structure import checkpoint_context
+
+        base = checkpoint_context(checkpoint)  # match as the bake does, against this very file
     bpe = clip_bpe()
     deep = weights
     parsed: dict[str, _Parsed | dict] = {}
@@ -213,7 +289,7 @@ def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weight
         if cancel is not None and cancel.is_set():
             return
         try:
-            parsed[path] = _parse(path, deep)
+            parsed[path] = _parse(path, deep, base)
         except LorakitError as e:
             parsed[path] = {"file": path, "error": str(e)}
         with lock:
@@ -227,7 +303,8 @@ def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weight
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as ex:
-            for path, res in zip(files, ex.map(_parse_safe, [(f, deep) for f in files], chunksize=16)):
+            for path, res in zip(files, ex.map(_parse_safe, [(f, deep, checkpoint if base else None) for f in files],
+                                                    chunksize=16)):
                 parsed[path] = res
                 done += 1
                 if progress:
@@ -289,6 +366,14 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
     """A readable report (what the CLI prints and the tab shows)."""
     if "error" in rep:
         return f"{rep['file']}\n  ERROR: {rep['error']}\n"
+    if rep.get("file_type") == "checkpoint":
+        fam = rep["family"]
+        L = [rep["file"], f"  checkpoint {rep['summary']}",
+             f"  evidence   {'; '.join(fam['evidence'])}" + (f"; {fam['vpred_evidence']}" if fam["vpred_evidence"] else ""),
+             f"  tensors    {rep['tensors']}" + (f" · variant {rep['variant']}" if rep["variant"] else ""),
+             f"  profile    {rep['profile_label']} ({rep['profile_reason']}): " +
+             ", ".join(f"{k}={v}" for k, v in rep["generation_settings"].items())]
+        return "\n".join(L) + "\n"
     st = rep["structure"]
     tr = rep["training"]
     L = [f"{rep['file']}"]
@@ -304,6 +389,8 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
              f"alpha {_fmt(rep['alpha'])}{aspread} [{st['alpha_source']}] · {st['modules']} modules "
              f"({', '.join(f'{c} {n}' for c, n in st['modules_per_component'].items())})"
              + (f" · {st['conv_modules']} conv (rank {st['conv_rank']})" if st["conv_modules"] else ""))
+    if st.get("matched_against"):
+        L.append(f"  matched    against {st['matched_against']}")
     if st["blocks"]:
         L.append("  blocks     " + " ".join(f"{b}:{n}" for b, n in st["blocks"].items()))
     L.append(f"  trainer    {tr['trainer']}")
@@ -330,6 +417,8 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
     L.append(f"             {rep['trigger_reason']}")
     for c in rep["trigger_candidates"][:3]:
         L.append(f"             · {c['tag']!r} score {c['score']:.1f}: {'; '.join(c['evidence'])}")
+    for t in rep.get("triggers") or []:
+        L.append(f"  concept    {t['tag']!r}: {t['share']:.0%} of the images ({'; '.join(t['evidence'])})")
     L.append(f"  kind       {rep['kind']}: " + "; ".join(rep["kind_evidence"]))
     L.append(f"             {rep['baking']}")
     cd = rep["category_detail"]
@@ -349,6 +438,8 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
             L.append(f"             {b:<6} {(f'{v:.2%}' if ws['relative'] else f'{v:.4g}'):>9} {bar}")
         if ws["skipped_count"]:
             L.append(f"             ({ws['skipped_count']} module(s) skipped: {ws['skipped'][0]})")
+    for f in rep.get("training_review") or []:
+        L.append(f"  training   {f['text']}")
     for w in rep["warnings"]:
         L.append(f"  warning    {w}")
     return "\n".join(L) + "\n"

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from .tags import emphasis_in, normalise_tag
+
 # (field, label, kind) in the order the report shows them
 TRAINING_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("ss_output_name", "output name", "str"),
@@ -97,6 +99,12 @@ class Training:
     keep_tokens: int = 0
     declared_triggers: list[tuple[str, str]] = field(default_factory=list)  # (trigger, where it was declared)
     warnings: list[str] = field(default_factory=list)
+    spellings: dict[str, str] = field(default_factory=dict)  # counted form -> the most frequent form as written
+    emphasis: list[tuple[str, int]] = field(default_factory=list)  # caption tags written with (emphasis:1.2), count
+
+    def written(self, tag: str | None) -> str | None:
+        """A counted tag as the captions wrote it (what a prompt must repeat to hit the trained token)."""
+        return self.spellings.get(tag, tag) if tag else tag
 
     @property
     def images(self) -> int | None:
@@ -198,6 +206,7 @@ def read_training(meta: Mapping[str, str], path: str = "") -> Training:
                     keep = max(keep or 0, k)
 
     names = list(dict.fromkeys([*dirs, *freq]))
+    spelled: dict[tuple[str, str], int] = {}
     for name in names:
         info = dirs.get(name) if isinstance(dirs.get(name), dict) else {}
         tags = freq.get(name)
@@ -211,8 +220,15 @@ def read_training(meta: Mapping[str, str], path: str = "") -> Training:
                 warnings.append(f"ss_tag_frequency[{name!r}][{t!r}] = {c!r} is not a count; ignored.")
                 continue
             t = t.strip()
-            if t:
-                clean[t] = clean.get(t, 0) + n
+            if not t:
+                continue
+            if emphasis_in(t):
+                tr.emphasis.append((t, n))
+            key = normalise_tag(t)  # blue_hair, blue hair and (blue hair:1.2) count as one tag
+            if not key:
+                continue
+            clean[key] = clean.get(key, 0) + n
+            spelled[(key, t)] = spelled.get((key, t), 0) + n
         f = Folder(name=name, images=_int(info.get("img_count")), repeats=_int(info.get("n_repeats")), tags=clean)
         sub = subsets.get(name) or subsets.get(re.sub(r" \(\d+\)$", "", name))
         if sub is not None:
@@ -231,6 +247,8 @@ def read_training(meta: Mapping[str, str], path: str = "") -> Training:
             tr.folders.append(Folder(name=name, images=_int(info.get("img_count")),
                                      repeats=_int(info.get("n_repeats")), is_reg=True))
     tr.keep_tokens = keep or 0
+    for (key, raw), n in sorted(spelled.items(), key=lambda kv: -kv[1]):
+        tr.spellings.setdefault(key, raw.strip())
 
     declared = []
     if tr.modelspec.get("trigger_phrase"):

@@ -23,6 +23,7 @@ from ..formats.sources import LayoutSource, TensorSource
 from ..networks import algorithm_name
 from ..networks.base import scalar
 from ..networks.resolve import TargetIndex, parse_keys
+from ..synth import SHRINK
 
 ALGORITHM_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA",
                     "doha": "DoRA (LoHa)", "dokr": "DoRA (LoKr)", "full": "full (diff)", "norm": "norm",
@@ -50,6 +51,7 @@ class Structure:
     unmatched: list[tuple[str, str]] = field(default_factory=list)
     embeddings: list[str] = field(default_factory=list)
     alpha_source: str = ""  # "metadata", "tensors", "none in file"
+    matched_against: str = ""  # "the checkpoint <path>", "the SDXL layout", "the SDXL layout at 1/64 width"
 
     @property
     def algorithms(self) -> list[str]:
@@ -101,18 +103,46 @@ class Structure:
             "unmatched": [{"module": m, "reason": r} for m, r in self.unmatched[:20]],
             "unmatched_count": len(self.unmatched),
             "embeddings": self.embeddings,
+            "matched_against": self.matched_against,
         }
 
 
 @functools.cache
-def _layout_index(arch: str) -> tuple[LayoutSource, TargetIndex, Family]:
-    base = LayoutSource(load_layout(ARCHS[arch].layout), path=f"<{ARCHS[arch].label} layout>")
+def _layout_index(arch: str, factor: int = 1) -> tuple[LayoutSource, TargetIndex, Family]:
+    """The architecture's layout as a match target; ``factor`` > 1: every width divided as lorakit's
+    synthetic models do (the demo's and the tests' tiny checkpoints)."""
+    from ..synth import tiny_shape
+
+    table = load_layout(ARCHS[arch].layout)
+    if factor != 1:
+        table = {k: (tiny_shape(s, factor), dt) for k, (s, dt) in table.items()}
+    label = f"the {ARCHS[arch].label} layout" + (f" at 1/{factor} width" if factor != 1 else "")
+    base = LayoutSource(table, path=f"<{label[4:]}>")
     shapes = base.shapes()
     return base, TargetIndex(shapes, ARCHS[arch]), detect_checkpoint(shapes, {}, base.path)
 
 
-def _plan(src: TensorSource, arch: str, family: Family | None = None):
-    base, index, fam = _layout_index(arch)
+def checkpoint_context(path: str) -> tuple[str, tuple[LayoutSource, TargetIndex, Family]]:
+    """A checkpoint's header as a match target (arch, (source, index, family)): the bake's own resolver
+    against the same file, so the inspector and the bake agree on what matches."""
+    from ..formats.sources import open_header
+
+    with open_header(path) as src:
+        table = {k: (src.shape(k), src.dtype(k)) for k in src.keys()}
+        meta = dict(src.metadata)
+    base = LayoutSource(table, path=path, metadata=meta)
+    fam = detect_checkpoint(base.shapes(), meta, path)
+    return fam.arch, (base, TargetIndex(base.shapes(), ARCHS[fam.arch]), fam)
+
+
+@functools.lru_cache(maxsize=2)
+def cached_checkpoint_context(path: str):
+    """:func:`checkpoint_context`, kept for the worker processes of a folder scan."""
+    return checkpoint_context(path)
+
+
+def _plan(src: TensorSource, arch: str, family: Family | None = None, ctx=None):
+    base, index, fam = ctx or _layout_index(arch)
     return plan_bake(base, [LoraSpec(path=src.path, source=src, family=family)], allow_unmatched=True, index=index,
                      base_family=fam)
 
@@ -150,13 +180,17 @@ def _declared_alpha(meta: dict[str, str], args: dict[str, Any], modules: list[Mo
     return out
 
 
-def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, read_alphas: bool = False) -> Structure:
+def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, read_alphas: bool = False,
+                   base: tuple[str, Any] | None = None) -> Structure:
     """Match a LoRA's modules to its architecture's layout (header only, unless alphas must be read).
 
     Args:
         src: the open LoRA file.
         args: kohya ``ss_network_args`` (parsed), for conv alphas.
         read_alphas: always read the alpha tensors, even where the metadata states them.
+        base: :func:`checkpoint_context` of the checkpoint it is meant for: matched against that file (as
+            the bake does) when the architectures agree. Otherwise the layout, at full width or — when
+            that leaves modules unmatched — at the width of lorakit's synthetic models, whichever fits.
     """
     shapes = src.shapes()
     fam = detect_lora(shapes, src.metadata, src.path)
@@ -164,19 +198,29 @@ def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, rea
     archs = [fam.arch] if fam.arch in ARCHS else ([] if fam.arch else list(ARCHS))
     best = None
     for a in archs:
-        try:
-            plan = _plan(src, a, fam if fam.arch == a else None)
-        except (MatchError, ArchitectureError):
-            continue
-        n = sum(len(cs) for cs in plan.weights.values())
-        if best is None or n > best[1]:
-            best = (plan, n, a)
+        if base is not None and base[0] == a:
+            targets = [(f"the checkpoint {base[1][0].path}", base[1])]
+        else:
+            targets = [(None, 1), (None, SHRINK)]
+        for what, ctx in targets:
+            if what is None:
+                if ctx != 1 and (best is None or best[2] != a or not best[0].loras[0].unmatched):
+                    continue  # the full-width layout fits: no other width to try
+                what, ctx = _layout_index(a, ctx)[0].path.strip("<>"), _layout_index(a, ctx)
+                what = "the " + what
+            try:
+                plan = _plan(src, a, fam if fam.arch == a else None, ctx)
+            except (MatchError, ArchitectureError):
+                continue
+            n = sum(len(cs) for cs in plan.weights.values())
+            if best is None or n > best[1]:
+                best = (plan, n, a, what)
     if best is None:
         parsed = parse_keys(shapes)
         st.embeddings = sorted(parsed.embeddings)
         st.unmatched = [(m, "no layout of a known architecture has it") for m in parsed.modules]
         return st
-    plan, _, arch = best
+    plan, _, arch, st.matched_against = best
     st.embeddings = sorted(plan.loras[0].parsed.embeddings)
     st.arch = arch
     if fam.arch is None:

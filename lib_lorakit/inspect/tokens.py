@@ -205,7 +205,7 @@ def words_of(tag: str) -> list[str]:
 
 def is_generic(tag: str) -> bool:
     t = tag.strip().lower().replace("_", " ")
-    return t in GENERIC_TAGS or tag.strip().lower() in GENERIC_TAGS
+    return t in GENERIC_TAGS or tag.strip().lower() in GENERIC_TAGS or t.replace(" ", "_") in GENERIC_TAGS
 
 
 _VOWELS = set("aeiouy")

@@ -171,3 +171,53 @@ def decide(tr: Training, cands: list[Candidate], components: list[str]) -> Verdi
         baking = "Works without a trigger word, so it bakes cleanly: the baked model shows it in every image."
     return Verdict(trigger=trigger, candidates=cands, reason=reason, kind=kind,
                    kind_evidence=[f"+ {d}" for d in dep] + [f"- {p}" for p in pas], baking=baking)
+
+
+MULTI_MIN_RARITY = 0.3  # not an everyday caption word
+MULTI_MIN_SHARE = 0.2  # a concept of a multi-concept LoRA is in at least this share of its folder's captions
+
+
+def find_triggers(tr: Training, names: list[str], bpe: ClipBPE | None,
+                  collection_counts: dict[str, int] | None = None, collection_size: int = 0) -> list[dict[str, Any]]:
+    """The triggers of a multi-concept LoRA (two characters, each with its own word), or [] for one concept.
+
+    kohya records tag counts per image folder, not per image, so the concepts are found two ways:
+    each folder decided on its own (a folder per character, the usual layout), and, inside one folder,
+    rare tags that each sit in part of the captions and together cover (nearly) all of them.
+    Each trigger comes with its evidence and its share of the training images.
+    """
+    folders = [f for f in tr.folders if not f.is_reg and f.tags]
+    sizes = {f.name: f.images or max(f.tags.values()) for f in folders}
+    total = sum(sizes.values())
+    found: dict[str, dict[str, Any]] = {}
+
+    def add(tag: str, images: int, folder: str, why: str) -> None:
+        e = found.setdefault(tag, {"tag": tag, "images": 0, "folders": [], "evidence": []})
+        e["images"] += images
+        e["folders"].append(folder)
+        e["evidence"].append(why)
+
+    if len(folders) >= 2:
+        for f in folders:
+            sub = Training(trainer=tr.trainer, fields=tr.fields, folders=[f], keep_tokens=tr.keep_tokens)
+            cands = rank_candidates(sub, names + [f.name], bpe, collection_counts, collection_size)
+            v = decide(sub, cands, [])
+            if v.trigger:
+                add(v.trigger, sizes[f.name], f.name, f"folder {f.name!r}: {v.reason}")
+    for f in folders:
+        n = sizes[f.name]
+        rare = []
+        for t, c in f.tags.items():
+            share = c / n if n else 0.0
+            if MULTI_MIN_SHARE <= share < MIN_SHARE and not is_generic(t):
+                r, why = rarity(t, bpe)
+                if r >= MULTI_MIN_RARITY:
+                    rare.append((t, c, share, r, why))
+        if len(rare) >= 2 and sum(x[2] for x in rare) >= 0.8:
+            for t, c, share, r, why in rare:
+                add(t, c, f.name, f"in {c} of {n} captions of folder {f.name!r} ({share:.0%}), rarity {r:.2f} ({why}); "
+                                  f"with {', '.join(repr(x[0]) for x in rare if x[0] != t)} it splits the folder's images")
+    out = sorted(found.values(), key=lambda e: (-e["images"], e["tag"]))
+    for e in out:
+        e["share"] = round(min(1.0, e["images"] / total), 3) if total else None
+    return out if len(out) >= 2 else []

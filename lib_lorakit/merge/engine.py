@@ -578,6 +578,11 @@ def merge(models: Sequence[ModelSpec], output: str, *, method: str = "weighted",
     plan = plan_merge(models, method=method, base=base, blocks=blocks, vae_from=vae_from, te_from=te_from,
                       normalize=normalize)
     params = {"density": density, "drop": drop, "seed": seed, "scale": scale, "normalize": normalize}
+    # --- pre-flight (lib_lorakit/preflight.py): broken CLIP position_ids are written as the integer arange ---
+    from ..preflight import position_ids_repairs, repair_message
+    for k, why in position_ids_repairs([(i.label, i.source) for i in plan.inputs], plan.keys).items():
+        plan.actions[k] = Action("repair", 0, "position_ids repaired")
+        plan.warnings.append(repair_message(k, why))
     hashers = [FedHasher(inp.path) for inp in plan.inputs]
     for h in hashers:
         h.start()
@@ -615,7 +620,8 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
         a = plan.actions[k]
         src = plan.inputs[a.src if a.kind == "copy" else 0].source
         code = src.dtype(k)
-        entries.append(OutEntry(k, save_code if a.kind == "merge" else code, tuple(src.shape(k))))
+        entries.append(OutEntry(k, save_code if a.kind == "merge" else "I64" if a.kind == "repair" else code,
+                                tuple(src.shape(k))))
     total = sum(e.nbytes for e in entries) or 1
     done = 0
     last = 0.0
@@ -635,7 +641,11 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("Merge cancelled; nothing was written.")
                 a = plan.actions[k]
-                if a.kind == "copy":
+                if a.kind == "repair":  # pre-flight: the integer arange, not the inputs' broken copy
+                    from ..formats.position_ids import repaired_position_ids
+                    wt.put(("data", k, repaired_position_ids(torch.empty(e.shape)), None))
+                    stats.copied[a.reason] = stats.copied.get(a.reason, 0) + 1
+                elif a.kind == "copy":
                     src = plan.inputs[a.src].source
                     span = src.raw_span(k)
                     wt.put(("copy", k, span, None) if span is not None else ("data", k, src.read(k), None))

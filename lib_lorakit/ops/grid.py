@@ -6,11 +6,11 @@ from typing import Any, List, Optional, Union
 
 from ..jobs import Job
 from .context import Context, Progress
-from .gen import GenSettings, check_seeds, settings_of
+from .gen import ProfiledSettings, check_seeds, overrides_of
 from .model import Field
 
 
-class GridRequest(GenSettings):
+class GridRequest(ProfiledSettings):
     loras: List[str] = Field(default_factory=list, description="LoRAs from the host's list (rows); empty: those "
                                                                "tagged in the prompt")
     prompt: Union[str, List[str]] = Field(..., description="The prompt (or several); the tested LoRAs' tags are "
@@ -25,9 +25,9 @@ class GridRequest(GenSettings):
                                                         "restored afterwards)")
 
 
-class AutotestRequest(GenSettings):
+class AutotestRequest(ProfiledSettings):
     loras: List[str] = Field(default_factory=list, description="LoRA files or folders")
-    prompts: Optional[List[str]] = Field(None, description="Prompts (default: lorakit's test prompts)")
+    prompts: Optional[List[str]] = Field(None, description="Prompts (default: the profile's prompt set)")
     negative_prompt: str = ""
     strengths: Optional[str] = None
     seeds: Optional[Union[str, List[int]]] = None
@@ -54,8 +54,8 @@ def prepare(ctx: Context, req: GridRequest, backend) -> tuple[Any, list[str]]:
     ckpt_path = resolve_name(ckpt, backend.checkpoints(), "checkpoint").path if ckpt else None
     return build_spec(backend.loras(), loras=req.loras, prompt=req.prompt, negative_prompt=req.negative_prompt,
                       strengths=req.strengths, epochs=req.epochs, seeds=check_seeds(parse_seeds(req.seeds)),
-                      checkpoint=req.checkpoint or None, checkpoint_path=ckpt_path, settings=settings_of(req),
-                      inspector_settings=ctx.settings())
+                      checkpoint=req.checkpoint or None, checkpoint_path=ckpt_path, settings=overrides_of(req),
+                      inspector_settings=ctx.settings(), profile=req.profile)
 
 
 def grid(ctx: Context, req: GridRequest | dict, outputs: str | None = None, progress: Progress | None = None,
@@ -114,7 +114,8 @@ def autotest(ctx: Context, req: AutotestRequest | dict, outputs: str, *, watch: 
     req = AutotestRequest.parse(req)
     opts = AutotestOptions(negative_prompt=req.negative_prompt, strengths=req.strengths,
                            seeds=check_seeds(parse_seeds(req.seeds)), checkpoint=req.checkpoint,
-                           settings=settings_of(req), epochs=req.epochs, use_trigger=req.use_trigger)
+                           settings=overrides_of(req), epochs=req.epochs, use_trigger=req.use_trigger,
+                           profile=req.profile)
     if req.prompts:
         opts.prompts = list(req.prompts)
     return run_autotest(ctx.backend("auto-test LoRAs"), req.loras, outputs, opts, watch=watch, interval=interval,

@@ -42,9 +42,13 @@ class TournamentRequest(Request):
     candidates: List[CandidateIn]
     prompts: List[Union[PromptIn, str]] = Field(..., description="At least 5 (text, or {prompt, negative_prompt, "
                                                                  "seed})")
-    settings: GenSettings = Field(default_factory=GenSettings, description="steps, cfg_scale, width, height, "
-                                                                          "sampler_name, scheduler")
+    settings: GenSettings = Field(default_factory=GenSettings, description="Overrides of the generation profile: "
+                                                                          "steps, cfg_scale, width, height, "
+                                                                          "sampler_name, scheduler, clip_skip")
     first_version: bool = Field(False, description="No control: the report says so")
+    profile: Optional[Union[str, Dict[str, Any]]] = Field(
+        None, description="A generation profile by name (default: the control's checkpoint's), or the profile record "
+                          "a form or an earlier round wrote")
 
     @classmethod
     def fix_hint(cls) -> str:
@@ -82,8 +86,9 @@ def _auto_id(c: CandidateIn, i: int) -> str:
     return base or f"candidate-{i + 1}"
 
 
-def spec_of(req: TournamentRequest | dict):
-    """The one parser of a tournament spec (JSON file, HTTP body, form or next-round proposal)."""
+def spec_of(req: TournamentRequest | dict, ctx: Context | None = None):
+    """The one parser of a tournament spec (JSON file, HTTP body, form or next-round proposal). With a
+    context, the settings come from the control checkpoint's generation profile, the spec's own on top."""
     from ..eval.tournament import Candidate, TournamentSpec
 
     req = TournamentRequest.parse(req, what="tournament spec")
@@ -101,14 +106,51 @@ def spec_of(req: TournamentRequest | dict):
         prompts.append({"prompt": p.prompt, "negative_prompt": p.negative_prompt,
                         "seed": FIRST_SEED + i if p.seed is None else p.seed})
     settings = {k: v for k, v in req.settings.dump().items() if k in SETTING_FIELDS and v not in (None, "")}
+    record = req.profile if isinstance(req.profile, dict) else None
+    if record is None and ctx is not None:  # the profile decides what the spec leaves out
+        from ..eval.forms import spec_with_profile
+
+        from dataclasses import asdict
+
+        d = spec_with_profile({"name": req.name, "candidates": [asdict(c) for c in cands], "first_version":
+                               req.first_version,
+                               "prompts": prompts, "settings": settings},
+                              checkpoint_path=_checkpoint_lookup(ctx), profile=req.profile or None,
+                              lorakit_settings=ctx.settings())
+        settings, prompts, record = d["settings"], d["prompts"], d["profile"]
     spec = TournamentSpec(name=req.name, candidates=cands, prompts=prompts, settings=settings,
-                          first_version=req.first_version)
+                          first_version=req.first_version, profile=dict(record or {}))
     spec.validate()
     return spec
 
 
+def _checkpoint_lookup(ctx: Context):
+    def lookup(name: str) -> str | None:
+        try:
+            return ctx.resolve_checkpoint(name)
+        except Exception:  # noqa: BLE001 - an unknown checkpoint is refused when generating, with the nearest names
+            return None
+
+    return lookup
+
+
+def spec_from_form(ctx: Context, candidates: list[dict[str, Any]], control: Any, prompts: Any, seeds: Any,
+                   settings: dict[str, Any] | None = None, *, name: str = "tournament", negative_prompt: str = "",
+                   first_version: bool = False, profile: str | None = None) -> dict[str, Any]:
+    """A tournament spec from the tab's form (candidates picked from the host's lists, one control, the
+    profile's prompt set unless edited), validated by the same parser as a JSON spec."""
+    from ..eval.forms import tournament_spec_from_form
+
+    d = tournament_spec_from_form(candidates, control, prompts, seeds, settings, name=name,
+                                  negative_prompt=negative_prompt, first_version=first_version,
+                                  checkpoint_path=_checkpoint_lookup(ctx), profile=profile or None,
+                                  lorakit_settings=ctx.settings())
+    spec_of(d)  # the same checks as the JSON route
+    return d
+
+
 def create(ctx: Context, req: TournamentRequest | dict, parent: str | None = None, round_no: int = 1) -> str:
-    return ctx.tournaments().create(spec_of(req), parent=parent, round_no=round_no)
+    return ctx.tournaments().create(spec_of(req, ctx), parent=parent, round_no=round_no)
 
 
 def tournaments(ctx: Context) -> list[dict[str, Any]]:
@@ -252,6 +294,6 @@ def next_round(ctx: Context, tid: str, req: NextRoundRequest | dict) -> dict[str
     prop = propose_next(ctx.tournaments(), tid, req.mode, step=req.step, axis=req.axis, values=req.values)
     if req.create:
         body = {"name": f"{ctx.tournaments().get(tid)['name']} r{prop['round']}",
-                **{k: prop[k] for k in ("candidates", "prompts", "settings", "first_version") if k in prop}}
+                **{k: prop[k] for k in ("candidates", "prompts", "settings", "first_version", "profile") if k in prop}}
         prop["id"] = create(ctx, body, parent=tid, round_no=prop["round"])
     return prop

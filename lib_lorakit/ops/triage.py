@@ -8,20 +8,35 @@ from typing import Any, Dict, List, Optional, Union
 from ..errors import RecipeError
 from ..jobs import Job
 from .context import Context, HostContext
-from .gen import GenSettings, check_seeds, settings_of
+from .gen import ProfiledSettings, check_seeds, overrides_of
 from .model import Field, Request
 
 FILTERS = ("all", "undecided", "yes", "maybe", "no")
 
 
 def default_prompts() -> dict[str, str]:
-    """The built-in triage prompt per category."""
+    """The built-in triage prompt per category (plain sentences; see :func:`form_defaults` for a checkpoint's)."""
     from ..eval.triage import DEFAULT_PROMPTS
 
     return dict(DEFAULT_PROMPTS)
 
 
-class TriageRequest(GenSettings):
+def form_defaults(ctx: Context, checkpoint: str | None = None, profile: str | None = None) -> dict[str, Any]:
+    """What the triage form shows for a checkpoint (default: the host's loaded one): its generation profile,
+    the profile's settings and negative prompt, and the category prompts in the profile's style."""
+    from ..eval.forms import triage_form_defaults
+
+    name = checkpoint or (ctx.host.current_checkpoint() if isinstance(ctx, HostContext) else None)
+    path = None
+    if name:
+        try:
+            path = ctx.resolve_checkpoint(name)
+        except Exception:  # noqa: BLE001 - an unknown name shows the default profile; creating says why
+            path = None
+    return triage_form_defaults(path, profile=profile or None, lorakit_settings=ctx.settings())
+
+
+class TriageRequest(ProfiledSettings):
     folder: Optional[str] = Field(None, description="A folder inside the LoRA folders (recursive); empty: every LoRA")
     checkpoint: Optional[str] = Field(None, description="Checkpoint (default: the loaded one)")
     arch: Optional[str] = Field(None, description="Only sd15 or sdxl LoRAs")
@@ -85,9 +100,9 @@ def create(ctx: Context, req: TriageRequest | dict):
         folder = os.path.abspath(folder)
     t = create_triage(ctx.store(), backend, folder=folder, roots=roots, checkpoint=req.checkpoint,
                       prompts=req.prompts, seeds=check_seeds(parse_seeds(req.seeds)), strength=req.strength,
-                      negative_prompt=req.negative_prompt, settings=settings_of(req), arch=req.arch,
+                      negative_prompt=req.negative_prompt, settings=overrides_of(req), arch=req.arch,
                       category=req.category, name_filter=req.name_filter, inspector_settings=ctx.settings(),
-                      name=req.name)
+                      name=req.name, profile=req.profile)
     return t, backend
 
 

@@ -27,6 +27,8 @@ def report_md(rep: dict[str, Any]) -> str:
     """A report for the tab: the four answers first, then the facts and the evidence."""
     if "error" in rep:
         return f"**{_e(rep.get('lora') or rep['file'])}** could not be read: {_e(rep['error'])}"
+    if rep.get("file_type") == "checkpoint":  # a checkpoint, not a LoRA: the inspector's own text
+        return "```\n" + inspect_op.render(rep) + "```"
     st, tr, cd = rep["structure"], rep["training"], rep["category_detail"]
     trig = f"`{_e(rep['trigger'])}`" if rep["trigger"] else "none"
     lines = [

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from ..gen.profiles import GEN_DEFAULTS
 from ..ops import triage as triage_op
 from ..ops.context import HostContext
 from .common import POLL_S, error_md, progress_html
@@ -51,6 +50,20 @@ VIEWER = """
 
 def _choices(service: HostContext) -> list[str]:
     return [f"{t['id']} · {t['name']} ({t['state']})" for t in triage_op.triages(service)]
+
+
+def _form_defaults(service: HostContext, checkpoint: str | None) -> dict:
+    try:
+        return triage_op.form_defaults(service, checkpoint or None)
+    except Exception:  # noqa: BLE001 - the form still opens; creating names the problem
+        return triage_op.form_defaults(service, None, profile="sd15")
+
+
+def _profile_md(form: dict) -> str:
+    s = form["settings"]
+    return (f"Generation profile **{form['label']}** ({form['reason']}): {s['width']}×{s['height']}, "
+            f"{s['steps']} steps, CFG {s['cfg_scale']:g}, {s['sampler_name']}" +
+            (f", negative prompt *{form['negative_prompt'][:80]}*" if form.get("negative_prompt") else "") + ".")
 
 
 def _tid(choice: str | None) -> str:
@@ -92,12 +105,15 @@ def build_triage_tab(service: HostContext) -> None:
             seeds = gr.Textbox(label="Seeds", value="1")
             strength = gr.Textbox(label="Strength (empty: each LoRA's max-safe)")
 
+        form = _form_defaults(service, None)
+        profile_md = gr.Markdown(_profile_md(form), elem_id="lorakit_triage_profile")
         prompts = gr.Code(label="Prompt per category (the trigger is added for trigger-dependent LoRAs)",
-                          language="json", value=json.dumps(triage_op.default_prompts(), indent=1), elem_id="lorakit_triage_prompts")
+                          language="json", value=json.dumps(form["prompts"], indent=1), elem_id="lorakit_triage_prompts")
         with gr.Row():
-            steps = gr.Number(label="Steps", value=GEN_DEFAULTS["steps"], precision=0)
-            width = gr.Number(label="Width", value=GEN_DEFAULTS["width"], precision=0)
-            height = gr.Number(label="Height", value=GEN_DEFAULTS["height"], precision=0)
+            steps = gr.Number(label="Steps", value=form["settings"]["steps"], precision=0, elem_id="lorakit_triage_steps")
+            width = gr.Number(label="Width", value=form["settings"]["width"], precision=0, elem_id="lorakit_triage_width")
+            height = gr.Number(label="Height", value=form["settings"]["height"], precision=0,
+                               elem_id="lorakit_triage_height")
             start = gr.Button("Create and generate", variant="primary", elem_id="lorakit_triage_start")
         progress = gr.HTML(progress_html(0, "", "idle"), elem_id="lorakit_triage_progress")
         message = gr.Markdown()
@@ -152,6 +168,13 @@ def build_triage_tab(service: HostContext) -> None:
         return f"Pass {n} started: every LoRA is undecided again; earlier passes stay in the history. Reload the triage."
 
     pass_btn.click(do_pass, [pick], [report])
+
+    def do_profile(ck):
+        form = _form_defaults(service, ck)
+        return (json.dumps(form["prompts"], indent=1), form["settings"]["steps"], form["settings"]["width"],
+                form["settings"]["height"], _profile_md(form))
+
+    ckpt.change(do_profile, [ckpt], [prompts, steps, width, height, profile_md])
 
     def do_start(folder_v, ck, arch_v, cat, nm, seeds_v, st, prompts_v, steps_v, w, h) -> Iterator[tuple]:
         import time
