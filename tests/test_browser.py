@@ -347,3 +347,66 @@ def test_blind_tournament_by_keyboard_reveal_and_report(tournament_server):
         order = tours.order(tid, "alice", p)
         assert b.ranks == order[:2] and b.bombs == [order[2]]  # the letters mapped through the stored shuffle
     assert "Control (the previous version): v1" in report and "v2+detail" in report
+
+
+@pytest.fixture
+def form_server(tmp_path):
+    need(os.path.exists(CHROMIUM) or shutil.which("chromium"), "Chromium is not installed")
+    pytest.importorskip("gradio")
+    ckpt, loras, data = tmp_path / "Stable-diffusion", tmp_path / "Lora", tmp_path / "data"
+    ckpt.mkdir()
+    loras.mkdir()
+    write_checkpoint(str(ckpt / "noob-v1.safetensors"), "sdxl", tiny=True, seed=1,
+                     metadata={"modelspec.title": "NoobAI-XL v1 (eps)"})
+    write_checkpoint(str(ckpt / "noob-v2.safetensors"), "sdxl", tiny=True, seed=2,
+                     metadata={"modelspec.title": "NoobAI-XL v2 (eps)"})
+    write(loras, "detail.safetensors", make_lora("sdxl", "lora", seed=3, conv=False))
+    with launch(ckpt, loras, data) as url:
+        yield url, data
+
+
+def test_tournament_from_the_form_alone(form_server, tmp_path):
+    """Three candidates (a checkpoint, the next version with a LoRA, a merge), one control, prompts from the
+    profile: no JSON typed."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, data = form_server
+    with sync_api.sync_playwright() as pw:
+        browser = open_browser(pw)
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.goto(url)
+        page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Tournament").first.click(
+            timeout=60_000)
+        pick(page, "lorakit_tour_f_ckpt", "noob-v1.safetensors")
+        page.locator("#lorakit_tour_f_add").click()
+        page.wait_for_function("document.querySelector('#lorakit_tour_f_candidates').innerText.includes('noob-v1')")
+        pick(page, "lorakit_tour_f_ckpt", "noob-v2.safetensors")
+        page.locator("#lorakit_tour_f_loras textarea, #lorakit_tour_f_loras input").first.fill("detail:0.6")
+        page.locator("#lorakit_tour_f_add").click()
+        page.wait_for_function("document.querySelector('#lorakit_tour_f_candidates').innerText.includes('detail')")
+        page.locator("#lorakit_tour_f_merge textarea, #lorakit_tour_f_merge input").first.fill(
+            "noob-v1.safetensors:0.7, noob-v2.safetensors:0.3")
+        page.locator("#lorakit_tour_f_add_merge").click()
+        page.wait_for_function("document.querySelector('#lorakit_tour_f_candidates').innerText.includes('merge')")
+        # the control checkpoint's profile fills the prompts (booru tags for NoobAI)
+        page.wait_for_function("(document.querySelector('#lorakit_tour_f_prompts textarea') || {}).value"
+                               " && document.querySelector('#lorakit_tour_f_prompts textarea').value.split('\\n')"
+                               ".length >= 5", timeout=30_000)
+        profile = page.locator("#lorakit_tour_f_profile").first.inner_text()
+        page.locator("#lorakit_tour_f_name textarea, #lorakit_tour_f_name input").first.fill("from the form")
+        page.locator("#lorakit_tour_f_create").click()
+        page.wait_for_function("document.querySelector('#lorakit_tour_message').innerText.includes('Created')",
+                               timeout=30_000)
+        page.screenshot(path=str(tmp_path / "tournament-form.png"), full_page=True)
+        browser.close()
+    from lib_lorakit.eval.store import Store
+    from lib_lorakit.eval.tournament import Tournaments
+
+    tours = Tournaments(Store(str(data)))
+    (rec,) = [t for t in tours.list() if t["name"] == "from the form"]
+    spec = tours.spec(rec["id"])
+    assert [c.kind for c in spec.candidates] == ["checkpoint", "recipe", "merge"]
+    assert [c.control for c in spec.candidates] == [True, False, False]
+    assert spec.candidates[1].loras == [{"name": "detail", "strength": 0.6}]
+    assert len(spec.prompts) >= 5 and spec.prompts[0]["seed"] == 1000
+    assert spec.profile.get("profile") == "noobai-eps" and "NoobAI" in profile
+    assert spec.settings["width"] * spec.settings["height"] >= 1024 * 1024 * 0.9  # an SDXL bucket, not 512x512

@@ -35,20 +35,43 @@ VIEWER = """
 </div>
 """
 
-EXAMPLE = json.dumps({
-    "name": "v4 candidates",
-    "candidates": [
-        {"id": "v3", "checkpoint": "my_model_v3.safetensors", "control": True},
-        {"id": "mix-70-20-10", "merge": {"models": [{"name": "my_model_v3.safetensors", "weight": 0.7},
-                                                    {"name": "secondary.safetensors", "weight": 0.2},
-                                                    {"name": "accent.safetensors", "weight": 0.1}]}},
-        {"id": "v3+detail", "checkpoint": "my_model_v3.safetensors", "loras": [{"name": "detail", "strength": 0.5}]}],
-    "prompts": [{"prompt": p, "negative_prompt": "lowres, blurry", "seed": 1000 + i} for i, p in enumerate([
-        "portrait of a woman, upper body, soft light", "a knight in armour, full body, castle background",
-        "a cat on a windowsill, morning light", "a busy street at night, neon signs, rain",
-        "hands holding a cup of coffee, close-up"])],
-    "settings": {**default_settings(), "cfg_scale": 6, "width": 832, "height": 1216},
-}, indent=1)
+def example_spec(checkpoints: list[str]) -> str:
+    """A JSON spec to start from, naming the host's own checkpoints (no made-up files)."""
+    a = checkpoints[0] if checkpoints else "(a checkpoint from the list)"
+    b = checkpoints[1] if len(checkpoints) > 1 else a
+    return json.dumps({
+        "name": "next version",
+        "candidates": [{"checkpoint": a, "control": True}, {"checkpoint": b},
+                       {"id": "mix-70-30", "merge": {"models": [{"name": a, "weight": 0.7}, {"name": b, "weight": 0.3}]}}],
+        "prompts": ["(five or more prompts; empty settings come from the checkpoint's generation profile)"] * 5,
+    }, indent=1)
+
+
+FORM_HEADERS = ["#", "candidate", "kind"]
+
+
+def _describe(row: dict) -> str:
+    if row.get("merge"):
+        return "merge " + ", ".join(f"{m['name']}×{m['weight']:g}" for m in row["merge"]["models"])
+    s = str(row.get("checkpoint"))
+    if row.get("loras"):
+        s += " + " + str(row["loras"])
+    return s
+
+
+def _form_rows(rows: list[dict]) -> list[list]:
+    return [[i + 1, _describe(r), r.get("kind", "")] for i, r in enumerate(rows)]
+
+
+def _merge_models(text: str) -> list[dict]:
+    out = []
+    for part in [x.strip() for x in (text or "").split(",") if x.strip()]:
+        name, sep, w = part.rpartition(":")
+        try:
+            out.append({"name": name.strip(), "weight": float(w)} if sep else {"name": part, "weight": 1.0})
+        except ValueError:
+            out.append({"name": part, "weight": 1.0})
+    return out
 
 
 def _choices(service: HostContext) -> list[str]:
@@ -110,12 +133,45 @@ def build_tournament_tab(service: HostContext) -> None:
             propose = gr.Button("Propose from the winner", elem_id="lorakit_tour_propose")
         proposal = gr.Code(label="Next round (edit, then create)", language="json", elem_id="lorakit_tour_proposal")
         create_next = gr.Button("Create this round", elem_id="lorakit_tour_create_next")
+    ckpts = [e.name for e in service.checkpoints()]
     with gr.Accordion("New tournament", open=not choices):
-        spec = gr.Code(label="Spec (JSON): candidates (one control), at least 5 prompts, settings", language="json",
-                       value=EXAMPLE, elem_id="lorakit_tour_spec")
+        gr.Markdown("Pick the candidates from the WebUI's lists — a checkpoint, a checkpoint with LoRAs on top, or a "
+                    "merge recipe — and mark the version you ship today as the **control**. Prompts and settings come "
+                    "from the control checkpoint's generation profile; edit what you like.")
         with gr.Row():
-            create = gr.Button("Create", elem_id="lorakit_tour_create")
+            f_ckpt = gr.Dropdown(label="Checkpoint", choices=ckpts, elem_id="lorakit_tour_f_ckpt", scale=3)
+            f_loras = gr.Textbox(label="LoRAs on top (optional)", placeholder="name:0.8, other:0.5",
+                                 elem_id="lorakit_tour_f_loras", scale=3)
+            f_add = gr.Button("Add candidate", elem_id="lorakit_tour_f_add", scale=1, min_width=120)
+        with gr.Row():
+            f_merge = gr.Textbox(label="Or a merge recipe (checkpoints with weights)", placeholder="a:0.7, b:0.2, c:0.1",
+                                 elem_id="lorakit_tour_f_merge", scale=6)
+            f_add_merge = gr.Button("Add merge candidate", elem_id="lorakit_tour_f_add_merge", scale=1, min_width=120)
+        f_rows = gr.State([])
+        f_table = gr.Dataframe(headers=FORM_HEADERS, value=[], datatype=["number", "str", "str"], interactive=False,
+                               label="Candidates", elem_id="lorakit_tour_f_candidates", wrap=True)
+        with gr.Row():
+            f_control = gr.Dropdown(label="Control (the previous version)", choices=[], elem_id="lorakit_tour_f_control",
+                                    scale=2)
+            f_first = gr.Checkbox(label="First version: no control (the report says so)", value=False,
+                                  elem_id="lorakit_tour_f_first", scale=2)
+            f_clear = gr.Button("Clear candidates", elem_id="lorakit_tour_f_clear", scale=1, min_width=120)
+        f_profile = gr.Markdown("", elem_id="lorakit_tour_f_profile")
+        f_prompts = gr.Textbox(label="Prompts, one per line (at least 5; empty: the profile's set)", lines=6,
+                               max_lines=12, elem_id="lorakit_tour_f_prompts")
+        with gr.Row():
+            f_name = gr.Textbox(label="Name", value="", placeholder="v4 candidates", elem_id="lorakit_tour_f_name")
+            f_seeds = gr.Textbox(label="Seeds (one: counted up per prompt)", value="1000", elem_id="lorakit_tour_f_seeds")
+            f_steps = gr.Number(label="Steps (blank: the profile's)", value=None, precision=0,
+                                elem_id="lorakit_tour_f_steps")
+            f_cfg = gr.Number(label="CFG (blank: the profile's)", value=None, elem_id="lorakit_tour_f_cfg")
+        with gr.Row():
+            f_create = gr.Button("Create", variant="primary", elem_id="lorakit_tour_f_create")
             generate = gr.Button("Generate images", variant="primary", elem_id="lorakit_tour_generate")
+        with gr.Accordion("Advanced: a JSON spec instead of the form", open=False):
+            spec = gr.Code(label="Spec (JSON): candidates (one control), at least 5 prompts, settings", language="json",
+                           value=example_spec(ckpts), elem_id="lorakit_tour_spec", lines=12)
+            create = gr.Button("Create from JSON", elem_id="lorakit_tour_create")
         progress = gr.HTML(progress_html(0, "", "idle"), elem_id="lorakit_tour_progress")
         message = gr.Markdown(elem_id="lorakit_tour_message")
 
@@ -190,6 +246,71 @@ def build_tournament_tab(service: HostContext) -> None:
         val = next((x for x in c if _tid(x) == new), None)
         return f"Created `{new}`; now **Generate images**.", gr.update(choices=c, value=val), new
 
+    def form_profile(rows, control):
+        ref = None
+        if rows:
+            idx = int(control) - 1 if str(control or "").isdigit() and 0 < int(control) <= len(rows) else 0
+            r = rows[idx]
+            ref = r.get("checkpoint") or (r["merge"]["models"][0]["name"] if r.get("merge") else None)
+        try:
+            from ..ops import gen as gen_op
+
+            chosen = gen_op.profile_for(service, ref) if ref else None
+        except Exception:  # noqa: BLE001 - shown when creating
+            chosen = None
+        if not chosen:
+            return "", gr.update()
+        s_ = chosen["settings"]
+        text = (f"Generation profile **{chosen['label']}** ({chosen['reason']}): {s_['width']}×{s_['height']}, "
+                f"{s_['steps']} steps, CFG {s_['cfg_scale']:g}, {s_['sampler_name']}.")
+        from ..gen.profiles import prompt_set
+
+        return text, "\n".join(prompt_set(chosen))
+
+    def form_update(rows, control):
+        ids = [str(i + 1) for i in range(len(rows))]
+        ctl = control if control in ids else (ids[0] if ids else None)
+        text, prompts = form_profile(rows, ctl)
+        return rows, _form_rows(rows), gr.update(choices=ids, value=ctl), text, prompts
+
+    def do_add(rows, ck, loras_text, control):
+        rows = list(rows or [])
+        if not ck:
+            return (rows, _form_rows(rows), gr.update(), error_md(LorakitError("No checkpoint picked.",
+                                                                               fix="Choose one from the list.")),
+                    gr.update())
+        row = {"kind": "recipe" if (loras_text or "").strip() else "checkpoint", "checkpoint": ck,
+               "loras": (loras_text or "").strip()}
+        return form_update(rows + [row], control)
+
+    def do_add_merge(rows, text, control):
+        rows = list(rows or [])
+        models = _merge_models(text)
+        return form_update(rows + [{"kind": "merge", "merge": {"models": models}}], control)
+
+    form_out = [f_rows, f_table, f_control, f_profile, f_prompts]
+    f_add.click(do_add, [f_rows, f_ckpt, f_loras, f_control], form_out)
+    f_add_merge.click(do_add_merge, [f_rows, f_merge, f_control], form_out)
+    f_clear.click(lambda: ([], [], gr.update(choices=[], value=None), "", ""), [], form_out)
+    f_control.change(lambda rows, c: form_profile(rows, c), [f_rows, f_control], [f_profile, f_prompts])
+
+    def do_create_form(rows, control, first, prompts_text, seeds_text, steps_v, cfg_v, name_v):
+        try:
+            settings = {k: v for k, v in (("steps", int(steps_v) if steps_v else None),
+                                          ("cfg_scale", float(cfg_v) if cfg_v else None)) if v is not None}
+            ctl = None if first or not control else int(control) - 1
+            d = tour_op.spec_from_form(service, list(rows or []), ctl, prompts_text or None, seeds_text or None,
+                                       settings, name=name_v or "tournament", first_version=bool(first))
+            new = tour_op.create(service, d)
+        except Exception as e:  # noqa: BLE001 - shown to the user
+            return error_md(e), gr.update(), gr.update()
+        c = _choices(service)
+        val = next((x for x in c if _tid(x) == new), None)
+        return (f"Created `{new}` with {len(rows)} candidates; now **Generate images**.", gr.update(choices=c, value=val),
+                new)
+
+    f_create.click(do_create_form, [f_rows, f_control, f_first, f_prompts, f_seeds, f_steps, f_cfg, f_name],
+                   [message, pick, tid])
     create.click(do_create, [spec], [message, pick, tid])
     create_next.click(do_create, [proposal], [message, pick, tid])
 
