@@ -42,6 +42,8 @@ class BakeIn(BaseModel):
     overwrite: bool = Field(False, description="Replace an existing output")
     allow_unmatched: bool = Field(False, description="Bake what matches and report the rest instead of failing")
     dry_run: bool = Field(False, description="Check and plan only; write nothing")
+    scale_source: str = Field("writer", description="writer: the scale the LoRA's writer meant (alpha tensors, else "
+                              "PEFT/diffusers adapter metadata); runtime: alpha tensors only, as A1111/Forge read it")
 
 
 class MergeModelIn(BaseModel):
@@ -347,7 +349,8 @@ def build_router(service: Lorakit, credentials: dict[str, str] | None = None) ->
         req = BakeRequest(base=body.base, output=body.output,
                           loras=[BakeLora(x.name, x.strength, x.te_strength, x.blocks) for x in body.loras],
                           prompt=body.prompt, save_dtype=body.save_dtype, overwrite=body.overwrite,
-                          allow_unmatched=body.allow_unmatched, dry_run=body.dry_run)
+                          allow_unmatched=body.allow_unmatched, dry_run=body.dry_run,
+                          scale_source=body.scale_source)
         job = service.start_bake(req)
         return {"job_id": job.id}
 

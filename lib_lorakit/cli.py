@@ -71,7 +71,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
         for s, weights in hits:
             s.blocks = weights
     report = bake(args.base, specs, args.output, save_dtype=args.save_dtype, overwrite=args.overwrite,
-                  allow_unmatched=args.allow_unmatched, dry_run=args.dry_run,
+                  allow_unmatched=args.allow_unmatched, dry_run=args.dry_run, scale_source=args.scale_source,
                   progress=_progress_printer(not args.quiet))
     _write_report(args.report, report)
     if args.json:
@@ -451,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-unmatched", action="store_true",
                    help="bake what matches and list unmatched LoRA layers in the report instead of failing")
     b.add_argument("--dry-run", action="store_true", help="check and plan everything, write nothing")
+    b.add_argument("--scale-source", choices=("writer", "runtime"), default="writer",
+                   help="writer: the scale the LoRA's writer meant (alpha tensors, else PEFT/diffusers adapter "
+                        "metadata); runtime: alpha tensors only, as A1111/Forge apply the file (default writer)")
     b.add_argument("--report", metavar="FILE", help="write the full report as JSON")
     b.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

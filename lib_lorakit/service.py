@@ -63,6 +63,7 @@ class BakeRequest:
     overwrite: bool = False
     allow_unmatched: bool = False
     dry_run: bool = False
+    scale_source: str = "writer"  # "runtime": alpha tensors only, as A1111/Forge (see networks/scale.py)
 
 
 @dataclass
@@ -162,7 +163,8 @@ class Lorakit:
             if out is not None:
                 os.makedirs(os.path.dirname(out), exist_ok=True)
             report = bake(base, specs, out, save_dtype=dtype, overwrite=req.overwrite,
-                          allow_unmatched=req.allow_unmatched, dry_run=req.dry_run, progress=progress, cancel=cancel)
+                          allow_unmatched=req.allow_unmatched, dry_run=req.dry_run, progress=progress, cancel=cancel,
+                          scale_source=req.scale_source)
             return {"report": report, "output": out, "checkpoint": self._written(out) if out else None}
 
         return self._run_job("bake", params, "lorakit: bake", work)

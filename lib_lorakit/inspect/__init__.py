@@ -304,6 +304,9 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
              f"alpha {_fmt(rep['alpha'])}{aspread} [{st['alpha_source']}] · {st['modules']} modules "
              f"({', '.join(f'{c} {n}' for c, n in st['modules_per_component'].items())})"
              + (f" · {st['conv_modules']} conv (rank {st['conv_rank']})" if st["conv_modules"] else ""))
+    from ..bake import scale_lines  # the bake's own wording: one resolver, one account
+
+    L.extend(scale_lines(st.get("scale"), st.get("naming_normalised"), indent="             "))
     if st["blocks"]:
         L.append("  blocks     " + " ".join(f"{b}:{n}" for b, n in st["blocks"].items()))
     L.append(f"  trainer    {tr['trainer']}")
