@@ -16,7 +16,6 @@ Used by tests/test_writers.py (tiny widths) and bench/writers_fullsize.py (full 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Callable
@@ -129,8 +128,11 @@ def randomise(module: torch.nn.Module, seed: int, names: Callable[[str], bool]) 
 
 
 def peft_reference(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT's own merge of every adapter layer, in float64, under the base model's parameter names."""
-    m = copy.deepcopy(model).double()
+    """PEFT's own merge of every adapter layer, in float64, under the base model's parameter names.
+
+    Merges in place (the model is turned to float64): take the adapter's state dict first.
+    """
+    m = model.double()
     for mod in m.modules():
         if isinstance(mod, BaseTunerLayer):
             mod.merge(safe_merge=False)
@@ -154,7 +156,7 @@ def lycoris_reference(model: torch.nn.Module, net) -> dict[str, torch.Tensor]:
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
 
-    m, n = copy.deepcopy((model, net))
+    m, n = model, net  # merged in place: save the file first
     m.double()
     n.double()
     with torch.no_grad():
@@ -207,7 +209,8 @@ def _count_peft(model) -> int:
 
 def write_diffusers(tmp: str, arch: str, f: int, view: dict, *, metadata: bool, rank_pattern=None,
                     alpha_pattern=None, rslora: bool = False, r: int = 4, alpha: float = 8.0,
-                    flat_te: bool = False, te_only: bool = False, name: str = "diffusers.safetensors") -> Written:
+                    flat_te: bool = False, te_only: bool = False, name: str = "diffusers.safetensors",
+                    unet_targets: list[str] | None = None) -> Written:
     """diffusers' training-script path: PEFT adapters, ``convert_state_dict_to_diffusers``, ``save_lora_weights``."""
     def cfg(targets):
         return LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=targets,
@@ -221,7 +224,7 @@ def write_diffusers(tmp: str, arch: str, f: int, view: dict, *, metadata: bool, 
     for comp in comps:
         if comp == "unet":
             model = load_unet(arch, f, view)
-            c = cfg(ATTN)
+            c = cfg(unet_targets or ATTN)
             model.add_adapter(c)
         else:
             model = load_te(comp, f, view, flat=flat_te)
@@ -231,12 +234,12 @@ def write_diffusers(tmp: str, arch: str, f: int, view: dict, *, metadata: bool, 
             else:
                 model.add_adapter(c)
         randomise(model, 7 + len(layers), lambda n: "lora_" in n)
+        sd = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+        counts[comp] = _count_peft(model)
         refs[comp] = peft_reference(model)
         if flat_te and comp != "unet":  # transformers 5 dropped the "text_model." level the checkpoint view keeps
             refs[comp] = {("text_model." + k if not k.startswith("text_projection") else k): v
                           for k, v in refs[comp].items()}
-        counts[comp] = _count_peft(model)
-        sd = get_peft_model_state_dict(model)
         prefix = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}[comp]
         layers[prefix] = convert_state_dict_to_diffusers(sd) if comp == "unet" else sd
         configs[prefix] = c
@@ -249,10 +252,12 @@ def write_diffusers(tmp: str, arch: str, f: int, view: dict, *, metadata: bool, 
     return Written(os.path.join(tmp, name), refs, counts, "lora", "diffusers save_lora_weights")
 
 
-def write_kohya_converted(tmp: str, arch: str, f: int, view: dict, name: str = "kohya-converted.safetensors") -> Written:
+def write_kohya_converted(tmp: str, arch: str, f: int, view: dict, name: str = "kohya-converted.safetensors",
+                          unet_targets: list[str] | None = None) -> Written:
     """diffusers' kohya converter applied to what ``save_lora_weights`` writes (lora_alpha = r: the
     converter writes alpha = rank where it writes alpha at all, so that is the scale it keeps)."""
-    w = write_diffusers(tmp, arch, f, view, metadata=False, r=4, alpha=4.0, name="for-kohya.safetensors")
+    w = write_diffusers(tmp, arch, f, view, metadata=False, r=4, alpha=4.0, name="for-kohya.safetensors",
+                        unet_targets=unet_targets)
     sd = read_all(w.path)
     kohya = convert_state_dict_to_kohya(sd)
     path = os.path.join(tmp, name)
@@ -273,10 +278,10 @@ def write_lycoris(tmp: str, arch: str, f: int, view: dict, comp: str, algo: str,
     net = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2.0, preset="full", **LYCORIS_ALGOS[algo])
     net.apply_to()
     randomise(net, 11, lambda n: "org_module" not in n and not n.endswith("alpha"))
-    ref = lycoris_reference(model, net)
     path = os.path.join(tmp, name or f"lycoris-{arch}-{comp}-{algo}.safetensors")
     net.save_weights(path, torch.float32, None)
-    return Written(path, {comp: ref}, {comp: len(net.loras)}, algo, "LyCORIS create_lycoris")
+    n = len(net.loras)
+    return Written(path, {comp: lycoris_reference(model, net)}, {comp: n}, algo, "LyCORIS create_lycoris")
 
 
 def compare(written: Written, baked: dict[str, dict], base: dict[str, dict]) -> tuple[float, dict[str, int]]:
