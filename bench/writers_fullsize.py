@@ -102,40 +102,46 @@ def te_shell(which, flat=False, weights=None):
     return m.text_model if flat else m
 
 
-def peft_deltas(model, prefix="") -> dict[str, torch.Tensor]:
-    """PEFT's own ``get_delta_weight`` of every adapter layer, in float64."""
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, BaseTunerLayer):
-            mod.lora_A.double()
-            mod.lora_B.double()
-            out[prefix + name + ".weight"] = mod.get_delta_weight("default").double()
-            mod.lora_A.to(torch.float16)
-            mod.lora_B.to(torch.float16)
-    return out
+def peft_deltas(model) -> dict:
+    """name -> a function giving PEFT's own ``get_delta_weight`` of that layer, in float64 (computed when compared)."""
+    def delta(mod):
+        mod.lora_A.double()
+        mod.lora_B.double()
+        out = mod.get_delta_weight("default").double()
+        mod.lora_A.float()
+        mod.lora_B.float()
+        return out
+
+    return {name + ".weight": (lambda m=mod: delta(m)) for name, mod in model.named_modules()
+            if isinstance(mod, BaseTunerLayer)}
 
 
 def lycoris_deltas(net) -> tuple[dict, dict]:
-    """(name -> float64 update, name -> merged weight for DoRA) from LyCORIS's own module code."""
+    """(name -> update, name -> merged weight for DoRA), each a function running LyCORIS's own module code in float64."""
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
 
-    out, merged = {}, {}
-    with torch.no_grad():
-        for lora in net.loras:
-            org = lora.org_module[0]
-            name = lora._lk_name
+    def run(lora):
+        org = lora.org_module[0]
+        with torch.no_grad():
             lora.double()
-            if lora.wd:
-                w0 = org.weight.data
-                org.weight.data = w0.double()
-                merged[name] = lora.get_merged_weight(1.0)[0].double()
-                org.weight.data = w0
-            elif isinstance(lora, (LohaModule, LokrModule)):  # their forward's weight (see tests/writers.py)
-                out[name] = lora.get_weight(org.weight.shape).double() * float(lora.scalar)
-            else:
-                out[name] = lora.get_diff_weight(1.0)[0].double().reshape(org.weight.shape)
-            lora.float()
+            try:
+                if lora.wd:
+                    w0 = org.weight.data
+                    org.weight.data = w0.double()
+                    try:
+                        return lora.get_merged_weight(1.0)[0].double()
+                    finally:
+                        org.weight.data = w0
+                if isinstance(lora, (LohaModule, LokrModule)):  # their forward's weight (see tests/writers.py)
+                    return lora.get_weight(org.weight.shape).double() * float(lora.scalar)
+                return lora.get_diff_weight(1.0)[0].double().reshape(org.weight.shape)
+            finally:
+                lora.float()
+
+    out, merged = {}, {}
+    for lora in net.loras:
+        (merged if lora.wd else out)[lora._lk_name] = lambda x=lora: run(x)
     return out, merged
 
 
@@ -199,6 +205,7 @@ def compare(baked_path, base_path, arch, deltas, merged) -> tuple[float, dict]:
     for comp in comps:
         items = [(k, "d", v) for k, v in deltas.get(comp, {}).items()] + [(k, "m", v) for k, v in merged.get(comp, {}).items()]
         for k, kind, v in items:
+            v = v() if callable(v) else v
             got = bv[comp][k].load(bf).double()
             ref = v if kind == "m" else ov[comp][k].load(of).double() + v.reshape(got.shape)
             worst = max(worst, float((got - ref.reshape(got.shape)).abs().max() / ref.abs().max()))
@@ -223,43 +230,46 @@ def main() -> int:
         write_checkpoint(base, arch, tiny=False, dtype=torch.float16, seed=1)
     out = os.path.join(args.work, "baked.safetensors")
     v = {"diffusers": version("diffusers"), "peft": version("peft"), "LyCORIS": version("lycoris-lora")}
-    groups = []  # list of [(label, algo, path, deltas, merged, counts)] baked together (disjoint targets)
     t = args.work
-    if arch == "sd15":
-        p, d, c = write_peft_file(t, arch, ["unet", "te1"], name="diffusers-meta.safetensors",
-                                  rank_pattern={"attn2.to_k": 4}, alpha_pattern={"ff.net.2": 6.0})
-        groups.append([(f"diffusers save_lora_weights + adapter metadata (peft {v['peft']})", "lora (lora_alpha/r)", p, d, {}, c)])
-        p, d, c = write_peft_file(t, arch, ["unet", "te1"], name="tmp.safetensors", metadata=False, alpha=8.0)
-        conv = convert_state_dict_to_kohya(W.read_all(p))
-        p2 = os.path.join(t, "kohya-converted.safetensors")
-        save_file({k: x.contiguous() for k, x in conv.items()}, p2)
-        os.remove(p)
-        groups.append([("diffusers convert_state_dict_to_kohya", "lora", p2, d, {}, c)])
-        tw = te_weights(base, arch, "te1")
-        ul = write_lycoris_file(t, arch, "unet", "lora")
-        for algo in ("lora", "loha", "lokr", "dora"):
-            p, d, m, c = write_lycoris_file(t, arch, "te1", algo, tw)
-            g = [(f"LyCORIS create_lycoris", algo, p, d, m, c)]
-            if algo == "lora":
-                g.append(("LyCORIS create_lycoris", "lora (UNet, LoCon)", ul[0], ul[1], ul[2], ul[3]))
-            groups.append(g)
-    else:
-        tw1, tw2 = te_weights(base, arch, "te1"), te_weights(base, arch, "te2")
-        for algo in ("lora", "loha", "lokr", "dora"):
-            g = []
-            for comp, tw in (("te1", tw1), ("te2", tw2)):
-                p, d, m, c = write_lycoris_file(t, arch, comp, algo, tw)
-                g.append(("LyCORIS create_lycoris", f"{algo} ({comp})", p, d, m, c))
-            groups.append(g)
-        del tw1, tw2
-        p, d, c = write_peft_file(t, arch, ["te1", "te2"], flat=True, rslora=True, name="peft-t5.safetensors")
-        g = [(f"PEFT {v['peft']} on transformers-5 CLIP tree + diffusers save_lora_weights", "lora (rsLoRA)", p, d, {}, c)]
-        p, d2, c2 = write_peft_file(t, arch, ["unet"], metadata=True, name="diffusers-unet.safetensors",
-                                    unet_targets=["to_k", "to_out.0"])  # keeps the float64 reference under ~3 GB
-        g.append((f"diffusers save_lora_weights + adapter metadata (peft {v['peft']})", "lora (lora_alpha/r)", p, d2, {}, c2))
-        groups.append(g)
+
+    def groups():
+        """Yield each group of files baked together (disjoint targets), written just before its bake."""
+        if arch == "sd15":
+            p, d, c = write_peft_file(t, arch, ["unet", "te1"], name="diffusers-meta.safetensors",
+                                      rank_pattern={"attn2.to_k": 4}, alpha_pattern={"ff.net.2": 6.0})
+            yield [(f"diffusers save_lora_weights + adapter metadata (peft {v['peft']})", "lora (lora_alpha/r)", p, d,
+                    {}, c)]
+            p, d, c = write_peft_file(t, arch, ["unet", "te1"], name="tmp.safetensors", metadata=False, alpha=8.0)
+            conv = convert_state_dict_to_kohya(W.read_all(p))
+            p2 = os.path.join(t, "kohya-converted.safetensors")
+            save_file({k: x.contiguous() for k, x in conv.items()}, p2)
+            os.remove(p)
+            yield [("diffusers convert_state_dict_to_kohya", "lora", p2, d, {}, c)]
+            tw = te_weights(base, arch, "te1")
+            for algo in ("lora", "loha", "lokr", "dora"):
+                p, d, m, c = write_lycoris_file(t, arch, "te1", algo, tw)
+                yield [("LyCORIS create_lycoris", f"{algo} (te1)", p, d, m, c)]
+            ul = write_lycoris_file(t, arch, "unet", "lora")
+            yield [("LyCORIS create_lycoris", "lora/LoCon (UNet)", *ul)]
+        else:
+            for algo in ("lora", "loha", "lokr", "dora"):
+                g = []
+                for comp in ("te1", "te2"):
+                    tw = te_weights(base, arch, comp) if algo == "dora" else None
+                    p, d, m, c = write_lycoris_file(t, arch, comp, algo, tw)
+                    g.append(("LyCORIS create_lycoris", f"{algo} ({comp})", p, d, m, c))
+                    del tw
+                yield g
+            p, d, c = write_peft_file(t, arch, ["te1", "te2"], flat=True, rslora=True, name="peft-t5.safetensors")
+            yield [(f"PEFT {v['peft']} on transformers-5 CLIP tree + diffusers save_lora_weights", "lora (rsLoRA)", p, d,
+                    {}, c)]
+            p, d, c = write_peft_file(t, arch, ["unet"], metadata=True, name="diffusers-unet.safetensors",
+                                      unet_targets=["to_k", "to_out.0"])  # keeps the float64 reference under ~3 GB
+            yield [(f"diffusers save_lora_weights + adapter metadata (peft {v['peft']})", "lora (lora_alpha/r)", p, d,
+                    {}, c)]
+
     rows = []
-    for g in groups:
+    for g in groups():
         t0 = time.perf_counter()
         rep = bake(base, [LoraSpec(x[2]) for x in g], out, save_dtype="fp32", overwrite=True)
         wall = time.perf_counter() - t0
@@ -274,6 +284,7 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
         for x in g:
             os.remove(x[2])
+        del g
     print(f"peak RSS {peak_rss_mb():.0f} MB")
     print("| writer | version | algorithm | modules in file | matched | max rel. error |")
     print("|---|---|---|---|---|---|")

@@ -149,6 +149,15 @@ def test_diffusers_rslora_sdxl_all_components(ckpts, tmp_path):
     assert "3 (lora_alpha 6 / sqrt(r) 4)" in rep["loras"][0]["scale"]["runtime_differs"]
 
 
+def test_peft_dora_with_metadata(ckpts, tmp_path):
+    """use_dora: PEFT's lora_magnitude_vector per output row, ΔW at lora_alpha/r before the decomposition."""
+    _, view = ckpts["sd15"]
+    w = W.write_diffusers(str(tmp_path), "sd15", F, view, metadata=True, te_only=True, dora=True)
+    assert any(k.endswith("lora_magnitude_vector") for k in open_source(w.path).keys())
+    rep = bake_and_compare(ckpts, "sd15", w, tmp_path)
+    assert set(rep["loras"][0]["algorithms"]) == {"dora"}
+
+
 # --- PEFT on transformers 4 and 5 text encoders ----------------------------------------------
 
 

@@ -210,12 +210,12 @@ def _count_peft(model) -> int:
 def write_diffusers(tmp: str, arch: str, f: int, view: dict, *, metadata: bool, rank_pattern=None,
                     alpha_pattern=None, rslora: bool = False, r: int = 4, alpha: float = 8.0,
                     flat_te: bool = False, te_only: bool = False, name: str = "diffusers.safetensors",
-                    unet_targets: list[str] | None = None) -> Written:
+                    unet_targets: list[str] | None = None, dora: bool = False) -> Written:
     """diffusers' training-script path: PEFT adapters, ``convert_state_dict_to_diffusers``, ``save_lora_weights``."""
     def cfg(targets):
         return LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=targets,
                           rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
-                          use_rslora=rslora)
+                          use_rslora=rslora, use_dora=dora)
 
     torch.manual_seed(3)
     layers, configs, refs, counts = {}, {}, {}, {}
@@ -233,7 +233,9 @@ def write_diffusers(tmp: str, arch: str, f: int, view: dict, *, metadata: bool, 
                 model = inject_adapter_in_model(c, model)  # transformers-5 tree: PEFT's own injection
             else:
                 model.add_adapter(c)
-        randomise(model, 7 + len(layers), lambda n: "lora_" in n)
+        randomise(model, 7 + len(layers), lambda n: "lora_" in n and "magnitude" not in n)
+        if dora:  # magnitudes away from PEFT's initial ||W|| (which would make DoRA a plain LoRA)
+            randomise(model, 8, lambda n: "magnitude" in n)
         sd = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
         counts[comp] = _count_peft(model)
         refs[comp] = peft_reference(model)
@@ -253,7 +255,7 @@ def write_diffusers(tmp: str, arch: str, f: int, view: dict, *, metadata: bool, 
 
 
 def write_kohya_converted(tmp: str, arch: str, f: int, view: dict, name: str = "kohya-converted.safetensors",
-                          unet_targets: list[str] | None = None) -> Written:
+                          unet_targets: list[str] | None = None, dora: bool = False) -> Written:
     """diffusers' kohya converter applied to what ``save_lora_weights`` writes (lora_alpha = r: the
     converter writes alpha = rank where it writes alpha at all, so that is the scale it keeps)."""
     w = write_diffusers(tmp, arch, f, view, metadata=False, r=4, alpha=4.0, name="for-kohya.safetensors",
