@@ -18,6 +18,7 @@ Prints one table row per file: writer, version, algorithm, modules in file, matc
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -86,10 +87,17 @@ def empty(module: torch.nn.Module, dtype=torch.float16) -> torch.nn.Module:
     return module.to(dtype).to_empty(device="cpu")
 
 
-def unet_shell(arch):
+def unet_shell(arch, only: list[str] | None = None):
+    """The full-size UNet, storage uninitialised (fp16); with ``only``, just the modules whose name ends with
+    one of those names get storage (the rest stay on the meta device: the writer's adapters never read them)."""
     with torch.device("meta"):
         m = W.unet_model(arch, 1)
-    return empty(m)
+    if only is None:
+        return empty(m)
+    for name, mod in m.named_modules():
+        if any(name.endswith("." + o) for o in only):
+            empty(mod)
+    return m
 
 
 def te_shell(which, flat=False, weights=None):
@@ -156,7 +164,7 @@ def write_peft_file(tmp, arch, comps, *, flat=False, metadata=True, rslora=False
         cfg = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, use_rslora=rslora,
                          target_modules=(unet_targets or W.ATTN) if comp == "unet" else W.TE_TARGETS,
                          rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
-        model = unet_shell(arch) if comp == "unet" else te_shell(comp, flat)
+        model = unet_shell(arch, unet_targets) if comp == "unet" else te_shell(comp, flat)
         model = inject_adapter_in_model(cfg, model)
         randomise_peft(model, 20 + i)
         counts[comp] = sum(isinstance(m, BaseTunerLayer) for m in model.modules())
@@ -222,6 +230,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", choices=("sd15", "sdxl"), required=True)
     ap.add_argument("--work", default=os.path.join(ROOT, "bench", "_work_writers"))
+    ap.add_argument("--only", type=int, nargs="*", help="SDXL: run only these groups (0-3 LyCORIS lora/loha/lokr/dora, "
+                    "4 PEFT text encoders, 5 diffusers UNet)")
     args = ap.parse_args()
     arch = args.arch
     os.makedirs(args.work, exist_ok=True)
@@ -231,6 +241,9 @@ def main() -> int:
     out = os.path.join(args.work, "baked.safetensors")
     v = {"diffusers": version("diffusers"), "peft": version("peft"), "LyCORIS": version("lycoris-lora")}
     t = args.work
+
+    def want(i: int) -> bool:
+        return not args.only or i in args.only
 
     def groups():
         """Yield each group of files baked together (disjoint targets), written just before its bake."""
@@ -252,7 +265,9 @@ def main() -> int:
             ul = write_lycoris_file(t, arch, "unet", "lora")
             yield [("LyCORIS create_lycoris", "lora/LoCon (UNet)", *ul)]
         else:
-            for algo in ("lora", "loha", "lokr", "dora"):
+            for i, algo in enumerate(("lora", "loha", "lokr", "dora")):
+                if not want(i):
+                    continue
                 g = []
                 for comp in ("te1", "te2"):
                     tw = te_weights(base, arch, comp) if algo == "dora" else None
@@ -260,9 +275,16 @@ def main() -> int:
                     g.append(("LyCORIS create_lycoris", f"{algo} ({comp})", p, d, m, c))
                     del tw
                 yield g
-            p, d, c = write_peft_file(t, arch, ["te1", "te2"], flat=True, rslora=True, name="peft-t5.safetensors")
-            yield [(f"PEFT {v['peft']} on transformers-5 CLIP tree + diffusers save_lora_weights", "lora (rsLoRA)", p, d,
-                    {}, c)]
+                g = d = m = None  # the models behind the references go before the next group is built
+                gc.collect()
+            if want(4):
+                p, d, c = write_peft_file(t, arch, ["te1", "te2"], flat=True, rslora=True, name="peft-t5.safetensors")
+                yield [(f"PEFT {v['peft']} on transformers-5 CLIP tree + diffusers save_lora_weights", "lora (rsLoRA)",
+                        p, d, {}, c)]
+                d = None
+                gc.collect()
+            if not want(5):
+                return
             p, d, c = write_peft_file(t, arch, ["unet"], metadata=True, name="diffusers-unet.safetensors",
                                       unet_targets=["to_k", "to_out.0"])  # keeps the float64 reference under ~3 GB
             yield [(f"diffusers save_lora_weights + adapter metadata (peft {v['peft']})", "lora (lora_alpha/r)", p, d,
@@ -284,14 +306,15 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
         for x in g:
             os.remove(x[2])
-        del g
+        os.remove(out)  # a bake writes beside its target: two 14 GB files at once would not fit every disk
+        del g, rep
+        gc.collect()
     print(f"peak RSS {peak_rss_mb():.0f} MB")
     print("| writer | version | algorithm | modules in file | matched | max rel. error |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['writer']} | {r['version']} | {r['algorithm']} | {r['layers_in_file']} | "
               f"{sum(r['matched'].values())} ({', '.join(f'{k} {n}' for k, n in r['matched'].items())}) | {r['max_rel_err']:.2e} |")
-    os.remove(out)
     return 0
 
 
