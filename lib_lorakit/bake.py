@@ -36,6 +36,7 @@ from .formats.sources import TensorSource, open_source, sha256_file
 from .networks import ShapeProblem, algorithm_name, check_group, compute_delta, identify, needs_weight
 from .networks.base import Algorithm, Delta
 from .networks.resolve import ParsedKeys, Target, TargetIndex, explain_unknown, parse_keys
+from .networks.scale import SCALE_SOURCES, ScaleResolver, crosscheck_network_alpha
 from .streaming import Hasher, Pool, ReadGate, WriterThread, drain, engine_threads, peak_rss_mb
 
 SAVE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -80,6 +81,7 @@ class Contribution:
     params: dict[str, str]  # internal parameter -> key in the LoRA file
     target: Target
     multiplier: float
+    scale: float | None = None  # the writer's scale when the group's own tensors do not give it (PEFT metadata)
 
     @property
     def needs_weight(self) -> bool:
@@ -100,6 +102,8 @@ class LoraState:
     ranks: list[int] = field(default_factory=list)
     block_change: dict[str, float] = field(default_factory=dict)
     zeroed_blocks: Counter = field(default_factory=Counter)
+    scales: ScaleResolver | None = None
+    naming: Counter = field(default_factory=Counter)  # non-standard naming normalised -> modules
 
 
 @dataclass
@@ -172,20 +176,53 @@ def _likely_cause(unmatched: list[tuple[str, str]], total: int) -> str:
         return "the layers exist but have other sizes: the LoRA was trained for another model variant."
     if top.startswith("unrecognised"):
         return "the key names follow a scheme lorakit does not recognise."
+    if top.startswith("ambiguous"):
+        return "these names fit several layers of the same shape, so which one was meant cannot be told."
+    if not top.startswith(("no such module", "the checkpoint has no such component")):
+        return "see the reason given for each layer."
     if len(unmatched) == total:
         return "none of the LoRA's layer names exist in this checkpoint: it was made for another architecture or model."
     return "some layer names do not exist in this checkpoint (another model variant, or a damaged file)."
 
 
+def _pick_target(targets: list[Target], alg: type[Algorithm], pshapes: dict[str, tuple[int, ...]],
+                 problem: str) -> tuple[Target | None, str]:
+    """Choose among the layers a name may mean by the group's shapes. Returns (target, reason when none)."""
+    if not targets:
+        return None, problem
+    fits, misfits = [], []
+    for t in targets:
+        try:
+            check_group(alg, pshapes, t.shape)
+            fits.append(t)
+        except ShapeProblem as e:
+            misfits.append((t, e))
+    if len(fits) == 1:
+        return fits[0], ""
+    if len(fits) > 1:
+        return None, ("ambiguous: it names " + " and ".join(f"{t.label} {list(t.shape)}" for t in fits)
+                      + ", and the LoRA's shapes fit each")
+    if len(misfits) == 1:
+        t, e = misfits[0]
+        return None, f"shape mismatch with {t.label} {list(t.shape)}: {e}"
+    return None, ("shape mismatch: the name fits " + "; ".join(f"{t.label} {list(t.shape)} ({e})" for t, e in misfits)
+                  + " — the LoRA's shapes fit none of them")
+
+
 def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unmatched: bool = False,
-              index: TargetIndex | None = None, base_family: Family | None = None) -> Plan:
+              index: TargetIndex | None = None, base_family: Family | None = None,
+              scale_source: str = "writer") -> Plan:
     """Open and validate everything, and decide where every LoRA module goes.
 
     Nothing is written and no tensor value is read: shapes come from the headers.
     Raises the error a user should see (exit code 2) on any problem.
     ``index`` and ``base_family`` reuse what an earlier call found for the same ``base`` (the
-    inspector matches many LoRAs against one layout).
+    inspector matches many LoRAs against one layout). ``scale_source`` is "writer" (the scale the
+    LoRA's writer meant, PEFT adapter metadata included) or "runtime" (per-module alpha tensors
+    only, as A1111 1.10 and Forge read them); see :mod:`lib_lorakit.networks.scale`.
     """
+    if scale_source not in SCALE_SOURCES:
+        raise RecipeError(f"Unknown scale source {scale_source!r}.", fix=f"Use one of {', '.join(SCALE_SOURCES)}.")
     if not specs:
         raise RecipeError("The recipe has no LoRA.", fix="Add at least one --lora PATH[:STRENGTH].")
     base = open_source(base) if isinstance(base, (str, os.PathLike)) else base
@@ -203,11 +240,14 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
             src, lfam, parsed = _open_lora(spec, arch, base_path)
             implicit: set[str] = set()
             bw = parse_block_weights(spec.blocks, arch.id, implicit) if spec.blocks else dict.fromkeys(arch.blocks, 1.0)
-            st = LoraState(spec=spec, source=src, family=lfam, parsed=parsed, weights=bw)
+            st = LoraState(spec=spec, source=src, family=lfam, parsed=parsed, weights=bw,
+                           scales=ScaleResolver(src.metadata, scale_source))
             loras.append(st)
             lshapes = src.shapes()
             for key in parsed.unknown:
                 st.unmatched.append((key, explain_unknown(key)))
+            for note, mods in parsed.notes.items():
+                st.naming[note] += len(mods)
             for module, params in parsed.modules.items():
                 names = frozenset(params)
                 alg, extra = identify(names)
@@ -217,24 +257,23 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
                 if extra:
                     st.unmatched.append((module, f"unknown algorithm: {alg.id} does not use {', '.join(extra)}"))
                     continue
-                target, problem = index.find(module)
+                targets, problem, note = index.find_all(module)
+                pshapes = {p: tuple(lshapes[k]) for p, k in params.items()}
+                target, problem = _pick_target(targets, alg, pshapes, problem)
                 if target is None:
                     st.unmatched.append((module, problem))
                     continue
-                pshapes = {p: tuple(lshapes[k]) for p, k in params.items()}
-                try:
-                    check_group(alg, pshapes, target.shape)
-                except ShapeProblem as e:
-                    st.unmatched.append((module, f"shape mismatch with {target.label} {list(target.shape)}: {e}"))
-                    continue
+                if note:
+                    st.naming[note] += 1
+                r = alg.rank(pshapes)
+                wscale = st.scales.resolve(module, target.component, alg.id == "lora", params, r)
                 comp_strength = spec.strength if target.component == "unet" else (
                     spec.te_strength if spec.te_strength is not None else spec.strength)
                 bweight = bw.get(target.block, 1.0) if target.block else 1.0
                 c = Contribution(lora=li, module=module, alg=alg, params=dict(params), target=target,
-                                 multiplier=comp_strength * bweight)
+                                 multiplier=comp_strength * bweight, scale=wscale)
                 st.matched[target.component] += 1
                 st.algorithms[algorithm_name(alg, params)] += 1
-                r = alg.rank(pshapes)
                 if r:
                     st.ranks.append(r)
                 if target.block in implicit:
@@ -296,7 +335,10 @@ def _family_warnings(spec: LoraSpec, lfam: Family, base: Family) -> list[str]:
 def check_lora_values(plan: Plan, progress: Progress | None = None, cancel: threading.Event | None = None) -> None:
     """Read every used LoRA tensor once; refuse NaN/inf. Also hashes the LoRA files."""
     for st in plan.loras:
-        used = {k for cs in plan.weights.values() for c in cs if plan.loras[c.lora] is st for k in c.params.values()}
+        mine = [c for cs in plan.weights.values() for c in cs if plan.loras[c.lora] is st]
+        used = {k for c in mine for k in c.params.values()}
+        alpha_keys = {c.params["alpha"]: c for c in mine if c.alg.id == "lora" and "alpha" in c.params}
+        alphas = []
         bad = []
         for key in sorted(used):
             if cancel is not None and cancel.is_set():
@@ -305,6 +347,14 @@ def check_lora_values(plan: Plan, progress: Progress | None = None, cancel: thre
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 n = int((~torch.isfinite(t)).sum())
                 bad.append(f"{key} ({n} of {t.numel()} values are NaN/inf)")
+            elif key in alpha_keys and t.numel():
+                c = alpha_keys[key]
+                shp = c.target.shape
+                alphas.append((st.source.shape(c.params["lora_down.weight"])[0], float(t.reshape(-1)[0]),
+                               len(shp) == 4 and tuple(shp[2:]) != (1, 1)))
+        note = crosscheck_network_alpha(st.source.metadata, alphas)
+        if note and st.scales is not None and note not in st.scales.notes:
+            st.scales.notes.append(note)
         if bad:
             raise ValueProblem(f"{st.spec.path} has NaN/inf weights in {len(bad)} tensor(s): " + "; ".join(bad[:5]),
                                fix="The LoRA is broken (training diverged or the file is damaged). Use another "
@@ -382,7 +432,10 @@ class _Baker:
 
     def _read_params(self, c: Contribution) -> dict[str, torch.Tensor]:
         src = self.plan.loras[c.lora].source
-        return {p: src.read(k).float() for p, k in c.params.items()}
+        p = {p: src.read(k).float() for p, k in c.params.items()}
+        if c.scale is not None:  # the writer's scale from the header (the group has no alpha tensor)
+            p["scale"] = torch.tensor([c.scale], dtype=torch.float64)
+        return p
 
     def fetch(self, key: str) -> _Fetched:
         """Read what one touched tensor needs (runs on the prefetch thread)."""
@@ -566,7 +619,8 @@ def _metadata(plan: Plan, save_dtype: str, base_sha: str) -> dict[str, str]:
 
 def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str | None, *, save_dtype: str = "fp16",
          overwrite: bool = False, allow_unmatched: bool = False, dry_run: bool = False,
-         progress: Progress | None = None, cancel: threading.Event | None = None) -> dict:
+         progress: Progress | None = None, cancel: threading.Event | None = None,
+         scale_source: str = "writer") -> dict:
     """Bake ``specs`` into ``base_path`` and write ``output`` (safetensors).
 
     Returns:
@@ -595,7 +649,7 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
         hasher = Hasher(base_path.path if isinstance(base_path, TensorSource) else os.fspath(base_path), ReadGate())
         hasher.start()
     try:
-        plan = plan_bake(base_path, specs, allow_unmatched=allow_unmatched)
+        plan = plan_bake(base_path, specs, allow_unmatched=allow_unmatched, scale_source=scale_source)
         # --- pre-flight (lib_lorakit/preflight.py): strength above max-safe, stacked styles, other lineage ---
         from .preflight import bake_preflight
         plan.warnings.extend(bake_preflight(base_path, specs))
@@ -721,6 +775,8 @@ def _report(plan: Plan, stats: _Stats, output: str | None, save_dtype: str, base
             "unmatched": [{"layer": m, "reason": r} for m, r in st.unmatched],
             "embeddings_not_baked": sorted(st.parsed.embeddings),
             "rank": {"min": min(st.ranks), "max": max(st.ranks)} if st.ranks else None,
+            "scale": st.scales.report() if st.scales is not None else None,
+            "naming_normalised": dict(st.naming),
             "max_rel_change_by_block": {b: _r(v) for b, v in sorted(st.block_change.items(), key=_block_sort(arch))},
         })
     return {
@@ -748,6 +804,21 @@ def _block_sort(arch: Arch):
     return lambda kv: (order.get(kv[0], len(order)), kv[0])
 
 
+def scale_lines(scale: dict | None, naming: dict | None, indent: str = "  ") -> list[str]:
+    """Report lines on where the scales came from and which non-standard names were normalised."""
+    out = []
+    if scale:
+        src = "; ".join(f"{k} ({v} module{'s' if v != 1 else ''})" for k, v in scale["sources"].items())
+        if src:
+            out.append(f"{indent}scale from: {src}")
+        if scale.get("runtime_differs"):
+            out.append(f"{indent}note: {scale['runtime_differs']}")
+        out.extend(f"{indent}note: {n}" for n in scale.get("notes", []))
+    for note, n in (naming or {}).items():
+        out.append(f"{indent}naming normalised: {note} ({n} module{'s' if n != 1 else ''})")
+    return out
+
+
 def summary(report: dict) -> str:
     """A short human-readable account of a bake report."""
     lines = []
@@ -763,6 +834,7 @@ def summary(report: dict) -> str:
                      + ", ".join(f"{c} {n}" for c, n in m.items())
                      + f" of {lo['layers']} layers matched ({algos})"
                      + (f"; {len(lo['unmatched'])} UNMATCHED" if lo["unmatched"] else ""))
+        lines.extend(scale_lines(lo.get("scale"), lo.get("naming_normalised"), indent="    "))
     t = report["tensors"]
     lines.append(f"  tensors: {t['modified']} changed, {t['converted']} converted, {t['copied']} copied as is")
     lines.append("  largest relative change |strength·dW|/|W| by block:")

@@ -49,6 +49,12 @@ def test_json_and_dry_run(inputs, capsys):
     assert sorted(files_in(tmp)) == ["sdxl-base.safetensors", "style.safetensors"]
 
 
+def test_scale_source_flag_reaches_the_report(inputs, capsys):
+    tmp, base, lora = inputs
+    code, stdout, _ = run(capsys, "bake", base, "--lora", lora, "--dry-run", "--json", "--scale-source", "runtime")
+    assert code == 0 and json.loads(stdout)["loras"][0]["scale"]["scale_source"] == "runtime"
+
+
 def _truncated(tmp, base):
     p = str(tmp / "truncated.safetensors")
     data = open(base, "rb").read()

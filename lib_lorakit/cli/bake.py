@@ -35,7 +35,8 @@ def lora_entries(args: argparse.Namespace) -> list[dict]:
 
 def cmd_bake(args: argparse.Namespace) -> int:
     req = {"base": args.base, "output": args.output or "", "loras": lora_entries(args), "save_dtype": args.save_dtype,
-           "overwrite": args.overwrite, "allow_unmatched": args.allow_unmatched, "dry_run": args.dry_run}
+           "overwrite": args.overwrite, "allow_unmatched": args.allow_unmatched, "dry_run": args.dry_run,
+           "scale_source": args.scale_source}
     report = bake_op.bake(local(args), req, progress=progress_printer(not args.quiet))["report"]
     write_json(args.report, report)
     print(json.dumps(report, indent=2) if args.json else bake_op.summary(report))
@@ -96,6 +97,9 @@ def add_parsers(sub) -> None:
     b.add_argument("--allow-unmatched", action="store_true",
                    help="bake what matches and list unmatched LoRA layers in the report instead of failing")
     b.add_argument("--dry-run", action="store_true", help="check and plan everything, write nothing")
+    b.add_argument("--scale-source", choices=("writer", "runtime"), default="writer",
+                   help="writer: the scale the LoRA's writer meant (alpha tensors, else PEFT/diffusers adapter "
+                        "metadata); runtime: alpha tensors only, as A1111/Forge apply the file (default writer)")
     b.add_argument("--report", metavar="FILE", help="write the full report as JSON")
     b.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -229,7 +229,9 @@ def detect_checkpoint(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[s
     return fam
 
 
-_LORA_SDXL_NAME = re.compile(r"(?:^|[._])(?:lora_te[12]_|text_encoder_2[._]|te2[._])", re.M)
+# Only names of the second text encoder say SDXL: "lora_te1_" alone is also written for SD1.x text
+# encoders (diffusers' kohya converter names every "text_encoder." module that way).
+_LORA_SDXL_NAME = re.compile(r"(?:^|[._])(?:lora_te2_|text_encoder_2[._]|te2[._])", re.M)
 _LORA_CTX = re.compile(r"attn2_to_[kv]_(?:lora_down|lora_A|down)_weight$")
 # SD1.5 has one transformer layer per attention block; SDXL has 2 or 10.
 _LORA_XL_BLOCK = re.compile(r"transformer_blocks[._][1-9]")
@@ -261,7 +263,7 @@ def detect_lora(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, st
                 votes.setdefault(arch, []).append(f"{k} has input width {ctx}")
                 break
     blob = "\n".join(shapes)  # one regex pass over all names instead of one per key
-    if any(m in blob for m in ("lora_te1_", "lora_te2_", "text_encoder_2", "te2")) and _LORA_SDXL_NAME.search(blob):
+    if any(m in blob for m in ("lora_te2_", "text_encoder_2", "te2")) and _LORA_SDXL_NAME.search(blob):
         votes.setdefault("sdxl", []).append("text encoder 2 (CLIP-G) modules present")
     if _LORA_XL_BLOCK.search(blob):
         votes.setdefault("sdxl", []).append("UNet blocks with two or more transformer layers")

@@ -391,6 +391,9 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
              + (f" · {st['conv_modules']} conv (rank {st['conv_rank']})" if st["conv_modules"] else ""))
     if st.get("matched_against"):
         L.append(f"  matched    against {st['matched_against']}")
+    from ..bake import scale_lines  # the bake's own wording: one resolver, one account
+
+    L.extend(scale_lines(st.get("scale"), st.get("naming_normalised"), indent="             "))
     if st["blocks"]:
         L.append("  blocks     " + " ".join(f"{b}:{n}" for b, n in st["blocks"].items()))
     L.append(f"  trainer    {tr['trainer']}")

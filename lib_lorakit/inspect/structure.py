@@ -52,6 +52,8 @@ class Structure:
     embeddings: list[str] = field(default_factory=list)
     alpha_source: str = ""  # "metadata", "tensors", "none in file"
     matched_against: str = ""  # "the checkpoint <path>", "the SDXL layout", "the SDXL layout at 1/64 width"
+    scale: dict[str, Any] | None = None  # where the bake takes each module's scale from (networks/scale.py)
+    naming: dict[str, int] = field(default_factory=dict)  # non-standard naming normalised -> modules
 
     @property
     def algorithms(self) -> list[str]:
@@ -104,6 +106,8 @@ class Structure:
             "unmatched_count": len(self.unmatched),
             "embeddings": self.embeddings,
             "matched_against": self.matched_against,
+            "scale": self.scale,
+            "naming_normalised": self.naming,
         }
 
 
@@ -228,6 +232,8 @@ def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, rea
         fam.evidence.append(f"module names and shapes match the {ARCHS[arch].label} layout")
     lstate = plan.loras[0]
     st.unmatched = list(lstate.unmatched)
+    st.scale = lstate.scales.report() if lstate.scales is not None else None
+    st.naming = dict(lstate.naming)
     lshapes = shapes
     for key, contribs in plan.weights.items():
         for c in contribs:
@@ -235,13 +241,17 @@ def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, rea
             alg = algorithm_name(c.alg, c.params)
             if alg == "lora" and len(c.target.shape) == 4 and c.target.shape[2:] != (1, 1):
                 alg = "locon"
+            rank = c.alg.rank(pshapes)
             st.modules.append(Module(name=c.module, algorithm=alg, component=c.target.component, block=c.target.block,
                                      conv=len(c.target.shape) == 4 and tuple(c.target.shape[2:]) != (1, 1),
-                                     rank=c.alg.rank(pshapes), shape=tuple(c.target.shape), params=dict(c.params)))
+                                     rank=rank, shape=tuple(c.target.shape), params=dict(c.params),
+                                     # the header's scale, as the bake applies it, as an alpha: scale * rank
+                                     alpha=c.scale * rank if c.scale is not None and rank else None))
     st.modules.sort(key=lambda m: m.name)
     with_alpha = [m for m in st.modules if "alpha" in m.params]
+    from_header = any(m.alpha is not None for m in st.modules)
     if not with_alpha:
-        st.alpha_source = "none in file (scale 1)" if st.modules else ""
+        st.alpha_source = ("PEFT adapter metadata" if from_header else "none in file (scale 1)") if st.modules else ""
         return st
     declared = None if read_alphas else _declared_alpha(src.metadata, args or {}, st.modules)
     if declared is not None:
@@ -259,6 +269,8 @@ def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, rea
             v = scalar({"alpha": values[m.params["alpha"]]}, "alpha")
             m.alpha = float(v) if v is not None else None
         st.alpha_source = "tensors"
+    if from_header:
+        st.alpha_source += " + PEFT adapter metadata"
     return st
 
 

@@ -202,29 +202,59 @@ class TargetIndex:
 
     def find(self, module: str) -> tuple[Target | None, str]:
         """:meth:`lookup` of a LoRA module name, remembered (module names repeat across LoRA files)."""
+        hits, problem, _ = self.find_all(module)
+        if len(hits) == 1:
+            return hits[0], ""
+        if len(hits) > 1:
+            return None, "ambiguous: it names " + " and ".join(h.label for h in hits)
+        return None, problem
+
+    def find_all(self, module: str) -> tuple[list[Target], str, str]:
+        """Every target a LoRA module name may mean (the caller picks by shape).
+
+        Returns (targets, problem when none, note when a non-standard naming was normalised).
+        """
         hit = self._memo.get(module)
         if hit is None:
-            hit = self._memo[module] = self.lookup(candidates(module, self.arch))
+            hit = self._memo[module] = self.lookup_all(candidates(module, self.arch))
         return hit
 
     def lookup(self, candidates: Iterable[tuple[str, str]]) -> tuple[Target | None, str]:
         """Find the target for (namespace, path) candidates. Returns (target, problem)."""
-        hits: list[tuple[str, Target]] = []
+        hits, problem, _ = self.lookup_all(candidates)
+        if len(hits) == 1:
+            return hits[0], ""
+        if len(hits) > 1:
+            return None, "ambiguous: it names " + " and ".join(h.label for h in hits)
+        return None, problem
+
+    def lookup_all(self, candidates: Iterable[tuple[str, str]]) -> tuple[list[Target], str, str]:
+        """All distinct targets of (namespace, path) candidates, in candidate order, and the problem when none.
+
+        Text-encoder paths in transformers 5's flat naming (``encoder.layers.N...``, no ``text_model.``)
+        are also looked up under ``text_model.``.
+        """
+        hits: list[Target] = []
         tried = []
+        note = ""
         for ns, path in candidates:
             if ns not in self.ns:
                 continue
             tried.append(ns)
-            t = self.ns[ns].get(_norm(path))
-            if t is not None and all(t != h for _, h in hits):
-                hits.append((ns, t))
-        if len(hits) == 1:
-            return hits[0][1], ""
-        if len(hits) > 1:
-            return None, "ambiguous: it names " + " and ".join(h.label for _, h in hits)
+            paths = [path]
+            if ns in ("te1", "te2") and is_flat_te(path):
+                paths.append("text_model." + path)
+            for p in paths:
+                t = self.ns[ns].get(_norm(p))
+                if t is not None and t not in hits:
+                    hits.append(t)
+                    if p is not path:
+                        note = NOTE_FLAT_TE
+        if hits:
+            return hits, "", note
         if not tried:
-            return None, "the checkpoint has no such component"
-        return None, "no such module in the checkpoint"
+            return [], "the checkpoint has no such component", ""
+        return [], "no such module in the checkpoint", ""
 
 
 # --- LoRA key parsing -----------------------------------------------------------------------
@@ -259,24 +289,50 @@ class ParsedKeys:
     modules: dict[str, dict[str, str]] = field(default_factory=dict)  # module -> internal param -> file key
     embeddings: dict[str, list[str]] = field(default_factory=dict)  # bundled TI name -> keys
     unknown: list[str] = field(default_factory=list)  # keys with no recognisable parameter name
+    notes: dict[str, set[str]] = field(default_factory=dict)  # non-standard naming normalised -> modules
+
+
+# diffusers' kohya converter (``convert_state_dict_to_kohya``) fed a diffusers-format file keeps the
+# ``.lora.down``/``.lora_linear_layer.down`` spelling and joins it with "_": ``..._to_k_lora.down.weight``.
+_KOHYA_GLUED = re.compile(r"^(.+?)_(lora|lora_linear_layer)\.(down|up)\.weight$")
+_FLAT_TE = re.compile(r"^(?:encoder[._]layers[._]|embeddings[._]|final_layer_norm(?:$|[._]))")
+NOTE_GLUED = "kohya names with a '_lora.down/up' suffix (diffusers' kohya converter) read as lora_down/lora_up"
+NOTE_FLAT_TE = "transformers-5 text-encoder names (no 'text_model.') read as text_model.*"
+
+
+def is_flat_te(path: str) -> bool:
+    """Whether a text-encoder path uses transformers 5's flat CLIP naming (``encoder.layers.N``)."""
+    return bool(_FLAT_TE.match(path))
 
 
 @functools.lru_cache(maxsize=1 << 16)  # the same key names recur in every LoRA of an architecture
 def split_key(key: str) -> tuple[str, str] | None:
     """Split a LoRA key into (module name, internal parameter name); None if unrecognised."""
+    sp = split_key_noted(key)
+    return None if sp is None else sp[:2]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def split_key_noted(key: str) -> tuple[str, str, str] | None:
+    """:func:`split_key` plus a note when a non-standard spelling was normalised ("" otherwise)."""
     m = _PROCESSOR.match(key)
     if m:
         proj = "to_out.0" if m.group(2) == "to_out" else m.group(2)
-        return f"{m.group(1)}.{proj}", _PARAMS[f"lora.{m.group(3)}.weight"]
+        return f"{m.group(1)}.{proj}", _PARAMS[f"lora.{m.group(3)}.weight"], ""
     if _KOHYA.match(key) and "." in key:
         module, _, param = key.partition(".")
         p = _PARAMS.get(param)
-        return (module, p) if p else None
+        if p:
+            return module, p, ""
+        m = _KOHYA_GLUED.match(key)
+        if m and "." not in m.group(1):
+            return m.group(1), f"lora_{m.group(3)}.weight", NOTE_GLUED
+        return None
     for suf in _PARAM_SUFFIXES:
         if suf in ("weight", "on_input"):
             continue  # bare names only exist in kohya-style (dot-free) module names
         if key.endswith("." + suf):
-            return key[: -len(suf) - 1], _PARAMS[suf]
+            return key[: -len(suf) - 1], _PARAMS[suf], ""
     return None
 
 
@@ -295,11 +351,13 @@ def parse_keys(keys: Iterable[str]) -> ParsedKeys:
             name = key.split(".")[1] if key.count(".") >= 1 else key
             out.embeddings.setdefault(name, []).append(key)
             continue
-        sp = split_key(key)
+        sp = split_key_noted(key)
         if sp is None:
             out.unknown.append(key)
             continue
-        module, param = sp
+        module, param, note = sp
+        if note:
+            out.notes.setdefault(note, set()).add(module)
         group = out.modules.setdefault(module, {})
         if param in group:  # e.g. lora_A.weight and lora_A.default.weight together
             out.unknown.append(key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Literal, Optional
 
 from ..errors import RecipeError
 from ..jobs import Job
@@ -37,6 +37,9 @@ class BakeRequest(Request):
     overwrite: bool = Field(False, description="Replace an existing output")
     allow_unmatched: bool = Field(False, description="Bake what matches and report the rest instead of failing")
     dry_run: bool = Field(False, description="Check and plan only; write nothing")
+    scale_source: Literal["writer", "runtime"] = Field("writer",
+                              description="writer: the scale the LoRA's writer meant (alpha tensors, else PEFT/diffusers "
+                                          "adapter metadata); runtime: alpha tensors only, as A1111/Forge read it")
 
 
 @dataclass
@@ -116,7 +119,8 @@ def execute(ctx: Context, req: BakeRequest, plan: BakePlan, progress: Progress |
     if plan.output is not None:
         os.makedirs(os.path.dirname(plan.output), exist_ok=True)
     report = bake_engine(plan.base, plan.specs, plan.output, save_dtype=plan.save_dtype, overwrite=req.overwrite,
-                         allow_unmatched=req.allow_unmatched, dry_run=req.dry_run, progress=progress, cancel=cancel)
+                         allow_unmatched=req.allow_unmatched, dry_run=req.dry_run, progress=progress, cancel=cancel,
+                         scale_source=req.scale_source)
     return {"report": report, "output": plan.output,
             "checkpoint": ctx.written(plan.output) if plan.output else None}
 
