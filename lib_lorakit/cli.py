@@ -652,6 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--arch", choices=("sdxl", "sd15"), default="sdxl")
     d.add_argument("--keep", action="store_true", help="reuse an existing workspace's inputs")
     d.set_defaults(func=cmd_demo)
+    # --- workshop commands (extract, resize, lora-merge, clean, hash): lib_lorakit/workshop/cli.py ---
+    from .workshop.cli import add_parsers as add_workshop_parsers
+
+    add_workshop_parsers(sub)
+    # --- end workshop commands ---
     return p
 
 
