@@ -102,11 +102,12 @@ def add_parsers(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed workshop command. LorakitError propagates to the main CLI (exit code 2)."""
-    from . import clean as clean_mod
-    from . import extract as extract_mod
-    from . import lora_merge as merge_mod
-    from . import resize as resize_mod
+    import importlib
+
     from .hashes import file_hashes
+
+    clean_mod, extract_mod, merge_mod, resize_mod = (importlib.import_module(f"{__package__}.{m}")
+                                                     for m in ("clean", "extract", "lora_merge", "resize"))
 
     cmd = args.command
     if cmd == "hash":

@@ -72,8 +72,7 @@ def resize(lora: str, output: str | None, *, rank: int | None = None, conv_rank:
                 cap = old if old is not None else min(md.shape[0], md.dense.shape[1])
             if md.factored:
                 f = svd.factor_product(md.up.to(dev), md.down.to(dev), cap, dyn)
-                scale = md.scale if md.algo == "lora" and md.scale > 0 else 1.0
-                up, alpha = f.up / scale, scale * f.rank
+                up, alpha = f.up, md.scale * f.rank  # unscaled factors: alpha/rank stays the module's scale
             else:
                 m = md.dense.to(dev)
                 f = svd.factor(m, max(1, min(cap, *m.shape)), dyn)
