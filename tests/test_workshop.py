@@ -62,7 +62,7 @@ def _ulps_fp16(a: torch.Tensor, b: torch.Tensor) -> float:
     """
     a, b = a.double(), b.double()
     floor = b.abs().max() / 64
-    mag = torch.maximum(b.abs(), floor).clamp_min(2.0 ** -14)
+    mag = torch.maximum(b.abs(), floor).clamp_min(2.0**-14)
     ulp = torch.exp2(torch.floor(torch.log2(mag)) - 10)
     return float(((a - b).abs() / ulp).max())
 
@@ -116,7 +116,7 @@ def _spectrum_matrix(out, inn, decay, noise, seed):
     u, _ = torch.linalg.qr(torch.randn(out, r, generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(inn, r, generator=g, dtype=torch.float64))
     s = torch.arange(1, r + 1, dtype=torch.float64) ** -decay
-    m = (u * s) @ v.T + noise * torch.randn(out, inn, generator=g, dtype=torch.float64) / inn ** 0.5
+    m = (u * s) @ v.T + noise * torch.randn(out, inn, generator=g, dtype=torch.float64) / inn**0.5
     return m.float()
 
 
@@ -126,7 +126,7 @@ def test_randomized_svd_is_within_one_percent_of_the_optimum(shape, decay, noise
     f = svd.factor(m, 16)
     assert f.method == "randomized"
     s = torch.linalg.svdvals(m.double())
-    optimum = float((s[16:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+    optimum = float((s[16:] ** 2).sum().sqrt() / (s**2).sum().sqrt())
     achieved = float(torch.linalg.norm(m.double() - f.up.double() @ f.down.double()) / torch.linalg.norm(m.double()))
     assert achieved <= optimum * 1.01
     assert abs(f.rel_err - achieved) < 1e-3  # the reported error is the real one
@@ -147,7 +147,7 @@ def test_factor_product_equals_truncated_svd_of_the_product():
     u, s, vh = torch.linalg.svd(a.double() @ b.double())
     best = (u[:, :5] * s[:5]) @ vh[:5]
     assert _rel(f.up @ f.down, best) < 1e-5
-    assert f.rel_err == pytest.approx(float((s[5:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt()), rel=1e-6)
+    assert f.rel_err == pytest.approx(float((s[5:] ** 2).sum().sqrt() / (s**2).sum().sqrt()), rel=1e-6)
 
 
 # --- extract ----------------------------------------------------------------------------------
@@ -208,9 +208,9 @@ def test_extract_below_r_is_within_one_percent_of_eckart_young(pair):
         key, rows = mods[name]
         diff = t[key].double() - b[key].double()
         if rows:
-            diff = diff[rows[0]:rows[1]]
+            diff = diff[rows[0] : rows[1]]
         s = torch.linalg.svdvals(diff.reshape(diff.shape[0], -1))
-        optimum = float((s[2:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+        optimum = float((s[2:] ** 2).sum().sqrt() / (s**2).sum().sqrt())
         assert lay["rel_err"] <= optimum * 1.01 + 1e-7, name
 
 
@@ -276,7 +276,7 @@ def test_resize_is_the_exact_truncated_svd_and_keeps_alpha_ratio(tmp_path):
         u, s, vh = torch.linalg.svd(m)
         best = (u[:, :3] * s[:3]) @ vh[:3]
         assert _rel(_delta(b, name, shapes[name]), best) < 1e-4, name
-        assert lay["rel_err"] == pytest.approx(float((s[3:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt()), abs=1e-6)
+        assert lay["rel_err"] == pytest.approx(float((s[3:] ** 2).sum().sqrt() / (s**2).sum().sqrt()), abs=1e-6)
         assert float(b[name + ".alpha"]) / 3 == pytest.approx(4 / 8)  # alpha/rank kept, as resize_lora.py
     assert meta["ss_network_dim"] == "3" and "sshs_model_hash" not in meta
 
@@ -289,6 +289,7 @@ def test_resize_loha_through_its_delta(tmp_path):
     rep = resize(src, str(tmp_path / "loha-r4.safetensors"), rank=4, base=base, save="fp32")
     assert rep["modules"] > 100
     from lib_lorakit.networks import compute_delta, identify
+
     a, _ = _load(src)
     b, _ = _load(str(tmp_path / "loha-r4.safetensors"))
     shapes = {n: s for n, s, _, _ in kohya_modules("sdxl", conv=True, tiny=TINY)}
@@ -296,7 +297,7 @@ def test_resize_loha_through_its_delta(tmp_path):
         p = {k.split(".", 1)[1]: v for k, v in a.items() if k.split(".")[0] == name}
         dw = compute_delta(identify(frozenset(p))[0], p, shapes[name], None).to_dense(shapes[name]).double()
         s = torch.linalg.svdvals(dw.reshape(dw.shape[0], -1))
-        optimum = float((s[4:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+        optimum = float((s[4:] ** 2).sum().sqrt() / (s**2).sum().sqrt())
         got = _delta(b, name, shapes[name])
         err = float(torch.linalg.norm(got - dw.reshape(dw.shape[0], -1)) / torch.linalg.norm(dw))
         assert err <= optimum * 1.01 + 1e-6, name
@@ -399,8 +400,7 @@ def _tiny_sd15():
 def test_clean_ckpt_drops_ema_optimizer_repairs_position_ids_and_finds_nan(tmp_path):
     path, pid, nan_key = _ckpt(tmp_path)
     out = str(tmp_path / "clean.safetensors")
-    rep = clean(path, out, save="fp16", title="My model", author="me", trigger_words="zzz style",
-                preferred_weight=0.8)
+    rep = clean(path, out, save="fp16", title="My model", author="me", trigger_words="zzz style", preferred_weight=0.8)
     dropped = {d["key"]: d["reason"] for d in rep["dropped"]}
     assert dropped["model_ema.decay"] == "EMA copy"
     assert "optimizer_states" in dropped and "global_step" in dropped
@@ -431,8 +431,11 @@ def test_vae_swap_is_byte_identical_and_hashes_match_the_webui(tmp_path):
     vae = str(tmp_path / "vae.safetensors")
     g = torch.Generator().manual_seed(9)
     with SafetensorsFile(ck) as f:
-        vae_sd = {k[len("first_stage_model."):]: torch.randn(f.tensors[k].shape, generator=g).to(torch.float32)
-                  for k in f.keys() if k.startswith("first_stage_model.")}
+        vae_sd = {
+            k[len("first_stage_model.") :]: torch.randn(f.tensors[k].shape, generator=g).to(torch.float32)
+            for k in f.keys()
+            if k.startswith("first_stage_model.")
+        }
     vae_sd["loss.logvar"] = torch.zeros(1)
     save_file(vae_sd, vae)
     out = str(tmp_path / "swapped.safetensors")
@@ -446,13 +449,13 @@ def test_vae_swap_is_byte_identical_and_hashes_match_the_webui(tmp_path):
         if k.startswith("loss."):
             continue
         o = ho["first_stage_model." + k]
-        assert raw_o[o.start:o.end] == raw_v[t.start:t.end]
+        assert raw_o[o.start : o.end] == raw_v[t.start : t.end]
     # the WebUI's hashes: sha256 of the file, [:10]; legacy: 64 KiB at 1 MiB, [:8]; addnet: bytes after header
     h = file_hashes(out)
     assert h["sha256"] == hashlib.sha256(raw_o).hexdigest() and h["shorthash"] == h["sha256"][:10]
     assert h["legacy"] == hashlib.sha256(raw_o[0x100000:0x110000]).hexdigest()[:8]
     n = struct.unpack("<Q", raw_o[:8])[0]
-    assert h["addnet"] == hashlib.sha256(raw_o[8 + n:]).hexdigest() and h["addnet_short"] == h["addnet"][:12]
+    assert h["addnet"] == hashlib.sha256(raw_o[8 + n :]).hexdigest() and h["addnet_short"] == h["addnet"][:12]
     assert rep["hashes"] == h
     assert len(raw_o) > 0x110000  # the legacy window lies inside the file
 
@@ -467,7 +470,7 @@ def test_addnet_hash_equals_kohya_precalculated_hash(tmp_path):
     with open(path, "wb") as f:
         f.write(blob)
     n = int.from_bytes(blob[:8], "little")
-    assert file_hashes(path)["addnet"] == hashlib.sha256(blob[8 + n:]).hexdigest()
+    assert file_hashes(path)["addnet"] == hashlib.sha256(blob[8 + n :]).hexdigest()
 
 
 def test_clean_refuses_existing_output_and_wrong_vae(tmp_path):
@@ -494,8 +497,24 @@ def test_cli_commands(two, tmp_path, capsys):
     assert "resized" in capsys.readouterr().out
     assert main(["resize", a, "-o", out, "--rank", "2", "-q"]) == 2  # exists
     assert "already exists" in capsys.readouterr().err
-    assert main(["lora-merge", f"{a}:0.5", f"{b}:0.5", "-o", str(tmp_path / "m.safetensors"), "--mode", "svd",
-                 "--rank", "3", "-q", "--json"]) == 0
+    assert (
+        main(
+            [
+                "lora-merge",
+                f"{a}:0.5",
+                f"{b}:0.5",
+                "-o",
+                str(tmp_path / "m.safetensors"),
+                "--mode",
+                "svd",
+                "--rank",
+                "3",
+                "-q",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["ranks"] == [3]
     assert main(["hash", out]) == 0
     assert hashlib.sha256(open(out, "rb").read()).hexdigest()[:10] in capsys.readouterr().out

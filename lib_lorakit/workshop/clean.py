@@ -41,8 +41,13 @@ MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_mo
 EMA_PREFIX = "model_ema."
 VAE_PREFIX = "first_stage_model."
 SAVE = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-META_FIELDS = {"title": "modelspec.title", "author": "modelspec.author", "description": "modelspec.description",
-               "trigger_words": "modelspec.trigger_phrase", "preferred_weight": "lorakit.preferred_weight"}
+META_FIELDS = {
+    "title": "modelspec.title",
+    "author": "modelspec.author",
+    "description": "modelspec.description",
+    "trigger_words": "modelspec.trigger_phrase",
+    "preferred_weight": "lorakit.preferred_weight",
+}
 TRAINING_PREFIXES = ("ss_", "sshs_")
 FLOAT_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895e38, torch.float32: 3.4028e38}
 
@@ -56,17 +61,34 @@ def _open_checkpoint(path: str) -> tuple[TensorSource, list[dict]]:
         raise FormatError(f"{path}: file not found.", fix="Check the path and the file name.")
     obj = _load_pickle(path)  # weights_only=True: refuses anything that is not tensors and containers
     if not isinstance(obj, Mapping):
-        raise FormatError(f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors.",
-                          fix="Give a checkpoint saved as a state dict.")
+        raise FormatError(
+            f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors.",
+            fix="Give a checkpoint saved as a state dict.",
+        )
     sd = obj
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         sd = obj["state_dict"]
-        for k, v in obj.items():
+        for k in obj:
             if k != "state_dict":
-                dropped.append({"key": str(k), "reason": "training state beside the state dict"
-                                if k in ("optimizer_states", "lr_schedulers", "callbacks", "global_step", "epoch",
-                                         "pytorch-lightning_version", "loops", "hparams_name", "hyper_parameters")
-                                else "not part of the state dict"})
+                dropped.append(
+                    {
+                        "key": str(k),
+                        "reason": "training state beside the state dict"
+                        if k
+                        in (
+                            "optimizer_states",
+                            "lr_schedulers",
+                            "callbacks",
+                            "global_step",
+                            "epoch",
+                            "pytorch-lightning_version",
+                            "loops",
+                            "hparams_name",
+                            "hyper_parameters",
+                        )
+                        else "not part of the state dict",
+                    }
+                )
     tensors = {}
     for k, v in sd.items():
         if isinstance(k, str) and isinstance(v, torch.Tensor):
@@ -91,14 +113,20 @@ def _vae_source(path: str, wanted: Mapping[str, tuple[int, ...]]) -> tuple[Tenso
     missing = [k for k in wanted if k not in names]
     if missing:
         src.close()
-        raise FormatError(f"{path}: has no VAE tensor for {len(missing)} of the checkpoint's {len(wanted)} VAE keys "
-                          f"(first: {missing[0]!r}).", fix="Give a VAE of the checkpoint's family (an SD1.5 or SDXL "
-                          "VAE file, or a checkpoint whose VAE you want).")
+        raise FormatError(
+            f"{path}: has no VAE tensor for {len(missing)} of the checkpoint's {len(wanted)} VAE keys "
+            f"(first: {missing[0]!r}).",
+            fix="Give a VAE of the checkpoint's family (an SD1.5 or SDXL "
+            "VAE file, or a checkpoint whose VAE you want).",
+        )
     for k in wanted:
         if tuple(src.shape(names[k])) != tuple(wanted[k]):
             src.close()
-            raise FormatError(f"{path}: VAE tensor {names[k]!r} has shape {list(src.shape(names[k]))}, the checkpoint "
-                              f"needs {list(wanted[k])}.", fix="Give a VAE of the checkpoint's family.")
+            raise FormatError(
+                f"{path}: VAE tensor {names[k]!r} has shape {list(src.shape(names[k]))}, the checkpoint "
+                f"needs {list(wanted[k])}.",
+                fix="Give a VAE of the checkpoint's family.",
+            )
     return src, names
 
 
@@ -111,12 +139,27 @@ def _scan(t: torch.Tensor) -> tuple[int, int]:
     return nan, inf
 
 
-def clean(checkpoint: str, output: str | None, *, drop_ema: bool = True, drop_other: bool = True,
-          repair_position_ids: bool = True, save: str = "keep", vae: str | None = None, title: str | None = None,
-          author: str | None = None, description: str | None = None, trigger_words: str | None = None,
-          preferred_weight: float | None = None, strip_training: bool = False, scan: bool = True,
-          hashes: bool = True, overwrite: bool = False, progress: Progress | None = None,
-          cancel: Cancel | None = None) -> dict:
+def clean(
+    checkpoint: str,
+    output: str | None,
+    *,
+    drop_ema: bool = True,
+    drop_other: bool = True,
+    repair_position_ids: bool = True,
+    save: str = "keep",
+    vae: str | None = None,
+    title: str | None = None,
+    author: str | None = None,
+    description: str | None = None,
+    trigger_words: str | None = None,
+    preferred_weight: float | None = None,
+    strip_training: bool = False,
+    scan: bool = True,
+    hashes: bool = True,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+) -> dict:
     """Write a cleaned copy of ``checkpoint`` to ``output`` (safetensors) and report what changed.
 
     Args:
@@ -136,10 +179,12 @@ def clean(checkpoint: str, output: str | None, *, drop_ema: bool = True, drop_ot
     say = progress or no_progress
     if save not in SAVE:
         raise RecipeError(f"Unknown save dtype {save!r}.", fix=f"Use one of {', '.join(SAVE)}.")
-    if preferred_weight is not None and not (isinstance(preferred_weight, (int, float))
-                                             and math.isfinite(preferred_weight) and -4 <= preferred_weight <= 4):
-        raise RecipeError(f"Preferred weight {preferred_weight!r} is not a number from -4 to 4.",
-                          fix="Give a weight such as 0.8.")
+    if preferred_weight is not None and not (
+        isinstance(preferred_weight, (int, float)) and math.isfinite(preferred_weight) and -4 <= preferred_weight <= 4
+    ):
+        raise RecipeError(
+            f"Preferred weight {preferred_weight!r} is not a number from -4 to 4.", fix="Give a weight such as 0.8."
+        )
     if output is not None:
         output = check_output(output, [checkpoint] + ([vae] if vae else []), overwrite)
     src, dropped = _open_checkpoint(checkpoint)
@@ -165,8 +210,9 @@ def clean(checkpoint: str, output: str | None, *, drop_ema: bool = True, drop_ot
         vae_names: dict[str, str] = {}
         if vae:
             if not vae_keys:
-                raise FormatError(f"{checkpoint}: has no VAE (first_stage_model.*) to replace.",
-                                  fix="Give a full checkpoint.")
+                raise FormatError(
+                    f"{checkpoint}: has no VAE (first_stage_model.*) to replace.", fix="Give a full checkpoint."
+                )
             vsrc, vae_names = _vae_source(vae, vae_keys)
         target = SAVE[save]
         entries: list[OutEntry] = []
@@ -195,8 +241,13 @@ def clean(checkpoint: str, output: str | None, *, drop_ema: bool = True, drop_ot
                 plan.append((k, "raw"))
         meta = {k: v for k, v in src.metadata.items() if not (strip_training and k.startswith(TRAINING_PREFIXES))}
         stripped = sorted(set(src.metadata) - set(meta))
-        for name, value in (("title", title), ("author", author), ("description", description),
-                            ("trigger_words", trigger_words), ("preferred_weight", preferred_weight)):
+        for name, value in (
+            ("title", title),
+            ("author", author),
+            ("description", description),
+            ("trigger_words", trigger_words),
+            ("preferred_weight", preferred_weight),
+        ):
             if value is not None:
                 meta[META_FIELDS[name]] = f"{value:g}" if isinstance(value, float) else str(value)
         meta.pop("modelspec.hash_sha256", None)  # stale once anything changes
@@ -252,9 +303,18 @@ def clean(checkpoint: str, output: str | None, *, drop_ema: bool = True, drop_ot
             if writer is not None:
                 writer.abort()
         report = {
-            "checkpoint": os.fspath(checkpoint), "output": output, "arch": arch, "kept": len(plan),
-            "dropped": dropped, "position_ids": repairs, "nonfinite": nonfinite, "overflow": overflow,
-            "save": save, "vae": vae, "vae_tensors": len(vae_names), "metadata": meta,
+            "checkpoint": os.fspath(checkpoint),
+            "output": output,
+            "arch": arch,
+            "kept": len(plan),
+            "dropped": dropped,
+            "position_ids": repairs,
+            "nonfinite": nonfinite,
+            "overflow": overflow,
+            "save": save,
+            "vae": vae,
+            "vae_tensors": len(vae_names),
+            "metadata": meta,
             "metadata_stripped": stripped,
         }
         if output is not None and hashes:
@@ -274,14 +334,18 @@ def check_finite(report: dict) -> None:
     """Raise ValueProblem when the clean-up report lists NaN/Inf tensors (for callers that refuse them)."""
     if report["nonfinite"]:
         first = report["nonfinite"][0]
-        raise ValueProblem(f"{len(report['nonfinite'])} tensors hold NaN/Inf values (first: {first['key']}: "
-                           f"{first['nan']} NaN, {first['inf']} Inf).",
-                           fix="Use an earlier, healthy save of the model; NaN weights give black images.")
+        raise ValueProblem(
+            f"{len(report['nonfinite'])} tensors hold NaN/Inf values (first: {first['key']}: "
+            f"{first['nan']} NaN, {first['inf']} Inf).",
+            fix="Use an earlier, healthy save of the model; NaN weights give black images.",
+        )
 
 
 def summary(report: dict) -> str:
-    lines = [f"kept {report['kept']} tensors, dropped {len(report['dropped'])}"
-             + (f" (e.g. {report['dropped'][0]['key']}: {report['dropped'][0]['reason']})" if report["dropped"] else "")]
+    lines = [
+        f"kept {report['kept']} tensors, dropped {len(report['dropped'])}"
+        + (f" (e.g. {report['dropped'][0]['key']}: {report['dropped'][0]['reason']})" if report["dropped"] else "")
+    ]
     for r in report["position_ids"]:
         lines.append(f"repaired {r['key']}: it {r['problem']}")
     if report["vae"]:
@@ -294,8 +358,10 @@ def summary(report: dict) -> str:
         lines.append("no NaN/Inf values")
     h = report.get("hashes")
     if h:
-        lines.append(f"sha256 {h['sha256']}  short {h['shorthash']}  legacy {h['legacy']}"
-                     + (f"  addnet {h['addnet_short']}" if "addnet" in h else ""))
+        lines.append(
+            f"sha256 {h['sha256']}  short {h['shorthash']}  legacy {h['legacy']}"
+            + (f"  addnet {h['addnet_short']}" if "addnet" in h else "")
+        )
     if report.get("output"):
         lines.append(f"-> {report['output']} in {report['seconds']} s")
     return "\n".join(lines)

@@ -27,26 +27,40 @@ def _progress(quiet: bool):
 
 
 def _dyn(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dynamic", metavar="RULE", help="rank per layer: sv_fro:0.9, sv_ratio:8 or sv_cumulative:0.9 "
-                   "(as kohya's resize_lora.py; --rank caps it)")
+    p.add_argument(
+        "--dynamic",
+        metavar="RULE",
+        help="rank per layer: sv_fro:0.9, sv_ratio:8 or sv_cumulative:0.9 (as kohya's resize_lora.py; --rank caps it)",
+    )
 
 
 def add_parsers(sub) -> None:
     """Add the workshop commands to ``sub`` (the main parser's subparsers)."""
-    e = sub.add_parser("extract", help="extract a LoRA from a fine-tune: SVD of (tuned - base) per layer",
-                       description="Extract a kohya-format LoRA (lora_unet_/lora_te1_/lora_te2_) from TUNED - BASE.")
+    e = sub.add_parser(
+        "extract",
+        help="extract a LoRA from a fine-tune: SVD of (tuned - base) per layer",
+        description="Extract a kohya-format LoRA (lora_unet_/lora_te1_/lora_te2_) from TUNED - BASE.",
+    )
     e.add_argument("tuned")
     e.add_argument("base")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--rank", type=int, default=32, help="rank of linear layers (default 32; the cap with --dynamic)")
     e.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 convolutions (default: none extracted)")
     _dyn(e)
-    e.add_argument("--min-diff", type=float, default=0.0,
-                   help="skip layers whose largest absolute difference is at most this (default 0: unchanged only)")
+    e.add_argument(
+        "--min-diff",
+        type=float,
+        default=0.0,
+        help="skip layers whose largest absolute difference is at most this (default 0: unchanged only)",
+    )
     e.add_argument("--blocks", help="only these components/blocks, e.g. unet or te1,te2 or IN04,OUT05")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    e.add_argument("--method", choices=("auto", "exact"), default="auto",
-                   help="auto: randomized SVD where it settles, else exact; exact: full SVD of every layer")
+    e.add_argument(
+        "--method",
+        choices=("auto", "exact"),
+        default="auto",
+        help="auto: randomized SVD where it settles, else exact; exact: full SVD of every layer",
+    )
     e.add_argument("--save", choices=("fp16", "bf16", "fp32"), default="fp16")
     e.add_argument("--no-hash", action="store_true", help="do not record the inputs' SHA-256 in the metadata")
 
@@ -72,8 +86,11 @@ def add_parsers(sub) -> None:
     m.add_argument("--device", default="cpu")
     m.add_argument("--save", choices=("fp16", "bf16", "fp32"), default="fp16")
 
-    c = sub.add_parser("clean", help="clean a checkpoint: safe .ckpt conversion, drop EMA/optimizer, repair "
-                                     "position_ids, swap VAE, NaN scan, hashes, metadata")
+    c = sub.add_parser(
+        "clean",
+        help="clean a checkpoint: safe .ckpt conversion, drop EMA/optimizer, repair "
+        "position_ids, swap VAE, NaN scan, hashes, metadata",
+    )
     c.add_argument("checkpoint")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--keep-ema", action="store_true", help="keep model_ema.* copies")
@@ -106,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .hashes import file_hashes
 
-    clean_mod, extract_mod, merge_mod, resize_mod = (importlib.import_module(f"{__package__}.{m}")
-                                                     for m in ("clean", "extract", "lora_merge", "resize"))
+    clean_mod, extract_mod, merge_mod, resize_mod = (
+        importlib.import_module(f"{__package__}.{m}") for m in ("clean", "extract", "lora_merge", "resize")
+    )
 
     cmd = args.command
     if cmd == "hash":
@@ -116,32 +134,79 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(out, indent=1))
         else:
             for f, hs in out.items():
-                print(f"{f}\n  sha256 {hs['sha256']}\n  short  {hs['shorthash']}\n  legacy {hs['legacy']}"
-                      + (f"\n  addnet {hs['addnet']} ({hs['addnet_short']})" if "addnet" in hs else ""))
+                print(
+                    f"{f}\n  sha256 {hs['sha256']}\n  short  {hs['shorthash']}\n  legacy {hs['legacy']}"
+                    + (f"\n  addnet {hs['addnet']} ({hs['addnet_short']})" if "addnet" in hs else "")
+                )
         return 0
     say = _progress(args.quiet)
     if cmd == "extract":
-        rep = extract_mod.extract(args.tuned, args.base, args.output, rank=args.rank, conv_rank=args.conv_rank,
-                                  dynamic=args.dynamic, min_diff=args.min_diff, blocks=args.blocks,
-                                  device=args.device, save=args.save, method=args.method,
-                                  hash_inputs=not args.no_hash, overwrite=args.overwrite, progress=say)
+        rep = extract_mod.extract(
+            args.tuned,
+            args.base,
+            args.output,
+            rank=args.rank,
+            conv_rank=args.conv_rank,
+            dynamic=args.dynamic,
+            min_diff=args.min_diff,
+            blocks=args.blocks,
+            device=args.device,
+            save=args.save,
+            method=args.method,
+            hash_inputs=not args.no_hash,
+            overwrite=args.overwrite,
+            progress=say,
+        )
         text = extract_mod.summary(rep)
     elif cmd == "resize":
-        rep = resize_mod.resize(args.lora, args.output, rank=args.rank, conv_rank=args.conv_rank,
-                                dynamic=args.dynamic, base=args.base, device=args.device, save=args.save,
-                                overwrite=args.overwrite, progress=say)
+        rep = resize_mod.resize(
+            args.lora,
+            args.output,
+            rank=args.rank,
+            conv_rank=args.conv_rank,
+            dynamic=args.dynamic,
+            base=args.base,
+            device=args.device,
+            save=args.save,
+            overwrite=args.overwrite,
+            progress=say,
+        )
         text = resize_mod.summary(rep)
     elif cmd == "lora-merge":
-        rep = merge_mod.lora_merge(args.loras, args.output, mode=args.mode, rank=args.rank, conv_rank=args.conv_rank,
-                                   dynamic=args.dynamic, blocks=args.blocks, base=args.base, device=args.device,
-                                   save=args.save, overwrite=args.overwrite, progress=say)
+        rep = merge_mod.lora_merge(
+            args.loras,
+            args.output,
+            mode=args.mode,
+            rank=args.rank,
+            conv_rank=args.conv_rank,
+            dynamic=args.dynamic,
+            blocks=args.blocks,
+            base=args.base,
+            device=args.device,
+            save=args.save,
+            overwrite=args.overwrite,
+            progress=say,
+        )
         text = merge_mod.summary(rep)
     else:
-        rep = clean_mod.clean(args.checkpoint, args.output, drop_ema=not args.keep_ema, drop_other=not args.keep_other,
-                              repair_position_ids=not args.no_repair, save=args.save, vae=args.vae, title=args.title,
-                              author=args.author, description=args.description, trigger_words=args.trigger_words,
-                              preferred_weight=args.preferred_weight, strip_training=args.strip_training,
-                              scan=not args.no_scan, overwrite=args.overwrite, progress=say)
+        rep = clean_mod.clean(
+            args.checkpoint,
+            args.output,
+            drop_ema=not args.keep_ema,
+            drop_other=not args.keep_other,
+            repair_position_ids=not args.no_repair,
+            save=args.save,
+            vae=args.vae,
+            title=args.title,
+            author=args.author,
+            description=args.description,
+            trigger_words=args.trigger_words,
+            preferred_weight=args.preferred_weight,
+            strip_training=args.strip_training,
+            scan=not args.no_scan,
+            overwrite=args.overwrite,
+            progress=say,
+        )
         text = clean_mod.summary(rep)
     print(json.dumps(rep, indent=1, default=str) if args.json else text)
     return 0

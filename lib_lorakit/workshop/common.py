@@ -41,8 +41,9 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if d.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RecipeError(f"Device {device!r} asked for, but this torch has no CUDA device.",
-                              fix="Use the cpu device (or auto).")
+            raise RecipeError(
+                f"Device {device!r} asked for, but this torch has no CUDA device.", fix="Use the cpu device (or auto)."
+            )
         return torch.device(d)
     if d != "cpu":
         raise RecipeError(f"Unknown device {device!r}.", fix="Use auto, cpu or cuda.")
@@ -54,8 +55,10 @@ def check_output(output: str | None, inputs: Iterable[str], overwrite: bool) -> 
     if not output:
         raise RecipeError("No output file given.", fix="Name the output .safetensors file.")
     if not str(output).lower().endswith(".safetensors"):
-        raise RecipeError(f"The output {output} must end in .safetensors (lorakit always writes safetensors).",
-                          fix="Change the output file name's extension to .safetensors.")
+        raise RecipeError(
+            f"The output {output} must end in .safetensors (lorakit always writes safetensors).",
+            fix="Change the output file name's extension to .safetensors.",
+        )
     check_output_path(output, overwrite=overwrite, inputs=list(inputs))
     return os.fspath(output)
 
@@ -64,8 +67,9 @@ def check_rank(rank: int | None, what: str = "rank", *, allow_zero: bool = False
     if rank is None:
         return
     if not isinstance(rank, int) or rank < (0 if allow_zero else 1) or rank > 4096:
-        raise RecipeError(f"The {what} {rank!r} is out of range.",
-                          fix=f"Give a whole number from {0 if allow_zero else 1} to 4096.")
+        raise RecipeError(
+            f"The {what} {rank!r} is out of range.", fix=f"Give a whole number from {0 if allow_zero else 1} to 4096."
+        )
 
 
 def block_filter(spec: str | Iterable[str] | None, arch: str) -> set[str] | None:
@@ -90,9 +94,10 @@ def block_filter(spec: str | Iterable[str] | None, arch: str) -> set[str] | None
         else:
             from ..errors import did_you_mean
 
-            raise RecipeError(f"Unknown block or component {it!r} for {ARCHS[arch].label}."
-                              f"{did_you_mean(up, sorted(blocks))}",
-                              fix=f"Use unet, te, te1, te2 or block ids: {', '.join(ARCHS[arch].blocks)}.")
+            raise RecipeError(
+                f"Unknown block or component {it!r} for {ARCHS[arch].label}.{did_you_mean(up, sorted(blocks))}",
+                fix=f"Use unet, te, te1, te2 or block ids: {', '.join(ARCHS[arch].blocks)}.",
+            )
     return out
 
 

@@ -79,11 +79,16 @@ class LoraReader:
                 self.base = open_source(base)
                 bfam = detect_checkpoint(self.base.shapes(), self.base.metadata, base)
                 if self.arch in ARCHS and bfam.arch != self.arch:
-                    raise MatchError(f"{path} looks {fam.label}, the base {base} is {bfam.label}.",
-                                     fix="Give the base checkpoint of the LoRA's family.")
+                    raise MatchError(
+                        f"{path} looks {fam.label}, the base {base} is {bfam.label}.",
+                        fix="Give the base checkpoint of the LoRA's family.",
+                    )
                 self.arch = bfam.arch
-            shapes = self.base.shapes() if self.base is not None else (
-                {k: v[0] for k, v in load_layout(ARCHS[self.arch].layout).items()} if self.arch in ARCHS else {})
+            shapes = (
+                self.base.shapes()
+                if self.base is not None
+                else ({k: v[0] for k, v in load_layout(ARCHS[self.arch].layout).items()} if self.arch in ARCHS else {})
+            )
             self.index = TargetIndex(shapes, ARCHS[self.arch]) if self.arch in ARCHS else None
             self.parsed = parse_keys(self.src.keys())
         except BaseException:
@@ -123,9 +128,11 @@ class LoraReader:
         names = frozenset(group)
         alg, extra = identify(names)
         if alg is None:
-            raise MatchError(f"{self.path}: module {name!r} ({', '.join(sorted(names))}): "
-                             f"{explain_unknown(next(iter(group.values())))}.",
-                             fix="Only LoRA/LyCORIS networks can be resized or merged.")
+            raise MatchError(
+                f"{self.path}: module {name!r} ({', '.join(sorted(names))}): "
+                f"{explain_unknown(next(iter(group.values())))}.",
+                fix="Only LoRA/LyCORIS networks can be resized or merged.",
+            )
         target = self.index.find(name)[0] if self.index is not None else None
         comp = target.component if target is not None else None
         block = target.block if target is not None else None
@@ -147,39 +154,64 @@ class LoraReader:
             shape = (u.shape[0],) + tuple(d.shape[1:])
             if len(shape) == 4 and shape[2:] == (1, 1) and target is not None and len(target.shape) == 2:
                 shape = shape[:2]
-            return ModuleDelta(name, "lora", shape, up=u, down=d.reshape(r, -1), scale=scale, component=comp,
-                               block=block, dropped=dropped)
+            return ModuleDelta(
+                name,
+                "lora",
+                shape,
+                up=u,
+                down=d.reshape(r, -1),
+                scale=scale,
+                component=comp,
+                block=block,
+                dropped=dropped,
+            )
         if target is None:
-            raise MatchError(f"{self.path}: module {name!r} ({alg.id}) needs the target layer's shape, and the name "
-                             f"matches no layer of the {ARCHS[self.arch].label if self.arch in ARCHS else 'unknown'} "
-                             f"layout.", fix="Give the base checkpoint the LoRA was made for.")
+            raise MatchError(
+                f"{self.path}: module {name!r} ({alg.id}) needs the target layer's shape, and the name "
+                f"matches no layer of the {ARCHS[self.arch].label if self.arch in ARCHS else 'unknown'} "
+                f"layout.",
+                fix="Give the base checkpoint the LoRA was made for.",
+            )
         weight = None
         if needs_weight(alg, names):
             if self.base is None:
-                raise RecipeError(f"{self.path}: module {name!r} is {alg.id}{' + DoRA' if 'dora_scale' in p else ''}, "
-                                  f"whose update depends on the base weights.",
-                                  fix="Give the base checkpoint the LoRA was made for.")
+                raise RecipeError(
+                    f"{self.path}: module {name!r} is {alg.id}{' + DoRA' if 'dora_scale' in p else ''}, "
+                    f"whose update depends on the base weights.",
+                    fix="Give the base checkpoint the LoRA was made for.",
+                )
             w = self.base.read(target.weight_key).float()
             if target.rows is not None:
-                w = w[target.rows[0]:target.rows[1]]
+                w = w[target.rows[0] : target.rows[1]]
             weight = w.T if target.transpose else w
         shape = tuple(target.shape)
         d = compute_delta(alg, p, shape, weight)
         if len(shape) < 2:  # norm layers: a vector, nothing to factor
-            return ModuleDelta(name, alg.id, shape, dense=d.to_dense(shape).reshape(shape[0], -1),
-                               component=comp, block=block, dropped=dropped)
+            return ModuleDelta(
+                name,
+                alg.id,
+                shape,
+                dense=d.to_dense(shape).reshape(shape[0], -1),
+                component=comp,
+                block=block,
+                dropped=dropped,
+            )
         if d.lowrank is not None:
             u, dd = d.lowrank
-            return ModuleDelta(name, alg.id, shape, up=u, down=dd, scale=1.0, component=comp, block=block,
-                               dropped=dropped)
+            return ModuleDelta(
+                name, alg.id, shape, up=u, down=dd, scale=1.0, component=comp, block=block, dropped=dropped
+            )
         dense = d.to_dense(shape).reshape(shape[0], -1)
         if not torch.isfinite(dense).all():
-            raise RecipeError(f"{self.path}: module {name!r} has NaN/inf values.", fix="Use a healthy copy of the LoRA.")
+            raise RecipeError(
+                f"{self.path}: module {name!r} has NaN/inf values.", fix="Use a healthy copy of the LoRA."
+            )
         return ModuleDelta(name, alg.id, shape, dense=dense, component=comp, block=block, dropped=dropped)
 
 
-def module_tensors(name: str, up: torch.Tensor, down: torch.Tensor, alpha: float, shape: tuple[int, ...],
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def module_tensors(
+    name: str, up: torch.Tensor, down: torch.Tensor, alpha: float, shape: tuple[int, ...], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """kohya LoRA tensors for one module: up (out, k[,1,1]), down (k, in[, kh, kw]), alpha."""
     k = down.shape[0]
     if len(shape) == 4:
@@ -187,8 +219,11 @@ def module_tensors(name: str, up: torch.Tensor, down: torch.Tensor, alpha: float
         down = down.reshape(k, *shape[1:])
     else:
         down = down.reshape(k, math.prod(shape[1:]))
-    return {name + ".lora_up.weight": up.to(dtype).contiguous(), name + ".lora_down.weight": down.to(dtype).contiguous(),
-            name + ".alpha": torch.tensor(float(alpha), dtype=dtype)}
+    return {
+        name + ".lora_up.weight": up.to(dtype).contiguous(),
+        name + ".lora_down.weight": down.to(dtype).contiguous(),
+        name + ".alpha": torch.tensor(float(alpha), dtype=dtype),
+    }
 
 
 __all__ = ["LayoutSource", "LoraReader", "ModuleDelta", "module_tensors"]

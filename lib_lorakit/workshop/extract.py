@@ -27,8 +27,19 @@ from ..formats.safetensors_io import save_file
 from ..formats.sources import TensorSource, open_source
 from ..streaming import Hasher, engine_threads, peak_rss_mb
 from . import svd
-from .common import (Cancel, Progress, block_filter, check_cancel, check_output, check_rank, keep_module,
-                     lora_modelspec, no_progress, resolve_device, save_dtype)
+from .common import (
+    Cancel,
+    Progress,
+    block_filter,
+    check_cancel,
+    check_output,
+    check_rank,
+    keep_module,
+    lora_modelspec,
+    no_progress,
+    resolve_device,
+    save_dtype,
+)
 from .modules import Module, kohya_modules
 
 AHEAD = 3
@@ -45,12 +56,16 @@ def _open_pair(tuned: str, base: str) -> tuple[TensorSource, TensorSource, str]:
         fam = detect_checkpoint(t.shapes(), t.metadata, tuned)
         famb = detect_checkpoint(b.shapes(), b.metadata, base)
         if fam.arch not in ARCHS:
-            raise ArchitectureError(f"{tuned}: not recognised as an SD1.5 or SDXL checkpoint.",
-                                    fix="Give a full SD1.5 or SDXL checkpoint (UNet and text encoders).")
+            raise ArchitectureError(
+                f"{tuned}: not recognised as an SD1.5 or SDXL checkpoint.",
+                fix="Give a full SD1.5 or SDXL checkpoint (UNet and text encoders).",
+            )
         if famb.arch != fam.arch:
-            raise ArchitectureError(f"The tuned model is {fam.label}, the base {famb.label}: a LoRA can only be "
-                                    f"extracted between two models of one family.",
-                                    fix="Pick a base of the tuned model's family.")
+            raise ArchitectureError(
+                f"The tuned model is {fam.label}, the base {famb.label}: a LoRA can only be "
+                f"extracted between two models of one family.",
+                fix="Pick a base of the tuned model's family.",
+            )
     except BaseException:
         t.close()
         b.close()
@@ -78,10 +93,24 @@ def _reader(mods: list[Module], t: TensorSource, b: TensorSource, q: queue.Queue
         q.put(e)
 
 
-def extract(tuned: str, base: str, output: str | None, *, rank: int = 32, conv_rank: int | None = None,
-            dynamic: str | None = None, min_diff: float = 0.0, blocks: str | None = None, device: str = "auto",
-            save: str = "fp16", method: str = "auto", hash_inputs: bool = True, overwrite: bool = False,
-            progress: Progress | None = None, cancel: Cancel | None = None) -> dict:
+def extract(
+    tuned: str,
+    base: str,
+    output: str | None,
+    *,
+    rank: int = 32,
+    conv_rank: int | None = None,
+    dynamic: str | None = None,
+    min_diff: float = 0.0,
+    blocks: str | None = None,
+    device: str = "auto",
+    save: str = "fp16",
+    method: str = "auto",
+    hash_inputs: bool = True,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+) -> dict:
     """Extract a LoRA of (tuned − base) and write it to ``output`` (kohya format, safetensors).
 
     Args:
@@ -112,27 +141,66 @@ def extract(tuned: str, base: str, output: str | None, *, rank: int = 32, conv_r
     if output is not None:
         output = check_output(output, [tuned, base], overwrite)
     with engine_threads():
-        return _extract(tuned, base, output, rank, conv_rank, dynamic, dyn, min_diff, blocks, dev, dt, method,
-                        hash_inputs, overwrite, say, cancel, t0)
+        return _extract(
+            tuned,
+            base,
+            output,
+            rank,
+            conv_rank,
+            dynamic,
+            dyn,
+            min_diff,
+            blocks,
+            dev,
+            dt,
+            method,
+            hash_inputs,
+            overwrite,
+            say,
+            cancel,
+            t0,
+        )
 
 
-def _extract(tuned, base, output, rank, conv_rank, dynamic, dyn, min_diff, blocks, dev, dt, method, hash_inputs,
-             overwrite, say, cancel, t0) -> dict:
+def _extract(
+    tuned,
+    base,
+    output,
+    rank,
+    conv_rank,
+    dynamic,
+    dyn,
+    min_diff,
+    blocks,
+    dev,
+    dt,
+    method,
+    hash_inputs,
+    overwrite,
+    say,
+    cancel,
+    t0,
+) -> dict:
     t, b, arch = _open_pair(tuned, base)
     hashers: list[Hasher] = []
     stop = threading.Event()
     try:
         st, sb = t.shapes(), b.shapes()
         sel = block_filter(blocks, arch)
-        mods = [m for m in kohya_modules(st, ARCHS[arch], conv=bool(conv_rank))
-                if keep_module(sel, m.component, m.block)]
+        mods = [
+            m for m in kohya_modules(st, ARCHS[arch], conv=bool(conv_rank)) if keep_module(sel, m.component, m.block)
+        ]
         for m in mods:
             if m.key not in sb:
-                raise FormatError(f"{base}: has no tensor {m.key!r}, which the tuned model has.",
-                                  fix="Give the base model the tuned model was trained from (same family, full model).")
+                raise FormatError(
+                    f"{base}: has no tensor {m.key!r}, which the tuned model has.",
+                    fix="Give the base model the tuned model was trained from (same family, full model).",
+                )
             if tuple(sb[m.key]) != tuple(st[m.key]):
-                raise FormatError(f"{m.key}: shape {list(st[m.key])} in the tuned model, {list(sb[m.key])} in the base.",
-                                  fix="Give the base model the tuned model was trained from.")
+                raise FormatError(
+                    f"{m.key}: shape {list(st[m.key])} in the tuned model, {list(sb[m.key])} in the base.",
+                    fix="Give the base model the tuned model was trained from.",
+                )
         if not mods:
             raise RecipeError("No layer to extract with these blocks.", fix="Widen the block selection.")
         if hash_inputs and output is not None:
@@ -178,16 +246,32 @@ def _extract(tuned, base, output, rank, conv_rank, dynamic, dyn, min_diff, block
             tensors[m.name + ".lora_up.weight"] = up.to("cpu", dt).contiguous()
             tensors[m.name + ".lora_down.weight"] = down.to("cpu", dt).contiguous()
             tensors[m.name + ".alpha"] = torch.tensor(float(k), dtype=dt)
-            layers[m.name] = {"key": m.key, "rows": list(m.rows) if m.rows else None, "rank": k,
-                              "kept": round(f.kept, 6), "rel_err": round(f.rel_err, 6), "method": f.method}
+            layers[m.name] = {
+                "key": m.key,
+                "rows": list(m.rows) if m.rows else None,
+                "rank": k,
+                "kept": round(f.kept, 6),
+                "rel_err": round(f.rel_err, 6),
+                "method": f.method,
+            }
             methods[f.method] = methods.get(f.method, 0) + 1
             say(done, total, f"{m.name}: rank {k}, kept {f.kept:.1%}")
             del diff, mat, f
         reader.join()
         report = {
-            "tuned": os.fspath(tuned), "base": os.fspath(base), "output": output, "arch": arch,
-            "rank": rank, "conv_rank": conv_rank or 0, "dynamic": dynamic or "", "min_diff": min_diff,
-            "device": str(dev), "modules": len(layers), "skipped": skipped, "layers": layers, "methods": methods,
+            "tuned": os.fspath(tuned),
+            "base": os.fspath(base),
+            "output": output,
+            "arch": arch,
+            "rank": rank,
+            "conv_rank": conv_rank or 0,
+            "dynamic": dynamic or "",
+            "min_diff": min_diff,
+            "device": str(dev),
+            "modules": len(layers),
+            "skipped": skipped,
+            "layers": layers,
+            "methods": methods,
         }
         if output is not None:
             for h in hashers:
@@ -195,19 +279,29 @@ def _extract(tuned, base, output, rank, conv_rank, dynamic, dyn, min_diff, block
             title = os.path.splitext(os.path.basename(output))[0]
             meta = lora_modelspec(arch, title)
             net_args = {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_rank))} if conv_rank else {}
-            meta.update({
-                "ss_network_dim": "Dynamic" if dyn else str(rank),
-                "ss_network_alpha": "Dynamic" if dyn else str(float(rank)),
-                "ss_network_args": json.dumps(net_args),
-                "ss_training_comment": f"extracted from {os.path.basename(tuned)} - {os.path.basename(base)}",
-                "lorakit.extract": json.dumps({
-                    "tuned": os.path.basename(tuned), "base": os.path.basename(base),
-                    "tuned_sha256": hashers[0].digest if hashers else "", "base_sha256": hashers[1].digest if hashers else "",
-                    "rank": rank, "conv_rank": conv_rank or 0, "dynamic": dynamic or "", "min_diff": min_diff,
-                    "skipped": [s["module"] for s in skipped],
-                    "layers": {n: [v["rank"], v["kept"], v["rel_err"]] for n, v in layers.items()},
-                }, separators=(",", ":")),
-            })
+            meta.update(
+                {
+                    "ss_network_dim": "Dynamic" if dyn else str(rank),
+                    "ss_network_alpha": "Dynamic" if dyn else str(float(rank)),
+                    "ss_network_args": json.dumps(net_args),
+                    "ss_training_comment": f"extracted from {os.path.basename(tuned)} - {os.path.basename(base)}",
+                    "lorakit.extract": json.dumps(
+                        {
+                            "tuned": os.path.basename(tuned),
+                            "base": os.path.basename(base),
+                            "tuned_sha256": hashers[0].digest if hashers else "",
+                            "base_sha256": hashers[1].digest if hashers else "",
+                            "rank": rank,
+                            "conv_rank": conv_rank or 0,
+                            "dynamic": dynamic or "",
+                            "min_diff": min_diff,
+                            "skipped": [s["module"] for s in skipped],
+                            "layers": {n: [v["rank"], v["kept"], v["rel_err"]] for n, v in layers.items()},
+                        },
+                        separators=(",", ":"),
+                    ),
+                }
+            )
             save_file(tensors, output, meta, overwrite=overwrite)
             report["tuned_sha256"] = hashers[0].digest if hashers else ""
             report["base_sha256"] = hashers[1].digest if hashers else ""
@@ -228,14 +322,19 @@ def summary(report: dict) -> str:
     """A few lines for the terminal."""
     lay = report["layers"].values()
     kept = [v["kept"] for v in lay]
-    lines = [f"extracted {report['modules']} modules ({report['arch']}, rank {report['rank']}"
-             + (f", conv rank {report['conv_rank']}" if report["conv_rank"] else "")
-             + (f", {report['dynamic']}" if report["dynamic"] else "") + f") in {report['seconds']} s"
-             + (f" -> {report['output']}" if report.get("output") else " (dry run)")]
+    lines = [
+        f"extracted {report['modules']} modules ({report['arch']}, rank {report['rank']}"
+        + (f", conv rank {report['conv_rank']}" if report["conv_rank"] else "")
+        + (f", {report['dynamic']}" if report["dynamic"] else "")
+        + f") in {report['seconds']} s"
+        + (f" -> {report['output']}" if report.get("output") else " (dry run)")
+    ]
     if kept:
         lines.append(f"energy kept per layer: min {min(kept):.1%}, mean {sum(kept) / len(kept):.1%}")
     if report["skipped"]:
-        lines.append(f"skipped {len(report['skipped'])} unchanged layers: "
-                     + ", ".join(s["module"] for s in report["skipped"][:8])
-                     + (" …" if len(report["skipped"]) > 8 else ""))
+        lines.append(
+            f"skipped {len(report['skipped'])} unchanged layers: "
+            + ", ".join(s["module"] for s in report["skipped"][:8])
+            + (" …" if len(report["skipped"]) > 8 else "")
+        )
     return "\n".join(lines)

@@ -50,9 +50,9 @@ def file_hashes(path: str) -> dict[str, str]:
             full.update(chunk)
             lo, hi = max(pos, 0x100000), min(pos + n, 0x110000)
             if lo < hi:
-                legacy.update(chunk[lo - pos:hi - pos])
+                legacy.update(chunk[lo - pos : hi - pos])
             if addnet is not None and pos + n > data_start:
-                addnet.update(chunk[max(data_start - pos, 0):])
+                addnet.update(chunk[max(data_start - pos, 0) :])
             pos += n
     sha = full.hexdigest()
     out = {"sha256": sha, "shorthash": sha[:10], "legacy": legacy.hexdigest()[:8]}

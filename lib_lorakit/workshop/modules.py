@@ -64,18 +64,20 @@ def kohya_modules(shapes: Mapping[str, tuple[int, ...]], arch: Arch, *, conv: bo
         comp = component_of(key, arch)
         if comp == "unet" and key.endswith(".weight"):
             is_attn = bool(_ATTN.search(key))
-            is_conv = bool(_CONV.search(key)) and key.startswith(
-                (up + "input_blocks.", up + "middle_block.", up + "output_blocks.")) and not key.startswith(
-                up + "input_blocks.0.")
+            is_conv = (
+                bool(_CONV.search(key))
+                and key.startswith((up + "input_blocks.", up + "middle_block.", up + "output_blocks."))
+                and not key.startswith(up + "input_blocks.0.")
+            )
             if not (is_attn or (conv and is_conv)) or len(shape) < 2:
                 continue
-            rel = key[len(up):-len(".weight")]
+            rel = key[len(up) : -len(".weight")]
             name = unet_ldm_to_diffusers(rel) if arch.id == "sd15" else rel
             if name is None:
                 continue
             add("lora_unet_" + name.replace(".", "_"), key, shape)
         elif comp == "te1" and _TE.search(key):
-            rel = key[len(arch.prefixes["te1"]):-len(".weight")]
+            rel = key[len(arch.prefixes["te1"]) : -len(".weight")]
             add(("lora_te_" if arch.id == "sd15" else "lora_te1_") + rel.replace(".", "_"), key, shape)
         elif comp == "te2":
             m = _G_KEY.search(key)

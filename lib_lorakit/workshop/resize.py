@@ -23,9 +23,20 @@ from .deltas import LoraReader, module_tensors
 STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 
 
-def resize(lora: str, output: str | None, *, rank: int | None = None, conv_rank: int | None = None,
-           dynamic: str | None = None, base: str | None = None, device: str = "cpu", save: str = "fp16",
-           overwrite: bool = False, progress: Progress | None = None, cancel: Cancel | None = None) -> dict:
+def resize(
+    lora: str,
+    output: str | None,
+    *,
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    dynamic: str | None = None,
+    base: str | None = None,
+    device: str = "cpu",
+    save: str = "fp16",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+) -> dict:
     """Re-factor ``lora`` to ``rank`` (``conv_rank`` for 3x3 convolutions) and write ``output``.
 
     Args:
@@ -45,8 +56,10 @@ def resize(lora: str, output: str | None, *, rank: int | None = None, conv_rank:
     check_rank(conv_rank, "conv rank")
     dyn = svd.parse_dynamic(dynamic)
     if rank is None and dyn is None:
-        raise RecipeError("Resize needs a new rank or a dynamic rule.", fix="Give a rank (for example 32) "
-                          "or a dynamic rule such as sv_fro:0.9.")
+        raise RecipeError(
+            "Resize needs a new rank or a dynamic rule.",
+            fix="Give a rank (for example 32) or a dynamic rule such as sv_fro:0.9.",
+        )
     dt = save_dtype(save)
     dev = resolve_device(device)
     if output is not None:
@@ -78,8 +91,14 @@ def resize(lora: str, output: str | None, *, rank: int | None = None, conv_rank:
                 f = svd.factor(m, max(1, min(cap, *m.shape)), dyn)
                 up, alpha = f.up, float(f.rank)
             tensors.update(module_tensors(md.name, up.cpu(), f.down.cpu(), alpha, md.shape, dt))
-            layers[md.name] = {"algo": md.algo, "old_rank": old, "rank": f.rank, "kept": round(f.kept, 6),
-                               "rel_err": round(f.rel_err, 6), "alpha": alpha}
+            layers[md.name] = {
+                "algo": md.algo,
+                "old_rank": old,
+                "rank": f.rank,
+                "kept": round(f.kept, 6),
+                "rel_err": round(f.rel_err, 6),
+                "alpha": alpha,
+            }
             say(i + 1, total, f"{md.name}: rank {old or md.algo} -> {f.rank}, kept {f.kept:.1%}")
         meta = {k: v for k, v in rd.metadata.items() if k not in STALE_METADATA}
         ranks = sorted({v["rank"] for v in layers.values()})
@@ -94,16 +113,31 @@ def resize(lora: str, output: str | None, *, rank: int | None = None, conv_rank:
             alphas = {v["alpha"] for v in layers.values()}
             if len(alphas) == 1:
                 meta["ss_network_alpha"] = str(next(iter(alphas)))
-        meta["lorakit.resize"] = json.dumps({"from": os.path.basename(lora), "rank": rank, "conv_rank": conv_rank,
-                                             "dynamic": dynamic or "",
-                                             "layers": {n: [v["rank"], v["kept"], v["rel_err"]]
-                                                        for n, v in layers.items()}}, separators=(",", ":"))
+        meta["lorakit.resize"] = json.dumps(
+            {
+                "from": os.path.basename(lora),
+                "rank": rank,
+                "conv_rank": conv_rank,
+                "dynamic": dynamic or "",
+                "layers": {n: [v["rank"], v["kept"], v["rel_err"]] for n, v in layers.items()},
+            },
+            separators=(",", ":"),
+        )
         if output is not None:
             save_file(tensors, output, meta, overwrite=overwrite)
     errs = [v["rel_err"] for v in layers.values()]
-    report = {"lora": os.fspath(lora), "output": output, "modules": len(layers), "ranks": ranks, "layers": layers,
-              "copied": copied, "dropped": dropped, "max_rel_err": max(errs) if errs else 0.0,
-              "seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": peak_rss_mb()}
+    report = {
+        "lora": os.fspath(lora),
+        "output": output,
+        "modules": len(layers),
+        "ranks": ranks,
+        "layers": layers,
+        "copied": copied,
+        "dropped": dropped,
+        "max_rel_err": max(errs) if errs else 0.0,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "peak_rss_mb": peak_rss_mb(),
+    }
     say(total, total, "done")
     return report
 
@@ -111,12 +145,17 @@ def resize(lora: str, output: str | None, *, rank: int | None = None, conv_rank:
 def summary(report: dict) -> str:
     lay = list(report["layers"].values())
     kept = [v["kept"] for v in lay]
-    lines = [f"resized {report['modules']} modules to rank {', '.join(map(str, report['ranks'][:6]))}"
-             + ("…" if len(report["ranks"]) > 6 else "") + f" in {report['seconds']} s"
-             + (f" -> {report['output']}" if report.get("output") else " (dry run)")]
+    lines = [
+        f"resized {report['modules']} modules to rank {', '.join(map(str, report['ranks'][:6]))}"
+        + ("…" if len(report["ranks"]) > 6 else "")
+        + f" in {report['seconds']} s"
+        + (f" -> {report['output']}" if report.get("output") else " (dry run)")
+    ]
     if kept:
-        lines.append(f"energy kept per layer: min {min(kept):.1%}, mean {sum(kept) / len(kept):.1%}; "
-                     f"max relative error {report['max_rel_err']:.4f}")
+        lines.append(
+            f"energy kept per layer: min {min(kept):.1%}, mean {sum(kept) / len(kept):.1%}; "
+            f"max relative error {report['max_rel_err']:.4f}"
+        )
     if report["dropped"]:
         lines.append(f"bias updates dropped (a LoRA cannot hold them): {len(report['dropped'])} modules")
     return "\n".join(lines)

@@ -46,24 +46,37 @@ def parse_dynamic(text: str | None) -> tuple[str, float] | None:
     method, sep, value = str(text).partition(":")
     method = method.strip().lower()
     if method not in DYNAMIC_METHODS or not sep:
-        raise RecipeError(f"Unknown dynamic rank rule {text!r}.",
-                          fix="Use sv_fro:F (0<F≤1), sv_cumulative:F (0<F≤1) or sv_ratio:N (N>1), e.g. sv_fro:0.9.")
+        raise RecipeError(
+            f"Unknown dynamic rank rule {text!r}.",
+            fix="Use sv_fro:F (0<F≤1), sv_cumulative:F (0<F≤1) or sv_ratio:N (N>1), e.g. sv_fro:0.9.",
+        )
     try:
         v = float(value)
     except ValueError:
-        raise RecipeError(f"Dynamic rank rule {text!r}: {value!r} is not a number.",
-                          fix="Write it like sv_fro:0.9 or sv_ratio:8.") from None
+        raise RecipeError(
+            f"Dynamic rank rule {text!r}: {value!r} is not a number.", fix="Write it like sv_fro:0.9 or sv_ratio:8."
+        ) from None
     if method == "sv_ratio" and not v > 1:
-        raise RecipeError(f"Dynamic rank rule {text!r}: sv_ratio needs a ratio above 1 (largest/smallest kept).",
-                          fix="Use for example sv_ratio:8.")
+        raise RecipeError(
+            f"Dynamic rank rule {text!r}: sv_ratio needs a ratio above 1 (largest/smallest kept).",
+            fix="Use for example sv_ratio:8.",
+        )
     if method != "sv_ratio" and not 0 < v <= 1:
-        raise RecipeError(f"Dynamic rank rule {text!r}: {method} needs a fraction in (0, 1].",
-                          fix=f"Use for example {method}:0.9.")
+        raise RecipeError(
+            f"Dynamic rank rule {text!r}: {method} needs a fraction in (0, 1].", fix=f"Use for example {method}:0.9."
+        )
     return method, v
 
 
-def choose_rank(s: torch.Tensor, rank: int, dynamic: tuple[str, float] | None, *, n_sv: int | None = None,
-                fro_sq: float | None = None, nuclear: float | None = None) -> int:
+def choose_rank(
+    s: torch.Tensor,
+    rank: int,
+    dynamic: tuple[str, float] | None,
+    *,
+    n_sv: int | None = None,
+    fro_sq: float | None = None,
+    nuclear: float | None = None,
+) -> int:
     """Pick the rank as resize_lora.py's ``rank_resize`` does.
 
     Args:
@@ -126,8 +139,9 @@ class Factors:
         return float(torch.linalg.vector_norm(self.s[: self.rank].double())) / self.norm
 
 
-def _truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, norm_sq: float, method: str,
-              dtype: torch.dtype) -> Factors:
+def _truncate(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, norm_sq: float, method: str, dtype: torch.dtype
+) -> Factors:
     tail = max(norm_sq - float((s[:k].double() ** 2).sum()), 0.0)
     rel = math.sqrt(tail / norm_sq) if norm_sq > 0 else 0.0
     up = (u[:, :k] * s[:k]).to(dtype).contiguous()
@@ -156,8 +170,9 @@ def factor_product(a: torch.Tensor, b: torch.Tensor, rank: int, dynamic: tuple[s
     return _truncate(u, s, vh, k, norm_sq, "factored", torch.float32)
 
 
-def factor_exact(m: torch.Tensor, rank: int, dynamic: tuple[str, float] | None = None, *,
-                 dtype: torch.dtype = torch.float32) -> Factors:
+def factor_exact(
+    m: torch.Tensor, rank: int, dynamic: tuple[str, float] | None = None, *, dtype: torch.dtype = torch.float32
+) -> Factors:
     """Truncated SVD of M (out, in) with the full ``torch.linalg.svd``."""
     mm = m.to(dtype)
     u, s, vh = torch.linalg.svd(mm, full_matrices=False)
@@ -166,9 +181,15 @@ def factor_exact(m: torch.Tensor, rank: int, dynamic: tuple[str, float] | None =
     return _truncate(u, s, vh, k, norm_sq, "exact", torch.float32)
 
 
-def factor_randomized(m: torch.Tensor, rank: int, dynamic: tuple[str, float] | None = None, *,
-                      oversample: int = OVERSAMPLE, max_iter: int = MAX_ITER,
-                      seed: int = 0) -> Factors:
+def factor_randomized(
+    m: torch.Tensor,
+    rank: int,
+    dynamic: tuple[str, float] | None = None,
+    *,
+    oversample: int = OVERSAMPLE,
+    max_iter: int = MAX_ITER,
+    seed: int = 0,
+) -> Factors:
     """Truncated SVD of M by randomized subspace iteration with a convergence monitor.
 
     M is taken in its wide orientation (rows = min(out, in)). Each step computes Bᵀ = MᵀQ,
@@ -218,8 +239,15 @@ def factor_randomized(m: torch.Tensor, rank: int, dynamic: tuple[str, float] | N
         inv = torch.where(sk > 0, 1.0 / sk.clamp_min(1e-30), torch.zeros_like(sk))
         up, down = (qm @ wk) * sk, (bt @ wk * inv).T
     rel = math.sqrt(tail / norm_sq)
-    return Factors(up.float().contiguous(), down.float().contiguous(), s.cpu(), math.sqrt(norm_sq), rel,
-                   "randomized", iterations=it + 1)
+    return Factors(
+        up.float().contiguous(),
+        down.float().contiguous(),
+        s.cpu(),
+        math.sqrt(norm_sq),
+        rel,
+        "randomized",
+        iterations=it + 1,
+    )
 
 
 def factor(m: torch.Tensor, rank: int, dynamic: tuple[str, float] | None = None, *, method: str = "auto") -> Factors:
