@@ -10,6 +10,7 @@ from .inspect_tab import build_inspect_tab
 from .merge_tab import build_merge_tab
 from .tournament_tab import build_tournament_tab
 from .triage_tab import build_triage_tab
+from .workshop_tab import build_workshop_tab
 
 
 def build_ui(service: HostContext, **blocks_kw) -> gr.Blocks:
@@ -26,4 +27,6 @@ def build_ui(service: HostContext, **blocks_kw) -> gr.Blocks:
                 build_triage_tab(service)
             with gr.Tab("Tournament", elem_id="lorakit_tab_tournament"):
                 build_tournament_tab(service)
+            with gr.Tab("Workshop", elem_id="lorakit_tab_workshop"):
+                build_workshop_tab(service)
     return block
