@@ -18,6 +18,7 @@ import torch
 from .formats.safetensors_io import StreamingWriter, pread_into
 
 QUEUE_ITEMS = 6
+CHUNK_ELEMS = 1 << 20  # float32 elements per row chunk (~4 MB): memory stays flat, data stays in cache
 
 
 @contextlib.contextmanager

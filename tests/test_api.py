@@ -133,7 +133,7 @@ def test_cancel_leaves_no_debris(client, folders):
 
 def test_cancel_while_running(client, folders, monkeypatch):
     _, ckpt, _, _ = folders
-    import lib_lorakit.bake as bk
+    import lib_lorakit.bake.engine as bk
 
     started = []
     real = bk.check_lora_values

@@ -31,19 +31,15 @@ from .. import __version__
 from ..blocks import format_weights, parse_block_weights
 from ..errors import ArchitectureError, Cancelled, RecipeError, ValueProblem
 from ..formats.arch import ARCHS, Arch, Family, block_of, component_of, detect_checkpoint
+from ..formats.dtypes import DROP_METADATA, FLOAT_CODES, FP16_MAX, HASH_PLACEHOLDER, save_code
 from ..formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_output_path
 from ..formats.sources import TensorSource, open_source
-from ..streaming import FedHasher, Pool, Token, WriterThread, drain, engine_threads, peak_rss_mb
+from ..streaming import CHUNK_ELEMS, FedHasher, Pool, Token, WriterThread, drain, engine_threads, peak_rss_mb
 from . import methods
 from .diff import Diag, block_key, tabulate
 
 METHODS = ("weighted", "add-difference", "ties", "dare", "slerp")
-SAVE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
-FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
-FP16_MAX = 65504.0
-DROP_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
 VAE_PREFIX = "first_stage_model."
-_HASH_PLACEHOLDER = "0" * 64
 
 Progress = Callable[[float, str], None]
 
@@ -298,9 +294,6 @@ def _decide(arch: Arch, inputs: list[Input], merge_inputs: list[int], vae_idx: i
 
 
 # --- execution ------------------------------------------------------------------------------------
-
-
-CHUNK_ELEMS = 1 << 20  # float32 elements per row chunk (~4 MB): memory stays flat, data stays in cache
 
 
 def _coefficients(plan: MergePlan, method: str, key: str, normalize: bool) -> tuple[list[float], float]:
@@ -572,8 +565,7 @@ def merge(models: Sequence[ModelSpec], output: str, *, method: str = "weighted",
     """
     t0 = time.perf_counter()
     say = progress or (lambda f, m: None)
-    if save_dtype not in SAVE_DTYPES:
-        raise RecipeError(f"Unknown save dtype {save_dtype!r}.", fix=f"Use one of {', '.join(SAVE_DTYPES)}.")
+    code = save_code(save_dtype)
     if not str(output).lower().endswith(".safetensors"):
         raise RecipeError(f"The output {output} must end in .safetensors.")
     if not 0.0 < density <= 1.0:
@@ -591,7 +583,7 @@ def merge(models: Sequence[ModelSpec], output: str, *, method: str = "weighted",
         h.start()
     try:
         with engine_threads():
-            stats = _execute(plan, output, method, params, SAVE_DTYPES[save_dtype], save_dtype, overwrite, hashers,
+            stats = _execute(plan, output, method, params, code, save_dtype, overwrite, hashers,
                              say, cancel)
         for inp, h in zip(plan.inputs, hashers):
             inp.sha256 = h.digest
@@ -635,7 +627,7 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
     try:
         reader.start()
         with StreamingWriter(output, entries, _metadata(plan, method, params, save_dtype,
-                                                        [_HASH_PLACEHOLDER] * len(plan.inputs)),
+                                                        [HASH_PLACEHOLDER] * len(plan.inputs)),
                              overwrite=overwrite) as w:
             wt = WriterThread(w, pool)
             wt.start()
