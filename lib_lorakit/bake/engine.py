@@ -14,6 +14,8 @@ largest touched weight is held.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
 import math
 import os
@@ -31,7 +33,10 @@ from ..formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_ou
 from ..formats.sources import TensorSource
 from ..networks import ShapeProblem, compute_delta
 from ..networks.base import Delta
-from ..streaming import CHUNK_ELEMS, Hasher, Pool, ReadGate, WriterThread, drain, engine_threads
+from ..hashcache import HashCache, file_key
+from ..hashcache import resolve as resolve_cache
+from ..streaming import (CHUNK_ELEMS, Hasher, Pool, Profile, ReadGate, WriterThread, drain, engine_threads,
+                         exact_float32, resolve_device, worker_count)
 from .plan import Contribution, LoraSpec, Plan, Progress, check_lora_values, plan_bake
 from .report import bake_metadata, bake_report
 
@@ -62,11 +67,11 @@ class _Fetched:
 class _Prefetcher(threading.Thread):
     """Reads the next touched tensors (and their LoRA tensors) while the current one is computed."""
 
-    def __init__(self, baker: _Baker, keys: list[str]):
+    def __init__(self, baker: _Baker, keys: list[str], depth: int = 2):
         super().__init__(name="lorakit-prefetch", daemon=True)
         self.baker = baker
         self.keys = keys
-        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.q: queue.Queue = queue.Queue(maxsize=max(2, depth))
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -94,13 +99,40 @@ class _Prefetcher(threading.Thread):
 
 
 class _Baker:
-    def __init__(self, plan: Plan, save_code: str, pool: Pool, stats: _Stats):
+    """Computes output tensors; ``tensor`` may run on several threads at once (one tensor each)."""
+
+    def __init__(self, plan: Plan, save_code: str, pool: Pool, stats: _Stats, profile: Profile | None = None,
+                 device: torch.device | None = None):
         self.plan = plan
         self.save_code = save_code
         self.pool = pool
         self.stats = stats
-        self._w = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
-        self._r = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
+        self.profile = profile or Profile()
+        self.device = device or torch.device("cpu")
+        self._local = threading.local()
+        self._lock = threading.Lock()  # stats and per-block changes
+
+    @property
+    def _w(self) -> torch.Tensor:
+        return self._scratch()[0]
+
+    @property
+    def _r(self) -> torch.Tensor:
+        return self._scratch()[1]
+
+    def _scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        sc = getattr(self._local, "scratch", None)
+        if sc is None:
+            sc = self._local.scratch = (torch.empty(CHUNK_ELEMS, dtype=torch.float32),
+                                        torch.empty(CHUNK_ELEMS, dtype=torch.float32))
+        return sc
+
+    def _stream(self):
+        """This thread's CUDA stream (threads on the default stream would serialise)."""
+        st = getattr(self._local, "stream", None)
+        if st is None:
+            st = self._local.stream = torch.cuda.Stream(self.device)
+        return st
 
     def _read_params(self, c: Contribution) -> dict[str, torch.Tensor]:
         src = self.plan.loras[c.lora].source
@@ -109,14 +141,18 @@ class _Baker:
     def fetch(self, key: str) -> _Fetched:
         """Read what one touched tensor needs (runs on the prefetch thread)."""
         base = self.plan.base
+        t = time.perf_counter()
         raw_buf = self.pool.get(base.nbytes(key))
         w = base.read(key, out=raw_buf if base.raw_span(key) else None)
+        t1 = time.perf_counter()
         params = [self._read_params(c) for c in self.plan.weights.get(key, [])]
         biases = []
         for c, bp in self.plan.biases.get(key, []):
             src = self.plan.loras[c.lora].source
             scale = float(src.read(c.params["scale"]).reshape(-1)[0]) if "scale" in c.params else 1.0
             biases.append((src.read(c.params[bp]).float().reshape(-1), scale))
+        self.profile.add("read base", t1 - t)
+        self.profile.add("read loras", time.perf_counter() - t1)
         return _Fetched(key, w, raw_buf, params, biases)
 
     def tensor(self, f: _Fetched) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,12 +164,18 @@ class _Baker:
             rows = shape[0] if len(shape) else 1
             w2 = w.reshape(rows, -1)
             cols = w2.shape[1]
+            t = time.perf_counter()
             lows, others, notes = self._deltas(f, w2)
+            self.profile.add("delta", time.perf_counter() - t)
             out_dt = DTYPES[code][0]
             out_buf = self.pool.get(max(1, math.prod(shape)) * DTYPES[code][1])
             out = out_buf[: math.prod(shape) * DTYPES[code][1]].view(out_dt).reshape(rows, cols)
             if code not in FLOAT_CODES:
                 out.copy_(w2)
+            elif self.device.type == "cuda":
+                with torch.cuda.stream(self._stream()):
+                    wnorm, wdev = self._combine_device(key, w2, out, lows, others)
+                    self._note_changes(notes, wdev, wnorm)
             else:
                 wnorm = self._combine(key, w2, out, lows, others)
                 self._note_changes(notes, w2, wnorm)
@@ -201,8 +243,9 @@ class _Baker:
             rel = dnorm / wn if wn > 0 else (math.inf if dnorm > 0 else 0.0)
             st = self.plan.loras[c.lora]
             block = c.target.block or c.target.component
-            if rel > st.block_change.get(block, -1.0):
-                st.block_change[block] = rel
+            with self._lock:
+                if rel > st.block_change.get(block, -1.0):
+                    st.block_change[block] = rel
 
     def _combine(self, key: str, w2: torch.Tensor, out: torch.Tensor, lows, others) -> float:
         """Add the updates chunk by chunk in float32, round once, and check the result. Returns |W|."""
@@ -213,13 +256,18 @@ class _Baker:
         max_round = 0.0
         has_delta = bool(lows or others)
         rounding = out.dtype != torch.float32
+        scratch_w, scratch_r = self._scratch()
+        t_conv = t_add = t_round = 0.0
+        clock = time.perf_counter
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             n = (r1 - r0) * cols
             if n == 0:
                 continue
-            wc = (torch.empty(n) if big else self._w[:n]).view(r1 - r0, cols)
+            t0 = clock()
+            wc = (torch.empty(n) if big else scratch_w[:n]).view(r1 - r0, cols)
             wc.copy_(w2[r0:r1])
+            t1 = clock()
             if has_delta:
                 flat = wc.view(-1)
                 wn2 += float(torch.dot(flat, flat))
@@ -231,6 +279,7 @@ class _Baker:
                 a, b = max(r0, s0), min(r1, s1)
                 if a < b:
                     d.add_rows(wc[a - r0:b - r0], a - s0, b - s0, m)
+            t2 = clock()
             lo, hi = torch.aminmax(wc)
             lo, hi = float(lo), float(hi)
             if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -239,24 +288,71 @@ class _Baker:
             oc = out[r0:r1]
             oc.copy_(wc)
             if rounding:
-                rc = (torch.empty(n) if big else self._r[:n]).view(r1 - r0, cols)
+                rc = (torch.empty(n) if big else scratch_r[:n]).view(r1 - r0, cols)
                 torch.sub(oc, wc, out=rc)  # the rounding error, in one pass
                 lo, hi = torch.aminmax(rc)
                 max_round = max(max_round, -float(lo), float(hi))
-        if out.dtype == torch.float16 and amax > FP16_MAX:
+            t3 = clock()
+            t_conv += t1 - t0
+            t_add += t2 - t1
+            t_round += t3 - t2
+        self.profile.add("convert", t_conv)
+        self.profile.add("add", t_add)
+        self.profile.add("round", t_round)
+        self._finish(key, amax, max_round, has_delta, out.dtype)
+        return math.sqrt(wn2)
+
+    def _combine_device(self, key: str, w2: torch.Tensor, out: torch.Tensor, lows, others):
+        """``_combine`` on the GPU: the whole tensor at once, same float32 maths, one rounding.
+
+        Returns (|W|, the weight on the device as stored, for the per-block statistics).
+        """
+        dev = self.device
+        clock = time.perf_counter
+        t0 = clock()
+        wd = w2.to(dev, non_blocking=False)
+        wc = wd.float()
+        t1 = clock()
+        has_delta = bool(lows or others)
+        wn2 = float(torch.dot(wc.view(-1), wc.view(-1))) if has_delta else 0.0
+        for s0, s1, up, down in lows:
+            wc[s0:s1].addmm_(up.to(dev), down.to(dev))
+        for s0, s1, d, m in others:
+            _delta_to(d, dev).add_rows(wc[s0:s1], 0, s1 - s0, m)
+        t2 = clock()
+        lo, hi = torch.aminmax(wc)
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            self._nonfinite(key, w2, has_delta)
+        amax = max(-lo, hi, 0.0)
+        od = wc.to(out.dtype)
+        max_round = 0.0
+        if out.dtype != torch.float32:
+            elo, ehi = torch.aminmax(od.float().sub_(wc))
+            max_round = max(-float(elo), float(ehi), 0.0)
+        out.copy_(od)  # device -> host, synchronous
+        t3 = clock()
+        self.profile.add("convert", t1 - t0)
+        self.profile.add("add", t2 - t1)
+        self.profile.add("round", t3 - t2)
+        self._finish(key, amax, max_round, has_delta, out.dtype)
+        return math.sqrt(wn2), wd
+
+    def _finish(self, key: str, amax: float, max_round: float, has_delta: bool, dtype: torch.dtype) -> None:
+        if dtype == torch.float16 and amax > FP16_MAX:
             raise ValueProblem(
                 f"{key}: a baked weight reaches {amax:.6g}, beyond the float16 range (65504); saving would turn it into inf.",
                 fix="Lower the strengths, or save with --save-dtype bf16 or fp32.")
         st = self.stats
-        if max_round > st.max_round[0]:
-            st.max_round = (max_round, key)
-        if amax > st.max_abs[0]:
-            st.max_abs = (amax, key)
-        if has_delta:
-            st.modified += 1
-        else:
-            st.converted += 1
-        return math.sqrt(wn2)
+        with self._lock:
+            if max_round > st.max_round[0] or (max_round == st.max_round[0] and max_round and key < st.max_round[1]):
+                st.max_round = (max_round, key)
+            if amax > st.max_abs[0] or (amax == st.max_abs[0] and amax and key < st.max_abs[1]):
+                st.max_abs = (amax, key)
+            if has_delta:
+                st.modified += 1
+            else:
+                st.converted += 1
 
     def _nonfinite(self, key: str, w_rows: torch.Tensor, has_delta: bool) -> None:
         if not bool(torch.isfinite(w_rows.float()).all()):
@@ -267,16 +363,31 @@ class _Baker:
                            fix="Lower the strengths; if it persists the LoRA is broken for this checkpoint.")
 
 
+def _delta_to(d: Delta, dev: torch.device) -> Delta:
+    """``d`` with its tensors on ``dev``."""
+    mv = (lambda t: None if t is None else t.to(dev))  # noqa: E731
+    return Delta(lowrank=None if d.lowrank is None else tuple(mv(t) for t in d.lowrank), dense=mv(d.dense),
+                 kron=None if d.kron is None else tuple(mv(t) for t in d.kron),
+                 hada=None if d.hada is None else tuple(mv(t) for t in d.hada), bias=mv(d.bias))
+
 
 def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str | None, *, save_dtype: str = "fp16",
          overwrite: bool = False, allow_unmatched: bool = False, dry_run: bool = False,
-         progress: Progress | None = None, cancel: threading.Event | None = None) -> dict:
+         progress: Progress | None = None, cancel: threading.Event | None = None, device: str | None = "auto",
+         workers: int | None = None, hash_cache: HashCache | str | bool | None = None) -> dict:
     """Bake ``specs`` into ``base_path`` and write ``output`` (safetensors).
+
+    Args:
+        device: where the float32 maths runs: ``auto`` (the GPU when torch sees one), ``cpu`` or ``cuda``.
+            Either way each weight is rounded once; GPU and CPU outputs agree within one step of the save dtype.
+        workers: maths threads (default: every usable core but one, less ``$LORAKIT_RESERVE_CORES``).
+        hash_cache: remembered file hashes (a :class:`HashCache`, a data folder, True for the default
+            folder); None hashes every input.
 
     Returns:
         The report (a JSON-serialisable dict): per LoRA the modules matched per
         component, unmatched keys, per-block largest relative change, rounding and
-        overflow, wall time and peak memory.
+        overflow, wall time, peak memory, where each hash came from and the time per stage.
 
     Raises:
         LorakitError: bad input of any kind (the CLI exits with 2); no output is left.
@@ -284,30 +395,48 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
     """
     t0 = time.perf_counter()
     code = save_code(save_dtype)
+    dev = resolve_device(device)
+    n_workers = max(1, int(workers)) if workers else worker_count()
+    if dev.type == "cuda":
+        n_workers = min(n_workers, 4)  # a few streams keep the GPU busy; more threads only hold buffers
+    base_file = base_path.path if isinstance(base_path, TensorSource) else os.fspath(base_path)
     if not dry_run:
         if not output:
             raise RecipeError("No output file given.", fix="Pass -o OUT.safetensors.")
         if not str(output).lower().endswith(".safetensors"):
             raise RecipeError(f"The output {output} must end in .safetensors (lorakit always writes safetensors).")
-        base_file = base_path.path if isinstance(base_path, TensorSource) else base_path
         check_output_path(output, overwrite=overwrite, inputs=[base_file] + [s.path for s in specs])
     say = progress or (lambda f, m: None)
     say(0.0, "checking inputs")
+    cache = resolve_cache(hash_cache)
+    profile = Profile()
     hasher: Hasher | None = None
-    if not dry_run:  # the base file's SHA-256 (for the recipe) is taken on a side thread from the start
-        hasher = Hasher(base_path.path if isinstance(base_path, TensorSource) else os.fspath(base_path), ReadGate())
-        hasher.start()
+    base_hash: tuple[str, str] | None = None  # (sha256, source)
+    stamp = None
+    if not dry_run:
+        base_hash = cache.get(base_file) if cache is not None else None
+        if base_hash is None:  # the base file's SHA-256 (for the recipe) is taken on a side thread from the start
+            stamp = file_key(base_file)
+            hasher = Hasher(base_file, ReadGate(), profile=profile)
+            hasher.start()
     try:
         plan = plan_bake(base_path, specs, allow_unmatched=allow_unmatched)
+        plan.hash_cache = cache
         stats = _Stats()
         try:
             check_lora_values(plan, cancel=cancel)
-            base_sha = ""
             if not dry_run:
-                with engine_threads():
-                    base_sha = _execute(plan, output, code, save_dtype, overwrite, stats, say,
-                                        cancel, hasher)
-            report = bake_report(plan, stats, output, save_dtype, base_sha, dry_run, time.perf_counter() - t0)
+                with engine_threads(n_workers), exact_float32(dev):
+                    sha = _execute(plan, output, code, save_dtype, overwrite, stats, say, cancel, hasher,
+                                   base_hash[0] if base_hash else None, dev, n_workers, profile)
+                if base_hash is None:
+                    base_hash = (sha, "computed")
+                    if cache is not None and stamp is not None:
+                        cache.put(base_file, sha, stamp[1])
+            report = bake_report(plan, stats, output, save_dtype, base_hash[0] if base_hash else "", dry_run,
+                                 time.perf_counter() - t0)
+            report["base"]["sha256_source"] = base_hash[1] if base_hash else None
+            report["engine"] = {"device": str(dev), "workers": n_workers, **profile.as_dict()}
             say(1.0, "done")
             return report
         finally:
@@ -320,77 +449,121 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
             hasher.join(timeout=30)
 
 
+INFLIGHT_BYTES = 384 << 20  # tensors being computed at once (inputs and outputs), whatever the core count
+
+
 def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite: bool, stats: _Stats,
-             say: Progress, cancel: threading.Event | None, hasher: Hasher) -> str:
-    """Stream the output. Every thread started here is stopped and joined before returning."""
+             say: Progress, cancel: threading.Event | None, hasher: Hasher | None, known_sha: str | None,
+             device: torch.device, n_workers: int, profile: Profile) -> str:
+    """Stream the output. Every thread started here is stopped and joined before returning.
+
+    The main thread walks the keys in file order: untouched tensors go to the writer as raw byte
+    copies, touched ones (read ahead by the prefetch thread) to ``n_workers`` maths threads. Results
+    reach the writer in file order; at most ``INFLIGHT_BYTES`` of tensors are being computed at once.
+    """
     base = plan.base
     keys = base.keys()
     entries = [OutEntry(k, out_code(base.dtype(k), save_code), base.shape(k)) for k in keys]
-    t_start = time.perf_counter()
-    busy = {"reads": 0.0, "compute": 0.0, "writer": 0.0}
     pool = Pool()
     total = sum(base.nbytes(k) for k in keys) or 1
     done = 0
     last = 0.0
-    baker = _Baker(plan, save_code, pool, stats)
+    baker = _Baker(plan, save_code, pool, stats, profile, device)
     touched = {k for k, e in zip(keys, entries) if k in plan.weights or k in plan.biases or e.dtype != base.dtype(k)}
-    pre = _Prefetcher(baker, [k for k in keys if k in touched])
+    pre = _Prefetcher(baker, [k for k in keys if k in touched], depth=min(n_workers + 1, 4))
     wt: WriterThread | None = None
+    ex = concurrent.futures.ThreadPoolExecutor(n_workers, thread_name_prefix="lorakit-maths")
+    pending: collections.deque = collections.deque()  # ("item", writer item) | ("fut", key, future, bytes)
+    inflight = [0, 0]  # futures, bytes
+    clock = time.perf_counter
+
+    def to_writer(block: bool) -> None:
+        """Hand finished results to the writer in order; ``block``: wait for all."""
+        while pending:
+            head = pending[0]
+            if head[0] == "fut":
+                busy = inflight[0] > 2 * n_workers or inflight[1] > INFLIGHT_BYTES
+                if not (block or busy or head[2].done()):
+                    return
+                t = clock()
+                out, buf = head[2].result()
+                profile.add("wait maths", clock() - t)
+                inflight[0] -= 1
+                inflight[1] -= head[3]
+                pending.popleft()
+                wt.put(("data", head[1], out, buf))
+            else:
+                pending.popleft()
+                wt.put(head[1])
+
     try:
         pre.start()
         with StreamingWriter(output, entries, bake_metadata(plan, save_dtype, HASH_PLACEHOLDER),
                              overwrite=overwrite) as w:
-            wt = WriterThread(w, pool)
+            wt = WriterThread(w, pool, profile=profile)
             wt.start()
             for key in keys:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("Bake cancelled; nothing was written.")
-                t_a = time.perf_counter()
                 if key not in touched:
                     span = base.raw_span(key)
-                    wt.put(("copy", key, span, None) if span is not None else ("data", key, base.read(key), None))
+                    pending.append(("item", ("copy", key, span, None) if span is not None
+                                    else ("data", key, base.read(key), None)))
                     stats.copied += 1
-                    busy["writer"] += time.perf_counter() - t_a
                 else:
+                    t = clock()
                     fetched = pre.get()
-                    t_b = time.perf_counter()
+                    profile.add("wait read", clock() - t)
                     if fetched.key != key:  # pragma: no cover - an ordering bug would corrupt the output
                         raise RuntimeError(f"prefetch order broken at {key}")
-                    t, buf = baker.tensor(fetched)
-                    t_c = time.perf_counter()
-                    wt.put(("data", key, t, buf))
-                    busy["reads"] += t_b - t_a
-                    busy["compute"] += t_c - t_b
-                    busy["writer"] += time.perf_counter() - t_c
+                    nbytes = 2 * base.nbytes(key)
+                    pending.append(("fut", key, ex.submit(baker.tensor, fetched), nbytes))
+                    inflight[0] += 1
+                    inflight[1] += nbytes
+                t = clock()
+                to_writer(False)
+                profile.add("wait writer", clock() - t)
                 done += base.nbytes(key)
                 span = base.raw_span(key)
-                if span is not None and hasher.gate is not None:  # keep the hasher just ahead (read-ahead)
+                if span is not None and hasher is not None and hasher.gate is not None:  # keep the hasher just ahead
                     hasher.gate.advance(span[1] + span[2])
-                now = time.perf_counter()
+                now = clock()
                 if now - last > 0.25:
                     say(0.02 + 0.93 * done / total, f"baking {key}")
                     last = now
-            t_loop = time.perf_counter()
+            to_writer(True)
+            if hasher is not None and hasher.gate is not None:
+                hasher.gate.release()
+            t = clock()
+            wt.finish()
+            profile.add("wait writer", clock() - t)
+            digest = known_sha
+            if hasher is not None:
+                say(0.96, "hashing the base checkpoint")
+                t = clock()
+                hasher.join()
+                profile.add("wait hash", clock() - t)
+                if hasher.error is not None:
+                    raise hasher.error
+                digest = hasher.digest
+            w.patch_metadata(bake_metadata(plan, save_dtype, digest))
+            say(0.98, "syncing to disk")
+            t = clock()
+            w.commit()
+            profile.add("sync", clock() - t)
+            log.debug("bake: direct I/O: %s; profile %s", w.direct_io, profile.as_dict()["stages"])
+        return digest
+    finally:
+        if hasher is not None:
+            hasher.stop.set()
             if hasher.gate is not None:
                 hasher.gate.release()
-            wt.finish()
-            log.debug("bake: main loop %.2fs (waited %.2fs for reads, computed %.2fs, waited %.2fs for the writer), "
-                      "writer drained %.2fs later", t_loop - t_start, busy["reads"], busy["compute"], busy["writer"],
-                      time.perf_counter() - t_loop)
-            say(0.96, "hashing the base checkpoint")
-            hasher.join()
-            if hasher.error is not None:
-                raise hasher.error
-            w.patch_metadata(bake_metadata(plan, save_dtype, hasher.digest))
-            say(0.98, "syncing to disk")
-            w.commit()
-            log.debug("bake: done %.2fs after start; direct I/O: %s", time.perf_counter() - t_start, w.direct_io)
-        return hasher.digest
-    finally:
-        hasher.stop.set()
-        if hasher.gate is not None:
-            hasher.gate.release()
         pre.stop.set()
+        drain(pre.q)
+        ex.shutdown(wait=True, cancel_futures=True)
+        for entry in pending:  # results nobody will write: give their buffers back
+            if entry[0] == "fut" and entry[2].done() and not entry[2].cancelled() and entry[2].exception() is None:
+                pool.put(entry[2].result()[1])
         drain(pre.q)
         if pre.is_alive():
             pre.join(timeout=60)
@@ -399,4 +572,3 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
             drain(wt.q)
             wt.q.put(None)
             wt.join(timeout=60)
-

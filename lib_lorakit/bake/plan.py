@@ -19,6 +19,7 @@ from ..blocks import parse_block_weights
 from ..errors import ArchitectureError, Cancelled, MatchError, RecipeError, ValueProblem
 from ..formats.arch import ARCHS, Arch, Family, detect_checkpoint, detect_lora
 from ..formats.sources import TensorSource, open_source, sha256_file
+from ..hashcache import HashCache, file_key
 from ..networks import ShapeProblem, algorithm_name, check_group, identify, needs_weight
 from ..networks.base import Algorithm
 from ..networks.resolve import ParsedKeys, Target, TargetIndex, explain_unknown, parse_keys
@@ -72,6 +73,7 @@ class LoraState:
     parsed: ParsedKeys
     weights: dict[str, float]  # block -> weight
     sha256: str = ""
+    sha256_source: str | None = None  # "computed", "cache" or "host"
     algorithms: Counter = field(default_factory=Counter)
     matched: Counter = field(default_factory=Counter)  # component -> modules
     unmatched: list[tuple[str, str]] = field(default_factory=list)  # (module, reason)
@@ -89,6 +91,7 @@ class Plan:
     weights: dict[str, list[Contribution]]
     biases: dict[str, list[tuple[Contribution, str]]]
     warnings: list[str]
+    hash_cache: HashCache | None = field(default=None, repr=False)  # remembered file hashes (set by bake)
 
 
 # --- recipe parsing (CLI and API share it) -----------------------------------------------------
@@ -287,5 +290,12 @@ def check_lora_values(plan: Plan, progress: Progress | None = None, cancel: thre
             raise ValueProblem(f"{st.spec.path} has NaN/inf weights in {len(bad)} tensor(s): " + "; ".join(bad[:5]),
                                fix="The LoRA is broken (training diverged or the file is damaged). Use another "
                                    "epoch or re-export it.")
-        st.sha256 = sha256_file(st.spec.path)
+        known = plan.hash_cache.get(st.spec.path) if plan.hash_cache is not None else None
+        if known is not None:
+            st.sha256, st.sha256_source = known
+        else:
+            stamp = file_key(st.spec.path)
+            st.sha256, st.sha256_source = sha256_file(st.spec.path), "computed"
+            if plan.hash_cache is not None and stamp is not None:
+                plan.hash_cache.put(st.spec.path, st.sha256, stamp[1])
 

@@ -44,6 +44,7 @@ def bake_report(plan: Plan, stats, output: str | None, save_dtype: str, base_sha
             "name": st.spec.label,
             "path": st.spec.path,
             "sha256": st.sha256,
+            "sha256_source": st.sha256_source,
             "strength": st.spec.strength,
             "te_strength": st.spec.te_strength if st.spec.te_strength is not None else st.spec.strength,
             "blocks": format_weights(st.weights, arch.id) if st.spec.blocks else None,
