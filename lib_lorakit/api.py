@@ -42,6 +42,7 @@ class BakeIn(BaseModel):
     overwrite: bool = Field(False, description="Replace an existing output")
     allow_unmatched: bool = Field(False, description="Bake what matches and report the rest instead of failing")
     dry_run: bool = Field(False, description="Check and plan only; write nothing")
+    device: Optional[str] = Field(None, description="Where the fp32 maths runs: auto, cpu or cuda (default: lorakit's setting, auto)")
 
 
 class MergeModelIn(BaseModel):
@@ -64,6 +65,7 @@ class MergeIn(BaseModel):
     scale: float = Field(1.0, description="TIES/DARE: scale of the merged difference")
     save_dtype: Optional[str] = None
     overwrite: bool = False
+    device: Optional[str] = Field(None, description="Where the fp32 maths runs: auto, cpu or cuda (default: lorakit's setting, auto)")
 
 
 class GridIn(BaseModel):
@@ -347,7 +349,7 @@ def build_router(service: Lorakit, credentials: dict[str, str] | None = None) ->
         req = BakeRequest(base=body.base, output=body.output,
                           loras=[BakeLora(x.name, x.strength, x.te_strength, x.blocks) for x in body.loras],
                           prompt=body.prompt, save_dtype=body.save_dtype, overwrite=body.overwrite,
-                          allow_unmatched=body.allow_unmatched, dry_run=body.dry_run)
+                          allow_unmatched=body.allow_unmatched, dry_run=body.dry_run, device=body.device)
         job = service.start_bake(req)
         return {"job_id": job.id}
 
@@ -368,7 +370,8 @@ def build_router(service: Lorakit, credentials: dict[str, str] | None = None) ->
         req = MergeRequest(models=[MergeModel(m.name, m.weight) for m in body.models], output=body.output,
                            method=body.method, base=body.base, blocks=body.blocks, vae_from=body.vae_from,
                            te_from=body.te_from, normalize=body.normalize, density=body.density, drop=body.drop,
-                           seed=body.seed, scale=body.scale, save_dtype=body.save_dtype, overwrite=body.overwrite)
+                           seed=body.seed, scale=body.scale, save_dtype=body.save_dtype, overwrite=body.overwrite,
+                           device=body.device)
         return {"job_id": service.start_merge(req).id}
 
     @r.post("/diff", response_model=DiffOut, responses=responses,

@@ -14,7 +14,7 @@ import signal
 import sys
 import traceback
 
-from . import __version__
+from . import __version__, engineopts
 from .errors import LorakitError, RecipeError
 
 log = logging.getLogger("lorakit")
@@ -72,7 +72,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
             s.blocks = weights
     report = bake(args.base, specs, args.output, save_dtype=args.save_dtype, overwrite=args.overwrite,
                   allow_unmatched=args.allow_unmatched, dry_run=args.dry_run,
-                  progress=_progress_printer(not args.quiet))
+                  progress=_progress_printer(not args.quiet), **engineopts.cli_kwargs(args))
     _write_report(args.report, report)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -94,7 +94,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     report = merge(models, args.output, method=args.method, base=args.base, blocks=args.blocks,
                    vae_from=args.vae_from, te_from=te_from, normalize=not args.no_normalize, density=args.density,
                    drop=args.drop, seed=args.seed, scale=args.scale, save_dtype=args.save_dtype,
-                   overwrite=args.overwrite, progress=_progress_printer(not args.quiet))
+                   overwrite=args.overwrite, progress=_progress_printer(not args.quiet),
+                   **engineopts.cli_kwargs(args))
     _write_report(args.report, report)
     print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0
@@ -454,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--report", metavar="FILE", help="write the full report as JSON")
     b.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    engineopts.add_cli_args(b)
     b.set_defaults(func=cmd_bake)
 
     m = sub.add_parser("merge", help="merge checkpoints: weighted, add-difference, TIES, DARE, slerp",
@@ -479,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--report", metavar="FILE")
     m.add_argument("--json", action="store_true")
     m.add_argument("-q", "--quiet", action="store_true")
+    engineopts.add_cli_args(m)
     m.set_defaults(func=cmd_merge)
 
     df = sub.add_parser("diff", help="where does B differ from A: relative change and cosine per block")

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .engineopts import host_kwargs
 from .errors import RecipeError
 from .hosts import Host, ModelEntry
 from .jobs import Job, JobManager
@@ -51,6 +52,7 @@ class MergeRequest:
     scale: float = 1.0
     save_dtype: str | None = None
     overwrite: bool = False
+    device: str | None = None  # auto, cpu, cuda; None: the setting
 
 
 @dataclass
@@ -63,6 +65,7 @@ class BakeRequest:
     overwrite: bool = False
     allow_unmatched: bool = False
     dry_run: bool = False
+    device: str | None = None  # auto, cpu, cuda; None: the setting
 
 
 @dataclass
@@ -162,7 +165,8 @@ class Lorakit:
             if out is not None:
                 os.makedirs(os.path.dirname(out), exist_ok=True)
             report = bake(base, specs, out, save_dtype=dtype, overwrite=req.overwrite,
-                          allow_unmatched=req.allow_unmatched, dry_run=req.dry_run, progress=progress, cancel=cancel)
+                          allow_unmatched=req.allow_unmatched, dry_run=req.dry_run, progress=progress, cancel=cancel,
+                          **host_kwargs(self.host, req.device))
             return {"report": report, "output": out, "checkpoint": self._written(out) if out else None}
 
         return self._run_job("bake", params, "lorakit: bake", work)
@@ -252,7 +256,7 @@ class Lorakit:
             report = merge(models, out, method=req.method, base=base, blocks=req.blocks or None, vae_from=vae,
                            te_from=req.te_from, normalize=req.normalize, density=req.density, drop=req.drop,
                            seed=req.seed, scale=req.scale, save_dtype=dtype, overwrite=req.overwrite,
-                           progress=progress, cancel=cancel)
+                           progress=progress, cancel=cancel, **host_kwargs(self.host, req.device))
             return {"report": report, "output": out, "checkpoint": self._written(out)}
 
         return self._run_job("merge", params, "lorakit: merge", work)

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from .engineopts import DEVICES
 from .errors import RecipeError
 from .formats.safetensors_io import StreamingWriter, pread_into
 
@@ -25,7 +26,6 @@ QUEUE_ITEMS = 6
 CHUNK_ELEMS = 1 << 20  # float32 elements per row chunk (~4 MB): memory stays flat, data stays in cache
 
 
-DEVICES = ("auto", "cpu", "cuda")
 ENV_RESERVE = "LORAKIT_RESERVE_CORES"  # cores left to the host (the WebUI sets 1)
 
 

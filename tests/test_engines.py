@@ -239,3 +239,21 @@ def test_cuda_merge_agrees_with_cpu_within_one_fp16_step(tmp_path, method, extra
             assert fp16_ulps(a[k], b[k]) <= 1.0, k
         else:
             assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_engine_flags_and_cached_hash(tmp_path, capsys):
+    from lib_lorakit.cli import main
+
+    base_p = tiny_checkpoint(tmp_path, "sd15")
+    lora = write(tmp_path, "a.safetensors", make_lora("sd15", "lora", conv=False))
+    reports = []
+    for i in range(2):
+        args = ["bake", base_p, "--lora", f"{lora}:0.5", "-o", str(tmp_path / f"o{i}.safetensors"), "-q", "--json",
+                "--device", "cpu", "--workers", "2", "--hash-cache", str(tmp_path / "data")]
+        assert main(args) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert [r["base"]["sha256_source"] for r in reports] == ["computed", "cache"]
+    assert reports[1]["engine"]["workers"] == 2 and reports[1]["engine"]["device"] == "cpu"
+    with pytest.raises(SystemExit) as e:
+        main(["bake", base_p, "--lora", lora, "-o", str(tmp_path / "x.safetensors"), "--device", "tpu"])
+    assert e.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
