@@ -153,7 +153,7 @@ class Pool:
     def put(self, buf: torch.Tensor) -> None:
         with self._lock:
             self._free.append(buf)
-            if len(self._free) > QUEUE_ITEMS + 4:
+            if len(self._free) > QUEUE_ITEMS:
                 self._free.sort(key=lambda b: b.numel())
                 self._free.pop(0)
 
@@ -161,7 +161,7 @@ class Pool:
 class WriterThread(threading.Thread):
     """Writes queued tensors in order. At most ``QUEUE_ITEMS`` items and ``budget`` bytes wait."""
 
-    def __init__(self, writer: StreamingWriter, pool: Pool, budget: int = 256 << 20, profile: Profile | None = None):
+    def __init__(self, writer: StreamingWriter, pool: Pool, budget: int = 128 << 20, profile: Profile | None = None):
         super().__init__(name="lorakit-writer", daemon=True)
         self.profile = profile
         self.w = writer

@@ -143,12 +143,13 @@ def test_merge_output_does_not_depend_on_the_thread_count(tmp_path, monkeypatch,
     models = [ModelSpec(paths[0], 0.6), ModelSpec(paths[1], 0.4)]
     base = paths[2] if method in ("add-difference", "ties", "dare") else None
     digests = []
-    for n in (1, 4):
+    for n in (1, 7):  # 7 maths threads: chunks read by 2 threads too
         out = str(tmp_path / f"{method}{n}.safetensors")
         r = merge(models, out, method=method, base=base, device="cpu", workers=n, **extra)
         digests.append(sha(out))
     assert digests[0] == digests[1]
-    assert r["engine"]["workers"] == 4
+    assert r["engine"]["workers"] == 7
+    assert sum(t.startswith("lorakit-read") for t in r["engine"]["threads"]) >= 2
 
 
 def test_worker_count_leaves_cores(monkeypatch):

@@ -139,26 +139,30 @@ class _Baker:
         return {p: src.read(k).float() for p, k in c.params.items()}
 
     def fetch(self, key: str) -> _Fetched:
-        """Read what one touched tensor needs (runs on the prefetch thread)."""
+        """Read the base tensor (runs on the prefetch thread: one sequential pass over the base file)."""
         base = self.plan.base
         t = time.perf_counter()
         raw_buf = self.pool.get(base.nbytes(key))
         w = base.read(key, out=raw_buf if base.raw_span(key) else None)
-        t1 = time.perf_counter()
-        params = [self._read_params(c) for c in self.plan.weights.get(key, [])]
-        biases = []
-        for c, bp in self.plan.biases.get(key, []):
+        self.profile.add("read base", time.perf_counter() - t)
+        return _Fetched(key, w, raw_buf, [], [])
+
+    def _read_loras(self, f: _Fetched) -> None:
+        """Read the LoRA tensors one weight needs (on the maths thread: many small reads, in parallel)."""
+        t = time.perf_counter()
+        f.params = [self._read_params(c) for c in self.plan.weights.get(f.key, [])]
+        f.biases = []
+        for c, bp in self.plan.biases.get(f.key, []):
             src = self.plan.loras[c.lora].source
             scale = float(src.read(c.params["scale"]).reshape(-1)[0]) if "scale" in c.params else 1.0
-            biases.append((src.read(c.params[bp]).float().reshape(-1), scale))
-        self.profile.add("read base", t1 - t)
-        self.profile.add("read loras", time.perf_counter() - t1)
-        return _Fetched(key, w, raw_buf, params, biases)
+            f.biases.append((src.read(c.params[bp]).float().reshape(-1), scale))
+        self.profile.add("read loras", time.perf_counter() - t)
 
     def tensor(self, f: _Fetched) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute one output tensor. Returns (tensor in the output dtype, its pooled buffer)."""
         key, w = f.key, f.weight
         try:
+            self._read_loras(f)
             code = out_code(self.plan.base.dtype(key), self.save_code)
             shape = tuple(w.shape)
             rows = shape[0] if len(shape) else 1
@@ -449,7 +453,7 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
             hasher.join(timeout=30)
 
 
-INFLIGHT_BYTES = 384 << 20  # tensors being computed at once (inputs and outputs), whatever the core count
+INFLIGHT_BYTES = 160 << 20  # tensors being computed at once (inputs and outputs), whatever the core count
 
 
 def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite: bool, stats: _Stats,
@@ -470,7 +474,7 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
     last = 0.0
     baker = _Baker(plan, save_code, pool, stats, profile, device)
     touched = {k for k, e in zip(keys, entries) if k in plan.weights or k in plan.biases or e.dtype != base.dtype(k)}
-    pre = _Prefetcher(baker, [k for k in keys if k in touched], depth=min(n_workers + 1, 4))
+    pre = _Prefetcher(baker, [k for k in keys if k in touched], depth=3)
     wt: WriterThread | None = None
     ex = concurrent.futures.ThreadPoolExecutor(n_workers, thread_name_prefix="lorakit-maths")
     pending: collections.deque = collections.deque()  # ("item", writer item) | ("fut", key, future, bytes)
@@ -482,7 +486,7 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
         while pending:
             head = pending[0]
             if head[0] == "fut":
-                busy = inflight[0] > 2 * n_workers or inflight[1] > INFLIGHT_BYTES
+                busy = inflight[0] > n_workers + 2 or inflight[1] > INFLIGHT_BYTES
                 if not (block or busy or head[2].done()):
                     return
                 t = clock()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import statistics
+import threading
+from collections import OrderedDict
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +22,7 @@ from ..errors import ArchitectureError, MatchError
 from ..formats.arch import ARCHS, Family, detect_checkpoint, detect_lora, load_layout
 from ..formats.safetensors_io import SafetensorsFile
 from ..formats.sources import LayoutSource, TensorSource
-from ..networks import algorithm_name
+from ..networks import ShapeProblem, algorithm_name, check_group
 from ..networks.base import scalar
 from ..networks.resolve import TargetIndex, parse_keys
 
@@ -117,6 +119,54 @@ def _plan(src: TensorSource, arch: str, family: Family | None = None):
                      base_family=fam)
 
 
+@dataclass
+class _Match:
+    """What matching one key set against a layout found (shapes checked per file)."""
+
+    contribs: list  # bake.Contribution, in the plan's order
+    unmatched: list[tuple[str, str]]
+    embeddings: list[str]
+
+
+_MATCHES: OrderedDict[tuple[str, frozenset], _Match] = OrderedDict()
+_MATCHES_MAX = 256
+_MATCHES_LOCK = threading.Lock()
+PLAN_STATS = Counter()  # "planned" / "reused": how often the cache below was used (for tests and benches)
+
+
+def _match(src: TensorSource, arch: str, family: Family | None, shapes) -> _Match:
+    """Match a LoRA's modules to ``arch``'s layout, planned once per distinct key set.
+
+    Files from one trainer share their key set: the module-to-layer matching is reused, and only
+    the shape checks (which depend on each file's ranks) run again; a file whose shapes fail them
+    is planned in full, so its findings are exactly those of a fresh plan.
+    """
+    key = (arch, frozenset(shapes))
+    with _MATCHES_LOCK:
+        m = _MATCHES.get(key)
+        if m is not None:
+            _MATCHES.move_to_end(key)
+    if m is not None:
+        try:
+            for c in m.contribs:
+                check_group(c.alg, {p: tuple(shapes[k]) for p, k in c.params.items()}, c.target.shape)
+            with _MATCHES_LOCK:
+                PLAN_STATS["reused"] += 1
+            return m
+        except ShapeProblem:
+            pass
+    plan = _plan(src, arch, family)
+    st = plan.loras[0]
+    m = _Match([c for cs in plan.weights.values() for c in cs], list(st.unmatched), sorted(st.parsed.embeddings))
+    with _MATCHES_LOCK:
+        PLAN_STATS["planned"] += 1
+        if not any(r.startswith("shape") for _, r in m.unmatched):  # shape findings are per file
+            _MATCHES[key] = m
+            while len(_MATCHES) > _MATCHES_MAX:
+                _MATCHES.popitem(last=False)
+    return m
+
+
 def _declared_alpha(meta: dict[str, str], args: dict[str, Any], modules: list[Module]) -> dict[str, float] | None:
     """Alphas per module class from kohya's metadata, when present and consistent with the shapes.
 
@@ -165,35 +215,33 @@ def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, rea
     best = None
     for a in archs:
         try:
-            plan = _plan(src, a, fam if fam.arch == a else None)
+            match = _match(src, a, fam if fam.arch == a else None, shapes)
         except (MatchError, ArchitectureError):
             continue
-        n = sum(len(cs) for cs in plan.weights.values())
+        n = len(match.contribs)
         if best is None or n > best[1]:
-            best = (plan, n, a)
+            best = (match, n, a)
     if best is None:
         parsed = parse_keys(shapes)
         st.embeddings = sorted(parsed.embeddings)
         st.unmatched = [(m, "no layout of a known architecture has it") for m in parsed.modules]
         return st
-    plan, _, arch = best
-    st.embeddings = sorted(plan.loras[0].parsed.embeddings)
+    match, _, arch = best
+    st.embeddings = list(match.embeddings)
     st.arch = arch
     if fam.arch is None:
         fam.arch = arch
         fam.evidence.append(f"module names and shapes match the {ARCHS[arch].label} layout")
-    lstate = plan.loras[0]
-    st.unmatched = list(lstate.unmatched)
+    st.unmatched = list(match.unmatched)
     lshapes = shapes
-    for key, contribs in plan.weights.items():
-        for c in contribs:
-            pshapes = {p: tuple(lshapes[k]) for p, k in c.params.items()}
-            alg = algorithm_name(c.alg, c.params)
-            if alg == "lora" and len(c.target.shape) == 4 and c.target.shape[2:] != (1, 1):
-                alg = "locon"
-            st.modules.append(Module(name=c.module, algorithm=alg, component=c.target.component, block=c.target.block,
-                                     conv=len(c.target.shape) == 4 and tuple(c.target.shape[2:]) != (1, 1),
-                                     rank=c.alg.rank(pshapes), shape=tuple(c.target.shape), params=dict(c.params)))
+    for c in match.contribs:
+        pshapes = {p: tuple(lshapes[k]) for p, k in c.params.items()}
+        alg = algorithm_name(c.alg, c.params)
+        if alg == "lora" and len(c.target.shape) == 4 and c.target.shape[2:] != (1, 1):
+            alg = "locon"
+        st.modules.append(Module(name=c.module, algorithm=alg, component=c.target.component, block=c.target.block,
+                                 conv=len(c.target.shape) == 4 and tuple(c.target.shape[2:]) != (1, 1),
+                                 rank=c.alg.rank(pshapes), shape=tuple(c.target.shape), params=dict(c.params)))
     st.modules.sort(key=lambda m: m.name)
     with_alpha = [m for m in st.modules if "alpha" in m.params]
     if not with_alpha:
@@ -206,7 +254,9 @@ def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, rea
         st.alpha_source = "metadata"
     else:
         keys = [m.params["alpha"] for m in with_alpha]
-        if src.path.lower().endswith(".safetensors"):
+        if hasattr(src, "read_small"):
+            values = src.read_small(keys)
+        elif src.path.lower().endswith(".safetensors"):
             with SafetensorsFile(src.path) as f:
                 values = f.read_many(keys)
         else:

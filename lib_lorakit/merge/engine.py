@@ -333,8 +333,9 @@ def _chunks(rows: int, cols: int):
 class _Chunk:
     """Rows r0:r1 of one key from every input, as stored, with the tokens that free the buffers."""
 
-    def __init__(self, key: str, r0: int, r1: int, raws: list[torch.Tensor], tokens: list[Token]):
+    def __init__(self, key: str, r0: int, r1: int, raws: list[torch.Tensor], tokens: list[Token], feeds=()):
         self.key, self.r0, self.r1, self.raws, self.tokens = key, r0, r1, raws, tokens
+        self.feeds = list(feeds)  # (input index, file offset, bytes, release) for the hashers, in file order
 
     def release(self) -> None:
         for t in self.tokens:
@@ -342,17 +343,31 @@ class _Chunk:
         self.tokens = []
 
 
+def _release_later(item) -> None:
+    """Free the buffers of a queued chunk (or a chunk still being read) nobody will use."""
+    if isinstance(item, _Chunk):
+        item.release()
+    elif isinstance(item, concurrent.futures.Future):
+        item.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().release())
+
+
 class _Reader(threading.Thread):
     """Reads every merged key, chunk by chunk, ahead of the main thread, and hands each chunk's
-    bytes to that file's hasher too, so no input is read twice."""
+    bytes to that file's hasher too, so no input is read twice.
+
+    With ``threads`` > 1 the chunks are read by a small pool, several at once (one thread cannot
+    copy from the page cache or a fast disk at the disk's rate); they are handed out, and fed to
+    the hashers, in file order all the same.
+    """
 
     def __init__(self, plan: MergePlan, keys: list[str], order: list[int], feeders: list[FedHasher | None],
-                 profile: Profile | None = None, depth: int = 4):
+                 profile: Profile | None = None, depth: int = 4, threads: int = 1):
         super().__init__(name="lorakit-read", daemon=True)
         self.plan, self.keys, self.order, self.feeders = plan, keys, order, feeders
         self.profile = profile or Profile()
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
+        self.threads = threads
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
 
@@ -368,7 +383,27 @@ class _Reader(threading.Thread):
         with self._lock:
             self._free.append(buf)
 
+    def _read_chunk(self, key: str, r0: int, r1: int, cols: int) -> _Chunk:
+        raws, tokens, feeds = [], [], []
+        for i in self.order:
+            src = self.plan.inputs[i].source
+            item = DTYPES[src.dtype(key)][1]
+            nbytes = (r1 - r0) * cols * item
+            buf, pooled = self._buffer(nbytes)
+            t = time.perf_counter()
+            raws.append(src.read_rows(key, r0, r1, buf))
+            self.profile.add("read", time.perf_counter() - t)
+            span = src.raw_span(key)
+            feed = span is not None and nbytes > 0 and self.feeders[i] is not None
+            tok = Token(2 if feed else 1, (lambda b=buf: self._give_back(b)) if pooled else (lambda: None))
+            if feed:
+                feeds.append((i, span[1] + r0 * cols * item, buf.numpy()[:nbytes].data, tok.release))
+            tokens.append(tok)
+        return _Chunk(key, r0, r1, raws, tokens, feeds)
+
     def run(self) -> None:
+        pool = (concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="lorakit-read")
+                if self.threads > 1 else None)
         try:
             primary = self.plan.inputs[0].source
             for key in self.keys:
@@ -376,40 +411,34 @@ class _Reader(threading.Thread):
                 rows = shape[0] if shape else 1
                 cols = max(1, math.prod(shape) // max(rows, 1)) if math.prod(shape) else 0
                 for ci, r0, r1 in _chunks(rows, cols):
-                    raws, tokens = [], []
-                    for i in self.order:
-                        src = self.plan.inputs[i].source
-                        item = DTYPES[src.dtype(key)][1]
-                        nbytes = (r1 - r0) * cols * item
-                        buf, pooled = self._buffer(nbytes)
-                        t = time.perf_counter()
-                        raws.append(src.read_rows(key, r0, r1, buf))
-                        self.profile.add("read", time.perf_counter() - t)
-                        span = src.raw_span(key)
-                        feed = span is not None and nbytes > 0 and self.feeders[i] is not None
-                        tok = Token(2 if feed else 1, (lambda b=buf: self._give_back(b)) if pooled else (lambda: None))
-                        if feed:
-                            self.feeders[i].feed(span[1] + r0 * cols * item, buf.numpy()[:nbytes].data, tok.release)
-                        tokens.append(tok)
-                    chunk = _Chunk(key, r0, r1, raws, tokens)
+                    item = (pool.submit(self._read_chunk, key, r0, r1, cols) if pool is not None
+                            else self._read_chunk(key, r0, r1, cols))
                     while not self.stop.is_set():
                         try:
-                            self.q.put(chunk, timeout=0.5)
+                            self.q.put(item, timeout=0.5)
                             break
                         except queue.Full:
                             continue
                     if self.stop.is_set():
-                        chunk.release()
+                        _release_later(item)
                         return
         except BaseException as e:  # handed to the main thread
             self.q.put(e)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def get(self, key: str, r0: int) -> _Chunk:
         item = self.q.get()
         if isinstance(item, BaseException):
             raise item
+        if isinstance(item, concurrent.futures.Future):
+            item = item.result()
         if item.key != key or item.r0 != r0:  # pragma: no cover - would be an ordering bug
             raise RuntimeError(f"merge read order broken at {key} rows {r0}")
+        for i, offset, data, release in item.feeds:  # in file order, whichever thread read them
+            self.feeders[i].feed(offset, data, release)
+        item.feeds = []
         return item
 
 
@@ -510,7 +539,7 @@ class _Merger:
             else:
                 fut = self.pool.submit(self._chunk, *args)
                 self.outstanding.append(fut)
-                while self.outstanding and (self.outstanding[0].done() or len(self.outstanding) > 2 * self.workers):
+                while self.outstanding and (self.outstanding[0].done() or len(self.outstanding) > self.workers + 2):
                     t = time.perf_counter()
                     self.outstanding.popleft().result()  # bounded memory; raises a chunk's error early
                     self.profile.add("wait maths", time.perf_counter() - t)
@@ -749,7 +778,7 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
     pool = Pool()
     order = plan.models + ([plan.base] if plan.base is not None else [])
     reader = _Reader(plan, [k for k in plan.keys if plan.actions[k].kind == "merge"], order, hashers, profile,
-                     depth=max(4, min(2 * n_workers, 16)))
+                     depth=min(4 + n_workers // 2, 8), threads=min(4, max(1, n_workers // 3)))
     merger = _Merger(plan, method, params, stats, reader, n_workers, device, profile)
     wt: WriterThread | None = None
     pending: collections.deque = collections.deque()  # ("item", writer item) | ("key", name, finish, out, buf)
@@ -828,11 +857,10 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
         merger.close()
         while reader.is_alive():  # unblock and stop the reader, releasing what it queued
             try:
-                item = reader.q.get(timeout=0.1)
-                if isinstance(item, _Chunk):
-                    item.release()
+                _release_later(reader.q.get(timeout=0.1))
             except queue.Empty:
                 pass
+        drain(reader.q)
         for h in hashers:
             if h is None:
                 continue
