@@ -495,10 +495,13 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
                 inflight[0] -= 1
                 inflight[1] -= head[3]
                 pending.popleft()
-                wt.put(("data", head[1], out, buf))
+                item = ("data", head[1], out, buf)
             else:
                 pending.popleft()
-                wt.put(head[1])
+                item = head[1]
+            t = clock()
+            wt.put(item)
+            profile.add("wait writer", clock() - t)
 
     try:
         pre.start()
@@ -524,9 +527,7 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
                     pending.append(("fut", key, ex.submit(baker.tensor, fetched), nbytes))
                     inflight[0] += 1
                     inflight[1] += nbytes
-                t = clock()
                 to_writer(False)
-                profile.add("wait writer", clock() - t)
                 done += base.nbytes(key)
                 span = base.raw_span(key)
                 if span is not None and hasher is not None and hasher.gate is not None:  # keep the hasher just ahead

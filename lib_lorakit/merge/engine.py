@@ -793,9 +793,12 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
                 t = clock()
                 head[2]()
                 profile.add("wait maths", clock() - t)
-                wt.put(("data", head[1], head[3], head[4]))
+                item = ("data", head[1], head[3], head[4])
             else:
-                wt.put(head[1])
+                item = head[1]
+            t = clock()
+            wt.put(item)
+            profile.add("wait writer", clock() - t)
             pending.popleft()
 
     try:
@@ -822,9 +825,7 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
                     finish = merger.tensor(k, e.shape, out)
                     pending.append(("key", k, finish, out.reshape(e.shape), buf))
                     stats.merged += 1
-                t = clock()
                 to_writer(False)
-                profile.add("wait writer", clock() - t)
                 done += e.nbytes
                 now = clock()
                 if now - last > 0.25:
