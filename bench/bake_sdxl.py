@@ -64,10 +64,10 @@ def build_inputs(work: str, keep: bool) -> tuple[str, list[str]]:
     return base, paths
 
 
-def run_child(args: list[str]) -> tuple[float, float, str]:
+def run_child(args: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """Run a child process; return (wall s, peak RSS MB, stdout)."""
     t = time.perf_counter()
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     out, err = p.communicate()
     wall = time.perf_counter() - t
     if p.returncode != 0:

@@ -10,6 +10,7 @@ and agrees with the file's shapes, otherwise from the tiny alpha tensors.
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import threading
 from collections import OrderedDict
@@ -131,6 +132,7 @@ class _Match:
 _MATCHES: OrderedDict[tuple[str, frozenset], _Match] = OrderedDict()
 _MATCHES_MAX = 256
 _MATCHES_LOCK = threading.Lock()
+ENV_NO_REUSE = "LORAKIT_INSPECT_NO_PLAN_REUSE"  # "1": plan every file afresh (benchmarks compare the findings)
 PLAN_STATS = Counter()  # "planned" / "reused": how often the cache below was used (for tests and benches)
 
 
@@ -142,8 +144,9 @@ def _match(src: TensorSource, arch: str, family: Family | None, shapes) -> _Matc
     is planned in full, so its findings are exactly those of a fresh plan.
     """
     key = (arch, frozenset(shapes))
+    reuse = os.environ.get(ENV_NO_REUSE) != "1"
     with _MATCHES_LOCK:
-        m = _MATCHES.get(key)
+        m = _MATCHES.get(key) if reuse else None
         if m is not None:
             _MATCHES.move_to_end(key)
     if m is not None:
@@ -160,7 +163,7 @@ def _match(src: TensorSource, arch: str, family: Family | None, shapes) -> _Matc
     m = _Match([c for cs in plan.weights.values() for c in cs], list(st.unmatched), sorted(st.parsed.embeddings))
     with _MATCHES_LOCK:
         PLAN_STATS["planned"] += 1
-        if not any(r.startswith("shape") for _, r in m.unmatched):  # shape findings are per file
+        if reuse and not any(r.startswith("shape") for _, r in m.unmatched):  # shape findings are per file
             _MATCHES[key] = m
             while len(_MATCHES) > _MATCHES_MAX:
                 _MATCHES.popitem(last=False)
