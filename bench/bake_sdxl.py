@@ -4,17 +4,22 @@ Builds (once, reused with --keep) a random fp16 SDXL checkpoint with the exact r
 layout (2515 tensors, 6.94 GB) and three kohya-format LoRAs at rank 32 (LoRA, LoCon
 with conv layers, LoKr), then measures in the same run, each in its own process:
 
-- io-floor: sequential read of the inputs + write of an equal-size output, fsynced;
+- io-floor-direct: sequential read of the inputs + an equal-size output written with
+  O_DIRECT and fsynced (the reference: the disk's limit, as lorakit's writer uses O_DIRECT);
+- io-floor: the same copy written through the page cache, fsynced (what ``cp`` + ``sync`` costs);
 - compute-floor: the ΔW FLOPs ÷ this machine's fp32 GEMM throughput, measured now;
 - naive: load everything, add each ΔW, save (what one-off scripts do);
-- lorakit: ``python -m lib_lorakit bake``.
+- lorakit: ``python -m lib_lorakit bake`` on the CPU, its hash cache emptied first (the base is
+  hashed alongside); lorakit-cached: the same bake again, the hash from the cache;
+  lorakit-cuda: ``--device cuda`` (with ``--devices cpu,cuda``); lorakit-2cores: pinned to two
+  cores with taskset (with ``--two-cores``), to show how the bake scales.
 
-io-floor and lorakit run --repeat times, interleaved (with io-floor-direct, the same copy
-written with O_DIRECT, for information); the medians count. Prints wall time, peak RSS
-and each time's ratio to max(io-floor, compute-floor). Targets for lorakit: ratio <= 1.25,
-peak RSS <= 1 GB.
+The floors and lorakit runs repeat --repeat times, interleaved; the medians count. Prints wall
+time, peak RSS, each time's ratio to max(io-floor-direct, compute-floor), lorakit's time per
+stage and, for CUDA, the largest CPU/GPU difference in fp16 steps. Targets for lorakit: ratio
+<= 1.25, peak RSS <= 1 GB.
 
-    python bench/bake_sdxl.py [--dir bench/_work] [--keep]
+    python bench/bake_sdxl.py [--dir bench/_work] [--keep] [--devices cpu,cuda] [--two-cores]
 """
 
 from __future__ import annotations
@@ -59,10 +64,10 @@ def build_inputs(work: str, keep: bool) -> tuple[str, list[str]]:
     return base, paths
 
 
-def run_child(args: list[str]) -> tuple[float, float, str]:
+def run_child(args: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """Run a child process; return (wall s, peak RSS MB, stdout)."""
     t = time.perf_counter()
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     out, err = p.communicate()
     wall = time.perf_counter() - t
     if p.returncode != 0:
@@ -200,6 +205,64 @@ def delta_flops(paths: list[str]) -> float:
     return total
 
 
+def lorakit_variants(args, cache_dir: str) -> list[tuple[str, list[str], list[str], bool]]:
+    """(name, command prefix, extra lorakit args, empty the hash cache first) per lorakit run."""
+    cache = ["--hash-cache", cache_dir]
+    out = [("lorakit", [], ["--device", "cpu", *cache], True),
+           ("lorakit-cached", [], ["--device", "cpu", *cache], False)]
+    if args.two_cores:
+        out.append(("lorakit-2cores", ["taskset", "-c", "0,1"], ["--device", "cpu", *cache], True))
+    for dev in args.devices.split(","):
+        if dev.strip() and dev.strip() != "cpu":
+            out.append((f"lorakit-{dev.strip()}", [], ["--device", dev.strip(), *cache], True))
+    return out
+
+
+def add_lorakit_args(ap) -> None:
+    ap.add_argument("--devices", default="cpu", help="comma-separated lorakit devices to run: cpu,cuda")
+    ap.add_argument("--two-cores", action="store_true", help="also run lorakit pinned to two cores (taskset)")
+
+
+def empty_cache(cache_dir: str) -> None:
+    p = os.path.join(cache_dir, "hashes.json")
+    if os.path.exists(p):
+        os.unlink(p)
+
+
+def fp16_steps(a: str, b: str) -> tuple[float, str]:
+    """The largest difference between two checkpoints in fp16 steps at the values' magnitude, and its key."""
+    import torch
+
+    from lib_lorakit.formats.safetensors_io import SafetensorsFile
+
+    worst, where = 0.0, ""
+    with SafetensorsFile(a) as fa, SafetensorsFile(b) as fb:
+        for k in fa.keys():
+            x, y = fa.read(k), fb.read(k)
+            if x.dtype == torch.float16 and x.numel():
+                x32, y32 = x.float(), y.float()
+                mag = torch.maximum(x32.abs(), y32.abs()).clamp_min(2.0 ** -14)
+                d = float(((x32 - y32).abs() / torch.exp2(torch.floor(torch.log2(mag)) - 10)).max())
+            else:
+                d = 0.0 if torch.equal(x, y) else math.inf
+            if d > worst:
+                worst, where = d, k
+    return worst, where
+
+
+def print_profile(name: str, rep: dict) -> None:
+    """Seconds per stage (summed over threads) and the busiest threads, from a lorakit report."""
+    eng = rep.get("engine") or {}
+    if not eng:
+        return
+    st = eng.get("stages", {})
+    print(f"{name}: device {eng.get('device')}, {eng.get('workers')} maths threads, wall {rep['wall_s']:.1f} s; "
+          "seconds per stage (all threads): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(st.items(), key=lambda kv: -kv[1])))
+    for t, d in sorted(eng.get("threads", {}).items()):
+        if not t.startswith("lorakit-maths") or t.endswith("_0"):
+            print(f"    {t}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])))
+
+
 def settle() -> None:
     """Let writeback (and discard of deleted outputs) finish before the next measurement."""
     os.sync()
@@ -213,6 +276,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of io-floor and lorakit; the median counts")
     ap.add_argument("--skip-naive", action="store_true", help="skip the naive baseline (needs ~15 GB RAM)")
     ap.add_argument("--json", help="write the results here")
+    add_lorakit_args(ap)
     args = ap.parse_args()
     work = os.path.abspath(args.dir)
     py = sys.executable
@@ -232,26 +296,42 @@ def main() -> None:
     bake_cmd = [py, "-c", CHILD_PRELUDE + "import runpy, sys; sys.argv[0]='lib_lorakit'; "
                 "runpy.run_module('lib_lorakit', run_name='__main__')",
                 "bake", base, *sum((["--lora", r] for r in recipe), []), "-o", out, "-q", "--report", out + ".json"]
-    samples: dict[str, list[tuple[float, float]]] = {"io-floor": [], "io-floor-direct": [], "lorakit": []}
+    cache_dir = os.path.join(work, "hash-cache")
+    variants = lorakit_variants(args, cache_dir)
+    runs = [("io-floor", [py, "-c", IO_FLOOR, base, *loras, out], None),
+            ("io-floor-direct", [py, "-c", IO_FLOOR_DIRECT, base, *loras, out], None)]
+    runs += [(name, prefix + bake_cmd + extra, fresh) for name, prefix, extra, fresh in variants]
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in runs}
+    reports: dict[str, dict] = {}
     clean()
     for i in range(args.repeat):  # interleaved, so a slow spell of the disk hits all of them
-        for name, cmd in (("io-floor", [py, "-c", IO_FLOOR, base, *loras, out]),
-                          ("io-floor-direct", [py, "-c", IO_FLOOR_DIRECT, base, *loras, out]),
-                          ("lorakit", bake_cmd)):
+        for name, cmd, fresh in runs:
+            if fresh:
+                empty_cache(cache_dir)
             settle()
             wall, rss, _ = run_child(cmd)
             samples[name].append((wall, rss))
             print(f"  {name} run {i + 1}: {wall:.1f} s, peak RSS {rss:.0f} MB", flush=True)
-            if name == "lorakit" and i == args.repeat - 1:
+            if name.startswith("lorakit") and i == args.repeat - 1:
                 with open(out + ".json") as f:
-                    rep = json.load(f)
-                os.replace(out, out + ".lorakit")
+                    reports[name] = json.load(f)
+                if name in ("lorakit", "lorakit-cuda"):
+                    os.replace(out, out + "." + name)
             clean()
     for name, vals in samples.items():
         walls = sorted(w for w, _ in vals)
         results[name] = {"wall_s": statistics.median(walls), "samples_s": walls,
                          "peak_rss_mb": max(r for _, r in vals)}
+    rep = reports["lorakit"]
     results["lorakit"].update(modified=rep["tensors"]["modified"], matched=[lo["matched"] for lo in rep["loras"]])
+    for name, r in reports.items():
+        results[name]["engine"] = r.get("engine")
+        results[name]["base_sha256_source"] = r["base"].get("sha256_source")
+    if os.path.exists(out + ".lorakit-cuda"):
+        steps, key = fp16_steps(out + ".lorakit", out + ".lorakit-cuda")
+        results["lorakit-cuda"]["max_fp16_steps_vs_cpu"] = steps
+        results["lorakit-cuda"]["worst_key"] = key
+        os.unlink(out + ".lorakit-cuda")
 
     flops = delta_flops(loras)
     _, _, gemm_out = run_child([py, "-c", GEMM])
@@ -267,23 +347,34 @@ def main() -> None:
         clean()
     os.unlink(lorakit_out)
 
-    floor = max(results["io-floor"]["wall_s"], results["compute-floor"]["wall_s"])
+    floor = max(results["io-floor-direct"]["wall_s"], results["compute-floor"]["wall_s"])
     size = os.path.getsize(base) / 1e9
     print(f"\nSDXL fp16 checkpoint {size:.2f} GB + 3 LoRAs rank 32 "
-          f"({sum(os.path.getsize(p) for p in loras) / 1e6:.0f} MB); {os.cpu_count()} CPUs; median of {args.repeat}")
+          f"({sum(os.path.getsize(p) for p in loras) / 1e6:.0f} MB); {os.cpu_count()} CPUs; median of {args.repeat}; "
+          f"load {os.getloadavg()[0]:.2f}")
     print(f"compute floor: {flops / 1e9:.0f} GFLOP at {gemm / 1e9:.0f} GFLOP/s measured")
     print(f"{'run':<17}{'wall s':>9}{'peak RSS MB':>13}{'x floor':>9}   samples")
-    for name in ("io-floor", "io-floor-direct", "compute-floor", "naive", "lorakit"):
+    names = ["io-floor-direct", "io-floor", "compute-floor", "naive"] + [v[0] for v in variants]
+    for name in names:
         if name in results:
             r = results[name]
             rss = r.get("peak_rss_mb", float("nan"))
             extra = " ".join(f"{x:.1f}" for x in r.get("samples_s", []))
             print(f"{name:<17}{r['wall_s']:>9.1f}{rss:>13.0f}{r['wall_s'] / floor:>9.2f}   {extra}")
-    lk = results["lorakit"]
-    ok = lk["wall_s"] / floor <= 1.25 and lk["peak_rss_mb"] <= 1024
-    print(f"floor = max(io-floor, compute-floor) = {floor:.1f} s")
-    print(f"lorakit: ratio {lk['wall_s'] / floor:.2f} (target <= 1.25), peak RSS {lk['peak_rss_mb']:.0f} MB "
-          f"(target <= 1024): {'PASS' if ok else 'FAIL'}")
+    print(f"floor = max(io-floor-direct, compute-floor) = {floor:.1f} s")
+    for name, *_ in variants:
+        lk = results[name]
+        ok = lk["wall_s"] / floor <= 1.25 and lk["peak_rss_mb"] <= 1024
+        print(f"{name}: ratio {lk['wall_s'] / floor:.2f} (target <= 1.25), peak RSS {lk['peak_rss_mb']:.0f} MB "
+              f"(target <= 1024): {'PASS' if ok else 'FAIL'}; base hash: {lk.get('base_sha256_source')}")
+    if "lorakit-2cores" in results:
+        print(f"scaling: 2 cores {results['lorakit-2cores']['wall_s']:.1f} s -> {os.cpu_count()} cores "
+              f"{results['lorakit']['wall_s']:.1f} s: {results['lorakit-2cores']['wall_s'] / results['lorakit']['wall_s']:.2f}x")
+    if "max_fp16_steps_vs_cpu" in results.get("lorakit-cuda", {}):
+        print(f"cuda vs cpu output: at most {results['lorakit-cuda']['max_fp16_steps_vs_cpu']:.3g} fp16 steps "
+              f"apart (worst {results['lorakit-cuda']['worst_key']})")
+    for name, r in reports.items():
+        print_profile(name, r)
     if "naive" in results:
         print(f"naive vs lorakit output: max abs difference {results['naive']['max_abs_diff_vs_lorakit']:.3g} "
               f"(the naive bake rounds to fp16 after each LoRA)")

@@ -241,6 +241,11 @@ def main() -> None:
                 elif name == "lorakit --jobs 1":
                     check1 = out
     assert check == check1, "worker processes and a single process disagree"
+    # the same findings when every file is planned afresh (no match reused across files with one key set)
+    _, _, fresh = run_child(single, env={**os.environ, "LORAKIT_INSPECT_NO_PLAN_REUSE": "1"})
+    same = fresh == check1
+    print(f"findings with plans reused == findings with every file planned afresh: {same}")
+    assert same, "reusing plans changed the findings"
     reps = [json.loads(line) for line in check.splitlines()]
     assert len(reps) == len(files), (len(reps), len(files))
     bad = [r for r in reps if "error" in r or r["structure"]["unmatched_count"]]
@@ -252,6 +257,10 @@ def main() -> None:
         m = statistics.median(v)
         print(f"{k:<24}{m:>9.2f}{1000 * m / len(files):>12.1f}{rss[k]:>12.0f}   {' '.join(f'{x:.2f}' for x in v)}")
     print(f"{'(lorakit import only)':<24}{startup:>9.2f}")
+    for cache in ("cold", "warm"):
+        r = statistics.median(results[f"lorakit {cache}"]) / statistics.median(results[f"metadata-reader {cache}"])
+        print(f"lorakit {cache} / metadata-reader {cache}: {r:.2f} (target <= 1.5 cold): "
+              + ("PASS" if r <= 1.5 else "FAIL") if cache == "cold" else f"lorakit warm / metadata-reader warm: {r:.2f}")
     kinds = {k: sum(r['kind'] == k for r in reps) for k in ('passive', 'trigger-dependent')}
     trig = sum(r["trigger"] is not None for r in reps)
     print(f"\nlorakit found: {kinds['passive']} passive, {kinds['trigger-dependent']} trigger-dependent, "

@@ -28,7 +28,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from bake_sdxl import CHILD_PRELUDE, IO_FLOOR_DIRECT, compare, run_child, settle  # noqa: E402
+from bake_sdxl import (CHILD_PRELUDE, IO_FLOOR_DIRECT, add_lorakit_args, compare, empty_cache,  # noqa: E402
+                       fp16_steps, lorakit_variants, print_profile, run_child, settle)
 
 WEIGHTS = (0.7, 0.2, 0.1)
 
@@ -107,6 +108,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json")
+    ap.add_argument("--skip-naive", action="store_true", help="skip the naive merge (loads everything)")
+    add_lorakit_args(ap)
     args = ap.parse_args()
     work = os.path.abspath(args.dir)
     py = sys.executable
@@ -123,51 +126,79 @@ def main() -> None:
     lorakit = [py, "-c", CHILD_PRELUDE + "import runpy, sys; sys.argv[0]='lib_lorakit'; "
                "runpy.run_module('lib_lorakit', run_name='__main__')", "merge", *models, "-o", out, "-q",
                "--report", out + ".json"]
-    samples: dict[str, list[tuple[float, float]]] = {"io-floor": [], "io-floor-direct": [], "lorakit": []}
+    cache_dir = os.path.join(work, "hash-cache")
+    variants = lorakit_variants(args, cache_dir)
+    runs = [("io-floor", [py, "-c", IO_FLOOR, *inputs, out], None),
+            ("io-floor-direct", [py, "-c", IO_FLOOR_DIRECT, *inputs, out], None)]
+    runs += [(name, prefix + lorakit + extra, fresh) for name, prefix, extra, fresh in variants]
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in runs}
+    reports: dict[str, dict] = {}
     clean()
-    rep = None
     for i in range(args.repeat):
-        for name, cmd in (("io-floor", [py, "-c", IO_FLOOR, *inputs, out]),
-                          ("io-floor-direct", [py, "-c", IO_FLOOR_DIRECT, *inputs, out]),
-                          ("lorakit", lorakit)):
+        for name, cmd, fresh in runs:
+            if fresh:
+                empty_cache(cache_dir)
             settle()
             wall, rss, _ = run_child(cmd)
             samples[name].append((wall, rss))
             print(f"  {name} run {i + 1}: {wall:.1f} s, peak RSS {rss:.0f} MB", flush=True)
-            if name == "lorakit" and i == args.repeat - 1:
+            if name.startswith("lorakit") and i == args.repeat - 1:
                 with open(out + ".json") as f:
-                    rep = json.load(f)
-                os.replace(out, out + ".lorakit")
+                    reports[name] = json.load(f)
+                if name in ("lorakit", "lorakit-cuda"):
+                    os.replace(out, out + "." + name)
             clean()
     results = {n: {"wall_s": statistics.median(sorted(w for w, _ in v)), "samples_s": sorted(w for w, _ in v),
                    "peak_rss_mb": max(r for _, r in v)} for n, v in samples.items()}
-    need = sum(os.path.getsize(p) for p in inputs) * 1.2 / 1e9
-    have = available_ram_gb()
-    mode = "load" if need < have else "lazy"
-    settle()
-    wall, rss, _ = run_child([py, "-c", NAIVE, mode, out, *[f"{p}:{w}" for p, w in zip(inputs, WEIGHTS)]])
-    results["naive"] = {"wall_s": wall, "peak_rss_mb": rss, "max_abs_diff_vs_lorakit": compare(out, out + ".lorakit"),
-                        "mode": mode if mode == "load" else f"lazy reads (loading all needs ~{need:.0f} GB, "
-                                                            f"{have:.0f} GB available); whole output in memory"}
-    clean()
+    for name, r in reports.items():
+        results[name]["engine"] = r.get("engine")
+        results[name]["sha256_sources"] = [i.get("sha256_source") for i in r["inputs"]]
+    if os.path.exists(out + ".lorakit-cuda"):
+        steps, key = fp16_steps(out + ".lorakit", out + ".lorakit-cuda")
+        results["lorakit-cuda"].update(max_fp16_steps_vs_cpu=steps, worst_key=key)
+        os.unlink(out + ".lorakit-cuda")
+    if not args.skip_naive:
+        need = sum(os.path.getsize(p) for p in inputs) * 1.2 / 1e9
+        have = available_ram_gb()
+        mode = "load" if need < have else "lazy"
+        settle()
+        wall, rss, _ = run_child([py, "-c", NAIVE, mode, out, *[f"{p}:{w}" for p, w in zip(inputs, WEIGHTS)]])
+        results["naive"] = {"wall_s": wall, "peak_rss_mb": rss,
+                            "max_abs_diff_vs_lorakit": compare(out, out + ".lorakit"),
+                            "mode": mode if mode == "load" else f"lazy reads (loading all needs ~{need:.0f} GB, "
+                                                                f"{have:.0f} GB available); whole output in memory"}
+        clean()
     os.unlink(out + ".lorakit")
-    floor = results["io-floor"]["wall_s"]
+    floor = results["io-floor-direct"]["wall_s"]
     size = sum(os.path.getsize(p) for p in inputs) / 1e9
     print(f"\n3 SDXL fp16 checkpoints, {size:.2f} GB in, 0.7/0.2/0.1 weighted sum; {os.cpu_count()} CPUs; "
-          f"median of {args.repeat}")
+          f"median of {args.repeat}; load {os.getloadavg()[0]:.2f}")
     print(f"{'run':<17}{'wall s':>9}{'peak RSS MB':>13}{'x floor':>9}   samples")
-    for name in ("io-floor", "io-floor-direct", "naive", "lorakit"):
+    for name in ["io-floor-direct", "io-floor", "naive"] + [v[0] for v in variants]:
+        if name not in results:
+            continue
         r = results[name]
         extra = " ".join(f"{x:.1f}" for x in r.get("samples_s", [])) or r.get("mode", "")
         print(f"{name:<17}{r['wall_s']:>9.1f}{r['peak_rss_mb']:>13.0f}{r['wall_s'] / floor:>9.2f}   {extra}")
-    lk = results["lorakit"]
-    ok = lk["wall_s"] / floor <= 1.25 and lk["peak_rss_mb"] <= 1024
-    print(f"lorakit: ratio {lk['wall_s'] / floor:.2f} (target <= 1.25), peak RSS {lk['peak_rss_mb']:.0f} MB "
-          f"(target <= 1024): {'PASS' if ok else 'FAIL'}")
-    if rep:
+    print(f"floor = io-floor-direct = {floor:.1f} s")
+    for name, *_ in variants:
+        lk = results[name]
+        ok = lk["wall_s"] / floor <= 1.25 and lk["peak_rss_mb"] <= 1024
+        print(f"{name}: ratio {lk['wall_s'] / floor:.2f} (target <= 1.25), peak RSS {lk['peak_rss_mb']:.0f} MB "
+              f"(target <= 1024): {'PASS' if ok else 'FAIL'}; hashes: {lk.get('sha256_sources')}")
+    if "lorakit-2cores" in results:
+        print(f"scaling: 2 cores {results['lorakit-2cores']['wall_s']:.1f} s -> {os.cpu_count()} cores "
+              f"{results['lorakit']['wall_s']:.1f} s: {results['lorakit-2cores']['wall_s'] / results['lorakit']['wall_s']:.2f}x")
+    if "max_fp16_steps_vs_cpu" in results.get("lorakit-cuda", {}):
+        print(f"cuda vs cpu output: at most {results['lorakit-cuda']['max_fp16_steps_vs_cpu']:.3g} fp16 steps "
+              f"apart (worst {results['lorakit-cuda']['worst_key']})")
+    if "lorakit" in reports:
+        rep = reports["lorakit"]
         print(f"lorakit report: {rep['tensors']['merged']} merged, copied {rep['tensors']['copied']}")
-    if "max_abs_diff_vs_lorakit" in results["naive"]:
+    if "max_abs_diff_vs_lorakit" in results.get("naive", {}):
         print(f"naive vs lorakit: max abs difference {results['naive']['max_abs_diff_vs_lorakit']:.3g}")
+    for name, r in reports.items():
+        print_profile(name, r)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

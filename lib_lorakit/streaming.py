@@ -1,8 +1,10 @@
-"""Threads and buffers shared by the streaming engines (bake, merge).
+"""Threads, buffers and settings shared by the streaming engines (bake, merge).
 
 - :class:`Pool`: reusable byte buffers (fresh large allocations cost page faults each time).
 - :class:`WriterThread`: drains a short queue of tensors/raw copies into a StreamingWriter.
 - :class:`Hasher`: SHA-256 of an input file on a side thread, for recipe metadata.
+- :class:`Profile`: seconds per stage and thread, for the report.
+- :func:`worker_count`, :func:`resolve_device`: how many maths threads, and where the maths runs.
 """
 
 from __future__ import annotations
@@ -12,28 +14,123 @@ import hashlib
 import os
 import queue
 import threading
+import time
 
 import torch
 
+from .engineopts import DEVICES
+from .errors import RecipeError
 from .formats.safetensors_io import StreamingWriter, pread_into
 
 QUEUE_ITEMS = 6
+CHUNK_ELEMS = 1 << 20  # float32 elements per row chunk (~4 MB): memory stays flat, data stays in cache
+
+
+ENV_RESERVE = "LORAKIT_RESERVE_CORES"  # cores left to the host (the WebUI sets 1)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def worker_count(reserve: int | None = None) -> int:
+    """Maths threads for an engine: every usable core but those reserved and one for the I/O threads.
+
+    ``reserve`` (default ``$LORAKIT_RESERVE_CORES``, else 0) leaves cores to the host: inside the
+    WebUI one stays free for its server. The read, write and hash threads mostly wait on the disk
+    or run SHA-256/memcpy with the GIL released, so they share the one core kept for them.
+    """
+    if reserve is None:
+        try:
+            reserve = max(0, int(os.environ.get(ENV_RESERVE, "0")))
+        except ValueError:
+            reserve = 0
+    return max(1, usable_cores() - reserve - 1)
 
 
 @contextlib.contextmanager
-def engine_threads():
-    """Give torch half the cores while the side threads (read, hash, write) run.
+def engine_threads(workers: int = 1):
+    """One torch thread per maths worker thread while an engine runs (restored afterwards).
 
-    torch's intra-op threads spin-wait between the many small chunk operations; with every
-    core given to torch they starve the hashing and I/O threads (on 2 cores a merge took
-    twice as long). The previous setting is restored afterwards.
+    The engines parallelise over tensors and row chunks with their own threads; torch's intra-op
+    pool on top would oversubscribe the cores and spin-wait between the many small chunk
+    operations, starving the hashing and I/O threads.
     """
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    torch.set_num_threads(1 if workers > 1 else max(1, usable_cores() // 2))
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto``: the GPU when torch sees one, else the CPU; ``cuda``: the GPU, or the user's error."""
+    name = (device or "auto").strip().lower()
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise RecipeError(f"Unknown device {device!r}.", fix=f"Use one of {', '.join(DEVICES)}.")
+    if name == "cpu":
+        return torch.device("cpu")
+    has_cuda = torch.cuda.is_available()
+    if name == "auto":
+        return torch.device("cuda") if has_cuda else torch.device("cpu")
+    if not has_cuda:
+        raise RecipeError(f"Device {device!r} was asked for, but torch sees no CUDA GPU "
+                          f"(torch {torch.__version__}, built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA).",
+                          fix="Use the device auto or cpu, or install a CUDA build of torch.")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def exact_float32(device: torch.device):
+    """Full float32 matrix products on the GPU (no TF32), so GPU and CPU results agree; memory freed after."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # give back what the engine took (the WebUI shares the GPU)
+
+
+class Profile:
+    """Seconds spent per thread and stage (read, hash, convert, delta, add, round, write ...)."""
+
+    def __init__(self) -> None:
+        self._t: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float, thread: str | None = None) -> None:
+        name = thread or threading.current_thread().name
+        with self._lock:
+            d = self._t.setdefault(name, {})
+            d[stage] = d.get(stage, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t)
+
+    def as_dict(self) -> dict:
+        """{"threads": {thread: {stage: s}}, "stages": {stage: s summed over threads}}."""
+        with self._lock:
+            threads = {k: {s: round(v, 3) for s, v in sorted(d.items())} for k, d in sorted(self._t.items())}
+        stages: dict[str, float] = {}
+        for d in threads.values():
+            for s, v in d.items():
+                stages[s] = round(stages.get(s, 0.0) + v, 3)
+        return {"threads": threads, "stages": stages}
 
 
 class Pool:
@@ -56,7 +153,7 @@ class Pool:
     def put(self, buf: torch.Tensor) -> None:
         with self._lock:
             self._free.append(buf)
-            if len(self._free) > QUEUE_ITEMS + 4:
+            if len(self._free) > QUEUE_ITEMS:
                 self._free.sort(key=lambda b: b.numel())
                 self._free.pop(0)
 
@@ -64,8 +161,9 @@ class Pool:
 class WriterThread(threading.Thread):
     """Writes queued tensors in order. At most ``QUEUE_ITEMS`` items and ``budget`` bytes wait."""
 
-    def __init__(self, writer: StreamingWriter, pool: Pool, budget: int = 256 << 20):
+    def __init__(self, writer: StreamingWriter, pool: Pool, budget: int = 128 << 20, profile: Profile | None = None):
         super().__init__(name="lorakit-writer", daemon=True)
+        self.profile = profile
         self.w = writer
         self.pool = pool
         self.q: queue.Queue = queue.Queue(maxsize=QUEUE_ITEMS)
@@ -90,10 +188,13 @@ class WriterThread(threading.Thread):
             kind, name, payload, buf = item
             try:
                 if self.error is None and not self.stop.is_set():
+                    t = time.perf_counter()
                     if kind == "copy":
                         self.w.copy_range(name, *payload)
                     else:
                         self.w.write(name, payload)
+                    if self.profile is not None:
+                        self.profile.add("copy" if kind == "copy" else "write", time.perf_counter() - t)
             except BaseException as e:  # reported to the main thread
                 self.error = e
             finally:
@@ -156,10 +257,11 @@ class ReadGate:
 
 
 class Hasher(threading.Thread):
-    def __init__(self, path: str, gate: ReadGate | None = None):
+    def __init__(self, path: str, gate: ReadGate | None = None, profile: Profile | None = None):
         super().__init__(name="lorakit-hash", daemon=True)
         self.path = path
         self.gate = gate
+        self.profile = profile
         self.digest = ""
         self.error: BaseException | None = None
         self.stop = threading.Event()
@@ -174,10 +276,15 @@ class Hasher(threading.Thread):
                 while not self.stop.is_set():
                     if self.gate is not None:
                         self.gate.wait_for(pos + len(buf), self.stop)
+                    t0 = time.perf_counter()
                     n = f.readinto(buf)
                     if not n:
                         break
+                    t1 = time.perf_counter()
                     h.update(view[:n])
+                    if self.profile is not None:
+                        self.profile.add("read", t1 - t0)
+                        self.profile.add("hash", time.perf_counter() - t1)
                     pos += n
             if not self.stop.is_set():
                 self.digest = h.hexdigest()
@@ -232,9 +339,10 @@ class FedHasher(threading.Thread):
     is thus read from disk once, not once for the merge and once more for its hash.
     """
 
-    def __init__(self, path: str, max_items: int = 16):
-        super().__init__(name="lorakit-hash", daemon=True)
+    def __init__(self, path: str, max_items: int = 16, profile: Profile | None = None):
+        super().__init__(name=f"lorakit-hash-{os.path.basename(path)[:24]}", daemon=True)
         self.path = path
+        self.profile = profile
         self.q: queue.Queue = queue.Queue(maxsize=max_items)
         self.pos = 0
         self.fallback = False
@@ -284,7 +392,10 @@ class FedHasher(threading.Thread):
                         continue
                     if offset > self.pos:
                         self._hash_range(fd, h, self.pos, offset)
+                    t = time.perf_counter()
                     h.update(data)
+                    if self.profile is not None:
+                        self.profile.add("hash", time.perf_counter() - t)
                     self.pos = offset + len(data)
                 finally:
                     release()

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -8,6 +9,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from factories import REFERENCE  # noqa: E402
+
+# the CLI remembers file hashes in lorakit's data folder: keep the tests' out of the user's home
+os.environ.setdefault("LORAKIT_DATA_DIR", tempfile.mkdtemp(prefix="lorakit-test-data-"))
 
 
 @pytest.fixture

@@ -129,7 +129,7 @@ def test_cancel_leaves_no_debris(client, folders):
 
 def test_cancel_while_running(client, folders, monkeypatch):
     _, ckpt, _, _ = folders
-    import lib_lorakit.bake as bk
+    import lib_lorakit.bake.engine as bk
 
     started = []
     real = bk.check_lora_values
@@ -159,7 +159,7 @@ def test_concurrent_jobs_are_serialised_and_all_finish(client, folders):
     assert [j["state"] for j in jobs] == ["done"] * 3
     spans = sorted((j["started"], j["finished"]) for j in jobs)
     assert all(a[1] <= b[0] + 1e-3 for a, b in zip(spans, spans[1:]))  # one at a time under the queue lock
-    assert sorted(os.listdir(ckpt)) == ["base-xl.safetensors", "c0.safetensors", "c1.safetensors", "c2.safetensors"]
+    assert sorted(f for f in os.listdir(ckpt) if f != ".lorakit") == ["base-xl.safetensors", "c0.safetensors", "c1.safetensors", "c2.safetensors"]
 
 
 def test_same_output_twice_second_is_refused(client, folders):

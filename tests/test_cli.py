@@ -117,7 +117,7 @@ def test_usage_errors_exit_2(capsys):
 
 def test_unexpected_failure_exits_1(inputs, capsys, monkeypatch):
     tmp, base, lora = inputs
-    import lib_lorakit.bake as bk
+    import lib_lorakit.bake.engine as bk
 
     def boom(*a, **k):
         raise ZeroDivisionError("bug")

@@ -186,7 +186,7 @@ def test_webui_interrupt_cancels_a_bake(webui):
             fake.shared.state.interrupt()
 
     svc.host.job_progress = progress
-    import lib_lorakit.bake as bk
+    import lib_lorakit.bake.engine as bk
 
     ticks = iter(range(10 ** 9))
     old = bk.time.perf_counter

@@ -26,7 +26,8 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "lib_lorakit"
 
 # What the doors (api/, cli/, ui/) may import from the rest of lorakit: the operations, the error and
 # job types, the host interface, and declared data (generation defaults, the merge-method table).
-DOOR_ALLOWED = ("ops", "errors", "jobs", "hosts", "gen.profiles", "merge.registry", "api", "cli", "ui", "demo", "")
+DOOR_ALLOWED = ("ops", "errors", "jobs", "hosts", "gen.profiles", "merge.registry", "engineopts", "api", "cli", "ui",
+                "demo", "")
 
 
 def _imports(path: pathlib.Path) -> list[tuple[str, int]]:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+from .. import engineopts
 from ..errors import RecipeError
 from ..merge.registry import METHODS, param_default
 from ..ops import bake as bake_op
@@ -103,6 +104,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--report", metavar="FILE", help="write the full report as JSON")
     b.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    engineopts.add_cli_args(b)
     b.set_defaults(func=cmd_bake)
 
     m = sub.add_parser("merge", help="merge checkpoints: " + ", ".join(METHODS),
@@ -130,6 +132,7 @@ def add_parsers(sub) -> None:
     m.add_argument("--report", metavar="FILE")
     m.add_argument("--json", action="store_true")
     m.add_argument("-q", "--quiet", action="store_true")
+    engineopts.add_cli_args(m)
     m.set_defaults(func=cmd_merge)
 
     df = sub.add_parser("diff", help="where does B differ from A: relative change and cosine per block")

@@ -94,10 +94,12 @@ def read_prompts(path: str | None) -> list[str] | None:
 
 def local(args: argparse.Namespace, **kw):
     """The operations' context for a command: file paths, its data folder and WebUI."""
+    from ..engineopts import cli_kwargs
     from ..ops import LocalContext
 
+    engine = cli_kwargs(args) if hasattr(args, "no_hash_cache") else None
     return LocalContext(getattr(args, "data_dir", None), webui=getattr(args, "webui", None),
-                        api_auth=getattr(args, "api_auth", None), **kw)
+                        api_auth=getattr(args, "api_auth", None), engine=engine, **kw)
 
 
 def data_arg(x: argparse.ArgumentParser) -> None:

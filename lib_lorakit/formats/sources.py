@@ -258,6 +258,10 @@ class HeaderSource(TensorSource):
             return out
         return t
 
+    def read_small(self, keys) -> dict[str, torch.Tensor]:
+        """Read a few small tensors (alphas) through the already open file, without validating the header again."""
+        return {k: self._f.get_tensor(k) for k in keys}
+
     def close(self) -> None:
         f, self._f = getattr(self, "_f", None), None
         if f is not None:

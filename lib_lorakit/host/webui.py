@@ -71,6 +71,29 @@ class WebUIHost:
     def data_dir(self) -> str:
         return os.path.join(_m("modules.paths").data_path, "lorakit")
 
+    # --- engines ----------------------------------------------------------------------------
+    def engine_device(self) -> str:
+        """The device the WebUI computes on, for bake/merge ``auto``: its GPU, else the CPU."""
+        try:
+            dev = getattr(_m("modules.devices"), "device", None)
+        except ImportError:
+            return "cpu"
+        return str(dev) if getattr(dev, "type", None) == "cuda" else "cpu"
+
+    def known_sha256(self, path: str) -> str | None:
+        """The checkpoint's SHA-256 from the WebUI's cache.json, when it computed it for this mtime."""
+        try:
+            cache = _m("modules.cache").cache("hashes")
+            sd_models = _m("modules.sd_models")
+            for ci in list(sd_models.checkpoints_list.values()):
+                if os.path.realpath(ci.filename) == path:
+                    e = cache.get(f"checkpoint/{ci.name}") or {}
+                    if e.get("sha256") and float(e.get("mtime", 0)) >= os.path.getmtime(path):
+                        return str(e["sha256"])
+        except (ImportError, AttributeError, OSError, TypeError, ValueError):
+            return None
+        return None
+
     # --- lists ------------------------------------------------------------------------------
     def _titles(self) -> dict[str, str]:
         """file path -> the host's checkpoint title, for the files the host already knows."""

@@ -10,8 +10,10 @@ and agrees with the file's shapes, otherwise from the tiny alpha tensors.
 from __future__ import annotations
 
 import functools
+import os
 import statistics
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +22,7 @@ from ..errors import ArchitectureError, MatchError
 from ..formats.arch import ARCHS, Family, detect_checkpoint, detect_lora, load_layout
 from ..formats.safetensors_io import SafetensorsFile
 from ..formats.sources import LayoutSource, TensorSource
-from ..networks import algorithm_name
+from ..networks import ShapeProblem, algorithm_name, check_group
 from ..networks.base import scalar
 from ..networks.resolve import TargetIndex, parse_keys
 from ..synth import SHRINK
@@ -151,6 +153,63 @@ def _plan(src: TensorSource, arch: str, family: Family | None = None, ctx=None):
                      base_family=fam)
 
 
+@dataclass
+class _Match:
+    """What matching one key set against a layout or checkpoint found (shapes checked per file)."""
+
+    contribs: list  # bake.Contribution, in the plan's order
+    unmatched: list[tuple[str, str]]
+    embeddings: list[str]
+    scale: dict | None
+    naming: dict[str, int]
+
+
+_MATCHES: OrderedDict[tuple, _Match] = OrderedDict()
+_MATCHES_MAX = 256
+_MATCHES_LOCK = threading.Lock()
+ENV_NO_REUSE = "LORAKIT_INSPECT_NO_PLAN_REUSE"  # "1": plan every file afresh (benchmarks compare the findings)
+PLAN_STATS = Counter()  # "planned" / "reused": how often the cache below was used (for tests and benches)
+
+
+def _match(src: TensorSource, arch: str, family: Family | None, shapes, ctx=None, ctx_key: Any = 1) -> _Match:
+    """Match a LoRA's modules as the bake would (:func:`_plan`), planned once per distinct key set.
+
+    Files from one trainer share their key set: the module-to-layer matching is reused, and only
+    the shape checks (which depend on each file's ranks) run again; a file whose shapes fail them
+    is planned in full, so its findings are exactly those of a fresh plan. The key includes what
+    else decides the plan: the target (a checkpoint or a layout width) and the PEFT adapter metadata
+    that gives the scales.
+    """
+    from ..networks.scale import ADAPTER_METADATA_KEY
+
+    key = (arch, ctx_key, frozenset(shapes), src.metadata.get(ADAPTER_METADATA_KEY))
+    reuse = os.environ.get(ENV_NO_REUSE) != "1"
+    with _MATCHES_LOCK:
+        m = _MATCHES.get(key) if reuse else None
+        if m is not None:
+            _MATCHES.move_to_end(key)
+    if m is not None:
+        try:
+            for c in m.contribs:
+                check_group(c.alg, {p: tuple(shapes[k]) for p, k in c.params.items()}, c.target.shape)
+            with _MATCHES_LOCK:
+                PLAN_STATS["reused"] += 1
+            return m
+        except ShapeProblem:
+            pass
+    plan = _plan(src, arch, family, ctx)
+    st = plan.loras[0]
+    m = _Match([c for cs in plan.weights.values() for c in cs], list(st.unmatched), sorted(st.parsed.embeddings),
+               st.scales.report() if st.scales is not None else None, dict(st.naming))
+    with _MATCHES_LOCK:
+        PLAN_STATS["planned"] += 1
+        if reuse and not any(r.startswith("shape") for _, r in m.unmatched):  # shape findings are per file
+            _MATCHES[key] = m
+            while len(_MATCHES) > _MATCHES_MAX:
+                _MATCHES.popitem(last=False)
+    return m
+
+
 def _declared_alpha(meta: dict[str, str], args: dict[str, Any], modules: list[Module]) -> dict[str, float] | None:
     """Alphas per module class from kohya's metadata, when present and consistent with the shapes.
 
@@ -207,46 +266,46 @@ def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, rea
         else:
             targets = [(None, 1), (None, SHRINK)]
         for what, ctx in targets:
+            ctx_key: Any = ("checkpoint", what)
             if what is None:
-                if ctx != 1 and (best is None or best[2] != a or not best[0].loras[0].unmatched):
+                if ctx != 1 and (best is None or best[2] != a or not best[0].unmatched):
                     continue  # the full-width layout fits: no other width to try
+                ctx_key = ("layout", ctx)
                 what, ctx = _layout_index(a, ctx)[0].path.strip("<>"), _layout_index(a, ctx)
                 what = "the " + what
             try:
-                plan = _plan(src, a, fam if fam.arch == a else None, ctx)
+                match = _match(src, a, fam if fam.arch == a else None, shapes, ctx, ctx_key)
             except (MatchError, ArchitectureError):
                 continue
-            n = sum(len(cs) for cs in plan.weights.values())
+            n = len(match.contribs)
             if best is None or n > best[1]:
-                best = (plan, n, a, what)
+                best = (match, n, a, what)
     if best is None:
         parsed = parse_keys(shapes)
         st.embeddings = sorted(parsed.embeddings)
         st.unmatched = [(m, "no layout of a known architecture has it") for m in parsed.modules]
         return st
-    plan, _, arch, st.matched_against = best
-    st.embeddings = sorted(plan.loras[0].parsed.embeddings)
+    match, _, arch, st.matched_against = best
+    st.embeddings = list(match.embeddings)
     st.arch = arch
     if fam.arch is None:
         fam.arch = arch
         fam.evidence.append(f"module names and shapes match the {ARCHS[arch].label} layout")
-    lstate = plan.loras[0]
-    st.unmatched = list(lstate.unmatched)
-    st.scale = lstate.scales.report() if lstate.scales is not None else None
-    st.naming = dict(lstate.naming)
+    st.unmatched = list(match.unmatched)
+    st.scale = match.scale
+    st.naming = dict(match.naming)
     lshapes = shapes
-    for key, contribs in plan.weights.items():
-        for c in contribs:
-            pshapes = {p: tuple(lshapes[k]) for p, k in c.params.items()}
-            alg = algorithm_name(c.alg, c.params)
-            if alg == "lora" and len(c.target.shape) == 4 and c.target.shape[2:] != (1, 1):
-                alg = "locon"
-            rank = c.alg.rank(pshapes)
-            st.modules.append(Module(name=c.module, algorithm=alg, component=c.target.component, block=c.target.block,
-                                     conv=len(c.target.shape) == 4 and tuple(c.target.shape[2:]) != (1, 1),
-                                     rank=rank, shape=tuple(c.target.shape), params=dict(c.params),
-                                     # the header's scale, as the bake applies it, as an alpha: scale * rank
-                                     alpha=c.scale * rank if c.scale is not None and rank else None))
+    for c in match.contribs:
+        pshapes = {p: tuple(lshapes[k]) for p, k in c.params.items()}
+        alg = algorithm_name(c.alg, c.params)
+        if alg == "lora" and len(c.target.shape) == 4 and c.target.shape[2:] != (1, 1):
+            alg = "locon"
+        rank = c.alg.rank(pshapes)
+        st.modules.append(Module(name=c.module, algorithm=alg, component=c.target.component, block=c.target.block,
+                                 conv=len(c.target.shape) == 4 and tuple(c.target.shape[2:]) != (1, 1),
+                                 rank=rank, shape=tuple(c.target.shape), params=dict(c.params),
+                                 # the header's scale, as the bake applies it, as an alpha: scale * rank
+                                 alpha=c.scale * rank if c.scale is not None and rank else None))
     st.modules.sort(key=lambda m: m.name)
     with_alpha = [m for m in st.modules if "alpha" in m.params]
     from_header = any(m.alpha is not None for m in st.modules)

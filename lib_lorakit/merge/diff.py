@@ -16,9 +16,9 @@ import torch
 
 from ..errors import ArchitectureError, Cancelled
 from ..formats.arch import ARCHS, Arch, block_of, component_of, detect_checkpoint
+from ..formats.dtypes import FLOAT_CODES
 from ..formats.sources import TensorSource, open_source
 
-FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 
 
 @dataclass

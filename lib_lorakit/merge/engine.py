@@ -15,6 +15,8 @@ Different architectures are refused; different v-prediction settings or lineages
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import math
 import os
@@ -31,19 +33,18 @@ from .. import __version__
 from ..blocks import format_weights, parse_block_weights
 from ..errors import ArchitectureError, Cancelled, RecipeError, ValueProblem
 from ..formats.arch import ARCHS, Arch, Family, block_of, component_of, detect_checkpoint
+from ..formats.dtypes import DROP_METADATA, FLOAT_CODES, FP16_MAX, HASH_PLACEHOLDER, save_code
 from ..formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_output_path
 from ..formats.sources import TensorSource, open_source
-from ..streaming import FedHasher, Pool, Token, WriterThread, drain, engine_threads, peak_rss_mb
+from ..hashcache import HashCache, file_key
+from ..hashcache import resolve as resolve_cache
+from ..streaming import (CHUNK_ELEMS, FedHasher, Pool, Profile, Token, WriterThread, drain, engine_threads,
+                         exact_float32, peak_rss_mb, resolve_device, worker_count)
 from . import methods
 from .diff import Diag, block_key, tabulate
 from .registry import BASE_METHODS, METHODS, REGISTRY  # declared once, in registry.py
 
-SAVE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
-FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
-FP16_MAX = 65504.0
-DROP_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
 VAE_PREFIX = "first_stage_model."
-_HASH_PLACEHOLDER = "0" * 64
 
 Progress = Callable[[float, str], None]
 
@@ -299,9 +300,6 @@ def _decide(arch: Arch, inputs: list[Input], merge_inputs: list[int], vae_idx: i
 # --- execution ------------------------------------------------------------------------------------
 
 
-CHUNK_ELEMS = 1 << 20  # float32 elements per row chunk (~4 MB): memory stays flat, data stays in cache
-
-
 def _coefficients(plan: MergePlan, method: str, key: str, normalize: bool) -> tuple[list[float], float]:
     """Effective weights for ``key`` (block factor folded in) and the factor for difference methods."""
     b = 1.0
@@ -334,8 +332,9 @@ def _chunks(rows: int, cols: int):
 class _Chunk:
     """Rows r0:r1 of one key from every input, as stored, with the tokens that free the buffers."""
 
-    def __init__(self, key: str, r0: int, r1: int, raws: list[torch.Tensor], tokens: list[Token]):
+    def __init__(self, key: str, r0: int, r1: int, raws: list[torch.Tensor], tokens: list[Token], feeds=()):
         self.key, self.r0, self.r1, self.raws, self.tokens = key, r0, r1, raws, tokens
+        self.feeds = list(feeds)  # (input index, file offset, bytes, release) for the hashers, in file order
 
     def release(self) -> None:
         for t in self.tokens:
@@ -343,15 +342,31 @@ class _Chunk:
         self.tokens = []
 
 
+def _release_later(item) -> None:
+    """Free the buffers of a queued chunk (or a chunk still being read) nobody will use."""
+    if isinstance(item, _Chunk):
+        item.release()
+    elif isinstance(item, concurrent.futures.Future):
+        item.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().release())
+
+
 class _Reader(threading.Thread):
     """Reads every merged key, chunk by chunk, ahead of the main thread, and hands each chunk's
-    bytes to that file's hasher too, so no input is read twice."""
+    bytes to that file's hasher too, so no input is read twice.
 
-    def __init__(self, plan: MergePlan, keys: list[str], order: list[int], feeders: list[FedHasher]):
+    With ``threads`` > 1 the chunks are read by a small pool, several at once (one thread cannot
+    copy from the page cache or a fast disk at the disk's rate); they are handed out, and fed to
+    the hashers, in file order all the same.
+    """
+
+    def __init__(self, plan: MergePlan, keys: list[str], order: list[int], feeders: list[FedHasher | None],
+                 profile: Profile | None = None, depth: int = 4, threads: int = 1):
         super().__init__(name="lorakit-read", daemon=True)
         self.plan, self.keys, self.order, self.feeders = plan, keys, order, feeders
-        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.profile = profile or Profile()
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
+        self.threads = threads
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
 
@@ -367,7 +382,27 @@ class _Reader(threading.Thread):
         with self._lock:
             self._free.append(buf)
 
+    def _read_chunk(self, key: str, r0: int, r1: int, cols: int) -> _Chunk:
+        raws, tokens, feeds = [], [], []
+        for i in self.order:
+            src = self.plan.inputs[i].source
+            item = DTYPES[src.dtype(key)][1]
+            nbytes = (r1 - r0) * cols * item
+            buf, pooled = self._buffer(nbytes)
+            t = time.perf_counter()
+            raws.append(src.read_rows(key, r0, r1, buf))
+            self.profile.add("read", time.perf_counter() - t)
+            span = src.raw_span(key)
+            feed = span is not None and nbytes > 0 and self.feeders[i] is not None
+            tok = Token(2 if feed else 1, (lambda b=buf: self._give_back(b)) if pooled else (lambda: None))
+            if feed:
+                feeds.append((i, span[1] + r0 * cols * item, buf.numpy()[:nbytes].data, tok.release))
+            tokens.append(tok)
+        return _Chunk(key, r0, r1, raws, tokens, feeds)
+
     def run(self) -> None:
+        pool = (concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="lorakit-read")
+                if self.threads > 1 else None)
         try:
             primary = self.plan.inputs[0].source
             for key in self.keys:
@@ -375,46 +410,63 @@ class _Reader(threading.Thread):
                 rows = shape[0] if shape else 1
                 cols = max(1, math.prod(shape) // max(rows, 1)) if math.prod(shape) else 0
                 for ci, r0, r1 in _chunks(rows, cols):
-                    raws, tokens = [], []
-                    for i in self.order:
-                        src = self.plan.inputs[i].source
-                        item = DTYPES[src.dtype(key)][1]
-                        nbytes = (r1 - r0) * cols * item
-                        buf, pooled = self._buffer(nbytes)
-                        raws.append(src.read_rows(key, r0, r1, buf))
-                        span = src.raw_span(key)
-                        feed = span is not None and nbytes > 0
-                        tok = Token(2 if feed else 1, (lambda b=buf: self._give_back(b)) if pooled else (lambda: None))
-                        if feed:
-                            self.feeders[i].feed(span[1] + r0 * cols * item, buf.numpy()[:nbytes].data, tok.release)
-                        tokens.append(tok)
-                    chunk = _Chunk(key, r0, r1, raws, tokens)
+                    item = (pool.submit(self._read_chunk, key, r0, r1, cols) if pool is not None
+                            else self._read_chunk(key, r0, r1, cols))
                     while not self.stop.is_set():
                         try:
-                            self.q.put(chunk, timeout=0.5)
+                            self.q.put(item, timeout=0.5)
                             break
                         except queue.Full:
                             continue
                     if self.stop.is_set():
-                        chunk.release()
+                        _release_later(item)
                         return
         except BaseException as e:  # handed to the main thread
             self.q.put(e)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def get(self, key: str, r0: int) -> _Chunk:
         item = self.q.get()
         if isinstance(item, BaseException):
             raise item
+        if isinstance(item, concurrent.futures.Future):
+            item = item.result()
         if item.key != key or item.r0 != r0:  # pragma: no cover - would be an ordering bug
             raise RuntimeError(f"merge read order broken at {key} rows {r0}")
+        for i, offset, data, release in item.feeds:  # in file order, whichever thread read them
+            self.feeders[i].feed(offset, data, release)
+        item.feeds = []
         return item
 
 
 class _Merger:
-    def __init__(self, plan: MergePlan, method: str, params: dict, stats: "_Stats", reader: _Reader):
+    """Merges keys chunk by chunk; the chunks' maths runs on ``workers`` threads (inline for one)."""
+
+    def __init__(self, plan: MergePlan, method: str, params: dict, stats: _Stats, reader: _Reader,
+                 workers: int = 1, device: torch.device | None = None, profile: Profile | None = None):
         self.plan, self.method, self.params, self.stats, self.reader = plan, method, params, stats, reader
         self.order = plan.models + ([plan.base] if plan.base is not None else [])
-        self.scratch = _Scratch(len(self.order))
+        self.device = device or torch.device("cpu")
+        self.profile = profile or Profile()
+        self.workers = workers
+        self.pool = (concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="lorakit-maths")
+                     if workers > 1 else None)
+        self.outstanding: collections.deque = collections.deque()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    @property
+    def scratch(self) -> _Scratch:
+        sc = getattr(self._local, "scratch", None)
+        if sc is None:
+            sc = self._local.scratch = _Scratch(len(self.order))
+        return sc
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _read_raw(self, key: str, r0: int, r1: int) -> list[torch.Tensor]:
         """Rows r0:r1 of every input as stored, read now (first passes of TIES and slerp)."""
@@ -437,25 +489,34 @@ class _Merger:
         Inputs are used as stored and each is touched once (x_i − a promotes to float32).
         """
         n = res.numel()
-        a = (torch.empty(n) if n > CHUNK_ELEMS else self.scratch.f32[0][:n]).view(res.shape).copy_(raws[0])
+        if res.device.type != "cpu":
+            a = raws[0].float()
+            d = torch.empty_like(a)
+        else:
+            sc = self.scratch
+            a = (torch.empty(n) if n > CHUNK_ELEMS else sc.f32[0][:n]).view(res.shape).copy_(raws[0])
+            d = (torch.empty(n) if n > CHUNK_ELEMS else sc.err[:n]).view(res.shape)
         fa = a.reshape(-1)
         a2 = float(torch.dot(fa, fa))
         torch.mul(a, sum(w), out=res)
-        d = (torch.empty(n) if n > CHUNK_ELEMS else self.scratch.err[:n]).view(res.shape)
         for k in range(1, len(raws)):
             torch.sub(raws[k], a, out=d)
             fd = d.reshape(-1)
-            self.stats.diag.setdefault(k, {}).setdefault(where, Diag()).add_sums(
-                a2, float(torch.dot(fd, fd)), float(torch.dot(fa, fd)))
+            sums = (a2, float(torch.dot(fd, fd)), float(torch.dot(fa, fd)))
+            with self._lock:
+                self.stats.diag.setdefault(k, {}).setdefault(where, Diag()).add_sums(*sums)
             res.add_(d, alpha=w[k])
 
-    def tensor(self, key: str, shape: tuple[int, ...], out: torch.Tensor) -> None:
-        """Merge ``key`` into ``out`` (save dtype, shape (rows, cols)), chunk by chunk."""
+    def tensor(self, key: str, shape: tuple[int, ...], out: torch.Tensor):
+        """Start merging ``key`` into ``out`` (save dtype, shape (rows, cols)), chunk by chunk.
+
+        Returns a callable that waits for the key's chunks and checks the result; ``out`` is
+        complete once it returns.
+        """
         plan, p, m = self.plan, self.params, self.method
         self.rows = shape[0] if shape else 1
         cols = self.cols = out.shape[1]
         w, b = _coefficients(plan, m, key, p["normalize"])
-        n_models = len(plan.models)
         extra = None
         spec = REGISTRY[m]
         if spec.prepass == "ties":
@@ -466,33 +527,83 @@ class _Merger:
                 a, bb = self._read(key, r0, r1, cols)[:2]
                 extra.add(a, bb)
         where = block_key(key, plan.arch)
-        amax = 0.0
+        futs = []
         for ci, r0, r1 in _chunks(self.rows, cols):
-            n = (r1 - r0) * cols
-            res = (torch.empty(n) if n > CHUNK_ELEMS else self.scratch.out[:n]).view(r1 - r0, cols)
+            t = time.perf_counter()
             chunk = self.reader.get(key, r0)
-            try:
-                if spec.apply is None:
-                    self._weighted(chunk.raws, w, res, where)
-                    amax = max(amax, self._round(key, res, out[r0:r1]))
-                    continue
-                xs = self._f32(chunk.raws, (r1 - r0, cols))
-            finally:
-                chunk.release()
-            ing, base = xs[:n_models], (xs[n_models] if plan.base is not None else None)
-            spec.apply(ing, base, w, b, p, extra, key, ci, res)
-            if n_models > 1:
-                flat = ing[0].reshape(-1)
-                a2 = float(torch.dot(flat, flat))
-                for k in range(1, n_models):
-                    scratch = self.scratch.err if n <= CHUNK_ELEMS else None
-                    self.stats.diag.setdefault(k, {}).setdefault(where, Diag()).add(ing[0], ing[k], a2, scratch)
-            amax = max(amax, self._round(key, res, out[r0:r1]))
-        if out.dtype == torch.float16 and amax > FP16_MAX:
-            raise ValueProblem(f"{key}: a merged weight reaches {amax:.6g}, beyond the float16 range (65504).",
-                               fix="Save with --save-dtype bf16 or fp32.")
-        if amax > self.stats.max_abs[0]:
-            self.stats.max_abs = (amax, key)
+            self.profile.add("wait read", time.perf_counter() - t)
+            args = (key, ci, r0, r1, cols, chunk, w, b, extra, where, out)
+            if self.pool is None:
+                fut: concurrent.futures.Future = concurrent.futures.Future()
+                fut.set_result(self._chunk(*args))
+            else:
+                fut = self.pool.submit(self._chunk, *args)
+                self.outstanding.append(fut)
+                while self.outstanding and (self.outstanding[0].done() or len(self.outstanding) > self.workers + 2):
+                    t = time.perf_counter()
+                    self.outstanding.popleft().result()  # bounded memory; raises a chunk's error early
+                    self.profile.add("wait maths", time.perf_counter() - t)
+            futs.append(fut)
+
+        def finish() -> None:
+            amax = max((f.result() for f in futs), default=0.0)
+            if out.dtype == torch.float16 and amax > FP16_MAX:
+                raise ValueProblem(f"{key}: a merged weight reaches {amax:.6g}, beyond the float16 range (65504).",
+                                   fix="Save as bf16 or fp32.")
+            with self._lock:
+                if amax > self.stats.max_abs[0]:
+                    self.stats.max_abs = (amax, key)
+
+        finish.futures = futs
+        return finish
+
+    def _chunk(self, key: str, ci: int, r0: int, r1: int, cols: int, chunk: _Chunk, w, b, extra, where,
+               out: torch.Tensor) -> float:
+        """Merge rows r0:r1 of ``key`` into ``out`` (runs on a maths thread). Returns max |result|."""
+        plan, p, m = self.plan, self.params, self.method
+        n_models = len(plan.models)
+        n = (r1 - r0) * cols
+        dev = self.device
+        clock = time.perf_counter
+        t0 = clock()
+        try:
+            if dev.type != "cpu":
+                raws = [r.to(dev) for r in chunk.raws]
+                res = torch.empty((r1 - r0, cols), device=dev)
+            else:
+                raws = chunk.raws
+                res = (torch.empty(n) if n > CHUNK_ELEMS else self.scratch.out[:n]).view(r1 - r0, cols)
+            spec = REGISTRY[m]
+            if spec.apply is None:  # the weighted sum, with its diagnostics fused in
+                t1 = clock()
+                self._weighted(raws, w, res, where)
+                t2 = clock()
+                amax = self._round(key, res, out[r0:r1])
+                self.profile.add("convert", t1 - t0)
+                self.profile.add("add", t2 - t1)
+                self.profile.add("round", clock() - t2)
+                return amax
+            xs = [r.float() for r in raws] if dev.type != "cpu" else self._f32(raws, (r1 - r0, cols))
+        finally:
+            chunk.release()
+        t1 = clock()
+        ing, base = xs[:n_models], (xs[n_models] if plan.base is not None else None)
+        spec.apply(ing, base, w, b, p, extra, key, ci, res)
+        if n_models > 1:
+            flat = ing[0].reshape(-1)
+            a2 = float(torch.dot(flat, flat))
+            for k in range(1, n_models):
+                scratch = self.scratch.err if (n <= CHUNK_ELEMS and dev.type == "cpu") else None
+                part = Diag()
+                part.add(ing[0], ing[k], a2, scratch)
+                with self._lock:
+                    self.stats.diag.setdefault(k, {}).setdefault(where, Diag()).merge(part)
+        t2 = clock()
+        amax = self._round(key, res, out[r0:r1])
+        self.profile.add("convert", t1 - t0)
+        self.profile.add("add", t2 - t1)
+        self.profile.add("round", clock() - t2)
+        return amax
 
     def _ties_thresholds(self, key: str, cols: int, density: float) -> list[float]:
         """Per model, the magnitude of its top ``density`` fraction of |θ_i − θ_C| over the whole tensor."""
@@ -513,6 +624,7 @@ class _Merger:
         return out
 
     def _round(self, key: str, res: torch.Tensor, out: torch.Tensor) -> float:
+        """Round ``res`` (float32, any device) once into ``out`` (host, save dtype). Returns max |res|."""
         if res.numel() == 0:
             return 0.0
         lo, hi = torch.aminmax(res)
@@ -520,14 +632,25 @@ class _Merger:
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueProblem(f"{key}: the merge gives NaN/inf values (an input may hold NaN/inf there).",
                                fix="Check the inputs; a damaged checkpoint cannot be merged.")
-        out.copy_(res)
-        if out.dtype != torch.float32:
-            err = self.scratch.err[: res.numel()].view(res.shape) if res.numel() <= CHUNK_ELEMS else torch.empty_like(res)
-            torch.sub(out, res, out=err)
-            elo, ehi = torch.aminmax(err)
-            r = max(-float(elo), float(ehi))
-            if r > self.stats.max_round[0]:
-                self.stats.max_round = (r, key)
+        r = 0.0
+        if res.device.type != "cpu":
+            od = res.to(out.dtype)
+            if out.dtype != torch.float32:
+                elo, ehi = torch.aminmax(od.float().sub_(res))
+                r = max(-float(elo), float(ehi))
+            out.copy_(od)
+        else:
+            out.copy_(res)
+            if out.dtype != torch.float32:
+                sc = self.scratch
+                err = sc.err[: res.numel()].view(res.shape) if res.numel() <= CHUNK_ELEMS else torch.empty_like(res)
+                torch.sub(out, res, out=err)
+                elo, ehi = torch.aminmax(err)
+                r = max(-float(elo), float(ehi))
+        if r:
+            with self._lock:
+                if r > self.stats.max_round[0] or (r == self.stats.max_round[0] and key < self.stats.max_round[1]):
+                    self.stats.max_round = (r, key)
         return max(-lo, hi)
 
 
@@ -556,16 +679,22 @@ def merge(models: Sequence[ModelSpec], output: str, *, method: str = "weighted",
           base: str | TensorSource | None = None, blocks: str | None = None, vae_from: str | int | None = None,
           te_from: int | None = None, normalize: bool = True, density: float = 0.2, drop: float = 0.5,
           seed: int = 0, scale: float = 1.0, save_dtype: str = "fp16", overwrite: bool = False,
-          progress: Progress | None = None, cancel: threading.Event | None = None) -> dict:
+          progress: Progress | None = None, cancel: threading.Event | None = None, device: str | None = "auto",
+          workers: int | None = None, hash_cache: HashCache | str | bool | None = None) -> dict:
     """Merge ``models`` into ``output`` (safetensors) and return the report.
+
+    ``device``, ``workers`` and ``hash_cache`` work as in :func:`lib_lorakit.bake.bake`.
 
     Raises:
         LorakitError: bad input (exit code 2); no output is left behind.
     """
     t0 = time.perf_counter()
     say = progress or (lambda f, m: None)
-    if save_dtype not in SAVE_DTYPES:
-        raise RecipeError(f"Unknown save dtype {save_dtype!r}.", fix=f"Use one of {', '.join(SAVE_DTYPES)}.")
+    code = save_code(save_dtype)
+    dev = resolve_device(device)
+    n_workers = max(1, int(workers)) if workers else worker_count()
+    if dev.type == "cuda":
+        n_workers = min(n_workers, 4)
     if not str(output).lower().endswith(".safetensors"):
         raise RecipeError(f"The output {output} must end in .safetensors.")
     if not 0.0 < density <= 1.0:
@@ -583,22 +712,40 @@ def merge(models: Sequence[ModelSpec], output: str, *, method: str = "weighted",
     for k, why in position_ids_repairs([(i.label, i.source) for i in plan.inputs], plan.keys).items():
         plan.actions[k] = Action("repair", 0, "position_ids repaired")
         plan.warnings.append(repair_message(k, why))
-    hashers = [FedHasher(inp.path) for inp in plan.inputs]
+    cache = resolve_cache(hash_cache)
+    profile = Profile()
+    known = [cache.get(inp.path) if cache is not None else None for inp in plan.inputs]
+    stamps = [None if k is not None else file_key(inp.path) for k, inp in zip(known, plan.inputs)]
+    hashers: list[FedHasher | None] = [None if k is not None else FedHasher(inp.path, profile=profile)
+                                       for k, inp in zip(known, plan.inputs)]
     for h in hashers:
-        h.start()
+        if h is not None:
+            h.start()
     try:
-        with engine_threads():
-            stats = _execute(plan, output, method, params, SAVE_DTYPES[save_dtype], save_dtype, overwrite, hashers,
-                             say, cancel)
-        for inp, h in zip(plan.inputs, hashers):
-            inp.sha256 = h.digest
+        with engine_threads(n_workers), exact_float32(dev):
+            stats = _execute(plan, output, method, params, code, save_dtype, overwrite, hashers,
+                             say, cancel, [k[0] if k else "" for k in known], dev, n_workers, profile)
+        sources = []
+        for inp, h, k, stamp in zip(plan.inputs, hashers, known, stamps):
+            if h is None:
+                inp.sha256 = k[0]
+                sources.append(k[1])
+            else:
+                inp.sha256 = h.digest
+                sources.append("computed")
+                if cache is not None and stamp is not None:
+                    cache.put(inp.path, h.digest, stamp[1])
         report = _report(plan, method, params, stats, output, save_dtype, time.perf_counter() - t0)
+        for entry, src in zip(report["inputs"], sources):
+            entry["sha256_source"] = src
+        report["engine"] = {"device": str(dev), "workers": n_workers, **profile.as_dict()}
         say(1.0, "done")
         return report
     finally:
         for h in hashers:
-            h.stop.set()
-            h.join(timeout=30)
+            if h is not None:
+                h.stop.set()
+                h.join(timeout=30)
         for inp in plan.inputs:
             inp.source.close()
 
@@ -613,7 +760,9 @@ class _Stats:
 
 
 def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code: str, save_dtype: str,
-             overwrite: bool, hashers: list[FedHasher], say: Progress, cancel: threading.Event | None) -> _Stats:
+             overwrite: bool, hashers: list[FedHasher | None], say: Progress, cancel: threading.Event | None,
+             known: list[str], device: torch.device, n_workers: int, profile: Profile) -> _Stats:
+    """Stream the output; merged keys' chunks are computed on ``n_workers`` threads, written in file order."""
     stats = _Stats()
     entries = []
     for k in plan.keys:
@@ -627,15 +776,36 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
     last = 0.0
     pool = Pool()
     order = plan.models + ([plan.base] if plan.base is not None else [])
-    reader = _Reader(plan, [k for k in plan.keys if plan.actions[k].kind == "merge"], order, hashers)
-    merger = _Merger(plan, method, params, stats, reader)
+    reader = _Reader(plan, [k for k in plan.keys if plan.actions[k].kind == "merge"], order, hashers, profile,
+                     depth=min(4 + n_workers // 2, 8), threads=min(4, max(1, n_workers // 3)))
+    merger = _Merger(plan, method, params, stats, reader, n_workers, device, profile)
     wt: WriterThread | None = None
+    pending: collections.deque = collections.deque()  # ("item", writer item) | ("key", name, finish, out, buf)
+    clock = time.perf_counter
+
+    def to_writer(block: bool) -> None:
+        while pending:
+            head = pending[0]
+            if head[0] == "key":
+                if not (block or len(pending) > 4 * n_workers or all(f.done() for f in head[2].futures)):
+                    return
+                t = clock()
+                head[2]()
+                profile.add("wait maths", clock() - t)
+                item = ("data", head[1], head[3], head[4])
+            else:
+                item = head[1]
+            t = clock()
+            wt.put(item)
+            profile.add("wait writer", clock() - t)
+            pending.popleft()
+
     try:
         reader.start()
         with StreamingWriter(output, entries, _metadata(plan, method, params, save_dtype,
-                                                        [_HASH_PLACEHOLDER] * len(plan.inputs)),
+                                                        [HASH_PLACEHOLDER] * len(plan.inputs)),
                              overwrite=overwrite) as w:
-            wt = WriterThread(w, pool)
+            wt = WriterThread(w, pool, profile=profile)
             wt.start()
             for k, e in zip(plan.keys, entries):
                 if cancel is not None and cancel.is_set():
@@ -648,42 +818,56 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
                 elif a.kind == "copy":
                     src = plan.inputs[a.src].source
                     span = src.raw_span(k)
-                    wt.put(("copy", k, span, None) if span is not None else ("data", k, src.read(k), None))
+                    pending.append(("item", ("copy", k, span, None) if span is not None
+                                    else ("data", k, src.read(k), None)))
                     stats.copied[a.reason] = stats.copied.get(a.reason, 0) + 1
                 else:
                     buf = pool.get(e.nbytes)
                     rows = e.shape[0] if e.shape else 1
                     out = buf[: e.nbytes].view(DTYPES[save_code][0]).reshape(rows, -1)
-                    merger.tensor(k, e.shape, out)
-                    wt.put(("data", k, out.reshape(e.shape), buf))
+                    finish = merger.tensor(k, e.shape, out)
+                    pending.append(("key", k, finish, out.reshape(e.shape), buf))
                     stats.merged += 1
+                to_writer(False)
                 done += e.nbytes
-                now = time.perf_counter()
+                now = clock()
                 if now - last > 0.25:
                     say(0.02 + 0.93 * done / total, f"merging {k}")
                     last = now
+            to_writer(True)
+            t = clock()
             wt.finish()
+            profile.add("wait writer", clock() - t)
             say(0.96, "hashing the inputs")
+            t = clock()
             for h in hashers:
-                h.finish()
+                if h is not None:
+                    h.finish()
             for h in hashers:
-                h.join()
-                if h.error is not None:
-                    raise h.error
-            w.patch_metadata(_metadata(plan, method, params, save_dtype, [h.digest for h in hashers]))
+                if h is not None:
+                    h.join()
+                    if h.error is not None:
+                        raise h.error
+            profile.add("wait hash", clock() - t)
+            w.patch_metadata(_metadata(plan, method, params, save_dtype,
+                                       [h.digest if h is not None else sha for h, sha in zip(hashers, known)]))
             say(0.98, "syncing to disk")
+            t = clock()
             w.commit()
+            profile.add("sync", clock() - t)
         return stats
     finally:
         reader.stop.set()
+        merger.close()
         while reader.is_alive():  # unblock and stop the reader, releasing what it queued
             try:
-                item = reader.q.get(timeout=0.1)
-                if isinstance(item, _Chunk):
-                    item.release()
+                _release_later(reader.q.get(timeout=0.1))
             except queue.Empty:
                 pass
+        drain(reader.q)
         for h in hashers:
+            if h is None:
+                continue
             h.stop.set()
             if h.is_alive():
                 try:

@@ -83,7 +83,8 @@ def dare(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], drop:
     for i, (x, w) in enumerate(zip(xs, weights)):
         tau = x - base
         if drop > 0:
-            keep = torch.rand(tau.shape, generator=dare_generator(seed, key, i, chunk)) >= drop
+            # the mask is drawn on the CPU whatever the device, so a GPU merge keeps the same entries
+            keep = (torch.rand(tau.shape, generator=dare_generator(seed, key, i, chunk)) >= drop).to(tau.device)
             tau = torch.where(keep, tau / (1.0 - drop), torch.zeros_like(tau))
         out.add_(tau, alpha=w * scale)
     return out

@@ -37,6 +37,8 @@ class BakeRequest(Request):
     overwrite: bool = Field(False, description="Replace an existing output")
     allow_unmatched: bool = Field(False, description="Bake what matches and report the rest instead of failing")
     dry_run: bool = Field(False, description="Check and plan only; write nothing")
+    device: Optional[Literal["auto", "cpu", "cuda"]] = Field(
+        None, description="Where the fp32 maths runs: auto, cpu or cuda (default: lorakit's setting, auto)")
     scale_source: Literal["writer", "runtime"] = Field("writer",
                               description="writer: the scale the LoRA's writer meant (alpha tensors, else PEFT/diffusers "
                                           "adapter metadata); runtime: alpha tensors only, as A1111/Forge read it")
@@ -120,7 +122,7 @@ def execute(ctx: Context, req: BakeRequest, plan: BakePlan, progress: Progress |
         os.makedirs(os.path.dirname(plan.output), exist_ok=True)
     report = bake_engine(plan.base, plan.specs, plan.output, save_dtype=plan.save_dtype, overwrite=req.overwrite,
                          allow_unmatched=req.allow_unmatched, dry_run=req.dry_run, progress=progress, cancel=cancel,
-                         scale_source=req.scale_source)
+                         scale_source=req.scale_source, **ctx.engine_kwargs(req.device))
     return {"report": report, "output": plan.output,
             "checkpoint": ctx.written(plan.output) if plan.output else None}
 

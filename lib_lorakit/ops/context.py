@@ -61,6 +61,10 @@ class Context:
     def default_save_dtype(self) -> str:
         return "fp16"
 
+    def engine_kwargs(self, device: str | None) -> dict[str, Any]:
+        """Where bake/merge maths runs, how many threads, and the hash cache (see engineopts)."""
+        return {"device": device or "auto"}
+
     # --- data -------------------------------------------------------------------------------------
     def data_dir(self) -> str:
         raise NotImplementedError
@@ -153,6 +157,11 @@ class HostContext(Context):
     def default_save_dtype(self) -> str:
         return str(self.host.setting(SETTING_SAVE_DTYPE, "fp16") or "fp16")
 
+    def engine_kwargs(self, device: str | None) -> dict[str, Any]:
+        from ..engineopts import host_kwargs
+
+        return host_kwargs(self.host, device)
+
     def data_dir(self) -> str:
         return self.host.data_dir()
 
@@ -203,8 +212,10 @@ class LocalContext(Context):
     """Operations from the command line: models are file paths; generation goes through a WebUI URL."""
 
     def __init__(self, data_dir: str | None = None, *, webui: str | None = None, api_auth: str | None = None,
-                 outputs_dir: str | None = None, models_dir: str | None = None, jobs: JobManager | None = None):
+                 outputs_dir: str | None = None, models_dir: str | None = None, jobs: JobManager | None = None,
+                 engine: dict[str, Any] | None = None):
         super().__init__(jobs)
+        self.engine = dict(engine or {})  # device, workers, hash_cache from the command line
         self._data = data_dir
         self.webui, self.api_auth = webui, api_auth
         self._outputs = outputs_dir
@@ -240,6 +251,12 @@ class LocalContext(Context):
         if self.models_dir and not os.path.isabs(v) and os.sep not in v and "/" not in v:
             v = os.path.join(self.models_dir, v if v.lower().endswith(".safetensors") else v + ".safetensors")
         return os.path.abspath(v)
+
+    def engine_kwargs(self, device: str | None) -> dict[str, Any]:
+        out = dict(self.engine)
+        if device:
+            out["device"] = device
+        return out
 
     def data_dir(self) -> str:
         if not self._data:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 from ..errors import RecipeError
 from ..jobs import Job
@@ -47,6 +47,8 @@ class MergeRequest(Request):
     scale: float = _bounded("scale", "TIES/DARE: scale of the merged difference")
     save_dtype: Optional[str] = Field(None, description="fp16, bf16 or fp32 (default: lorakit's setting, fp16)")
     overwrite: bool = Field(False, description="Replace an existing output")
+    device: Optional[Literal["auto", "cpu", "cuda"]] = Field(
+        None, description="Where the fp32 maths runs: auto, cpu or cuda (default: lorakit's setting, auto)")
 
 
 class DiffRequest(Request):
@@ -126,7 +128,7 @@ def execute(ctx: Context, req: MergeRequest, plan: MergePlan, progress: Progress
     report = merge_engine(plan.models, plan.output, method=req.method, base=plan.base, blocks=req.blocks or None,
                           vae_from=plan.vae, te_from=req.te_from, normalize=req.normalize, density=req.density,
                           drop=req.drop, seed=req.seed, scale=req.scale, save_dtype=plan.save_dtype,
-                          overwrite=req.overwrite, progress=progress, cancel=cancel)
+                          overwrite=req.overwrite, progress=progress, cancel=cancel, **ctx.engine_kwargs(req.device))
     return {"report": report, "output": plan.output, "checkpoint": ctx.written(plan.output)}
 
 

@@ -1,0 +1,260 @@
+"""The engines' shared machinery: remembered hashes, maths threads, the GPU path and the stage profile."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+from factories import files_in, tiny_checkpoint, write
+
+from lib_lorakit.bake import LoraSpec, bake
+from lib_lorakit.errors import RecipeError
+from lib_lorakit.formats.sources import open_source
+from lib_lorakit.hashcache import HashCache
+from lib_lorakit.merge import ModelSpec, merge
+from lib_lorakit.streaming import resolve_device, worker_count
+from lib_lorakit.synth import make_lora
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def recipe(tmp_path):
+    """An SDXL base and four LoRAs of different algorithms (low rank, Kronecker, Hadamard, DoRA)."""
+    base_p = tiny_checkpoint(tmp_path, "sdxl", seed=5)
+    with open_source(base_p) as src:
+        sds = {"lora": make_lora("sdxl", "lora", seed=6), "lokr": make_lora("sdxl", "lokr", seed=7, conv=False),
+               "loha": make_lora("sdxl", "loha", seed=8, te=False),
+               "dora": make_lora("sdxl", "dora", seed=9, conv=False, te=False, base=src)}
+    paths = [write(tmp_path, f"{n}.safetensors", sd) for n, sd in sds.items()]
+    return base_p, [LoraSpec(p, s) for p, s in zip(paths, (0.7, 0.6, 0.9, 0.5))]
+
+
+def fp16_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference between two fp16 tensors, in fp16 steps (ulps) at their magnitude."""
+    a32, b32 = a.float(), b.float()
+    mag = torch.maximum(a32.abs(), b32.abs()).clamp_min(2.0 ** -14)
+    ulp = torch.exp2(torch.floor(torch.log2(mag)) - 10)
+    return float(((a32 - b32).abs() / ulp).max()) if a.numel() else 0.0
+
+
+# --- hash cache ---------------------------------------------------------------------------------
+
+
+def test_second_bake_takes_the_base_hash_from_the_cache(tmp_path):
+    base_p, specs = recipe(tmp_path)
+    data = tmp_path / "data"
+    r1 = bake(base_p, specs, str(tmp_path / "o1.safetensors"), hash_cache=str(data))
+    assert r1["base"]["sha256"] == sha(base_p) and r1["base"]["sha256_source"] == "computed"
+    assert all(lo["sha256_source"] == "computed" for lo in r1["loras"])
+    stored = json.loads((data / "hashes.json").read_text())
+    assert stored[os.path.realpath(base_p)]["sha256"] == sha(base_p)
+
+    r2 = bake(base_p, specs, str(tmp_path / "o2.safetensors"), hash_cache=str(data))
+    assert r2["base"]["sha256_source"] == "cache" and r2["base"]["sha256"] == sha(base_p)
+    assert all(lo["sha256_source"] == "cache" and lo["sha256"] == sha(lo["path"]) for lo in r2["loras"])
+    meta = safetensors.safe_open(str(tmp_path / "o2.safetensors"), "pt").metadata()
+    assert json.loads(meta["lorakit.recipe"])["base"]["sha256"] == sha(base_p)
+    assert (safetensors.torch.load_file(str(tmp_path / "o1.safetensors"))["model.diffusion_model.out.2.weight"]
+            .equal(safetensors.torch.load_file(str(tmp_path / "o2.safetensors"))["model.diffusion_model.out.2.weight"]))
+
+
+def test_changed_file_is_hashed_again(tmp_path):
+    base_p, specs = recipe(tmp_path)
+    cache = HashCache(str(tmp_path / "data"))
+    bake(base_p, specs, str(tmp_path / "o1.safetensors"), hash_cache=cache)
+    sd = safetensors.torch.load_file(base_p)
+    first = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[first] = sd[first] + 1
+    os.unlink(base_p)  # a new file (new inode, size or mtime may even match)
+    safetensors.torch.save_file(sd, base_p)
+    r = bake(base_p, specs, str(tmp_path / "o2.safetensors"), hash_cache=cache)
+    assert r["base"]["sha256_source"] == "computed" and r["base"]["sha256"] == sha(base_p)
+    st = os.stat(base_p)
+    os.utime(base_p, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # touched: same bytes, hashed again
+    r = bake(base_p, specs, str(tmp_path / "o3.safetensors"), hash_cache=cache)
+    assert r["base"]["sha256_source"] == "computed"
+
+
+def test_host_hash_is_used_and_remembered(tmp_path):
+    base_p, specs = recipe(tmp_path)
+    asked = []
+
+    def host_lookup(path):
+        asked.append(path)
+        return sha(base_p) if path == os.path.realpath(base_p) else None
+
+    cache = HashCache(str(tmp_path / "data"), lookup=host_lookup)
+    r = bake(base_p, specs, str(tmp_path / "o.safetensors"), hash_cache=cache)
+    assert r["base"]["sha256_source"] == "host" and r["base"]["sha256"] == sha(base_p)
+    r = bake(base_p, specs, str(tmp_path / "o2.safetensors"), hash_cache=HashCache(str(tmp_path / "data")))
+    assert r["base"]["sha256_source"] == "cache"
+
+
+def test_damaged_cache_file_is_ignored(tmp_path):
+    base_p, specs = recipe(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "hashes.json").write_text("{not json")
+    r = bake(base_p, specs, str(tmp_path / "o.safetensors"), hash_cache=str(tmp_path / "data"))
+    assert r["base"]["sha256_source"] == "computed" and r["base"]["sha256"] == sha(base_p)
+
+
+def test_merge_uses_the_hash_cache(tmp_path):
+    paths = [tiny_checkpoint(tmp_path, "sd15", name=f"m{i}.safetensors", seed=i) for i in range(2)]
+    data = str(tmp_path / "data")
+    r1 = merge([ModelSpec(p, 1) for p in paths], str(tmp_path / "o1.safetensors"), hash_cache=data)
+    assert [i["sha256_source"] for i in r1["inputs"]] == ["computed", "computed"]
+    r2 = merge([ModelSpec(p, 1) for p in paths], str(tmp_path / "o2.safetensors"), hash_cache=data)
+    assert [i["sha256_source"] for i in r2["inputs"]] == ["cache", "cache"]
+    assert [i["sha256"] for i in r2["inputs"]] == [sha(p) for p in paths]
+    assert sha(str(tmp_path / "o1.safetensors")) == sha(str(tmp_path / "o2.safetensors"))
+
+
+# --- maths threads --------------------------------------------------------------------------------
+
+
+def test_bake_output_does_not_depend_on_the_thread_count(tmp_path):
+    base_p, specs = recipe(tmp_path)
+    outs = []
+    for n in (1, 3):
+        out = str(tmp_path / f"o{n}.safetensors")
+        r = bake(base_p, specs, out, device="cpu", workers=n)
+        assert r["engine"]["workers"] == n
+        outs.append((sha(out), r["rounding"], r["loras"][0]["max_rel_change_by_block"]))
+    assert outs[0] == outs[1]
+    prof = r["engine"]
+    maths = [t for t in prof["threads"] if t.startswith("lorakit-maths")]
+    assert len(maths) >= 2 and all(prof["threads"][t].get("add", 0) >= 0 for t in maths)
+    assert {"read base", "add", "round", "write", "copy", "hash"} <= set(prof["stages"])
+
+
+@pytest.mark.parametrize("method,extra", [("weighted", {}), ("add-difference", {}), ("ties", {"density": 0.5}),
+                                          ("dare", {"drop": 0.3, "seed": 4}), ("slerp", {})])
+def test_merge_output_does_not_depend_on_the_thread_count(tmp_path, monkeypatch, method, extra):
+    import lib_lorakit.merge.engine as eng
+
+    monkeypatch.setattr(eng, "CHUNK_ELEMS", 64)  # many chunks per tensor, spread over the threads
+    paths = [tiny_checkpoint(tmp_path, "sd15", name=f"m{i}.safetensors", seed=i) for i in range(3)]
+    models = [ModelSpec(paths[0], 0.6), ModelSpec(paths[1], 0.4)]
+    base = paths[2] if method in ("add-difference", "ties", "dare") else None
+    digests = []
+    for n in (1, 7):  # 7 maths threads: chunks read by 2 threads too
+        out = str(tmp_path / f"{method}{n}.safetensors")
+        r = merge(models, out, method=method, base=base, device="cpu", workers=n, **extra)
+        digests.append(sha(out))
+    assert digests[0] == digests[1]
+    assert r["engine"]["workers"] == 7
+    assert sum(t.startswith("lorakit-read") for t in r["engine"]["threads"]) >= 2
+
+
+def test_worker_count_leaves_cores(monkeypatch):
+    import lib_lorakit.streaming as s
+
+    monkeypatch.setattr(s, "usable_cores", lambda: 16)
+    assert worker_count(0) == 15 and worker_count(1) == 14
+    monkeypatch.setenv(s.ENV_RESERVE, "1")
+    assert worker_count() == 14
+    monkeypatch.setattr(s, "usable_cores", lambda: 1)
+    assert worker_count() == 1
+
+
+def test_cancel_with_many_threads_leaves_no_file(tmp_path):
+    import threading
+
+    from lib_lorakit.errors import Cancelled
+
+    base_p, specs = recipe(tmp_path)
+    ev = threading.Event()
+
+    def progress(frac, msg):
+        if "baking" in msg:
+            ev.set()
+
+    import lib_lorakit.bake.engine as bk
+
+    ticks = iter(range(10 ** 9))
+    old = bk.time.perf_counter
+    bk.time.perf_counter = lambda: next(ticks)  # every tensor reports progress
+    try:
+        with pytest.raises(Cancelled):
+            bake(base_p, specs, str(tmp_path / "o.safetensors"), workers=4, progress=progress, cancel=ev)
+    finally:
+        bk.time.perf_counter = old
+    assert files_in(tmp_path) == sorted(["sdxl-base.safetensors"] + [os.path.basename(s.path) for s in specs])
+
+
+# --- devices --------------------------------------------------------------------------------------
+
+
+def test_unknown_device_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match="Unknown device 'tpu'"):
+        resolve_device("tpu")
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    base_p, specs = recipe(tmp_path)
+    with pytest.raises(RecipeError, match="sees no CUDA GPU"):
+        bake(base_p, specs, str(tmp_path / "o.safetensors"), device="cuda")
+    assert not os.path.exists(tmp_path / "o.safetensors")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_bake_agrees_with_cpu_within_one_fp16_step(tmp_path):
+    base_p, specs = recipe(tmp_path)
+    cpu = bake(base_p, specs, str(tmp_path / "cpu.safetensors"), device="cpu")
+    gpu = bake(base_p, specs, str(tmp_path / "gpu.safetensors"), device="cuda")
+    assert gpu["engine"]["device"].startswith("cuda") and cpu["engine"]["device"] == "cpu"
+    a = safetensors.torch.load_file(str(tmp_path / "cpu.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "gpu.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        if a[k].dtype == torch.float16:
+            assert fp16_ulps(a[k], b[k]) <= 1.0, k
+        else:
+            assert torch.equal(a[k], b[k]), k
+    assert gpu["tensors"] == cpu["tensors"]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method,extra", [("weighted", {}), ("add-difference", {}), ("ties", {"density": 0.5}),
+                                          ("dare", {"drop": 0.3}), ("slerp", {})])
+def test_cuda_merge_agrees_with_cpu_within_one_fp16_step(tmp_path, method, extra):
+    paths = [tiny_checkpoint(tmp_path, "sdxl", name=f"m{i}.safetensors", seed=i) for i in range(3)]
+    models = [ModelSpec(paths[0], 0.6), ModelSpec(paths[1], 0.4)]
+    base = paths[2] if method in ("add-difference", "ties", "dare") else None
+    for dev in ("cpu", "cuda"):
+        merge(models, str(tmp_path / f"{dev}.safetensors"), method=method, base=base, device=dev, **extra)
+    a = safetensors.torch.load_file(str(tmp_path / "cpu.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "cuda.safetensors"))
+    for k in a:
+        if a[k].dtype == torch.float16:
+            assert fp16_ulps(a[k], b[k]) <= 1.0, k
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_engine_flags_and_cached_hash(tmp_path, capsys):
+    from lib_lorakit.cli import main
+
+    base_p = tiny_checkpoint(tmp_path, "sd15")
+    lora = write(tmp_path, "a.safetensors", make_lora("sd15", "lora", conv=False))
+    reports = []
+    for i in range(2):
+        args = ["bake", base_p, "--lora", f"{lora}:0.5", "-o", str(tmp_path / f"o{i}.safetensors"), "-q", "--json",
+                "--device", "cpu", "--workers", "2", "--hash-cache", str(tmp_path / "data")]
+        assert main(args) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert [r["base"]["sha256_source"] for r in reports] == ["computed", "cache"]
+    assert reports[1]["engine"]["workers"] == 2 and reports[1]["engine"]["device"] == "cpu"
+    with pytest.raises(SystemExit) as e:
+        main(["bake", base_p, "--lora", lora, "-o", str(tmp_path / "x.safetensors"), "--device", "tpu"])
+    assert e.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
