@@ -521,3 +521,11 @@ def test_cli_commands(two, tmp_path, capsys):
     assert main(["clean", base, "-o", str(tmp_path / "c.safetensors"), "--title", "t", "-q"]) == 0
     assert main(["resize", a, "-o", str(tmp_path / "x.safetensors"), "--dynamic", "sv_fro"]) == 2
     assert "sv_fro:F" in capsys.readouterr().err
+    same = str(tmp_path / "same.safetensors")
+    assert main(["extract", base, base, "-o", base, "--rank", "2", "-q"]) == 2  # an input as output
+    assert "one of the inputs" in capsys.readouterr().err
+    copy = str(tmp_path / "copy.safetensors")
+    with open(base, "rb") as src, open(copy, "wb") as dst:
+        dst.write(src.read())
+    assert main(["extract", copy, base, "-o", same, "--rank", "2", "-q"]) == 2
+    assert "do not differ" in capsys.readouterr().err and not os.path.exists(same)

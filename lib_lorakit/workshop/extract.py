@@ -258,6 +258,12 @@ def _extract(
             say(done, total, f"{m.name}: rank {k}, kept {f.kept:.1%}")
             del diff, mat, f
         reader.join()
+        if not layers:
+            raise RecipeError(
+                f"{tuned} and {base} do not differ on any of the {total} layers a LoRA covers "
+                f"(largest difference at most {min_diff:g}).",
+                fix="Check that the first model is the fine-tune and the second its base, or lower the minimum difference.",
+            )
         report = {
             "tuned": os.fspath(tuned),
             "base": os.fspath(base),
