@@ -22,14 +22,14 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from . import __version__
 from .blocks import format_weights, parse_block_weights
-from .errors import ArchitectureError, Cancelled, LorakitError, MatchError, RecipeError, ValueProblem
+from .errors import ArchitectureError, Cancelled, FormatError, LorakitError, MatchError, RecipeError, ValueProblem
 from .formats.arch import ARCHS, Arch, Family, detect_checkpoint, detect_lora
 from .formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_output_path
 from .formats.sources import TensorSource, open_source, sha256_file
@@ -157,10 +157,22 @@ def _open_lora(spec: LoraSpec, arch: Arch, base_path: str) -> tuple[TensorSource
                 f"{spec.path} is a LoRA for {la} ({'; '.join(fam.evidence)}), but the checkpoint {base_path} is {arch.label}.",
                 fix=f"Bake it into an {la} checkpoint, or pick a LoRA made for {arch.label}.")
         parsed = parse_keys(shapes)
+        check_scalars(spec.path, shapes)
     except BaseException:
         src.close()
         raise
     return src, fam, parsed
+
+
+def check_scalars(path: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse an ``alpha``/``scale`` that is not one number (a damaged or hand-edited file): only its first value
+    would be used."""
+    bad = [(k, list(v)) for k, v in shapes.items() if k.rsplit(".", 1)[-1] in ("alpha", "scale") and math.prod(v) != 1]
+    if bad:
+        k, shape = bad[0]
+        raise FormatError(f"{path}: {k} has shape {shape}; an alpha or scale is one number"
+                          + (f" ({len(bad)} such tensors)" if len(bad) > 1 else "") + ".",
+                          fix="The file is damaged or was edited by hand: re-export the LoRA.")
 
 
 def _likely_cause(unmatched: list[tuple[str, str]], total: int) -> str:
@@ -727,7 +739,8 @@ def _report(plan: Plan, stats: _Stats, output: str | None, save_dtype: str, base
         "base": {"path": plan.base.path, "sha256": base_sha or None, "family": plan.family.as_dict()},
         "output": None if dry_run else {"path": os.path.abspath(output), "save_dtype": save_dtype},
         "loras": loras,
-        "tensors": {"modified": stats.modified, "converted": stats.converted, "copied": stats.copied},
+        "tensors": {"modified": stats.modified, "converted": stats.converted, "copied": stats.copied,
+                    "planned": len(plan.weights) + len(plan.biases)},
         "rounding": {"save_dtype": save_dtype, "max_abs_rounding_loss": stats.max_round[0],
                      "key": stats.max_round[1] or None, "max_abs_weight": stats.max_abs[0]},
         "warnings": plan.warnings,
@@ -761,15 +774,22 @@ def summary(report: dict) -> str:
                      + f" of {lo['layers']} layers matched ({algos})"
                      + (f"; {len(lo['unmatched'])} UNMATCHED" if lo["unmatched"] else ""))
     t = report["tensors"]
+    if report["dry_run"]:  # nothing is computed: say what the bake would change, not "0 changed"
+        lines.append(f"  tensors: {t.get('planned', '?')} would change (a dry run plans only; the changes are "
+                     "measured when baking)")
+        return _summary_tail(report, lines)
     lines.append(f"  tensors: {t['modified']} changed, {t['converted']} converted, {t['copied']} copied as is")
     lines.append("  largest relative change |strength·dW|/|W| by block:")
     for lo in report["loras"]:
         top = sorted(lo["max_rel_change_by_block"].items(), key=lambda kv: -kv[1])[:4]
         lines.append(f"    {lo['name']}: " + (", ".join(f"{b} {v:.3g}" for b, v in top) or "no change"))
     r = report["rounding"]
-    if not report["dry_run"]:
-        lines.append(f"  saved as {r['save_dtype']}: max rounding loss {r['max_abs_rounding_loss']:.3g}, "
-                     f"max |w| {r['max_abs_weight']:.4g}")
+    lines.append(f"  saved as {r['save_dtype']}: max rounding loss {r['max_abs_rounding_loss']:.3g}, "
+                 f"max |w| {r['max_abs_weight']:.4g}")
+    return _summary_tail(report, lines)
+
+
+def _summary_tail(report: dict, lines: list[str]) -> str:
     for w in report["warnings"]:
         lines.append(f"  warning: {w}")
     mem = f", peak memory {report['peak_rss_mb']:.0f} MB" if report.get("peak_rss_mb") else ""

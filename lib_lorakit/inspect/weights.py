@@ -20,6 +20,7 @@ from ..formats.arch import ARCHS, load_layout
 from ..formats.sources import LayoutSource
 from ..networks import compute_delta, needs_weight
 from ..networks.base import Delta
+from ..errors import ValueProblem
 
 OVERTRAINED = 0.25  # ‖ΔW‖/‖W‖ of a block at strength 1
 NEGLIGIBLE = 0.002
@@ -95,6 +96,12 @@ def weight_stats(lora_path: str, arch: str, checkpoint: str | None = None,
                     ws.skipped.append(f"{c.module}: DoRA/weight-dependent update needs --checkpoint")
                     continue
                 p = {name: src.read(k) for name, k in c.params.items()}
+                for name, k in c.params.items():
+                    if p[name].is_floating_point() and not bool(torch.isfinite(p[name]).all()):
+                        raise ValueProblem(f"{lora_path}: {k} holds NaN/inf values; its weight statistics cannot be "
+                                           "computed and a bake would refuse it.",
+                                           fix="The LoRA is broken (training diverged or the file is damaged). Use "
+                                               "another epoch or re-export it.")
                 d = compute_delta(c.alg, {k: v.float() if v.is_floating_point() else v for k, v in p.items()},
                                   t.shape, w)
                 bs = stats.setdefault(t.block or t.component, BlockStat(block=t.block or t.component))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -59,7 +60,22 @@ def entry_of_text(text: str) -> dict[str, Any]:
     from ..bake import parse_lora_arg
 
     s = parse_lora_arg(text)
+    not_a_number(s.path, "strength", "PATH[:STRENGTH[:TE_STRENGTH]]")
     return {"name": s.path, "strength": s.strength, "te_strength": s.te_strength, "blocks": s.blocks}
+
+
+_MODEL_EXT = re.compile(r"^(.*\.(?:safetensors|ckpt|pt|pth|bin))((?::[^:/\\]*){1,2})$", re.I)
+
+
+def not_a_number(path: str, what: str, form: str) -> None:
+    """Refuse ``file.safetensors:abc`` (a number after a model file's name that is not one) when no such file
+    exists: the user meant a strength, and "file not found" would point the wrong way."""
+    m = _MODEL_EXT.match(path)
+    if m is None or os.path.exists(path):
+        return
+    bad = [x for x in m.group(2).split(":")[1:]]
+    raise RecipeError(f"{path!r}: the {what} {bad[0] if len(bad) == 1 else ':'.join(bad)!r} after {m.group(1)!r} is "
+                      f"not a number.", fix=f"Write {form} with numbers, e.g. {os.path.basename(m.group(1))}:0.8.")
 
 
 def entries_of_prompt(text: str) -> list[dict[str, Any]]:

@@ -74,7 +74,10 @@ def model_of_text(text: str) -> dict[str, Any]:
     """``PATH[:WEIGHT]`` (the command line's form) as a :class:`MergeModelIn` dict."""
     from ..merge import parse_model_arg
 
+    from .bake import not_a_number
+
     m = parse_model_arg(text)
+    not_a_number(m.path, "weight", "PATH[:WEIGHT]")
     return {"name": m.path, "weight": m.weight}
 
 
