@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from ..bake import LoraSpec, plan_bake
+from ..errors import ValueProblem
 from ..formats.arch import ARCHS, load_layout
 from ..formats.sources import LayoutSource
 from ..networks import compute_delta, needs_weight
 from ..networks.base import Delta
-from ..errors import ValueProblem
 
 OVERTRAINED = 0.25  # ‖ΔW‖/‖W‖ of a block at strength 1
 NEGLIGIBLE = 0.002

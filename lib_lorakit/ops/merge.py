@@ -73,7 +73,6 @@ def summary(report: dict[str, Any]) -> str:
 def model_of_text(text: str) -> dict[str, Any]:
     """``PATH[:WEIGHT]`` (the command line's form) as a :class:`MergeModelIn` dict."""
     from ..merge import parse_model_arg
-
     from .bake import not_a_number
 
     m = parse_model_arg(text)
