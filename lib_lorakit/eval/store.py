@@ -135,6 +135,8 @@ class Store:
                 db.execute(f"UPDATE triage SET {k} = ? WHERE id = ?", (v, tid))
 
     def triage(self, tid: str) -> dict[str, Any] | None:
+        if not self.exists:  # a look-up does not create the database
+            return None
         with self._db() as db:
             r = db.execute("SELECT * FROM triage WHERE id = ?", (tid,)).fetchone()
         if r is None:
@@ -234,6 +236,8 @@ class TournamentRows:
                        (tid, _now(), name, json.dumps(spec), "created", parent, round_no))
 
     def get(self, tid: str) -> dict[str, Any] | None:
+        if not self.store.exists:  # a look-up does not create the database
+            return None
         with self.store._db() as db:
             r = db.execute("SELECT * FROM tournaments WHERE id = ?", (tid,)).fetchone()
         if r is None:

@@ -133,6 +133,9 @@ def execute(ctx: Context, req: BakeRequest, plan: BakePlan, progress: Progress |
         os.makedirs(os.path.dirname(plan.output), exist_ok=True)
     report = bake_engine(plan.base, plan.specs, plan.output, save_dtype=plan.save_dtype, overwrite=req.overwrite,
                          allow_unmatched=req.allow_unmatched, dry_run=req.dry_run, progress=progress, cancel=cancel)
+    from .checks import warn_nonfinite_vae
+
+    warn_nonfinite_vae(report, plan.output or plan.base, plan.base)
     return {"report": report, "output": plan.output,
             "checkpoint": ctx.written(plan.output) if plan.output else None}
 

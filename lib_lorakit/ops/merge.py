@@ -129,6 +129,9 @@ def execute(ctx: Context, req: MergeRequest, plan: MergePlan, progress: Progress
                           vae_from=plan.vae, te_from=req.te_from, normalize=req.normalize, density=req.density,
                           drop=req.drop, seed=req.seed, scale=req.scale, save_dtype=plan.save_dtype,
                           overwrite=req.overwrite, progress=progress, cancel=cancel)
+    from .checks import warn_nonfinite_vae
+
+    warn_nonfinite_vae(report, plan.output, plan.vae if isinstance(plan.vae, str) else f"model {plan.vae or 1}")
     return {"report": report, "output": plan.output, "checkpoint": ctx.written(plan.output)}
 
 

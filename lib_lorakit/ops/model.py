@@ -136,6 +136,15 @@ def dump(m: BaseModel) -> dict[str, Any]:
 def validation_errors_to_invalid(errors: list[dict[str, Any]], body: Any = None, model: Any = None) -> RequestInvalid:
     """FastAPI's request-validation errors as the documented lorakit error (worded as :meth:`Request.parse`'s)."""
     errors = list(errors)
+    bad_json = [e for e in errors if str(e.get("type", "")) in ("json_invalid", "value_error.jsondecode")]
+    if bad_json:  # pydantic 2 / FastAPI 0.94 (pydantic 1) name for a body that is not JSON
+        e = bad_json[0]
+        at = next((x for x in (e.get("loc") or ())[1:] if isinstance(x, int)), None)
+        where = f" at character {at}" if at is not None else ""
+        detail = (e.get("ctx") or {}).get("error") or e.get("msg") or ""
+        return RequestInvalid(f"The request body is not valid JSON{where} ({detail}).",
+                              fix="Send a JSON object (check quotes, commas and brackets; NaN and Infinity are not "
+                                  "numbers in JSON).")
     if isinstance(model, type) and issubclass(model, Request):
         roots = [e for e in errors if _loc(e.get("loc")) == "request" and str(e.get("type", "")) in _NOT_AN_OBJECT]
         if roots:
