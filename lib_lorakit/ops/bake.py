@@ -14,6 +14,7 @@ from .context import Context, Progress
 from .model import Field, Request
 
 STRENGTH_LIMIT = 20.0  # |strength| above this is a typo, not a recipe
+MAX_RECIPE = 64  # LoRAs in one bake (listed and tagged in the prompt together)
 
 
 class LoraEntry(Request):
@@ -27,6 +28,7 @@ class LoraEntry(Request):
 
 
 class BakeRequest(Request):
+    LIMITS = {"loras": MAX_RECIPE}
     base: str = Field(..., min_length=1, description="Base checkpoint: a name from the host's list or a path inside "
                                                      "its checkpoint folders")
     output: str = Field("", description="Output file name, written into the checkpoint folder (.safetensors added)")
@@ -109,6 +111,9 @@ def prepare(ctx: Context, req: BakeRequest) -> BakePlan:
     from ..formats.safetensors_io import check_output_path
 
     entries = entries_of(req)
+    if len(entries) > MAX_RECIPE:
+        raise RecipeError(f"The recipe has {len(entries)} LoRAs; at most {MAX_RECIPE} are accepted in one bake.",
+                          fix=f"Bake in steps of at most {MAX_RECIPE} LoRAs (bake the result again).")
     if not entries:
         raise RecipeError("The recipe has no LoRA.", fix="Add LoRAs, or paste a prompt with <lora:name:weight> tags.")
     base = ctx.resolve_checkpoint(req.base)

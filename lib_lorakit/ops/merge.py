@@ -29,6 +29,7 @@ class MergeModelIn(Request):
 
 
 class MergeRequest(Request):
+    LIMITS = {"models": 16}
     models: List[MergeModelIn] = Field(..., description="Ingredients; the first is the primary. Add-difference: A, "
                                                         "then B with its weight")
     output: str = Field(..., description="Output file name, written into the checkpoint folder")

@@ -21,6 +21,7 @@ class CandidateLora(Request):
 
 
 class CandidateIn(Request):
+    LIMITS = {"loras": 64}
     id: Optional[str] = Field(None, max_length=80, description="A short unique id (hidden from evaluators until "
                                                                "Reveal); default: from the checkpoint's name")
     checkpoint: Optional[str] = Field(None, description="A checkpoint from the host's list")
@@ -38,6 +39,7 @@ class PromptIn(Request):
 
 
 class TournamentRequest(Request):
+    LIMITS = {"candidates": 26, "prompts": 500}
     name: str = Field("tournament", max_length=200)
     candidates: List[CandidateIn]
     prompts: List[Union[PromptIn, str]] = Field(..., description="At least 5 (text, or {prompt, negative_prompt, "
@@ -53,6 +55,7 @@ class TournamentRequest(Request):
 
 
 class VoteIn(Request):
+    LIMITS = {"ranks": 26, "bombs": 26}
     prompt: int = Field(..., ge=0)
     ranks: List[str] = Field(default_factory=list, description="Letters, best first (at most 3)")
     bombs: List[str] = Field(default_factory=list, description="Letters of unusable images")
@@ -63,6 +66,7 @@ class VoteIn(Request):
 
 
 class VotesRequest(Request):
+    LIMITS = {"votes": 5000}
     evaluator: str = Field(..., min_length=1, max_length=100)
     votes: List[VoteIn]
 

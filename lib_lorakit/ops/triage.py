@@ -22,6 +22,7 @@ def default_prompts() -> dict[str, str]:
 
 
 class TriageRequest(GenSettings):
+    LIMITS = {"seeds": 50}
     folder: Optional[str] = Field(None, description="A folder inside the LoRA folders (recursive); empty: every LoRA")
     checkpoint: Optional[str] = Field(None, description="Checkpoint (default: the loaded one)")
     arch: Optional[str] = Field(None, description="Only sd15 or sdxl LoRAs")
@@ -43,6 +44,7 @@ class DecisionIn(Request):
 
 
 class DecisionsRequest(Request):
+    LIMITS = {"decisions": 10000}
     decisions: List[DecisionIn]
 
 
