@@ -300,6 +300,11 @@ API_CASES = [
      {"evaluator": "ann", "votes": [{"prompt": 0, "ranks": ["A"]}]}, ["missing"]),
     ("votes-unknown-prompt", "post", "/lorakit/v1/tournaments/{tid}/votes",
      {"evaluator": "ann", "votes": [{"prompt": 9, "no_preference": True}]}, ["9"]),
+    ("next-round-before-reveal", "post", "/lorakit/v1/tournaments/{tid}/next-round", {"mode": "narrow"},
+     ["blind", "Reveal"]),
+    ("image-before-generation", "get", "/lorakit/v1/tournaments/{tid}/image/ann/0/A", None, ["no images"]),
+    ("report-before-reveal", "get", "/lorakit/v1/tournaments/{tid}/report", None, ["reveal"]),
+    ("winner-before-reveal", "get", "/lorakit/v1/tournaments/{tid}/winner", None, ["reveal"]),
     ("tournament-unknown-id", "get", "/lorakit/v1/tournaments/nosuch/scores", None, ["nosuch"]),
     ("triage-unknown-filter", "get", "/lorakit/v1/triage/nosuch/items?filter=bogus", None, ["bogus"]),
 ]

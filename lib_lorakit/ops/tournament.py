@@ -319,6 +319,9 @@ def next_round(ctx: Context, tid: str, req: NextRoundRequest | dict) -> dict[str
     from ..eval.tournament import propose_next
 
     req = NextRoundRequest.parse(req)
+    if not ctx.tournaments().get(tid).get("revealed"):  # the proposal names the winner and its recipe
+        raise RecipeError(f"Tournament {tid} is still blind: the next round names the winner and its recipe.",
+                          fix="Reveal the tournament first (when every evaluator is done).")
     if req.mode not in ("narrow", "dial-in"):
         raise RecipeError(f"Unknown mode {req.mode!r}.", fix="Use narrow or dial-in.")
     prop = propose_next(ctx.tournaments(), tid, req.mode, step=req.step, axis=req.axis, values=req.values)
