@@ -331,3 +331,20 @@ def test_api_bad_input(api, case):
     # No file changed (the database aside: a ballot's shuffle is stored on first sight), and no vote was stored.
     assert snapshot(api.root / "models") == before
     assert api.get(f"/lorakit/v1/tournaments/{api.tid}/ballot?evaluator=ann").json()["voted"] == 0
+
+
+def test_unexpected_failure_is_logged_and_answered_as_json(api, monkeypatch, caplog):
+    import lib_lorakit.ops.jobs as jobs_op
+    import lib_lorakit.ops.models as models_op
+
+    def boom(*a, **k):
+        raise RuntimeError("disk controller on fire")
+
+    monkeypatch.setattr(jobs_op, "jobs", boom)
+    monkeypatch.setattr(models_op, "loras", boom)
+    for path in ("/lorakit/v1/jobs", "/lorakit/v1/loras"):
+        with caplog.at_level("ERROR", logger="lorakit.api"):
+            r = api.get(path)
+        assert r.status_code == 500 and set(r.json()) == {"error", "message"}
+        assert "server log" in r.json()["message"] and "on fire" not in r.text and "Traceback" not in r.text
+    assert "Traceback" in caplog.text and "disk controller on fire" in caplog.text

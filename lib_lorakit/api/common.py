@@ -79,6 +79,14 @@ class LorakitRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as e:
                 return answer(validation_errors_to_invalid(e.errors(), getattr(e, "body", None), model))
+            except LorakitError as e:  # raised outside guard (a dependency, a response model)
+                return answer(e)
+            except HTTPException:
+                raise  # 401 from the auth dependency and the like: FastAPI answers them
+            except Exception as e:
+                log.error("lorakit API error on %s %s:\n%s", request.method, request.url.path, traceback.format_exc())
+                return error(500, "internal", f"Unexpected failure ({type(e).__name__}); the details are in the "
+                                              f"server log (logger 'lorakit.api').")
 
         return route
 
