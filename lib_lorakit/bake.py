@@ -199,7 +199,7 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
     inspector matches many LoRAs against one layout).
     """
     if not specs:
-        raise RecipeError("The recipe has no LoRA.", fix="Add at least one --lora PATH[:STRENGTH].")
+        raise RecipeError("The recipe has no LoRA.", fix="Add at least one LoRA to the recipe.")
     base = open_source(base) if isinstance(base, (str, os.PathLike)) else base
     base_path = base.path
     loras: list[LoraState] = []
@@ -271,11 +271,11 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
                     f"{len(st.unmatched)} of {total} LoRA layers in {spec.path} match nothing in "
                     f"{base_path} ({arch.label}):\n{shown}{more}\n"
                     f"Likely cause: {_likely_cause(st.unmatched, total)}",
-                    fix="Use a LoRA made for this checkpoint, or pass --allow-unmatched to bake the rest and list "
-                        "these in the report.")
+                    fix="Use a LoRA made for this checkpoint, or turn on the allow-unmatched option to bake the rest "
+                        "and list these in the report.")
             if st.unmatched:
                 warnings.append(f"{spec.label}: {len(st.unmatched)} layer(s) matched nothing and were left out "
-                                f"(--allow-unmatched); see the report.")
+                                f"(allow-unmatched); see the report.")
             if parsed.embeddings:
                 warnings.append(f"{spec.label}: bundled embedding(s) {', '.join(sorted(parsed.embeddings))} cannot be "
                                 f"baked into weights; keep using them as textual inversions at generation time.")
@@ -536,7 +536,7 @@ class _Baker:
         if out.dtype == torch.float16 and amax > FP16_MAX:
             raise ValueProblem(
                 f"{key}: a baked weight reaches {amax:.6g}, beyond the float16 range (65504); saving would turn it into inf.",
-                fix="Lower the strengths, or save with --save-dtype bf16 or fp32.")
+                fix="Lower the strengths, or choose the save dtype bf16 or fp32.")
         st = self.stats
         if max_round > st.max_round[0]:
             st.max_round = (max_round, key)

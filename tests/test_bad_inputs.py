@@ -136,6 +136,8 @@ CLI_CASES = [
                                          "--report", P(w, "ro", "r.json")], ["r.json", "Fix:"]),
     ("bake-disk-full", lambda w: ["bake", w["base"], "--lora", w["lora"], "-o", P(w, "full", "o.safetensors")],
      ["o.safetensors", "disk is full"]),
+    ("merge-disk-full", lambda w: ["merge", "--model", w["base"], "--model", w["base"], "-o",
+                                   P(w, "full", "m.safetensors")], ["m.safetensors", "disk is full"]),
     ("merge-weight-abc", lambda w: ["merge", "--model", w["base"], "--model", w["base"] + ":abc", "-o",
                                     P(w, "out", "m.safetensors")], ["'abc'", "not a number"]),
     ("merge-weight-nan", lambda w: ["merge", "--model", w["base"], "--model", w["base"] + ":nan", "-o",
@@ -184,7 +186,7 @@ def test_cli_bad_input(ws, capsys, case):
     name, argv, words = case
     if "read-only" in name and _ro_writable(ws):
         pytest.skip("no read-only folder here (running as root without mount)")
-    if name == "bake-disk-full" and ws["full"] is None:
+    if name.endswith("disk-full") and ws["full"] is None:
         pytest.skip("needs root to mount a small tmpfs")
     before = snapshot(ws["root"])
     code = main(argv(ws))

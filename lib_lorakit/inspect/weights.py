@@ -93,7 +93,7 @@ def weight_stats(lora_path: str, arch: str, checkpoint: str | None = None,
                     w = w.T if t.transpose else w
                     w = w.reshape(t.shape)
                 if needs_weight(c.alg, c.params) and w is None:
-                    ws.skipped.append(f"{c.module}: DoRA/weight-dependent update needs --checkpoint")
+                    ws.skipped.append(f"{c.module}: DoRA/weight-dependent update needs the checkpoint it is used with")
                     continue
                 p = {name: src.read(k) for name, k in c.params.items()}
                 for name, k in c.params.items():

@@ -490,7 +490,7 @@ class _Merger:
             amax = max(amax, self._round(key, res, out[r0:r1]))
         if out.dtype == torch.float16 and amax > FP16_MAX:
             raise ValueProblem(f"{key}: a merged weight reaches {amax:.6g}, beyond the float16 range (65504).",
-                               fix="Save with --save-dtype bf16 or fp32.")
+                               fix="Choose the save dtype bf16 or fp32.")
         if amax > self.stats.max_abs[0]:
             self.stats.max_abs = (amax, key)
 

@@ -25,3 +25,10 @@ def check_writable(*paths: str | None) -> None:
 
     for p in paths:
         check(p)
+
+
+def sweep_orphans(*folders: str) -> list[str]:
+    """Remove lorakit's own temp files left by killed runs (owner process gone) in ``folders``; logged."""
+    from ..tempfiles import sweep
+
+    return [p for d in folders for p in sweep(d)]

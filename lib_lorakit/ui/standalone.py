@@ -89,6 +89,9 @@ def serve(models_dir: str, loras_dir: str, *, port: int = 7870, host: str = "127
         except OSError as e:
             raise LorakitError(f"Cannot listen on {host}:{port}: {e.strerror or e}.",
                                fix="Another program uses that port: pick another one, or stop it.") from None
+    from ..ops.files import sweep_orphans
+
+    sweep_orphans(models_dir)  # what a killed bake or merge left in the output folder (logged)
     app, service = create_app(models_dir, loras_dir, api_auth=api_auth, data_dir=data_dir)
     print(f"lorakit: http://{host}:{port}/  (API: http://{host}:{port}/lorakit/v1, docs: /docs)", flush=True)
     # SIGTERM/Ctrl-C: uvicorn stops within 2 s even with a stuck job or an open queue connection; the job
