@@ -350,3 +350,26 @@ def test_unexpected_failure_is_logged_and_answered_as_json(api, monkeypatch, cap
         assert r.status_code == 500 and set(r.json()) == {"error", "message"}
         assert "server log" in r.json()["message"] and "on fire" not in r.text and "Traceback" not in r.text
     assert "Traceback" in caplog.text and "disk controller on fire" in caplog.text
+
+
+def test_lists_and_bulk_inspect_skip_links_that_leave_the_model_folders(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from lib_lorakit.ui.standalone import create_app
+
+    ckpt, loras, outside = tmp_path / "ck", tmp_path / "lo", tmp_path / "outside"
+    for d in (ckpt, loras, outside):
+        d.mkdir()
+    tiny_checkpoint(ckpt, "sdxl", name="inside.safetensors")
+    tiny_checkpoint(outside, "sdxl", name="secret-ck.safetensors")
+    write(loras, "ink.safetensors", make_lora("sdxl", "lora", conv=False))
+    write(outside, "secret.safetensors", make_lora("sdxl", "lora", conv=False))
+    os.symlink(outside / "secret-ck.safetensors", ckpt / "linked.safetensors")
+    os.symlink(outside / "secret.safetensors", loras / "linked.safetensors")
+    app, _ = create_app(str(ckpt), str(loras), data_dir=str(tmp_path / "data"))
+    c = TestClient(app)
+    assert [m["name"] for m in c.get("/lorakit/v1/checkpoints").json()] == ["inside.safetensors"]
+    assert [m["name"] for m in c.get("/lorakit/v1/loras").json()] == ["ink"]
+    r = c.post("/lorakit/v1/inspect", json={"all": True, "weights": True})
+    assert r.status_code == 200 and "secret" not in r.text and "linked" not in r.text
+    assert c.get("/lorakit/v1/inspect", params={"lora": "linked"}).status_code in (400, 403, 404)
