@@ -533,7 +533,7 @@ class StreamingWriter:
             if isinstance(e, OSError):
                 from ..tempfiles import output_error
 
-                raise output_error(e, self.path) from None
+                raise output_error(e, self.path) from e
             raise
 
     @property
@@ -626,7 +626,7 @@ class StreamingWriter:
 
             err = output_error(exc, self.path)
             if err is not exc:
-                raise err from None
+                raise err from exc
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None,
