@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 
 def atomic_write(path: str, data: bytes, *, keep_mode: bool = False) -> None:
@@ -12,8 +11,14 @@ def atomic_write(path: str, data: bytes, *, keep_mode: bool = False) -> None:
     ``keep_mode``: the new file keeps the permission bits of the one it replaces. A failure removes the
     temporary file and leaves ``path`` as it was.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".lorakit-", suffix=".tmp", dir=folder)
+    from .tempfiles import output_error, sweep, temp_path
+
+    sweep(os.path.dirname(os.path.abspath(path)))
+    tmp = temp_path(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    except OSError as e:
+        raise output_error(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -27,11 +32,13 @@ def atomic_write(path: str, data: bytes, *, keep_mode: bool = False) -> None:
         else:
             os.chmod(tmp, 0o644 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise output_error(e, path) from None
         raise
 
 

@@ -352,7 +352,8 @@ def test_scores_with_no_or_one_vote_are_valid_json_and_say_so(world, capsys):
     code, out, _ = cli(capsys, "tournament", "score", tid, "--json", "--data-dir", str(data))
     assert code == 0 and json.loads(out)["enough_votes"] is False and "NaN" not in out
     # one vote: scores, but no interval and no P(best) (a bootstrap over one prompt would claim 100%)
-    c.post(f"/lorakit/v1/tournaments/{tid}/votes", json={"evaluator": "ann", "votes": [{"prompt": 0, "ranks": ["A"]}]})
+    # (recorded through the store: the route refuses ranking an image that was never made, and this one has none)
+    world["host"].tournaments().vote(tid, "ann", [{"prompt": 0, "ranks": ["A"]}])
     sc = c.get(f"/lorakit/v1/tournaments/{tid}/scores").json()
     assert sc["enough_votes"] is True and sc["bradley_terry"]["p_best"] == {} and sc["bradley_terry"]["interval90"] == {}
     assert "too few" in sc["separability"]["text"] and "100%" not in json.dumps(sc)

@@ -76,6 +76,24 @@ def test_tournament_end_to_end(client):
     assert "candidate" not in str(b["prompts"][0]["entries"])
     png = c.get(f"/lorakit/v1/tournaments/{tid}/image/ann/0/B")
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    # Blind: the served PNG has no text chunks (the file on disk keeps its infotext, naming the checkpoint), and
+    # the job anyone can list shows counts, not candidates.
+    import io
+    import json as _json
+
+    from PIL import Image
+
+    served = Image.open(io.BytesIO(png.content))
+    assert not getattr(served, "text", {}) and "parameters" not in served.info
+    from lib_lorakit.gen.run import Run
+
+    run = Run(c.get(f"/lorakit/v1/tournaments/{tid}").json()["run_dir"])
+    pixels = list(served.convert("RGB").getdata())
+    same = [Image.open(run.image_path(ev)) for ev in run.results().values() if ev["status"] == "ok"]
+    same = [im for im in same if list(im.convert("RGB").getdata()) == pixels]
+    assert same and "parameters" in same[0].info  # the same pixels; the stripping is what hid the infotext
+    jobs_text = _json.dumps(c.get("/lorakit/v1/jobs").json())
+    assert '"late"' not in jobs_text and '"mix"' not in jobs_text and "late.safetensors" not in jobs_text
     # zed has no preference anywhere (so the outcome below is decided by ann alone)
     votes = [{"prompt": i, "no_preference": True, "client": "t", "seq": i} for i in range(5)]
     assert c.post(f"/lorakit/v1/tournaments/{tid}/votes", json={"evaluator": "zed", "votes": votes}).json()["recorded"] == 5

@@ -23,6 +23,7 @@ log = logging.getLogger("lorakit.api")
 PREFIX = "/lorakit/v1"
 RESPONSES = {400: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut}}
 GEN_RESPONSES = {**RESPONSES, 501: {"model": ErrorOut}}
+MAX_BODY = 8 * 1024 * 1024  # bytes of one request body (a recipe, a spec, votes); checked before reading it
 
 
 def error(status: int, kind: str, message: str) -> JSONResponse:
@@ -58,10 +59,34 @@ class LorakitRoute(APIRoute):
         model = getattr(getattr(self, "body_field", None), "type_", None)
 
         async def route(request: Request):
+            size = request.headers.get("content-length")
+            if size is not None and size.isdigit() and int(size) > MAX_BODY:
+                return error(413, "RequestTooLarge", f"The request body has {int(size)} bytes; at most {MAX_BODY} "
+                                                     "are accepted.\nFix: Send a smaller request (split the work).")
+            if getattr(model, "LIMITS", None) and size is not None:  # oversized lists: refused before validation
+                import json
+
+                try:
+                    data = json.loads(await request.body())
+                except ValueError:
+                    data = None  # the handler names the JSON problem
+                try:
+                    if isinstance(data, dict):
+                        model.check_limits(data)
+                except LorakitError as e:
+                    return answer(e)
             try:
                 return await handler(request)
             except RequestValidationError as e:
                 return answer(validation_errors_to_invalid(e.errors(), getattr(e, "body", None), model))
+            except LorakitError as e:  # raised outside guard (a dependency, a response model)
+                return answer(e)
+            except HTTPException:
+                raise  # 401 from the auth dependency and the like: FastAPI answers them
+            except Exception as e:
+                log.error("lorakit API error on %s %s:\n%s", request.method, request.url.path, traceback.format_exc())
+                return error(500, "internal", f"Unexpected failure ({type(e).__name__}); the details are in the "
+                                              f"server log (logger 'lorakit.api').")
 
         return route
 

@@ -2,7 +2,7 @@
 
 # no "from __future__ import annotations": FastAPI reads the route annotations through guard()
 
-from fastapi.responses import FileResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 
 from ..ops import tournament as T
 from ..ops.context import HostContext
@@ -44,8 +44,8 @@ def router(ctx: HostContext):
            summary="An image of a ballot, by its letter (PNG)")
     @guard
     def tournament_image(tid: str, evaluator: str, prompt: int, letter: str):
-        return FileResponse(T.image_path(ctx, tid, evaluator, prompt, letter), media_type="image/png",
-                            headers={"Cache-Control": "private, max-age=86400"})
+        return Response(T.image_png(ctx, tid, evaluator, prompt, letter), media_type="image/png",
+                        headers={"Cache-Control": "private, no-store"})  # blind: no infotext, no stale copy
 
     @r.post("/tournaments/{tid}/votes", responses=RESPONSES, summary="Cast votes (a replayed client/seq is ignored)")
     @guard

@@ -352,7 +352,7 @@ class _Baker:
         if dtype == torch.float16 and amax > FP16_MAX:
             raise ValueProblem(
                 f"{key}: a baked weight reaches {amax:.6g}, beyond the float16 range (65504); saving would turn it into inf.",
-                fix="Lower the strengths, or save with --save-dtype bf16 or fp32.")
+                fix="Lower the strengths, or choose the save dtype bf16 or fp32.")
         st = self.stats
         with self._lock:
             if max_round > st.max_round[0] or (max_round == st.max_round[0] and max_round and key < st.max_round[1]):

@@ -10,13 +10,13 @@ import math
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..blocks import parse_block_weights
-from ..errors import ArchitectureError, Cancelled, MatchError, RecipeError, ValueProblem
+from ..errors import ArchitectureError, Cancelled, FormatError, MatchError, RecipeError, ValueProblem
 from ..formats.arch import ARCHS, Arch, Family, detect_checkpoint, detect_lora
 from ..formats.sources import TensorSource, open_source, sha256_file
 from ..hashcache import HashCache, file_key
@@ -142,10 +142,22 @@ def _open_lora(spec: LoraSpec, arch: Arch, base_path: str) -> tuple[TensorSource
                 f"{spec.path} is a LoRA for {la} ({'; '.join(fam.evidence)}), but the checkpoint {base_path} is {arch.label}.",
                 fix=f"Bake it into an {la} checkpoint, or pick a LoRA made for {arch.label}.")
         parsed = parse_keys(shapes)
+        check_scalars(spec.path, shapes)
     except BaseException:
         src.close()
         raise
     return src, fam, parsed
+
+
+def check_scalars(path: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse an ``alpha``/``scale`` that is not one number (a damaged or hand-edited file): only its first value
+    would be used."""
+    bad = [(k, list(v)) for k, v in shapes.items() if k.rsplit(".", 1)[-1] in ("alpha", "scale") and math.prod(v) != 1]
+    if bad:
+        k, shape = bad[0]
+        raise FormatError(f"{path}: {k} has shape {shape}; an alpha or scale is one number"
+                          + (f" ({len(bad)} such tensors)" if len(bad) > 1 else "") + ".",
+                          fix="The file is damaged or was edited by hand: re-export the LoRA.")
 
 
 def _likely_cause(unmatched: list[tuple[str, str]], total: int) -> str:
@@ -205,7 +217,7 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
     if scale_source not in SCALE_SOURCES:
         raise RecipeError(f"Unknown scale source {scale_source!r}.", fix=f"Use one of {', '.join(SCALE_SOURCES)}.")
     if not specs:
-        raise RecipeError("The recipe has no LoRA.", fix="Add at least one --lora PATH[:STRENGTH].")
+        raise RecipeError("The recipe has no LoRA.", fix="Add at least one LoRA to the recipe.")
     base = open_source(base) if isinstance(base, (str, os.PathLike)) else base
     base_path = base.path
     loras: list[LoraState] = []
@@ -279,11 +291,11 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
                     f"{len(st.unmatched)} of {total} LoRA layers in {spec.path} match nothing in "
                     f"{base_path} ({arch.label}):\n{shown}{more}\n"
                     f"Likely cause: {_likely_cause(st.unmatched, total)}",
-                    fix="Use a LoRA made for this checkpoint, or pass --allow-unmatched to bake the rest and list "
-                        "these in the report.")
+                    fix="Use a LoRA made for this checkpoint, or turn on the allow-unmatched option to bake the rest "
+                        "and list these in the report.")
             if st.unmatched:
                 warnings.append(f"{spec.label}: {len(st.unmatched)} layer(s) matched nothing and were left out "
-                                f"(--allow-unmatched); see the report.")
+                                f"(allow-unmatched); see the report.")
             if parsed.embeddings:
                 warnings.append(f"{spec.label}: bundled embedding(s) {', '.join(sorted(parsed.embeddings))} cannot be "
                                 f"baked into weights; keep using them as textual inversions at generation time.")

@@ -66,7 +66,8 @@ def bake_report(plan: Plan, stats, output: str | None, save_dtype: str, base_sha
         "base": {"path": plan.base.path, "sha256": base_sha or None, "family": plan.family.as_dict()},
         "output": None if dry_run else {"path": os.path.abspath(output), "save_dtype": save_dtype},
         "loras": loras,
-        "tensors": {"modified": stats.modified, "converted": stats.converted, "copied": stats.copied},
+        "tensors": {"modified": stats.modified, "converted": stats.converted, "copied": stats.copied,
+                    "planned": len(plan.weights) + len(plan.biases)},
         "rounding": {"save_dtype": save_dtype, "max_abs_rounding_loss": stats.max_round[0],
                      "key": stats.max_round[1] or None, "max_abs_weight": stats.max_abs[0]},
         "warnings": plan.warnings,
@@ -116,15 +117,22 @@ def summary(report: dict) -> str:
                      + (f"; {len(lo['unmatched'])} UNMATCHED" if lo["unmatched"] else ""))
         lines.extend(scale_lines(lo.get("scale"), lo.get("naming_normalised"), indent="    "))
     t = report["tensors"]
+    if report["dry_run"]:  # nothing is computed: say what the bake would change, not "0 changed"
+        lines.append(f"  tensors: {t.get('planned', '?')} would change (a dry run plans only; the changes are "
+                     "measured when baking)")
+        return _summary_tail(report, lines)
     lines.append(f"  tensors: {t['modified']} changed, {t['converted']} converted, {t['copied']} copied as is")
     lines.append("  largest relative change |strength·dW|/|W| by block:")
     for lo in report["loras"]:
         top = sorted(lo["max_rel_change_by_block"].items(), key=lambda kv: -kv[1])[:4]
         lines.append(f"    {lo['name']}: " + (", ".join(f"{b} {v:.3g}" for b, v in top) or "no change"))
     r = report["rounding"]
-    if not report["dry_run"]:
-        lines.append(f"  saved as {r['save_dtype']}: max rounding loss {r['max_abs_rounding_loss']:.3g}, "
-                     f"max |w| {r['max_abs_weight']:.4g}")
+    lines.append(f"  saved as {r['save_dtype']}: max rounding loss {r['max_abs_rounding_loss']:.3g}, "
+                 f"max |w| {r['max_abs_weight']:.4g}")
+    return _summary_tail(report, lines)
+
+
+def _summary_tail(report: dict, lines: list[str]) -> str:
     for w in report["warnings"]:
         lines.append(f"  warning: {w}")
     mem = f", peak memory {report['peak_rss_mb']:.0f} MB" if report.get("peak_rss_mb") else ""

@@ -11,6 +11,7 @@ from ..errors import RecipeError
 from ..merge.registry import METHODS, param_default
 from ..ops import bake as bake_op
 from ..ops import merge as merge_op
+from ..ops.files import check_writable
 from .common import local, progress_printer, write_json, write_text
 
 
@@ -35,6 +36,7 @@ def lora_entries(args: argparse.Namespace) -> list[dict]:
 
 
 def cmd_bake(args: argparse.Namespace) -> int:
+    check_writable(args.report)
     req = {"base": args.base, "output": args.output or "", "loras": lora_entries(args), "save_dtype": args.save_dtype,
            "overwrite": args.overwrite, "allow_unmatched": args.allow_unmatched, "dry_run": args.dry_run,
            "scale_source": args.scale_source}
@@ -45,6 +47,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    check_writable(args.report)
     models = [merge_op.model_of_text(x) for x in args.model]
     te_from = None
     if args.te_from is not None:
@@ -65,6 +68,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     import io
 
+    check_writable(args.chart)
     result = merge_op.diff(local(args), {"a": args.a, "b": args.b}, progress=progress_printer(not args.quiet))
     if args.chart:
         buf = io.BytesIO()

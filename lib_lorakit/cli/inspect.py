@@ -32,8 +32,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         kinds = {k: sum(r.get("kind") == k for r in reports) for k in ("passive", "trigger-dependent")}
         print(f"{len(reports)} files: {kinds['passive']} passive, {kinds['trigger-dependent']} trigger-dependent, "
               f"{failed} unreadable")
+    broken = sum("broken" in r for r in reports)
     if failed:
-        print(f"error: {failed} of {len(reports)} file(s) could not be read (see above).", file=sys.stderr)
+        names = ", ".join(str(r.get("file", "?")) for r in reports if "error" in r)
+        print(f"error: {failed} of {len(reports)} file(s) could not be read (see above): {names[:400]}",
+              file=sys.stderr)
+    if broken:
+        print(f"error: {broken} of {len(reports)} file(s) hold NaN/inf weights: "
+              + "; ".join(r["broken"].split("\n")[0] for r in reports if "broken" in r)[:400], file=sys.stderr)
+    if failed or broken:
         return 2
     return 0
 

@@ -46,6 +46,9 @@ CREATE TABLE IF NOT EXISTS tournament_votes (
     ranks TEXT NOT NULL, bombs TEXT NOT NULL, all_bad INTEGER NOT NULL, no_preference INTEGER NOT NULL,
     client TEXT NOT NULL, client_seq INTEGER NOT NULL, at TEXT NOT NULL,
     UNIQUE (tournament, evaluator, client, client_seq));
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, progress REAL NOT NULL, message TEXT NOT NULL,
+    params TEXT NOT NULL, result TEXT, error TEXT, created REAL NOT NULL, started REAL, finished REAL);
 """
 
 
@@ -115,6 +118,49 @@ class Store:
             db.close()
             self._local.db = None
 
+    # --- jobs -------------------------------------------------------------------------------------
+    JOB_FIELDS = ("id", "kind", "state", "progress", "message", "params", "result", "error", "created", "started",
+                  "finished")
+
+    def save_job(self, job: dict[str, Any]) -> None:
+        """Insert or update a job's row (its state changes: queued, running, finished)."""
+        row = {k: job.get(k) for k in self.JOB_FIELDS}
+        row["params"] = json.dumps(row["params"] or {}, default=str)
+        row["result"] = None if row["result"] is None else json.dumps(row["result"], default=str)
+        with self._db() as db:
+            db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(self.JOB_FIELDS)}) VALUES "
+                       f"({', '.join('?' * len(self.JOB_FIELDS))})", tuple(row[k] for k in self.JOB_FIELDS))
+
+    def jobs(self, limit: int = 200) -> list[dict[str, Any]]:
+        """The newest ``limit`` jobs (none, without creating the database, when it does not exist)."""
+        if not self.exists:
+            return []
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["params"] = json.loads(d["params"] or "{}")
+            d["result"] = None if d["result"] is None else json.loads(d["result"])
+            out.append(d)
+        return out
+
+    def interrupt_jobs(self, message: str) -> int:
+        """Mark the jobs left queued or running by a previous process as interrupted; returns how many."""
+        if not self.exists:
+            return 0
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            n = db.execute("UPDATE jobs SET state = 'interrupted', message = 'interrupted', error = ?, finished = "
+                           "COALESCE(finished, ?) WHERE state IN ('queued', 'running')",
+                           (message, _dt.datetime.now().timestamp())).rowcount
+            db.execute("COMMIT")
+        return n
+
+    def trim_jobs(self, keep: int) -> None:
+        with self._db() as db:
+            db.execute("DELETE FROM jobs WHERE id NOT IN (SELECT id FROM jobs ORDER BY created DESC LIMIT ?)", (keep,))
+
     # --- triage sessions --------------------------------------------------------------------------
     def create_triage(self, tid: str, name: str, params: dict[str, Any], items: Sequence[dict[str, Any]]) -> None:
         with self._db() as db:
@@ -135,6 +181,8 @@ class Store:
                 db.execute(f"UPDATE triage SET {k} = ? WHERE id = ?", (v, tid))
 
     def triage(self, tid: str) -> dict[str, Any] | None:
+        if not self.exists:  # a look-up does not create the database
+            return None
         with self._db() as db:
             r = db.execute("SELECT * FROM triage WHERE id = ?", (tid,)).fetchone()
         if r is None:
@@ -234,6 +282,8 @@ class TournamentRows:
                        (tid, _now(), name, json.dumps(spec), "created", parent, round_no))
 
     def get(self, tid: str) -> dict[str, Any] | None:
+        if not self.store.exists:  # a look-up does not create the database
+            return None
         with self.store._db() as db:
             r = db.execute("SELECT * FROM tournaments WHERE id = ?", (tid,)).fetchone()
         if r is None:

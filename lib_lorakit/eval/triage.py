@@ -126,7 +126,7 @@ class Triage:
         self.id = tid
         rec = store.triage(tid)
         if rec is None:
-            raise TriageNotFound(f"No triage {tid!r}.", fix="List them with GET /lorakit/v1/triage.")
+            raise TriageNotFound(f"No triage {tid!r}.", fix="List the triages to see their ids.")
         self.rec = rec
         self.items = store.items(tid)
 

@@ -17,7 +17,6 @@ import math
 import os
 import struct
 import threading
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -354,7 +353,7 @@ def cleanup_temps() -> list[str]:
         try:
             os.unlink(path)
             removed.append(path)
-        except FileNotFoundError:
+        except OSError:  # gone already, or a folder that refused it from the start
             pass
         _LIVE_TEMPS.discard(path)
     return removed
@@ -515,8 +514,10 @@ class StreamingWriter:
             raise ValueError("duplicate tensor names in output entries")
         self.header = build_header(self.entries, metadata)
         self._patched: bytes | None = None
-        d, base = os.path.split(self.path)
-        self.tmp_path = os.path.join(d, f".{base}.{uuid.uuid4().hex[:8]}.lorakit-tmp")
+        from ..tempfiles import sweep, temp_path
+
+        sweep(os.path.dirname(self.path))  # our own orphans (a killed run) go first, with a line in the log
+        self.tmp_path = temp_path(self.path)
         self._next = 0
         self.bytes_written = 0
         self.total_bytes = len(self.header) + sum(e.nbytes for e in self.entries)
@@ -527,8 +528,12 @@ class StreamingWriter:
             self._sink = _Sink(self.tmp_path, direct=direct)
             self._sink.write(self.header)
             self.bytes_written = len(self.header)
-        except BaseException:
+        except BaseException as e:
             self.abort()
+            if isinstance(e, OSError):
+                from ..tempfiles import output_error
+
+                raise output_error(e, self.path) from e
             raise
 
     @property
@@ -606,7 +611,7 @@ class StreamingWriter:
             pass
         try:
             os.unlink(self.tmp_path)
-        except FileNotFoundError:
+        except OSError:  # never created (a read-only folder), or gone already
             pass
         _LIVE_TEMPS.discard(self.tmp_path)
 
@@ -616,6 +621,12 @@ class StreamingWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._committed:
             self.abort()
+        if isinstance(exc, OSError):  # disk full, read-only, permission: the user's error, in words
+            from ..tempfiles import output_error
+
+            err = output_error(exc, self.path)
+            if err is not exc:
+                raise err from exc
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None,

@@ -447,6 +447,9 @@ def build_spec(loras_listed, *, loras: Sequence[str], prompt: str, negative_prom
     return spec, notes
 
 
+MAX_SEEDS = 50
+
+
 def parse_seeds(text: str | Sequence[int] | None, default: int = 1) -> list[int]:
     """Seeds from ``"1, 2, 3"`` or ``"3x"`` (three seeds from 1) or a list; never -1 (a grid must be
     reproducible)."""
@@ -455,6 +458,9 @@ def parse_seeds(text: str | Sequence[int] | None, default: int = 1) -> list[int]
     if isinstance(text, str):
         m = re.fullmatch(r"\s*(\d+)\s*[x×]\s*", text)
         if m:
+            if int(m.group(1)) > MAX_SEEDS:
+                raise RecipeError(f"Seeds: {text.strip()!r} asks for {int(m.group(1))} seeds; at most {MAX_SEEDS}.",
+                                  fix=f"Use at most {MAX_SEEDS}x: every seed multiplies the images to make.")
             return [default + i for i in range(int(m.group(1)))]
         try:
             vals = [int(v) for v in re.split(r"[,\s]+", text.strip()) if v]
@@ -462,6 +468,9 @@ def parse_seeds(text: str | Sequence[int] | None, default: int = 1) -> list[int]
             raise RecipeError(f"Seeds: {text!r} is not a list of whole numbers.", fix="Write 1, 2, 3 or 3x.") from None
     else:
         vals = [int(v) for v in text]
+    if len(vals) > MAX_SEEDS:
+        raise RecipeError(f"Seeds: {len(vals)} given; at most {MAX_SEEDS}.",
+                          fix="Every seed multiplies the images to make: use fewer.")
     if any(v < 0 for v in vals):
         raise RecipeError("Seeds must be fixed (0 or more), not -1: the baseline and every strength share a seed.")
     return list(dict.fromkeys(vals))

@@ -158,3 +158,30 @@ def compare(img: Image.Image | np.ndarray, baseline: Image.Image | np.ndarray) -
         "edges": round(edge_energy(a), 5),
         "edges_baseline": round(edge_energy(b), 5),
     }
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TEXT_CHUNKS = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
+
+
+def strip_png_text(data: bytes) -> bytes:
+    """The PNG without its text, EXIF and time chunks (the infotext names the model and the LoRAs), pixels untouched.
+
+    Raises ValueError on a file that is not a well-formed PNG.
+    """
+    import struct
+
+    if not data.startswith(_PNG_SIGNATURE):
+        raise ValueError("not a PNG file")
+    out, pos = [_PNG_SIGNATURE], len(_PNG_SIGNATURE)
+    while pos < len(data):
+        if pos + 12 > len(data):
+            raise ValueError("truncated PNG chunk")
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        end = pos + 12 + n
+        if end > len(data):
+            raise ValueError("truncated PNG chunk")
+        if data[pos + 4:pos + 8] not in _TEXT_CHUNKS:
+            out.append(data[pos:end])
+        pos = end
+    return b"".join(out)

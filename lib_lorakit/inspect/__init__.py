@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import LorakitError
+from ..errors import LorakitError, ValueProblem
 from ..formats.arch import ARCHS, Family, detect_checkpoint
 from ..formats.safetensors_io import read_header
 from ..formats.sources import open_header, open_source
@@ -342,6 +342,8 @@ def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weight
                 rep["warnings"].extend(ws.hints)
             except LorakitError as e:
                 rep["warnings"].append(f"weight statistics unavailable: {e}")
+                if isinstance(e, ValueProblem):  # NaN/inf weights: the file is broken, say so in the outcome too
+                    rep["broken"] = str(e)
             if progress:
                 progress(0.5 + 0.5 * (i + 1) / len(files), f"weights {i + 1}/{len(files)}")
         out.append(rep)

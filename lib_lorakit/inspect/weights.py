@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..bake import LoraSpec, plan_bake
+from ..errors import ValueProblem
 from ..formats.arch import ARCHS, load_layout
 from ..formats.sources import LayoutSource
 from ..networks import compute_delta, needs_weight
@@ -92,9 +93,15 @@ def weight_stats(lora_path: str, arch: str, checkpoint: str | None = None,
                     w = w.T if t.transpose else w
                     w = w.reshape(t.shape)
                 if needs_weight(c.alg, c.params) and w is None:
-                    ws.skipped.append(f"{c.module}: DoRA/weight-dependent update needs --checkpoint")
+                    ws.skipped.append(f"{c.module}: DoRA/weight-dependent update needs the checkpoint it is used with")
                     continue
                 p = {name: src.read(k) for name, k in c.params.items()}
+                for name, k in c.params.items():
+                    if p[name].is_floating_point() and not bool(torch.isfinite(p[name]).all()):
+                        raise ValueProblem(f"{lora_path}: {k} holds NaN/inf values; its weight statistics cannot be "
+                                           "computed and a bake would refuse it.",
+                                           fix="The LoRA is broken (training diverged or the file is damaged). Use "
+                                               "another epoch or re-export it.")
                 d = compute_delta(c.alg, {k: v.float() if v.is_floating_point() else v for k, v in p.items()},
                                   t.shape, w)
                 bs = stats.setdefault(t.block or t.component, BlockStat(block=t.block or t.component))

@@ -549,7 +549,7 @@ class _Merger:
             amax = max((f.result() for f in futs), default=0.0)
             if out.dtype == torch.float16 and amax > FP16_MAX:
                 raise ValueProblem(f"{key}: a merged weight reaches {amax:.6g}, beyond the float16 range (65504).",
-                                   fix="Save as bf16 or fp32.")
+                                   fix="Choose the save dtype bf16 or fp32.")
             with self._lock:
                 if amax > self.stats.max_abs[0]:
                     self.stats.max_abs = (amax, key)

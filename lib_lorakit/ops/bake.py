@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, List, Literal, Optional
 
@@ -13,6 +14,7 @@ from .context import Context, Progress
 from .model import Field, Request
 
 STRENGTH_LIMIT = 20.0  # |strength| above this is a typo, not a recipe
+MAX_RECIPE = 64  # LoRAs in one bake (listed and tagged in the prompt together)
 
 
 class LoraEntry(Request):
@@ -26,6 +28,7 @@ class LoraEntry(Request):
 
 
 class BakeRequest(Request):
+    LIMITS = {"loras": MAX_RECIPE}
     base: str = Field(..., min_length=1, description="Base checkpoint: a name from the host's list or a path inside "
                                                      "its checkpoint folders")
     output: str = Field("", description="Output file name, written into the checkpoint folder (.safetensors added)")
@@ -64,7 +67,22 @@ def entry_of_text(text: str) -> dict[str, Any]:
     from ..bake import parse_lora_arg
 
     s = parse_lora_arg(text)
+    not_a_number(s.path, "strength", "PATH[:STRENGTH[:TE_STRENGTH]]")
     return {"name": s.path, "strength": s.strength, "te_strength": s.te_strength, "blocks": s.blocks}
+
+
+_MODEL_EXT = re.compile(r"^(.*\.(?:safetensors|ckpt|pt|pth|bin))((?::[^:/\\]*){1,2})$", re.I)
+
+
+def not_a_number(path: str, what: str, form: str) -> None:
+    """Refuse ``file.safetensors:abc`` (a number after a model file's name that is not one) when no such file
+    exists: the user meant a strength, and "file not found" would point the wrong way."""
+    m = _MODEL_EXT.match(path)
+    if m is None or os.path.exists(path):
+        return
+    bad = [x for x in m.group(2).split(":")[1:]]
+    raise RecipeError(f"{path!r}: the {what} {bad[0] if len(bad) == 1 else ':'.join(bad)!r} after {m.group(1)!r} is "
+                      f"not a number.", fix=f"Write {form} with numbers, e.g. {os.path.basename(m.group(1))}:0.8.")
 
 
 def entries_of_prompt(text: str) -> list[dict[str, Any]]:
@@ -98,6 +116,9 @@ def prepare(ctx: Context, req: BakeRequest) -> BakePlan:
     from ..formats.safetensors_io import check_output_path
 
     entries = entries_of(req)
+    if len(entries) > MAX_RECIPE:
+        raise RecipeError(f"The recipe has {len(entries)} LoRAs; at most {MAX_RECIPE} are accepted in one bake.",
+                          fix=f"Bake in steps of at most {MAX_RECIPE} LoRAs (bake the result again).")
     if not entries:
         raise RecipeError("The recipe has no LoRA.", fix="Add LoRAs, or paste a prompt with <lora:name:weight> tags.")
     base = ctx.resolve_checkpoint(req.base)
@@ -123,6 +144,9 @@ def execute(ctx: Context, req: BakeRequest, plan: BakePlan, progress: Progress |
     report = bake_engine(plan.base, plan.specs, plan.output, save_dtype=plan.save_dtype, overwrite=req.overwrite,
                          allow_unmatched=req.allow_unmatched, dry_run=req.dry_run, progress=progress, cancel=cancel,
                          scale_source=req.scale_source, **ctx.engine_kwargs(req.device))
+    from .checks import warn_nonfinite_vae
+
+    warn_nonfinite_vae(report, plan.output or plan.base, plan.base)
     return {"report": report, "output": plan.output,
             "checkpoint": ctx.written(plan.output) if plan.output else None}
 

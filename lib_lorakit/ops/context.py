@@ -17,9 +17,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import LorakitError, RecipeError
+from ..errors import Cancelled, LorakitError, RecipeError
 from ..hosts import CHECKPOINT_EXTS, Host, ModelEntry, scan_models
-from ..jobs import Job, JobManager
+from ..jobs import Job, JobManager, run_bounded
 from ..safepath import NotFound, output_path, resolve_model
 
 SETTING_SAVE_DTYPE = "lorakit_save_dtype"
@@ -32,6 +32,8 @@ class Context:
     """The interface shared by both contexts (see the module docstring)."""
 
     jobs: JobManager
+
+    jobs_timeout: float | None = None  # seconds one job may run (None: jobs.DEFAULT_TIMEOUT)
 
     def __init__(self, jobs: JobManager | None = None):
         self.jobs = jobs or JobManager()
@@ -106,7 +108,7 @@ class Context:
         """Run ``work(progress, cancel)`` as a job; ``exclusive`` work waits for the host's queue."""
         def run(job: Job) -> Any:
             job.mark_running(running)
-            return work(job.update, job.cancel_event)
+            return run_bounded(job, lambda: work(job.update, job.cancel_event), self.jobs_timeout)
 
         return self.jobs.submit(kind, params, run)
 
@@ -117,6 +119,11 @@ class HostContext(Context):
     def __init__(self, host: Host, jobs: JobManager | None = None):
         super().__init__(jobs)
         self.host = host
+        if self.jobs.store is None:  # jobs survive a restart: finished ones are listed, unfinished ones interrupted
+            try:
+                self.jobs.attach(self.store())
+            except NotImplementedError:  # a host without a data folder: jobs live in memory
+                pass
 
     def checkpoints(self) -> list[ModelEntry]:
         return self.host.list_checkpoints()
@@ -194,14 +201,19 @@ class HostContext(Context):
     def submit(self, kind: str, params: dict[str, Any], work: Callable[[Progress, Any], Any], *,
                title: str | None = None, exclusive: bool = True, running: str = "starting") -> Job:
         def run(job: Job) -> Any:
+            # run_bounded: a cancel answers within a second and a stuck job times out, in every phase, so the
+            # queue lock below is always given back
             if not exclusive:
                 job.mark_running(running)
-                return work(self.progress_for(job), job.cancel_event)
+                return run_bounded(job, lambda: work(self.progress_for(job), job.cancel_event), self.jobs_timeout)
             with self.host.queue_lock():
+                if job.cancelled:  # cancelled while it waited for the queue (answered at once, see JobManager)
+                    raise Cancelled("Cancelled before it started.")
                 job.mark_running(running)
                 self.host.job_begin(title or f"lorakit: {kind}")
                 try:
-                    return work(self.progress_for(job, host_progress=True), job.cancel_event)
+                    return run_bounded(job, lambda: work(self.progress_for(job, host_progress=True), job.cancel_event),
+                                       self.jobs_timeout)
                 finally:
                     self.host.job_end()
 

@@ -17,3 +17,18 @@ def remove_partial_outputs() -> None:
     from ..formats.safetensors_io import cleanup_temps
 
     cleanup_temps()
+
+
+def check_writable(*paths: str | None) -> None:
+    """Refuse at once an output (a report, a chart) whose folder cannot take it, before a long run."""
+    from ..tempfiles import check_writable as check
+
+    for p in paths:
+        check(p)
+
+
+def sweep_orphans(*folders: str) -> list[str]:
+    """Remove lorakit's own temp files left by killed runs (owner process gone) in ``folders``; logged."""
+    from ..tempfiles import sweep
+
+    return [p for d in folders for p in sweep(d)]

@@ -11,6 +11,7 @@ from .model import Field
 
 
 class GridRequest(ProfiledSettings):
+    LIMITS = {"loras": 200, "prompt": 50, "strengths": 100, "seeds": 50}
     loras: List[str] = Field(default_factory=list, description="LoRAs from the host's list (rows); empty: those "
                                                                "tagged in the prompt")
     prompt: Union[str, List[str]] = Field(..., description="The prompt (or several); the tested LoRAs' tags are "
@@ -26,6 +27,7 @@ class GridRequest(ProfiledSettings):
 
 
 class AutotestRequest(ProfiledSettings):
+    LIMITS = {"loras": 1000, "prompts": 50, "seeds": 50}
     loras: List[str] = Field(default_factory=list, description="LoRA files or folders")
     prompts: Optional[List[str]] = Field(None, description="Prompts (default: the profile's prompt set)")
     negative_prompt: str = ""

@@ -13,6 +13,7 @@ from .model import Field, Request
 
 
 class InspectRequest(Request):
+    LIMITS = {"loras": 10000}
     loras: List[str] = Field(default_factory=list, description="LoRA names from the host's list (files or folders "
                                                                "on the command line)")
     all: bool = Field(False, description="Inspect every LoRA in the host's list instead")

@@ -29,6 +29,7 @@ class MergeModelIn(Request):
 
 
 class MergeRequest(Request):
+    LIMITS = {"models": 16}
     models: List[MergeModelIn] = Field(..., description="Ingredients; the first is the primary. Add-difference: A, "
                                                         "then B with its weight")
     output: str = Field(..., description="Output file name, written into the checkpoint folder")
@@ -75,8 +76,10 @@ def summary(report: dict[str, Any]) -> str:
 def model_of_text(text: str) -> dict[str, Any]:
     """``PATH[:WEIGHT]`` (the command line's form) as a :class:`MergeModelIn` dict."""
     from ..merge import parse_model_arg
+    from .bake import not_a_number
 
     m = parse_model_arg(text)
+    not_a_number(m.path, "weight", "PATH[:WEIGHT]")
     return {"name": m.path, "weight": m.weight}
 
 
@@ -129,6 +132,9 @@ def execute(ctx: Context, req: MergeRequest, plan: MergePlan, progress: Progress
                           vae_from=plan.vae, te_from=req.te_from, normalize=req.normalize, density=req.density,
                           drop=req.drop, seed=req.seed, scale=req.scale, save_dtype=plan.save_dtype,
                           overwrite=req.overwrite, progress=progress, cancel=cancel, **ctx.engine_kwargs(req.device))
+    from .checks import warn_nonfinite_vae
+
+    warn_nonfinite_vae(report, plan.output, plan.vae if isinstance(plan.vae, str) else f"model {plan.vae or 1}")
     return {"report": report, "output": plan.output, "checkpoint": ctx.written(plan.output)}
 
 

@@ -26,7 +26,10 @@ class Txt2ImgRequest(GenSettings):
 
 
 def checkpoints(ctx: HostContext) -> list[dict[str, str]]:
-    return [{"name": e.name, "file": e.as_dict()["file"]} for e in ctx.checkpoints()]
+    from ..safepath import inside
+
+    roots = ctx.host.checkpoint_dirs()  # a link that leaves the checkpoint folders is not listed (nor read)
+    return [{"name": e.name, "file": e.as_dict()["file"]} for e in ctx.checkpoints() if inside(e.path, roots)]
 
 
 def loras(ctx: HostContext) -> list[dict[str, str]]:

@@ -21,6 +21,7 @@ class CandidateLora(Request):
 
 
 class CandidateIn(Request):
+    LIMITS = {"loras": 64}
     id: Optional[str] = Field(None, max_length=80, description="A short unique id (hidden from evaluators until "
                                                                "Reveal); default: from the checkpoint's name")
     checkpoint: Optional[str] = Field(None, description="A checkpoint from the host's list")
@@ -38,6 +39,7 @@ class PromptIn(Request):
 
 
 class TournamentRequest(Request):
+    LIMITS = {"candidates": 26, "prompts": 500}
     name: str = Field("tournament", max_length=200)
     candidates: List[CandidateIn]
     prompts: List[Union[PromptIn, str]] = Field(..., description="At least 5 (text, or {prompt, negative_prompt, "
@@ -57,6 +59,7 @@ class TournamentRequest(Request):
 
 
 class VoteIn(Request):
+    LIMITS = {"ranks": 26, "bombs": 26}
     prompt: int = Field(..., ge=0)
     ranks: List[str] = Field(default_factory=list, description="Letters, best first (at most 3)")
     bombs: List[str] = Field(default_factory=list, description="Letters of unusable images")
@@ -67,6 +70,7 @@ class VoteIn(Request):
 
 
 class VotesRequest(Request):
+    LIMITS = {"votes": 5000}
     evaluator: str = Field(..., min_length=1, max_length=100)
     votes: List[VoteIn]
 
@@ -196,6 +200,30 @@ def generate(ctx: Context, tid: str, outputs: str | None = None, progress=None, 
                progress=progress, cancel=cancel)
 
 
+def blind_progress(progress):
+    """Job messages anyone may read (GET /jobs): counts only, never a candidate id, a checkpoint or a recipe."""
+    if progress is None:
+        return None
+
+    def say(frac: float, msg: str) -> None:
+        m = re.match(r"(image \d+/\d+)", msg or "")
+        progress(frac, m.group(1) if m else ("merging candidates" if frac < 1 else msg.split(":")[0]))
+
+    return say
+
+
+def blind_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """A generation record without the warnings (they name checkpoints and LoRAs; the log has them)."""
+    import logging
+
+    out = dict(rec)
+    warnings = out.pop("warnings", None) or []
+    if warnings:
+        logging.getLogger("lorakit").warning("tournament generation warnings: %s", "; ".join(map(str, warnings)))
+    out["warnings"] = len(warnings)
+    return out
+
+
 def start_generate(ctx: Context, tid: str) -> Job:
     """Build merge candidates and generate every image, as a job (each image waits for the queue)."""
     from ..eval.tournament import generate as gen
@@ -207,8 +235,8 @@ def start_generate(ctx: Context, tid: str) -> Job:
 
     def work(progress, cancel) -> dict[str, Any]:
         rec = gen(ctx.tournaments(), tid, backend, ctx.outputs_dir(), build_merge=_builder(ctx, lock),
-                  progress=progress, cancel=cancel)
-        return {"tournament": tid, "record": rec}
+                  progress=blind_progress(progress), cancel=cancel)
+        return {"tournament": tid, "record": blind_record(rec)}
 
     return ctx.submit("tournament", {"tournament": tid}, work, exclusive=False)
 
@@ -227,14 +255,58 @@ def image_path(ctx: Context, tid: str, evaluator: str, prompt: int, letter: str)
     return path_of(ctx.tournaments(), tid, evaluator, prompt, letter)
 
 
+def image_png(ctx: Context, tid: str, evaluator: str, prompt: int, letter: str) -> bytes:
+    """A ballot image's bytes; before Reveal without its text chunks (the infotext names the checkpoint and the
+    LoRAs, which would tell an evaluator who is who)."""
+    from ..gen.image import strip_png_text
+
+    path = image_path(ctx, tid, evaluator, prompt, letter)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RecipeError(f"Tournament {tid}: image {letter} of prompt {prompt} cannot be read ({e.strerror}).",
+                          fix="Generate again: it fills what is missing.") from None
+    if ctx.tournaments().get(tid).get("revealed"):
+        return data
+    try:
+        return strip_png_text(data)
+    except ValueError as e:
+        raise RecipeError(f"Tournament {tid}: image {letter} of prompt {prompt} is damaged ({e}).",
+                          fix="Generate again: it fills what is missing.") from None
+
+
 def vote(ctx: Context, tid: str, req: VotesRequest | dict) -> dict[str, Any]:
     """Record votes in one transaction (a replayed client/seq is ignored)."""
     req = VotesRequest.parse(req)
+    _refuse_missing_images(ctx, tid, req)
     try:
         n = ctx.tournaments().vote(tid, req.evaluator.strip(), [v.dump() for v in req.votes])
     except ValueError as e:
         raise RecipeError(f"Tournament {tid}: {e}.") from None
     return {"recorded": n}
+
+
+def _refuse_missing_images(ctx: Context, tid: str, req: VotesRequest) -> None:
+    """A rank or a bomb can only be given to an image the evaluator saw: not to one that is missing or failed."""
+    from ..eval.tournament import ballot as ballot_of
+
+    if not any(v.ranks or v.bombs for v in req.votes):
+        return
+    try:
+        prompts = ballot_of(ctx.tournaments(), tid, req.evaluator.strip())["prompts"]
+    except ValueError:
+        return  # the store's own check names the problem
+    for v in req.votes:
+        if not 0 <= v.prompt < len(prompts) or len(v.ranks) > 3 or set(v.ranks) & set(v.bombs):
+            continue  # the store names these problems
+        status = {e["letter"]: e["status"] for e in prompts[v.prompt]["entries"] if e["image"] is None}
+        bad = [x for x in list(v.ranks) + list(v.bombs) if x in status]
+        if bad:
+            raise RecipeError(f"Tournament {tid}, prompt {v.prompt}: image {', '.join(dict.fromkeys(bad))} is "
+                              f"{status[bad[0]]}; only images on the ballot can be ranked or bombed.",
+                              fix="Generate the missing images first (generate again fills only what is missing), "
+                                  "or vote without them.")
 
 
 def scores(ctx: Context, tid: str, resamples: int = 1000) -> dict[str, Any]:
@@ -289,6 +361,9 @@ def next_round(ctx: Context, tid: str, req: NextRoundRequest | dict) -> dict[str
     from ..eval.tournament import propose_next
 
     req = NextRoundRequest.parse(req)
+    if not ctx.tournaments().get(tid).get("revealed"):  # the proposal names the winner and its recipe
+        raise RecipeError(f"Tournament {tid} is still blind: the next round names the winner and its recipe.",
+                          fix="Reveal the tournament first (when every evaluator is done).")
     if req.mode not in ("narrow", "dial-in"):
         raise RecipeError(f"Unknown mode {req.mode!r}.", fix="Use narrow or dial-in.")
     prop = propose_next(ctx.tournaments(), tid, req.mode, step=req.step, axis=req.axis, values=req.values)

@@ -37,6 +37,7 @@ def form_defaults(ctx: Context, checkpoint: str | None = None, profile: str | No
 
 
 class TriageRequest(ProfiledSettings):
+    LIMITS = {"seeds": 50}
     folder: Optional[str] = Field(None, description="A folder inside the LoRA folders (recursive); empty: every LoRA")
     checkpoint: Optional[str] = Field(None, description="Checkpoint (default: the loaded one)")
     arch: Optional[str] = Field(None, description="Only sd15 or sdxl LoRAs")
@@ -58,6 +59,7 @@ class DecisionIn(Request):
 
 
 class DecisionsRequest(Request):
+    LIMITS = {"decisions": 10000}
     decisions: List[DecisionIn]
 
 

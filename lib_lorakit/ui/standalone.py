@@ -9,7 +9,7 @@ import os
 
 import gradio as gr
 
-from ..api import build_router
+from ..api import build_router, parse_credentials
 from ..hosts import LocalHost
 from ..ops import HostContext
 from .app import build_ui
@@ -37,8 +37,6 @@ def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, 
     """The FastAPI app: the lorakit tab at /, the API at /lorakit/v1. Returns (app, service)."""
     from fastapi import FastAPI
 
-    from ..api import parse_credentials
-
     service = HostContext(LocalHost(models_dir, loras_dir, data_dir=data_dir))
     css, js = assets()
     head = '<script src="/lorakit.js"></script>' if js else None
@@ -61,16 +59,41 @@ def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, 
         def _js():
             return Response(js, media_type="application/javascript")
     app = gr.mount_gradio_app(app, demo, path="/")
+    if api_auth:  # every path: the tab, its queue and functions, /docs, /openapi.json and the API
+        from ..api.auth import BasicAuthMiddleware
+
+        app.add_middleware(BasicAuthMiddleware, credentials=parse_credentials(api_auth))
     return app, service
 
 
 def serve(models_dir: str, loras_dir: str, *, port: int = 7870, host: str = "127.0.0.1",
           api_auth: str | None = None, data_dir: str | None = None) -> None:
+    import socket
+
     import uvicorn
 
-    for d in (models_dir, loras_dir):
+    from ..errors import LorakitError
+
+    for what, d in (("checkpoint folder", models_dir), ("LoRA folder", loras_dir)):
         if not os.path.isdir(d):
-            raise SystemExit(f"error: {d} is not a folder")
-    app, _ = create_app(models_dir, loras_dir, api_auth=api_auth, data_dir=data_dir)
+            raise LorakitError(f"The {what} {d} is not a folder.", fix="Give an existing folder.")
+    if api_auth is not None and not parse_credentials(api_auth):
+        raise LorakitError("The API credentials are not in the form user:password[,user2:password2].",
+                           fix="Give them as user:password.")
+    # The port first: the URL is printed only once the server can really listen there.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise LorakitError(f"Cannot listen on {host}:{port}: {e.strerror or e}.",
+                               fix="Another program uses that port: pick another one, or stop it.") from None
+    from ..ops.files import sweep_orphans
+
+    sweep_orphans(models_dir)  # what a killed bake or merge left in the output folder (logged)
+    app, service = create_app(models_dir, loras_dir, api_auth=api_auth, data_dir=data_dir)
     print(f"lorakit: http://{host}:{port}/  (API: http://{host}:{port}/lorakit/v1, docs: /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # SIGTERM/Ctrl-C: uvicorn stops within 2 s even with a stuck job or an open queue connection; the job
+    # threads are daemons, so they do not hold the process.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)

@@ -1,0 +1,43 @@
+"""Checks on what an operation wrote: tensors copied as they are (the VAE) are not computed, so not checked by the
+engines; a NaN/inf among them is reported as a warning.
+
+Decision: a warning, not an error. lorakit does not change the VAE — it copies the base's (or the chosen
+model's) bytes — so the output is exactly as broken as its source, and a user who swaps the VAE at generation
+time loses nothing. Refusing would block every bake into such a checkpoint for a problem lorakit did not cause.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
+def nonfinite_vae(path: str) -> list[str]:
+    """The VAE tensors of ``path`` holding NaN/inf values, as ``"key (n of m values)"``."""
+    import torch
+
+    from ..formats.sources import open_source
+
+    bad = []
+    src = open_source(path)
+    try:
+        for key in src.keys():
+            if not key.startswith(VAE_PREFIXES):
+                continue
+            t = src.read(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(f"{key} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)")
+    finally:
+        src.close()
+    return bad
+
+
+def warn_nonfinite_vae(report: dict[str, Any], path: str, source: str) -> None:
+    """Add a warning to ``report`` when the VAE in ``path`` (copied from ``source``) holds NaN/inf values."""
+    bad = nonfinite_vae(path)
+    if bad:
+        report.setdefault("warnings", []).append(
+            f"the VAE copied from {source} holds NaN/inf values in {len(bad)} tensor(s) ({'; '.join(bad[:3])}): "
+            "images decoded with it will be black or broken. lorakit copies the VAE unchanged; use another VAE "
+            "(the WebUI's VAE setting) or a checkpoint with a working one.")
