@@ -33,13 +33,14 @@ def assets() -> tuple[str, str]:
     return css, js
 
 
-def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, data_dir: str | None = None):
+def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, data_dir: str | None = None,
+               current: str | None = None):
     """The FastAPI app: the lorakit tab at /, the API at /lorakit/v1. Returns (app, service)."""
     from fastapi import FastAPI
 
     from ..api import parse_credentials
 
-    service = HostContext(LocalHost(models_dir, loras_dir, data_dir=data_dir))
+    service = HostContext(LocalHost(models_dir, loras_dir, data_dir=data_dir, current=current))
     css, js = assets()
     head = '<script src="/lorakit.js"></script>' if js else None
     kw = {"title": "lorakit", "css": css}
@@ -65,12 +66,12 @@ def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, 
 
 
 def serve(models_dir: str, loras_dir: str, *, port: int = 7870, host: str = "127.0.0.1",
-          api_auth: str | None = None, data_dir: str | None = None) -> None:
+          api_auth: str | None = None, data_dir: str | None = None, current: str | None = None) -> None:
     import uvicorn
 
     for d in (models_dir, loras_dir):
         if not os.path.isdir(d):
             raise SystemExit(f"error: {d} is not a folder")
-    app, _ = create_app(models_dir, loras_dir, api_auth=api_auth, data_dir=data_dir)
+    app, _ = create_app(models_dir, loras_dir, api_auth=api_auth, data_dir=data_dir, current=current)
     print(f"lorakit: http://{host}:{port}/  (API: http://{host}:{port}/lorakit/v1, docs: /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
