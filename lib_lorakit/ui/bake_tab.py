@@ -77,7 +77,7 @@ def build_bake_tab(service: HostContext) -> None:
                             elem_id="lorakit_bake_blocks")
         add = gr.Button("Add to recipe", elem_id="lorakit_bake_add", scale=1, min_width=120)
     recipe = gr.Dataframe(value=empty_table(HEADERS), headers=HEADERS, datatype=["str", "number", "str", "str"], type="array",
-                          row_count=(0, "dynamic"), col_count=(4, "fixed"), interactive=True,
+                          row_count=(1, "dynamic"), col_count=(4, "fixed"), interactive=True,
                           label="Recipe", elem_id="lorakit_bake_recipe")
     with gr.Accordion("Paste prompt tags", open=False):
         prompt = gr.Textbox(label="Prompt with <lora:name:weight> tags", lines=2,

@@ -22,34 +22,42 @@ class Refills:
         self.service = service
         self.items: list[tuple[Any, Callable[[], list[str]], bool]] = []
         self.triggers: list[Any] = []
+        self._preselected: set[Any] = set()
+        self.hooks: list[tuple[Callable[[str], tuple], list[Any]]] = []
 
     def add(self, comp: Any, choices: Callable[[], list[str]], current: bool = False) -> Any:
         self.items.append((comp, choices, current))
         return comp
 
-    def refill(self, *values: Any) -> list[Any]:
-        """New choices for every registered dropdown; its value kept when still listed, else the host's
-        current checkpoint (where asked for), else empty."""
+    def refill(self, request: gr.Request) -> list[Any]:
+        """New choices for every registered dropdown; the host's current checkpoint preselected once per page
+        (the first time the host has one), after that the user's choice is left alone.
+
+        No inputs on purpose: gradio 4.40's client warns "Too many arguments provided for the endpoint." for
+        every event sent with inputs; the page is told apart by its session instead."""
         try:
             cur = self.service.host.current_checkpoint()
         except Exception:  # noqa: BLE001 - no model loaded yet: nothing to preselect
             cur = None
+        page = getattr(request, "session_hash", None) if request is not None else None
+        first = bool(cur) and page not in self._preselected
+        if first:
+            self._preselected.add(page)
         out = []
-        for (_, choices, current), v in zip(self.items, values):
+        for _, choices, current in self.items:
             names = choices()
-            if v not in (None, "") and v in names:
-                val = v
-            elif current and cur and cur in names:
-                val = cur
+            if first and current and cur in names:
+                out.append(gr.update(choices=names, value=cur))
             else:
-                val = names[0] if names and names[0] == "" else None
-            out.append(gr.update(choices=names, value=val))
+                out.append(gr.update(choices=names))
+        for fn, outs in self.hooks:  # what follows from the preselected checkpoint (e.g. its generation profile)
+            out.extend(fn(cur) if first else [gr.update() for _ in outs])
         return out
 
     def wire(self) -> None:
-        comps = [c for c, _, _ in self.items]
+        comps = [c for c, _, _ in self.items] + [o for _, outs in self.hooks for o in outs]
         for t in self.triggers:
-            t(self.refill, inputs=comps, outputs=comps)
+            t(self.refill, inputs=None, outputs=comps)
 
 
 def add(comp: Any, choices: Callable[[], list[str]], current: bool = False) -> Any:
@@ -57,6 +65,13 @@ def add(comp: Any, choices: Callable[[], list[str]], current: bool = False) -> A
     if _active:
         _active[-1].add(comp, choices, current)
     return comp
+
+
+def on_preselect(fn: Callable[[str], tuple], outputs: list[Any]) -> None:
+    """Also update ``outputs`` with ``fn(checkpoint)`` when the current checkpoint gets preselected (a
+    dropdown's own change event would send its value back: gradio 4.40 warns about that on every show)."""
+    if _active:
+        _active[-1].hooks.append((fn, outputs))
 
 
 def trigger(event: Any) -> None:

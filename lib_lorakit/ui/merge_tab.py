@@ -56,7 +56,7 @@ def build_merge_tab(service: HostContext) -> None:
         preset = gr.Button("70 / 20 / 10", elem_id="lorakit_merge_preset", scale=1, min_width=120)
         refresh = gr.Button("Refresh lists", elem_id="lorakit_merge_refresh", scale=1, min_width=120)
     ingredients = gr.Dataframe(value=empty_table(HEADERS), headers=HEADERS, datatype=["str", "number"],
-                               type="array", row_count=(0, "dynamic"), col_count=(2, "fixed"), interactive=True,
+                               type="array", row_count=(1, "dynamic"), col_count=(2, "fixed"), interactive=True,
                                label="Ingredients (the first is the primary)", elem_id="lorakit_merge_models")
     with gr.Row():
         method = gr.Radio(list(METHODS), value="weighted", label="Method", elem_id="lorakit_merge_method")

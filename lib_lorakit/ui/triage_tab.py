@@ -178,7 +178,8 @@ def build_triage_tab(service: HostContext) -> None:
         return (json.dumps(form["prompts"], indent=1), form["settings"]["steps"], form["settings"]["width"],
                 form["settings"]["height"], _profile_md(form))
 
-    ckpt.change(do_profile, [ckpt], [prompts, steps, width, height, profile_md])
+    ckpt.input(do_profile, [ckpt], [prompts, steps, width, height, profile_md])  # the user's pick
+    lists.on_preselect(do_profile, [prompts, steps, width, height, profile_md])  # the host's current one
 
     def do_start(folder_v, ck, arch_v, cat, nm, seeds_v, st, prompts_v, steps_v, w, h) -> Iterator[tuple]:
         import time
