@@ -141,7 +141,7 @@ def build_inspect_tab(service: HostContext) -> None:
         with gr.Row():
             act = gr.Textbox(label="Activation text (the WebUI adds it with the LoRA)", elem_id="lorakit_inspect_act",
                              scale=4)
-            pref = gr.Number(label="Preferred weight (blank: the WebUI's default)", value=None,
+            pref = gr.Number(label="Preferred weight", value=1.0,
                              elem_id="lorakit_inspect_pref", scale=1)
             ask = gr.Button("Write to the LoRA's user metadata…", elem_id="lorakit_inspect_write", scale=2,
                             interactive=False)
