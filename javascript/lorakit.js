@@ -1,4 +1,5 @@
-// lorakit: after a bake, refresh the host's checkpoint dropdown so the new model shows at once.
+// lorakit: after a bake, refresh the host's checkpoint dropdown so the new model shows at once;
+// refill lorakit's own lists when its tab is shown.
 (function () {
     var REFRESH_IDS = ["refresh_sd_model_checkpoint", "forge_refresh_checkpoint", "refresh_checkpoint"];
 
@@ -32,9 +33,26 @@
         }
     }
 
+    // Fill the dropdowns from the host's lists whenever the lorakit tab comes into view (on page load
+    // in the standalone launcher; when its top-level tab is picked in the WebUI, which loads its model
+    // after building the UI): a hidden button runs the refill.
+    var shown = false;
+
+    function checkShown() {
+        var tabs = root().querySelector("#lorakit_tabs");
+        var now = !!(tabs && tabs.offsetParent !== null);
+        if (now && !shown) {
+            var b = root().querySelector("#lorakit_show");
+            if (b) b.click();
+            else now = false;  // not rendered yet: try again
+        }
+        shown = now;
+    }
+
     if (typeof onUiUpdate === "function") {
         onUiUpdate(check);
     } else {
         setInterval(check, 1000);
     }
+    setInterval(checkShown, 500);
 })();

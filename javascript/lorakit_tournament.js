@@ -175,6 +175,7 @@
             for (var i = 0; i < b.prompts.length; i++) { if (!b.prompts[i].vote) { first = i; break; } }
             startPrompt(first);
             el("lorakit-tour-view").setAttribute("data-loaded", tid + "|" + ev);
+            el("lorakit-tour-view").querySelectorAll("[data-lorakit-tour]").forEach(function (x) { x.disabled = false; });
             flush();
         }).catch(function (e) { status("cannot load the ballot: " + e.message); });
     }

@@ -220,6 +220,7 @@
             render();
             var box = el("lorakit-triage-view");
             if (box) box.setAttribute("data-loaded", tid);
+            root().querySelectorAll("[data-lorakit-decide]").forEach(function (b) { b.disabled = false; });
             return fetch(API + encodeURIComponent(tid));
         }).then(function (r) {
             return r && r.ok ? r.json() : null;

@@ -99,7 +99,8 @@ class LocalHost:
 
     flavour = "standalone"
 
-    def __init__(self, models_dir: str, loras_dir: str, data_dir: str | None = None, outputs_dir: str | None = None):
+    def __init__(self, models_dir: str, loras_dir: str, data_dir: str | None = None, outputs_dir: str | None = None,
+                 current: str | None = None):
         self._ckpt = os.path.abspath(models_dir)
         self._lora = os.path.abspath(loras_dir)
         self._data = os.path.abspath(data_dir or os.path.join(self._ckpt, ".lorakit"))
@@ -107,6 +108,7 @@ class LocalHost:
         self._lock = threading.Lock()
         self.settings: dict[str, Any] = {}
         self.progress: tuple[float, str] = (0.0, "")
+        self._current = current  # the "loaded" checkpoint, as a WebUI would have one
 
     def checkpoint_dirs(self) -> list[str]:
         return [self._ckpt]
@@ -148,7 +150,9 @@ class LocalHost:
         return False
 
     def current_checkpoint(self) -> str | None:
-        return None
+        if not self._current:
+            return None
+        return next((e.name for e in self.list_checkpoints() if self._current in (e.name, *e.aliases)), None)
 
     def refresh_checkpoints(self) -> None:  # the lists are scanned on every call
         pass

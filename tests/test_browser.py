@@ -410,3 +410,132 @@ def test_tournament_from_the_form_alone(form_server, tmp_path):
     assert len(spec.prompts) >= 5 and spec.prompts[0]["seed"] == 1000
     assert spec.profile.get("profile") == "noobai-eps" and "NoobAI" in profile
     assert spec.settings["width"] * spec.settings["height"] >= 1024 * 1024 * 0.9  # an SDXL bucket, not 512x512
+
+
+def _contrast(fg: str, bg: str) -> float:
+    """WCAG 2 contrast ratio of two CSS rgb()/rgba() colours (alpha ignored: both are opaque here)."""
+    import re
+
+    def lum(c):
+        r, g, b = (int(x) / 255 for x in re.findall(r"[\d.]+", c)[:3])
+        f = [v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4 for v in (r, g, b)]
+        return 0.2126 * f[0] + 0.7152 * f[1] + 0.0722 * f[2]
+
+    hi, lo = sorted((lum(fg), lum(bg)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+ROWS_JS = ("id => [...document.querySelectorAll('#' + id + ' tbody tr')].filter(tr => tr.innerText.trim()).length")
+HEADS_JS = ("id => [...document.querySelector('#' + id + ' thead').querySelectorAll('th')]"
+            ".map(th => th.innerText.trim()).filter(t => t)")  # the first head (gradio 4 adds a hidden copy)
+
+
+def test_first_screen_of_every_sub_tab(tmp_path):
+    """What a user sees first, one sub-tab after another: the current checkpoint preselected (read when the tab
+    is shown: the file appears after start-up, as a WebUI loads its model after building the UI), tables empty
+    with their real headers, no placeholder rows, no blank image panels, selection-dependent controls disabled,
+    readable key letters, and no console warning or error from lorakit's components."""
+    need(os.path.exists(CHROMIUM) or shutil.which("chromium"), "Chromium is not installed")
+    pytest.importorskip("gradio")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    import urllib.request
+
+    ckpt, loras = tmp_path / "Stable-diffusion", tmp_path / "Lora"
+    ckpt.mkdir()
+    loras.mkdir()
+    write(loras, "ink.safetensors", make_lora("sd15", "lora", seed=2, conv=False))
+    port = free_port()
+    cmd = [sys.executable, "-m", "lib_lorakit", "ui", "--models-dir", str(ckpt), "--loras-dir", str(loras),
+           "--port", str(port), "--checkpoint", "loaded.safetensors"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url + "lorakit/v1/jobs", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "the launcher did not start"
+                time.sleep(0.3)
+        # written after the UI was built: a build-time read would not know it
+        write_checkpoint(str(ckpt / "loaded.safetensors"), "sd15", tiny=True, seed=1)
+        write_checkpoint(str(ckpt / "other.safetensors"), "sd15", tiny=True, seed=2)
+        seen: dict = {}
+        with sync_api.sync_playwright() as pw:
+            browser = open_browser(pw)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            console = []
+            page.on("console", lambda m: console.append((m.type, m.text)))
+            page.goto(url)
+            page.wait_for_selector("#lorakit_bake_base", timeout=90_000)
+            value = "el => (el.querySelector('input') || {}).value"
+            page.wait_for_function("(document.querySelector('#lorakit_bake_base input') || {}).value"
+                                   " === 'loaded.safetensors'", timeout=30_000)
+            for tab in ("Bake", "Merge", "Inspect", "Triage", "Tournament"):
+                page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text=tab).first.click()
+                page.wait_for_timeout(800)
+                page.screenshot(path=str(tmp_path / f"{tab.lower()}.png"), full_page=True)
+                if tab == "Bake":
+                    seen["bake_base"] = page.locator("#lorakit_bake_base").first.evaluate(value)
+                    seen["recipe"] = (page.evaluate(HEADS_JS, "lorakit_bake_recipe"),
+                                      page.evaluate(ROWS_JS, "lorakit_bake_recipe"))
+                    hint = page.locator("#lorakit_bake_blocks").first
+                    seen["hint"] = hint.evaluate("el => [...el.querySelectorAll('*')].every(e => e.scrollWidth <= "
+                                                 "e.clientWidth + 1 || getComputedStyle(e).overflowX !== 'hidden')")
+                    page.locator("#lorakit_bake_lora input").first.click()
+                    seen["loras"] = page.locator("#lorakit_bake_lora ul li, .options li").all_inner_texts()
+                    page.keyboard.press("Escape")
+                elif tab == "Merge":
+                    seen["merge_pick"] = page.locator("#lorakit_merge_pick").first.evaluate(value)
+                    seen["diff_a"] = page.locator("#lorakit_diff_a").first.evaluate(value)
+                    seen["ingredients"] = (page.evaluate(HEADS_JS, "lorakit_merge_models"),
+                                           page.evaluate(ROWS_JS, "lorakit_merge_models"))
+                    seen["charts"] = page.locator("#lorakit_merge_chart:visible, #lorakit_diff_chart:visible").count()
+                elif tab == "Inspect":
+                    seen["inspect_ckpt"] = page.locator("#lorakit_inspect_ckpt").first.evaluate(value)
+                    seen["summary"] = (page.evaluate(HEADS_JS, "lorakit_inspect_summary"),
+                                       page.evaluate(ROWS_JS, "lorakit_inspect_summary"))
+                    seen["pref"] = page.locator("#lorakit_inspect_pref input").first.input_value()
+                    seen["inspect_disabled"] = [page.locator(f"#{i}").first.is_disabled()
+                                                for i in ("lorakit_inspect_run", "lorakit_inspect_write")]
+                elif tab == "Triage":
+                    seen["triage_ckpt"] = page.locator("#lorakit_triage_ckpt").first.evaluate(value)
+                    buttons = page.locator("[data-lorakit-decide]")
+                    seen["decide_disabled"] = [buttons.nth(i).is_disabled() for i in range(buttons.count())]
+                    seen["contrast"] = [_contrast(*buttons.nth(i).evaluate(
+                        "b => [getComputedStyle(b.querySelector('kbd')).color, getComputedStyle(b).backgroundColor]"))
+                        for i in range(buttons.count())]
+                else:
+                    seen["tour_ckpt"] = page.locator("#lorakit_tour_f_ckpt").first.evaluate(value)
+                    seen["candidates"] = (page.evaluate(HEADS_JS, "lorakit_tour_f_candidates"),
+                                          page.evaluate(ROWS_JS, "lorakit_tour_f_candidates"))
+                    rank = page.locator("[data-lorakit-tour]")
+                    seen["rank_disabled"] = [rank.nth(i).is_disabled() for i in range(rank.count())]
+            shown = list(console)  # before any user action (gradio 4.40 warns on every event sent with inputs)
+            page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Inspect").first.click()
+            pick(page, "lorakit_inspect_lora", "ink")  # picking a LoRA enables Inspect and Write
+            page.wait_for_function("!document.querySelector('#lorakit_inspect_run').disabled && "
+                                   "!document.querySelector('#lorakit_inspect_write').disabled")
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    for key in ("bake_base", "merge_pick", "diff_a", "inspect_ckpt", "triage_ckpt", "tour_ckpt"):
+        assert seen[key] == "loaded.safetensors", (key, seen[key])
+    assert seen["loras"] == ["ink"]
+    assert seen["recipe"] == (["LoRA", "strength", "TE strength", "block weights"], 0)
+    assert seen["ingredients"] == (["checkpoint", "weight"], 0)
+    assert seen["summary"] == (["LoRA", "model", "network", "rank", "trigger", "kind", "category", "max safe",
+                                "warnings"], 0)
+    assert seen["candidates"] == (["#", "candidate", "kind"], 0)
+    assert seen["charts"] == 0 and seen["hint"]
+    assert seen["pref"] not in ("0", "") and float(seen["pref"]) == 1.0
+    assert seen["inspect_disabled"] == [True, True]
+    assert seen["decide_disabled"] == [True, True, True] and seen["rank_disabled"] == [True] * 5
+    assert min(seen["contrast"]) >= 4.5, seen["contrast"]
+    # gradio 4.40's Tabs warns once before any tab registers when a tab is selected by id (6 times without)
+    noise = ("ERR_NAME_NOT_RESOLVED", "fonts.googleapis", "Unable to preload CSS")
+    ours = [(t, m) for t, m in shown if t in ("error", "warning") and not any(n in m for n in noise)]
+    assert [m for _, m in ours if "non-interactive or hidden tab" not in m] == [], ours
+    assert sum("non-interactive or hidden tab" in m for _, m in ours) <= 1, ours

@@ -191,9 +191,11 @@ def script_class():
                 loras = gr.Dropdown(label="LoRAs (rows; empty: the LoRAs tagged in the prompt)", choices=names,
                                     multiselect=True, elem_id="lorakit_grid_loras")
                 with gr.Row():
-                    strengths = gr.Textbox(label="Strengths", placeholder="0, 0.25, 0.5 or 0-1.5:0.25 (empty: 0 up to "
-                                           "each LoRA's max-safe strength)", elem_id="lorakit_grid_strengths")
-                    seeds = gr.Textbox(label="Seeds", placeholder="1, 2, 3 or 3x (empty: the seed above)",
+                    # the hints go in info= (wrapped under the label), not in a one-line placeholder that is cut off
+                    strengths = gr.Textbox(label="Strengths", placeholder="0, 0.25, 0.5 or 0-1.5:0.25",
+                                           info="Empty: 0 up to each LoRA's max-safe strength",
+                                           elem_id="lorakit_grid_strengths")
+                    seeds = gr.Textbox(label="Seeds", placeholder="1, 2, 3 or 3x", info="Empty: the seed above",
                                        elem_id="lorakit_grid_seeds")
                 with gr.Row():
                     epochs = gr.Checkbox(label="Rows: every epoch of each LoRA's training run", value=False,

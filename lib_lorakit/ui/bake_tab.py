@@ -15,7 +15,8 @@ from ..jobs import FINISHED
 from ..ops import bake as bake_op
 from ..ops.bake import BakeRequest, LoraEntry
 from ..ops.context import HostContext
-from .common import POLL_S, error_md, progress_html
+from . import lists
+from .common import POLL_S, empty_table, error_md, progress_html
 
 HEADERS = ["LoRA", "strength", "TE strength", "block weights"]
 
@@ -63,19 +64,19 @@ def build_bake_tab(service: HostContext) -> None:
     def lora_names() -> list[str]:
         return [e.name for e in service.loras()]
 
-    current = service.host.current_checkpoint()
     with gr.Row():
-        base = gr.Dropdown(label="Base checkpoint", choices=ckpt_names(), value=current, elem_id="lorakit_bake_base",
-                           scale=4)
+        base = lists.add(gr.Dropdown(label="Base checkpoint", choices=ckpt_names(), elem_id="lorakit_bake_base",
+                                     scale=4), ckpt_names, current=True)
         refresh = gr.Button("Refresh lists", elem_id="lorakit_bake_refresh", scale=1, min_width=120)
     with gr.Row():
-        lora = gr.Dropdown(label="LoRA", choices=lora_names(), elem_id="lorakit_bake_lora")
+        lora = lists.add(gr.Dropdown(label="LoRA", choices=lora_names(), elem_id="lorakit_bake_lora"), lora_names)
         strength = gr.Number(label="Strength", value=1.0, elem_id="lorakit_bake_strength")
         te = gr.Textbox(label="TE strength (blank: same)", value="", elem_id="lorakit_bake_te")
-        blocks = gr.Textbox(label="Block weights (optional)", placeholder="INALL, or 17/26 (SD1.5) or 12/20 (SDXL) values",
+        blocks = gr.Textbox(label="Block weights (optional)", placeholder="INALL or 17/26 values",
+                            info="A preset (INALL, MIDD, …) or 17/26 values (SD1.5), 12/20 (SDXL)",
                             elem_id="lorakit_bake_blocks")
         add = gr.Button("Add to recipe", elem_id="lorakit_bake_add", scale=1, min_width=120)
-    recipe = gr.Dataframe(value=[["", 1.0, "", ""]], headers=HEADERS, datatype=["str", "number", "str", "str"], type="array",
+    recipe = gr.Dataframe(value=empty_table(HEADERS), headers=HEADERS, datatype=["str", "number", "str", "str"], type="array",
                           row_count=(1, "dynamic"), col_count=(4, "fixed"), interactive=True,
                           label="Recipe", elem_id="lorakit_bake_recipe")
     with gr.Accordion("Paste prompt tags", open=False):
@@ -101,15 +102,12 @@ def build_bake_tab(service: HostContext) -> None:
     job_id = gr.Textbox(value="", elem_id="lorakit_bake_job", elem_classes=["lorakit-hidden"], show_label=False)
     done = gr.Textbox(value="", elem_id="lorakit_bake_done", elem_classes=["lorakit-hidden"], show_label=False)
 
-    def do_refresh():
-        return gr.update(choices=ckpt_names()), gr.update(choices=lora_names())
-
     def do_add(rows, name, s, t, b):
         rows = [list(r) for r in (rows.values.tolist() if hasattr(rows, "values") else rows or [])
                 if str((list(r) + [""])[0] or "").strip()]
         if name:
             rows.append([name, s if s is not None else 1.0, (t or "").strip(), (b or "").strip()])
-        return rows or [["", 1.0, "", ""]]
+        return rows or empty_table(HEADERS)
 
     def do_prompt(text):
         try:
@@ -151,7 +149,7 @@ def build_bake_tab(service: HostContext) -> None:
 
     inputs = [base, recipe, dtype, output, overwrite, allow_unmatched]
     outputs = [job_id, progress, summary, report, done]
-    refresh.click(do_refresh, inputs=[], outputs=[base, lora])
+    lists.trigger(refresh.click)
     add.click(do_add, inputs=[recipe, lora, strength, te, blocks], outputs=[recipe])
     use_prompt.click(do_prompt, inputs=[prompt], outputs=[recipe, summary])
     run.click(lambda *a: (yield from do_bake(False, *a)), inputs=inputs, outputs=outputs)

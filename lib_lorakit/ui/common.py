@@ -24,3 +24,9 @@ def table_rows(rows: Any) -> list[list]:
     if hasattr(rows, "values") and hasattr(rows, "columns"):
         rows = rows.values.tolist()
     return [list(r) for r in rows or [] if str((list(r) + [""])[0] or "").strip()]
+
+
+def empty_table(headers: list[str]) -> dict:
+    """An empty Dataframe value that shows its headers on gradio 3.41 and 4.x alike (``[]`` shows
+    ``1 2 3`` on 3.41; ``None`` adds a blank row)."""
+    return {"headers": list(headers), "data": []}

@@ -14,7 +14,8 @@ from ..errors import LorakitError
 from ..jobs import FINISHED
 from ..ops import inspect as inspect_op
 from ..ops.context import HostContext
-from .common import POLL_S, error_md, progress_html, table_rows
+from . import lists
+from .common import POLL_S, empty_table, error_md, progress_html, table_rows
 
 SUMMARY_HEADERS = ["LoRA", "model", "network", "rank", "trigger", "kind", "category", "max safe", "warnings"]
 
@@ -124,13 +125,14 @@ def build_inspect_tab(service: HostContext) -> None:
         return [""] + [e.name for e in service.checkpoints()]
 
     with gr.Row():
-        lora = gr.Dropdown(label="LoRA", choices=lora_names(), elem_id="lorakit_inspect_lora", scale=4)
-        ckpt = gr.Dropdown(label="Used with checkpoint (optional)", choices=ckpt_names(), value="",
-                           elem_id="lorakit_inspect_ckpt", scale=3)
+        lora = lists.add(gr.Dropdown(label="LoRA", choices=lora_names(), elem_id="lorakit_inspect_lora", scale=4),
+                         lora_names)
+        ckpt = lists.add(gr.Dropdown(label="Used with checkpoint (optional)", choices=ckpt_names(), value="",
+                                     elem_id="lorakit_inspect_ckpt", scale=3), ckpt_names, current=True)
         weights = gr.Checkbox(label="Per-block weight statistics (reads the tensors)", value=False,
                               elem_id="lorakit_inspect_weights", scale=2)
     with gr.Row():
-        run = gr.Button("Inspect", variant="primary", elem_id="lorakit_inspect_run")
+        run = gr.Button("Inspect", variant="primary", elem_id="lorakit_inspect_run", interactive=False)
         scan = gr.Button("Inspect every LoRA", elem_id="lorakit_inspect_all")
         refresh = gr.Button("Refresh lists", elem_id="lorakit_inspect_refresh")
     progress = gr.HTML(progress_html(0, "", "idle"), elem_id="lorakit_inspect_progress")
@@ -139,14 +141,16 @@ def build_inspect_tab(service: HostContext) -> None:
         with gr.Row():
             act = gr.Textbox(label="Activation text (the WebUI adds it with the LoRA)", elem_id="lorakit_inspect_act",
                              scale=4)
-            pref = gr.Number(label="Preferred weight", value=0.0, elem_id="lorakit_inspect_pref", scale=1)
-            ask = gr.Button("Write to the LoRA's user metadata…", elem_id="lorakit_inspect_write", scale=2)
+            pref = gr.Number(label="Preferred weight", value=1.0,
+                             elem_id="lorakit_inspect_pref", scale=1)
+            ask = gr.Button("Write to the LoRA's user metadata…", elem_id="lorakit_inspect_write", scale=2,
+                            interactive=False)
         with gr.Row(visible=False) as confirm_row:
             confirm_text = gr.Markdown("", elem_id="lorakit_inspect_confirm_text")
             confirm = gr.Button("Confirm: write it", variant="primary", elem_id="lorakit_inspect_confirm")
             dismiss = gr.Button("Cancel", elem_id="lorakit_inspect_dismiss")
     written = gr.Markdown("", elem_id="lorakit_inspect_written")
-    summary = gr.Dataframe(headers=SUMMARY_HEADERS, value=[], interactive=False, label="All LoRAs",
+    summary = gr.Dataframe(headers=SUMMARY_HEADERS, value=empty_table(SUMMARY_HEADERS), interactive=False, label="All LoRAs",
                            elem_id="lorakit_inspect_summary", wrap=True)
     with gr.Accordion("Full report (JSON)", open=False):
         report = gr.JSON(elem_id="lorakit_inspect_json")
@@ -162,9 +166,6 @@ def build_inspect_tab(service: HostContext) -> None:
                                     col_count=(2, "fixed"), interactive=True, elem_id="lorakit_inspect_lineages")
         save = gr.Button("Save table", elem_id="lorakit_inspect_save")
         saved = gr.Markdown("", elem_id="lorakit_inspect_saved")
-
-    def do_refresh():
-        return gr.update(choices=lora_names()), gr.update(choices=ckpt_names())
 
     def do_inspect(name, ck, deep):
         try:
@@ -231,7 +232,8 @@ def build_inspect_tab(service: HostContext) -> None:
             return gr.update(), gr.update(), error_md(e)
         return strength_rows(st), lineage_rows(st), "Saved."
 
-    refresh.click(do_refresh, inputs=[], outputs=[lora, ckpt])
+    lists.trigger(refresh.click)
+    lora.change(lambda v: (gr.update(interactive=bool(v)),) * 2, inputs=[lora], outputs=[run, ask])
     run.click(do_inspect, inputs=[lora, ckpt, weights], outputs=[progress, result, report, act, pref])
     scan.click(do_scan, inputs=[ckpt], outputs=[progress, result, summary])
     ask.click(do_ask, inputs=[lora, act, pref], outputs=[confirm_row, confirm_text, written])

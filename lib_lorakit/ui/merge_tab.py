@@ -16,9 +16,11 @@ from ..merge.registry import METHODS, param_default
 from ..ops import merge as merge_op
 from ..ops.context import HostContext
 from ..ops.merge import MergeModelIn, MergeRequest
-from .common import POLL_S, error_md, progress_html, table_rows
+from . import lists
+from .common import POLL_S, empty_table, error_md, progress_html, table_rows
 
 PRIMARY = "model 1 (primary)"
+HEADERS = ["checkpoint", "weight"]
 MERGE_TE = "merge them"
 
 
@@ -47,22 +49,24 @@ def build_merge_tab(service: HostContext) -> None:
         return [PRIMARY] + [f"model {i}" for i in range(2, max(n, 2) + 1)] + [e.name for e in service.vae_files()]
 
     with gr.Row():
-        pick = gr.Dropdown(label="Checkpoint", choices=ckpt_names(), elem_id="lorakit_merge_pick", scale=4)
+        pick = lists.add(gr.Dropdown(label="Checkpoint", choices=ckpt_names(), elem_id="lorakit_merge_pick", scale=4),
+                         ckpt_names, current=True)
         weight = gr.Number(label="Weight", value=1.0, elem_id="lorakit_merge_weight", scale=1)
         add = gr.Button("Add ingredient", elem_id="lorakit_merge_add", scale=1, min_width=120)
         preset = gr.Button("70 / 20 / 10", elem_id="lorakit_merge_preset", scale=1, min_width=120)
         refresh = gr.Button("Refresh lists", elem_id="lorakit_merge_refresh", scale=1, min_width=120)
-    ingredients = gr.Dataframe(value=[["", 1.0]], headers=["checkpoint", "weight"], datatype=["str", "number"],
+    ingredients = gr.Dataframe(value=empty_table(HEADERS), headers=HEADERS, datatype=["str", "number"],
                                type="array", row_count=(1, "dynamic"), col_count=(2, "fixed"), interactive=True,
                                label="Ingredients (the first is the primary)", elem_id="lorakit_merge_models")
     with gr.Row():
         method = gr.Radio(list(METHODS), value="weighted", label="Method", elem_id="lorakit_merge_method")
-        base = gr.Dropdown(label="Base C (add-difference, TIES, DARE)", choices=ckpt_names(),
-                           elem_id="lorakit_merge_base")
+        base = lists.add(gr.Dropdown(label="Base C (add-difference, TIES, DARE)", choices=ckpt_names(),
+                                     elem_id="lorakit_merge_base"), ckpt_names)
     with gr.Row():
         blocks = gr.Textbox(label="Block factors (optional)", placeholder="e.g. IN04=0.3,OUT02=0.5 or a 26/20-value vector",
                             elem_id="lorakit_merge_blocks")
-        vae = gr.Dropdown(label="VAE from", choices=vae_choices(), value=PRIMARY, elem_id="lorakit_merge_vae")
+        vae = lists.add(gr.Dropdown(label="VAE from", choices=vae_choices(), value=PRIMARY, elem_id="lorakit_merge_vae"),
+                        vae_choices)
         te = gr.Dropdown(label="Text encoders", choices=[MERGE_TE, "model 1", "model 2", "model 3"], value=MERGE_TE,
                          elem_id="lorakit_merge_te")
     with gr.Accordion("TIES / DARE settings", open=False):
@@ -83,7 +87,7 @@ def build_merge_tab(service: HostContext) -> None:
     progress = gr.HTML(progress_html(0, "", "idle"), elem_id="lorakit_merge_progress")
     summary = gr.Markdown("", elem_id="lorakit_merge_summary")
     diag = gr.Image(label="Second ingredient against the primary, per block", type="pil", interactive=False,
-                    elem_id="lorakit_merge_chart")
+                    elem_id="lorakit_merge_chart", visible=False)  # shown once there is a chart
     with gr.Accordion("Full report (JSON)", open=False):
         report = gr.JSON(elem_id="lorakit_merge_report")
     job_id = gr.Textbox(value="", elem_id="lorakit_merge_job", elem_classes=["lorakit-hidden"], show_label=False)
@@ -91,28 +95,24 @@ def build_merge_tab(service: HostContext) -> None:
 
     gr.Markdown("### Diff: where does B differ from A?")
     with gr.Row():
-        diff_a = gr.Dropdown(label="A (reference)", choices=ckpt_names(), elem_id="lorakit_diff_a")
-        diff_b = gr.Dropdown(label="B", choices=ckpt_names(), elem_id="lorakit_diff_b")
+        diff_a = lists.add(gr.Dropdown(label="A (reference)", choices=ckpt_names(), elem_id="lorakit_diff_a"),
+                           ckpt_names, current=True)
+        diff_b = lists.add(gr.Dropdown(label="B", choices=ckpt_names(), elem_id="lorakit_diff_b"), ckpt_names)
         compare = gr.Button("Compare", elem_id="lorakit_diff_run", scale=0, min_width=120)
     diff_table = gr.Markdown("", elem_id="lorakit_diff_table")
-    diff_chart = gr.Image(type="pil", interactive=False, show_label=False, elem_id="lorakit_diff_chart")
-
-    def do_refresh():
-        names = ckpt_names()
-        return (gr.update(choices=names), gr.update(choices=names), gr.update(choices=vae_choices()),
-                gr.update(choices=names), gr.update(choices=names))
+    diff_chart = gr.Image(type="pil", interactive=False, show_label=False, elem_id="lorakit_diff_chart", visible=False)
 
     def do_add(rows, name, w):
         rows = table_rows(rows)
         if name:
             rows.append([name, 1.0 if w is None else w])
-        return rows or [["", 1.0]]
+        return rows or empty_table(HEADERS)
 
     def do_preset(rows):
         rows = table_rows(rows)
         for r, w in zip(rows, (0.7, 0.2, 0.1)):
             r[1] = w
-        return rows or [["", 1.0]]
+        return rows or empty_table(HEADERS)
 
     def do_merge(rows, method_v, base_v, blocks_v, vae_v, te_v, norm_v, dens, drp, sd, sc, dtype_v, out_v, ow):
         try:
@@ -127,20 +127,22 @@ def build_merge_tab(service: HostContext) -> None:
                 raise LorakitError("No output name.", fix="Type a name for the new checkpoint.")
             job = merge_op.start(service, req)
         except LorakitError as e:
-            yield "", progress_html(0, "not started", "error"), error_md(e), None, None, gr.update()
+            yield "", progress_html(0, "not started", "error"), error_md(e), gr.update(visible=False), None, gr.update()
             return
         while job.state not in FINISHED:
-            yield job.id, progress_html(job.progress, job.message, job.state), "", None, None, gr.update()
+            yield job.id, progress_html(job.progress, job.message, job.state), "", gr.update(visible=False), None, \
+                gr.update()
             time.sleep(POLL_S)
         if job.state == "done":
             rep = job.result["report"]
             img = merge_op.diff_chart(rep["diagnostics"][0], f"{rep['diagnostics'][0]['ingredient']} vs "
                                                f"{rep['diagnostics'][0]['against']}") if rep["diagnostics"] else None
             marker = json.dumps({"checkpoint": job.result.get("checkpoint"), "t": time.time()})
-            yield job.id, progress_html(1, "done", "done"), summary_md(job.result), img, rep, marker
+            yield job.id, progress_html(1, "done", "done"), summary_md(job.result), \
+                gr.update(value=img, visible=img is not None), rep, marker
         else:
             yield job.id, progress_html(job.progress, job.state, job.state), \
-                error_md(Exception(job.error or job.state)), None, None, gr.update()
+                error_md(Exception(job.error or job.state)), gr.update(visible=False), None, gr.update()
 
     def do_cancel(jid):
         return "Cancelling..." if jid and service.jobs.cancel(jid) is not None else "Nothing to cancel."
@@ -149,10 +151,10 @@ def build_merge_tab(service: HostContext) -> None:
         try:
             res = merge_op.diff(service, {"a": a or "", "b": b or ""})
         except LorakitError as e:
-            return error_md(e), None
-        return merge_op.diff_table(res), merge_op.diff_chart(res, f"{b} vs {a}")
+            return error_md(e), gr.update(visible=False)
+        return merge_op.diff_table(res), gr.update(value=merge_op.diff_chart(res, f"{b} vs {a}"), visible=True)
 
-    refresh.click(do_refresh, inputs=[], outputs=[pick, base, vae, diff_a, diff_b])
+    lists.trigger(refresh.click)
     add.click(do_add, inputs=[ingredients, pick, weight], outputs=[ingredients])
     preset.click(do_preset, inputs=[ingredients], outputs=[ingredients])
     run.click(do_merge, inputs=[ingredients, method, base, blocks, vae, te, normalize, density, drop, seed, scale,

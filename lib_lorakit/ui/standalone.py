@@ -33,11 +33,12 @@ def assets() -> tuple[str, str]:
     return css, js
 
 
-def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, data_dir: str | None = None):
+def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, data_dir: str | None = None,
+               current: str | None = None):
     """The FastAPI app: the lorakit tab at /, the API at /lorakit/v1. Returns (app, service)."""
     from fastapi import FastAPI
 
-    service = HostContext(LocalHost(models_dir, loras_dir, data_dir=data_dir))
+    service = HostContext(LocalHost(models_dir, loras_dir, data_dir=data_dir, current=current))
     css, js = assets()
     head = '<script src="/lorakit.js"></script>' if js else None
     kw = {"title": "lorakit", "css": css}
@@ -67,7 +68,7 @@ def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, 
 
 
 def serve(models_dir: str, loras_dir: str, *, port: int = 7870, host: str = "127.0.0.1",
-          api_auth: str | None = None, data_dir: str | None = None) -> None:
+          api_auth: str | None = None, data_dir: str | None = None, current: str | None = None) -> None:
     import socket
 
     import uvicorn
@@ -92,7 +93,7 @@ def serve(models_dir: str, loras_dir: str, *, port: int = 7870, host: str = "127
     from ..ops.files import sweep_orphans
 
     sweep_orphans(models_dir)  # what a killed bake or merge left in the output folder (logged)
-    app, service = create_app(models_dir, loras_dir, api_auth=api_auth, data_dir=data_dir)
+    app, service = create_app(models_dir, loras_dir, api_auth=api_auth, data_dir=data_dir, current=current)
     print(f"lorakit: http://{host}:{port}/  (API: http://{host}:{port}/lorakit/v1, docs: /docs)", flush=True)
     # SIGTERM/Ctrl-C: uvicorn stops within 2 s even with a stuck job or an open queue connection; the job
     # threads are daemons, so they do not hold the process.

@@ -15,7 +15,8 @@ from ..errors import LorakitError
 from ..gen.profiles import default_settings
 from ..ops import tournament as tour_op
 from ..ops.context import HostContext
-from .common import POLL_S, error_md, progress_html
+from . import lists
+from .common import POLL_S, empty_table, error_md, progress_html
 
 VIEWER = """
 <div id="lorakit-tour-view" class="lorakit-tour">
@@ -23,11 +24,11 @@ VIEWER = """
   <div id="lorakit-tour-grid" class="lorakit-tour-grid"></div>
   <div id="lorakit-tour-flags" class="lorakit-warn"></div>
   <div class="lorakit-triage-buttons">
-    <button data-lorakit-tour="1">1st <kbd>1</kbd></button>
-    <button data-lorakit-tour="2">2nd <kbd>2</kbd></button>
-    <button data-lorakit-tour="3">3rd <kbd>3</kbd></button>
-    <button data-lorakit-tour="bomb" class="lorakit-no">Bomb <kbd>B</kbd></button>
-    <button data-lorakit-tour="submit" class="lorakit-yes">Save and next <kbd>Enter</kbd></button>
+    <button disabled data-lorakit-tour="1">1st <kbd>1</kbd></button>
+    <button disabled data-lorakit-tour="2">2nd <kbd>2</kbd></button>
+    <button disabled data-lorakit-tour="3">3rd <kbd>3</kbd></button>
+    <button disabled data-lorakit-tour="bomb" class="lorakit-no">Bomb <kbd>B</kbd></button>
+    <button disabled data-lorakit-tour="submit" class="lorakit-yes">Save and next <kbd>Enter</kbd></button>
   </div>
   <div class="lorakit-triage-help">← → select · 1 2 3 rank · B bomb · X all bad · 0 no preference · Enter save and
     next · PgUp/PgDn move between prompts</div>
@@ -59,8 +60,8 @@ def _describe(row: dict) -> str:
     return s
 
 
-def _form_rows(rows: list[dict]) -> list[list]:
-    return [[i + 1, _describe(r), r.get("kind", "")] for i, r in enumerate(rows)]
+def _form_rows(rows: list[dict]) -> list[list] | dict:
+    return [[i + 1, _describe(r), r.get("kind", "")] for i, r in enumerate(rows)] or empty_table(FORM_HEADERS)
 
 
 def _merge_models(text: str) -> list[dict]:
@@ -139,7 +140,8 @@ def build_tournament_tab(service: HostContext) -> None:
                     "merge recipe — and mark the version you ship today as the **control**. Prompts and settings come "
                     "from the control checkpoint's generation profile; edit what you like.")
         with gr.Row():
-            f_ckpt = gr.Dropdown(label="Checkpoint", choices=ckpts, elem_id="lorakit_tour_f_ckpt", scale=3)
+            f_ckpt = lists.add(gr.Dropdown(label="Checkpoint", choices=ckpts, elem_id="lorakit_tour_f_ckpt", scale=3),
+                               lambda: [e.name for e in service.checkpoints()], current=True)
             f_loras = gr.Textbox(label="LoRAs on top (optional)", placeholder="name:0.8, other:0.5",
                                  elem_id="lorakit_tour_f_loras", scale=3)
             f_add = gr.Button("Add candidate", elem_id="lorakit_tour_f_add", scale=1, min_width=120)
@@ -147,8 +149,10 @@ def build_tournament_tab(service: HostContext) -> None:
             f_merge = gr.Textbox(label="Or a merge recipe (checkpoints with weights)", placeholder="a:0.7, b:0.2, c:0.1",
                                  elem_id="lorakit_tour_f_merge", scale=6)
             f_add_merge = gr.Button("Add merge candidate", elem_id="lorakit_tour_f_add_merge", scale=1, min_width=120)
-        f_rows = gr.State([])
-        f_table = gr.Dataframe(headers=FORM_HEADERS, value=[], datatype=["number", "str", "str"], interactive=False,
+        # the candidates picked so far, as JSON in a hidden box (a gr.State's config does not serialise in gradio 4.40)
+        f_rows = gr.Textbox(value="[]", elem_id="lorakit_tour_f_rows", elem_classes=["lorakit-hidden"],
+                            show_label=False)
+        f_table = gr.Dataframe(headers=FORM_HEADERS, value=empty_table(FORM_HEADERS), datatype=["number", "str", "str"], interactive=False,
                                label="Candidates", elem_id="lorakit_tour_f_candidates", wrap=True)
         with gr.Row():
             f_control = gr.Dropdown(label="Control (the previous version)", choices=[], elem_id="lorakit_tour_f_control",
@@ -267,16 +271,23 @@ def build_tournament_tab(service: HostContext) -> None:
 
         return text, "\n".join(prompt_set(chosen))
 
+    def _rows(value) -> list[dict]:
+        try:
+            rows = json.loads(value or "[]")
+        except ValueError:
+            return []
+        return rows if isinstance(rows, list) else []
+
     def form_update(rows, control):
         ids = [str(i + 1) for i in range(len(rows))]
         ctl = control if control in ids else (ids[0] if ids else None)
         text, prompts = form_profile(rows, ctl)
-        return rows, _form_rows(rows), gr.update(choices=ids, value=ctl), text, prompts
+        return json.dumps(rows), _form_rows(rows), gr.update(choices=ids, value=ctl), text, prompts
 
     def do_add(rows, ck, loras_text, control):
-        rows = list(rows or [])
+        rows = _rows(rows)
         if not ck:
-            return (rows, _form_rows(rows), gr.update(), error_md(LorakitError("No checkpoint picked.",
+            return (json.dumps(rows), _form_rows(rows), gr.update(), error_md(LorakitError("No checkpoint picked.",
                                                                                fix="Choose one from the list.")),
                     gr.update())
         row = {"kind": "recipe" if (loras_text or "").strip() else "checkpoint", "checkpoint": ck,
@@ -284,17 +295,18 @@ def build_tournament_tab(service: HostContext) -> None:
         return form_update(rows + [row], control)
 
     def do_add_merge(rows, text, control):
-        rows = list(rows or [])
+        rows = _rows(rows)
         models = _merge_models(text)
         return form_update(rows + [{"kind": "merge", "merge": {"models": models}}], control)
 
     form_out = [f_rows, f_table, f_control, f_profile, f_prompts]
     f_add.click(do_add, [f_rows, f_ckpt, f_loras, f_control], form_out)
     f_add_merge.click(do_add_merge, [f_rows, f_merge, f_control], form_out)
-    f_clear.click(lambda: ([], [], gr.update(choices=[], value=None), "", ""), [], form_out)
-    f_control.change(lambda rows, c: form_profile(rows, c), [f_rows, f_control], [f_profile, f_prompts])
+    f_clear.click(lambda: ("[]", empty_table(FORM_HEADERS), gr.update(choices=[], value=None), "", ""), [], form_out)
+    f_control.change(lambda rows, c: form_profile(_rows(rows), c), [f_rows, f_control], [f_profile, f_prompts])
 
     def do_create_form(rows, control, first, prompts_text, seeds_text, steps_v, cfg_v, name_v):
+        rows = _rows(rows)
         try:
             settings = {k: v for k, v in (("steps", int(steps_v) if steps_v else None),
                                           ("cfg_scale", float(cfg_v) if cfg_v else None)) if v is not None}

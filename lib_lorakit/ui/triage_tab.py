@@ -16,6 +16,7 @@ import gradio as gr
 
 from ..ops import triage as triage_op
 from ..ops.context import HostContext
+from . import lists
 from .common import POLL_S, error_md, progress_html
 
 VIEWER = """
@@ -38,9 +39,9 @@ VIEWER = """
   </div>
   <div id="lorakit-triage-info"></div>
   <div class="lorakit-triage-buttons">
-    <button data-lorakit-decide="yes" class="lorakit-yes">YES <kbd>Y</kbd></button>
-    <button data-lorakit-decide="maybe" class="lorakit-maybe">MAYBE <kbd>M</kbd></button>
-    <button data-lorakit-decide="no" class="lorakit-no">NO <kbd>N</kbd></button>
+    <button data-lorakit-decide="yes" class="lorakit-yes" disabled>YES <kbd>Y</kbd></button>
+    <button data-lorakit-decide="maybe" class="lorakit-maybe" disabled>MAYBE <kbd>M</kbd></button>
+    <button data-lorakit-decide="no" class="lorakit-no" disabled>NO <kbd>N</kbd></button>
   </div>
   <div class="lorakit-triage-help">← → move · U undo · decisions are saved at once</div>
   <div id="lorakit-triage-status"></div>
@@ -71,6 +72,9 @@ def _tid(choice: str | None) -> str:
 
 
 def build_triage_tab(service: HostContext) -> None:
+    def ckpt_names() -> list[str]:
+        return [e.name for e in service.checkpoints()]
+
     choices = _choices(service)
     with gr.Row():
         pick = gr.Dropdown(label="Triage", choices=choices, value=choices[0] if choices else None,
@@ -96,8 +100,8 @@ def build_triage_tab(service: HostContext) -> None:
     with gr.Accordion("New triage", open=not choices):
         with gr.Row():
             folder = gr.Textbox(label="LoRA folder (inside the LoRA folder; empty: all)", elem_id="lorakit_triage_folder")
-            ckpt = gr.Dropdown(label="Checkpoint (empty: the loaded one)", choices=[e.name for e in service.checkpoints()],
-                               elem_id="lorakit_triage_ckpt")
+            ckpt = lists.add(gr.Dropdown(label="Checkpoint (empty: the loaded one)", choices=ckpt_names(),
+                                         elem_id="lorakit_triage_ckpt"), ckpt_names, current=True)
         with gr.Row():
             arch = gr.Dropdown(label="Architecture", choices=["", "sd15", "sdxl"], value="")
             category = gr.Textbox(label="Category", placeholder="e.g. style")
@@ -174,7 +178,8 @@ def build_triage_tab(service: HostContext) -> None:
         return (json.dumps(form["prompts"], indent=1), form["settings"]["steps"], form["settings"]["width"],
                 form["settings"]["height"], _profile_md(form))
 
-    ckpt.change(do_profile, [ckpt], [prompts, steps, width, height, profile_md])
+    ckpt.input(do_profile, [ckpt], [prompts, steps, width, height, profile_md])  # the user's pick
+    lists.on_preselect(do_profile, [prompts, steps, width, height, profile_md])  # the host's current one
 
     def do_start(folder_v, ck, arch_v, cat, nm, seeds_v, st, prompts_v, steps_v, w, h) -> Iterator[tuple]:
         import time

@@ -13,6 +13,7 @@ from ..errors import LorakitError
 from ..jobs import FINISHED
 from ..ops import workshop as W
 from ..ops.context import HostContext
+from . import lists
 from .common import POLL_S, error_md, progress_html
 
 SAVE = ["fp16", "bf16", "fp32"]
@@ -34,8 +35,8 @@ def build_workshop_tab(service: HostContext) -> None:
     refresh = gr.Button("Refresh lists", elem_id="lorakit_ws_refresh")
     with gr.Accordion("Extract a LoRA (tuned − base)", open=True):
         with gr.Row():
-            x_tuned = gr.Dropdown(label="Fine-tuned checkpoint", choices=ckpts(), elem_id="lorakit_ws_x_tuned")
-            x_base = gr.Dropdown(label="Base it was tuned from", choices=ckpts(), elem_id="lorakit_ws_x_base")
+            x_tuned = lists.add(gr.Dropdown(label="Fine-tuned checkpoint", choices=ckpts(), elem_id="lorakit_ws_x_tuned"), ckpts)
+            x_base = lists.add(gr.Dropdown(label="Base it was tuned from", choices=ckpts(), elem_id="lorakit_ws_x_base"), ckpts)
         with gr.Row():
             x_rank = gr.Number(label="Rank", value=32, precision=0, elem_id="lorakit_ws_x_rank")
             x_conv = gr.Number(label="Conv rank (blank: no conv layers)", value=None, precision=0,
@@ -45,7 +46,7 @@ def build_workshop_tab(service: HostContext) -> None:
         x_run = gr.Button("Extract", variant="primary", elem_id="lorakit_ws_x_run")
     with gr.Accordion("Resize a LoRA", open=False):
         with gr.Row():
-            r_lora = gr.Dropdown(label="LoRA", choices=loras(), elem_id="lorakit_ws_r_lora")
+            r_lora = lists.add(gr.Dropdown(label="LoRA", choices=loras(), elem_id="lorakit_ws_r_lora"), loras)
             r_rank = gr.Number(label="New rank", value=16, precision=0, elem_id="lorakit_ws_r_rank")
             r_dyn = gr.Textbox(label="Dynamic rank (optional)", placeholder="sv_fro:0.9", elem_id="lorakit_ws_r_dyn")
             r_out = gr.Textbox(label="Output LoRA name", elem_id="lorakit_ws_r_out")
@@ -61,7 +62,7 @@ def build_workshop_tab(service: HostContext) -> None:
         m_run = gr.Button("Merge LoRAs", variant="primary", elem_id="lorakit_ws_m_run")
     with gr.Accordion("Clean a checkpoint", open=False):
         with gr.Row():
-            c_ckpt = gr.Dropdown(label="Checkpoint", choices=ckpts(), elem_id="lorakit_ws_c_ckpt")
+            c_ckpt = lists.add(gr.Dropdown(label="Checkpoint", choices=ckpts(), elem_id="lorakit_ws_c_ckpt"), ckpts, current=True)
             c_vae = gr.Dropdown(label="Replace the VAE from (optional)", choices=[""] + ckpts(),
                                 elem_id="lorakit_ws_c_vae")
             c_save = gr.Radio(["keep"] + SAVE, value="keep", label="Save as", elem_id="lorakit_ws_c_save")
@@ -78,7 +79,7 @@ def build_workshop_tab(service: HostContext) -> None:
         c_run = gr.Button("Clean", variant="primary", elem_id="lorakit_ws_c_run")
     with gr.Accordion("Hashes", open=False):
         with gr.Row():
-            h_ckpt = gr.Dropdown(label="Checkpoint", choices=ckpts(), elem_id="lorakit_ws_h_ckpt")
+            h_ckpt = lists.add(gr.Dropdown(label="Checkpoint", choices=ckpts(), elem_id="lorakit_ws_h_ckpt"), ckpts, current=True)
             h_run = gr.Button("Hashes", elem_id="lorakit_ws_h_run")
         h_out = gr.Markdown(elem_id="lorakit_ws_h_out")
     with gr.Row():
@@ -138,11 +139,6 @@ def build_workshop_tab(service: HostContext) -> None:
     def do_cancel(jid):
         return "Cancelling..." if jid and service.jobs.cancel(jid) is not None else "Nothing to cancel."
 
-    def do_refresh():
-        c, lo = ckpts(), loras()
-        return (gr.update(choices=c), gr.update(choices=c), gr.update(choices=lo), gr.update(choices=c),
-                gr.update(choices=[""] + c), gr.update(choices=c))
-
     outs = [job_id, progress, summary]
     x_run.click(do_extract, [x_tuned, x_base, x_rank, x_conv, x_dyn, x_out], outs)
     r_run.click(do_resize, [r_lora, r_rank, r_dyn, r_out], outs)
@@ -151,4 +147,5 @@ def build_workshop_tab(service: HostContext) -> None:
                 outs)
     h_run.click(do_hash, [h_ckpt], [h_out])
     cancel.click(do_cancel, [job_id], [summary], queue=False)
-    refresh.click(do_refresh, [], [x_tuned, x_base, r_lora, c_ckpt, c_vae, h_ckpt])
+    lists.add(c_vae, lambda: [""] + ckpts())
+    lists.trigger(refresh.click)
