@@ -58,8 +58,16 @@ def build_inputs(work: str, keep: bool) -> tuple[str, list[str]]:
         paths.append(p)
         if not (keep and os.path.exists(p)):
             sd = make_lora("sdxl", algo, rank=32, alpha=16, tiny=False, conv=conv, te=True, seed=100 + i, std=0.01)
-            write_lora(p, sd, {"ss_network_module": "networks.lora" if algo == "lora" else "lycoris.kohya",
-                               "ss_network_dim": "32", "ss_network_alpha": "16"}, overwrite=True)
+            write_lora(
+                p,
+                sd,
+                {
+                    "ss_network_module": "networks.lora" if algo == "lora" else "lycoris.kohya",
+                    "ss_network_dim": "32",
+                    "ss_network_alpha": "16",
+                },
+                overwrite=True,
+            )
             print(f"built {p} ({os.path.getsize(p) / 1e6:.0f} MB)", flush=True)
     return base, paths
 
@@ -94,7 +102,9 @@ def _peak():
 atexit.register(lambda: print(f'PEAK_RSS_MB={_peak():.1f}', file=sys.stderr))
 """
 
-IO_FLOOR_DIRECT = CHILD_PRELUDE + r"""
+IO_FLOOR_DIRECT = (
+    CHILD_PRELUDE
+    + r"""
 # The same copy written with O_DIRECT from an aligned buffer (what lorakit's writer does on Linux).
 import mmap, os
 inputs, out = sys.argv[1:-1], sys.argv[-1]
@@ -119,8 +129,11 @@ for p in inputs[1:]:
 os.fsync(fd)
 os.close(fd)
 """
+)
 
-IO_FLOOR = CHILD_PRELUDE + r"""
+IO_FLOOR = (
+    CHILD_PRELUDE
+    + r"""
 import os
 inputs, out = sys.argv[1:-1], sys.argv[-1]
 buf = bytearray(16 << 20)
@@ -137,8 +150,11 @@ for p in inputs[1:]:
 os.fsync(fd)
 os.close(fd)
 """
+)
 
-GEMM = CHILD_PRELUDE + r"""
+GEMM = (
+    CHILD_PRELUDE
+    + r"""
 import time, torch
 best = 0.0
 for n in (2048, 4096):
@@ -151,8 +167,11 @@ for n in (2048, 4096):
     best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
 print(best)
 """
+)
 
-NAIVE = CHILD_PRELUDE + r"""
+NAIVE = (
+    CHILD_PRELUDE
+    + r"""
 # What a one-off script does: load everything, compute each dW, add, save.
 import os, torch, safetensors.torch as st
 sys.path.insert(0, os.getcwd())
@@ -179,6 +198,7 @@ for path, strength in loras:
 st.save_file(sd, out)
 fd = os.open(out, os.O_RDONLY); os.fsync(fd); os.close(fd)
 """
+)
 
 
 def delta_flops(paths: list[str]) -> float:
@@ -208,8 +228,10 @@ def delta_flops(paths: list[str]) -> float:
 def lorakit_variants(args, cache_dir: str) -> list[tuple[str, list[str], list[str], bool]]:
     """(name, command prefix, extra lorakit args, empty the hash cache first) per lorakit run."""
     cache = ["--hash-cache", cache_dir]
-    out = [("lorakit", [], ["--device", "cpu", *cache], True),
-           ("lorakit-cached", [], ["--device", "cpu", *cache], False)]
+    out = [
+        ("lorakit", [], ["--device", "cpu", *cache], True),
+        ("lorakit-cached", [], ["--device", "cpu", *cache], False),
+    ]
     if args.two_cores:
         out.append(("lorakit-2cores", ["taskset", "-c", "0,1"], ["--device", "cpu", *cache], True))
     for dev in args.devices.split(","):
@@ -241,7 +263,7 @@ def fp16_steps(a: str, b: str) -> tuple[float, str]:
             x, y = fa.read(k), fb.read(k)
             if x.dtype == torch.float16 and x.numel():
                 x32, y32 = x.float(), y.float()
-                mag = torch.maximum(x32.abs(), y32.abs()).clamp_min(2.0 ** -14)
+                mag = torch.maximum(x32.abs(), y32.abs()).clamp_min(2.0**-14)
                 d = float(((x32 - y32).abs() / torch.exp2(torch.floor(torch.log2(mag)) - 10)).max())
             else:
                 d = 0.0 if torch.equal(x, y) else math.inf
@@ -256,8 +278,11 @@ def print_profile(name: str, rep: dict) -> None:
     if not eng:
         return
     st = eng.get("stages", {})
-    print(f"{name}: device {eng.get('device')}, {eng.get('workers')} maths threads, wall {rep['wall_s']:.1f} s; "
-          "seconds per stage (all threads): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(st.items(), key=lambda kv: -kv[1])))
+    print(
+        f"{name}: device {eng.get('device')}, {eng.get('workers')} maths threads, wall {rep['wall_s']:.1f} s; "
+        "seconds per stage (all threads): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(st.items(), key=lambda kv: -kv[1]))
+    )
     for t, d in sorted(eng.get("threads", {}).items()):
         if not t.startswith("lorakit-maths") or t.endswith("_0"):
             print(f"    {t}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])))
@@ -293,13 +318,26 @@ def main() -> None:
                 os.unlink(p)
 
     recipe = [f"{p}:{STRENGTHS[n]}" for p, (n, _, _) in zip(loras, LORAS)]
-    bake_cmd = [py, "-c", CHILD_PRELUDE + "import runpy, sys; sys.argv[0]='lib_lorakit'; "
-                "runpy.run_module('lib_lorakit', run_name='__main__')",
-                "bake", base, *sum((["--lora", r] for r in recipe), []), "-o", out, "-q", "--report", out + ".json"]
+    bake_cmd = [
+        py,
+        "-c",
+        CHILD_PRELUDE + "import runpy, sys; sys.argv[0]='lib_lorakit'; "
+        "runpy.run_module('lib_lorakit', run_name='__main__')",
+        "bake",
+        base,
+        *sum((["--lora", r] for r in recipe), []),
+        "-o",
+        out,
+        "-q",
+        "--report",
+        out + ".json",
+    ]
     cache_dir = os.path.join(work, "hash-cache")
     variants = lorakit_variants(args, cache_dir)
-    runs = [("io-floor", [py, "-c", IO_FLOOR, base, *loras, out], None),
-            ("io-floor-direct", [py, "-c", IO_FLOOR_DIRECT, base, *loras, out], None)]
+    runs = [
+        ("io-floor", [py, "-c", IO_FLOOR, base, *loras, out], None),
+        ("io-floor-direct", [py, "-c", IO_FLOOR_DIRECT, base, *loras, out], None),
+    ]
     runs += [(name, prefix + bake_cmd + extra, fresh) for name, prefix, extra, fresh in variants]
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in runs}
     reports: dict[str, dict] = {}
@@ -320,8 +358,7 @@ def main() -> None:
             clean()
     for name, vals in samples.items():
         walls = sorted(w for w, _ in vals)
-        results[name] = {"wall_s": statistics.median(walls), "samples_s": walls,
-                         "peak_rss_mb": max(r for _, r in vals)}
+        results[name] = {"wall_s": statistics.median(walls), "samples_s": walls, "peak_rss_mb": max(r for _, r in vals)}
     rep = reports["lorakit"]
     results["lorakit"].update(modified=rep["tensors"]["modified"], matched=[lo["matched"] for lo in rep["loras"]])
     for name, r in reports.items():
@@ -349,9 +386,11 @@ def main() -> None:
 
     floor = max(results["io-floor-direct"]["wall_s"], results["compute-floor"]["wall_s"])
     size = os.path.getsize(base) / 1e9
-    print(f"\nSDXL fp16 checkpoint {size:.2f} GB + 3 LoRAs rank 32 "
-          f"({sum(os.path.getsize(p) for p in loras) / 1e6:.0f} MB); {os.cpu_count()} CPUs; median of {args.repeat}; "
-          f"load {os.getloadavg()[0]:.2f}")
+    print(
+        f"\nSDXL fp16 checkpoint {size:.2f} GB + 3 LoRAs rank 32 "
+        f"({sum(os.path.getsize(p) for p in loras) / 1e6:.0f} MB); {os.cpu_count()} CPUs; median of {args.repeat}; "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
     print(f"compute floor: {flops / 1e9:.0f} GFLOP at {gemm / 1e9:.0f} GFLOP/s measured")
     print(f"{'run':<17}{'wall s':>9}{'peak RSS MB':>13}{'x floor':>9}   samples")
     names = ["io-floor-direct", "io-floor", "compute-floor", "naive"] + [v[0] for v in variants]
@@ -365,19 +404,27 @@ def main() -> None:
     for name, *_ in variants:
         lk = results[name]
         ok = lk["wall_s"] / floor <= 1.25 and lk["peak_rss_mb"] <= 1024
-        print(f"{name}: ratio {lk['wall_s'] / floor:.2f} (target <= 1.25), peak RSS {lk['peak_rss_mb']:.0f} MB "
-              f"(target <= 1024): {'PASS' if ok else 'FAIL'}; base hash: {lk.get('base_sha256_source')}")
+        print(
+            f"{name}: ratio {lk['wall_s'] / floor:.2f} (target <= 1.25), peak RSS {lk['peak_rss_mb']:.0f} MB "
+            f"(target <= 1024): {'PASS' if ok else 'FAIL'}; base hash: {lk.get('base_sha256_source')}"
+        )
     if "lorakit-2cores" in results:
-        print(f"scaling: 2 cores {results['lorakit-2cores']['wall_s']:.1f} s -> {os.cpu_count()} cores "
-              f"{results['lorakit']['wall_s']:.1f} s: {results['lorakit-2cores']['wall_s'] / results['lorakit']['wall_s']:.2f}x")
+        print(
+            f"scaling: 2 cores {results['lorakit-2cores']['wall_s']:.1f} s -> {os.cpu_count()} cores "
+            f"{results['lorakit']['wall_s']:.1f} s: {results['lorakit-2cores']['wall_s'] / results['lorakit']['wall_s']:.2f}x"
+        )
     if "max_fp16_steps_vs_cpu" in results.get("lorakit-cuda", {}):
-        print(f"cuda vs cpu output: at most {results['lorakit-cuda']['max_fp16_steps_vs_cpu']:.3g} fp16 steps "
-              f"apart (worst {results['lorakit-cuda']['worst_key']})")
+        print(
+            f"cuda vs cpu output: at most {results['lorakit-cuda']['max_fp16_steps_vs_cpu']:.3g} fp16 steps "
+            f"apart (worst {results['lorakit-cuda']['worst_key']})"
+        )
     for name, r in reports.items():
         print_profile(name, r)
     if "naive" in results:
-        print(f"naive vs lorakit output: max abs difference {results['naive']['max_abs_diff_vs_lorakit']:.3g} "
-              f"(the naive bake rounds to fp16 after each LoRA)")
+        print(
+            f"naive vs lorakit output: max abs difference {results['naive']['max_abs_diff_vs_lorakit']:.3g} "
+            f"(the naive bake rounds to fp16 after each LoRA)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

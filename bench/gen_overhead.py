@@ -44,8 +44,9 @@ from lib_lorakit.gen.grid import GridRow, GridSpec, parse_seeds, parse_strengths
 
 
 def post(url: str, route: str, body: dict) -> dict:
-    req = urllib.request.Request(url + route, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + route, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=3600) as r:
         return json.loads(r.read())
 
@@ -67,12 +68,20 @@ def main() -> None:
     be.refresh()
     ck = args.checkpoint or be.current_checkpoint()
     settings = {"steps": args.steps, "width": args.size, "height": args.size, "sampler_name": "Euler", "cfg_scale": 5.0}
-    spec = GridSpec(rows=[GridRow(args.lora, args.lora)], prompt=args.prompt, strengths=args.strengths,
-                    seeds=parse_seeds(args.seeds), checkpoint=ck, settings=settings)
+    spec = GridSpec(
+        rows=[GridRow(args.lora, args.lora)],
+        prompt=args.prompt,
+        strengths=args.strengths,
+        seeds=parse_seeds(args.seeds),
+        checkpoint=ck,
+        settings=settings,
+    )
     cells = spec.cells()
     n = len(cells)
-    print(f"{n} images per run ({len(parse_strengths(args.strengths))} strengths x {len(spec.seeds)} seeds), "
-          f"{args.size}x{args.size}, {args.steps} steps, checkpoint {ck}")
+    print(
+        f"{n} images per run ({len(parse_strengths(args.strengths))} strengths x {len(spec.seeds)} seeds), "
+        f"{args.size}x{args.size}, {args.steps} steps, checkpoint {ck}"
+    )
     work = tempfile.mkdtemp(prefix="lorakit-bench-")
 
     def plain() -> float:
@@ -81,9 +90,18 @@ def main() -> None:
         os.makedirs(out)
         t = time.perf_counter()
         for i, c in enumerate(cells):
-            body = {"prompt": c.prompt, "negative_prompt": c.negative_prompt, "seed": c.seed, **settings,
-                    "override_settings": {"sd_model_checkpoint": ck}, "override_settings_restore_afterwards": True,
-                    "batch_size": 1, "n_iter": 1, "save_images": False, "send_images": True}
+            body = {
+                "prompt": c.prompt,
+                "negative_prompt": c.negative_prompt,
+                "seed": c.seed,
+                **settings,
+                "override_settings": {"sd_model_checkpoint": ck},
+                "override_settings_restore_afterwards": True,
+                "batch_size": 1,
+                "n_iter": 1,
+                "save_images": False,
+                "send_images": True,
+            }
             r = post(args.webui, "/sdapi/v1/txt2img", body)
             with open(os.path.join(out, f"{i:05d}.png"), "wb") as f:
                 f.write(base64.b64decode(r["images"][0]))
@@ -114,9 +132,14 @@ def main() -> None:
         return dt
 
     def lorakit_script() -> float:
-        body = {"prompt": f"{args.prompt}, <lora:{args.lora}:1>", "negative_prompt": "", "seed": spec.seeds[0],
-                **settings, "script_name": "lorakit: LoRA strength grid",
-                "script_args": [[args.lora], args.strengths, False, args.seeds, False]}
+        body = {
+            "prompt": f"{args.prompt}, <lora:{args.lora}:1>",
+            "negative_prompt": "",
+            "seed": spec.seeds[0],
+            **settings,
+            "script_name": "lorakit: LoRA strength grid",
+            "script_args": [[args.lora], args.strengths, False, args.seeds, False],
+        }
         t = time.perf_counter()
         r = post(args.webui, "/sdapi/v1/txt2img", body)
         dt = time.perf_counter() - t
@@ -144,14 +167,18 @@ def main() -> None:
         print(f"{name:<16}{m:>10.2f}{m / n:>10.3f}{over:>+10.2%}   {' '.join(f'{x:.2f}' for x in v)}")
     per_image_plain = base / n
     own_m = statistics.median(own)
-    print(f"lorakit's own work (http path, measured inside the same runs: wall time minus the WebUI's txt2img "
-          f"calls): {own_m:.3f} s per run = {1000 * own_m / n:.1f} ms per image = {own_m / n / per_image_plain:.2%} "
-          f"of a plain image ({' '.join(f'{x:.3f}' for x in own)})")
+    print(
+        f"lorakit's own work (http path, measured inside the same runs: wall time minus the WebUI's txt2img "
+        f"calls): {own_m:.3f} s per run = {1000 * own_m / n:.1f} ms per image = {own_m / n / per_image_plain:.2%} "
+        f"of a plain image ({' '.join(f'{x:.3f}' for x in own)})"
+    )
     if own_script:
         m = statistics.median(own_script)
-        print(f"lorakit's own work (script path, from its run.json: the Script's whole run minus time in process_images): {m:.3f} s "
-              f"per run = {1000 * m / n:.1f} ms per image = {m / n / per_image_plain:.2%} of a plain image "
-              f"({' '.join(f'{x:.3f}' for x in own_script)})")
+        print(
+            f"lorakit's own work (script path, from its run.json: the Script's whole run minus time in process_images): {m:.3f} s "
+            f"per run = {1000 * m / n:.1f} ms per image = {m / n / per_image_plain:.2%} of a plain image "
+            f"({' '.join(f'{x:.3f}' for x in own_script)})"
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"client peak RSS {peak:.0f} MB")
     worst = max((statistics.median(runs[k]) - base) / base for k in ("lorakit-http", "lorakit-script"))

@@ -30,7 +30,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 
@@ -42,13 +41,17 @@ sys.path.insert(0, HERE)
 from bake_sdxl import CHILD_PRELUDE, run_child  # noqa: E402
 
 N_FILES = 500
-WORDS = ("hair eyes long short blue red green black white blonde brown smile open mouth looking viewer dress shirt "
-         "skirt jacket standing sitting outdoors indoors sky cloud tree flower water city street night day light "
-         "shadow portrait upper body full cowboy shot hat ribbon bow gloves boots thighhighs necklace earrings "
-         "holding sword cup book phone chair bed window room building forest mountain beach ocean grass snow rain "
-         "blush closed hand hands arms legs from above below side behind profile depth field blurry background").split()
+WORDS = (
+    "hair eyes long short blue red green black white blonde brown smile open mouth looking viewer dress shirt "
+    "skirt jacket standing sitting outdoors indoors sky cloud tree flower water city street night day light "
+    "shadow portrait upper body full cowboy shot hat ribbon bow gloves boots thighhighs necklace earrings "
+    "holding sword cup book phone chair bed window room building forest mountain beach ocean grass snow rain "
+    "blush closed hand hands arms legs from above below side behind profile depth field blurry background"
+).split()
 
-METADATA_READER = CHILD_PRELUDE + r"""
+METADATA_READER = (
+    CHILD_PRELUDE
+    + r"""
 import json, os, sys
 from safetensors import safe_open
 root = sys.argv[1]
@@ -72,11 +75,21 @@ for dp, dn, fn in os.walk(root):
         out.append((f, n, sorted(tags, key=lambda t: -tags[t])[:10]))
 print(len(out))
 """
+)
 
 
-CONFIGS = [(algo, rank, te, conv) for algo, rank, te, conv in (
-    ("lora", 16, True, False), ("lora", 32, False, False), ("lora", 8, True, False), ("lora", 16, False, True),
-    ("loha", 8, False, True), ("lokr", 8, True, False), ("lora", 4, False, False))]
+CONFIGS = [
+    (algo, rank, te, conv)
+    for algo, rank, te, conv in (
+        ("lora", 16, True, False),
+        ("lora", 32, False, False),
+        ("lora", 8, True, False),
+        ("lora", 16, False, True),
+        ("loha", 8, False, True),
+        ("lokr", 8, True, False),
+        ("lora", 4, False, False),
+    )
+]
 
 
 def _params(algo: str, shape: tuple[int, ...], rank: int) -> list[str]:
@@ -112,8 +125,12 @@ def _shape(algo: str, param: str, shape: tuple[int, ...], rank: int) -> tuple[in
         o1, o2 = _factor(o)
         i1, i2 = _factor(i)
         r2 = max(1, min(r, o2, i2 * math.prod(k)))
-        return {"lokr_w1": (o1, i1), "lokr_w2": (o2, i2, *k), "lokr_w2_a": (o2, r2),
-                "lokr_w2_b": (r2, i2, *k) if k else (r2, i2)}[param]
+        return {
+            "lokr_w1": (o1, i1),
+            "lokr_w2": (o2, i2, *k),
+            "lokr_w2_a": (o2, r2),
+            "lokr_w2_b": (r2, i2, *k) if k else (r2, i2),
+        }[param]
     raise ValueError(param)
 
 
@@ -140,8 +157,12 @@ def build(work: str, keep: bool) -> list[str]:
     for f in files:
         os.remove(f)
     rng = random.Random(1234)
-    modules = {(arch, te, conv): kohya_modules(arch, conv=conv, te=te, tiny=False)
-               for arch in ("sd15", "sdxl") for te in (True, False) for conv in (True, False)}
+    modules = {
+        (arch, te, conv): kohya_modules(arch, conv=conv, te=te, tiny=False)
+        for arch in ("sd15", "sdxl")
+        for te in (True, False)
+        for conv in (True, False)
+    }
     out = []
     for n in range(N_FILES):
         arch = "sdxl" if rng.random() < 0.6 else "sd15"
@@ -158,16 +179,37 @@ def build(work: str, keep: bool) -> list[str]:
             args = {"conv_dim": rank, "conv_alpha": alpha} if conv else {}
             if algo != "lora":
                 args["algo"] = algo
-            meta = kohya_metadata(arch, output_name=name, dim=rank, alpha=alpha, network_module=module,
-                                  network_args=args or None, keep_tokens=1 if kind == "character" else 0,
-                                  folders={f"{rng.randint(2, 20)}_{trig if kind == 'character' else kind}":
-                                           (images, list(_tag_freq(rng, kind, trig, images).items()))})
-            meta["ss_bucket_info"] = json.dumps({"buckets": {str(i): {"resolution": [832 + 64 * i, 1216 - 64 * i],
-                                                                       "count": rng.randint(1, 90)}
-                                                             for i in range(12)}, "mean_img_ar_error": 0.02})
+            meta = kohya_metadata(
+                arch,
+                output_name=name,
+                dim=rank,
+                alpha=alpha,
+                network_module=module,
+                network_args=args or None,
+                keep_tokens=1 if kind == "character" else 0,
+                folders={
+                    f"{rng.randint(2, 20)}_{trig if kind == 'character' else kind}": (
+                        images,
+                        list(_tag_freq(rng, kind, trig, images).items()),
+                    )
+                },
+            )
+            meta["ss_bucket_info"] = json.dumps(
+                {
+                    "buckets": {
+                        str(i): {"resolution": [832 + 64 * i, 1216 - 64 * i], "count": rng.randint(1, 90)}
+                        for i in range(12)
+                    },
+                    "mean_img_ar_error": 0.02,
+                }
+            )
         elif style < 0.9:
-            meta = {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(rank), "ss_network_alpha": "Dynamic",
-                    "ss_output_name": name}
+            meta = {
+                "ss_network_module": "lycoris.kohya",
+                "ss_network_dim": str(rank),
+                "ss_network_alpha": "Dynamic",
+                "ss_output_name": name,
+            }
         entries, alphas = [], []
         for module, shape, _, _ in modules[(arch, te, conv)]:
             a = "locon" if algo == "lora" and len(shape) == 4 else algo
@@ -217,13 +259,25 @@ def main() -> None:
     files = build(work, args.keep)
     size = sum(os.path.getsize(f) for f in files)
     used = sum(os.stat(f).st_blocks * 512 for f in files)
-    print(f"inputs: {len(files)} LoRA files, {size / 2**30:.1f} GB apparent ({used / 2**20:.0f} MB on disk), "
-          f"built/checked in {time.perf_counter() - t:.1f} s")
+    print(
+        f"inputs: {len(files)} LoRA files, {size / 2**30:.1f} GB apparent ({used / 2**20:.0f} MB on disk), "
+        f"built/checked in {time.perf_counter() - t:.1f} s"
+    )
     py = sys.executable
-    lorakit = [py, "-c", CHILD_PRELUDE + "import sys; from lib_lorakit.cli import main; "
-               "sys.exit(main(['inspect', sys.argv[1], '--json', '-q']))", work]
-    single = [py, "-c", CHILD_PRELUDE + "import sys; from lib_lorakit.cli import main; "
-              "sys.exit(main(['inspect', sys.argv[1], '--json', '-q', '--jobs', '1']))", work]
+    lorakit = [
+        py,
+        "-c",
+        CHILD_PRELUDE + "import sys; from lib_lorakit.cli import main; "
+        "sys.exit(main(['inspect', sys.argv[1], '--json', '-q']))",
+        work,
+    ]
+    single = [
+        py,
+        "-c",
+        CHILD_PRELUDE + "import sys; from lib_lorakit.cli import main; "
+        "sys.exit(main(['inspect', sys.argv[1], '--json', '-q', '--jobs', '1']))",
+        work,
+    ]
     reader = [py, "-c", METADATA_READER, work]
     results: dict[str, list[float]] = {}
     rss: dict[str, float] = {}
@@ -250,8 +304,9 @@ def main() -> None:
     assert len(reps) == len(files), (len(reps), len(files))
     bad = [r for r in reps if "error" in r or r["structure"]["unmatched_count"]]
     assert not bad, bad[:2]
-    startup = statistics.median(run_child([py, "-c", CHILD_PRELUDE + "import lib_lorakit.cli, lib_lorakit.inspect"])[0]
-                                for _ in range(3))
+    startup = statistics.median(
+        run_child([py, "-c", CHILD_PRELUDE + "import lib_lorakit.cli, lib_lorakit.inspect"])[0] for _ in range(3)
+    )
     print(f"\n{'run':<24}{'median s':>9}{'per file ms':>12}{'peak RSS MB':>12}   samples")
     for k, v in results.items():
         m = statistics.median(v)
@@ -259,14 +314,20 @@ def main() -> None:
     print(f"{'(lorakit import only)':<24}{startup:>9.2f}")
     for cache in ("cold", "warm"):
         r = statistics.median(results[f"lorakit {cache}"]) / statistics.median(results[f"metadata-reader {cache}"])
-        print(f"lorakit {cache} / metadata-reader {cache}: {r:.2f} (target <= 1.5 cold): "
-              + ("PASS" if r <= 1.5 else "FAIL") if cache == "cold" else f"lorakit warm / metadata-reader warm: {r:.2f}")
-    kinds = {k: sum(r['kind'] == k for r in reps) for k in ('passive', 'trigger-dependent')}
+        print(
+            f"lorakit {cache} / metadata-reader {cache}: {r:.2f} (target <= 1.5 cold): "
+            + ("PASS" if r <= 1.5 else "FAIL")
+            if cache == "cold"
+            else f"lorakit warm / metadata-reader warm: {r:.2f}"
+        )
+    kinds = {k: sum(r["kind"] == k for r in reps) for k in ("passive", "trigger-dependent")}
     trig = sum(r["trigger"] is not None for r in reps)
-    print(f"\nlorakit found: {kinds['passive']} passive, {kinds['trigger-dependent']} trigger-dependent, "
-          f"{trig} with a trigger; alpha from metadata in "
-          f"{sum(r['structure']['alpha_source'] == 'metadata' for r in reps)} files, from tensors in "
-          f"{sum(r['structure']['alpha_source'] == 'tensors' for r in reps)}")
+    print(
+        f"\nlorakit found: {kinds['passive']} passive, {kinds['trigger-dependent']} trigger-dependent, "
+        f"{trig} with a trigger; alpha from metadata in "
+        f"{sum(r['structure']['alpha_source'] == 'metadata' for r in reps)} files, from tensors in "
+        f"{sum(r['structure']['alpha_source'] == 'tensors' for r in reps)}"
+    )
 
 
 if __name__ == "__main__":

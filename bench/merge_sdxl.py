@@ -28,13 +28,25 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from bake_sdxl import (CHILD_PRELUDE, IO_FLOOR_DIRECT, add_lorakit_args, compare, empty_cache,  # noqa: E402
-                       fp16_steps, lorakit_variants, print_profile, run_child, settle)
+from bake_sdxl import (  # noqa: E402
+    CHILD_PRELUDE,
+    IO_FLOOR_DIRECT,
+    add_lorakit_args,
+    compare,
+    empty_cache,
+    fp16_steps,
+    lorakit_variants,
+    print_profile,
+    run_child,
+    settle,
+)
 
 WEIGHTS = (0.7, 0.2, 0.1)
 
 # sequential read of every input; an equal-size output written (buffered) and fsynced
-IO_FLOOR = CHILD_PRELUDE + r"""
+IO_FLOOR = (
+    CHILD_PRELUDE
+    + r"""
 import os
 inputs, out = sys.argv[1:-1], sys.argv[-1]
 buf = bytearray(16 << 20)
@@ -50,8 +62,11 @@ for p in inputs[1:]:
 os.fsync(fd)
 os.close(fd)
 """
+)
 
-NAIVE = CHILD_PRELUDE + r"""
+NAIVE = (
+    CHILD_PRELUDE
+    + r"""
 # What a one-off script does: load every model (or, where they do not fit in memory, read them
 # key by key through safe_open), build the whole merged state dict in memory, save it.
 import os, torch, safetensors.torch as st
@@ -77,6 +92,7 @@ for k in keys:
 st.save_file(res, out)
 fd = os.open(out, os.O_RDONLY); os.fsync(fd); os.close(fd)
 """
+)
 
 
 def build(work: str, keep: bool) -> list[str]:
@@ -86,7 +102,8 @@ def build(work: str, keep: bool) -> list[str]:
 
     os.makedirs(work, exist_ok=True)
     paths = [os.path.join(work, "sdxl-base-full.safetensors")] + [
-        os.path.join(work, f"sdxl-ingredient-{i}.safetensors") for i in (1, 2)]
+        os.path.join(work, f"sdxl-ingredient-{i}.safetensors") for i in (1, 2)
+    ]
     for i, p in enumerate(paths):
         if not (keep and os.path.exists(p)):
             write_checkpoint(p, "sdxl", tiny=False, dtype=torch.float16, seed=i, overwrite=True)
@@ -123,13 +140,25 @@ def main() -> None:
                 os.unlink(p)
 
     models = sum((["--model", f"{p}:{w}"] for p, w in zip(inputs, WEIGHTS)), [])
-    lorakit = [py, "-c", CHILD_PRELUDE + "import runpy, sys; sys.argv[0]='lib_lorakit'; "
-               "runpy.run_module('lib_lorakit', run_name='__main__')", "merge", *models, "-o", out, "-q",
-               "--report", out + ".json"]
+    lorakit = [
+        py,
+        "-c",
+        CHILD_PRELUDE + "import runpy, sys; sys.argv[0]='lib_lorakit'; "
+        "runpy.run_module('lib_lorakit', run_name='__main__')",
+        "merge",
+        *models,
+        "-o",
+        out,
+        "-q",
+        "--report",
+        out + ".json",
+    ]
     cache_dir = os.path.join(work, "hash-cache")
     variants = lorakit_variants(args, cache_dir)
-    runs = [("io-floor", [py, "-c", IO_FLOOR, *inputs, out], None),
-            ("io-floor-direct", [py, "-c", IO_FLOOR_DIRECT, *inputs, out], None)]
+    runs = [
+        ("io-floor", [py, "-c", IO_FLOOR, *inputs, out], None),
+        ("io-floor-direct", [py, "-c", IO_FLOOR_DIRECT, *inputs, out], None),
+    ]
     runs += [(name, prefix + lorakit + extra, fresh) for name, prefix, extra, fresh in variants]
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in runs}
     reports: dict[str, dict] = {}
@@ -148,8 +177,14 @@ def main() -> None:
                 if name in ("lorakit", "lorakit-cuda"):
                     os.replace(out, out + "." + name)
             clean()
-    results = {n: {"wall_s": statistics.median(sorted(w for w, _ in v)), "samples_s": sorted(w for w, _ in v),
-                   "peak_rss_mb": max(r for _, r in v)} for n, v in samples.items()}
+    results = {
+        n: {
+            "wall_s": statistics.median(sorted(w for w, _ in v)),
+            "samples_s": sorted(w for w, _ in v),
+            "peak_rss_mb": max(r for _, r in v),
+        }
+        for n, v in samples.items()
+    }
     for name, r in reports.items():
         results[name]["engine"] = r.get("engine")
         results[name]["sha256_sources"] = [i.get("sha256_source") for i in r["inputs"]]
@@ -163,16 +198,22 @@ def main() -> None:
         mode = "load" if need < have else "lazy"
         settle()
         wall, rss, _ = run_child([py, "-c", NAIVE, mode, out, *[f"{p}:{w}" for p, w in zip(inputs, WEIGHTS)]])
-        results["naive"] = {"wall_s": wall, "peak_rss_mb": rss,
-                            "max_abs_diff_vs_lorakit": compare(out, out + ".lorakit"),
-                            "mode": mode if mode == "load" else f"lazy reads (loading all needs ~{need:.0f} GB, "
-                                                                f"{have:.0f} GB available); whole output in memory"}
+        results["naive"] = {
+            "wall_s": wall,
+            "peak_rss_mb": rss,
+            "max_abs_diff_vs_lorakit": compare(out, out + ".lorakit"),
+            "mode": mode
+            if mode == "load"
+            else f"lazy reads (loading all needs ~{need:.0f} GB, {have:.0f} GB available); whole output in memory",
+        }
         clean()
     os.unlink(out + ".lorakit")
     floor = results["io-floor-direct"]["wall_s"]
     size = sum(os.path.getsize(p) for p in inputs) / 1e9
-    print(f"\n3 SDXL fp16 checkpoints, {size:.2f} GB in, 0.7/0.2/0.1 weighted sum; {os.cpu_count()} CPUs; "
-          f"median of {args.repeat}; load {os.getloadavg()[0]:.2f}")
+    print(
+        f"\n3 SDXL fp16 checkpoints, {size:.2f} GB in, 0.7/0.2/0.1 weighted sum; {os.cpu_count()} CPUs; "
+        f"median of {args.repeat}; load {os.getloadavg()[0]:.2f}"
+    )
     print(f"{'run':<17}{'wall s':>9}{'peak RSS MB':>13}{'x floor':>9}   samples")
     for name in ["io-floor-direct", "io-floor", "naive"] + [v[0] for v in variants]:
         if name not in results:
@@ -184,14 +225,20 @@ def main() -> None:
     for name, *_ in variants:
         lk = results[name]
         ok = lk["wall_s"] / floor <= 1.25 and lk["peak_rss_mb"] <= 1024
-        print(f"{name}: ratio {lk['wall_s'] / floor:.2f} (target <= 1.25), peak RSS {lk['peak_rss_mb']:.0f} MB "
-              f"(target <= 1024): {'PASS' if ok else 'FAIL'}; hashes: {lk.get('sha256_sources')}")
+        print(
+            f"{name}: ratio {lk['wall_s'] / floor:.2f} (target <= 1.25), peak RSS {lk['peak_rss_mb']:.0f} MB "
+            f"(target <= 1024): {'PASS' if ok else 'FAIL'}; hashes: {lk.get('sha256_sources')}"
+        )
     if "lorakit-2cores" in results:
-        print(f"scaling: 2 cores {results['lorakit-2cores']['wall_s']:.1f} s -> {os.cpu_count()} cores "
-              f"{results['lorakit']['wall_s']:.1f} s: {results['lorakit-2cores']['wall_s'] / results['lorakit']['wall_s']:.2f}x")
+        print(
+            f"scaling: 2 cores {results['lorakit-2cores']['wall_s']:.1f} s -> {os.cpu_count()} cores "
+            f"{results['lorakit']['wall_s']:.1f} s: {results['lorakit-2cores']['wall_s'] / results['lorakit']['wall_s']:.2f}x"
+        )
     if "max_fp16_steps_vs_cpu" in results.get("lorakit-cuda", {}):
-        print(f"cuda vs cpu output: at most {results['lorakit-cuda']['max_fp16_steps_vs_cpu']:.3g} fp16 steps "
-              f"apart (worst {results['lorakit-cuda']['worst_key']})")
+        print(
+            f"cuda vs cpu output: at most {results['lorakit-cuda']['max_fp16_steps_vs_cpu']:.3g} fp16 steps "
+            f"apart (worst {results['lorakit-cuda']['worst_key']})"
+        )
     if "lorakit" in reports:
         rep = reports["lorakit"]
         print(f"lorakit report: {rep['tensors']['merged']} merged, copied {rep['tensors']['copied']}")

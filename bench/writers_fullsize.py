@@ -73,7 +73,7 @@ class Lazy:
     def load(self, f) -> torch.Tensor:
         t = f.get_tensor(self.key)
         if self.rows:
-            t = t[self.rows[0]:self.rows[1]]
+            t = t[self.rows[0] : self.rows[1]]
         return t.T if self.t else t
 
 
@@ -112,6 +112,7 @@ def te_shell(which, flat=False, weights=None):
 
 def peft_deltas(model) -> dict:
     """name -> a function giving PEFT's own ``get_delta_weight`` of that layer, in float64 (computed when compared)."""
+
     def delta(mod):
         mod.lora_A.double()
         mod.lora_B.double()
@@ -120,8 +121,11 @@ def peft_deltas(model) -> dict:
         mod.lora_B.float()
         return out
 
-    return {name + ".weight": (lambda m=mod: delta(m)) for name, mod in model.named_modules()
-            if isinstance(mod, BaseTunerLayer)}
+    return {
+        name + ".weight": (lambda m=mod: delta(m))
+        for name, mod in model.named_modules()
+        if isinstance(mod, BaseTunerLayer)
+    }
 
 
 def lycoris_deltas(net) -> tuple[dict, dict]:
@@ -157,13 +161,32 @@ def randomise_peft(model, seed):
     W.randomise(model, seed, lambda n: "lora_" in n)
 
 
-def write_peft_file(tmp, arch, comps, *, flat=False, metadata=True, rslora=False, r=8, alpha=16.0,
-                    unet_targets=None, name="peft.safetensors", rank_pattern=None, alpha_pattern=None):
+def write_peft_file(
+    tmp,
+    arch,
+    comps,
+    *,
+    flat=False,
+    metadata=True,
+    rslora=False,
+    r=8,
+    alpha=16.0,
+    unet_targets=None,
+    name="peft.safetensors",
+    rank_pattern=None,
+    alpha_pattern=None,
+):
     layers, configs, deltas, counts = {}, {}, {}, {}
     for i, comp in enumerate(comps):
-        cfg = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, use_rslora=rslora,
-                         target_modules=(unet_targets or W.ATTN) if comp == "unet" else W.TE_TARGETS,
-                         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
+        cfg = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            init_lora_weights=False,
+            use_rslora=rslora,
+            target_modules=(unet_targets or W.ATTN) if comp == "unet" else W.TE_TARGETS,
+            rank_pattern=dict(rank_pattern or {}),
+            alpha_pattern=dict(alpha_pattern or {}),
+        )
         model = unet_shell(arch, unet_targets) if comp == "unet" else te_shell(comp, flat)
         model = inject_adapter_in_model(cfg, model)
         randomise_peft(model, 20 + i)
@@ -182,8 +205,13 @@ def write_peft_file(tmp, arch, comps, *, flat=False, metadata=True, rslora=False
     kw = {"unet_lora_layers": layers.get("unet"), "text_encoder_lora_layers": layers.get("text_encoder")}
     if arch == "sdxl":
         kw["text_encoder_2_lora_layers"] = layers.get("text_encoder_2")
-    loader.save_lora_weights(tmp, weight_name=name, safe_serialization=True,
-                             save_function=W.diffusers_metadata_saver(configs) if metadata else None, **kw)
+    loader.save_lora_weights(
+        tmp,
+        weight_name=name,
+        safe_serialization=True,
+        save_function=W.diffusers_metadata_saver(configs) if metadata else None,
+        **kw,
+    )
     return os.path.join(tmp, name), deltas, counts
 
 
@@ -211,7 +239,9 @@ def compare(baked_path, base_path, arch, deltas, merged) -> tuple[float, dict]:
     ov, of = lazy_view(base_path, arch, comps)
     worst, changed = 0.0, {}
     for comp in comps:
-        items = [(k, "d", v) for k, v in deltas.get(comp, {}).items()] + [(k, "m", v) for k, v in merged.get(comp, {}).items()]
+        items = [(k, "d", v) for k, v in deltas.get(comp, {}).items()] + [
+            (k, "m", v) for k, v in merged.get(comp, {}).items()
+        ]
         for k, kind, v in items:
             v = v() if callable(v) else v
             got = bv[comp][k].load(bf).double()
@@ -230,8 +260,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", choices=("sd15", "sdxl"), required=True)
     ap.add_argument("--work", default=os.path.join(ROOT, "bench", "_work_writers"))
-    ap.add_argument("--only", type=int, nargs="*", help="SDXL: run only these groups (0-3 LyCORIS lora/loha/lokr/dora, "
-                    "4 PEFT text encoders, 5 diffusers UNet)")
+    ap.add_argument(
+        "--only",
+        type=int,
+        nargs="*",
+        help="SDXL: run only these groups (0-3 LyCORIS lora/loha/lokr/dora, 4 PEFT text encoders, 5 diffusers UNet)",
+    )
     args = ap.parse_args()
     arch = args.arch
     os.makedirs(args.work, exist_ok=True)
@@ -248,10 +282,24 @@ def main() -> int:
     def groups():
         """Yield each group of files baked together (disjoint targets), written just before its bake."""
         if arch == "sd15":
-            p, d, c = write_peft_file(t, arch, ["unet", "te1"], name="diffusers-meta.safetensors",
-                                      rank_pattern={"attn2.to_k": 4}, alpha_pattern={"ff.net.2": 6.0})
-            yield [(f"diffusers save_lora_weights + adapter metadata (peft {v['peft']})", "lora (lora_alpha/r)", p, d,
-                    {}, c)]
+            p, d, c = write_peft_file(
+                t,
+                arch,
+                ["unet", "te1"],
+                name="diffusers-meta.safetensors",
+                rank_pattern={"attn2.to_k": 4},
+                alpha_pattern={"ff.net.2": 6.0},
+            )
+            yield [
+                (
+                    f"diffusers save_lora_weights + adapter metadata (peft {v['peft']})",
+                    "lora (lora_alpha/r)",
+                    p,
+                    d,
+                    {},
+                    c,
+                )
+            ]
             p, d, c = write_peft_file(t, arch, ["unet", "te1"], name="tmp.safetensors", metadata=False, alpha=8.0)
             conv = convert_state_dict_to_kohya(W.read_all(p))
             p2 = os.path.join(t, "kohya-converted.safetensors")
@@ -279,16 +327,33 @@ def main() -> int:
                 gc.collect()
             if want(4):
                 p, d, c = write_peft_file(t, arch, ["te1", "te2"], flat=True, rslora=True, name="peft-t5.safetensors")
-                yield [(f"PEFT {v['peft']} on transformers-5 CLIP tree + diffusers save_lora_weights", "lora (rsLoRA)",
-                        p, d, {}, c)]
+                yield [
+                    (
+                        f"PEFT {v['peft']} on transformers-5 CLIP tree + diffusers save_lora_weights",
+                        "lora (rsLoRA)",
+                        p,
+                        d,
+                        {},
+                        c,
+                    )
+                ]
                 d = None
                 gc.collect()
             if not want(5):
                 return
-            p, d, c = write_peft_file(t, arch, ["unet"], metadata=True, name="diffusers-unet.safetensors",
-                                      unet_targets=["to_k", "to_out.0"])  # keeps the float64 reference under ~3 GB
-            yield [(f"diffusers save_lora_weights + adapter metadata (peft {v['peft']})", "lora (lora_alpha/r)", p, d,
-                    {}, c)]
+            p, d, c = write_peft_file(
+                t, arch, ["unet"], metadata=True, name="diffusers-unet.safetensors", unet_targets=["to_k", "to_out.0"]
+            )  # keeps the float64 reference under ~3 GB
+            yield [
+                (
+                    f"diffusers save_lora_weights + adapter metadata (peft {v['peft']})",
+                    "lora (lora_alpha/r)",
+                    p,
+                    d,
+                    {},
+                    c,
+                )
+            ]
 
     rows = []
     for g in groups():
@@ -299,10 +364,22 @@ def main() -> int:
             err, changed = compare(out, base, arch, d, m)
             matched = {k: n for k, n in lo["matched"].items() if n}
             ver = v["LyCORIS"] if label.startswith("LyCORIS") else v["diffusers"]
-            rows.append({"writer": label, "version": ver, "algorithm": algo, "modules": c, "layers_in_file": lo["layers"],
-                         "matched": matched, "unmatched": len(lo["unmatched"]), "compared": changed,
-                         "max_rel_err": err, "scale": lo["scale"]["sources"], "naming": lo["naming_normalised"],
-                         "bake_s": round(wall, 1)})
+            rows.append(
+                {
+                    "writer": label,
+                    "version": ver,
+                    "algorithm": algo,
+                    "modules": c,
+                    "layers_in_file": lo["layers"],
+                    "matched": matched,
+                    "unmatched": len(lo["unmatched"]),
+                    "compared": changed,
+                    "max_rel_err": err,
+                    "scale": lo["scale"]["sources"],
+                    "naming": lo["naming_normalised"],
+                    "bake_s": round(wall, 1),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
         for x in g:
             os.remove(x[2])
@@ -313,8 +390,10 @@ def main() -> int:
     print("| writer | version | algorithm | modules in file | matched | max rel. error |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['writer']} | {r['version']} | {r['algorithm']} | {r['layers_in_file']} | "
-              f"{sum(r['matched'].values())} ({', '.join(f'{k} {n}' for k, n in r['matched'].items())}) | {r['max_rel_err']:.2e} |")
+        print(
+            f"| {r['writer']} | {r['version']} | {r['algorithm']} | {r['layers_in_file']} | "
+            f"{sum(r['matched'].values())} ({', '.join(f'{k} {n}' for k, n in r['matched'].items())}) | {r['max_rel_err']:.2e} |"
+        )
     return 0
 
 

@@ -19,8 +19,25 @@ import re
 from .errors import RecipeError
 from .formats.arch import ARCHS
 
-BLOCKS_17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00",
-             "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")
+BLOCKS_17 = (
+    "BASE",
+    "IN01",
+    "IN02",
+    "IN04",
+    "IN05",
+    "IN07",
+    "IN08",
+    "M00",
+    "OUT03",
+    "OUT04",
+    "OUT05",
+    "OUT06",
+    "OUT07",
+    "OUT08",
+    "OUT09",
+    "OUT10",
+    "OUT11",
+)
 BLOCKS_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
 VECTOR_LISTS: dict[str, dict[int, tuple[str, ...]]] = {
     "sd15": {17: BLOCKS_17, 26: ARCHS["sd15"].blocks},
@@ -54,8 +71,13 @@ PRESETS: dict[str, dict[str, str]] = {"sd15": PRESETS_17, "sdxl": PRESETS_12}
 def _extra_presets(arch: str) -> dict[str, list[float]]:
     """Presets over every block of the architecture (uniform ones never leave a block out)."""
     n = len(ARCHS[arch].blocks)
-    return {"NONE": [0.0] * n, "ALL": [1.0] * n, "ALL0.5": [0.5] * n,
-            "UNETONLY": [0.0] + [1.0] * (n - 1), "TEONLY": [1.0] + [0.0] * (n - 1)}
+    return {
+        "NONE": [0.0] * n,
+        "ALL": [1.0] * n,
+        "ALL0.5": [0.5] * n,
+        "UNETONLY": [0.0] + [1.0] * (n - 1),
+        "TEONLY": [1.0] + [0.0] * (n - 1),
+    }
 
 
 def preset_names(arch: str) -> list[str]:
@@ -88,8 +110,10 @@ def parse_block_weights(text: str, arch: str, implicit: set[str] | None = None) 
         if key not in presets:
             from .errors import did_you_mean
 
-            raise RecipeError(f"Unknown block-weight preset {t!r} for {label}.{did_you_mean(key, preset_names(arch))}",
-                              fix=f"Presets for {label}: {', '.join(preset_names(arch))}; or give a vector.")
+            raise RecipeError(
+                f"Unknown block-weight preset {t!r} for {label}.{did_you_mean(key, preset_names(arch))}",
+                fix=f"Presets for {label}: {', '.join(preset_names(arch))}; or give a vector.",
+            )
         t = presets[key]
     if "=" in t:
         weights = dict.fromkeys(arch_blocks, 1.0)
@@ -99,16 +123,19 @@ def parse_block_weights(text: str, arch: str, implicit: set[str] | None = None) 
             if name == "MID":
                 name = "M00"
             if name not in weights:
-                raise RecipeError(f"Unknown block {name!r} in {text!r} for {label}.",
-                                  fix=f"Blocks are {', '.join(arch_blocks)}.")
+                raise RecipeError(
+                    f"Unknown block {name!r} in {text!r} for {label}.", fix=f"Blocks are {', '.join(arch_blocks)}."
+                )
             weights[name] = _num(val, text)
         return weights
     values = [_num(v, text) for v in t.split(",")]
     lists = VECTOR_LISTS[arch]
     if len(values) not in lists:
         lengths = " or ".join(str(n) for n in lists)
-        raise RecipeError(f"Block-weight vector {text!r} has {len(values)} values; {label} takes {lengths}.",
-                          fix=f"{label} blocks: {', '.join(arch_blocks)}.")
+        raise RecipeError(
+            f"Block-weight vector {text!r} has {len(values)} values; {label} takes {lengths}.",
+            fix=f"{label} blocks: {', '.join(arch_blocks)}.",
+        )
     weights = dict.fromkeys(arch_blocks, 0.0)
     weights.update(zip(lists[len(values)], values))
     if implicit is not None:

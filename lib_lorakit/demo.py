@@ -32,19 +32,39 @@ def _build(root: str, arch: str, keep: bool) -> tuple[str, dict[str, str]]:
     os.makedirs(lora_dir, exist_ok=True)
     base = os.path.join(ckpt_dir, f"demo-{arch}-base.safetensors")
     if not (keep and os.path.exists(base)):
-        write_checkpoint(base, arch, tiny=True, seed=1, overwrite=True,
-                         metadata={"modelspec.title": f"lorakit demo {arch} base", "modelspec.architecture":
-                                   "stable-diffusion-xl-v1-base" if arch == "sdxl" else "stable-diffusion-v1"})
+        write_checkpoint(
+            base,
+            arch,
+            tiny=True,
+            seed=1,
+            overwrite=True,
+            metadata={
+                "modelspec.title": f"lorakit demo {arch} base",
+                "modelspec.architecture": "stable-diffusion-xl-v1-base" if arch == "sdxl" else "stable-diffusion-v1",
+            },
+        )
     files = {}
     for i, (name, algo, _, _) in enumerate(RECIPE):
         path = os.path.join(lora_dir, f"{name}.safetensors")
         files[name] = path
         if not (keep and os.path.exists(path)):
             with open_source(base) as src:
-                sd = make_lora(arch, algo, rank=4, alpha=2, seed=10 + i, te=algo in ("lora", "lokr"),
-                               conv=algo in ("lora", "loha"), base=src)
-            write_lora(path, sd, {"ss_network_module": "lycoris.kohya" if algo != "lora" else "networks.lora",
-                                  "ss_output_name": name}, overwrite=True)
+                sd = make_lora(
+                    arch,
+                    algo,
+                    rank=4,
+                    alpha=2,
+                    seed=10 + i,
+                    te=algo in ("lora", "lokr"),
+                    conv=algo in ("lora", "loha"),
+                    base=src,
+                )
+            write_lora(
+                path,
+                sd,
+                {"ss_network_module": "lycoris.kohya" if algo != "lora" else "networks.lora", "ss_output_name": name},
+                overwrite=True,
+            )
     other = "sd15" if arch == "sdxl" else "sdxl"
     wrong = os.path.join(lora_dir, f"{other}-style.safetensors")
     if not (keep and os.path.exists(wrong)):
@@ -57,11 +77,14 @@ def _check_one(base: str, out: str, lora: str, strength: float) -> float:
     """Recompute one attention weight directly from the files; return the max abs difference."""
     with SafetensorsFile(base) as b, SafetensorsFile(lora) as lf, SafetensorsFile(out) as o:
         key = next(k for k in b.keys() if k.endswith("attn2.to_k.weight"))
-        rel = key[len("model.diffusion_model."):-len(".weight")]
+        rel = key[len("model.diffusion_model.") : -len(".weight")]
         candidates = [k for k in lf.keys() if k.endswith(".lora_down.weight")]
         from .networks.resolve import unet_ldm_to_diffusers
 
-        names = {"lora_unet_" + rel.replace(".", "_"), "lora_unet_" + (unet_ldm_to_diffusers(rel) or "").replace(".", "_")}
+        names = {
+            "lora_unet_" + rel.replace(".", "_"),
+            "lora_unet_" + (unet_ldm_to_diffusers(rel) or "").replace(".", "_"),
+        }
         mod = next(k[: -len(".lora_down.weight")] for k in candidates if k[: -len(".lora_down.weight")] in names)
         down = lf.read(mod + ".lora_down.weight").double()
         up = lf.read(mod + ".lora_up.weight").double()
@@ -91,8 +114,10 @@ def run_demo(root: str, *, arch: str = "sdxl", keep: bool = False) -> int:
     except LorakitError as e:  # pragma: no cover - the demo inputs are built to match
         print(f"check skipped: {e}")
     if diff is not None:
-        print(f"\nCheck: a baked attention weight matches a direct fp64 recomputation to {diff:.2e} "
-              f"(fp16 rounding is ~{torch.finfo(torch.float16).eps:.1e} relative).")
+        print(
+            f"\nCheck: a baked attention weight matches a direct fp64 recomputation to {diff:.2e} "
+            f"(fp16 rounding is ~{torch.finfo(torch.float16).eps:.1e} relative)."
+        )
 
     print(f"\nNow the same checkpoint with a LoRA for the other architecture ({os.path.basename(files['wrong'])}):")
     try:

@@ -16,12 +16,21 @@ SETTING_DEVICE = "lorakit_device"  # the tab/WebUI setting: auto, cpu or cuda
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--device", choices=DEVICES, default="auto",
-                   help="where the fp32 maths runs: auto (the GPU when torch sees one), cpu or cuda")
-    g.add_argument("--workers", type=int, metavar="N",
-                   help="maths threads (default: every core but one for reading, writing and hashing)")
-    g.add_argument("--hash-cache", metavar="DIR",
-                   help="folder of the hash cache (default $LORAKIT_DATA_DIR or ~/.cache/lorakit)")
+    g.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the fp32 maths runs: auto (the GPU when torch sees one), cpu or cuda",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="maths threads (default: every core but one for reading, writing and hashing)",
+    )
+    g.add_argument(
+        "--hash-cache", metavar="DIR", help="folder of the hash cache (default $LORAKIT_DATA_DIR or ~/.cache/lorakit)"
+    )
     g.add_argument("--no-hash-cache", action="store_true", help="hash every input again, remember nothing")
 
 

@@ -74,8 +74,9 @@ def scan_models(dirs: list[str], exts: tuple[str, ...]) -> list[ModelEntry]:
                 seen.add(real)
                 rel = os.path.relpath(path, root).replace(os.sep, "/")
                 name = os.path.splitext(rel)[0]
-                out.append(ModelEntry(name=name, path=os.path.abspath(path),
-                                      aliases=(rel, fn, os.path.splitext(fn)[0])))
+                out.append(
+                    ModelEntry(name=name, path=os.path.abspath(path), aliases=(rel, fn, os.path.splitext(fn)[0]))
+                )
     return out
 
 
@@ -99,8 +100,14 @@ class LocalHost:
 
     flavour = "standalone"
 
-    def __init__(self, models_dir: str, loras_dir: str, data_dir: str | None = None, outputs_dir: str | None = None,
-                 current: str | None = None):
+    def __init__(
+        self,
+        models_dir: str,
+        loras_dir: str,
+        data_dir: str | None = None,
+        outputs_dir: str | None = None,
+        current: str | None = None,
+    ):
         self._ckpt = os.path.abspath(models_dir)
         self._lora = os.path.abspath(loras_dir)
         self._data = os.path.abspath(data_dir or os.path.join(self._ckpt, ".lorakit"))
@@ -164,5 +171,6 @@ class LocalHost:
         return self.settings.get(name, default)
 
     def txt2img(self, request: dict[str, Any]) -> dict[str, Any]:
-        raise NotSupported("The standalone launcher does not generate images; run lorakit inside the WebUI, "
-                           "or give a WebUI URL.")
+        raise NotSupported(
+            "The standalone launcher does not generate images; run lorakit inside the WebUI, or give a WebUI URL."
+        )

@@ -63,9 +63,11 @@ def run_bounded(job: Job, work: Callable[[], Any], timeout: float | None = None)
             raise Cancelled("Cancelled; the work is told to stop and removes its partial output.")
         if time.monotonic() > deadline:
             job.cancel_event.set()
-            raise JobTimeout(f"The job ran longer than its time limit ({timeout:g} s) and was stopped.",
-                             fix="Raise the limit (LORAKIT_JOB_TIMEOUT, seconds) if the work is that long, or "
-                                 "check the server log for what it was waiting on.")
+            raise JobTimeout(
+                f"The job ran longer than its time limit ({timeout:g} s) and was stopped.",
+                fix="Raise the limit (LORAKIT_JOB_TIMEOUT, seconds) if the work is that long, or "
+                "check the server log for what it was waiting on.",
+            )
     if "error" in box:
         raise box["error"]
     return box.get("result")
@@ -112,9 +114,19 @@ class Job:
         return self._done.wait(timeout)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "state": self.state, "progress": round(self.progress, 4),
-                "message": self.message, "result": self.result, "error": self.error, "params": self.params,
-                "created": self.created, "started": self.started, "finished": self.finished}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state,
+            "progress": round(self.progress, 4),
+            "message": self.message,
+            "result": self.result,
+            "error": self.error,
+            "params": self.params,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+        }
 
 
 class JobManager:
@@ -131,12 +143,23 @@ class JobManager:
         left queued or running (the server stopped) are marked interrupted. Returns how many were."""
         self.store = store
         try:
-            n = store.interrupt_jobs("The server stopped before this job finished; nothing was written. Start it "
-                                     "again.")
+            n = store.interrupt_jobs(
+                "The server stopped before this job finished; nothing was written. Start it again."
+            )
             for row in reversed(store.jobs(self.keep)):
-                job = Job(kind=row["kind"], params=row["params"], id=row["id"], state=row["state"],
-                          progress=row["progress"], message=row["message"], result=row["result"], error=row["error"],
-                          created=row["created"], started=row["started"], finished=row["finished"])
+                job = Job(
+                    kind=row["kind"],
+                    params=row["params"],
+                    id=row["id"],
+                    state=row["state"],
+                    progress=row["progress"],
+                    message=row["message"],
+                    result=row["result"],
+                    error=row["error"],
+                    created=row["created"],
+                    started=row["started"],
+                    finished=row["finished"],
+                )
                 job._done.set()
                 self._jobs.setdefault(job.id, job)
         except Exception:  # a broken store must not stop the server; jobs then live in memory only

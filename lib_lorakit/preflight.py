@@ -21,8 +21,13 @@ from .formats.position_ids import check_position_ids, is_position_ids_key
 MAX_STYLES = 2
 
 
-def bake_warnings(base: str, loras: Sequence[tuple[str, float]], *, settings: Mapping[str, Any] | None = None,
-                  reports: Sequence[Mapping[str, Any]] | None = None) -> list[str]:
+def bake_warnings(
+    base: str,
+    loras: Sequence[tuple[str, float]],
+    *,
+    settings: Mapping[str, Any] | None = None,
+    reports: Sequence[Mapping[str, Any]] | None = None,
+) -> list[str]:
     """Warnings for baking ``loras`` (path, strength) into the checkpoint ``base``.
 
     Args:
@@ -51,19 +56,25 @@ def bake_warnings(base: str, loras: Sequence[tuple[str, float]], *, settings: Ma
         name = rep.get("name") or path
         cap = rep.get("max_safe_strength")
         if cap and abs(float(strength)) > float(cap) + 1e-9:
-            out.append(f"{name} is baked at {float(strength):g}, above its max-safe strength {float(cap):g} "
-                       f"({rep.get('max_safe_reason', '')}): expect burned or distorted images; bake it at {float(cap):g} "
-                       "or less.")
+            out.append(
+                f"{name} is baked at {float(strength):g}, above its max-safe strength {float(cap):g} "
+                f"({rep.get('max_safe_reason', '')}): expect burned or distorted images; bake it at {float(cap):g} "
+                "or less."
+            )
         if rep.get("category") == "style" and strength:
             styles.append(f"{name} @ {float(strength):g}")
         lin = {x["lineage"] for x in (rep.get("family") or {}).get("lineage") or []}
         if lin and ck_lineages and not lin & ck_lineages:
-            out.append(f"{name} was trained on {', '.join(sorted(lin))}; the checkpoint is "
-                       f"{', '.join(sorted(ck_lineages))}: a LoRA carries its lineage's look and quality tags, and "
-                       "usually needs a lower strength there.")
+            out.append(
+                f"{name} was trained on {', '.join(sorted(lin))}; the checkpoint is "
+                f"{', '.join(sorted(ck_lineages))}: a LoRA carries its lineage's look and quality tags, and "
+                "usually needs a lower strength there."
+            )
     if len(styles) > MAX_STYLES:
-        out.append(f"{len(styles)} style LoRAs are stacked ({', '.join(styles)}): more than {MAX_STYLES} styles fight "
-                   "each other and burn the image; keep the two that matter or lower their strengths.")
+        out.append(
+            f"{len(styles)} style LoRAs are stacked ({', '.join(styles)}): more than {MAX_STYLES} styles fight "
+            "each other and burn the image; keep the two that matter or lower their strengths."
+        )
     return out
 
 
@@ -73,7 +84,8 @@ def bake_preflight(base: Any, specs: Sequence[Any]) -> list[str]:
     import os
 
     if not isinstance(base, (str, os.PathLike)) or not all(
-            isinstance(s.path, (str, os.PathLike)) and os.path.isfile(s.path) for s in specs):
+        isinstance(s.path, (str, os.PathLike)) and os.path.isfile(s.path) for s in specs
+    ):
         return []
     return bake_warnings(os.fspath(base), [(os.fspath(s.path), s.strength) for s in specs])
 

@@ -56,8 +56,9 @@ def _num(v: str, tag: str) -> float:
     try:
         return float(v)
     except ValueError:
-        raise RecipeError(f"{tag}: {v!r} is not a number.", fix="Write <lora:name:0.8> or <lora:name:te=0.5:unet=0.8>.") \
-            from None
+        raise RecipeError(
+            f"{tag}: {v!r} is not a number.", fix="Write <lora:name:0.8> or <lora:name:te=0.5:unet=0.8>."
+        ) from None
 
 
 def parse_tags(text: str) -> list[TagEntry]:

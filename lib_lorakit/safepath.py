@@ -66,19 +66,24 @@ def resolve_model(value: str, entries: list[ModelEntry], roots: list[str], what:
     for e in entries:
         if v == e.name or v in e.aliases or v == e.path:
             if not inside(e.path, roots):
-                raise PathRefused(f"The {what} {v!r} resolves outside the model folders (symlink?).",
-                                  fix="Keep models inside the model folders.")
+                raise PathRefused(
+                    f"The {what} {v!r} resolves outside the model folders (symlink?).",
+                    fix="Keep models inside the model folders.",
+                )
             return e.path
     parts = v.replace("\\", "/").split("/")
     if ".." in parts:
-        raise BadPath(f"The {what} {v!r} contains '..'.", fix="Give a name from the list or a path inside the "
-                                                               "model folders.")
+        raise BadPath(
+            f"The {what} {v!r} contains '..'.", fix="Give a name from the list or a path inside the model folders."
+        )
     candidates = [v] if os.path.isabs(v) else [os.path.join(r, v) for r in roots]
     for c in candidates:
         if os.path.exists(c):
             if not inside(c, roots):
-                raise PathRefused(f"The {what} {v!r} is outside the model folders ({', '.join(roots)}).",
-                                  fix="Move or link the file into a model folder, or pick one from the list.")
+                raise PathRefused(
+                    f"The {what} {v!r} is outside the model folders ({', '.join(roots)}).",
+                    fix="Move or link the file into a model folder, or pick one from the list.",
+                )
             if os.path.isfile(c):
                 return os.path.abspath(c)
     if os.path.isabs(v) and not inside(v, roots):

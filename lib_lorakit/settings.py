@@ -34,8 +34,10 @@ def load(data_dir: str | None) -> dict[str, Any]:
     except FileNotFoundError:
         return out
     except (OSError, ValueError) as e:
-        raise RecipeError(f"lorakit's settings file {p} cannot be read: {e}.",
-                          fix="Fix or delete the file; lorakit then uses its defaults.") from e
+        raise RecipeError(
+            f"lorakit's settings file {p} cannot be read: {e}.",
+            fix="Fix or delete the file; lorakit then uses its defaults.",
+        ) from e
     if not isinstance(stored, dict):
         raise RecipeError(f"lorakit's settings file {p} does not hold an object.", fix="Delete it to use the defaults.")
     for k, v in stored.items():
@@ -54,8 +56,9 @@ def _check_table(name: str, table: Any, keys: tuple[str, ...] | None) -> dict[st
         if keys is not None and k not in keys:
             raise RecipeError(f"Setting {name}: unknown category {k!r}.", fix=f"Use one of {', '.join(keys)}.")
         if keys is None and (not isinstance(k, str) or k.count(">") != 1):
-            raise RecipeError(f"Setting {name}: key {k!r} must be 'LoRA lineage>checkpoint lineage' "
-                              "(e.g. 'Pony>Illustrious', '*>*').")
+            raise RecipeError(
+                f"Setting {name}: key {k!r} must be 'LoRA lineage>checkpoint lineage' (e.g. 'Pony>Illustrious', '*>*')."
+            )
         try:
             f = float(v)
         except (TypeError, ValueError):
@@ -77,8 +80,10 @@ def update(data_dir: str, changes: dict[str, Any]) -> dict[str, Any]:
     except FileNotFoundError:
         stored = {}
     except (OSError, ValueError) as e:
-        raise RecipeError(f"lorakit's settings file {p} cannot be read: {e}.",
-                          fix="Fix or delete the file; lorakit then uses its defaults.") from e
+        raise RecipeError(
+            f"lorakit's settings file {p} cannot be read: {e}.",
+            fix="Fix or delete the file; lorakit then uses its defaults.",
+        ) from e
     for k, v in changes.items():
         if k == "max_safe_strength":
             stored.setdefault(k, {}).update(_check_table(k, v, CATEGORIES))

@@ -79,9 +79,11 @@ def resolve_device(device: str | None) -> torch.device:
     if name == "auto":
         return torch.device("cuda") if has_cuda else torch.device("cpu")
     if not has_cuda:
-        raise RecipeError(f"Device {device!r} was asked for, but torch sees no CUDA GPU "
-                          f"(torch {torch.__version__}, built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA).",
-                          fix="Use the device auto or cpu, or install a CUDA build of torch.")
+        raise RecipeError(
+            f"Device {device!r} was asked for, but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}, built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA).",
+            fix="Use the device auto or cpu, or install a CUDA build of torch.",
+        )
     return torch.device(name)
 
 

@@ -31,7 +31,9 @@ def tiny_shape(shape: tuple[int, ...], factor: int | bool = SHRINK) -> tuple[int
     return tuple(d // factor if d >= 64 and d % 64 == 0 else d for d in shape)
 
 
-def checkpoint_entries(arch: str, *, tiny: bool | int = True, dtype: torch.dtype = torch.float16) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+def checkpoint_entries(
+    arch: str, *, tiny: bool | int = True, dtype: torch.dtype = torch.float16
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     out = []
     for key, (shape, dt) in load_layout(ARCHS[arch].layout).items():
         s = tiny_shape(shape, tiny)
@@ -52,16 +54,25 @@ def _value(key: str, shape: tuple[int, ...], dtype: torch.dtype, g: torch.Genera
     return t.to(dtype)
 
 
-def iter_checkpoint(arch: str, *, tiny: bool | int = True, dtype: torch.dtype = torch.float16,
-                    seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(
+    arch: str, *, tiny: bool | int = True, dtype: torch.dtype = torch.float16, seed: int = 0
+) -> Iterator[tuple[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     for key, shape, dt in checkpoint_entries(arch, tiny=tiny, dtype=dtype):
         yield key, _value(key, shape, dt, g)
 
 
-def write_checkpoint(path: str, arch: str, *, tiny: bool | int = True, dtype: torch.dtype = torch.float16, seed: int = 0,
-                     metadata: dict[str, str] | None = None, overwrite: bool = False,
-                     extra: dict[str, torch.Tensor] | None = None) -> str:
+def write_checkpoint(
+    path: str,
+    arch: str,
+    *,
+    tiny: bool | int = True,
+    dtype: torch.dtype = torch.float16,
+    seed: int = 0,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> str:
     """Write a random checkpoint with the real layout, one tensor at a time (flat memory)."""
     entries = [OutEntry(k, TORCH_TO_CODE[dt], s) for k, s, dt in checkpoint_entries(arch, tiny=tiny, dtype=dtype)]
     extra = extra or {}
@@ -81,8 +92,9 @@ _CONV = re.compile(r"\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection
 _TE = re.compile(r"\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.weight$")
 
 
-def kohya_modules(arch: str, *, conv: bool = True, te: bool = True,
-                  tiny: bool | int = True) -> list[tuple[str, tuple[int, ...], str, tuple[int, int] | None]]:
+def kohya_modules(
+    arch: str, *, conv: bool = True, te: bool = True, tiny: bool | int = True
+) -> list[tuple[str, tuple[int, ...], str, tuple[int, int] | None]]:
     """(kohya module name, target shape, checkpoint key, row slice) for the modules kohya's LoRA trains.
 
     SD1.x UNet names are diffusers-style (``lora_unet_down_blocks_0_attentions_0_proj_in``),
@@ -96,16 +108,19 @@ def kohya_modules(arch: str, *, conv: bool = True, te: bool = True,
     for key, (shape, _) in layout.items():
         s = tiny_shape(shape, tiny)
         if key.startswith(up):
-            rel = key[len(up):-len(".weight")]
+            rel = key[len(up) : -len(".weight")]
             is_attn = bool(_ATTN.search(key))
-            is_conv = bool(_CONV.search(key)) and ("input_blocks" in key or "middle_block" in key
-                                                   or "output_blocks" in key) and not key.startswith(up + "input_blocks.0.")
+            is_conv = (
+                bool(_CONV.search(key))
+                and ("input_blocks" in key or "middle_block" in key or "output_blocks" in key)
+                and not key.startswith(up + "input_blocks.0.")
+            )
             if not (is_attn or (conv and is_conv)):
                 continue
             name = unet_ldm_to_diffusers(rel) if arch == "sd15" else rel
             out.append(("lora_unet_" + name.replace(".", "_"), s, key, None))
         elif te and key.startswith(a.prefixes["te1"]) and _TE.search(key):
-            rel = key[len(a.prefixes["te1"]):-len(".weight")]
+            rel = key[len(a.prefixes["te1"]) : -len(".weight")]
             out.append((("lora_te_" if arch == "sd15" else "lora_te1_") + rel.replace(".", "_"), s, key, None))
     if te and "te2" in a.prefixes:
         g = a.prefixes["te2"]
@@ -134,12 +149,14 @@ def _factor(n: int) -> tuple[int, int]:
     return best
 
 
-def module_tensors(algo: str, shape: tuple[int, ...], *, rank: int, alpha: float, g: torch.Generator,
-                   std: float = 0.05) -> dict[str, torch.Tensor]:
+def module_tensors(
+    algo: str, shape: tuple[int, ...], *, rank: int, alpha: float, g: torch.Generator, std: float = 0.05
+) -> dict[str, torch.Tensor]:
     """Random tensors of one module of ``algo`` for a target weight of ``shape``.
 
     algo: lora, locon (conv kernels in lora_down), tucker, loha, lokr, dora, full, ia3, oft, norm.
     """
+
     def rnd(*s: int) -> torch.Tensor:
         return torch.randn(s, generator=g) * std
 
@@ -161,12 +178,21 @@ def module_tensors(algo: str, shape: tuple[int, ...], *, rank: int, alpha: float
         return t
     if algo == "tucker":
         assert k, "tucker needs a conv target"
-        return {"lora_down.weight": rnd(r, in_dim, 1, 1), "lora_mid.weight": rnd(r, r, *k),
-                "lora_up.weight": rnd(out_dim, r, 1, 1), "alpha": a}
+        return {
+            "lora_down.weight": rnd(r, in_dim, 1, 1),
+            "lora_mid.weight": rnd(r, r, *k),
+            "lora_up.weight": rnd(out_dim, r, 1, 1),
+            "alpha": a,
+        }
     if algo == "loha":
         flat = in_dim * math.prod(k)
-        return {"hada_w1_a": rnd(out_dim, r), "hada_w1_b": rnd(r, flat), "hada_w2_a": rnd(out_dim, r),
-                "hada_w2_b": rnd(r, flat), "alpha": a}
+        return {
+            "hada_w1_a": rnd(out_dim, r),
+            "hada_w1_b": rnd(r, flat),
+            "hada_w2_a": rnd(out_dim, r),
+            "hada_w2_b": rnd(r, flat),
+            "alpha": a,
+        }
     if algo == "lokr":
         o1, o2 = _factor(out_dim)
         i1, i2 = _factor(in_dim)
@@ -190,9 +216,20 @@ def module_tensors(algo: str, shape: tuple[int, ...], *, rank: int, alpha: float
     raise ValueError(f"unknown synthetic algorithm {algo!r}")
 
 
-def make_lora(arch: str, algo: str = "lora", *, rank: int = 4, alpha: float = 2.0, tiny: bool | int = True,
-              conv: bool = True, te: bool = True, seed: int = 0, dtype: torch.dtype = torch.float16,
-              std: float = 0.05, base=None) -> dict[str, torch.Tensor]:
+def make_lora(
+    arch: str,
+    algo: str = "lora",
+    *,
+    rank: int = 4,
+    alpha: float = 2.0,
+    tiny: bool | int = True,
+    conv: bool = True,
+    te: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    std: float = 0.05,
+    base=None,
+) -> dict[str, torch.Tensor]:
     """A kohya-named LoRA state dict of one algorithm covering kohya's module set.
 
     For ``algo='lora'`` conv 3x3 layers get LoCon-style kernels in ``lora_down``. With
@@ -208,24 +245,36 @@ def make_lora(arch: str, algo: str = "lora", *, rank: int = 4, alpha: float = 2.
             del tensors["diff_b"]  # LyCORIS stores a bias difference only where the layer has a bias
         if algo == "dora" and base is not None:
             w = base.read(key).float()
-            w = w[rows[0]:rows[1]] if rows else w
+            w = w[rows[0] : rows[1]] if rows else w
             norms = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
             tensors["dora_scale"] = (norms * (1 + 0.02 * torch.randn(norms.shape, generator=g))).reshape(
-                tensors["dora_scale"].shape)
+                tensors["dora_scale"].shape
+            )
         for p, t in tensors.items():
             sd[f"{name}.{p}"] = t.to(dtype) if t.is_floating_point() else t
     return sd
 
 
-def write_lora(path: str, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-               overwrite: bool = False) -> str:
+def write_lora(
+    path: str, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, overwrite: bool = False
+) -> str:
     return save_file(sd, path, metadata, overwrite=overwrite)
 
 
-def kohya_metadata(arch: str, *, output_name: str, folders: dict[str, tuple[int, list[tuple[str, int]]]],
-                   dim: int = 4, alpha: float = 2.0, network_module: str = "networks.lora",
-                   network_args: dict | None = None, keep_tokens: int = 0, base_model: str | None = None,
-                   epochs: int = 10, extra: dict[str, str] | None = None) -> dict[str, str]:
+def kohya_metadata(
+    arch: str,
+    *,
+    output_name: str,
+    folders: dict[str, tuple[int, list[tuple[str, int]]]],
+    dim: int = 4,
+    alpha: float = 2.0,
+    network_module: str = "networks.lora",
+    network_args: dict | None = None,
+    keep_tokens: int = 0,
+    base_model: str | None = None,
+    epochs: int = 10,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
     """Metadata as kohya's train_network.py writes it (every value a string, JSON where kohya uses JSON).
 
     Args:
@@ -235,39 +284,86 @@ def kohya_metadata(arch: str, *, output_name: str, folders: dict[str, tuple[int,
     import json
     import time
 
-    steps = sum(n * int(name.split("_", 1)[0]) if name.split("_", 1)[0].isdigit() else n
-                for name, (n, _) in folders.items()) * epochs
+    steps = (
+        sum(
+            n * int(name.split("_", 1)[0]) if name.split("_", 1)[0].isdigit() else n for name, (n, _) in folders.items()
+        )
+        * epochs
+    )
     meta = {
-        "ss_session_id": "1234567890", "ss_training_started_at": str(time.time() - 3600),
-        "ss_output_name": output_name, "ss_learning_rate": "0.0001", "ss_text_encoder_lr": "5e-05",
-        "ss_unet_lr": "0.0001", "ss_num_train_images": str(sum(n for n, _ in folders.values())),
-        "ss_num_reg_images": "0", "ss_num_batches_per_epoch": str(steps // epochs), "ss_num_epochs": str(epochs),
-        "ss_epoch": str(epochs), "ss_batch_size_per_device": "1", "ss_total_batch_size": "1",
-        "ss_gradient_checkpointing": "True", "ss_gradient_accumulation_steps": "1", "ss_max_train_steps": str(steps),
-        "ss_lr_warmup_steps": "0", "ss_lr_scheduler": "cosine", "ss_network_module": network_module,
-        "ss_network_dim": str(dim), "ss_network_alpha": f"{alpha:g}" if alpha != int(alpha) else f"{alpha:.1f}",
-        "ss_mixed_precision": "bf16", "ss_full_fp16": "False", "ss_v2": "False",
+        "ss_session_id": "1234567890",
+        "ss_training_started_at": str(time.time() - 3600),
+        "ss_output_name": output_name,
+        "ss_learning_rate": "0.0001",
+        "ss_text_encoder_lr": "5e-05",
+        "ss_unet_lr": "0.0001",
+        "ss_num_train_images": str(sum(n for n, _ in folders.values())),
+        "ss_num_reg_images": "0",
+        "ss_num_batches_per_epoch": str(steps // epochs),
+        "ss_num_epochs": str(epochs),
+        "ss_epoch": str(epochs),
+        "ss_batch_size_per_device": "1",
+        "ss_total_batch_size": "1",
+        "ss_gradient_checkpointing": "True",
+        "ss_gradient_accumulation_steps": "1",
+        "ss_max_train_steps": str(steps),
+        "ss_lr_warmup_steps": "0",
+        "ss_lr_scheduler": "cosine",
+        "ss_network_module": network_module,
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": f"{alpha:g}" if alpha != int(alpha) else f"{alpha:.1f}",
+        "ss_mixed_precision": "bf16",
+        "ss_full_fp16": "False",
+        "ss_v2": "False",
         "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1",
-        "ss_clip_skip": "None" if arch == "sdxl" else "2", "ss_max_token_length": "None", "ss_cache_latents": "True",
-        "ss_seed": "42", "ss_lowram": "False", "ss_noise_offset": "None", "ss_min_snr_gamma": "5.0",
-        "ss_sd_model_name": base_model or ("sd_xl_base_1.0.safetensors" if arch == "sdxl" else "v1-5-pruned-emaonly.safetensors"),
-        "ss_resolution": "(1024, 1024)" if arch == "sdxl" else "(512, 512)", "ss_optimizer": "bitsandbytes.optim.adamw.AdamW8bit",
-        "ss_color_aug": "False", "ss_flip_aug": "False", "ss_random_crop": "False", "ss_shuffle_caption": "True",
-        "ss_enable_bucket": "True", "ss_bucket_no_upscale": "True", "ss_min_bucket_reso": "256",
-        "ss_max_bucket_reso": "2048", "ss_keep_tokens": str(keep_tokens), "ss_caption_dropout_rate": "0.0",
-        "ss_caption_dropout_every_n_epochs": "0", "ss_caption_tag_dropout_rate": "0.0",
-        "ss_dataset_dirs": json.dumps({name: {"n_repeats": int(name.split("_", 1)[0]) if name.split("_", 1)[0].isdigit()
-                                              else 1, "img_count": n} for name, (n, _) in folders.items()}),
+        "ss_clip_skip": "None" if arch == "sdxl" else "2",
+        "ss_max_token_length": "None",
+        "ss_cache_latents": "True",
+        "ss_seed": "42",
+        "ss_lowram": "False",
+        "ss_noise_offset": "None",
+        "ss_min_snr_gamma": "5.0",
+        "ss_sd_model_name": base_model
+        or ("sd_xl_base_1.0.safetensors" if arch == "sdxl" else "v1-5-pruned-emaonly.safetensors"),
+        "ss_resolution": "(1024, 1024)" if arch == "sdxl" else "(512, 512)",
+        "ss_optimizer": "bitsandbytes.optim.adamw.AdamW8bit",
+        "ss_color_aug": "False",
+        "ss_flip_aug": "False",
+        "ss_random_crop": "False",
+        "ss_shuffle_caption": "True",
+        "ss_enable_bucket": "True",
+        "ss_bucket_no_upscale": "True",
+        "ss_min_bucket_reso": "256",
+        "ss_max_bucket_reso": "2048",
+        "ss_keep_tokens": str(keep_tokens),
+        "ss_caption_dropout_rate": "0.0",
+        "ss_caption_dropout_every_n_epochs": "0",
+        "ss_caption_tag_dropout_rate": "0.0",
+        "ss_dataset_dirs": json.dumps(
+            {
+                name: {
+                    "n_repeats": int(name.split("_", 1)[0]) if name.split("_", 1)[0].isdigit() else 1,
+                    "img_count": n,
+                }
+                for name, (n, _) in folders.items()
+            }
+        ),
         "ss_reg_dataset_dirs": json.dumps({}),
         "ss_tag_frequency": json.dumps({name: dict(tags) for name, (_, tags) in folders.items()}),
         "ss_bucket_info": json.dumps({"buckets": {}, "mean_img_ar_error": 0.0}),
-        "ss_training_finished_at": str(time.time()), "ss_steps": str(steps),
-        "sshs_model_hash": "0" * 64, "sshs_legacy_hash": "00000000",
+        "ss_training_finished_at": str(time.time()),
+        "ss_steps": str(steps),
+        "sshs_model_hash": "0" * 64,
+        "sshs_legacy_hash": "00000000",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ("stable-diffusion-xl-v1-base/lora" if arch == "sdxl" else "stable-diffusion-v1/lora"),
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl"
+        "modelspec.architecture": (
+            "stable-diffusion-xl-v1-base/lora" if arch == "sdxl" else "stable-diffusion-v1/lora"
+        ),
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if arch == "sdxl"
         else "diffusers",
-        "modelspec.title": output_name, "modelspec.resolution": "1024x1024" if arch == "sdxl" else "512x512",
+        "modelspec.title": output_name,
+        "modelspec.resolution": "1024x1024" if arch == "sdxl" else "512x512",
         "modelspec.prediction_type": "epsilon",
     }
     if network_args:

@@ -29,7 +29,7 @@ def start_time(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[19])
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
     except FileNotFoundError:
         return None
     except (OSError, ValueError, IndexError):
@@ -96,8 +96,12 @@ def sweep(folder: str) -> list[str]:
             continue
         removed.append(path)
         m = _TAGGED.match(name)
-        log.warning("removed %s (%.1f MB), a temporary file left by an interrupted lorakit run (process %s, no longer "
-                    "running)", path, size / 1e6, m.group(1))
+        log.warning(
+            "removed %s (%.1f MB), a temporary file left by an interrupted lorakit run (process %s, no longer running)",
+            path,
+            size / 1e6,
+            m.group(1),
+        )
     return removed
 
 
@@ -105,8 +109,10 @@ _FIXES = {
     errno.ENOSPC: ("the disk is full", "Free some space on that disk, or write the output to another folder."),
     errno.EROFS: ("the folder is on a read-only file system", "Write the output to another folder."),
     errno.EACCES: ("permission denied", "Write the output to a folder you may write to, or change its permissions."),
-    errno.EPERM: ("the operation is not permitted", "Write the output to a folder you may write to, or change its "
-                                                    "permissions."),
+    errno.EPERM: (
+        "the operation is not permitted",
+        "Write the output to a folder you may write to, or change its permissions.",
+    ),
     errno.ENOENT: ("the folder does not exist", "Create the folder first, or write the output to another one."),
     errno.ENOTDIR: ("a part of the path is not a folder", "Check the output path."),
     errno.EISDIR: ("the output is a folder", "Give a file name for the output."),

@@ -28,15 +28,32 @@ def reference(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
         return {k: (tuple(v[0]), v[1]) for k, v in json.load(f).items()}
 
 
-def tiny_checkpoint(tmp_path, arch: str = "sdxl", *, dtype=torch.float16, seed: int = 0,
-                    metadata: dict[str, str] | None = None, name: str | None = None, extra=None) -> str:
+def tiny_checkpoint(
+    tmp_path,
+    arch: str = "sdxl",
+    *,
+    dtype=torch.float16,
+    seed: int = 0,
+    metadata: dict[str, str] | None = None,
+    name: str | None = None,
+    extra=None,
+) -> str:
     path = os.path.join(str(tmp_path), name or f"{arch}-base.safetensors")
     write_checkpoint(path, arch, tiny=True, dtype=dtype, seed=seed, metadata=metadata, extra=extra)
     return path
 
 
-def tiny_lora(tmp_path, arch: str = "sdxl", algo: str = "lora", *, name: str | None = None, seed: int = 1,
-              metadata: dict[str, str] | None = None, dtype=torch.float16, **kw) -> str:
+def tiny_lora(
+    tmp_path,
+    arch: str = "sdxl",
+    algo: str = "lora",
+    *,
+    name: str | None = None,
+    seed: int = 1,
+    metadata: dict[str, str] | None = None,
+    dtype=torch.float16,
+    **kw,
+) -> str:
     path = os.path.join(str(tmp_path), name or f"{arch}-{algo}.safetensors")
     save_file(make_lora(arch, algo, seed=seed, dtype=dtype, **kw), path, metadata)
     return path

@@ -71,8 +71,12 @@ class FakeBackend:
         return sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
 
     def refresh(self) -> None:
-        self._ckpts = [ModelInfo(f"{f} [abc]", os.path.join(self.ckpt_dir, f), "h" + f[:4]) for f in self._scan(self.ckpt_dir)]
-        self._loras = [ModelInfo(f[:-12], os.path.join(self.lora_dir, f), "l" + f[:4]) for f in self._scan(self.lora_dir)]
+        self._ckpts = [
+            ModelInfo(f"{f} [abc]", os.path.join(self.ckpt_dir, f), "h" + f[:4]) for f in self._scan(self.ckpt_dir)
+        ]
+        self._loras = [
+            ModelInfo(f[:-12], os.path.join(self.lora_dir, f), "l" + f[:4]) for f in self._scan(self.lora_dir)
+        ]
 
     def checkpoints(self):
         return list(self._ckpts)
@@ -108,7 +112,7 @@ class FakeBackend:
         model = os.path.splitext(req["checkpoint"].split(" [")[0])[0]
         info = f"{req['prompt']}\nNegative prompt: {req.get('negative_prompt', '')}\nSteps: 4, Seed: {seed}, Model: {model}"
         if applied:
-            info += ", Lora hashes: \"" + ", ".join(f"{a}: 0123" for a in applied) + "\""
+            info += ', Lora hashes: "' + ", ".join(f"{a}: 0123" for a in applied) + '"'
         return GenImage(pil, info, seed)
 
 

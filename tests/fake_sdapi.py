@@ -49,12 +49,24 @@ class FakeWebUI:
                     return
                 f = outer.fake
                 if self.path == "/sdapi/v1/sd-models":
-                    self._send(200, [{"title": c.name, "model_name": os.path.splitext(os.path.basename(c.path))[0],
-                                      "hash": c.hash[:8], "sha256": None, "filename": c.path, "config": None}
-                                     for c in f.checkpoints()])
+                    self._send(
+                        200,
+                        [
+                            {
+                                "title": c.name,
+                                "model_name": os.path.splitext(os.path.basename(c.path))[0],
+                                "hash": c.hash[:8],
+                                "sha256": None,
+                                "filename": c.path,
+                                "config": None,
+                            }
+                            for c in f.checkpoints()
+                        ],
+                    )
                 elif self.path == "/sdapi/v1/loras":
-                    self._send(200, [{"name": l.name, "alias": l.name, "path": l.path, "metadata": {}}
-                                     for l in f.loras()])
+                    self._send(
+                        200, [{"name": l.name, "alias": l.name, "path": l.path, "metadata": {}} for l in f.loras()]
+                    )
                 elif self.path == "/sdapi/v1/options":
                     self._send(200, {"sd_model_checkpoint": f.loaded})
                 else:
@@ -83,8 +95,14 @@ class FakeWebUI:
                     buf = io.BytesIO()
                     out.image.save(buf, format="PNG")
                     info = {"infotexts": [out.infotext], "seed": out.seed, "all_seeds": [out.seed]}
-                    self._send(200, {"images": [base64.b64encode(buf.getvalue()).decode()], "parameters": body,
-                                     "info": json.dumps(info)})
+                    self._send(
+                        200,
+                        {
+                            "images": [base64.b64encode(buf.getvalue()).decode()],
+                            "parameters": body,
+                            "info": json.dumps(info),
+                        },
+                    )
                 else:
                     self._send(404, {"detail": "Not Found"})
 

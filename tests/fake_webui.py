@@ -42,7 +42,12 @@ class State:
 class OptionInfo:
     def __init__(self, default=None, label="", component=None, component_args=None, section=None, **kw):
         self.default, self.label, self.component, self.component_args, self.section = (
-            default, label, component, component_args, section)
+            default,
+            label,
+            component,
+            component_args,
+            section,
+        )
 
 
 class Options:
@@ -100,8 +105,12 @@ def install(monkeypatch, root: str, flavour: str = "a1111"):
     shared = mod("modules.shared")
     shared.opts = Options()
     shared.opts.outdir_samples = ""
-    shared.cmd_opts = types.SimpleNamespace(ckpt_dir=None, lora_dir=os.path.join(models, "Lora"),
-                                            lyco_dir_backcompat=os.path.join(models, "LyCORIS"), api_auth=None)
+    shared.cmd_opts = types.SimpleNamespace(
+        ckpt_dir=None,
+        lora_dir=os.path.join(models, "Lora"),
+        lyco_dir_backcompat=os.path.join(models, "LyCORIS"),
+        api_auth=None,
+    )
     shared.state = State()
     shared.OptionInfo = OptionInfo
     shared.sd_model = object()
@@ -179,8 +188,18 @@ def install(monkeypatch, root: str, flavour: str = "a1111"):
     page = types.SimpleNamespace(name="lora", refreshed=0)
     page.refresh = lambda: setattr(page, "refreshed", page.refreshed + 1)
     uen.extra_pages = [page]
-    for name in ("paths", "shared", "sd_models", "shared_items", "call_queue", "processing", "script_callbacks",
-                 "ui_extra_networks", "scripts", "images"):
+    for name in (
+        "paths",
+        "shared",
+        "sd_models",
+        "shared_items",
+        "call_queue",
+        "processing",
+        "script_callbacks",
+        "ui_extra_networks",
+        "scripts",
+        "images",
+    ):
         setattr(pkg, name, mods[f"modules.{name}"])
     if flavour == "forge":
         b = mod("backend")

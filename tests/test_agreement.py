@@ -41,14 +41,15 @@ def randomise(module: nn.Module, seed: int) -> None:
 def layers():
     torch.manual_seed(0)
     return {
-        "linear": nn.Linear(40, 24),       # attention projection (scaled down)
-        "conv1x1": nn.Conv2d(20, 12, 1),   # SD1.5 proj_in
+        "linear": nn.Linear(40, 24),  # attention projection (scaled down)
+        "conv1x1": nn.Conv2d(20, 12, 1),  # SD1.5 proj_in
         "conv3x3": nn.Conv2d(16, 12, 3, padding=1),  # resnet conv (LoCon)
     }
 
 
-@pytest.mark.parametrize("layer,tucker", [("linear", False), ("conv1x1", False), ("conv3x3", False),
-                                          ("conv3x3", True)])  # Tucker applies to kernels larger than 1x1
+@pytest.mark.parametrize(
+    "layer,tucker", [("linear", False), ("conv1x1", False), ("conv3x3", False), ("conv3x3", True)]
+)  # Tucker applies to kernels larger than 1x1
 def test_lora_locon_vs_lycoris(layer, tucker):
     base = layers()[layer]
     m = LoConModule("lora_unet_test", base, 1.0, lora_dim=4, alpha=2.0, use_tucker=tucker)
@@ -73,8 +74,9 @@ def test_loha_vs_lycoris(layer, tucker):
 
 
 @pytest.mark.parametrize("layer", ["linear", "conv3x3"])
-@pytest.mark.parametrize("variant", [dict(), dict(decompose_both=True), dict(use_tucker=True), dict(full_matrix=True),
-                                     dict(factor=4)])
+@pytest.mark.parametrize(
+    "variant", [dict(), dict(decompose_both=True), dict(use_tucker=True), dict(full_matrix=True), dict(factor=4)]
+)
 def test_lokr_vs_lycoris(layer, variant):
     base = layers()[layer]
     m = LokrModule("lora_unet_test", base, 1.0, lora_dim=2, alpha=3.0, **variant)
@@ -134,8 +136,9 @@ def test_lora_and_dora_vs_peft(use_dora):
 
     net = Net()
     w = net.to_q.weight.detach().clone()
-    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["to_q"], use_dora=use_dora,
-                                           init_lora_weights=False))
+    model = get_peft_model(
+        net, LoraConfig(r=4, lora_alpha=8, target_modules=["to_q"], use_dora=use_dora, init_lora_weights=False)
+    )
     layer = model.base_model.model.to_q
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -143,9 +146,11 @@ def test_lora_and_dora_vs_peft(use_dora):
         layer.lora_B["default"].weight.copy_(torch.randn(24, 4, generator=g) * 0.1)
         if use_dora:
             layer.lora_magnitude_vector["default"].weight.mul_(1.3)
-    p = {"lora_down.weight": layer.lora_A["default"].weight.detach(),
-         "lora_up.weight": layer.lora_B["default"].weight.detach(),
-         "alpha": torch.tensor(8.0)}
+    p = {
+        "lora_down.weight": layer.lora_A["default"].weight.detach(),
+        "lora_up.weight": layer.lora_B["default"].weight.detach(),
+        "alpha": torch.tensor(8.0),
+    }
     if use_dora:
         p["lora_magnitude_vector"] = layer.lora_magnitude_vector["default"].weight.detach()
     merged = model.merge_and_unload().to_q.weight.detach()

@@ -36,8 +36,16 @@ def close(a, b, tol=1e-5):
 def test_locon_tucker_on_a_resnet_conv(tmp_path, base_path):
     name = "lora_unet_input_blocks_4_0_in_layers_2"  # conv 3x3 [10, 5, 3, 3] at tiny size
     down, mid, up = r(2, 5, 1, 1), r(2, 2, 3, 3), r(10, 2, 1, 1)
-    b, o, rep = bake_one(tmp_path, base_path, {f"{name}.lora_down.weight": down, f"{name}.lora_mid.weight": mid,
-                                               f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(1.0)})
+    b, o, rep = bake_one(
+        tmp_path,
+        base_path,
+        {
+            f"{name}.lora_down.weight": down,
+            f"{name}.lora_mid.weight": mid,
+            f"{name}.lora_up.weight": up,
+            f"{name}.alpha": torch.tensor(1.0),
+        },
+    )
     k = U + "input_blocks.4.0.in_layers.2.weight"
     x = r(1, 5, 6, 6, std=1.0)
     y_lora = F.conv2d(F.conv2d(F.conv2d(x, down), mid, padding=1), up) * 0.5 * 0.7
@@ -48,9 +56,12 @@ def test_locon_tucker_on_a_resnet_conv(tmp_path, base_path):
 def test_dylora_file_bakes_like_lora(tmp_path, base_path):
     name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     down, up = r(8, 10), r(10, 8)
-    b, o, _ = bake_one(tmp_path, base_path, {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
-                                             f"{name}.alpha": torch.tensor(4.0)},
-                       metadata={"ss_network_module": "networks.dylora", "ss_network_args": '{"unit": "4"}'})
+    b, o, _ = bake_one(
+        tmp_path,
+        base_path,
+        {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(4.0)},
+        metadata={"ss_network_module": "networks.dylora", "ss_network_args": '{"unit": "4"}'},
+    )
     k = U + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
     assert close(o[k] - b[k], 0.7 * 0.5 * up @ down)
 
@@ -68,8 +79,10 @@ def test_norm_layers(tmp_path, base_path):
     unet, te = "lora_unet_input_blocks_4_1_norm", "lora_te1_text_model_encoder_layers_0_layer_norm1"
     t = {f"{unet}.w_norm": r(10), f"{unet}.b_norm": r(10), f"{te}.w_norm": r(12), f"{te}.b_norm": r(12)}
     b, o, rep = bake_one(tmp_path, base_path, t)
-    for prefix, ck in ((unet, U + "input_blocks.4.1.norm"),
-                       (te, "conditioner.embedders.0.transformer.text_model.encoder.layers.0.layer_norm1")):
+    for prefix, ck in (
+        (unet, U + "input_blocks.4.1.norm"),
+        (te, "conditioner.embedders.0.transformer.text_model.encoder.layers.0.layer_norm1"),
+    ):
         assert close(o[ck + ".weight"] - b[ck + ".weight"], 0.7 * t[f"{prefix}.w_norm"])
         assert close(o[ck + ".bias"] - b[ck + ".bias"], 0.7 * t[f"{prefix}.b_norm"])
     assert rep["loras"][0]["matched"] == {"unet": 1, "te1": 1, "te2": 0}
@@ -86,8 +99,17 @@ def test_ia3(tmp_path, base_path):
 def test_glora(tmp_path, base_path):
     name = "lora_unet_input_blocks_5_1_proj_out"
     a1, a2, b1, b2 = r(10, 2), r(2, 10), r(10, 2), r(2, 10)
-    b, o, _ = bake_one(tmp_path, base_path, {f"{name}.a1.weight": a1, f"{name}.a2.weight": a2, f"{name}.b1.weight": b1,
-                                             f"{name}.b2.weight": b2, f"{name}.alpha": torch.tensor(1.0)})
+    b, o, _ = bake_one(
+        tmp_path,
+        base_path,
+        {
+            f"{name}.a1.weight": a1,
+            f"{name}.a2.weight": a2,
+            f"{name}.b1.weight": b1,
+            f"{name}.b2.weight": b2,
+            f"{name}.alpha": torch.tensor(1.0),
+        },
+    )
     k = U + "input_blocks.5.1.proj_out.weight"
     assert close(o[k] - b[k], 0.7 * 0.5 * (b[k] @ a1 @ a2 + b1 @ b2))
 

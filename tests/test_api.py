@@ -4,9 +4,9 @@ import os
 import time
 
 import pytest
-from helpers import wait_job
 import torch
 from factories import write
+from helpers import wait_job
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -50,9 +50,17 @@ def wait(c, job_id, timeout=60, auth=None):
 
 def test_bake_job_end_to_end(client, folders):
     _, ckpt, _, _ = folders
-    r = client.post("/lorakit/v1/bake", json={"base": "base-xl.safetensors", "output": "baked",
-                                              "loras": [{"name": "ink", "strength": 0.8, "te_strength": 0.4},
-                                                        {"name": "detail", "strength": 0.5, "blocks": "INALL"}]})
+    r = client.post(
+        "/lorakit/v1/bake",
+        json={
+            "base": "base-xl.safetensors",
+            "output": "baked",
+            "loras": [
+                {"name": "ink", "strength": 0.8, "te_strength": 0.4},
+                {"name": "detail", "strength": 0.5, "blocks": "INALL"},
+            ],
+        },
+    )
     assert r.status_code == 200, r.text
     j = wait(client, r.json()["job_id"])
     assert j["state"] == "done", j
@@ -66,24 +74,29 @@ def test_bake_job_end_to_end(client, folders):
 
 
 def test_prompt_tags_and_dry_run(client, folders):
-    r = client.post("/lorakit/v1/bake", json={"base": "base-xl", "prompt": "a cat <lora:ink:0.5:0.7> <lyco:detail:1>",
-                                              "dry_run": True})
+    r = client.post(
+        "/lorakit/v1/bake",
+        json={"base": "base-xl", "prompt": "a cat <lora:ink:0.5:0.7> <lyco:detail:1>", "dry_run": True},
+    )
     j = wait(client, r.json()["job_id"])
     assert j["state"] == "done" and j["result"]["output"] is None
     lo = j["result"]["report"]["loras"]
     assert (lo[0]["strength"], lo[0]["te_strength"]) == (0.7, 0.5)  # <lora:name:TE:UNET>, as the WebUI reads it
 
 
-@pytest.mark.parametrize("field,value,status,kind", [
-    ("base", "/etc/passwd", 403, "PathRefused"),
-    ("base", "../../../etc/passwd", 400, "BadPath"),
-    ("lora", "OUTSIDE", 403, "PathRefused"),
-    ("lora", "styles/../../elsewhere/secret", 400, "BadPath"),
-    ("lora", "SYMLINK", 403, "PathRefused"),
-    ("lora", "inky", 404, "NotFound"),
-    ("output", "../escape", 400, "BadPath"),
-    ("output", "/tmp/abs", 400, "BadPath"),
-])
+@pytest.mark.parametrize(
+    "field,value,status,kind",
+    [
+        ("base", "/etc/passwd", 403, "PathRefused"),
+        ("base", "../../../etc/passwd", 400, "BadPath"),
+        ("lora", "OUTSIDE", 403, "PathRefused"),
+        ("lora", "styles/../../elsewhere/secret", 400, "BadPath"),
+        ("lora", "SYMLINK", 403, "PathRefused"),
+        ("lora", "inky", 404, "NotFound"),
+        ("output", "../escape", 400, "BadPath"),
+        ("output", "/tmp/abs", 400, "BadPath"),
+    ],
+)
 def test_paths_outside_the_model_folders_are_refused(client, folders, field, value, status, kind):
     tmp, ckpt, loras, outside = folders
     if value == "OUTSIDE":
@@ -106,7 +119,9 @@ def test_paths_outside_the_model_folders_are_refused(client, folders, field, val
 
 
 def test_bad_recipe_is_a_400_json(client):
-    r = client.post("/lorakit/v1/bake", json={"base": "base-xl", "output": "o", "loras": [{"name": "ink", "blocks": "1,2"}]})
+    r = client.post(
+        "/lorakit/v1/bake", json={"base": "base-xl", "output": "o", "loras": [{"name": "ink", "blocks": "1,2"}]}
+    )
     assert r.status_code == 200  # block weights are checked when the job plans
     j = wait(client, r.json()["job_id"])
     assert j["state"] == "error" and "takes 12 or 20" in j["error"]
@@ -146,7 +161,9 @@ def test_cancel_while_running(client, folders, monkeypatch):
         return real(plan, cancel=cancel)
 
     monkeypatch.setattr(bk, "check_lora_values", slow_check)
-    jid = client.post("/lorakit/v1/bake", json={"base": "base-xl", "output": "r", "loras": [{"name": "ink"}]}).json()["job_id"]
+    jid = client.post("/lorakit/v1/bake", json={"base": "base-xl", "output": "r", "loras": [{"name": "ink"}]}).json()[
+        "job_id"
+    ]
     t = time.time()
     while not started and time.time() - t < 20:
         time.sleep(0.01)
@@ -158,8 +175,13 @@ def test_cancel_while_running(client, folders, monkeypatch):
 
 def test_concurrent_jobs_are_serialised_and_all_finish(client, folders):
     _, ckpt, _, _ = folders
-    ids = [client.post("/lorakit/v1/bake", json={"base": "base-xl", "output": f"c{i}", "loras": [{"name": "ink", "strength": 0.1 * (i + 1)}]}).json()["job_id"]
-           for i in range(3)]
+    ids = [
+        client.post(
+            "/lorakit/v1/bake",
+            json={"base": "base-xl", "output": f"c{i}", "loras": [{"name": "ink", "strength": 0.1 * (i + 1)}]},
+        ).json()["job_id"]
+        for i in range(3)
+    ]
     jobs = [wait(client, i) for i in ids]
     assert [j["state"] for j in jobs] == ["done"] * 3
     spans = sorted((j["started"], j["finished"]) for j in jobs)
@@ -181,7 +203,9 @@ def test_auth_required_when_configured(folders):
         assert c.get("/lorakit/v1/jobs").status_code == 401
         assert c.get("/lorakit/v1/jobs", auth=("alice", "wrong")).status_code == 401
         assert c.get("/lorakit/v1/jobs", auth=("alice", "s3cret")).status_code == 200
-        r = c.post("/lorakit/v1/bake", auth=("bob", "pw"), json={"base": "base-xl", "output": "a", "loras": [{"name": "ink"}]})
+        r = c.post(
+            "/lorakit/v1/bake", auth=("bob", "pw"), json={"base": "base-xl", "output": "a", "loras": [{"name": "ink"}]}
+        )
         assert r.status_code == 200
         assert wait(c, r.json()["job_id"], auth=("bob", "pw"))["state"] == "done"
 
@@ -211,11 +235,20 @@ def test_merge_and_diff_routes(client, folders):
     import safetensors.torch
 
     sd = safetensors.torch.load_file(str(ckpt / "other-xl.safetensors"))
-    write(vae_dir, "fix.vae.safetensors", {k[len("first_stage_model."):]: v for k, v in sd.items()
-                                           if k.startswith("first_stage_model.")})
-    r = client.post("/lorakit/v1/merge", json={"models": [{"name": "base-xl.safetensors", "weight": 0.7},
-                                                          {"name": "other-xl", "weight": 0.3}],
-                                               "output": "mixed", "vae_from": "fix.vae", "blocks": "IN04=0"})
+    write(
+        vae_dir,
+        "fix.vae.safetensors",
+        {k[len("first_stage_model.") :]: v for k, v in sd.items() if k.startswith("first_stage_model.")},
+    )
+    r = client.post(
+        "/lorakit/v1/merge",
+        json={
+            "models": [{"name": "base-xl.safetensors", "weight": 0.7}, {"name": "other-xl", "weight": 0.3}],
+            "output": "mixed",
+            "vae_from": "fix.vae",
+            "blocks": "IN04=0",
+        },
+    )
     assert r.status_code == 200, r.text
     j = wait(client, r.json()["job_id"])
     assert j["state"] == "done", j
@@ -229,8 +262,10 @@ def test_merge_and_diff_routes(client, folders):
     d = r.json()
     assert d["arch"] == "sdxl" and d["by_block"]["unet"]["IN04"]["rel_change"] == 0.0
     assert d["by_block"]["unet"]["IN05"]["rel_change"] > 0
-    r = client.post("/lorakit/v1/merge", json={"models": [{"name": "base-xl"}, {"name": str(outside / "secret.safetensors")}],
-                                               "output": "x"})
+    r = client.post(
+        "/lorakit/v1/merge",
+        json={"models": [{"name": "base-xl"}, {"name": str(outside / "secret.safetensors")}], "output": "x"},
+    )
     assert r.status_code == 403
     r = client.post("/lorakit/v1/merge", json={"models": [{"name": "base-xl"}], "output": "x", "method": "magic"})
     assert r.status_code == 400 and "Unknown merge method" in r.json()["message"]

@@ -55,10 +55,20 @@ def test_every_http_path_refuses_a_request_without_credentials(folders):
     c = TestClient(app)
     paths = sorted(set(every_path(app.routes)))
     assert len(paths) > 40
-    extra = [("GET", "/"), ("GET", "/config"), ("GET", "/info"), ("GET", "/docs"), ("GET", "/openapi.json"),
-             ("POST", "/run/predict"), ("POST", "/api/predict"), ("POST", "/queue/join"),
-             ("POST", "/gradio_api/queue/join"), ("POST", "/lorakit/v1/tournaments/x/reveal"),
-             ("GET", "/lorakit/v1/tournaments/x/image/e/0/A"), ("GET", "/file=/etc/hostname")]
+    extra = [
+        ("GET", "/"),
+        ("GET", "/config"),
+        ("GET", "/info"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("POST", "/run/predict"),
+        ("POST", "/api/predict"),
+        ("POST", "/queue/join"),
+        ("POST", "/gradio_api/queue/join"),
+        ("POST", "/lorakit/v1/tournaments/x/reveal"),
+        ("GET", "/lorakit/v1/tournaments/x/image/e/0/A"),
+        ("GET", "/file=/etc/hostname"),
+    ]
     open_ones = []
     for method, path in paths + extra:
         r = c.request(method, path)
@@ -100,9 +110,28 @@ def test_gradio_client_without_credentials_cannot_call_a_tab_function(folders):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    p = subprocess.Popen([sys.executable, "-m", "lib_lorakit", "ui", "--models-dir", str(ckpt), "--loras-dir",
-                          str(loras), "--port", str(port), "--api-auth", ":".join(AUTH), "--data-dir",
-                          str(tmp / "data")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lib_lorakit",
+            "ui",
+            "--models-dir",
+            str(ckpt),
+            "--loras-dir",
+            str(loras),
+            "--port",
+            str(port),
+            "--api-auth",
+            ":".join(AUTH),
+            "--data-dir",
+            str(tmp / "data"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert "http://" in p.stdout.readline()
         url = f"http://127.0.0.1:{port}/"

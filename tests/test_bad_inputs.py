@@ -22,8 +22,11 @@ from lib_lorakit.cli import main
 from lib_lorakit.synth import make_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOOD_SPEC = {"name": "t", "candidates": [{"checkpoint": "a.safetensors"}, {"checkpoint": "b.safetensors", "control": True}],
-             "prompts": ["a cat", "a dog", "a tree", "a house", "a car"]}
+GOOD_SPEC = {
+    "name": "t",
+    "candidates": [{"checkpoint": "a.safetensors"}, {"checkpoint": "b.safetensors", "control": True}],
+    "prompts": ["a cat", "a dog", "a tree", "a house", "a car"],
+}
 
 
 def _mount_tmpfs(path: str, options: str) -> bool:
@@ -53,12 +56,19 @@ def ws(tmp_path_factory):
     (inp / "notes.safetensors").write_bytes(b"this is not a model file\n" * 10)
     data = open(base, "rb").read()
     (inp / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    for name, obj in {"list": [GOOD_SPEC], "pstr": {**GOOD_SPEC, "prompts": "a cat"},
-                      "unknown": {**GOOD_SPEC, "bogus": 1},
-                      "abc": {**GOOD_SPEC, "candidates": [{"checkpoint": "a.safetensors",
-                                                            "loras": [{"name": "x", "strength": "abc"}]},
-                                                           {"checkpoint": "b.safetensors", "control": True}]},
-                      "few": {**GOOD_SPEC, "prompts": ["one", "two"]}}.items():
+    for name, obj in {
+        "list": [GOOD_SPEC],
+        "pstr": {**GOOD_SPEC, "prompts": "a cat"},
+        "unknown": {**GOOD_SPEC, "bogus": 1},
+        "abc": {
+            **GOOD_SPEC,
+            "candidates": [
+                {"checkpoint": "a.safetensors", "loras": [{"name": "x", "strength": "abc"}]},
+                {"checkpoint": "b.safetensors", "control": True},
+            ],
+        },
+        "few": {**GOOD_SPEC, "prompts": ["one", "two"]},
+    }.items():
         (inp / f"spec-{name}.json").write_text(json.dumps(obj))
     (inp / "spec-malformed.json").write_text('{"name": "t", candidates: [')
     out = root / "out"
@@ -73,8 +83,16 @@ def ws(tmp_path_factory):
     full = root / "full"
     if _mount_tmpfs(str(full), "size=64k"):
         mounted.append(full)
-    yield {"root": root, "in": inp, "out": out, "ro": ro, "full": full if full in mounted else None,
-           "base": base, "lora": lora, "data": root / "data"}
+    yield {
+        "root": root,
+        "in": inp,
+        "out": out,
+        "ro": ro,
+        "full": full if full in mounted else None,
+        "base": base,
+        "lora": lora,
+        "data": root / "data",
+    }
     for m in mounted:
         subprocess.run(["umount", str(m)], capture_output=True)
 
@@ -105,79 +123,235 @@ def _ro_writable(ws) -> bool:
 
 # (id, argv builder, the words the message must hold)
 CLI_CASES = [
-    ("bake-missing-base", lambda w: ["bake", P(w, "in", "nope.safetensors"), "--lora", w["lora"], "-o",
-                                     P(w, "out", "o.safetensors")], ["nope.safetensors"]),
-    ("bake-truncated-base", lambda w: ["bake", P(w, "in", "truncated.safetensors"), "--lora", w["lora"], "-o",
-                                       P(w, "out", "o.safetensors")], ["truncated.safetensors"]),
-    ("bake-not-a-model", lambda w: ["bake", w["base"], "--lora", P(w, "in", "notes.safetensors"), "-o",
-                                    P(w, "out", "o.safetensors")], ["notes.safetensors"]),
-    ("bake-strength-abc", lambda w: ["bake", w["base"], "--lora", w["lora"] + ":abc", "-o",
-                                     P(w, "out", "o.safetensors")], ["'abc'", "not a number"]),
-    ("bake-te-strength-abc", lambda w: ["bake", w["base"], "--lora", w["lora"] + ":0.5:x1", "-o",
-                                        P(w, "out", "o.safetensors")], ["x1", "not a number"]),
+    (
+        "bake-missing-base",
+        lambda w: ["bake", P(w, "in", "nope.safetensors"), "--lora", w["lora"], "-o", P(w, "out", "o.safetensors")],
+        ["nope.safetensors"],
+    ),
+    (
+        "bake-truncated-base",
+        lambda w: [
+            "bake",
+            P(w, "in", "truncated.safetensors"),
+            "--lora",
+            w["lora"],
+            "-o",
+            P(w, "out", "o.safetensors"),
+        ],
+        ["truncated.safetensors"],
+    ),
+    (
+        "bake-not-a-model",
+        lambda w: ["bake", w["base"], "--lora", P(w, "in", "notes.safetensors"), "-o", P(w, "out", "o.safetensors")],
+        ["notes.safetensors"],
+    ),
+    (
+        "bake-strength-abc",
+        lambda w: ["bake", w["base"], "--lora", w["lora"] + ":abc", "-o", P(w, "out", "o.safetensors")],
+        ["'abc'", "not a number"],
+    ),
+    (
+        "bake-te-strength-abc",
+        lambda w: ["bake", w["base"], "--lora", w["lora"] + ":0.5:x1", "-o", P(w, "out", "o.safetensors")],
+        ["x1", "not a number"],
+    ),
     ("bake-strength-nan", lambda w: ["bake", w["base"], "--lora", w["lora"] + ":nan", "--dry-run"], ["nan", "finite"]),
     ("bake-strength-inf", lambda w: ["bake", w["base"], "--lora", w["lora"] + ":inf", "--dry-run"], ["inf", "finite"]),
     ("bake-strength-huge", lambda w: ["bake", w["base"], "--lora", w["lora"] + ":1e9", "--dry-run"], ["strength"]),
-    ("bake-alpha-shape-3", lambda w: ["bake", w["base"], "--lora", P(w, "in", "alpha3.safetensors"), "-o",
-                                      P(w, "out", "o.safetensors")], ["alpha", "[3]", "alpha3.safetensors"]),
-    ("bake-nan-lora", lambda w: ["bake", w["base"], "--lora", P(w, "in", "nan.safetensors"), "-o",
-                                 P(w, "out", "o.safetensors")], ["nan.safetensors", "NaN"]),
-    ("bake-output-is-input", lambda w: ["bake", w["base"], "--lora", w["lora"], "-o", w["base"], "--overwrite"],
-     ["sdxl-base.safetensors"]),
-    ("bake-output-exists", lambda w: ["bake", w["base"], "--lora", w["lora"], "-o", P(w, "in", "notes.safetensors")],
-     ["notes.safetensors", "exists"]),
-    ("bake-bad-blocks", lambda w: ["bake", w["base"], "--lora", w["lora"], "--blocks", "style=NOPRESET", "--dry-run"],
-     ["NOPRESET"]),
-    ("bake-blocks-no-lora", lambda w: ["bake", w["base"], "--lora", w["lora"], "--blocks", "other=INALL", "--dry-run"],
-     ["other=INALL"]),
-    ("bake-read-only-output", lambda w: ["bake", w["base"], "--lora", w["lora"], "-o", P(w, "ro", "o.safetensors")],
-     ["o.safetensors", "Fix:"]),
-    ("bake-report-read-only", lambda w: ["bake", w["base"], "--lora", w["lora"], "-o", P(w, "out", "o.safetensors"),
-                                         "--report", P(w, "ro", "r.json")], ["r.json", "Fix:"]),
-    ("bake-disk-full", lambda w: ["bake", w["base"], "--lora", w["lora"], "-o", P(w, "full", "o.safetensors")],
-     ["o.safetensors", "disk is full"]),
-    ("merge-disk-full", lambda w: ["merge", "--model", w["base"], "--model", w["base"], "-o",
-                                   P(w, "full", "m.safetensors")], ["m.safetensors", "disk is full"]),
-    ("merge-weight-abc", lambda w: ["merge", "--model", w["base"], "--model", w["base"] + ":abc", "-o",
-                                    P(w, "out", "m.safetensors")], ["'abc'", "not a number"]),
-    ("merge-weight-nan", lambda w: ["merge", "--model", w["base"], "--model", w["base"] + ":nan", "-o",
-                                    P(w, "out", "m.safetensors")], ["nan"]),
-    ("merge-unknown-method", lambda w: ["merge", "--model", w["base"], "--model", w["base"], "--method", "avg", "-o",
-                                        P(w, "out", "m.safetensors")], ["avg"]),
-    ("merge-te-from-text", lambda w: ["merge", "--model", w["base"], "--model", w["base"], "--te-from", "x", "-o",
-                                      P(w, "out", "m.safetensors")], ["'x'"]),
-    ("merge-missing-model", lambda w: ["merge", "--model", w["base"], "--model", P(w, "in", "gone.safetensors"), "-o",
-                                       P(w, "out", "m.safetensors")], ["gone.safetensors"]),
-    ("merge-lora-as-model", lambda w: ["merge", "--model", w["base"], "--model", w["lora"], "-o",
-                                       P(w, "out", "m.safetensors")], ["style.safetensors"]),
-    ("merge-read-only-output", lambda w: ["merge", "--model", w["base"], "--model", w["base"], "-o",
-                                          P(w, "ro", "m.safetensors")], ["m.safetensors", "Fix:"]),
-    ("merge-report-read-only", lambda w: ["merge", "--model", w["base"], "--model", w["base"], "-o",
-                                          P(w, "out", "m.safetensors"), "--report", P(w, "ro", "r.json")], ["r.json"]),
+    (
+        "bake-alpha-shape-3",
+        lambda w: ["bake", w["base"], "--lora", P(w, "in", "alpha3.safetensors"), "-o", P(w, "out", "o.safetensors")],
+        ["alpha", "[3]", "alpha3.safetensors"],
+    ),
+    (
+        "bake-nan-lora",
+        lambda w: ["bake", w["base"], "--lora", P(w, "in", "nan.safetensors"), "-o", P(w, "out", "o.safetensors")],
+        ["nan.safetensors", "NaN"],
+    ),
+    (
+        "bake-output-is-input",
+        lambda w: ["bake", w["base"], "--lora", w["lora"], "-o", w["base"], "--overwrite"],
+        ["sdxl-base.safetensors"],
+    ),
+    (
+        "bake-output-exists",
+        lambda w: ["bake", w["base"], "--lora", w["lora"], "-o", P(w, "in", "notes.safetensors")],
+        ["notes.safetensors", "exists"],
+    ),
+    (
+        "bake-bad-blocks",
+        lambda w: ["bake", w["base"], "--lora", w["lora"], "--blocks", "style=NOPRESET", "--dry-run"],
+        ["NOPRESET"],
+    ),
+    (
+        "bake-blocks-no-lora",
+        lambda w: ["bake", w["base"], "--lora", w["lora"], "--blocks", "other=INALL", "--dry-run"],
+        ["other=INALL"],
+    ),
+    (
+        "bake-read-only-output",
+        lambda w: ["bake", w["base"], "--lora", w["lora"], "-o", P(w, "ro", "o.safetensors")],
+        ["o.safetensors", "Fix:"],
+    ),
+    (
+        "bake-report-read-only",
+        lambda w: [
+            "bake",
+            w["base"],
+            "--lora",
+            w["lora"],
+            "-o",
+            P(w, "out", "o.safetensors"),
+            "--report",
+            P(w, "ro", "r.json"),
+        ],
+        ["r.json", "Fix:"],
+    ),
+    (
+        "bake-disk-full",
+        lambda w: ["bake", w["base"], "--lora", w["lora"], "-o", P(w, "full", "o.safetensors")],
+        ["o.safetensors", "disk is full"],
+    ),
+    (
+        "merge-disk-full",
+        lambda w: ["merge", "--model", w["base"], "--model", w["base"], "-o", P(w, "full", "m.safetensors")],
+        ["m.safetensors", "disk is full"],
+    ),
+    (
+        "merge-weight-abc",
+        lambda w: ["merge", "--model", w["base"], "--model", w["base"] + ":abc", "-o", P(w, "out", "m.safetensors")],
+        ["'abc'", "not a number"],
+    ),
+    (
+        "merge-weight-nan",
+        lambda w: ["merge", "--model", w["base"], "--model", w["base"] + ":nan", "-o", P(w, "out", "m.safetensors")],
+        ["nan"],
+    ),
+    (
+        "merge-unknown-method",
+        lambda w: [
+            "merge",
+            "--model",
+            w["base"],
+            "--model",
+            w["base"],
+            "--method",
+            "avg",
+            "-o",
+            P(w, "out", "m.safetensors"),
+        ],
+        ["avg"],
+    ),
+    (
+        "merge-te-from-text",
+        lambda w: [
+            "merge",
+            "--model",
+            w["base"],
+            "--model",
+            w["base"],
+            "--te-from",
+            "x",
+            "-o",
+            P(w, "out", "m.safetensors"),
+        ],
+        ["'x'"],
+    ),
+    (
+        "merge-missing-model",
+        lambda w: [
+            "merge",
+            "--model",
+            w["base"],
+            "--model",
+            P(w, "in", "gone.safetensors"),
+            "-o",
+            P(w, "out", "m.safetensors"),
+        ],
+        ["gone.safetensors"],
+    ),
+    (
+        "merge-lora-as-model",
+        lambda w: ["merge", "--model", w["base"], "--model", w["lora"], "-o", P(w, "out", "m.safetensors")],
+        ["style.safetensors"],
+    ),
+    (
+        "merge-read-only-output",
+        lambda w: ["merge", "--model", w["base"], "--model", w["base"], "-o", P(w, "ro", "m.safetensors")],
+        ["m.safetensors", "Fix:"],
+    ),
+    (
+        "merge-report-read-only",
+        lambda w: [
+            "merge",
+            "--model",
+            w["base"],
+            "--model",
+            w["base"],
+            "-o",
+            P(w, "out", "m.safetensors"),
+            "--report",
+            P(w, "ro", "r.json"),
+        ],
+        ["r.json"],
+    ),
     ("diff-chart-read-only", lambda w: ["diff", w["base"], w["base"], "--chart", P(w, "ro", "c.png")], ["c.png"]),
-    ("inspect-weights-nan", lambda w: ["inspect", P(w, "in", "nan.safetensors"), "--weights", "--checkpoint",
-                                       w["base"], "--jobs", "1"], ["nan.safetensors", "NaN"]),
-    ("inspect-missing", lambda w: ["inspect", P(w, "in", "nothing.safetensors"), "--jobs", "1"],
-     ["nothing.safetensors"]),
-    ("inspect-not-a-model", lambda w: ["inspect", P(w, "in", "notes.safetensors"), "--jobs", "1"],
-     ["notes.safetensors"]),
-    ("spec-as-list", lambda w: ["tournament", "create", "--data-dir", P(w, "data"), P(w, "in", "spec-list.json")],
-     ["tournament spec", "list"]),
-    ("spec-prompts-string", lambda w: ["tournament", "create", "--data-dir", P(w, "data"),
-                                       P(w, "in", "spec-pstr.json")], ["prompts", "a cat"]),
-    ("spec-unknown-key", lambda w: ["tournament", "create", "--data-dir", P(w, "data"),
-                                    P(w, "in", "spec-unknown.json")], ["bogus"]),
-    ("spec-strength-abc", lambda w: ["tournament", "create", "--data-dir", P(w, "data"), P(w, "in", "spec-abc.json")],
-     ["strength", "abc"]),
-    ("spec-malformed", lambda w: ["tournament", "create", "--data-dir", P(w, "data"),
-                                  P(w, "in", "spec-malformed.json")], ["spec-malformed.json"]),
-    ("spec-missing-file", lambda w: ["tournament", "create", "--data-dir", P(w, "data"), P(w, "in", "no-spec.json")],
-     ["no-spec.json"]),
-    ("spec-few-prompts", lambda w: ["tournament", "create", "--data-dir", P(w, "data"), P(w, "in", "spec-few.json")],
-     ["prompt"]),
+    (
+        "inspect-weights-nan",
+        lambda w: ["inspect", P(w, "in", "nan.safetensors"), "--weights", "--checkpoint", w["base"], "--jobs", "1"],
+        ["nan.safetensors", "NaN"],
+    ),
+    (
+        "inspect-missing",
+        lambda w: ["inspect", P(w, "in", "nothing.safetensors"), "--jobs", "1"],
+        ["nothing.safetensors"],
+    ),
+    (
+        "inspect-not-a-model",
+        lambda w: ["inspect", P(w, "in", "notes.safetensors"), "--jobs", "1"],
+        ["notes.safetensors"],
+    ),
+    (
+        "spec-as-list",
+        lambda w: ["tournament", "create", "--data-dir", P(w, "data"), P(w, "in", "spec-list.json")],
+        ["tournament spec", "list"],
+    ),
+    (
+        "spec-prompts-string",
+        lambda w: ["tournament", "create", "--data-dir", P(w, "data"), P(w, "in", "spec-pstr.json")],
+        ["prompts", "a cat"],
+    ),
+    (
+        "spec-unknown-key",
+        lambda w: ["tournament", "create", "--data-dir", P(w, "data"), P(w, "in", "spec-unknown.json")],
+        ["bogus"],
+    ),
+    (
+        "spec-strength-abc",
+        lambda w: ["tournament", "create", "--data-dir", P(w, "data"), P(w, "in", "spec-abc.json")],
+        ["strength", "abc"],
+    ),
+    (
+        "spec-malformed",
+        lambda w: ["tournament", "create", "--data-dir", P(w, "data"), P(w, "in", "spec-malformed.json")],
+        ["spec-malformed.json"],
+    ),
+    (
+        "spec-missing-file",
+        lambda w: ["tournament", "create", "--data-dir", P(w, "data"), P(w, "in", "no-spec.json")],
+        ["no-spec.json"],
+    ),
+    (
+        "spec-few-prompts",
+        lambda w: ["tournament", "create", "--data-dir", P(w, "data"), P(w, "in", "spec-few.json")],
+        ["prompt"],
+    ),
     ("triage-unknown-id", lambda w: ["triage", "report", "nosuch", "--data-dir", P(w, "data")], ["nosuch"]),
-    ("ui-missing-models-dir", lambda w: ["ui", "--models-dir", P(w, "in", "nodir"), "--loras-dir", P(w, "in")],
-     ["nodir"]),
+    (
+        "ui-missing-models-dir",
+        lambda w: ["ui", "--models-dir", P(w, "in", "nodir"), "--loras-dir", P(w, "in")],
+        ["nodir"],
+    ),
 ]
 
 
@@ -211,8 +385,24 @@ def test_launcher_refuses_a_taken_port_before_printing_its_url(ws):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "lib_lorakit", "ui", "--models-dir", P(ws, "in"), "--loras-dir",
-                            P(ws, "in"), "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lib_lorakit",
+                "ui",
+                "--models-dir",
+                P(ws, "in"),
+                "--loras-dir",
+                P(ws, "in"),
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert r.returncode == 2, r.stderr
     assert str(port) in r.stderr and "Traceback" not in r.stderr
     assert "http://" not in r.stdout
@@ -233,8 +423,9 @@ def test_vae_with_inf_is_reported(tmp_path, capsys):
     assert main(["bake", broken, "--lora", lora, "-o", out, "-q"]) == 0
     text = capsys.readouterr().out
     assert "VAE" in text and vkey in text and "NaN/inf" in text
-    assert main(["merge", "--model", broken, "--model", base, "-o", str(tmp_path / "m.safetensors"), "-q",
-                 "--json"]) == 0
+    assert (
+        main(["merge", "--model", broken, "--model", base, "-o", str(tmp_path / "m.safetensors"), "-q", "--json"]) == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     assert any(vkey in w for w in rep["warnings"])
 
@@ -258,9 +449,16 @@ def api(tmp_path_factory):
     write(loras, "ink.safetensors", make_lora("sdxl", "lora", conv=False))
     app, _ = create_app(str(ckpt), str(loras), data_dir=str(root / "data"))
     with TestClient(app) as c:
-        tid = c.post("/lorakit/v1/tournaments", json={**GOOD_SPEC, "candidates": [
-            {"checkpoint": "base.safetensors", "id": "one"}, {"checkpoint": "base.safetensors", "id": "two",
-                                                                "control": True}]}).json()["id"]
+        tid = c.post(
+            "/lorakit/v1/tournaments",
+            json={
+                **GOOD_SPEC,
+                "candidates": [
+                    {"checkpoint": "base.safetensors", "id": "one"},
+                    {"checkpoint": "base.safetensors", "id": "two", "control": True},
+                ],
+            },
+        ).json()["id"]
         c.tid = tid
         c.root = root
         yield c
@@ -272,38 +470,97 @@ def _bake(**kw):
 
 API_CASES = [
     ("bake-strength-abc", "post", "/lorakit/v1/bake", _bake(strength="abc"), ["strength", "abc"]),
-    ("bake-strength-nan", "raw", "/lorakit/v1/bake",
-     '{"base": "base.safetensors", "output": "o", "loras": [{"name": "ink", "strength": NaN}]}', ["strength"]),
-    ("bake-strength-infinity", "raw", "/lorakit/v1/bake",
-     '{"base": "base.safetensors", "output": "o", "loras": [{"name": "ink", "strength": Infinity}]}', ["strength"]),
+    (
+        "bake-strength-nan",
+        "raw",
+        "/lorakit/v1/bake",
+        '{"base": "base.safetensors", "output": "o", "loras": [{"name": "ink", "strength": NaN}]}',
+        ["strength"],
+    ),
+    (
+        "bake-strength-infinity",
+        "raw",
+        "/lorakit/v1/bake",
+        '{"base": "base.safetensors", "output": "o", "loras": [{"name": "ink", "strength": Infinity}]}',
+        ["strength"],
+    ),
     ("bake-unknown-field", "post", "/lorakit/v1/bake", {**_bake(), "colour": 1}, ["colour"]),
     ("bake-malformed-json", "raw", "/lorakit/v1/bake", '{"base": ', ["JSON"]),
-    ("bake-lora-outside", "post", "/lorakit/v1/bake", {"base": "base.safetensors", "output": "o",
-                                                       "loras": [{"name": "../../../etc/passwd"}]}, ["passwd"]),
+    (
+        "bake-lora-outside",
+        "post",
+        "/lorakit/v1/bake",
+        {"base": "base.safetensors", "output": "o", "loras": [{"name": "../../../etc/passwd"}]},
+        ["passwd"],
+    ),
     ("bake-unknown-lora", "post", "/lorakit/v1/bake", _bake(name="inc"), ["inc"]),
     ("bake-output-traversal", "post", "/lorakit/v1/bake", {**_bake(), "output": "../../x"}, ["x"]),
-    ("merge-weight-nan", "raw", "/lorakit/v1/merge",
-     '{"models": [{"name": "base.safetensors"}, {"name": "base.safetensors", "weight": NaN}], "output": "m"}',
-     ["weight"]),
+    (
+        "merge-weight-nan",
+        "raw",
+        "/lorakit/v1/merge",
+        '{"models": [{"name": "base.safetensors"}, {"name": "base.safetensors", "weight": NaN}], "output": "m"}',
+        ["weight"],
+    ),
     ("inspect-outside", "get", "/lorakit/v1/inspect?lora=../../../etc/passwd", None, ["passwd"]),
     ("tournament-spec-list", "post", "/lorakit/v1/tournaments", [GOOD_SPEC], ["list"]),
     ("tournament-prompts-string", "post", "/lorakit/v1/tournaments", {**GOOD_SPEC, "prompts": "a cat"}, ["prompts"]),
     ("tournament-unknown-key", "post", "/lorakit/v1/tournaments", {**GOOD_SPEC, "bogus": 1}, ["bogus"]),
-    ("tournament-strength-abc", "post", "/lorakit/v1/tournaments", {**GOOD_SPEC, "candidates": [
-        {"checkpoint": "a.safetensors", "loras": [{"name": "x", "strength": "abc"}]},
-        {"checkpoint": "b.safetensors", "control": True}]}, ["strength"]),
-    ("votes-four-ranks", "post", "/lorakit/v1/tournaments/{tid}/votes",
-     {"evaluator": "ann", "votes": [{"prompt": 0, "ranks": ["A", "B", "C", "D"]}]}, ["ranks"]),
-    ("votes-rank-and-bomb", "post", "/lorakit/v1/tournaments/{tid}/votes",
-     {"evaluator": "ann", "votes": [{"prompt": 0, "ranks": ["A"], "bombs": ["A"]}]}, ["A"]),
-    ("votes-no-evaluator", "post", "/lorakit/v1/tournaments/{tid}/votes",
-     {"evaluator": "", "votes": [{"prompt": 0, "no_preference": True}]}, ["evaluator"]),
-    ("votes-missing-image", "post", "/lorakit/v1/tournaments/{tid}/votes",
-     {"evaluator": "ann", "votes": [{"prompt": 0, "ranks": ["A"]}]}, ["missing"]),
-    ("votes-unknown-prompt", "post", "/lorakit/v1/tournaments/{tid}/votes",
-     {"evaluator": "ann", "votes": [{"prompt": 9, "no_preference": True}]}, ["9"]),
-    ("next-round-before-reveal", "post", "/lorakit/v1/tournaments/{tid}/next-round", {"mode": "narrow"},
-     ["blind", "Reveal"]),
+    (
+        "tournament-strength-abc",
+        "post",
+        "/lorakit/v1/tournaments",
+        {
+            **GOOD_SPEC,
+            "candidates": [
+                {"checkpoint": "a.safetensors", "loras": [{"name": "x", "strength": "abc"}]},
+                {"checkpoint": "b.safetensors", "control": True},
+            ],
+        },
+        ["strength"],
+    ),
+    (
+        "votes-four-ranks",
+        "post",
+        "/lorakit/v1/tournaments/{tid}/votes",
+        {"evaluator": "ann", "votes": [{"prompt": 0, "ranks": ["A", "B", "C", "D"]}]},
+        ["ranks"],
+    ),
+    (
+        "votes-rank-and-bomb",
+        "post",
+        "/lorakit/v1/tournaments/{tid}/votes",
+        {"evaluator": "ann", "votes": [{"prompt": 0, "ranks": ["A"], "bombs": ["A"]}]},
+        ["A"],
+    ),
+    (
+        "votes-no-evaluator",
+        "post",
+        "/lorakit/v1/tournaments/{tid}/votes",
+        {"evaluator": "", "votes": [{"prompt": 0, "no_preference": True}]},
+        ["evaluator"],
+    ),
+    (
+        "votes-missing-image",
+        "post",
+        "/lorakit/v1/tournaments/{tid}/votes",
+        {"evaluator": "ann", "votes": [{"prompt": 0, "ranks": ["A"]}]},
+        ["missing"],
+    ),
+    (
+        "votes-unknown-prompt",
+        "post",
+        "/lorakit/v1/tournaments/{tid}/votes",
+        {"evaluator": "ann", "votes": [{"prompt": 9, "no_preference": True}]},
+        ["9"],
+    ),
+    (
+        "next-round-before-reveal",
+        "post",
+        "/lorakit/v1/tournaments/{tid}/next-round",
+        {"mode": "narrow"},
+        ["blind", "Reveal"],
+    ),
     ("image-before-generation", "get", "/lorakit/v1/tournaments/{tid}/image/ann/0/A", None, ["no images"]),
     ("report-before-reveal", "get", "/lorakit/v1/tournaments/{tid}/report", None, ["reveal"]),
     ("winner-before-reveal", "get", "/lorakit/v1/tournaments/{tid}/winner", None, ["reveal"]),
@@ -326,7 +583,7 @@ def test_api_bad_input(api, case):
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     data = r.json()
     assert set(data) == {"error", "message"}, data
-    assert "Traceback" not in r.text and "File \"" not in r.text
+    assert "Traceback" not in r.text and 'File "' not in r.text
     for w in words:
         assert w in data["message"], f"{w!r} not in: {data['message']}"
     assert "--" not in data["message"].replace("---", "")  # no CLI flag told to an API user

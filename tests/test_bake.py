@@ -43,7 +43,7 @@ def expected_lora(base, lora_sd, arch, strength, te_strength=None, *, conv=True,
 
 def half_ulp(x: torch.Tensor) -> torch.Tensor:
     """Half the spacing of float16 numbers around |x| (the largest error one rounding may make)."""
-    e = torch.floor(torch.log2(x.abs().clamp_min(2.0 ** -14)))
+    e = torch.floor(torch.log2(x.abs().clamp_min(2.0**-14)))
     return 2.0 ** (e - 11)
 
 
@@ -102,9 +102,11 @@ def test_clip_g_q_proj_changes_only_its_slice(tmp_path):
     base_p = tiny_checkpoint(tmp_path, "sdxl", dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     up, down = torch.randn(20, 2, generator=g), torch.randn(2, 20, generator=g)
-    lora = {"lora_te2_text_model_encoder_layers_7_self_attn_k_proj.lora_up.weight": up,
-            "lora_te2_text_model_encoder_layers_7_self_attn_k_proj.lora_down.weight": down,
-            "lora_te2_text_model_encoder_layers_7_self_attn_k_proj.alpha": torch.tensor(1.0)}
+    lora = {
+        "lora_te2_text_model_encoder_layers_7_self_attn_k_proj.lora_up.weight": up,
+        "lora_te2_text_model_encoder_layers_7_self_attn_k_proj.lora_down.weight": down,
+        "lora_te2_text_model_encoder_layers_7_self_attn_k_proj.alpha": torch.tensor(1.0),
+    }
     lora_p = write(tmp_path, "g.safetensors", lora)
     out = str(tmp_path / "out.safetensors")
     rep = bake(base_p, [LoraSpec(lora_p, 1.0, 0.6)], out, save_dtype="fp32")
@@ -120,9 +122,12 @@ def test_mixed_algorithms_summed_once_against_float64(tmp_path):
     from lib_lorakit.formats.sources import open_source
 
     with open_source(base_p) as src:
-        sds = {"lora": make_lora("sdxl", "lora", seed=6), "lokr": make_lora("sdxl", "lokr", seed=7, conv=False),
-               "loha": make_lora("sdxl", "loha", seed=8, te=False), "dora": make_lora("sdxl", "dora", seed=9, conv=False,
-                                                                                     te=False, base=src)}
+        sds = {
+            "lora": make_lora("sdxl", "lora", seed=6),
+            "lokr": make_lora("sdxl", "lokr", seed=7, conv=False),
+            "loha": make_lora("sdxl", "loha", seed=8, te=False),
+            "dora": make_lora("sdxl", "dora", seed=9, conv=False, te=False, base=src),
+        }
     strengths = {"lora": 0.7, "lokr": 0.6, "loha": 0.9, "dora": 0.5}
     paths = {n: write(tmp_path, f"{n}.safetensors", sd) for n, sd in sds.items()}
     out = str(tmp_path / "out.safetensors")
@@ -144,7 +149,11 @@ def test_mixed_algorithms_summed_once_against_float64(tmp_path):
                 rk = p["hada_w1_b"].shape[0]
                 d = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * p["alpha"] / rk
             elif n == "lokr":
-                w2 = p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_a"] @ p["lokr_w2_b"].reshape(p["lokr_w2_b"].shape[0], -1)
+                w2 = (
+                    p["lokr_w2"]
+                    if "lokr_w2" in p
+                    else p["lokr_w2_a"] @ p["lokr_w2_b"].reshape(p["lokr_w2_b"].shape[0], -1)
+                )
                 rk = p["lokr_w2_b"].shape[0] if "lokr_w2_b" in p else None
                 d = torch.kron(p["lokr_w1"], w2.reshape(w2.shape[0], -1)) * (p["alpha"] / rk if rk else 1.0)
             else:  # DoRA, per-output magnitudes: m * V / |V|_row - W
@@ -173,8 +182,10 @@ def test_sequential_rounding_drifts_but_bake_rounds_once(tmp_path):
         e1 = expected_lora({k: v.float() for k, v in seq.items()}, sd, "sd15", 0.5, conv=False)
         seq = {k: v.half() for k, v in e1.items()}
     for sd in sds:
-        exact = {k: v for k, v in expected_lora({k: v.float() for k, v in exact.items()}, sd, "sd15", 0.5,
-                                                conv=False).items()}
+        exact = {
+            k: v
+            for k, v in expected_lora({k: v.float() for k, v in exact.items()}, sd, "sd15", 0.5, conv=False).items()
+        }
     key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
     ours = (got[key].double() - exact[key]).abs().max()
     theirs = (seq[key].double() - exact[key]).abs().max()
@@ -219,8 +230,15 @@ def test_block_weights_scale_the_update(tmp_path):
 
 
 def test_recipe_metadata_and_hashes(tmp_path):
-    base_p = tiny_checkpoint(tmp_path, "sdxl", metadata={"modelspec.title": "Base", "modelspec.hash_sha256": "stale",
-                                                         "modelspec.architecture": "stable-diffusion-xl-v1-base"})
+    base_p = tiny_checkpoint(
+        tmp_path,
+        "sdxl",
+        metadata={
+            "modelspec.title": "Base",
+            "modelspec.hash_sha256": "stale",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base",
+        },
+    )
     lora_p = write(tmp_path, "style.safetensors", make_lora("sdxl", "lora", conv=False))
     out = str(tmp_path / "out.safetensors")
     rep = bake(base_p, [LoraSpec(lora_p, 0.75, 0.25, blocks="ALL")], out, save_dtype="bf16")
@@ -245,8 +263,10 @@ def test_recipe_metadata_and_hashes(tmp_path):
 def test_fp16_overflow_is_refused(tmp_path):
     key = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
     base_p = tiny_checkpoint(tmp_path, "sdxl")
-    lora = {"lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.full((10, 1), 300.0),
-            "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.full((1, 10), 300.0)}
+    lora = {
+        "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.full((10, 1), 300.0),
+        "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.full((1, 10), 300.0),
+    }
     lora_p = write(tmp_path, "hot.safetensors", lora)
     with pytest.raises(ValueProblem, match=rf"{key}: a baked weight reaches 9\d{{4}}.*float16 range") as e:
         bake(base_p, [LoraSpec(lora_p)], str(tmp_path / "out.safetensors"))
@@ -280,17 +300,23 @@ def test_unmatched_layers_fail_loudly_or_are_listed(tmp_path):
     assert "unknown algorithm" in msg and "allow-unmatched option" in msg
     assert not os.path.exists(out)
     rep = bake(base_p, [LoraSpec(lora_p)], out, allow_unmatched=True)
-    assert {u["layer"] for u in rep["loras"][0]["unmatched"]} == {"lora_unet_input_blocks_11_1_proj_in",
-                                                                 "lora_unet_input_blocks_4_1_proj_in.mystery_param"}
+    assert {u["layer"] for u in rep["loras"][0]["unmatched"]} == {
+        "lora_unet_input_blocks_11_1_proj_in",
+        "lora_unet_input_blocks_4_1_proj_in.mystery_param",
+    }
     assert any("matched nothing" in w for w in rep["warnings"])
 
 
 def test_shape_mismatch_is_an_error(tmp_path):
     base_p = tiny_checkpoint(tmp_path, "sdxl")
-    lora = {"lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(7, 2),
-            "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(2, 10)}
+    lora = {
+        "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(7, 2),
+        "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(2, 10),
+    }
     lora_p = write(tmp_path, "bad.safetensors", lora)
-    with pytest.raises(MatchError, match=r"shape mismatch with model\.diffusion_model\.input_blocks\.4\.1\.proj_in\.weight \[10, 10\]"):
+    with pytest.raises(
+        MatchError, match=r"shape mismatch with model\.diffusion_model\.input_blocks\.4\.1\.proj_in\.weight \[10, 10\]"
+    ):
         bake(base_p, [LoraSpec(lora_p)], str(tmp_path / "out.safetensors"))
 
 
@@ -338,7 +364,7 @@ def test_cancel_or_interrupt_leaves_no_debris(tmp_path, how):
     import lib_lorakit.bake.engine as bk
 
     old = bk.time.perf_counter
-    ticks = iter(range(10 ** 9))
+    ticks = iter(range(10**9))
     bk.time.perf_counter = lambda: next(ticks)  # every tensor reports progress
     try:
         exc = {"cancel": Cancelled, "interrupt": KeyboardInterrupt, "error": RuntimeError}[how]

@@ -31,14 +31,17 @@ def test_presets_and_named_weights():
     assert "MIDD" in preset_names("sd15") and len(PRESETS_17["MIDD"].split(",")) == 17
 
 
-@pytest.mark.parametrize("text,arch,match", [
-    ("1,1,1", "sd15", r"has 3 values; SD1\.5 takes 17 or 26"),
-    (",".join(["1"] * 17), "sdxl", r"has 17 values; SDXL takes 12 or 20"),
-    ("INAL", "sd15", r"Unknown block-weight preset 'INAL' for SD1\.5\. Did you mean 'INALL'"),
-    ("IN12=1", "sd15", r"Unknown block 'IN12'"),
-    ("1,x,1", "sd15", r"'x' in block weights"),
-    ("", "sd15", "Empty block weights"),
-])
+@pytest.mark.parametrize(
+    "text,arch,match",
+    [
+        ("1,1,1", "sd15", r"has 3 values; SD1\.5 takes 17 or 26"),
+        (",".join(["1"] * 17), "sdxl", r"has 17 values; SDXL takes 12 or 20"),
+        ("INAL", "sd15", r"Unknown block-weight preset 'INAL' for SD1\.5\. Did you mean 'INALL'"),
+        ("IN12=1", "sd15", r"Unknown block 'IN12'"),
+        ("1,x,1", "sd15", r"'x' in block weights"),
+        ("", "sd15", "Empty block weights"),
+    ],
+)
 def test_errors(text, arch, match):
     with pytest.raises(RecipeError, match=match):
         parse_block_weights(text, arch)

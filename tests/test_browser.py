@@ -35,9 +35,19 @@ def free_port() -> int:
 
 def open_browser(pw):
     """Debian's Chromium, headless, with nothing reaching out to the network."""
-    return pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"])
+    return pw.chromium.launch(
+        executable_path=CHROMIUM,
+        headless=True,
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
+    )
 
 
 @contextlib.contextmanager
@@ -46,8 +56,18 @@ def launch(ckpt, loras, data=None):
     import urllib.request
 
     port = free_port()
-    cmd = [sys.executable, "-m", "lib_lorakit", "ui", "--models-dir", str(ckpt), "--loras-dir", str(loras),
-           "--port", str(port)] + (["--data-dir", str(data)] if data else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "lib_lorakit",
+        "ui",
+        "--models-dir",
+        str(ckpt),
+        "--loras-dir",
+        str(loras),
+        "--port",
+        str(port),
+    ] + (["--data-dir", str(data)] if data else [])
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -58,7 +78,7 @@ def launch(ckpt, loras, data=None):
                 break
             except OSError:
                 if p.poll() is not None:
-                    raise AssertionError(p.stdout.read())
+                    raise AssertionError(p.stdout.read()) from None
                 time.sleep(0.3)
         yield url
     finally:
@@ -109,8 +129,9 @@ def test_bake_in_the_browser(server):
         page.locator("#lorakit_bake_run").click()
         # progress shows, then the report
         page.wait_for_selector("#lorakit_bake_progress .lorakit-progress", timeout=30_000)
-        page.wait_for_function("document.querySelector('#lorakit_bake_summary').innerText.includes('Saved')",
-                               timeout=120_000)
+        page.wait_for_function(
+            "document.querySelector('#lorakit_bake_summary').innerText.includes('Saved')", timeout=120_000
+        )
         summary = page.locator("#lorakit_bake_summary").first.inner_text()
         progress = page.locator("#lorakit_bake_progress").first.inner_text()
         browser.close()
@@ -129,7 +150,8 @@ def test_merge_in_the_browser(server):
         page = browser.new_page()
         page.goto(url)
         page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Merge").first.click(
-            timeout=60_000)
+            timeout=60_000
+        )
         page.locator("#lorakit_merge_refresh").click()  # the second checkpoint was written after start-up
         page.wait_for_timeout(1000)
         for name in ("sdxl-base.safetensors", "sdxl-other.safetensors"):
@@ -140,8 +162,9 @@ def test_merge_in_the_browser(server):
         page.wait_for_function("document.querySelector('#lorakit_merge_models').innerText.includes('0.7')")
         page.locator("#lorakit_merge_output textarea, #lorakit_merge_output input").first.fill("browser-merge")
         page.locator("#lorakit_merge_run").click()
-        page.wait_for_function("document.querySelector('#lorakit_merge_summary').innerText.includes('Saved')",
-                               timeout=120_000)
+        page.wait_for_function(
+            "document.querySelector('#lorakit_merge_summary').innerText.includes('Saved')", timeout=120_000
+        )
         summary = page.locator("#lorakit_merge_summary").first.inner_text()
         page.wait_for_selector("#lorakit_merge_chart img", timeout=30_000)
         browser.close()
@@ -154,32 +177,42 @@ def test_inspect_in_the_browser(server):
     sync_api = pytest.importorskip("playwright.sync_api")
     url, ckpt = server
     loras = ckpt.parent / "Lora"
-    meta = kohya_metadata("sd15", output_name="zkwgirl", keep_tokens=1, dim=2, alpha=1.0, folders={
-        "10_zkwgirl": (20, [("zkwgirl", 20), ("1girl", 20), ("solo", 20), ("red hair", 19)])})
+    meta = kohya_metadata(
+        "sd15",
+        output_name="zkwgirl",
+        keep_tokens=1,
+        dim=2,
+        alpha=1.0,
+        folders={"10_zkwgirl": (20, [("zkwgirl", 20), ("1girl", 20), ("solo", 20), ("red hair", 19)])},
+    )
     write(loras, "zkwgirl.safetensors", make_lora("sd15", "lora", rank=2, alpha=1.0, tiny=False, conv=False), meta)
     with sync_api.sync_playwright() as pw:
         browser = open_browser(pw)
         page = browser.new_page()
         page.goto(url)
         page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Inspect").first.click(
-            timeout=60_000)
+            timeout=60_000
+        )
         page.locator("#lorakit_inspect_refresh").click()  # the LoRA was added after start-up
         page.wait_for_timeout(1000)
         pick(page, "lorakit_inspect_lora", "zkwgirl")
         page.locator("#lorakit_inspect_run").click()
-        page.wait_for_function("document.querySelector('#lorakit_inspect_report').innerText.includes('trigger-dependent')",
-                               timeout=60_000)
+        page.wait_for_function(
+            "document.querySelector('#lorakit_inspect_report').innerText.includes('trigger-dependent')", timeout=60_000
+        )
         report = page.locator("#lorakit_inspect_report").first.inner_text()
         act = page.locator("#lorakit_inspect_act textarea, #lorakit_inspect_act input").first.input_value()
         page.locator("#lorakit_inspect_write").click()
         page.wait_for_selector("#lorakit_inspect_confirm", state="visible", timeout=30_000)
         assert not (loras / "zkwgirl.json").exists()  # nothing is written before the confirmation
         page.locator("#lorakit_inspect_confirm").click()
-        page.wait_for_function("document.querySelector('#lorakit_inspect_written').innerText.includes('Wrote')",
-                               timeout=30_000)
+        page.wait_for_function(
+            "document.querySelector('#lorakit_inspect_written').innerText.includes('Wrote')", timeout=30_000
+        )
         page.locator("#lorakit_inspect_all").click()
-        page.wait_for_function("document.querySelector('#lorakit_inspect_report').innerText.includes('LoRAs')",
-                               timeout=60_000)
+        page.wait_for_function(
+            "document.querySelector('#lorakit_inspect_report').innerText.includes('LoRAs')", timeout=60_000
+        )
         table = page.locator("#lorakit_inspect_summary").first.inner_text()
         browser.close()
     assert "zkwgirl" in report and "character" in report and act == "zkwgirl"
@@ -205,11 +238,20 @@ def triage_server(tmp_path):
     (ckpt / "base.safetensors").write_bytes(b"x")
     for i in range(30):
         (loras / f"lora{i:02d}.safetensors").write_bytes(b"x")  # listed by the fake generator
-    reports = [{"file": str(loras / f"lora{i:02d}.safetensors"), "architecture": "sd15", "category": "style",
-                "kind": "passive", "trigger": None, "warnings": [], "max_safe_strength": round(0.3 + 0.04 * i, 2),
-                "max_safe_reason": "style"} for i in range(30)]
-    items, cells = tr.plan(reports, names={}, checkpoint_arch="sd15", seeds=[1],
-                           settings={"width": 384, "height": 384})
+    reports = [
+        {
+            "file": str(loras / f"lora{i:02d}.safetensors"),
+            "architecture": "sd15",
+            "category": "style",
+            "kind": "passive",
+            "trigger": None,
+            "warnings": [],
+            "max_safe_strength": round(0.3 + 0.04 * i, 2),
+            "max_safe_reason": "style",
+        }
+        for i in range(30)
+    ]
+    items, cells = tr.plan(reports, names={}, checkpoint_arch="sd15", seeds=[1], settings={"width": 384, "height": 384})
     store = Store(str(data))
     t = tr.Triage.create(store, items, {}, name="browser triage")
     run = Run.create(str(data / "outputs"), "triage", cells)
@@ -232,7 +274,8 @@ def test_triage_by_keyboard_in_the_browser(triage_server):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
         page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Triage").first.click(
-            timeout=60_000)
+            timeout=60_000
+        )
         page.wait_for_selector(f"#lorakit-triage-view[data-loaded='{tid}']", timeout=30_000)
         page.wait_for_function("document.querySelector('#lorakit-triage-img-lora').complete", timeout=30_000)
         first = page.locator("#lorakit-triage-info").inner_text()
@@ -241,26 +284,35 @@ def test_triage_by_keyboard_in_the_browser(triage_server):
             page.on("console", lambda m: print("console:", m.text))
             page.keyboard.press("y")
             page.wait_for_timeout(1000)
-            print("DEBUG", page.evaluate("[window.lorakitTriageTimings.length, document.activeElement.tagName, "
-                                         "window.lorakitTriage && window.lorakitTriage.state.pos, "
-                                         "JSON.stringify(localStorage)]"))
+            print(
+                "DEBUG",
+                page.evaluate(
+                    "[window.lorakitTriageTimings.length, document.activeElement.tagName, "
+                    "window.lorakitTriage && window.lorakitTriage.state.pos, "
+                    "JSON.stringify(localStorage)]"
+                ),
+            )
         for i, k in enumerate(keys):
             page.keyboard.press(k)
             page.wait_for_function(f"window.lorakitTriageTimings.length >= {i + 1}", timeout=10_000)
             page.wait_for_timeout(150)  # a reviewer's glance; the pair after next is preloaded meanwhile
         timings = page.evaluate("window.lorakitTriageTimings")
-        page.wait_for_function("JSON.parse(localStorage.getItem('lorakit-triage-pending') || '[]').length === 0",
-                               timeout=10_000)
+        page.wait_for_function(
+            "JSON.parse(localStorage.getItem('lorakit-triage-pending') || '[]').length === 0", timeout=10_000
+        )
         counts = page.locator("#lorakit-triage-counts").inner_text()
         page.keyboard.press("u")  # undo the last decision
-        page.wait_for_function("JSON.parse(localStorage.getItem('lorakit-triage-pending') || '[]').length === 0",
-                               timeout=10_000)
+        page.wait_for_function(
+            "JSON.parse(localStorage.getItem('lorakit-triage-pending') || '[]').length === 0", timeout=10_000
+        )
         page.reload()  # nothing is lost on a reload
         page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Triage").first.click(
-            timeout=60_000)
+            timeout=60_000
+        )
         page.wait_for_selector(f"#lorakit-triage-view[data-loaded='{tid}']", timeout=30_000)
-        page.wait_for_function("document.querySelector('#lorakit-triage-counts').innerText.includes('29 / 30')",
-                               timeout=10_000)
+        page.wait_for_function(
+            "document.querySelector('#lorakit-triage-counts').innerText.includes('29 / 30')", timeout=10_000
+        )
         browser.close()
     st = json.loads(urllib.request.urlopen(f"{url}lorakit/v1/triage/{tid}").read())
     assert "lora00" in first
@@ -268,8 +320,10 @@ def test_triage_by_keyboard_in_the_browser(triage_server):
     assert st["decided"] == 29 and st["counts"] == {"yes": 10, "maybe": 10, "no": 9}
     med, worst = statistics.median(timings), max(timings)
     p90 = sorted(timings)[int(0.9 * len(timings)) - 1]
-    print(f"\ntriage key press -> next pair shown: median {med:.1f} ms, p90 {p90:.1f} ms, max {worst:.1f} ms "
-          f"over {len(timings)} pairs")
+    print(
+        f"\ntriage key press -> next pair shown: median {med:.1f} ms, p90 {p90:.1f} ms, max {worst:.1f} ms "
+        f"over {len(timings)} pairs"
+    )
     with open(os.path.join(str(data), "triage-timings.json"), "w") as f:
         json.dump(timings, f)
     assert len(timings) == 30 and med <= 100 and p90 <= 100
@@ -292,10 +346,18 @@ def tournament_server(tmp_path):
         (ckpt / f"{f}.safetensors").write_bytes(b"x")
     (loras / "detail.safetensors").write_bytes(b"x")
     tours = T.Tournaments(Store(str(data)))
-    spec = T.TournamentSpec(name="browser", settings={"width": 256, "height": 256}, prompts=[
-        {"prompt": p, "seed": 10 + i} for i, p in enumerate(["a cat", "a dog", "a castle", "a street", "a lake"])],
-        candidates=[T.Candidate("v1", checkpoint="v1", control=True), T.Candidate("v2", checkpoint="v2"),
-                    T.Candidate("v2+detail", checkpoint="v2", loras=[{"name": "detail", "strength": 0.7}])])
+    spec = T.TournamentSpec(
+        name="browser",
+        settings={"width": 256, "height": 256},
+        prompts=[
+            {"prompt": p, "seed": 10 + i} for i, p in enumerate(["a cat", "a dog", "a castle", "a street", "a lake"])
+        ],
+        candidates=[
+            T.Candidate("v1", checkpoint="v1", control=True),
+            T.Candidate("v2", checkpoint="v2"),
+            T.Candidate("v2+detail", checkpoint="v2", loras=[{"name": "detail", "strength": 0.7}]),
+        ],
+    )
     tid = tours.create(spec)
     T.generate(tours, tid, FakeBackend(str(ckpt), str(loras), size=256), str(data / "outputs"))
     with launch(ckpt, loras, data) as url:
@@ -310,7 +372,8 @@ def test_blind_tournament_by_keyboard_reveal_and_report(tournament_server):
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(url)
         page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Tournament").first.click(
-            timeout=60_000)
+            timeout=60_000
+        )
         page.locator("#lorakit_tour_evaluator textarea, #lorakit_tour_evaluator input").first.fill("alice")
         page.wait_for_selector(f"#lorakit-tour-view[data-loaded='{tid}|alice']", timeout=30_000)
         head = page.locator("#lorakit-tour-head").inner_text()
@@ -318,26 +381,32 @@ def test_blind_tournament_by_keyboard_reveal_and_report(tournament_server):
         page.locator("#lorakit-tour-grid").click(position={"x": 1, "y": 1})  # focus the page, not a textbox
         for p in range(5):
             page.wait_for_function(f"document.querySelector('#lorakit-tour-view').dataset.prompt === '{p}'")
-            page.wait_for_function("document.querySelectorAll('#lorakit-tour-grid img').length === 3 && "
-                                   "[...document.querySelectorAll('#lorakit-tour-grid img')].every(i => i.complete)")
+            page.wait_for_function(
+                "document.querySelectorAll('#lorakit-tour-grid img').length === 3 && "
+                "[...document.querySelectorAll('#lorakit-tour-grid img')].every(i => i.complete)"
+            )
             for key in ("1", "2", "b"):  # A 1st, B 2nd, C bombed
                 page.keyboard.press(key)
             page.keyboard.press("Enter")
             page.wait_for_function(f"document.querySelector('#lorakit-tour-view').dataset.voted === '{p + 1}'")
-        page.wait_for_function("JSON.parse(localStorage.getItem('lorakit-tournament-pending') || '[]').length === 0",
-                               timeout=10_000)
+        page.wait_for_function(
+            "JSON.parse(localStorage.getItem('lorakit-tournament-pending') || '[]').length === 0", timeout=10_000
+        )
         # reveal and report from the tab
         page.get_by_text("Scores, reveal, report, next round").click()
         page.locator("#lorakit_tour_scores_btn").click()
-        page.wait_for_function("document.querySelector('#lorakit_tour_out').innerText.includes('candidate 1')",
-                               timeout=30_000)
+        page.wait_for_function(
+            "document.querySelector('#lorakit_tour_out').innerText.includes('candidate 1')", timeout=30_000
+        )
         page.locator("#lorakit_tour_reveal_ok input").check()
         page.locator("#lorakit_tour_reveal").click()
-        page.wait_for_function("document.querySelector('#lorakit_tour_out').innerText.includes('Revealed')",
-                               timeout=30_000)
+        page.wait_for_function(
+            "document.querySelector('#lorakit_tour_out').innerText.includes('Revealed')", timeout=30_000
+        )
         page.locator("#lorakit_tour_report_btn").click()
-        page.wait_for_function("document.querySelector('#lorakit_tour_out').innerText.includes('Control')",
-                               timeout=30_000)
+        page.wait_for_function(
+            "document.querySelector('#lorakit_tour_out').innerText.includes('Control')", timeout=30_000
+        )
         report = page.locator("#lorakit_tour_out").first.inner_text()
         browser.close()
     assert "Prompt 1 of 5" in head and "v1" not in grid_text and "v2" not in grid_text  # blind
@@ -356,10 +425,12 @@ def form_server(tmp_path):
     ckpt, loras, data = tmp_path / "Stable-diffusion", tmp_path / "Lora", tmp_path / "data"
     ckpt.mkdir()
     loras.mkdir()
-    write_checkpoint(str(ckpt / "noob-v1.safetensors"), "sdxl", tiny=True, seed=1,
-                     metadata={"modelspec.title": "NoobAI-XL v1 (eps)"})
-    write_checkpoint(str(ckpt / "noob-v2.safetensors"), "sdxl", tiny=True, seed=2,
-                     metadata={"modelspec.title": "NoobAI-XL v2 (eps)"})
+    write_checkpoint(
+        str(ckpt / "noob-v1.safetensors"), "sdxl", tiny=True, seed=1, metadata={"modelspec.title": "NoobAI-XL v1 (eps)"}
+    )
+    write_checkpoint(
+        str(ckpt / "noob-v2.safetensors"), "sdxl", tiny=True, seed=2, metadata={"modelspec.title": "NoobAI-XL v2 (eps)"}
+    )
     write(loras, "detail.safetensors", make_lora("sdxl", "lora", seed=3, conv=False))
     with launch(ckpt, loras, data) as url:
         yield url, data
@@ -375,7 +446,8 @@ def test_tournament_from_the_form_alone(form_server, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         page.goto(url)
         page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Tournament").first.click(
-            timeout=60_000)
+            timeout=60_000
+        )
         pick(page, "lorakit_tour_f_ckpt", "noob-v1.safetensors")
         page.locator("#lorakit_tour_f_add").click()
         page.wait_for_function("document.querySelector('#lorakit_tour_f_candidates').innerText.includes('noob-v1')")
@@ -384,18 +456,23 @@ def test_tournament_from_the_form_alone(form_server, tmp_path):
         page.locator("#lorakit_tour_f_add").click()
         page.wait_for_function("document.querySelector('#lorakit_tour_f_candidates').innerText.includes('detail')")
         page.locator("#lorakit_tour_f_merge textarea, #lorakit_tour_f_merge input").first.fill(
-            "noob-v1.safetensors:0.7, noob-v2.safetensors:0.3")
+            "noob-v1.safetensors:0.7, noob-v2.safetensors:0.3"
+        )
         page.locator("#lorakit_tour_f_add_merge").click()
         page.wait_for_function("document.querySelector('#lorakit_tour_f_candidates').innerText.includes('merge')")
         # the control checkpoint's profile fills the prompts (booru tags for NoobAI)
-        page.wait_for_function("(document.querySelector('#lorakit_tour_f_prompts textarea') || {}).value"
-                               " && document.querySelector('#lorakit_tour_f_prompts textarea').value.split('\\n')"
-                               ".length >= 5", timeout=30_000)
+        page.wait_for_function(
+            "(document.querySelector('#lorakit_tour_f_prompts textarea') || {}).value"
+            " && document.querySelector('#lorakit_tour_f_prompts textarea').value.split('\\n')"
+            ".length >= 5",
+            timeout=30_000,
+        )
         profile = page.locator("#lorakit_tour_f_profile").first.inner_text()
         page.locator("#lorakit_tour_f_name textarea, #lorakit_tour_f_name input").first.fill("from the form")
         page.locator("#lorakit_tour_f_create").click()
-        page.wait_for_function("document.querySelector('#lorakit_tour_message').innerText.includes('Created')",
-                               timeout=30_000)
+        page.wait_for_function(
+            "document.querySelector('#lorakit_tour_message').innerText.includes('Created')", timeout=30_000
+        )
         page.screenshot(path=str(tmp_path / "tournament-form.png"), full_page=True)
         browser.close()
     from lib_lorakit.eval.store import Store
@@ -425,9 +502,11 @@ def _contrast(fg: str, bg: str) -> float:
     return (hi + 0.05) / (lo + 0.05)
 
 
-ROWS_JS = ("id => [...document.querySelectorAll('#' + id + ' tbody tr')].filter(tr => tr.innerText.trim()).length")
-HEADS_JS = ("id => [...document.querySelector('#' + id + ' thead').querySelectorAll('th')]"
-            ".map(th => th.innerText.trim()).filter(t => t)")  # the first head (gradio 4 adds a hidden copy)
+ROWS_JS = "id => [...document.querySelectorAll('#' + id + ' tbody tr')].filter(tr => tr.innerText.trim()).length"
+HEADS_JS = (
+    "id => [...document.querySelector('#' + id + ' thead').querySelectorAll('th')]"
+    ".map(th => th.innerText.trim()).filter(t => t)"
+)  # the first head (gradio 4 adds a hidden copy)
 
 
 def test_first_screen_of_every_sub_tab(tmp_path):
@@ -445,8 +524,20 @@ def test_first_screen_of_every_sub_tab(tmp_path):
     loras.mkdir()
     write(loras, "ink.safetensors", make_lora("sd15", "lora", seed=2, conv=False))
     port = free_port()
-    cmd = [sys.executable, "-m", "lib_lorakit", "ui", "--models-dir", str(ckpt), "--loras-dir", str(loras),
-           "--port", str(port), "--checkpoint", "loaded.safetensors"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lib_lorakit",
+        "ui",
+        "--models-dir",
+        str(ckpt),
+        "--loras-dir",
+        str(loras),
+        "--port",
+        str(port),
+        "--checkpoint",
+        "loaded.safetensors",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -470,53 +561,74 @@ def test_first_screen_of_every_sub_tab(tmp_path):
             page.goto(url)
             page.wait_for_selector("#lorakit_bake_base", timeout=90_000)
             value = "el => (el.querySelector('input') || {}).value"
-            page.wait_for_function("(document.querySelector('#lorakit_bake_base input') || {}).value"
-                                   " === 'loaded.safetensors'", timeout=30_000)
+            page.wait_for_function(
+                "(document.querySelector('#lorakit_bake_base input') || {}).value === 'loaded.safetensors'",
+                timeout=30_000,
+            )
             for tab in ("Bake", "Merge", "Inspect", "Triage", "Tournament"):
                 page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text=tab).first.click()
                 page.wait_for_timeout(800)
                 page.screenshot(path=str(tmp_path / f"{tab.lower()}.png"), full_page=True)
                 if tab == "Bake":
                     seen["bake_base"] = page.locator("#lorakit_bake_base").first.evaluate(value)
-                    seen["recipe"] = (page.evaluate(HEADS_JS, "lorakit_bake_recipe"),
-                                      page.evaluate(ROWS_JS, "lorakit_bake_recipe"))
+                    seen["recipe"] = (
+                        page.evaluate(HEADS_JS, "lorakit_bake_recipe"),
+                        page.evaluate(ROWS_JS, "lorakit_bake_recipe"),
+                    )
                     hint = page.locator("#lorakit_bake_blocks").first
-                    seen["hint"] = hint.evaluate("el => [...el.querySelectorAll('*')].every(e => e.scrollWidth <= "
-                                                 "e.clientWidth + 1 || getComputedStyle(e).overflowX !== 'hidden')")
+                    seen["hint"] = hint.evaluate(
+                        "el => [...el.querySelectorAll('*')].every(e => e.scrollWidth <= "
+                        "e.clientWidth + 1 || getComputedStyle(e).overflowX !== 'hidden')"
+                    )
                     page.locator("#lorakit_bake_lora input").first.click()
                     seen["loras"] = page.locator("#lorakit_bake_lora ul li, .options li").all_inner_texts()
                     page.keyboard.press("Escape")
                 elif tab == "Merge":
                     seen["merge_pick"] = page.locator("#lorakit_merge_pick").first.evaluate(value)
                     seen["diff_a"] = page.locator("#lorakit_diff_a").first.evaluate(value)
-                    seen["ingredients"] = (page.evaluate(HEADS_JS, "lorakit_merge_models"),
-                                           page.evaluate(ROWS_JS, "lorakit_merge_models"))
+                    seen["ingredients"] = (
+                        page.evaluate(HEADS_JS, "lorakit_merge_models"),
+                        page.evaluate(ROWS_JS, "lorakit_merge_models"),
+                    )
                     seen["charts"] = page.locator("#lorakit_merge_chart:visible, #lorakit_diff_chart:visible").count()
                 elif tab == "Inspect":
                     seen["inspect_ckpt"] = page.locator("#lorakit_inspect_ckpt").first.evaluate(value)
-                    seen["summary"] = (page.evaluate(HEADS_JS, "lorakit_inspect_summary"),
-                                       page.evaluate(ROWS_JS, "lorakit_inspect_summary"))
+                    seen["summary"] = (
+                        page.evaluate(HEADS_JS, "lorakit_inspect_summary"),
+                        page.evaluate(ROWS_JS, "lorakit_inspect_summary"),
+                    )
                     seen["pref"] = page.locator("#lorakit_inspect_pref input").first.input_value()
-                    seen["inspect_disabled"] = [page.locator(f"#{i}").first.is_disabled()
-                                                for i in ("lorakit_inspect_run", "lorakit_inspect_write")]
+                    seen["inspect_disabled"] = [
+                        page.locator(f"#{i}").first.is_disabled()
+                        for i in ("lorakit_inspect_run", "lorakit_inspect_write")
+                    ]
                 elif tab == "Triage":
                     seen["triage_ckpt"] = page.locator("#lorakit_triage_ckpt").first.evaluate(value)
                     buttons = page.locator("[data-lorakit-decide]")
                     seen["decide_disabled"] = [buttons.nth(i).is_disabled() for i in range(buttons.count())]
-                    seen["contrast"] = [_contrast(*buttons.nth(i).evaluate(
-                        "b => [getComputedStyle(b.querySelector('kbd')).color, getComputedStyle(b).backgroundColor]"))
-                        for i in range(buttons.count())]
+                    seen["contrast"] = [
+                        _contrast(
+                            *buttons.nth(i).evaluate(
+                                "b => [getComputedStyle(b.querySelector('kbd')).color, getComputedStyle(b).backgroundColor]"
+                            )
+                        )
+                        for i in range(buttons.count())
+                    ]
                 else:
                     seen["tour_ckpt"] = page.locator("#lorakit_tour_f_ckpt").first.evaluate(value)
-                    seen["candidates"] = (page.evaluate(HEADS_JS, "lorakit_tour_f_candidates"),
-                                          page.evaluate(ROWS_JS, "lorakit_tour_f_candidates"))
+                    seen["candidates"] = (
+                        page.evaluate(HEADS_JS, "lorakit_tour_f_candidates"),
+                        page.evaluate(ROWS_JS, "lorakit_tour_f_candidates"),
+                    )
                     rank = page.locator("[data-lorakit-tour]")
                     seen["rank_disabled"] = [rank.nth(i).is_disabled() for i in range(rank.count())]
             shown = list(console)  # before any user action (gradio 4.40 warns on every event sent with inputs)
             page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Inspect").first.click()
             pick(page, "lorakit_inspect_lora", "ink")  # picking a LoRA enables Inspect and Write
-            page.wait_for_function("!document.querySelector('#lorakit_inspect_run').disabled && "
-                                   "!document.querySelector('#lorakit_inspect_write').disabled")
+            page.wait_for_function(
+                "!document.querySelector('#lorakit_inspect_run').disabled && "
+                "!document.querySelector('#lorakit_inspect_write').disabled"
+            )
             browser.close()
     finally:
         proc.terminate()
@@ -526,8 +638,10 @@ def test_first_screen_of_every_sub_tab(tmp_path):
     assert seen["loras"] == ["ink"]
     assert seen["recipe"] == (["LoRA", "strength", "TE strength", "block weights"], 0)
     assert seen["ingredients"] == (["checkpoint", "weight"], 0)
-    assert seen["summary"] == (["LoRA", "model", "network", "rank", "trigger", "kind", "category", "max safe",
-                                "warnings"], 0)
+    assert seen["summary"] == (
+        ["LoRA", "model", "network", "rank", "trigger", "kind", "category", "max safe", "warnings"],
+        0,
+    )
     assert seen["candidates"] == (["#", "candidate", "kind"], 0)
     assert seen["charts"] == 0 and seen["hint"]
     assert seen["pref"] not in ("0", "") and float(seen["pref"]) == 1.0

@@ -1,8 +1,8 @@
 """The command line: exit codes 0 / 2 / 1, messages that name the problem, and no debris."""
 
 import json
-import re
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -33,8 +33,9 @@ def run(capsys, *args):
 def test_bake_ok_with_report(inputs, capsys):
     tmp, base, lora = inputs
     out, rep = str(tmp / "out.safetensors"), str(tmp / "report.json")
-    code, stdout, err = run(capsys, "bake", base, "--lora", f"{lora}:0.7:0.3", "-o", out, "--report", rep,
-                            "--blocks", "style=INALL", "-q")
+    code, stdout, err = run(
+        capsys, "bake", base, "--lora", f"{lora}:0.7:0.3", "-o", out, "--report", rep, "--blocks", "style=INALL", "-q"
+    )
     assert code == 0, err
     assert "style @ 0.7 te 0.3" in stdout and "Baked" in stdout
     report = json.load(open(rep))
@@ -69,15 +70,18 @@ def _bad_header(tmp, base):
     return p
 
 
-@pytest.mark.parametrize("case,match", [
-    ("truncated base", r"truncated\.safetensors: not a valid safetensors file: .*truncated"),
-    ("bad header lora", r"badheader\.safetensors: not a valid safetensors file: the header is not valid JSON"),
-    ("wrong architecture", r"is a LoRA for SD1\.5 .*but the checkpoint .* is SDXL"),
-    ("nan weights", r"nan\.safetensors has NaN/inf weights"),
-    ("missing file", r"nope\.safetensors: file not found"),
-    ("existing output", r"already exists.*\nFix: Choose another name, or turn on the overwrite option"),
-    ("bad strength", r"'abc' in block weights|not a number"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("truncated base", r"truncated\.safetensors: not a valid safetensors file: .*truncated"),
+        ("bad header lora", r"badheader\.safetensors: not a valid safetensors file: the header is not valid JSON"),
+        ("wrong architecture", r"is a LoRA for SD1\.5 .*but the checkpoint .* is SDXL"),
+        ("nan weights", r"nan\.safetensors has NaN/inf weights"),
+        ("missing file", r"nope\.safetensors: file not found"),
+        ("existing output", r"already exists.*\nFix: Choose another name, or turn on the overwrite option"),
+        ("bad strength", r"'abc' in block weights|not a number"),
+    ],
+)
 def test_bad_inputs_exit_2_with_clear_message_and_no_output(inputs, capsys, case, match):
     tmp, base, lora = inputs
     out = str(tmp / "out.safetensors")
@@ -135,8 +139,13 @@ def test_blocks_must_name_a_lora(inputs, capsys):
 
 
 def test_module_entry_point_and_demo(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "lib_lorakit", "demo", "--dir", str(tmp_path / "demo")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "lib_lorakit", "demo", "--dir", str(tmp_path / "demo")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "refused, as it should be" in r.stdout and "Check: a baked attention weight matches" in r.stdout
     assert os.path.exists(tmp_path / "demo" / "models" / "Stable-diffusion" / "demo-sdxl-baked.safetensors")
@@ -164,10 +173,26 @@ def test_real_signal_mid_write_leaves_no_debris(tmp_path, sig):
         out_dir.mkdir()
         # fp32: a longer write to land the signal in. SIGINT back to its default for the child: a runner that
         # started these tests in the background (`cmd &` in a script) hands SIGINT down ignored.
-        p = subprocess.Popen([sys.executable, "-m", "lib_lorakit", "bake", base, "--lora", lora, "-o",
-                              str(out_dir / "o.safetensors"), "--save-dtype", "fp32", "-q"], cwd=ROOT,
-                             stderr=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lib_lorakit",
+                "bake",
+                base,
+                "--lora",
+                lora,
+                "-o",
+                str(out_dir / "o.safetensors"),
+                "--save-dtype",
+                "fp32",
+                "-q",
+            ],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         deadline = time.time() + 60
         while time.time() < deadline and not any(n.endswith(".lorakit-tmp") for n in os.listdir(out_dir)):
             if p.poll() is not None:

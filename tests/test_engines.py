@@ -28,9 +28,12 @@ def recipe(tmp_path):
     """An SDXL base and four LoRAs of different algorithms (low rank, Kronecker, Hadamard, DoRA)."""
     base_p = tiny_checkpoint(tmp_path, "sdxl", seed=5)
     with open_source(base_p) as src:
-        sds = {"lora": make_lora("sdxl", "lora", seed=6), "lokr": make_lora("sdxl", "lokr", seed=7, conv=False),
-               "loha": make_lora("sdxl", "loha", seed=8, te=False),
-               "dora": make_lora("sdxl", "dora", seed=9, conv=False, te=False, base=src)}
+        sds = {
+            "lora": make_lora("sdxl", "lora", seed=6),
+            "lokr": make_lora("sdxl", "lokr", seed=7, conv=False),
+            "loha": make_lora("sdxl", "loha", seed=8, te=False),
+            "dora": make_lora("sdxl", "dora", seed=9, conv=False, te=False, base=src),
+        }
     paths = [write(tmp_path, f"{n}.safetensors", sd) for n, sd in sds.items()]
     return base_p, [LoraSpec(p, s) for p, s in zip(paths, (0.7, 0.6, 0.9, 0.5))]
 
@@ -38,7 +41,7 @@ def recipe(tmp_path):
 def fp16_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
     """The largest difference between two fp16 tensors, in fp16 steps (ulps) at their magnitude."""
     a32, b32 = a.float(), b.float()
-    mag = torch.maximum(a32.abs(), b32.abs()).clamp_min(2.0 ** -14)
+    mag = torch.maximum(a32.abs(), b32.abs()).clamp_min(2.0**-14)
     ulp = torch.exp2(torch.floor(torch.log2(mag)) - 10)
     return float(((a32 - b32).abs() / ulp).max()) if a.numel() else 0.0
 
@@ -60,8 +63,9 @@ def test_second_bake_takes_the_base_hash_from_the_cache(tmp_path):
     assert all(lo["sha256_source"] == "cache" and lo["sha256"] == sha(lo["path"]) for lo in r2["loras"])
     meta = safetensors.safe_open(str(tmp_path / "o2.safetensors"), "pt").metadata()
     assert json.loads(meta["lorakit.recipe"])["base"]["sha256"] == sha(base_p)
-    assert (safetensors.torch.load_file(str(tmp_path / "o1.safetensors"))["model.diffusion_model.out.2.weight"]
-            .equal(safetensors.torch.load_file(str(tmp_path / "o2.safetensors"))["model.diffusion_model.out.2.weight"]))
+    assert safetensors.torch.load_file(str(tmp_path / "o1.safetensors"))["model.diffusion_model.out.2.weight"].equal(
+        safetensors.torch.load_file(str(tmp_path / "o2.safetensors"))["model.diffusion_model.out.2.weight"]
+    )
 
 
 def test_changed_file_is_hashed_again(tmp_path):
@@ -76,7 +80,7 @@ def test_changed_file_is_hashed_again(tmp_path):
     r = bake(base_p, specs, str(tmp_path / "o2.safetensors"), hash_cache=cache)
     assert r["base"]["sha256_source"] == "computed" and r["base"]["sha256"] == sha(base_p)
     st = os.stat(base_p)
-    os.utime(base_p, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # touched: same bytes, hashed again
+    os.utime(base_p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, hashed again
     r = bake(base_p, specs, str(tmp_path / "o3.safetensors"), hash_cache=cache)
     assert r["base"]["sha256_source"] == "computed"
 
@@ -133,8 +137,16 @@ def test_bake_output_does_not_depend_on_the_thread_count(tmp_path):
     assert {"read base", "add", "round", "write", "copy", "hash"} <= set(prof["stages"])
 
 
-@pytest.mark.parametrize("method,extra", [("weighted", {}), ("add-difference", {}), ("ties", {"density": 0.5}),
-                                          ("dare", {"drop": 0.3, "seed": 4}), ("slerp", {})])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("weighted", {}),
+        ("add-difference", {}),
+        ("ties", {"density": 0.5}),
+        ("dare", {"drop": 0.3, "seed": 4}),
+        ("slerp", {}),
+    ],
+)
 def test_merge_output_does_not_depend_on_the_thread_count(tmp_path, monkeypatch, method, extra):
     import lib_lorakit.merge.engine as eng
 
@@ -177,7 +189,7 @@ def test_cancel_with_many_threads_leaves_no_file(tmp_path):
 
     import lib_lorakit.bake.engine as bk
 
-    ticks = iter(range(10 ** 9))
+    ticks = iter(range(10**9))
     old = bk.time.perf_counter
     bk.time.perf_counter = lambda: next(ticks)  # every tensor reports progress
     try:
@@ -225,8 +237,10 @@ def test_cuda_bake_agrees_with_cpu_within_one_fp16_step(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("method,extra", [("weighted", {}), ("add-difference", {}), ("ties", {"density": 0.5}),
-                                          ("dare", {"drop": 0.3}), ("slerp", {})])
+@pytest.mark.parametrize(
+    "method,extra",
+    [("weighted", {}), ("add-difference", {}), ("ties", {"density": 0.5}), ("dare", {"drop": 0.3}), ("slerp", {})],
+)
 def test_cuda_merge_agrees_with_cpu_within_one_fp16_step(tmp_path, method, extra):
     paths = [tiny_checkpoint(tmp_path, "sdxl", name=f"m{i}.safetensors", seed=i) for i in range(3)]
     models = [ModelSpec(paths[0], 0.6), ModelSpec(paths[1], 0.4)]
@@ -249,8 +263,22 @@ def test_cli_engine_flags_and_cached_hash(tmp_path, capsys):
     lora = write(tmp_path, "a.safetensors", make_lora("sd15", "lora", conv=False))
     reports = []
     for i in range(2):
-        args = ["bake", base_p, "--lora", f"{lora}:0.5", "-o", str(tmp_path / f"o{i}.safetensors"), "-q", "--json",
-                "--device", "cpu", "--workers", "2", "--hash-cache", str(tmp_path / "data")]
+        args = [
+            "bake",
+            base_p,
+            "--lora",
+            f"{lora}:0.5",
+            "-o",
+            str(tmp_path / f"o{i}.safetensors"),
+            "-q",
+            "--json",
+            "--device",
+            "cpu",
+            "--workers",
+            "2",
+            "--hash-cache",
+            str(tmp_path / "data"),
+        ]
         assert main(args) == 0
         reports.append(json.loads(capsys.readouterr().out))
     assert [r["base"]["sha256_source"] for r in reports] == ["computed", "cache"]

@@ -19,8 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "lib_lorakit", *args], cwd=ROOT, stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lib_lorakit", *args],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _temps(folder) -> list[str]:
@@ -75,8 +81,18 @@ def test_kill_9_mid_write_then_next_run_removes_the_orphan(big, tmp_path, what):
     if what == "bake":
         argv = ["bake", base, "--lora", lora, "-o", str(out / "o.safetensors"), "--save-dtype", "fp32", "-q"]
     else:
-        argv = ["merge", "--model", base, "--model", base + ":0.3", "-o", str(out / "o.safetensors"), "--save-dtype",
-                "fp32", "-q"]
+        argv = [
+            "merge",
+            "--model",
+            base,
+            "--model",
+            base + ":0.3",
+            "-o",
+            str(out / "o.safetensors"),
+            "--save-dtype",
+            "fp32",
+            "-q",
+        ]
     orphan = _kill_mid_write(argv, out)
     assert os.path.getsize(out / orphan) > 0
     m = tempfiles._TAGGED.match(orphan)

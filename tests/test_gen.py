@@ -13,13 +13,21 @@ from PIL import Image
 
 from lib_lorakit.errors import Cancelled, RecipeError
 from lib_lorakit.gen import image as im
-from lib_lorakit.gen.verdict import judge
-from lib_lorakit.gen.backend import UnknownModel
+from lib_lorakit.gen.backend import ModelInfo, UnknownModel
 from lib_lorakit.gen.emphasis import emphasis_warning, max_emphasis, parse_attention
-from lib_lorakit.gen.grid import (GridRow, GridSpec, draw_grid, evaluate, finish, order_epochs, parse_strengths,
-                                  strip_lora, with_lora)
-from lib_lorakit.gen.run import Cell, Run, execute, infotext_problem, order_cells
-from lib_lorakit.gen.backend import ModelInfo
+from lib_lorakit.gen.grid import (
+    GridRow,
+    GridSpec,
+    draw_grid,
+    evaluate,
+    finish,
+    order_epochs,
+    parse_strengths,
+    strip_lora,
+    with_lora,
+)
+from lib_lorakit.gen.run import Cell, Run, execute, infotext_problem
+from lib_lorakit.gen.verdict import judge
 
 
 @pytest.fixture
@@ -36,8 +44,14 @@ def host(tmp_path):
 
 
 def grid(rows=("styleA",), strengths="0, 0.5, 1", seeds=(1, 2), prompt="a castle, <lora:styleA:0.7>, night"):
-    return GridSpec(rows=[GridRow(r, r) for r in rows], prompt=prompt, negative_prompt="blurry",
-                    strengths=strengths, seeds=list(seeds), settings={"steps": 4, "width": 64, "height": 64})
+    return GridSpec(
+        rows=[GridRow(r, r) for r in rows],
+        prompt=prompt,
+        negative_prompt="blurry",
+        strengths=strengths,
+        seeds=list(seeds),
+        settings={"steps": 4, "width": 64, "height": 64},
+    )
 
 
 def cell_images(run):
@@ -156,7 +170,7 @@ def test_checkpoints_load_once_and_switches_are_recorded(host):
 def test_an_image_made_with_another_model_is_failed_not_labelled():
     ck = ModelInfo("base.safetensors [abc]", "/m/base.safetensors")
     lora = ModelInfo("styleA", "/l/styleA.safetensors")
-    good = "p\nSteps: 4, Seed: 1, Model: base, Lora hashes: \"styleA: 12\""
+    good = 'p\nSteps: 4, Seed: 1, Model: base, Lora hashes: "styleA: 12"'
     assert infotext_problem(good, ck, lora) is None
     assert "not 'base" in infotext_problem("p\nSteps: 4, Model: other", ck, None)
     assert "did not apply LoRA" in infotext_problem('p\nSteps: 4, Model: base, Lora hashes: "x: 1"', ck, lora)
@@ -224,8 +238,9 @@ def test_ssim_and_mad_agree_with_scikit_image():
     a = rng.uniform(0, 1, (48, 40, 3))
     b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)
     ya, yb = im.luminance(a), im.luminance(b)
-    ref = skm.structural_similarity(ya, yb, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                    use_sample_covariance=True)
+    ref = skm.structural_similarity(
+        ya, yb, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=True
+    )
     # scikit-image averages over the image with edges cropped by (win-1)/2, our mean is over valid positions
     assert im.ssim(a, b) == pytest.approx(ref, abs=2e-3)
     assert im.ssim(a, a) == pytest.approx(1.0)
@@ -256,8 +271,15 @@ def series(kind, strengths=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5), seeds=(1, 2, 3)):
                     g = x.mean(axis=2, keepdims=True)
                     x = g + (x - g) * 6
             bimg, ximg = _img(base), _img(x)
-            out.append({"strength": s, "seed": seed, "status": im.check_image(ximg).status,
-                        "baseline_status": im.check_image(bimg).status, "metrics": im.compare(ximg, bimg)})
+            out.append(
+                {
+                    "strength": s,
+                    "seed": seed,
+                    "status": im.check_image(ximg).status,
+                    "baseline_status": im.check_image(bimg).status,
+                    "metrics": im.compare(ximg, bimg),
+                }
+            )
     return out
 
 
@@ -305,8 +327,12 @@ def test_order_epochs(tmp_path):
     names = ["run-000010.safetensors", "run-000002.safetensors", "run.safetensors", "run-000006.safetensors"]
     paths = [str(tmp_path / n) for n in names]
     got = order_epochs(paths, read_metadata=lambda p: {"ss_epoch": "12"} if p.endswith("run.safetensors") else {})
-    assert [os.path.basename(p) for p, _ in got] == ["run-000002.safetensors", "run-000006.safetensors",
-                                                     "run-000010.safetensors", "run.safetensors"]
+    assert [os.path.basename(p) for p, _ in got] == [
+        "run-000002.safetensors",
+        "run-000006.safetensors",
+        "run-000010.safetensors",
+        "run.safetensors",
+    ]
     assert [e for _, e in got] == [2, 6, 10, 12]
 
 

@@ -20,8 +20,14 @@ from lib_lorakit.synth import kohya_metadata, make_lora
 
 
 def character_lora(folder, name):
-    meta = kohya_metadata("sd15", output_name=name, keep_tokens=1, dim=2, alpha=1.0, folders={
-        "10_zkwgirl woman": (25, [("zkwgirl", 25), ("1girl", 25), ("solo", 24), ("long hair", 22)])})
+    meta = kohya_metadata(
+        "sd15",
+        output_name=name,
+        keep_tokens=1,
+        dim=2,
+        alpha=1.0,
+        folders={"10_zkwgirl woman": (25, [("zkwgirl", 25), ("1girl", 25), ("solo", 24), ("long hair", 22)])},
+    )
     return write(folder, f"{name}.safetensors", make_lora("sd15", "lora", rank=2, alpha=1.0, te=True, seed=3), meta)
 
 
@@ -47,8 +53,9 @@ def test_http_backend_lists_refreshes_and_generates(webui):
     be.refresh()
     assert "late" in [l.name for l in be.loras()]
     assert [c.name for c in be.checkpoints()] == ["base.safetensors [abc]", "other.safetensors [abc]"]
-    out = be.txt2img({"prompt": "x <lora:styleA:0.5>", "seed": 7, "checkpoint": "other.safetensors [abc]",
-                      "width": 64, "height": 64})
+    out = be.txt2img(
+        {"prompt": "x <lora:styleA:0.5>", "seed": 7, "checkpoint": "other.safetensors [abc]", "width": 64, "height": 64}
+    )
     assert decode(out.image) == (7, 0.5) and "Model: other" in out.infotext and out.seed == 7
     body = srv.requests[-1][2]
     assert body["override_settings"] == {"sd_model_checkpoint": "other.safetensors [abc]"}
@@ -74,19 +81,44 @@ def test_http_backend_credentials(tmp_path):
 def test_grid_command_end_to_end(webui, capsys):
     srv, tmp = webui
     out = tmp / "runs"
-    code = main(["grid", "--webui", srv.url, "--lora", "styleA", "--prompt", "a castle, ((night))",
-                 "--strengths", "0-1.5:0.5", "--seeds", "1, 2", "--width", "64", "--height", "64", "--steps", "4",
-                 "--out", str(out), "-q"])
+    code = main(
+        [
+            "grid",
+            "--webui",
+            srv.url,
+            "--lora",
+            "styleA",
+            "--prompt",
+            "a castle, ((night))",
+            "--strengths",
+            "0-1.5:0.5",
+            "--seeds",
+            "1, 2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0, text
     assert "styleA: healthy" in text
     (run_dir,) = [os.path.join(out, "lorakit", "grid", d) for d in os.listdir(out / "lorakit" / "grid")]
     run = Run(run_dir)
     assert len(run.cells) == 2 + 3 * 2 and run.missing() == []
-    assert os.path.isfile(os.path.join(run_dir, "grid.png")) and "healthy" in open(os.path.join(run_dir, "summary.md")).read()
+    assert (
+        os.path.isfile(os.path.join(run_dir, "grid.png"))
+        and "healthy" in open(os.path.join(run_dir, "summary.md")).read()
+    )
     posted = [b for m, p, b in srv.requests if p == "/sdapi/v1/txt2img"]
     assert {b["prompt"] for b in posted} == {"a castle, ((night))"} | {
-        f"a castle, ((night)), <lora:styleA:{s}>" for s in ("0.5", "1", "1.5")}
+        f"a castle, ((night)), <lora:styleA:{s}>" for s in ("0.5", "1", "1.5")
+    }
     assert {b["width"] for b in posted} == {64} and {b["steps"] for b in posted} == {4}
 
 
@@ -96,8 +128,28 @@ def test_a_silent_checkpoint_fallback_is_caught(webui, capsys):
     srv.fake.loaded = "base.safetensors [abc]"
     real = srv.fake.txt2img
     srv.fake.txt2img = lambda req: real({**req, "checkpoint": "base.safetensors [abc]"})  # ignores the override
-    code = main(["grid", "--webui", srv.url, "--lora", "styleA", "--prompt", "a castle", "--strengths", "0, 1",
-                 "--checkpoint", "other", "--width", "64", "--height", "64", "--out", str(tmp / "runs"), "-q"])
+    code = main(
+        [
+            "grid",
+            "--webui",
+            srv.url,
+            "--lora",
+            "styleA",
+            "--prompt",
+            "a castle",
+            "--strengths",
+            "0, 1",
+            "--checkpoint",
+            "other",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--out",
+            str(tmp / "runs"),
+            "-q",
+        ]
+    )
     assert code == 3
     run_dir = os.path.join(tmp, "runs", "lorakit", "grid", os.listdir(tmp / "runs" / "lorakit" / "grid")[0])
     res = Run(run_dir).results()
@@ -127,8 +179,7 @@ def test_autotest_cli_refuses_a_file_the_webui_does_not_list(webui, capsys):
     elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
     p = character_lora(elsewhere, "outside")
-    code = main(["autotest", "--webui", srv.url, str(p), "--out", str(tmp / "runs"), "--width", "64",
-                 "--height", "64"])
+    code = main(["autotest", "--webui", srv.url, str(p), "--out", str(tmp / "runs"), "--width", "64", "--height", "64"])
     out = capsys.readouterr().out
     assert code == 2 and "does not list this LoRA" in out
 
@@ -146,7 +197,7 @@ def test_watch_tests_a_file_only_once_it_is_complete(webui):
             f.write(data[: len(data) // 3])
             f.flush()
             time.sleep(1.0)
-            f.write(data[len(data) // 3:])
+            f.write(data[len(data) // 3 :])
 
     t = threading.Thread(target=writer)
     t.start()
@@ -156,8 +207,9 @@ def test_watch_tests_a_file_only_once_it_is_complete(webui):
         if m.endswith("testing"):
             tested_sizes.append(os.path.getsize(target))
 
-    res = run_autotest(HttpBackend(srv.url), [], str(tmp / "runs"), opts, watch=str(tmp / "Lora"), interval=0.3,
-                       watch_for=3.0, log=log)
+    res = run_autotest(
+        HttpBackend(srv.url), [], str(tmp / "runs"), opts, watch=str(tmp / "Lora"), interval=0.3, watch_for=3.0, log=log
+    )
     t.join()
     mine = [r for r in res if r["file"].endswith("epoch-000002.safetensors")]
     assert len(mine) == 1 and "error" not in mine[0], res
@@ -169,8 +221,24 @@ def test_watch_tests_a_file_only_once_it_is_complete(webui):
 def test_grid_resume_fills_only_the_gaps(webui, capsys):
     srv, tmp = webui
     srv.fake.fail_calls = {2}
-    args = ["grid", "--webui", srv.url, "--lora", "styleA", "--prompt", "a castle", "--strengths", "0, 1",
-            "--seeds", "1, 2", "--width", "64", "--height", "64", "-q"]
+    args = [
+        "grid",
+        "--webui",
+        srv.url,
+        "--lora",
+        "styleA",
+        "--prompt",
+        "a castle",
+        "--strengths",
+        "0, 1",
+        "--seeds",
+        "1, 2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "-q",
+    ]
     assert main(args + ["--out", str(tmp / "runs")]) == 3
     out = capsys.readouterr().out
     assert "1 failed" in out and "--resume" in out

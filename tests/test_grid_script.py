@@ -35,8 +35,11 @@ def webui(request, tmp_path, monkeypatch):
         with open(os.path.join(models, "Lora", f"{n}.safetensors"), "wb") as f:
             f.write(b"x")
     fake.shared.opts.sd_model_checkpoint = "base.safetensors"
-    gen = FakeBackend(os.path.join(models, "Stable-diffusion"), os.path.join(models, "Lora"),
-                      {"styleA": "healthy", "burnD": "overfit"})
+    gen = FakeBackend(
+        os.path.join(models, "Stable-diffusion"),
+        os.path.join(models, "Lora"),
+        {"styleA": "healthy", "burnD": "overfit"},
+    )
     gen.loaded = "base"
 
     def process_images(p):  # the host's processing, drawing with the deterministic fake
@@ -52,7 +55,9 @@ def webui(request, tmp_path, monkeypatch):
 
 def load_script_class():
     """As the WebUI does: import scripts/lorakit_grid.py and take its Script subclasses."""
-    spec = importlib.util.spec_from_file_location("lorakit_grid_script", os.path.join(ROOT, "scripts", "lorakit_grid.py"))
+    spec = importlib.util.spec_from_file_location(
+        "lorakit_grid_script", os.path.join(ROOT, "scripts", "lorakit_grid.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     base = sys.modules["modules.scripts"].Script
@@ -62,10 +67,24 @@ def load_script_class():
 
 
 def processing_object(**kw):
-    p = types.SimpleNamespace(prompt="a castle, <lora:styleA:0.8>, night", negative_prompt="blurry", seed=5, steps=4,
-                              cfg_scale=6.0, width=64, height=64, sampler_name="Euler", scheduler="Automatic",
-                              batch_size=1, n_iter=1, subseed_strength=0, outpath_grids="/tmp/grids",
-                              override_settings={}, do_not_save_grid=False, do_not_save_samples=False)
+    p = types.SimpleNamespace(
+        prompt="a castle, <lora:styleA:0.8>, night",
+        negative_prompt="blurry",
+        seed=5,
+        steps=4,
+        cfg_scale=6.0,
+        width=64,
+        height=64,
+        sampler_name="Euler",
+        scheduler="Automatic",
+        batch_size=1,
+        n_iter=1,
+        subseed_strength=0,
+        outpath_grids="/tmp/grids",
+        override_settings={},
+        do_not_save_grid=False,
+        do_not_save_samples=False,
+    )
     for k, v in kw.items():
         setattr(p, k, v)
     return p
@@ -81,8 +100,10 @@ def test_script_registers_and_builds_its_ui(webui):
     with gr.Blocks():
         comps = s.ui(False)
     assert len(comps) == 6  # loras, strengths, epochs, seeds, return_images, use_profile
-    assert sorted(comps[0].choices if isinstance(comps[0].choices[0], str) else [c[0] for c in comps[0].choices]) \
-        == ["burnD", "styleA"]
+    assert sorted(comps[0].choices if isinstance(comps[0].choices[0], str) else [c[0] for c in comps[0].choices]) == [
+        "burnD",
+        "styleA",
+    ]
 
 
 def test_script_run_makes_the_grid_from_the_users_prompt(webui):
@@ -133,8 +154,18 @@ def test_grid_route_runs_a_job_through_the_host(webui):
     with TestClient(app) as c:
         r = c.post("/lorakit/v1/grid", json={"loras": ["stylA"], "prompt": "a castle"})
         assert r.status_code == 404 and "styleA" in r.json()["message"]
-        r = c.post("/lorakit/v1/grid", json={"loras": ["styleA"], "prompt": "a castle", "strengths": "0, 0.75, 1.5",
-                                             "seeds": "2x", "width": 64, "height": 64, "steps": 3})
+        r = c.post(
+            "/lorakit/v1/grid",
+            json={
+                "loras": ["styleA"],
+                "prompt": "a castle",
+                "strengths": "0, 0.75, 1.5",
+                "seeds": "2x",
+                "width": 64,
+                "height": 64,
+                "steps": 3,
+            },
+        )
         assert r.status_code == 200, r.text
         import time
 

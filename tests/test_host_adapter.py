@@ -67,7 +67,12 @@ def test_job_state_progress_and_interrupt(webui):
     h.job_begin("lorakit: bake")
     h.job_progress(0.25, "baking x")
     st = fake.shared.state
-    assert st.job == "lorakit: bake" and st.sampling_step == 250 and st.sampling_steps == 1000 and st.textinfo == "baking x"
+    assert (
+        st.job == "lorakit: bake"
+        and st.sampling_step == 250
+        and st.sampling_steps == 1000
+        and st.textinfo == "baking x"
+    )
     assert not h.interrupted()
     st.interrupt()  # the WebUI's Interrupt button / POST /sdapi/v1/interrupt
     assert h.interrupted()
@@ -88,14 +93,33 @@ def test_txt2img_uses_host_processing_under_the_queue_lock(webui):
     ckdir = os.path.join(tmp, "models", "Stable-diffusion")
     write_checkpoint(os.path.join(ckdir, "m.safetensors"), "sd15", tiny=True)
     h = host_pkg.get_host()
-    out = h.txt2img({"prompt": "a cat", "negative_prompt": "dog", "seed": 7, "sampler_name": "Euler", "scheduler": "Karras",
-                     "steps": 3, "cfg_scale": 5, "width": 64, "height": 64, "checkpoint": "m.safetensors"})
+    out = h.txt2img(
+        {
+            "prompt": "a cat",
+            "negative_prompt": "dog",
+            "seed": 7,
+            "sampler_name": "Euler",
+            "scheduler": "Karras",
+            "steps": 3,
+            "cfg_scale": 5,
+            "width": 64,
+            "height": 64,
+            "checkpoint": "m.safetensors",
+        }
+    )
     p, locked = fake.processing.calls[-1]
     assert locked and p.closed
     assert p.override_settings["sd_model_checkpoint"].startswith("m.safetensors [")  # the host's title
     assert p.override_settings_restore_afterwards is True
     assert (p.prompt, p.negative_prompt, p.seed, p.steps, p.cfg_scale, p.width, p.scheduler) == (
-        "a cat", "dog", 7, 3, 5.0, 64, "Karras")
+        "a cat",
+        "dog",
+        7,
+        3,
+        5.0,
+        64,
+        "Karras",
+    )
     assert out["images"][0].size == (64, 64) and "Seed: 7" in out["infotexts"][0]
     assert ("begin", "lorakit: txt2img") in fake.shared.state.log
     assert "CLIP_stop_at_last_layers" not in p.override_settings  # not asked for: the host's own setting
@@ -188,7 +212,7 @@ def test_webui_interrupt_cancels_a_bake(webui):
     svc.host.job_progress = progress
     import lib_lorakit.bake.engine as bk
 
-    ticks = iter(range(10 ** 9))
+    ticks = iter(range(10**9))
     old = bk.time.perf_counter
     bk.time.perf_counter = lambda: next(ticks)
     try:
@@ -213,8 +237,9 @@ def test_txt2img_route_returns_pngs(webui):
     app = FastAPI()
     extension.on_app_started(None, app)
     with TestClient(app) as c:
-        r = c.post("/lorakit/v1/txt2img", json={"prompt": "a cat", "seed": 5, "width": 64, "height": 32,
-                                                "checkpoint": "m"})
+        r = c.post(
+            "/lorakit/v1/txt2img", json={"prompt": "a cat", "seed": 5, "width": 64, "height": 32, "checkpoint": "m"}
+        )
     assert r.status_code == 200, r.text
     import base64
     import io

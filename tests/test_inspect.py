@@ -10,17 +10,29 @@ import torch
 from factories import write
 
 from lib_lorakit.cli import main
+from lib_lorakit.formats import safetensors_io
 from lib_lorakit.formats.arch import ARCHS, block_of, load_layout
 from lib_lorakit.formats.safetensors_io import OutEntry, build_header
-from lib_lorakit.formats import safetensors_io
 from lib_lorakit.inspect import inspect_file, inspect_paths, render, usermeta
 from lib_lorakit.inspect.tokens import ClipBPE, clip_bpe, rarity
 from lib_lorakit.settings import load as load_settings
 from lib_lorakit.settings import update as update_settings
 from lib_lorakit.synth import kohya_metadata, kohya_modules, make_lora, write_checkpoint
 
-REQUIRED = {"file", "architecture", "algorithms", "rank", "alpha", "components", "trigger", "trigger_candidates",
-            "kind", "category", "max_safe_strength", "warnings"}
+REQUIRED = {
+    "file",
+    "architecture",
+    "algorithms",
+    "rank",
+    "alpha",
+    "components",
+    "trigger",
+    "trigger_candidates",
+    "kind",
+    "category",
+    "max_safe_strength",
+    "warnings",
+}
 
 
 def lora(tmp_path, name, arch="sd15", algo="lora", *, meta=None, te=True, conv=False, rank=2, alpha=1.0, seed=0):
@@ -29,15 +41,50 @@ def lora(tmp_path, name, arch="sd15", algo="lora", *, meta=None, te=True, conv=F
 
 
 def character_meta(name="zkwgirl_v2", arch="sd15", keep=1, **kw):
-    return kohya_metadata(arch, output_name=name, keep_tokens=keep, dim=2, alpha=1.0, folders={
-        "10_zkwgirl woman": (25, [("zkwgirl", 25), ("1girl", 25), ("solo", 24), ("long hair", 22),
-                                  ("blue eyes", 23), ("smile", 10), ("white dress", 6)])}, **kw)
+    return kohya_metadata(
+        arch,
+        output_name=name,
+        keep_tokens=keep,
+        dim=2,
+        alpha=1.0,
+        folders={
+            "10_zkwgirl woman": (
+                25,
+                [
+                    ("zkwgirl", 25),
+                    ("1girl", 25),
+                    ("solo", 24),
+                    ("long hair", 22),
+                    ("blue eyes", 23),
+                    ("smile", 10),
+                    ("white dress", 6),
+                ],
+            )
+        },
+        **kw,
+    )
 
 
 def style_meta(name="inkwash", arch="sd15"):
-    tags = [("1girl", 14), ("solo", 11), ("scenery", 12), ("outdoors", 15), ("tree", 9), ("mountain", 7),
-            ("1boy", 6), ("water", 8), ("sky", 10), ("traditional media", 30), ("monochrome", 26),
-            ("building", 5), ("flower", 4), ("animal", 3), ("cup", 2), ("bird", 4), ("river", 6)]
+    tags = [
+        ("1girl", 14),
+        ("solo", 11),
+        ("scenery", 12),
+        ("outdoors", 15),
+        ("tree", 9),
+        ("mountain", 7),
+        ("1boy", 6),
+        ("water", 8),
+        ("sky", 10),
+        ("traditional media", 30),
+        ("monochrome", 26),
+        ("building", 5),
+        ("flower", 4),
+        ("animal", 3),
+        ("cup", 2),
+        ("bird", 4),
+        ("river", 6),
+    ]
     return kohya_metadata(arch, output_name=name, dim=2, alpha=1.0, folders={"5_ink": (40, tags)})
 
 
@@ -65,8 +112,14 @@ def test_trigger_dependent_character(tmp_path):
 
 def test_most_frequent_tags_are_not_the_trigger(tmp_path):
     # 1girl and solo are in every caption; the trigger is rarer as text and pinned first by keep_tokens
-    meta = kohya_metadata("sd15", output_name="mcx", keep_tokens=1, dim=2, alpha=1.0, folders={
-        "img": (30, [("mcxchar", 29), ("1girl", 30), ("solo", 30), ("looking at viewer", 30), ("smile", 20)])})
+    meta = kohya_metadata(
+        "sd15",
+        output_name="mcx",
+        keep_tokens=1,
+        dim=2,
+        alpha=1.0,
+        folders={"img": (30, [("mcxchar", 29), ("1girl", 30), ("solo", 30), ("looking at viewer", 30), ("smile", 20)])},
+    )
     rep = inspect_file(lora(tmp_path, "mcx.safetensors", meta=meta))
     assert rep["most_frequent_tags"][:2] == ["1girl", "solo"]
     assert rep["trigger"] == "mcxchar"
@@ -94,10 +147,17 @@ def test_declared_trigger_from_sidecar(tmp_path):
     assert "civitai.info" in rep["trigger_reason"]
 
 
-@pytest.mark.parametrize("name,category,strength", [
-    ("age_slider_v1", "slider", 1.5), ("cinematic_lighting", "lighting", 0.6), ("add_detail", "detail", 1.0),
-    ("school_uniform_outfit", "clothing", 0.8), ("jojo_pose", "pose", 0.8), ("watercolor_style", "style", 0.8),
-])
+@pytest.mark.parametrize(
+    "name,category,strength",
+    [
+        ("age_slider_v1", "slider", 1.5),
+        ("cinematic_lighting", "lighting", 0.6),
+        ("add_detail", "detail", 1.0),
+        ("school_uniform_outfit", "clothing", 0.8),
+        ("jojo_pose", "pose", 0.8),
+        ("watercolor_style", "style", 0.8),
+    ],
+)
 def test_category_from_the_name(tmp_path, name, category, strength):
     rep = inspect_file(lora(tmp_path, name + ".safetensors", te=False))
     assert rep["category"] == category
@@ -105,8 +165,13 @@ def test_category_from_the_name(tmp_path, name, category, strength):
 
 
 def test_category_from_the_captions(tmp_path):
-    meta = kohya_metadata("sd15", output_name="thing", dim=2, alpha=1.0, folders={
-        "3_a": (20, [("sitting", 19), ("crossed legs", 18), ("1girl", 20), ("chair", 10)])})
+    meta = kohya_metadata(
+        "sd15",
+        output_name="thing",
+        dim=2,
+        alpha=1.0,
+        folders={"3_a": (20, [("sitting", 19), ("crossed legs", 18), ("1girl", 20), ("chair", 10)])},
+    )
     rep = inspect_file(lora(tmp_path, "thing.safetensors", meta=meta, te=False))
     assert rep["category"] == "pose"
     assert "sitting" in " ".join(rep["category_detail"]["evidence"])
@@ -115,9 +180,17 @@ def test_category_from_the_captions(tmp_path):
 # --- algorithms and key formats ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("algo,label,rank", [("lora", "LoRA", 2), ("loha", "LoHa", 2), ("lokr", "LoKr", None),
-                                              ("dora", "DoRA", 2), ("full", "full (diff)", None),
-                                              ("ia3", "(IA)³", None)])
+@pytest.mark.parametrize(
+    "algo,label,rank",
+    [
+        ("lora", "LoRA", 2),
+        ("loha", "LoHa", 2),
+        ("lokr", "LoKr", None),
+        ("dora", "DoRA", 2),
+        ("full", "full (diff)", None),
+        ("ia3", "(IA)³", None),
+    ],
+)
 def test_algorithms(tmp_path, algo, label, rank):
     rep = inspect_file(lora(tmp_path, f"{algo}.safetensors", algo=algo, te=False))
     assert rep["algorithms"] == [label]
@@ -127,7 +200,9 @@ def test_algorithms(tmp_path, algo, label, rank):
 
 
 def test_locon_conv_layers_and_sdxl_te2(tmp_path):
-    meta = kohya_metadata("sdxl", output_name="x", folders={}, dim=2, alpha=1.0, network_args={"conv_dim": 2, "conv_alpha": 0.5})
+    meta = kohya_metadata(
+        "sdxl", output_name="x", folders={}, dim=2, alpha=1.0, network_args={"conv_dim": 2, "conv_alpha": 0.5}
+    )
     rep = inspect_file(lora(tmp_path, "x.safetensors", arch="sdxl", conv=True, meta=meta))
     assert rep["architecture"] == "sdxl"
     assert rep["components"] == ["unet", "te1", "te2"]
@@ -142,9 +217,11 @@ def test_locon_conv_layers_and_sdxl_te2(tmp_path):
 def test_peft_diffusers_names(tmp_path):
     g = torch.Generator().manual_seed(0)
     t = {}
-    for path, (o, i) in {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (320, 320),
-                         "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k": (320, 768),
-                         "text_encoder.text_model.encoder.layers.0.mlp.fc1": (3072, 768)}.items():
+    for path, (o, i) in {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (320, 320),
+        "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k": (320, 768),
+        "text_encoder.text_model.encoder.layers.0.mlp.fc1": (3072, 768),
+    }.items():
         t[path + ".lora_A.weight"] = torch.randn(4, i, generator=g)
         t[path + ".lora_B.weight"] = torch.randn(o, 4, generator=g)
     rep = inspect_file(write(tmp_path, "peft.safetensors", t))
@@ -269,8 +346,13 @@ def test_edited_strength_table(tmp_path):
 
 def test_collection_penalises_tags_shared_by_many_loras(tmp_path):
     for i in range(6):
-        meta = kohya_metadata("sd15", output_name=f"c{i}", dim=2, alpha=1.0, folders={
-            "img": (10, [("glossy skin", 10), (f"tok{i}qz", 9), ("1girl", 10)])})
+        meta = kohya_metadata(
+            "sd15",
+            output_name=f"c{i}",
+            dim=2,
+            alpha=1.0,
+            folders={"img": (10, [("glossy skin", 10), (f"tok{i}qz", 9), ("1girl", 10)])},
+        )
         lora(tmp_path, f"c{i}.safetensors", meta=meta, te=False, seed=i)
     reps = inspect_paths([str(tmp_path)])
     cand = {c["tag"]: c for c in reps[0]["trigger_candidates"]}
@@ -290,7 +372,8 @@ def test_block_norms_match_the_baked_difference(tmp_path):
     modules = [m for m in kohya_modules("sd15", conv=False, te=False, tiny=False) if "_attn" in m[0]]
     layout = load_layout(ARCHS["sd15"].layout)
     keep = {key for _, _, key, _ in modules} | {
-        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"}
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    }
     keep |= {k[: -len("weight")] + "bias" for k in keep if k[: -len("weight")] + "bias" in layout}
     g = torch.Generator().manual_seed(3)
     ck = write(tmp_path, "base.safetensors", {k: torch.randn(layout[k][0], generator=g) * 0.05 for k in sorted(keep)})
@@ -304,7 +387,7 @@ def test_block_norms_match_the_baked_difference(tmp_path):
     a, b = load_file(ck), load_file(out)
     dsq, wsq = {}, {}
     for k in a:
-        d = (b[k].double() - a[k].double())
+        d = b[k].double() - a[k].double()
         if d.abs().max() == 0:
             continue
         blk = block_of(k, ARCHS["sd15"]) or "BASE"
@@ -344,8 +427,13 @@ def test_user_metadata_is_updated_in_place_atomically(tmp_path):
     side.write_text(json.dumps({"description": "mine", "notes": "keep", "preferred weight": 0.0}))
     res = usermeta.write(p, activation_text="zkwgirl", preferred_weight=0.9, arch="sd15")
     data = json.loads(side.read_text())
-    assert data == {"description": "mine", "notes": "keep", "preferred weight": 0.9, "activation text": "zkwgirl",
-                    "sd version": "SD1"}
+    assert data == {
+        "description": "mine",
+        "notes": "keep",
+        "preferred weight": 0.9,
+        "activation text": "zkwgirl",
+        "sd version": "SD1",
+    }
     assert res["before"]["preferred weight"] == 0.0
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     side.write_text("{not json")
@@ -365,8 +453,17 @@ def test_cli_writes_user_metadata(tmp_path, capsys):
 def test_render_names_everything(tmp_path):
     rep = inspect_file(lora(tmp_path, "zkwgirl_v2.safetensors", meta=character_meta()))
     text = render(rep)
-    for part in ("SD1.5", "LoRA", "rank 2", "10_zkwgirl woman: 25 images × 10 repeats", "zkwgirl 100%",
-                 "trigger    'zkwgirl'", "trigger-dependent", "character", "max safe   0.9"):
+    for part in (
+        "SD1.5",
+        "LoRA",
+        "rank 2",
+        "10_zkwgirl woman: 25 images × 10 repeats",
+        "zkwgirl 100%",
+        "trigger    'zkwgirl'",
+        "trigger-dependent",
+        "character",
+        "max safe   0.9",
+    ):
         assert part in text, part
 
 
@@ -377,8 +474,21 @@ def tiny_vocab(tmp_path):
     """A small CLIP-style BPE table written in Hugging Face's vocab.json/merges.txt format."""
     from lib_lorakit.inspect.tokens import _byte_map
 
-    merges = [("o", "h"), ("w", "x</w>"), ("g", "i"), ("gi", "r"), ("gir", "l</w>"), ("s", "k"), ("sk", "s</w>"),
-              ("d", "o"), ("do", "g</w>"), ("oh", "wx</w>"), ("l", "o"), ("lo", "n"), ("lon", "g</w>")]
+    merges = [
+        ("o", "h"),
+        ("w", "x</w>"),
+        ("g", "i"),
+        ("gi", "r"),
+        ("gir", "l</w>"),
+        ("s", "k"),
+        ("sk", "s</w>"),
+        ("d", "o"),
+        ("do", "g</w>"),
+        ("oh", "wx</w>"),
+        ("l", "o"),
+        ("lo", "n"),
+        ("lon", "g</w>"),
+    ]
     base = list(_byte_map().values())
     vocab = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))

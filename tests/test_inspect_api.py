@@ -19,11 +19,20 @@ def client(tmp_path):
     ckpt.mkdir(parents=True)
     (loras / "chars").mkdir(parents=True)
     write_checkpoint(str(ckpt / "base15.safetensors"), "sd15", tiny=True, seed=1)
-    meta = kohya_metadata("sd15", output_name="zkwgirl", keep_tokens=1, dim=2, alpha=1.0, folders={
-        "10_zkwgirl": (20, [("zkwgirl", 20), ("1girl", 20), ("solo", 20), ("red hair", 19)])})
+    meta = kohya_metadata(
+        "sd15",
+        output_name="zkwgirl",
+        keep_tokens=1,
+        dim=2,
+        alpha=1.0,
+        folders={"10_zkwgirl": (20, [("zkwgirl", 20), ("1girl", 20), ("solo", 20), ("red hair", 19)])},
+    )
     write(loras / "chars", "zkwgirl.safetensors", make_lora("sd15", "lora", rank=2, alpha=1.0, tiny=False), meta)
-    write(loras, "film_grain_lighting.safetensors",
-          make_lora("sd15", "loha", rank=2, alpha=1.0, tiny=False, te=False, conv=False))
+    write(
+        loras,
+        "film_grain_lighting.safetensors",
+        make_lora("sd15", "loha", rank=2, alpha=1.0, tiny=False, te=False, conv=False),
+    )
     (loras / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -70,8 +79,10 @@ def test_inspect_refusals(client):
 
 
 def test_user_metadata_route(client):
-    r = client.post("/lorakit/v1/inspect/user-metadata",
-                    json={"lora": "zkwgirl", "activation_text": "zkwgirl", "preferred_weight": 0.9})
+    r = client.post(
+        "/lorakit/v1/inspect/user-metadata",
+        json={"lora": "zkwgirl", "activation_text": "zkwgirl", "preferred_weight": 0.9},
+    )
     assert r.status_code == 200, r.text
     data = json.loads((client.loras / "chars" / "zkwgirl.json").read_text())
     assert data == {"activation text": "zkwgirl", "preferred weight": 0.9, "sd version": "SD1"}

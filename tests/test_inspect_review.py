@@ -15,25 +15,51 @@ from lib_lorakit.inspect.tags import emphasis_in, normalise_tag
 from lib_lorakit.synth import kohya_metadata, make_lora
 
 
-@pytest.mark.parametrize("raw, want, emph", [
-    ("blue_hair", "blue hair", False), ("Blue Hair", "blue hair", False), ("(blue_hair:1.2)", "blue hair", True),
-    ("((smile))", "smile", True), ("[smile]", "smile", True), (r"hatsune miku \(cosplay\)", "hatsune miku (cosplay)", False),
-    ("^_^", "^_^", False), ("score_9", "score 9", False), ("  long   hair ", "long hair", False),
-])
+@pytest.mark.parametrize(
+    "raw, want, emph",
+    [
+        ("blue_hair", "blue hair", False),
+        ("Blue Hair", "blue hair", False),
+        ("(blue_hair:1.2)", "blue hair", True),
+        ("((smile))", "smile", True),
+        ("[smile]", "smile", True),
+        (r"hatsune miku \(cosplay\)", "hatsune miku (cosplay)", False),
+        ("^_^", "^_^", False),
+        ("score_9", "score 9", False),
+        ("  long   hair ", "long hair", False),
+    ],
+)
 def test_normalise_tag(raw, want, emph):
     assert normalise_tag(raw) == want and emphasis_in(raw) is emph
 
 
 def lora(tmp_path, name, folders, arch="sd15", rank=2, alpha=1.0, **kw):
-    meta = kohya_metadata(arch, output_name=name, dim=kw.pop("dim", rank), alpha=alpha, folders=folders,
-                          keep_tokens=kw.pop("keep_tokens", 1), epochs=kw.pop("epochs", 10), extra=kw.pop("extra", None))
-    return write(tmp_path, f"{name}.safetensors", make_lora(arch, "lora", rank=rank, alpha=alpha, te=True, seed=2), meta)
+    meta = kohya_metadata(
+        arch,
+        output_name=name,
+        dim=kw.pop("dim", rank),
+        alpha=alpha,
+        folders=folders,
+        keep_tokens=kw.pop("keep_tokens", 1),
+        epochs=kw.pop("epochs", 10),
+        extra=kw.pop("extra", None),
+    )
+    return write(
+        tmp_path, f"{name}.safetensors", make_lora(arch, "lora", rank=rank, alpha=alpha, te=True, seed=2), meta
+    )
 
 
 def char_tags(sep: str) -> list[tuple[str, int]]:
-    u = (lambda s: s.replace(" ", sep))
-    return [(u("zxq girl"), 20), ("1girl", 20), (u("blue hair"), 19), (u("long hair"), 18), (u("school uniform"), 16),
-            (u("hair ribbon"), 15), ("solo", 20)]
+    u = lambda s: s.replace(" ", sep)
+    return [
+        (u("zxq girl"), 20),
+        ("1girl", 20),
+        (u("blue hair"), 19),
+        (u("long hair"), 18),
+        (u("school uniform"), 16),
+        (u("hair ribbon"), 15),
+        ("solo", 20),
+    ]
 
 
 def test_underscore_and_space_captions_give_the_same_category_and_trigger(tmp_path):
@@ -54,8 +80,10 @@ def test_emphasis_forms_count_as_one_tag(tmp_path):
 
 
 def test_two_characters_give_both_triggers(tmp_path):
-    folders = {"10_alicezq": (20, [("alicezq", 20), ("1girl", 20), ("red hair", 18)]),
-               "10_borkzq": (30, [("borkzq", 30), ("1boy", 30), ("black hair", 27)])}
+    folders = {
+        "10_alicezq": (20, [("alicezq", 20), ("1girl", 20), ("red hair", 18)]),
+        "10_borkzq": (30, [("borkzq", 30), ("1boy", 30), ("black hair", 27)]),
+    }
     rep = inspect_file(lora(tmp_path, "pair", folders))
     got = {t["tag"]: t for t in rep["triggers"]}
     assert set(got) == {"alicezq", "borkzq"}
@@ -76,8 +104,7 @@ CRAFTED = {  # check -> (lora kwargs, what the line must say)
     "alpha_ratio": ({"alpha": 8.0}, "scales every update ×4"),
     "learning_rate": ({"extra": {"ss_optimizer": "prodigyopt.Prodigy"}}, "expects a learning rate near 1.0"),
     "epochs_repeats": ({"epochs": 40}, "seen 400 times"),
-    "folder_imbalance": ({"folders": {"10_mine": (20, char_tags(" ")), "1_other": (5, [("zxq girl", 5)])}},
-                         "(40.0×)"),
+    "folder_imbalance": ({"folders": {"10_mine": (20, char_tags(" ")), "1_other": (5, [("zxq girl", 5)])}}, "(40.0×)"),
     "keep_tokens": ({"keep_tokens": 0}, "keep_tokens = 0"),
     "caption_emphasis": ({"folders": {"10_mine": (20, char_tags(" ") + [("(smile:1.3)", 4)])}}, "(smile:1.3)"),
     "resolution": ({"arch": "sdxl", "extra": {"ss_resolution": "(512, 512)"}}, "trained at 512 px for SDXL"),
@@ -103,7 +130,9 @@ def test_each_review_finding_fires_on_a_crafted_file(tmp_path, check):
 
 def test_alpha_too_low_and_adam_learning_rate(tmp_path):
     rep = inspect_file(lora(tmp_path, "weak", CLEAN, alpha=0.05))
-    assert [f["check"] for f in rep["training_review"]] == ["alpha_ratio"] and "×0.025" in rep["training_review"][0]["text"]
+    assert [f["check"] for f in rep["training_review"]] == ["alpha_ratio"] and "×0.025" in rep["training_review"][0][
+        "text"
+    ]
     rep = inspect_file(lora(tmp_path, "hot", CLEAN, extra={"ss_unet_lr": "0.005"}))
     assert [f["check"] for f in rep["training_review"]] == ["learning_rate"]
 
@@ -127,8 +156,9 @@ def test_demo_loras_match_the_demo_checkpoint_as_the_bake_does(tmp_path):
         for rep in reps:
             assert rep["structure"]["unmatched_count"] == 0, rep["warnings"]
             assert not any("baking it would fail" in w for w in rep["warnings"])
-            assert rep["structure"]["matched_against"] == (f"the checkpoint {base}" if with_ckpt else
-                                                           "the SDXL layout at 1/64 width")
+            assert rep["structure"]["matched_against"] == (
+                f"the checkpoint {base}" if with_ckpt else "the SDXL layout at 1/64 width"
+            )
             plan = plan_bake(base, [LoraSpec(path=rep["file"])])  # the bake's own planning, on the real file
             assert sum(len(cs) for cs in plan.weights.values()) == rep["structure"]["modules"]
     wrong = inspect_file(files["wrong"], checkpoint=base)

@@ -26,6 +26,7 @@ def run_install(monkeypatch):
         monkeypatch.setitem(sys.modules, "launch", mod)
         runpy.run_path(os.path.join(ROOT, "install.py"))
         return mod.calls
+
     return run
 
 

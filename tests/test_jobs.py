@@ -96,13 +96,15 @@ def test_oversized_body_and_seed_counts_refused(folders):
     from lib_lorakit.gen.grid import parse_seeds
 
     c, _ = _client(folders)
-    r = c.post("/lorakit/v1/bake", content=b"{" + b" " * (9 * 1024 * 1024) + b"}",
-               headers={"content-type": "application/json"})
+    r = c.post(
+        "/lorakit/v1/bake", content=b"{" + b" " * (9 * 1024 * 1024) + b"}", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413 and "at most" in r.json()["message"]
     with pytest.raises(RecipeError, match="at most 50"):
         parse_seeds("1000000000x")  # refused before a list of a billion seeds is built
-    r = c.post("/lorakit/v1/tournaments", json={"candidates": [{"checkpoint": "base.safetensors"}] * 30,
-                                                "prompts": ["p"] * 5})
+    r = c.post(
+        "/lorakit/v1/tournaments", json={"candidates": [{"checkpoint": "base.safetensors"}] * 30, "prompts": ["p"] * 5}
+    )
     assert r.status_code == 400 and "at most 26" in r.json()["message"]
 
 
@@ -184,9 +186,26 @@ def test_launcher_exits_within_5_s_of_sigterm_with_a_stuck_job(folders):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    p = subprocess.Popen([sys.executable, "-c", LAUNCH, "ui", "--models-dir", str(ckpt), "--loras-dir", str(loras),
-                          "--port", str(port), "--data-dir", str(tmp / "data")], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            LAUNCH,
+            "ui",
+            "--models-dir",
+            str(ckpt),
+            "--loras-dir",
+            str(loras),
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp / "data"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert "http://" in p.stdout.readline()
         url = f"http://127.0.0.1:{port}/lorakit/v1"
@@ -196,8 +215,9 @@ def test_launcher_exits_within_5_s_of_sigterm_with_a_stuck_job(folders):
                 break
             except OSError:
                 time.sleep(0.1)
-        req = urllib.request.Request(url + "/bake", data=json.dumps(BAKE).encode(),
-                                     headers={"content-type": "application/json"})
+        req = urllib.request.Request(
+            url + "/bake", data=json.dumps(BAKE).encode(), headers={"content-type": "application/json"}
+        )
         jid = json.load(urllib.request.urlopen(req, timeout=30))["job_id"]
         for _ in range(200):
             if json.load(urllib.request.urlopen(f"{url}/jobs/{jid}", timeout=5))["state"] == "running":

@@ -5,8 +5,16 @@ import torch
 from factories import ShapeSource, reference, tiny_checkpoint, tiny_lora, write
 
 from lib_lorakit.errors import ArchitectureError
-from lib_lorakit.formats.arch import (ARCHS, block_of, component_of, detect_checkpoint, detect_lora, lineage_hints,
-                                      load_layout, load_optional)
+from lib_lorakit.formats.arch import (
+    ARCHS,
+    block_of,
+    component_of,
+    detect_checkpoint,
+    detect_lora,
+    lineage_hints,
+    load_layout,
+    load_optional,
+)
 from lib_lorakit.formats.sources import open_source
 from lib_lorakit.synth import make_lora
 
@@ -63,8 +71,12 @@ def test_detects_real_layout_checkpoints(shared_reference, arch, ref):
 
 
 def test_detects_tiny_checkpoints_vpred_and_lineage(tmp_path):
-    p = tiny_checkpoint(tmp_path, "sdxl", metadata={"modelspec.title": "NoobAI-XL v-pred 1.0"},
-                        extra={"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
+    p = tiny_checkpoint(
+        tmp_path,
+        "sdxl",
+        metadata={"modelspec.title": "NoobAI-XL v-pred 1.0"},
+        extra={"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])},
+    )
     with open_source(p) as s:
         fam = detect_checkpoint(s.shapes(), s.metadata, p)
     assert fam.arch == "sdxl"
@@ -77,12 +89,17 @@ def test_detects_tiny_checkpoints_vpred_and_lineage(tmp_path):
 
 def test_refuses_other_families():
     base = {k: v[0] for k, v in load_layout("sdxl-sgm").items()}
-    sd2 = {"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (3072, 1024),
-           "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320)}
+    sd2 = {
+        "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (3072, 1024),
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320),
+    }
     with pytest.raises(ArchitectureError, match="SD2"):
         detect_checkpoint(sd2, {})
-    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in base.items()
-               if not k.startswith("conditioner.embedders.0.")}
+    refiner = {
+        k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v
+        for k, v in base.items()
+        if not k.startswith("conditioner.embedders.0.")
+    }
     with pytest.raises(ArchitectureError, match="refiner"):
         detect_checkpoint(refiner, {})
     with pytest.raises(ArchitectureError, match="LoRA/LyCORIS file, not a checkpoint"):

@@ -26,8 +26,17 @@ def load(p):
 
 @pytest.fixture
 def three(tmp_path):
-    return [tiny_checkpoint(tmp_path, "sdxl", dtype=torch.float32, seed=i, name=f"m{i}.safetensors",
-                            metadata={"modelspec.title": f"M{i}"}) for i in range(3)]
+    return [
+        tiny_checkpoint(
+            tmp_path,
+            "sdxl",
+            dtype=torch.float32,
+            seed=i,
+            name=f"m{i}.safetensors",
+            metadata={"modelspec.title": f"M{i}"},
+        )
+        for i in range(3)
+    ]
 
 
 def is_vae(k):
@@ -63,14 +72,15 @@ def test_weighted_unnormalised_and_fp16_rounds_once(tmp_path, three):
         if is_vae(k):
             continue
         exact = 0.5 * s[0][k].double() + 0.8 * s[1][k].double()
-        half_ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(2 ** -14))) - 11)
+        half_ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(2**-14))) - 11)
         assert bool(((o[k].double() - exact).abs() <= half_ulp * 1.001 + 1e-7).all()), k
 
 
 def test_add_difference(tmp_path, three):
     out = str(tmp_path / "out.safetensors")
-    merge([ModelSpec(three[0]), ModelSpec(three[1], 0.6)], out, method="add-difference", base=three[2],
-          save_dtype="fp32")
+    merge(
+        [ModelSpec(three[0]), ModelSpec(three[1], 0.6)], out, method="add-difference", base=three[2], save_dtype="fp32"
+    )
     a, b, c, o = load(three[0]), load(three[1]), load(three[2]), load(out)
     for k in float_keys(o):
         if not is_vae(k):
@@ -102,11 +112,21 @@ def ties_reference(base, models, weights, density, scale):
 
 def test_ties(tmp_path, three):
     out = str(tmp_path / "out.safetensors")
-    merge([ModelSpec(three[1], 1.0), ModelSpec(three[2], 0.5)], out, method="ties", base=three[0], density=0.3,
-          scale=0.8, save_dtype="fp32")
+    merge(
+        [ModelSpec(three[1], 1.0), ModelSpec(three[2], 0.5)],
+        out,
+        method="ties",
+        base=three[0],
+        density=0.3,
+        scale=0.8,
+        save_dtype="fp32",
+    )
     c, m1, m2, o = load(three[0]), load(three[1]), load(three[2]), load(out)
-    for k in ["model.diffusion_model.input_blocks.4.1.proj_in.weight", "model.diffusion_model.out.2.weight",
-              "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight"]:
+    for k in [
+        "model.diffusion_model.input_blocks.4.1.proj_in.weight",
+        "model.diffusion_model.out.2.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight",
+    ]:
         assert close(o[k], ties_reference(c[k], [m1[k], m2[k]], [1.0, 0.5], 0.3, 0.8), 1e-5), k
 
 
@@ -142,8 +162,9 @@ def test_slerp(tmp_path, three):
 
 def test_block_weights(tmp_path, three):
     out = str(tmp_path / "out.safetensors")
-    merge([ModelSpec(three[0], 0.0), ModelSpec(three[1], 1.0)], out, blocks="IN04=0,OUT02=0.25,BASE=1",
-          save_dtype="fp32")  # SuperMerger style: model 2 at 1, the vector is the per-block alpha
+    merge(
+        [ModelSpec(three[0], 0.0), ModelSpec(three[1], 1.0)], out, blocks="IN04=0,OUT02=0.25,BASE=1", save_dtype="fp32"
+    )  # SuperMerger style: model 2 at 1, the vector is the per-block alpha
     a, b, o = load(three[0]), load(three[1]), load(out)
     for k in float_keys(o):
         comp = component_of(k, XL)
@@ -154,7 +175,7 @@ def test_block_weights(tmp_path, three):
 
 
 def test_vae_is_copied_byte_for_byte(tmp_path, three):
-    vae = {k[len("first_stage_model."):]: v.half() for k, v in load(three[2]).items() if is_vae(k)}
+    vae = {k[len("first_stage_model.") :]: v.half() for k, v in load(three[2]).items() if is_vae(k)}
     vae_file = write(tmp_path, "my.vae.safetensors", vae)
     for vae_from, src in ((None, three[0]), (2, three[1]), (vae_file, None)):
         out = str(tmp_path / f"out-{len(files_in(tmp_path))}.safetensors")
@@ -164,7 +185,7 @@ def test_vae_is_copied_byte_for_byte(tmp_path, three):
                 if not is_vae(k):
                     continue
                 got = f.read(k)
-                ref = vae[k[len("first_stage_model."):]] if src is None else load(src)[k]
+                ref = vae[k[len("first_stage_model.") :]] if src is None else load(src)[k]
                 assert got.dtype == ref.dtype and torch.equal(got, ref), (vae_from, k)
         assert rep["tensors"]["copied"]["vae"] == 248
 
@@ -181,8 +202,9 @@ def test_te_from_copies_the_text_encoders(tmp_path, three):
 
 def test_keys_in_some_inputs_integers_and_family_warnings(tmp_path):
     extra = {"alphas_cumprod": torch.linspace(1, 0, 1000), "v_pred": torch.zeros(0, dtype=torch.int64)}
-    a = tiny_checkpoint(tmp_path, "sdxl", seed=1, name="a.safetensors", extra=extra,
-                        metadata={"modelspec.title": "NoobAI vpred"})
+    a = tiny_checkpoint(
+        tmp_path, "sdxl", seed=1, name="a.safetensors", extra=extra, metadata={"modelspec.title": "NoobAI vpred"}
+    )
     b = tiny_checkpoint(tmp_path, "sdxl", seed=2, name="b.safetensors", metadata={"modelspec.title": "Pony mix"})
     out = str(tmp_path / "out.safetensors")
     rep = merge([ModelSpec(a), ModelSpec(b)], out)
@@ -197,7 +219,9 @@ def test_keys_in_some_inputs_integers_and_family_warnings(tmp_path):
 
 def test_mismatched_architectures_are_refused(tmp_path, three):
     sd15 = tiny_checkpoint(tmp_path, "sd15", name="sd15.safetensors")
-    with pytest.raises(ArchitectureError, match=r"Cannot merge .*m0\.safetensors \(SDXL\) with .*sd15\.safetensors \(SD1\.5\)"):
+    with pytest.raises(
+        ArchitectureError, match=r"Cannot merge .*m0\.safetensors \(SDXL\) with .*sd15\.safetensors \(SD1\.5\)"
+    ):
         merge([ModelSpec(three[0]), ModelSpec(sd15)], str(tmp_path / "o.safetensors"))
     assert "o.safetensors" not in files_in(tmp_path)
 
@@ -211,14 +235,17 @@ def test_structure_mismatch_names_the_key(tmp_path):
         merge([ModelSpec(a), ModelSpec(b)], str(tmp_path / "o.safetensors"))
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(method="add-difference"), "needs a base model"),
-    (dict(method="slerp", n=3), "exactly 2"),
-    (dict(method="weighted", n=1), "at least 2"),
-    (dict(method="nope"), "Unknown merge method"),
-    (dict(method="weighted", base=True), "only used by"),
-    (dict(vae_from=5), "VAE from model 5"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(method="add-difference"), "needs a base model"),
+        (dict(method="slerp", n=3), "exactly 2"),
+        (dict(method="weighted", n=1), "at least 2"),
+        (dict(method="nope"), "Unknown merge method"),
+        (dict(method="weighted", base=True), "only used by"),
+        (dict(vae_from=5), "VAE from model 5"),
+    ],
+)
 def test_bad_recipes(tmp_path, three, kw, match):
     n = kw.pop("n", 2)
     if kw.pop("base", False):
@@ -252,13 +279,17 @@ def test_cancel_leaves_nothing(tmp_path, three):
 
     import lib_lorakit.merge.engine as eng
 
-    ticks = iter(range(10 ** 9))
+    ticks = iter(range(10**9))
     old = eng.time.perf_counter
     eng.time.perf_counter = lambda: next(ticks)
     try:
         with pytest.raises(Cancelled):
-            merge([ModelSpec(three[0]), ModelSpec(three[1])], str(tmp_path / "o.safetensors"), progress=progress,
-                  cancel=ev)
+            merge(
+                [ModelSpec(three[0]), ModelSpec(three[1])],
+                str(tmp_path / "o.safetensors"),
+                progress=progress,
+                cancel=ev,
+            )
     finally:
         eng.time.perf_counter = old
     assert sorted(files_in(tmp_path)) == ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
@@ -282,8 +313,22 @@ def test_diff_against_closed_form_and_chart(tmp_path, three):
 
 def test_cli_merge_and_diff(tmp_path, three, capsys):
     out = str(tmp_path / "cli.safetensors")
-    code = main(["merge", "--model", f"{three[0]}:0.7", "--model", f"{three[1]}:0.2", "--model", f"{three[2]}:0.1",
-                 "-o", out, "-q", "--report", str(tmp_path / "r.json")])
+    code = main(
+        [
+            "merge",
+            "--model",
+            f"{three[0]}:0.7",
+            "--model",
+            f"{three[1]}:0.2",
+            "--model",
+            f"{three[2]}:0.1",
+            "-o",
+            out,
+            "-q",
+            "--report",
+            str(tmp_path / "r.json"),
+        ]
+    )
     cap = capsys.readouterr()
     assert code == 0 and "weight 0.7" in cap.out and os.path.exists(out)
     png = str(tmp_path / "d.png")
@@ -293,8 +338,20 @@ def test_cli_merge_and_diff(tmp_path, three, capsys):
     sd15 = tiny_checkpoint(tmp_path, "sd15", name="sd15.safetensors")
     code = main(["merge", "--model", three[0], "--model", sd15, "-o", str(tmp_path / "x.safetensors"), "-q"])
     assert code == 2 and "different architectures" in capsys.readouterr().err
-    code = main(["merge", "--model", three[0], "--model", three[1], "--method", "add-difference", "-o",
-                 str(tmp_path / "x.safetensors"), "-q"])
+    code = main(
+        [
+            "merge",
+            "--model",
+            three[0],
+            "--model",
+            three[1],
+            "--method",
+            "add-difference",
+            "-o",
+            str(tmp_path / "x.safetensors"),
+            "-q",
+        ]
+    )
     assert code == 2 and "needs a base model" in capsys.readouterr().err
 
 
@@ -354,8 +411,12 @@ def test_small_chunks_give_the_same_result(tmp_path, three, monkeypatch, method)
     """Row chunking (flat memory for huge tensors) must not change any value."""
     import lib_lorakit.merge.engine as eng
 
-    kw = {"weighted": dict(), "add-difference": dict(base=three[2]), "ties": dict(base=three[2], density=0.4),
-          "slerp": dict()}[method]
+    kw = {
+        "weighted": dict(),
+        "add-difference": dict(base=three[2]),
+        "ties": dict(base=three[2], density=0.4),
+        "slerp": dict(),
+    }[method]
     models = [ModelSpec(three[0], 0.6), ModelSpec(three[1], 0.4)]
     big = str(tmp_path / "big.safetensors")
     merge(models, big, method=method, save_dtype="fp32", **kw)

@@ -42,8 +42,10 @@ def test_lora_alpha_absent_means_scale_one_and_scale_key_overrides():
     up, down = r(6, 3), r(3, 5)
     _, d, _ = run({"lora_up.weight": up, "lora_down.weight": down}, (6, 5))
     assert rel_err(d, up @ down) < 1e-6
-    _, d, _ = run({"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(3.0),
-                   "scale": torch.tensor(0.25)}, (6, 5))
+    _, d, _ = run(
+        {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(3.0), "scale": torch.tensor(0.25)},
+        (6, 5),
+    )
     assert rel_err(d, 0.25 * up @ down) < 1e-6
 
 
@@ -68,22 +70,37 @@ def test_locon_conv3x3_matches_conv_composition():
 
 def test_locon_tucker_mid():
     up, down, mid = r(6, 2, 1, 1), r(2, 4, 1, 1), r(2, 2, 3, 3)
-    _, d, _ = run({"lora_up.weight": up, "lora_down.weight": down, "lora_mid.weight": mid,
-                   "alpha": torch.tensor(2.0)}, (6, 4, 3, 3))
+    _, d, _ = run(
+        {"lora_up.weight": up, "lora_down.weight": down, "lora_mid.weight": mid, "alpha": torch.tensor(2.0)},
+        (6, 4, 3, 3),
+    )
     x = r(1, 4, 6, 6)
-    y_ref = torch.nn.functional.conv2d(torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, down), mid, padding=1), up)
+    y_ref = torch.nn.functional.conv2d(
+        torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, down), mid, padding=1), up
+    )
     assert rel_err(torch.nn.functional.conv2d(x, d, padding=1), y_ref) < 1e-5
 
 
 def test_loha_and_tucker():
     w1a, w1b, w2a, w2b = r(6, 2), r(2, 5), r(6, 2), r(2, 5)
-    _, d, _ = run({"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b,
-                   "alpha": torch.tensor(1.0)}, (6, 5))
+    _, d, _ = run(
+        {"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b, "alpha": torch.tensor(1.0)}, (6, 5)
+    )
     assert rel_err(d, 0.5 * (w1a @ w1b) * (w2a @ w2b)) < 1e-6
     # Tucker: hada_w*_a is (rank, out), hada_w*_b (rank, in), t (rank, rank, k, k)
     a1, b1, t1, a2, b2, t2 = r(2, 6), r(2, 4), r(2, 2, 3, 3), r(2, 6), r(2, 4), r(2, 2, 3, 3)
-    _, d, _ = run({"hada_w1_a": a1, "hada_w1_b": b1, "hada_t1": t1, "hada_w2_a": a2, "hada_w2_b": b2,
-                   "hada_t2": t2, "alpha": torch.tensor(2.0)}, (6, 4, 3, 3))
+    _, d, _ = run(
+        {
+            "hada_w1_a": a1,
+            "hada_w1_b": b1,
+            "hada_t1": t1,
+            "hada_w2_a": a2,
+            "hada_w2_b": b2,
+            "hada_t2": t2,
+            "alpha": torch.tensor(2.0),
+        },
+        (6, 4, 3, 3),
+    )
     f1 = torch.zeros(6, 4, 3, 3, dtype=torch.float64)
     f2 = torch.zeros_like(f1)
     for i in range(2):
@@ -93,8 +110,10 @@ def test_loha_and_tucker():
     assert rel_err(d, f1 * f2) < 1e-5
 
 
-@pytest.mark.parametrize("w1_full,w2_mode", [(True, "full"), (True, "lr"), (False, "full"), (False, "lr"),
-                                             (True, "tucker"), (False, "tucker")])
+@pytest.mark.parametrize(
+    "w1_full,w2_mode",
+    [(True, "full"), (True, "lr"), (False, "full"), (False, "lr"), (True, "tucker"), (False, "tucker")],
+)
 def test_lokr_every_combination(w1_full, w2_mode):
     conv = w2_mode == "tucker"
     target = (6, 10, 3, 3) if conv else (6, 10)
@@ -156,13 +175,19 @@ def test_ia3(on_input):
 def test_glora_both_layouts():
     w = r(6, 5)
     a1, a2, b1, b2 = r(5, 2), r(2, 5), r(6, 2), r(2, 5)  # LyCORIS: a1 (in,r) a2 (r,in) b1 (out,r) b2 (r,in)
-    _, d, _ = run({"a1.weight": a1, "a2.weight": a2, "b1.weight": b1, "b2.weight": b2, "alpha": torch.tensor(1.0)},
-                  (6, 5), weight=w)
+    _, d, _ = run(
+        {"a1.weight": a1, "a2.weight": a2, "b1.weight": b1, "b2.weight": b2, "alpha": torch.tensor(1.0)},
+        (6, 5),
+        weight=w,
+    )
     assert rel_err(d, 0.5 * (w @ a1 @ a2 + b1 @ b2)) < 1e-6
     # older layout read by the WebUI: a1 (r,in) a2 (in,r) b1 (r,in) b2 (out,r); ΔW = W a2 a1 + b2 b1
     o1, o2, p1, p2 = r(2, 5), r(5, 2), r(2, 5), r(6, 2)
-    _, d, _ = run({"a1.weight": o1, "a2.weight": o2, "b1.weight": p1, "b2.weight": p2, "alpha": torch.tensor(2.0)},
-                  (6, 5), weight=w)
+    _, d, _ = run(
+        {"a1.weight": o1, "a2.weight": o2, "b1.weight": p1, "b2.weight": p2, "alpha": torch.tensor(2.0)},
+        (6, 5),
+        weight=w,
+    )
     assert rel_err(d, w @ o2 @ o1 + p2 @ p1) < 1e-6
 
 
@@ -207,8 +232,9 @@ def test_boft_against_lycoris():
 def test_dora_both_axes(axis):
     w, up, down = r(6, 5), r(6, 2), r(2, 5)
     m = (r(6, 1).abs() + 0.5) if axis == "out" else (r(1, 5).abs() + 0.5)
-    alg, d, _ = run({"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(1.0), "dora_scale": m},
-                    (6, 5), weight=w)
+    alg, d, _ = run(
+        {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(1.0), "dora_scale": m}, (6, 5), weight=w
+    )
     v = w + 0.5 * up @ down
     norm = v.norm(dim=1, keepdim=True) if axis == "out" else v.norm(dim=0, keepdim=True)
     assert rel_err(d, m * v / norm - w) < 1e-6

@@ -26,8 +26,20 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "lib_lorakit"
 
 # What the doors (api/, cli/, ui/) may import from the rest of lorakit: the operations, the error and
 # job types, the host interface, and declared data (generation defaults, the merge-method table).
-DOOR_ALLOWED = ("ops", "errors", "jobs", "hosts", "gen.profiles", "merge.registry", "engineopts", "api", "cli", "ui",
-                "demo", "")
+DOOR_ALLOWED = (
+    "ops",
+    "errors",
+    "jobs",
+    "hosts",
+    "gen.profiles",
+    "merge.registry",
+    "engineopts",
+    "api",
+    "cli",
+    "ui",
+    "demo",
+    "",
+)
 
 
 def _imports(path: pathlib.Path) -> list[tuple[str, int]]:
@@ -60,16 +72,22 @@ def test_doors_import_only_ops_and_types():
         for mod, line in _imports(path):
             if not mod.startswith("lib_lorakit"):
                 continue
-            inner = mod[len("lib_lorakit"):].lstrip(".")
+            inner = mod[len("lib_lorakit") :].lstrip(".")
             if not any(inner == a or inner.startswith(a + ".") for a in DOOR_ALLOWED if a) and inner not in (
-                    "", "__version__"):
+                "",
+                "__version__",
+            ):
                 bad.append(f"{path.relative_to(PKG)}:{line} imports lib_lorakit.{inner}")
     assert not bad, "the doors must go through lib_lorakit.ops:\n" + "\n".join(bad)
 
 
 def test_gen_does_not_import_eval():
-    bad = [f"{p.relative_to(PKG)}:{line} imports {m}" for p in _files("gen") for m, line in _imports(p)
-           if m.startswith("lib_lorakit.eval")]
+    bad = [
+        f"{p.relative_to(PKG)}:{line} imports {m}"
+        for p in _files("gen")
+        for m, line in _imports(p)
+        if m.startswith("lib_lorakit.eval")
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -79,8 +97,7 @@ def test_only_host_imports_the_webui():
     for p in PKG.rglob("*.py"):
         if p.relative_to(PKG).parts[0] == "host":
             continue
-        bad += [f"{p.relative_to(PKG)}:{line} imports {m}" for m, line in _imports(p)
-                if m.split(".")[0] in webui]
+        bad += [f"{p.relative_to(PKG)}:{line} imports {m}" for m, line in _imports(p) if m.split(".")[0] in webui]
     assert not bad, "\n".join(bad)
 
 
@@ -150,7 +167,7 @@ def _http_error(r) -> str:
 
 def _cli_error(err: str) -> str:
     assert err.startswith("error: ") and "Traceback" not in err, err
-    return err[len("error: "):].rstrip("\n")
+    return err[len("error: ") :].rstrip("\n")
 
 
 def _same_tensors(*paths):
@@ -166,10 +183,25 @@ def test_bake_through_every_door(world, capsys):
     lora = {"name": "ink", "strength": 0.7, "te_strength": 0.4}
     r = c.post("/lorakit/v1/bake", json={"base": "base.safetensors", "output": "via-http", "loras": [lora]})
     http = wait_job(c, r.json()["job_id"])["result"]["report"]
-    direct = bake_op.bake(LocalContext(), {"base": str(ck / "base.safetensors"), "output": str(ck / "via-ops.safetensors"),
-                                           "loras": [{**lora, "name": str(lo / "ink.safetensors")}]})["report"]
-    code, out, _ = cli(capsys, "bake", str(ck / "base.safetensors"), "--lora", f"{lo / 'ink.safetensors'}:0.7:0.4",
-                       "-o", str(ck / "via-cli.safetensors"), "--json", "-q")
+    direct = bake_op.bake(
+        LocalContext(),
+        {
+            "base": str(ck / "base.safetensors"),
+            "output": str(ck / "via-ops.safetensors"),
+            "loras": [{**lora, "name": str(lo / "ink.safetensors")}],
+        },
+    )["report"]
+    code, out, _ = cli(
+        capsys,
+        "bake",
+        str(ck / "base.safetensors"),
+        "--lora",
+        f"{lo / 'ink.safetensors'}:0.7:0.4",
+        "-o",
+        str(ck / "via-cli.safetensors"),
+        "--json",
+        "-q",
+    )
     assert code == 0
     via_cli = json.loads(out)
     _same_tensors(ck / "via-http.safetensors", ck / "via-ops.safetensors", ck / "via-cli.safetensors")
@@ -183,25 +215,45 @@ def test_bake_through_every_door(world, capsys):
 def test_bake_errors_read_the_same_through_every_door(world, capsys):
     ck, lo, c = world["ck"], world["lo"], world["client"]
     # out of range: the request type refuses it wherever it came from
-    r = c.post("/lorakit/v1/bake", json={"base": "base.safetensors", "output": "x", "loras": [{"name": "ink",
-                                                                                                "strength": 50}]})
+    r = c.post(
+        "/lorakit/v1/bake", json={"base": "base.safetensors", "output": "x", "loras": [{"name": "ink", "strength": 50}]}
+    )
     m_http = _http_error(r)
     with pytest.raises(RequestInvalid) as e:
-        bake_op.bake(LocalContext(), {"base": str(ck / "base.safetensors"), "output": str(ck / "x.safetensors"),
-                                      "loras": [{"name": str(lo / "ink.safetensors"), "strength": 50}]})
-    code, _, err = cli(capsys, "bake", str(ck / "base.safetensors"), "--lora", f"{lo / 'ink.safetensors'}:50",
-                       "-o", str(ck / "x.safetensors"))
+        bake_op.bake(
+            LocalContext(),
+            {
+                "base": str(ck / "base.safetensors"),
+                "output": str(ck / "x.safetensors"),
+                "loras": [{"name": str(lo / "ink.safetensors"), "strength": 50}],
+            },
+        )
+    code, _, err = cli(
+        capsys,
+        "bake",
+        str(ck / "base.safetensors"),
+        "--lora",
+        f"{lo / 'ink.safetensors'}:50",
+        "-o",
+        str(ck / "x.safetensors"),
+    )
     assert code == 2 and r.status_code == 400
     assert m_http == str(e.value) == _cli_error(err)
     assert "loras[0].strength" in m_http and "50" in m_http and "--" not in m_http
     # a LoRA of another architecture: the engine's message, through every door
-    r = c.post("/lorakit/v1/bake", json={"base": "base.safetensors", "output": "y", "loras": [{"name": "sd15"}],
-                                         "dry_run": True})
+    r = c.post(
+        "/lorakit/v1/bake",
+        json={"base": "base.safetensors", "output": "y", "loras": [{"name": "sd15"}], "dry_run": True},
+    )
     m_http = wait_job(c, r.json()["job_id"])["error"]
     with pytest.raises(Exception) as e:
-        bake_op.bake(LocalContext(), {"base": str(ck / "base.safetensors"), "loras": [{"name": str(lo / "sd15.safetensors")}],
-                                      "dry_run": True})
-    code, _, err = cli(capsys, "bake", str(ck / "base.safetensors"), "--lora", str(lo / "sd15.safetensors"), "--dry-run")
+        bake_op.bake(
+            LocalContext(),
+            {"base": str(ck / "base.safetensors"), "loras": [{"name": str(lo / "sd15.safetensors")}], "dry_run": True},
+        )
+    code, _, err = cli(
+        capsys, "bake", str(ck / "base.safetensors"), "--lora", str(lo / "sd15.safetensors"), "--dry-run"
+    )
     assert code == 2 and m_http == str(e.value) == _cli_error(err)
     assert not [p for p in os.listdir(ck) if p not in ("base.safetensors", "other.safetensors")]
 
@@ -211,19 +263,49 @@ def test_merge_through_every_door(world, capsys):
     body = {"models": [{"name": "base.safetensors", "weight": 0.7}, {"name": "other.safetensors", "weight": 0.3}]}
     r = c.post("/lorakit/v1/merge", json={**body, "output": "m-http"})
     assert wait_job(c, r.json()["job_id"])["state"] == "done"
-    merge_op.merge(LocalContext(), {"models": [{"name": str(ck / m["name"]), "weight": m["weight"]} for m in body["models"]],
-                                    "output": str(ck / "m-ops.safetensors")})
-    code, _, _ = cli(capsys, "merge", "--model", f"{ck / 'base.safetensors'}:0.7", "--model",
-                     f"{ck / 'other.safetensors'}:0.3", "-o", str(ck / "m-cli.safetensors"), "-q")
+    merge_op.merge(
+        LocalContext(),
+        {
+            "models": [{"name": str(ck / m["name"]), "weight": m["weight"]} for m in body["models"]],
+            "output": str(ck / "m-ops.safetensors"),
+        },
+    )
+    code, _, _ = cli(
+        capsys,
+        "merge",
+        "--model",
+        f"{ck / 'base.safetensors'}:0.7",
+        "--model",
+        f"{ck / 'other.safetensors'}:0.3",
+        "-o",
+        str(ck / "m-cli.safetensors"),
+        "-q",
+    )
     assert code == 0
     _same_tensors(ck / "m-http.safetensors", ck / "m-ops.safetensors", ck / "m-cli.safetensors")
     # an unknown method: one message, with the nearest name, from every door
     r = c.post("/lorakit/v1/merge", json={**body, "output": "bad", "method": "tie"})
     with pytest.raises(Exception) as e:
-        merge_op.merge(LocalContext(), {"models": [{"name": str(ck / "base.safetensors")}, {"name": str(ck / "other.safetensors")}],
-                                        "output": str(ck / "bad.safetensors"), "method": "tie"})
-    code, _, err = cli(capsys, "merge", "--model", str(ck / "base.safetensors"), "--model", str(ck / "other.safetensors"),
-                       "--method", "tie", "-o", str(ck / "bad.safetensors"))
+        merge_op.merge(
+            LocalContext(),
+            {
+                "models": [{"name": str(ck / "base.safetensors")}, {"name": str(ck / "other.safetensors")}],
+                "output": str(ck / "bad.safetensors"),
+                "method": "tie",
+            },
+        )
+    code, _, err = cli(
+        capsys,
+        "merge",
+        "--model",
+        str(ck / "base.safetensors"),
+        "--model",
+        str(ck / "other.safetensors"),
+        "--method",
+        "tie",
+        "-o",
+        str(ck / "bad.safetensors"),
+    )
     assert code == 2 and r.status_code == 400
     assert _http_error(r) == str(e.value) == _cli_error(err) and "'ties'" in str(e.value)
 
@@ -242,9 +324,14 @@ def test_inspect_through_every_door(world, capsys):
         assert not diff, {k: (http.get(k), other.get(k)) for k in diff}
 
 
-SPEC = {"name": "parity", "candidates": [{"id": "a", "checkpoint": "base.safetensors", "control": True},
-                                         {"id": "b", "checkpoint": "other.safetensors"}],
-        "prompts": [f"prompt {i}" for i in range(5)]}
+SPEC = {
+    "name": "parity",
+    "candidates": [
+        {"id": "a", "checkpoint": "base.safetensors", "control": True},
+        {"id": "b", "checkpoint": "other.safetensors"},
+    ],
+    "prompts": [f"prompt {i}" for i in range(5)],
+}
 
 
 def test_tournament_create_and_score_through_every_door(world, capsys):
@@ -257,14 +344,20 @@ def test_tournament_create_and_score_through_every_door(world, capsys):
     assert code == 0
     t_cli = out.strip()
     specs = [tour_op.summary(world["host"], t) for t in (t_http, t_ops, t_cli)]
-    assert {json.dumps({k: v for k, v in s.items() if k in ("name", "prompts", "candidates", "state")})
-            for s in specs} == {json.dumps({"name": "parity", "state": "created", "prompts": 5, "candidates": 2})}
+    assert {
+        json.dumps({k: v for k, v in s.items() if k in ("name", "prompts", "candidates", "state")}) for s in specs
+    } == {json.dumps({"name": "parity", "state": "created", "prompts": 5, "candidates": 2})}
     # the same scores (no votes yet) from the API, the CLI and ops
     http = c.get(f"/lorakit/v1/tournaments/{t_cli}/scores").json()
     code, out, _ = cli(capsys, "tournament", "score", t_cli, "--json", "--data-dir", str(data))
     assert code == 0
-    assert json.dumps(http, sort_keys=True) == json.dumps(json.loads(out), sort_keys=True) == json.dumps(
-        json.loads(json.dumps(tour_op.scores(LocalContext(str(data)), t_cli), default=str)), sort_keys=True)
+    assert (
+        json.dumps(http, sort_keys=True)
+        == json.dumps(json.loads(out), sort_keys=True)
+        == json.dumps(
+            json.loads(json.dumps(tour_op.scores(LocalContext(str(data)), t_cli), default=str)), sort_keys=True
+        )
+    )
     # a bad spec: one message from every door (a prompt list of four)
     bad = {**SPEC, "prompts": SPEC["prompts"][:4]}
     spec_file.write_text(json.dumps(bad))
@@ -299,10 +392,16 @@ def test_triage_decision_through_every_door(world, capsys):
 # --- bounds and unknown fields ----------------------------------------------------------------------------
 
 BAD = [
-    ("/lorakit/v1/bake", {"base": "base", "output": "o", "loras": [{"name": "ink", "strength": "nan"}]},
-     "loras[0].strength"),
-    ("/lorakit/v1/bake", '{"base": "base", "output": "o", "loras": [{"name": "ink", "strength": 1e309}]}',
-     "loras[0].strength"),
+    (
+        "/lorakit/v1/bake",
+        {"base": "base", "output": "o", "loras": [{"name": "ink", "strength": "nan"}]},
+        "loras[0].strength",
+    ),
+    (
+        "/lorakit/v1/bake",
+        '{"base": "base", "output": "o", "loras": [{"name": "ink", "strength": 1e309}]}',
+        "loras[0].strength",
+    ),
     ("/lorakit/v1/bake", {"base": "base", "output": "o", "colour": "red"}, "colour: unknown field"),
     ("/lorakit/v1/merge", {"models": [{"name": "base", "weight": "abc"}], "output": "o"}, "models[0].weight"),
     ("/lorakit/v1/merge", {"models": [{"name": "base"}], "output": "o", "density": 2}, "density"),
@@ -310,8 +409,11 @@ BAD = [
     ("/lorakit/v1/grid", {"prompt": "x", "steps": -3}, "steps"),
     ("/lorakit/v1/grid", {"prompt": "x", "cfg_scale": "Infinity"}, "cfg_scale"),
     ("/lorakit/v1/triage", {"seeds": "-2x"}, "Seeds"),
-    ("/lorakit/v1/tournaments", {"candidates": [], "prompts": ["a"] * 5, "first_version": True, "x": 1},
-     "x: unknown field"),
+    (
+        "/lorakit/v1/tournaments",
+        {"candidates": [], "prompts": ["a"] * 5, "first_version": True, "x": 1},
+        "x: unknown field",
+    ),
     ("/lorakit/v1/tournaments", [1, 2], "expected an object"),
     ("/lorakit/v1/inspect", {"loras": "ink"}, "loras"),
 ]
@@ -319,8 +421,14 @@ BAD = [
 
 @pytest.mark.parametrize("path,body,names", BAD, ids=[f"{b[0].rsplit('/', 1)[1]}-{i}" for i, b in enumerate(BAD)])
 def test_requests_refuse_bad_fields_naming_them(world, path, body, names):
-    r = world["client"].post(path, **({"content": body, "headers": {"content-type": "application/json"}}
-                                      if isinstance(body, str) else {"json": body}))
+    r = world["client"].post(
+        path,
+        **(
+            {"content": body, "headers": {"content-type": "application/json"}}
+            if isinstance(body, str)
+            else {"json": body}
+        ),
+    )
     assert r.status_code in (400, 501), r.text
     if r.status_code == 400:
         msg = r.json()["message"]
@@ -355,7 +463,9 @@ def test_scores_with_no_or_one_vote_are_valid_json_and_say_so(world, capsys):
     # (recorded through the store: the route refuses ranking an image that was never made, and this one has none)
     world["host"].tournaments().vote(tid, "ann", [{"prompt": 0, "ranks": ["A"]}])
     sc = c.get(f"/lorakit/v1/tournaments/{tid}/scores").json()
-    assert sc["enough_votes"] is True and sc["bradley_terry"]["p_best"] == {} and sc["bradley_terry"]["interval90"] == {}
+    assert (
+        sc["enough_votes"] is True and sc["bradley_terry"]["p_best"] == {} and sc["bradley_terry"]["interval90"] == {}
+    )
     assert "too few" in sc["separability"]["text"] and "100%" not in json.dumps(sc)
     assert c.post(f"/lorakit/v1/tournaments/{tid}/reveal").status_code == 200
     report = c.get(f"/lorakit/v1/tournaments/{tid}/report").text

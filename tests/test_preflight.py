@@ -15,23 +15,45 @@ from lib_lorakit.synth import kohya_metadata, make_lora
 
 
 def character(tmp_path, arch="sdxl", name="zxqchar", base_model=None):
-    meta = kohya_metadata(arch, output_name=name, keep_tokens=1, dim=2, alpha=1.0, base_model=base_model, folders={
-        f"10_{name}": (20, [(name, 20), ("1girl", 20), ("blue hair", 19), ("long hair", 18), ("school uniform", 16)])})
+    meta = kohya_metadata(
+        arch,
+        output_name=name,
+        keep_tokens=1,
+        dim=2,
+        alpha=1.0,
+        base_model=base_model,
+        folders={
+            f"10_{name}": (
+                20,
+                [(name, 20), ("1girl", 20), ("blue hair", 19), ("long hair", 18), ("school uniform", 16)],
+            )
+        },
+    )
     return write(tmp_path, f"{name}.safetensors", make_lora(arch, "lora", rank=2, alpha=1.0, te=True, seed=5), meta)
 
 
 def style(tmp_path, i, arch="sdxl"):
-    meta = kohya_metadata(arch, output_name=f"inkwash_style{i}", dim=2, alpha=1.0, folders={
-        "5_art": (30, [("scenery", 12), ("outdoors", 15), ("traditional media", 28), ("monochrome", 26)])})
-    return write(tmp_path, f"inkwash_style{i}.safetensors", make_lora(arch, "lora", rank=2, alpha=1.0, seed=10 + i), meta)
+    meta = kohya_metadata(
+        arch,
+        output_name=f"inkwash_style{i}",
+        dim=2,
+        alpha=1.0,
+        folders={"5_art": (30, [("scenery", 12), ("outdoors", 15), ("traditional media", 28), ("monochrome", 26)])},
+    )
+    return write(
+        tmp_path, f"inkwash_style{i}.safetensors", make_lora(arch, "lora", rank=2, alpha=1.0, seed=10 + i), meta
+    )
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("pf")
-    return {"plain": tiny_checkpoint(d, "sdxl", name="plain.safetensors", seed=1),
-            "illustrious": tiny_checkpoint(d, "sdxl", name="ill.safetensors", seed=1,
-                                           metadata={"modelspec.title": "Illustrious-XL v1.0"})}
+    return {
+        "plain": tiny_checkpoint(d, "sdxl", name="plain.safetensors", seed=1),
+        "illustrious": tiny_checkpoint(
+            d, "sdxl", name="ill.safetensors", seed=1, metadata={"modelspec.title": "Illustrious-XL v1.0"}
+        ),
+    }
 
 
 def test_the_issue_recipe_warns_about_each_strength(tmp_path, ckpts):
@@ -55,8 +77,13 @@ def test_other_lineage(tmp_path, ckpts):
     assert len(w) == 1 and "trained on Pony; the checkpoint is Illustrious" in w[0]
     # the cross-lineage ceiling (0.4 for Pony on Illustrious) is the max-safe strength there
     w = bake_warnings(ckpts["illustrious"], [(pony, 0.6)])
-    assert any("above its max-safe strength 0.4 (character: cross-lineage" in x or
-               "above its max-safe strength 0.4" in x for x in w) and len(w) == 2
+    assert (
+        any(
+            "above its max-safe strength 0.4 (character: cross-lineage" in x or "above its max-safe strength 0.4" in x
+            for x in w
+        )
+        and len(w) == 2
+    )
 
 
 def test_a_clean_recipe_gets_no_preflight_warning(tmp_path, ckpts):
@@ -69,10 +96,13 @@ def test_a_clean_recipe_gets_no_preflight_warning(tmp_path, ckpts):
 PID = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
 
-@pytest.mark.parametrize("damage, said", [
-    ("float", "it is a float tensor with position 3 stored as 2.9997"),
-    ("order", "is out of order (position 3 holds 4)"),
-])
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        ("float", "it is a float tensor with position 3 stored as 2.9997"),
+        ("order", "is out of order (position 3 holds 4)"),
+    ],
+)
 def test_merge_writes_the_arange_for_broken_position_ids(tmp_path, damage, said):
     a = tiny_checkpoint(tmp_path, "sd15", name="a.safetensors", seed=1)
     sd = load_file(tiny_checkpoint(tmp_path, "sd15", name="b0.safetensors", seed=2))

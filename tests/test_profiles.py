@@ -34,7 +34,11 @@ _VPRED = {"v_pred": torch.zeros(0, dtype=torch.int64), "ztsnr": torch.zeros(0, d
 # profile -> (arch, checkpoint metadata, extra keys): what real files of that family carry
 LINEAGES = {
     "sd15": ("sd15", {"modelspec.architecture": "stable-diffusion-v1", "modelspec.title": "dreamy photo v3"}, None),
-    "sdxl": ("sdxl", {"modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.title": "juggernaut v9"}, None),
+    "sdxl": (
+        "sdxl",
+        {"modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.title": "juggernaut v9"},
+        None,
+    ),
     "pony": ("sdxl", {"modelspec.title": "Pony Diffusion V6 XL"}, None),
     "illustrious": ("sdxl", {"modelspec.title": "Illustrious-XL v0.1"}, None),
     "noobai-eps": ("sdxl", {"modelspec.title": "NoobAI-XL 1.0 (epsilon)"}, None),
@@ -45,8 +49,10 @@ LINEAGES = {
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpts")
-    return {name: write_checkpoint(str(d / f"{name}.safetensors"), arch, metadata=meta, extra=extra, seed=3)
-            for name, (arch, meta, extra) in LINEAGES.items()}
+    return {
+        name: write_checkpoint(str(d / f"{name}.safetensors"), arch, metadata=meta, extra=extra, seed=3)
+        for name, (arch, meta, extra) in LINEAGES.items()
+    }
 
 
 def expected(name: str) -> dict:
@@ -67,8 +73,14 @@ def workspace(tmp_path, checkpoints, name, lora_meta=True):
     lo.mkdir()
     shutil.copy(checkpoints[name], ck / "base.safetensors")
     (ck / "other.safetensors").write_bytes(b"x")
-    meta = kohya_metadata(arch, output_name="qzchar", keep_tokens=1, dim=2, alpha=1.0, folders={
-        "10_qzchar woman": (20, [("qzchar", 20), ("1girl", 20), ("blue hair", 19), ("solo", 18)])})
+    meta = kohya_metadata(
+        arch,
+        output_name="qzchar",
+        keep_tokens=1,
+        dim=2,
+        alpha=1.0,
+        folders={"10_qzchar woman": (20, [("qzchar", 20), ("1girl", 20), ("blue hair", 19), ("solo", 18)])},
+    )
     from safetensors.torch import save_file
 
     save_file(make_lora(arch, "lora", rank=2, te=True, seed=4), str(lo / "qzchar.safetensors"), meta)
@@ -104,7 +116,9 @@ def test_vpred_reason_names_the_key_and_header_pairs_work(checkpoints):
 
 def test_overrides_win_and_bad_ones_are_refused(checkpoints):
     got = P.settings_for(checkpoints["illustrious"], {"steps": 12, "cfg_scale": None, "negative": "bad"})
-    assert got["settings"]["steps"] == 12 and got["settings"]["cfg_scale"] == RAW["profiles"]["illustrious"]["cfg_scale"]
+    assert (
+        got["settings"]["steps"] == 12 and got["settings"]["cfg_scale"] == RAW["profiles"]["illustrious"]["cfg_scale"]
+    )
     assert got["negative"] == "bad" and got["overridden"] == ["negative", "steps"]
     with pytest.raises(RecipeError, match="Unknown generation setting 'stepz'"):
         P.settings_for(checkpoints["illustrious"], {"stepz": 3})
@@ -126,10 +140,23 @@ def test_unreadable_checkpoint_falls_back_and_says_why(tmp_path):
 def test_user_profiles_from_the_settings_file(checkpoints, tmp_path):
     from lib_lorakit import settings as S
 
-    S.update(str(tmp_path), {"generation_profiles": {"illustrious": {"cfg_scale": 4.0},
-                                                     "mylineage": {"arch": "sdxl", "lineage": "Illustrious",
-                                                                   "width": 896, "height": 1152, "steps": 24,
-                                                                   "cfg_scale": 5.0, "sampler_name": "Euler a"}}})
+    S.update(
+        str(tmp_path),
+        {
+            "generation_profiles": {
+                "illustrious": {"cfg_scale": 4.0},
+                "mylineage": {
+                    "arch": "sdxl",
+                    "lineage": "Illustrious",
+                    "width": 896,
+                    "height": 1152,
+                    "steps": 24,
+                    "cfg_scale": 5.0,
+                    "sampler_name": "Euler a",
+                },
+            }
+        },
+    )
     st = S.load(str(tmp_path))
     got = P.settings_for(checkpoints["illustrious"], settings=st)
     assert got["profile"] == "mylineage" and got["settings"]["width"] == 896  # a user profile for the lineage wins
@@ -139,13 +166,19 @@ def test_user_profiles_from_the_settings_file(checkpoints, tmp_path):
 
 
 def test_trigger_positions():
-    assert P.compose("1girl, solo, smile", quality="q1, q2", trigger="zq", trigger_position="after_count") == \
-        "q1, q2, 1girl, zq, solo, smile"
-    assert P.compose("1girl, solo", quality="score_9", trigger="zq", trigger_position="after_quality") == \
-        "score_9, zq, 1girl, solo"
+    assert (
+        P.compose("1girl, solo, smile", quality="q1, q2", trigger="zq", trigger_position="after_count")
+        == "q1, q2, 1girl, zq, solo, smile"
+    )
+    assert (
+        P.compose("1girl, solo", quality="score_9", trigger="zq", trigger_position="after_quality")
+        == "score_9, zq, 1girl, solo"
+    )
     assert P.compose("a person standing", trigger="zq", trigger_position="first") == "zq, a person standing"
-    assert P.compose("scenery, no humans", quality="q", trigger="zq", trigger_position="after_count") == \
-        "q, zq, scenery, no humans"
+    assert (
+        P.compose("scenery, no humans", quality="q", trigger="zq", trigger_position="after_count")
+        == "q, zq, scenery, no humans"
+    )
 
 
 def test_readme_table_is_the_shipped_table():
@@ -165,8 +198,15 @@ def test_gen_defaults_are_the_sd15_profile():
 @pytest.mark.parametrize("name", list(LINEAGES))
 def test_grid_job_uses_the_profile_and_records_it(tmp_path, checkpoints, name):
     be, path = workspace(tmp_path, checkpoints, name)
-    spec, notes = build_spec(be.loras(), loras=["qzchar"], prompt="qzchar, 1girl", strengths="0, 1", seeds=[1],
-                             checkpoint=be.checkpoints()[0].name, checkpoint_path=path)
+    spec, notes = build_spec(
+        be.loras(),
+        loras=["qzchar"],
+        prompt="qzchar, 1girl",
+        strengths="0, 1",
+        seeds=[1],
+        checkpoint=be.checkpoints()[0].name,
+        checkpoint_path=path,
+    )
     res = run_grid(be, spec, str(tmp_path / "out"), notes=notes)
     assert be.calls and all(sent(c) == expected(name) for c in be.calls)
     assert all(c["negative_prompt"] == RAW["profiles"][name]["negative"] for c in be.calls)
@@ -223,9 +263,17 @@ def test_tournament_from_the_form_uses_the_profile_and_records_it(tmp_path, chec
     names = {c.name: c.path for c in be.checkpoints()}
     base, other = sorted(names)
     spec = tournament_spec_from_form(
-        [{"kind": "checkpoint", "checkpoint": base}, {"kind": "checkpoint", "checkpoint": other},
-         {"kind": "recipe", "checkpoint": other, "loras": "qzchar:0.6"}],
-        control=0, prompts=None, seeds="7", checkpoint_path=names, name="form")
+        [
+            {"kind": "checkpoint", "checkpoint": base},
+            {"kind": "checkpoint", "checkpoint": other},
+            {"kind": "recipe", "checkpoint": other, "loras": "qzchar:0.6"},
+        ],
+        control=0,
+        prompts=None,
+        seeds="7",
+        checkpoint_path=names,
+        name="form",
+    )
     raw = RAW["profiles"][name]
     assert spec["profile"]["profile"] == name and {k: spec["settings"].get(k) for k in GEN} == expected(name)
     assert [c["control"] for c in spec["candidates"]] == [True, False, False]
@@ -245,16 +293,24 @@ def test_tournament_form_errors(tmp_path):
     with pytest.raises(RecipeError, match="Exactly one candidate must be the control"):
         tournament_spec_from_form([{"checkpoint": "a"}, {"checkpoint": "b"}], None, None, None)
     with pytest.raises(RecipeError, match="merge recipe with 1 model"):
-        tournament_spec_from_form([{"checkpoint": "a"}, {"kind": "merge", "merge": {"models": [{"name": "a"}]}}],
-                                  0, None, None)
+        tournament_spec_from_form(
+            [{"checkpoint": "a"}, {"kind": "merge", "merge": {"models": [{"name": "a"}]}}], 0, None, None
+        )
     with pytest.raises(RecipeError, match="3 seeds for 5 prompts"):
         tournament_spec_from_form([{"checkpoint": "a"}, {"checkpoint": "b"}], 0, None, "1, 2, 3")
     with pytest.raises(RecipeError, match="at least 5 prompts; this one has 2"):
         tournament_spec_from_form([{"checkpoint": "a"}, {"checkpoint": "b"}], 0, "one\ntwo", None)
-    d = tournament_spec_from_form([{"checkpoint": "a.safetensors [12]"}, {"checkpoint": "a.safetensors [12]"},
-                                   {"kind": "merge", "merge": {"models": [{"name": "a", "weight": 0.7},
-                                                                          {"name": "b", "weight": 0.3}]}}],
-                                  "a-2", None, [1, 2, 3, 4, 5], first_version=False)
+    d = tournament_spec_from_form(
+        [
+            {"checkpoint": "a.safetensors [12]"},
+            {"checkpoint": "a.safetensors [12]"},
+            {"kind": "merge", "merge": {"models": [{"name": "a", "weight": 0.7}, {"name": "b", "weight": 0.3}]}},
+        ],
+        "a-2",
+        None,
+        [1, 2, 3, 4, 5],
+        first_version=False,
+    )
     assert [c["id"] for c in d["candidates"]] == ["a", "a-2", "merge-a-b"] and d["candidates"][1]["control"]
     assert d["profile"]["profile"] == "sd15"  # no checkpoint file to read: the SD1.5 defaults, said so
     assert "no checkpoint to read" in d["profile"]["reason"]
@@ -272,9 +328,11 @@ def test_grid_script_uses_the_loaded_checkpoints_profile(webui, checkpoints, nam
     processed = s.run(p, ["styleA"], "0, 1", False, "5", False, True)
     calls = [c for c, _ in fake.processing.calls]
     raw = RAW["profiles"][name]
-    assert calls and all((c.width, c.height, c.steps, c.cfg_scale, c.sampler_name, c.scheduler) ==
-                         (raw["width"], raw["height"], raw["steps"], raw["cfg_scale"], raw["sampler_name"],
-                          raw["scheduler"]) for c in calls)
+    assert calls and all(
+        (c.width, c.height, c.steps, c.cfg_scale, c.sampler_name, c.scheduler)
+        == (raw["width"], raw["height"], raw["steps"], raw["cfg_scale"], raw["sampler_name"], raw["scheduler"])
+        for c in calls
+    )
     assert all(c.override_settings.get("CLIP_stop_at_last_layers") == raw.get("clip_skip") for c in calls)
     assert all(c.negative_prompt == raw["negative"] for c in calls)
     assert (p.width, p.steps) == (64, 4)  # the user's processing object is untouched
@@ -289,8 +347,9 @@ def test_grid_script_without_the_profile_keeps_the_txt2img_fields(webui, checkpo
     s = load_script_class()()
     s.run(processing_object(), ["styleA"], "0, 1", False, "5", False)  # an API call without the 6th argument
     calls = [c for c, _ in fake.processing.calls]
-    assert calls and all((c.width, c.steps, c.sampler_name, c.negative_prompt) == (64, 4, "Euler", "blurry")
-                         for c in calls)
+    assert calls and all(
+        (c.width, c.steps, c.sampler_name, c.negative_prompt) == (64, 4, "Euler", "blurry") for c in calls
+    )
 
 
 def test_profile_settings_are_checked_when_stored(tmp_path):
@@ -315,11 +374,21 @@ def test_clip_skip_reaches_the_webui_as_its_setting(tmp_path):
     (ck / "base.safetensors").write_bytes(b"x")
     srv = FakeWebUI(FakeBackend(str(ck), str(lo)))
     try:
-        HttpBackend(srv.url).txt2img({"prompt": "x", "seed": 1, "checkpoint": "base.safetensors [abc]", "clip_skip": 2,
-                                      "width": 64, "height": 64})
+        HttpBackend(srv.url).txt2img(
+            {
+                "prompt": "x",
+                "seed": 1,
+                "checkpoint": "base.safetensors [abc]",
+                "clip_skip": 2,
+                "width": 64,
+                "height": 64,
+            }
+        )
         body = next(b for m, p, b in srv.requests if p == "/sdapi/v1/txt2img")
-        assert body["override_settings"] == {"sd_model_checkpoint": "base.safetensors [abc]",
-                                             "CLIP_stop_at_last_layers": 2}
+        assert body["override_settings"] == {
+            "sd_model_checkpoint": "base.safetensors [abc]",
+            "CLIP_stop_at_last_layers": 2,
+        }
         assert body["override_settings_restore_afterwards"] is True
     finally:
         srv.close()
@@ -328,8 +397,12 @@ def test_clip_skip_reaches_the_webui_as_its_setting(tmp_path):
 def test_a_json_spec_gets_the_controls_profile_under_its_own_settings(tmp_path, checkpoints):
     from lib_lorakit.eval.forms import spec_with_profile
 
-    data = {"name": "j", "candidates": [{"id": "v1", "checkpoint": "ill", "control": True}, {"id": "v2", "checkpoint": "x"}],
-            "prompts": [{"prompt": f"p{i}", "seed": i} for i in range(5)], "settings": {"steps": 9}}
+    data = {
+        "name": "j",
+        "candidates": [{"id": "v1", "checkpoint": "ill", "control": True}, {"id": "v2", "checkpoint": "x"}],
+        "prompts": [{"prompt": f"p{i}", "seed": i} for i in range(5)],
+        "settings": {"steps": 9},
+    }
     d = spec_with_profile(data, checkpoint_path={"ill": checkpoints["illustrious"]})
     raw = RAW["profiles"]["illustrious"]
     assert d["settings"]["steps"] == 9 and d["settings"]["width"] == raw["width"]

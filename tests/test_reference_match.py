@@ -7,8 +7,10 @@ from factories import ShapeSource, reference
 from lib_lorakit.bake import LoraSpec, plan_bake
 from lib_lorakit.synth import kohya_modules
 
-CASES = [("sd15", "sd15_ldm.json", "lora_kohya_sd15.json", {"unet": 278, "te1": 72}),
-         ("sdxl", "sdxl_sgm.json", "lora_kohya_sdxl.json", {"unet": 788, "te1": 72, "te2": 192})]
+CASES = [
+    ("sd15", "sd15_ldm.json", "lora_kohya_sd15.json", {"unet": 278, "te1": 72}),
+    ("sdxl", "sdxl_sgm.json", "lora_kohya_sdxl.json", {"unet": 788, "te1": 72, "te2": 192}),
+]
 
 
 @pytest.mark.parametrize("arch,ckpt,lora,expected", CASES)

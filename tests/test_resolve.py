@@ -85,9 +85,14 @@ def test_sdxl_unet_names(sdxl, name, ldm):
     assert resolve(sdxl, name).weight_key == U + ldm + ".weight"
 
 
-@pytest.mark.parametrize("name", ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
-                                  "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
-                                  "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj",
+    ],
+)
 def test_sdxl_te1(sdxl, name):
     t = resolve(sdxl, name)
     assert t.weight_key == "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
@@ -97,17 +102,26 @@ def test_sdxl_te1(sdxl, name):
 @pytest.mark.parametrize("i,proj,rows", [(5, "q", (0, 1280)), (5, "k", (1280, 2560)), (31, "v", (2560, 3840))])
 @pytest.mark.parametrize("scheme", ["kohya", "peft", "comfy"])
 def test_clip_g_qkv_land_on_in_proj_slices(sdxl, i, proj, rows, scheme):
-    name = {"kohya": f"lora_te2_text_model_encoder_layers_{i}_self_attn_{proj}_proj",
-            "peft": f"text_encoder_2.text_model.encoder.layers.{i}.self_attn.{proj}_proj",
-            "comfy": f"text_encoders.clip_g.transformer.text_model.encoder.layers.{i}.self_attn.{proj}_proj"}[scheme]
+    name = {
+        "kohya": f"lora_te2_text_model_encoder_layers_{i}_self_attn_{proj}_proj",
+        "peft": f"text_encoder_2.text_model.encoder.layers.{i}.self_attn.{proj}_proj",
+        "comfy": f"text_encoders.clip_g.transformer.text_model.encoder.layers.{i}.self_attn.{proj}_proj",
+    }[scheme]
     t = resolve(sdxl, name)
     assert t.weight_key == f"conditioner.embedders.1.model.transformer.resblocks.{i}.attn.in_proj_weight"
     assert t.rows == rows and t.shape == (1280, 1280) and t.component == "te2"
     assert t.bias_key == f"conditioner.embedders.1.model.transformer.resblocks.{i}.attn.in_proj_bias"
 
 
-@pytest.mark.parametrize("hf,openclip", [("self_attn_out_proj", "attn.out_proj"), ("mlp_fc1", "mlp.c_fc"),
-                                         ("mlp_fc2", "mlp.c_proj"), ("layer_norm1", "ln_1")])
+@pytest.mark.parametrize(
+    "hf,openclip",
+    [
+        ("self_attn_out_proj", "attn.out_proj"),
+        ("mlp_fc1", "mlp.c_fc"),
+        ("mlp_fc2", "mlp.c_proj"),
+        ("layer_norm1", "ln_1"),
+    ],
+)
 def test_clip_g_other_layers(sdxl, hf, openclip):
     t = resolve(sdxl, f"lora_te2_text_model_encoder_layers_3_{hf}")
     assert t.weight_key == f"conditioner.embedders.1.model.transformer.resblocks.3.{openclip}.weight" and t.rows is None
@@ -153,10 +167,23 @@ def test_key_parsing_all_spellings():
 
 
 def test_parse_groups_embeddings_and_unknown_keys():
-    p = parse_keys(["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.alpha",
-                    "bundle_emb.mychar.clip_l", "bundle_emb.mychar.clip_g", "totally.unknown"])
-    assert p.modules == {"lora_unet_a": {"lora_down.weight": "lora_unet_a.lora_down.weight",
-                                          "lora_up.weight": "lora_unet_a.lora_up.weight", "alpha": "lora_unet_a.alpha"}}
+    p = parse_keys(
+        [
+            "lora_unet_a.lora_down.weight",
+            "lora_unet_a.lora_up.weight",
+            "lora_unet_a.alpha",
+            "bundle_emb.mychar.clip_l",
+            "bundle_emb.mychar.clip_g",
+            "totally.unknown",
+        ]
+    )
+    assert p.modules == {
+        "lora_unet_a": {
+            "lora_down.weight": "lora_unet_a.lora_down.weight",
+            "lora_up.weight": "lora_unet_a.lora_up.weight",
+            "alpha": "lora_unet_a.alpha",
+        }
+    }
     assert p.embeddings == {"mychar": ["bundle_emb.mychar.clip_l", "bundle_emb.mychar.clip_g"]}
     assert p.unknown == ["totally.unknown"]
 
@@ -164,7 +191,7 @@ def test_parse_groups_embeddings_and_unknown_keys():
 def test_ldm_to_diffusers_covers_every_unet_module():
     """Every UNet weight of both layouts has a diffusers name, and the map is one-to-one."""
     for layout in ("sd15-ldm", "sdxl-sgm"):
-        rels = [k[len(U):-len(".weight")] for k in load_layout(layout) if k.startswith(U) and k.endswith(".weight")]
+        rels = [k[len(U) : -len(".weight")] for k in load_layout(layout) if k.startswith(U) and k.endswith(".weight")]
         names = [unet_ldm_to_diffusers(r) for r in rels]
         assert None not in names
         assert len(set(names)) == len(names)

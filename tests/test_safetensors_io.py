@@ -60,20 +60,23 @@ def _file(tmp_path, header: dict | bytes, data: bytes, length: int | None = None
     return p
 
 
-@pytest.mark.parametrize("case,match", [
-    ("short", "only 3 bytes"),
-    ("zero_len", "header length 0 is not sane"),
-    ("huge_len", "not sane"),
-    ("len_past_end", "runs past the end of the file"),
-    ("bad_json", "not valid JSON"),
-    ("not_object", "not a JSON object"),
-    ("bad_dtype", "unknown dtype 'F17'"),
-    ("bad_shape", "invalid shape"),
-    ("size_mismatch", r"needs 24 bytes but its span holds 20"),
-    ("truncated", "truncated"),
-    ("overlap", "overlap"),
-    ("bad_metadata", "__metadata__ must map strings to strings"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("short", "only 3 bytes"),
+        ("zero_len", "header length 0 is not sane"),
+        ("huge_len", "not sane"),
+        ("len_past_end", "runs past the end of the file"),
+        ("bad_json", "not valid JSON"),
+        ("not_object", "not a JSON object"),
+        ("bad_dtype", "unknown dtype 'F17'"),
+        ("bad_shape", "invalid shape"),
+        ("size_mismatch", r"needs 24 bytes but its span holds 20"),
+        ("truncated", "truncated"),
+        ("overlap", "overlap"),
+        ("bad_metadata", "__metadata__ must map strings to strings"),
+    ],
+)
 def test_header_validation(tmp_path, case, match):
     ok = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
     if case == "short":
@@ -98,8 +101,14 @@ def test_header_validation(tmp_path, case, match):
     elif case == "truncated":
         p = _file(tmp_path, ok, b"\0" * 10)
     elif case == "overlap":
-        p = _file(tmp_path, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                             "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12)
+        p = _file(
+            tmp_path,
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+        )
     else:
         p = _file(tmp_path, {"__metadata__": {"a": 1}, **ok}, b"\0" * 24)
     with pytest.raises(FormatError, match=match) as e:
@@ -150,7 +159,7 @@ def test_writer_leaves_nothing_on_error(tmp_path):
 def test_writer_leaves_nothing_on_keyboard_interrupt(tmp_path):
     p = str(tmp_path / "out.safetensors")
     with pytest.raises(KeyboardInterrupt):
-        with StreamingWriter(p, [OutEntry("a", "F32", (4,))]) as w:
+        with StreamingWriter(p, [OutEntry("a", "F32", (4,))]):
             raise KeyboardInterrupt
     assert files_in(tmp_path) == []
 

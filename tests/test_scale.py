@@ -5,16 +5,24 @@ import math
 
 import pytest
 import torch
+from factories import tiny_checkpoint, write
 
 from lib_lorakit.bake import LoraSpec, bake
 from lib_lorakit.networks.scale import ScaleResolver, crosscheck_network_alpha, read_adapter_metadata
 
-from factories import tiny_checkpoint, write
-
 
 def test_adapter_metadata_per_component_and_unprefixed():
-    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8, "text_encoder.r": 2,
-                                                 "text_encoder.lora_alpha": 2, "text_encoder.use_rslora": True})}
+    meta = {
+        "lora_adapter_metadata": json.dumps(
+            {
+                "unet.r": 4,
+                "unet.lora_alpha": 8,
+                "text_encoder.r": 2,
+                "text_encoder.lora_alpha": 2,
+                "text_encoder.use_rslora": True,
+            }
+        )
+    }
     cfg, notes = read_adapter_metadata(meta)
     assert notes == [] and set(cfg) == {"unet", "te1"}
     assert cfg["unet"].scale("down_blocks.0.x.to_q", 4)[0] == 2.0
@@ -26,8 +34,18 @@ def test_adapter_metadata_per_component_and_unprefixed():
 
 
 def test_patterns_follow_peft_suffix_matching():
-    cfg, _ = read_adapter_metadata({"lora_adapter_metadata": json.dumps(
-        {"unet.r": 4, "unet.lora_alpha": 4, "unet.rank_pattern": {"attn2.to_k": 2}, "unet.alpha_pattern": {"to_v": 8}})})
+    cfg, _ = read_adapter_metadata(
+        {
+            "lora_adapter_metadata": json.dumps(
+                {
+                    "unet.r": 4,
+                    "unet.lora_alpha": 4,
+                    "unet.rank_pattern": {"attn2.to_k": 2},
+                    "unet.alpha_pattern": {"to_v": 8},
+                }
+            )
+        }
+    )
     u = cfg["unet"]
     assert u.scale("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 2)[:2] == (2.0, 2)
     assert u.scale("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k", 4)[:2] == (1.0, 4)  # attn1: no
@@ -36,10 +54,14 @@ def test_patterns_follow_peft_suffix_matching():
 
 def test_kohya_names_do_not_take_peft_metadata():
     r = ScaleResolver({"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8})})
-    assert r.resolve("lora_unet_down_blocks_0_x", "unet", True, {"lora_up.weight": "", "lora_down.weight": ""}, 4) is None
+    assert (
+        r.resolve("lora_unet_down_blocks_0_x", "unet", True, {"lora_up.weight": "", "lora_down.weight": ""}, 4) is None
+    )
     assert r.resolve("unet.down_blocks.0.x", "unet", True, {"lora_up.weight": "", "lora_down.weight": ""}, 4) == 2.0
-    assert r.report()["sources"] == {"none in file (scale 1 assumed)": 1,
-                                     "PEFT adapter metadata (lora_adapter_metadata, unet)": 1}
+    assert r.report()["sources"] == {
+        "none in file (scale 1 assumed)": 1,
+        "PEFT adapter metadata (lora_adapter_metadata, unet)": 1,
+    }
 
 
 def test_network_alpha_crosscheck():
@@ -53,10 +75,16 @@ def test_network_alpha_crosscheck():
 def test_bake_reports_network_alpha_disagreement(tmp_path):
     base = tiny_checkpoint(tmp_path, "sd15", dtype=torch.float32)
     m = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    lora = write(tmp_path, "l.safetensors", {f"{m}.lora_down.weight": torch.ones(2, 5, 1, 1),
-                                              f"{m}.lora_up.weight": torch.ones(5, 2, 1, 1),
-                                              f"{m}.alpha": torch.tensor(2.0)},
-                 {"ss_network_dim": "2", "ss_network_alpha": "1"})
+    lora = write(
+        tmp_path,
+        "l.safetensors",
+        {
+            f"{m}.lora_down.weight": torch.ones(2, 5, 1, 1),
+            f"{m}.lora_up.weight": torch.ones(5, 2, 1, 1),
+            f"{m}.alpha": torch.tensor(2.0),
+        },
+        {"ss_network_dim": "2", "ss_network_alpha": "1"},
+    )
     rep = bake(base, [LoraSpec(lora)], None, dry_run=True)
     sc = rep["loras"][0]["scale"]
     assert sc["sources"] == {"alpha tensors": 1}

@@ -5,8 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib_lorakit.eval.scoring import (Ballot, average_rank, bootstrap_bt, bradley_terry, never_bombs, points, score,
-                                      versus, wins_matrix)
+from lib_lorakit.eval.scoring import (
+    Ballot,
+    average_rank,
+    bootstrap_bt,
+    bradley_terry,
+    never_bombs,
+    points,
+    score,
+    versus,
+    wins_matrix,
+)
 
 C = ["A", "B", "C", "D"]
 
@@ -92,7 +101,9 @@ def test_bradley_terry_bootstrap_recovers_the_order_with_calibrated_intervals():
         bt = bootstrap_bt(ballots, cands, resamples=1000, seed=seed)
         est = np.array([bt["log_strength"][c] for c in cands])
         recovered += list(np.argsort(-est)) == [0, 1, 2, 3]
-        inside = [bt["interval90"][c][0] <= t <= bt["interval90"][c][1] for c, t in zip(cands, true_ls - true_ls.mean())]
+        inside = [
+            bt["interval90"][c][0] <= t <= bt["interval90"][c][1] for c, t in zip(cands, true_ls - true_ls.mean())
+        ]
         covered += sum(inside)
     coverage = covered / (sims * len(true_ls))
     assert coverage >= 0.85, coverage

@@ -14,8 +14,10 @@ from lib_lorakit.eval import tournament as T
 from lib_lorakit.eval.store import Store
 from lib_lorakit.gen.run import Run
 
-PROMPTS = [{"prompt": p, "negative_prompt": "blurry", "seed": 100 + i} for i, p in enumerate(
-    ["a portrait", "a castle", "a cat", "a street at night", "a forest", "a robot"])]
+PROMPTS = [
+    {"prompt": p, "negative_prompt": "blurry", "seed": 100 + i}
+    for i, p in enumerate(["a portrait", "a castle", "a cat", "a street at night", "a forest", "a robot"])
+]
 
 
 def spec(**kw):
@@ -24,8 +26,9 @@ def spec(**kw):
         T.Candidate("v2", checkpoint="other"),
         T.Candidate("v2-style", checkpoint="other", loras=[{"name": "styleA", "strength": 0.6}]),
     ]
-    return T.TournamentSpec(name="t", candidates=cands, prompts=kw.pop("prompts", PROMPTS),
-                            settings={"width": 64, "height": 64}, **kw)
+    return T.TournamentSpec(
+        name="t", candidates=cands, prompts=kw.pop("prompts", PROMPTS), settings={"width": 64, "height": 64}, **kw
+    )
 
 
 @pytest.fixture
@@ -133,10 +136,20 @@ def test_votes_map_letters_and_two_concurrent_clients_lose_nothing(env):
 
 def test_reveal_report_and_next_rounds(env):
     tours, be, out, _ = env
-    cands = [T.Candidate("v1", checkpoint="base", control=True),
-             T.Candidate("mix", merge={"models": [{"name": "base", "weight": 0.7}, {"name": "other", "weight": 0.2},
-                                                  {"name": "other", "weight": 0.1}]}),
-             T.Candidate("v2", checkpoint="other", loras=[{"name": "styleA", "strength": 0.8}])]
+    cands = [
+        T.Candidate("v1", checkpoint="base", control=True),
+        T.Candidate(
+            "mix",
+            merge={
+                "models": [
+                    {"name": "base", "weight": 0.7},
+                    {"name": "other", "weight": 0.2},
+                    {"name": "other", "weight": 0.1},
+                ]
+            },
+        ),
+        T.Candidate("v2", checkpoint="other", loras=[{"name": "styleA", "strength": 0.8}]),
+    ]
     tid = tours.create(spec(candidates=cands))
     built = []
 
@@ -165,8 +178,16 @@ def test_reveal_report_and_next_rounds(env):
     assert next(c for c in nxt["candidates"] if c["id"] == "mix+m3")["merge"]["models"][2]["weight"] == 0.15
     dial = T.propose_next(tours, tid, "dial-in")
     assert [c["merge"]["models"][2]["weight"] for c in dial["candidates"][2:]] == [0, 0.05, 0.15, 0.2]
-    child = tours.create(T.TournamentSpec(name="r2", candidates=[T.Candidate(**c) for c in nxt["candidates"]],
-                                          prompts=nxt["prompts"], settings=nxt["settings"]), parent=tid, round_no=2)
+    child = tours.create(
+        T.TournamentSpec(
+            name="r2",
+            candidates=[T.Candidate(**c) for c in nxt["candidates"]],
+            prompts=nxt["prompts"],
+            settings=nxt["settings"],
+        ),
+        parent=tid,
+        round_no=2,
+    )
     assert [x["round"] for x in T.lineage(tours, child)] == [1, 2]
 
 
@@ -178,10 +199,19 @@ def test_tournament_cli(env, capsys):
     tours, be, out, tmp = env
     data = str(tmp / "data")
     spec_file = tmp / "t.json"
-    spec_file.write_text(json.dumps({"name": "cli", "settings": {"width": 64, "height": 64},
-                                     "prompts": [{"prompt": p["prompt"]} for p in PROMPTS[:5]],
-                                     "candidates": [{"id": "v1", "checkpoint": "base", "control": True},
-                                                    {"id": "v2", "checkpoint": "other"}]}))
+    spec_file.write_text(
+        json.dumps(
+            {
+                "name": "cli",
+                "settings": {"width": 64, "height": 64},
+                "prompts": [{"prompt": p["prompt"]} for p in PROMPTS[:5]],
+                "candidates": [
+                    {"id": "v1", "checkpoint": "base", "control": True},
+                    {"id": "v2", "checkpoint": "other"},
+                ],
+            }
+        )
+    )
     assert main(["tournament", "create", str(spec_file), "--data-dir", data]) == 0
     tid = capsys.readouterr().out.strip()
     srv = FakeWebUI(be)
@@ -196,8 +226,12 @@ def test_tournament_cli(env, capsys):
     assert main(["tournament", "score", tid, "--data-dir", data]) == 0
     assert "candidate" in capsys.readouterr().out  # blind
     assert main(["tournament", "reveal", tid, "--data-dir", data]) == 0
-    assert main(["tournament", "report", tid, "--data-dir", data, "-o", str(tmp / "r.md"), "--sheets",
-                 str(tmp / "sheets")]) == 0
+    assert (
+        main(
+            ["tournament", "report", tid, "--data-dir", data, "-o", str(tmp / "r.md"), "--sheets", str(tmp / "sheets")]
+        )
+        == 0
+    )
     assert sorted(os.listdir(tmp / "sheets")) == [f"prompt-{i:02d}.png" for i in range(1, 6)]
     assert "v2 beats v1 in 5 of 5 prompts" in (tmp / "r.md").read_text()
     capsys.readouterr()

@@ -4,11 +4,10 @@ copied in after start found), blind ballot, votes, scores, reveal, report, next 
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
-from helpers import wait_job
 from fake_gen import FakeBackend
+from helpers import wait_job
 from test_grid_script import webui  # noqa: F401
 
 from lib_lorakit import host as host_pkg
@@ -53,17 +52,26 @@ def wait(c, job_id, timeout=60, auth=None):
 
 def test_tournament_end_to_end(client):
     c = client
-    r = c.post("/lorakit/v1/tournaments", json={"candidates": [{"id": "v1", "checkpoint": "base", "control": True},
-                                                               {"id": "v2", "checkpoint": "base"}],
-                                                "prompts": PROMPTS[:4]})
+    r = c.post(
+        "/lorakit/v1/tournaments",
+        json={
+            "candidates": [{"id": "v1", "checkpoint": "base", "control": True}, {"id": "v2", "checkpoint": "base"}],
+            "prompts": PROMPTS[:4],
+        },
+    )
     assert r.status_code == 400 and "at least 5 prompts" in r.json()["message"]
     # a checkpoint copied in after the WebUI started
     write_checkpoint(os.path.join(c.ckdir, "late.safetensors"), "sd15", tiny=True, seed=2)
-    body = {"name": "v3 pick", "settings": {"width": 64, "height": 64, "steps": 2}, "prompts": PROMPTS,
-            "candidates": [{"id": "v1", "checkpoint": "base", "control": True},
-                           {"id": "late", "checkpoint": "late"},
-                           {"id": "mix", "merge": {"models": [{"name": "base", "weight": 0.7},
-                                                              {"name": "late", "weight": 0.3}]}}]}
+    body = {
+        "name": "v3 pick",
+        "settings": {"width": 64, "height": 64, "steps": 2},
+        "prompts": PROMPTS,
+        "candidates": [
+            {"id": "v1", "checkpoint": "base", "control": True},
+            {"id": "late", "checkpoint": "late"},
+            {"id": "mix", "merge": {"models": [{"name": "base", "weight": 0.7}, {"name": "late", "weight": 0.3}]}},
+        ],
+    }
     tid = c.post("/lorakit/v1/tournaments", json=body).json()["id"]
     j = wait(c, c.post(f"/lorakit/v1/tournaments/{tid}/generate").json()["job_id"])
     assert j["state"] == "done", j
@@ -96,9 +104,16 @@ def test_tournament_end_to_end(client):
     assert '"late"' not in jobs_text and '"mix"' not in jobs_text and "late.safetensors" not in jobs_text
     # zed has no preference anywhere (so the outcome below is decided by ann alone)
     votes = [{"prompt": i, "no_preference": True, "client": "t", "seq": i} for i in range(5)]
-    assert c.post(f"/lorakit/v1/tournaments/{tid}/votes", json={"evaluator": "zed", "votes": votes}).json()["recorded"] == 5
-    assert c.post(f"/lorakit/v1/tournaments/{tid}/votes",
-                  json={"evaluator": "zed", "votes": [{"prompt": 0, "ranks": ["Q"]}]}).status_code == 400
+    assert (
+        c.post(f"/lorakit/v1/tournaments/{tid}/votes", json={"evaluator": "zed", "votes": votes}).json()["recorded"]
+        == 5
+    )
+    assert (
+        c.post(
+            f"/lorakit/v1/tournaments/{tid}/votes", json={"evaluator": "zed", "votes": [{"prompt": 0, "ranks": ["Q"]}]}
+        ).status_code
+        == 400
+    )
     sc = c.get(f"/lorakit/v1/tournaments/{tid}/scores", params={"resamples": 200}).json()
     assert set(sc["schemes"]["standard 3/2/1"]) == {"candidate 1", "candidate 2", "candidate 3"}
     assert c.get(f"/lorakit/v1/tournaments/{tid}/report").status_code == 400  # not before Reveal
@@ -116,10 +131,14 @@ def test_tournament_end_to_end(client):
     sheet = c.get(f"/lorakit/v1/tournaments/{tid}/contact/0")
     assert sheet.status_code == 200 and sheet.content[:4] == b"\x89PNG"
     win = c.get(f"/lorakit/v1/tournaments/{tid}/winner").json()
-    assert win["candidate"] == "mix" and win["merge"]["models"] == [{"name": "base", "weight": 0.7},
-                                                                    {"name": "late", "weight": 0.3}]
-    r = c.post("/lorakit/v1/merge", json={**{k: v for k, v in win["merge"].items() if v is not None},
-                                          "output": "winner-rebuilt"})
+    assert win["candidate"] == "mix" and win["merge"]["models"] == [
+        {"name": "base", "weight": 0.7},
+        {"name": "late", "weight": 0.3},
+    ]
+    r = c.post(
+        "/lorakit/v1/merge",
+        json={**{k: v for k, v in win["merge"].items() if v is not None}, "output": "winner-rebuilt"},
+    )
     assert r.status_code == 200, r.text  # the exported recipe is a valid merge request
     nxt = c.post(f"/lorakit/v1/tournaments/{tid}/next-round", json={"mode": "dial-in", "create": True}).json()
     assert nxt["winner"] == "mix" and nxt["round"] == 2 and nxt["id"]

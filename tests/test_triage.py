@@ -27,14 +27,29 @@ def make_loras(folder, n=5, arch="sd15"):
     paths = []
     for i in range(n):
         if i % 2:
-            meta = kohya_metadata(arch, output_name=f"character{i}", keep_tokens=1, dim=2, alpha=1.0, folders={
-                f"10_qzchar{i} woman": (20, [(f"qzchar{i}", 20), ("1girl", 20), ("solo", 18)])})
+            meta = kohya_metadata(
+                arch,
+                output_name=f"character{i}",
+                keep_tokens=1,
+                dim=2,
+                alpha=1.0,
+                folders={f"10_qzchar{i} woman": (20, [(f"qzchar{i}", 20), ("1girl", 20), ("solo", 18)])},
+            )
             name = f"character{i}"
         else:
-            meta = kohya_metadata(arch, output_name=f"style{i}", dim=2, alpha=1.0, folders={
-                "5_art": (30, [("scenery", 12), ("outdoors", 15), ("traditional media", 28), ("monochrome", 26)])})
+            meta = kohya_metadata(
+                arch,
+                output_name=f"style{i}",
+                dim=2,
+                alpha=1.0,
+                folders={
+                    "5_art": (30, [("scenery", 12), ("outdoors", 15), ("traditional media", 28), ("monochrome", 26)])
+                },
+            )
             name = f"inkwash_style{i}"
-        paths.append(write(folder, f"{name}.safetensors", make_lora(arch, "lora", rank=2, te=bool(i % 2), seed=i), meta))
+        paths.append(
+            write(folder, f"{name}.safetensors", make_lora(arch, "lora", rank=2, te=bool(i % 2), seed=i), meta)
+        )
     return paths
 
 
@@ -45,8 +60,12 @@ def setup(tmp_path):
     (ck / "base.safetensors").write_bytes(b"x")
     paths = make_loras(str(lo), 5) + make_loras(str(lo / "xl"), 2, arch="sdxl")
     be = FakeBackend(str(ck), str(lo))
-    be._loras = [__import__("lib_lorakit.gen.backend", fromlist=["ModelInfo"]).ModelInfo(
-        os.path.splitext(os.path.basename(p))[0], p) for p in paths]
+    be._loras = [
+        __import__("lib_lorakit.gen.backend", fromlist=["ModelInfo"]).ModelInfo(
+            os.path.splitext(os.path.basename(p))[0], p
+        )
+        for p in paths
+    ]
     be.refresh = lambda: None
     return be, paths, str(out), Store(str(data)), tmp_path
 
@@ -66,8 +85,15 @@ def create(setup, **kw):
 
 def test_create_and_generate_through_a_backend(setup):
     be, paths, out, store, tmp = setup
-    t = tr.create_triage(store, be, checkpoint="base", seeds=[1, 2], settings={"width": 64, "height": 64},
-                         roots=[str(tmp / "Lora")], folder="")
+    t = tr.create_triage(
+        store,
+        be,
+        checkpoint="base",
+        seeds=[1, 2],
+        settings={"width": 64, "height": 64},
+        roots=[str(tmp / "Lora")],
+        folder="",
+    )
     assert t.rec["params"]["checkpoint"] == "base.safetensors [abc]"
     be.fail_calls = {3}
     rec = tr.generate(t, be, out)
@@ -118,8 +144,9 @@ def test_decisions_survive_restart_and_two_concurrent_clients(setup):
         try:
             s = Store(data_dir)  # each client its own connection, as two browser tabs / processes
             for i in range(500):
-                s.decide(t.id, [{"idx": i % n_items, "decision": ("yes", "maybe", "no")[i % 3], "client": name,
-                                 "seq": i}])
+                s.decide(
+                    t.id, [{"idx": i % n_items, "decision": ("yes", "maybe", "no")[i % 3], "client": name, "seq": i}]
+                )
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -155,7 +182,9 @@ def test_undo_passes_and_bad_input(setup):
 
 def decide_all(t, mapping):
     idx = {it["lora"]: it["idx"] for it in t.items if not it.get("skipped")}
-    t.store.decide(t.id, [{"idx": idx[k], "decision": v, "client": "t", "seq": i} for i, (k, v) in enumerate(mapping.items())])
+    t.store.decide(
+        t.id, [{"idx": idx[k], "decision": v, "client": "t", "seq": i} for i, (k, v) in enumerate(mapping.items())]
+    )
 
 
 def test_report_markdown_and_csv(setup):
@@ -231,8 +260,26 @@ def test_triage_cli_end_to_end(tmp_path, capsys):
     srv = FakeWebUI(FakeBackend(str(ck), str(lo)))
     data = str(tmp_path / "data")
     try:
-        code = main(["triage", "create", "--webui", srv.url, "--folder", str(lo), "--width", "64", "--height", "64",
-                     "--data-dir", data, "--out", str(tmp_path / "runs"), "--prompt", "style=an old harbour"])
+        code = main(
+            [
+                "triage",
+                "create",
+                "--webui",
+                srv.url,
+                "--folder",
+                str(lo),
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--data-dir",
+                data,
+                "--out",
+                str(tmp_path / "runs"),
+                "--prompt",
+                "style=an old harbour",
+            ]
+        )
         out = capsys.readouterr()
         assert code == 0, out.err
         tid = out.out.strip().splitlines()[-1]

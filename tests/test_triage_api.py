@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 
 import pytest
 from helpers import wait_job
-from fake_gen import FakeBackend
 from test_grid_script import webui  # noqa: F401  (fixture: fake A1111/Forge with the fake generator)
 from test_triage import make_loras
 
@@ -61,13 +59,18 @@ def test_triage_end_to_end(client):
     assert img.status_code == 200 and img.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert c.get(f"/lorakit/v1/triage/{tid}/image/0/baseline").status_code == 200
     assert c.get(f"/lorakit/v1/triage/{tid}/image/99/lora").status_code == 404
-    decisions = [{"idx": i, "decision": d, "client": "tab", "seq": i}
-                 for i, d in enumerate(["yes", "no", "maybe", "no", "yes"])]
+    decisions = [
+        {"idx": i, "decision": d, "client": "tab", "seq": i} for i, d in enumerate(["yes", "no", "maybe", "no", "yes"])
+    ]
     r = c.post(f"/lorakit/v1/triage/{tid}/decisions", json={"decisions": decisions})
     assert r.json()["recorded"] == 5 and r.json()["state"]["counts"] == {"yes": 2, "maybe": 1, "no": 2}
     assert c.post(f"/lorakit/v1/triage/{tid}/decisions", json={"decisions": decisions}).json()["recorded"] == 0
-    assert c.post(f"/lorakit/v1/triage/{tid}/decisions",
-                  json={"decisions": [{"idx": 0, "decision": "perhaps"}]}).status_code == 400
+    assert (
+        c.post(
+            f"/lorakit/v1/triage/{tid}/decisions", json={"decisions": [{"idx": 0, "decision": "perhaps"}]}
+        ).status_code
+        == 400
+    )
     assert c.get(f"/lorakit/v1/triage/{tid}/next").json()["item"] is None
     assert len(c.get(f"/lorakit/v1/triage/{tid}/history").json()) == 5
     md = c.get(f"/lorakit/v1/triage/{tid}/report").text

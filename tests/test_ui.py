@@ -14,20 +14,69 @@ from lib_lorakit.ui.bake_tab import rows_to_loras  # noqa: E402
 from lib_lorakit.ui.common import progress_html  # noqa: E402
 from lib_lorakit.ui.merge_tab import rows_to_models  # noqa: E402
 
-IDS = ["lorakit_tabs", "lorakit_tab_bake", "lorakit_bake_base", "lorakit_bake_refresh", "lorakit_bake_lora",
-       "lorakit_bake_strength", "lorakit_bake_te", "lorakit_bake_blocks", "lorakit_bake_add", "lorakit_bake_recipe",
-       "lorakit_bake_prompt", "lorakit_bake_use_prompt", "lorakit_bake_dtype", "lorakit_bake_output",
-       "lorakit_bake_overwrite", "lorakit_bake_allow_unmatched", "lorakit_bake_run", "lorakit_bake_check",
-       "lorakit_bake_cancel", "lorakit_bake_progress", "lorakit_bake_summary", "lorakit_bake_report",
-       "lorakit_bake_job", "lorakit_bake_done", "lorakit_tab_merge", "lorakit_merge_pick", "lorakit_merge_weight",
-       "lorakit_merge_add", "lorakit_merge_preset", "lorakit_merge_models", "lorakit_merge_method", "lorakit_merge_base",
-       "lorakit_merge_blocks", "lorakit_merge_vae", "lorakit_merge_te", "lorakit_merge_output", "lorakit_merge_run",
-       "lorakit_merge_cancel", "lorakit_merge_progress", "lorakit_merge_summary", "lorakit_merge_chart",
-       "lorakit_diff_a", "lorakit_diff_b", "lorakit_diff_run", "lorakit_diff_table", "lorakit_diff_chart",
-       "lorakit_tab_inspect", "lorakit_inspect_lora", "lorakit_inspect_ckpt", "lorakit_inspect_weights",
-       "lorakit_inspect_run", "lorakit_inspect_all", "lorakit_inspect_report", "lorakit_inspect_act",
-       "lorakit_inspect_pref", "lorakit_inspect_write", "lorakit_inspect_confirm", "lorakit_inspect_summary",
-       "lorakit_inspect_strengths", "lorakit_inspect_lineages", "lorakit_inspect_save"]
+IDS = [
+    "lorakit_tabs",
+    "lorakit_tab_bake",
+    "lorakit_bake_base",
+    "lorakit_bake_refresh",
+    "lorakit_bake_lora",
+    "lorakit_bake_strength",
+    "lorakit_bake_te",
+    "lorakit_bake_blocks",
+    "lorakit_bake_add",
+    "lorakit_bake_recipe",
+    "lorakit_bake_prompt",
+    "lorakit_bake_use_prompt",
+    "lorakit_bake_dtype",
+    "lorakit_bake_output",
+    "lorakit_bake_overwrite",
+    "lorakit_bake_allow_unmatched",
+    "lorakit_bake_run",
+    "lorakit_bake_check",
+    "lorakit_bake_cancel",
+    "lorakit_bake_progress",
+    "lorakit_bake_summary",
+    "lorakit_bake_report",
+    "lorakit_bake_job",
+    "lorakit_bake_done",
+    "lorakit_tab_merge",
+    "lorakit_merge_pick",
+    "lorakit_merge_weight",
+    "lorakit_merge_add",
+    "lorakit_merge_preset",
+    "lorakit_merge_models",
+    "lorakit_merge_method",
+    "lorakit_merge_base",
+    "lorakit_merge_blocks",
+    "lorakit_merge_vae",
+    "lorakit_merge_te",
+    "lorakit_merge_output",
+    "lorakit_merge_run",
+    "lorakit_merge_cancel",
+    "lorakit_merge_progress",
+    "lorakit_merge_summary",
+    "lorakit_merge_chart",
+    "lorakit_diff_a",
+    "lorakit_diff_b",
+    "lorakit_diff_run",
+    "lorakit_diff_table",
+    "lorakit_diff_chart",
+    "lorakit_tab_inspect",
+    "lorakit_inspect_lora",
+    "lorakit_inspect_ckpt",
+    "lorakit_inspect_weights",
+    "lorakit_inspect_run",
+    "lorakit_inspect_all",
+    "lorakit_inspect_report",
+    "lorakit_inspect_act",
+    "lorakit_inspect_pref",
+    "lorakit_inspect_write",
+    "lorakit_inspect_confirm",
+    "lorakit_inspect_summary",
+    "lorakit_inspect_strengths",
+    "lorakit_inspect_lineages",
+    "lorakit_inspect_save",
+]
 
 
 def test_tab_builds_with_every_control(tmp_path):
@@ -48,7 +97,9 @@ def test_recipe_rows_are_read_and_checked():
     rows = [["ink", 0.8, "", "INALL"], ["", 1, "", ""], ["grain", "0.5", "0.2", ""]]
     loras = rows_to_loras(rows)
     assert [(x.name, x.strength, x.te_strength, x.blocks) for x in loras] == [
-        ("ink", 0.8, None, "INALL"), ("grain", 0.5, 0.2, None)]
+        ("ink", 0.8, None, "INALL"),
+        ("grain", 0.5, 0.2, None),
+    ]
     with pytest.raises(LorakitError, match="strength 'abc' is not a number"):
         rows_to_loras([["ink", "abc", "", ""]])
 
@@ -72,10 +123,17 @@ def test_inspect_report_markdown(tmp_path):
     from lib_lorakit.synth import kohya_metadata, make_lora
     from lib_lorakit.ui.inspect_tab import report_md, summary_rows
 
-    meta = kohya_metadata("sd15", output_name="zkw", keep_tokens=1, dim=2, alpha=1.0, folders={
-        "10_zkw": (12, [("zkw", 12), ("1girl", 12), ("red <b>hair</b>", 11)])})
-    rep = inspect_file(write(tmp_path, "zkw.safetensors", make_lora("sd15", "lora", rank=2, alpha=1.0, tiny=False),
-                            meta))
+    meta = kohya_metadata(
+        "sd15",
+        output_name="zkw",
+        keep_tokens=1,
+        dim=2,
+        alpha=1.0,
+        folders={"10_zkw": (12, [("zkw", 12), ("1girl", 12), ("red <b>hair</b>", 11)])},
+    )
+    rep = inspect_file(
+        write(tmp_path, "zkw.safetensors", make_lora("sd15", "lora", rank=2, alpha=1.0, tiny=False), meta)
+    )
     md = report_md(rep)
     assert "| `zkw` | trigger-dependent | character" in md and "**0.9**" in md
     assert "&lt;b&gt;" in md and "<b>hair" not in md  # tags are escaped

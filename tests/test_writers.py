@@ -79,15 +79,22 @@ def scale_sources(rep) -> dict[str, int]:
 def test_diffusers_adapter_metadata_scale_is_applied_per_module(ckpts, tmp_path):
     """r=4, lora_alpha=8 (scale 2) with a rank_pattern (r=2: scale 4) and an alpha_pattern (alpha 3: 0.75)."""
     _, view = ckpts["sd15"]
-    w = W.write_diffusers(str(tmp_path), "sd15", F, view, metadata=True, rank_pattern={"attn2.to_k": 2},
-                          alpha_pattern={"ff.net.2": 3.0})
+    w = W.write_diffusers(
+        str(tmp_path), "sd15", F, view, metadata=True, rank_pattern={"attn2.to_k": 2}, alpha_pattern={"ff.net.2": 3.0}
+    )
     meta = open_source(w.path).metadata
     assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 8  # the header as diffusers writes it
     rep = bake_and_compare(ckpts, "sd15", w, tmp_path)
-    assert scale_sources(rep) == {"PEFT adapter metadata (lora_adapter_metadata, unet)": w.modules["unet"],
-                                  "PEFT adapter metadata (lora_adapter_metadata, text_encoder)": w.modules["te1"]}
+    assert scale_sources(rep) == {
+        "PEFT adapter metadata (lora_adapter_metadata, unet)": w.modules["unet"],
+        "PEFT adapter metadata (lora_adapter_metadata, text_encoder)": w.modules["te1"],
+    }
     runtime = rep["loras"][0]["scale"]["runtime_differs"]
-    assert "A1111 1.10 and Forge" in runtime and "2 (lora_alpha 8 / r 4)" in runtime and "4 (lora_alpha 8 / r 2)" in runtime
+    assert (
+        "A1111 1.10 and Forge" in runtime
+        and "2 (lora_alpha 8 / r 4)" in runtime
+        and "4 (lora_alpha 8 / r 2)" in runtime
+    )
     assert "PEFT adapter metadata" in summary(rep)
 
     # the runtime's reading: scale 1 everywhere, and the report says what the writer meant
@@ -117,8 +124,12 @@ def test_inspector_reports_the_bakes_scale(tmp_path):
             te[f"{m}.lora_A.weight"] = torch.randn(r, 768, generator=g)
             te[f"{m}.lora_B.weight"] = torch.randn(768, r, generator=g)
     cfg = LoraConfig(r=4, lora_alpha=8, rank_pattern={"k_proj": 2}, target_modules=["q_proj", "k_proj"])
-    StableDiffusionLoraLoaderMixin.save_lora_weights(str(tmp_path), text_encoder_lora_layers=te, weight_name="x.safetensors",
-                                                     save_function=W.diffusers_metadata_saver({"text_encoder": cfg}))
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        str(tmp_path),
+        text_encoder_lora_layers=te,
+        weight_name="x.safetensors",
+        save_function=W.diffusers_metadata_saver({"text_encoder": cfg}),
+    )
     path = str(tmp_path / "x.safetensors")
     layout = LayoutSource(load_layout(ARCHS["sd15"].layout), path="<layout>")
     rep = bake(layout, [LoraSpec(path)], None, dry_run=True)
@@ -142,8 +153,9 @@ def test_diffusers_without_metadata_is_scale_one_and_says_so(ckpts, tmp_path):
 
 def test_diffusers_rslora_sdxl_all_components(ckpts, tmp_path):
     _, view = ckpts["sdxl"]
-    w = W.write_diffusers(str(tmp_path), "sdxl", F, view, metadata=True, rslora=True, r=4, alpha=6.0,
-                          unet_targets=SDXL_UNET)
+    w = W.write_diffusers(
+        str(tmp_path), "sdxl", F, view, metadata=True, rslora=True, r=4, alpha=6.0, unet_targets=SDXL_UNET
+    )
     rep = bake_and_compare(ckpts, "sdxl", w, tmp_path)
     assert set(w.modules) == {"unet", "te1", "te2"}
     assert "3 (lora_alpha 6 / sqrt(r) 4)" in rep["loras"][0]["scale"]["runtime_differs"]
@@ -171,8 +183,9 @@ def test_peft_text_encoders(ckpts, tmp_path, arch, flat):
     rep = bake_and_compare(ckpts, arch, w, tmp_path)
     naming = rep["loras"][0]["naming_normalised"]
     if flat:
-        assert naming == {"transformers-5 text-encoder names (no 'text_model.') read as text_model.*":
-                          sum(w.modules.values())}
+        assert naming == {
+            "transformers-5 text-encoder names (no 'text_model.') read as text_model.*": sum(w.modules.values())
+        }
         assert "naming normalised: transformers-5" in summary(rep)
     else:
         assert naming == {}
@@ -181,8 +194,7 @@ def test_peft_text_encoders(ckpts, tmp_path, arch, flat):
 def test_transformers5_names_converted_to_kohya_are_not_taken_for_sdxl(ckpts, tmp_path):
     """``lora_te1_encoder_layers_N`` on SD1.5: no CLIP-G module, so no SDXL verdict."""
     _, view = ckpts["sd15"]
-    w = W.write_diffusers(str(tmp_path), "sd15", F, view, metadata=False, te_only=True, flat_te=True, r=4,
-                          alpha=4.0)
+    w = W.write_diffusers(str(tmp_path), "sd15", F, view, metadata=False, te_only=True, flat_te=True, r=4, alpha=4.0)
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     kohya = convert_state_dict_to_kohya({k.replace(".lora.", ".lora_"): v for k, v in W.read_all(w.path).items()})
@@ -218,7 +230,8 @@ def test_diffusers_kohya_converter(ckpts, tmp_path, arch):
     assert glued  # the non-standard spelling this test is about
     rep = bake_and_compare(ckpts, arch, w, tmp_path)
     assert rep["loras"][0]["naming_normalised"] == {
-        "kohya names with a '_lora.down/up' suffix (diffusers' kohya converter) read as lora_down/lora_up": len(glued)}
+        "kohya names with a '_lora.down/up' suffix (diffusers' kohya converter) read as lora_down/lora_up": len(glued)
+    }
 
 
 # --- refusals that remain give the true cause ------------------------------------------------
@@ -231,16 +244,20 @@ def test_lycoris_clip_g_file_on_sd15_names_the_shapes(ckpts, tmp_path):
     with pytest.raises(MatchError) as e:
         bake(ckpts["sd15"][0], [LoraSpec(w.path)], str(tmp_path / "o.safetensors"), save_dtype="fp32")
     msg = str(e.value)
-    assert ("lycoris_text_model_encoder_layers_0_mlp_fc1: shape mismatch with "
-            "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight [48, 12]: "
-            "lora_up [80, 4] x lora_down [4, 20] gives [80, 20]") in msg
+    assert (
+        "lycoris_text_model_encoder_layers_0_mlp_fc1: shape mismatch with "
+        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight [48, 12]: "
+        "lora_up [80, 4] x lora_down [4, 20] gives [80, 20]"
+    ) in msg
     assert os.listdir(tmp_path) == [os.path.basename(w.path)]
 
 
 def test_name_fitting_two_layers_with_no_fitting_shape_names_both(ckpts, tmp_path):
-    t = {"lycoris_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 7),
-         "lycoris_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(48, 4),
-         "lycoris_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(4.0)}
+    t = {
+        "lycoris_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 7),
+        "lycoris_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(48, 4),
+        "lycoris_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(4.0),
+    }
     path = str(tmp_path / "bad.safetensors")
     save_file(t, path)
     with pytest.raises(MatchError) as e:
@@ -252,8 +269,10 @@ def test_name_fitting_two_layers_with_no_fitting_shape_names_both(ckpts, tmp_pat
 
 
 def test_names_that_exist_nowhere_still_say_so(ckpts, tmp_path):
-    t = {"lora_unet_no_such_block_proj.lora_down.weight": torch.zeros(2, 5),
-         "lora_unet_no_such_block_proj.lora_up.weight": torch.zeros(5, 2)}
+    t = {
+        "lora_unet_no_such_block_proj.lora_down.weight": torch.zeros(2, 5),
+        "lora_unet_no_such_block_proj.lora_up.weight": torch.zeros(5, 2),
+    }
     path = str(tmp_path / "nowhere.safetensors")
     save_file(t, path)
     with pytest.raises(MatchError, match="no such module in the checkpoint(.|\n)*none of the LoRA's layer names exist"):

@@ -48,27 +48,50 @@ def unet_model(arch: str, f: int) -> UNet2DConditionModel:
     """The diffusers UNet of ``arch`` with every width divided by ``f`` (1: full size)."""
     g = 32 if f == 1 else 5
     if arch == "sd15":
-        return UNet2DConditionModel(sample_size=8, block_out_channels=tuple(_div(c, f) for c in (320, 640, 1280, 1280)),
-                                    layers_per_block=2, cross_attention_dim=_div(768, f),
-                                    attention_head_dim=8 if f == 1 else 1, norm_num_groups=g)
+        return UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=tuple(_div(c, f) for c in (320, 640, 1280, 1280)),
+            layers_per_block=2,
+            cross_attention_dim=_div(768, f),
+            attention_head_dim=8 if f == 1 else 1,
+            norm_num_groups=g,
+        )
     return UNet2DConditionModel(
-        sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=tuple(_div(c, f) for c in (320, 640, 1280)), layers_per_block=2,
-        transformer_layers_per_block=(1, 2, 10), cross_attention_dim=_div(2048, f),
-        attention_head_dim=(5, 10, 20) if f == 1 else 1, norm_num_groups=g, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=_div(256, f),
-        projection_class_embeddings_input_dim=_div(2816, f))
+        block_out_channels=tuple(_div(c, f) for c in (320, 640, 1280)),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=_div(2048, f),
+        attention_head_dim=(5, 10, 20) if f == 1 else 1,
+        norm_num_groups=g,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_div(256, f),
+        projection_class_embeddings_input_dim=_div(2816, f),
+    )
 
 
 def te_config(which: str, f: int) -> CLIPTextConfig:
     if which == "te1":
-        return CLIPTextConfig(hidden_size=_div(768, f), intermediate_size=_div(3072, f),
-                              num_attention_heads=12 if f == 1 else 1, num_hidden_layers=12, vocab_size=_div(49408, f),
-                              hidden_act="quick_gelu")
-    return CLIPTextConfig(hidden_size=_div(1280, f), intermediate_size=_div(5120, f),
-                          num_attention_heads=20 if f == 1 else 1, num_hidden_layers=32, vocab_size=_div(49408, f),
-                          projection_dim=_div(1280, f), hidden_act="gelu")
+        return CLIPTextConfig(
+            hidden_size=_div(768, f),
+            intermediate_size=_div(3072, f),
+            num_attention_heads=12 if f == 1 else 1,
+            num_hidden_layers=12,
+            vocab_size=_div(49408, f),
+            hidden_act="quick_gelu",
+        )
+    return CLIPTextConfig(
+        hidden_size=_div(1280, f),
+        intermediate_size=_div(5120, f),
+        num_attention_heads=20 if f == 1 else 1,
+        num_hidden_layers=32,
+        vocab_size=_div(49408, f),
+        projection_dim=_div(1280, f),
+        hidden_act="gelu",
+    )
 
 
 def read_all(path: str) -> dict[str, torch.Tensor]:
@@ -83,7 +106,7 @@ def diffusers_view(ck: dict[str, torch.Tensor], arch: str, f: int, parts=("unet"
         out["unet"] = convert_ldm_unet_checkpoint(ck, unet_model_config(arch, f))
     if "te1" in parts:
         p = TE_PREFIX[arch]
-        out["te1"] = {k[len(p):]: v for k, v in ck.items() if k.startswith(p)}
+        out["te1"] = {k[len(p) :]: v for k, v in ck.items() if k.startswith(p)}
     if arch == "sdxl" and "te2" in parts:
         with torch.device("meta"):
             shell = CLIPTextModelWithProjection(te_config("te2", f))
@@ -207,20 +230,45 @@ def _count_peft(model) -> int:
     return sum(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-def write_diffusers(tmp: str, arch: str, f: int, view: dict, *, metadata: bool, rank_pattern=None,
-                    alpha_pattern=None, rslora: bool = False, r: int = 4, alpha: float = 8.0,
-                    flat_te: bool = False, te_only: bool = False, name: str = "diffusers.safetensors",
-                    unet_targets: list[str] | None = None, dora: bool = False) -> Written:
+def write_diffusers(
+    tmp: str,
+    arch: str,
+    f: int,
+    view: dict,
+    *,
+    metadata: bool,
+    rank_pattern=None,
+    alpha_pattern=None,
+    rslora: bool = False,
+    r: int = 4,
+    alpha: float = 8.0,
+    flat_te: bool = False,
+    te_only: bool = False,
+    name: str = "diffusers.safetensors",
+    unet_targets: list[str] | None = None,
+    dora: bool = False,
+) -> Written:
     """diffusers' training-script path: PEFT adapters, ``convert_state_dict_to_diffusers``, ``save_lora_weights``."""
+
     def cfg(targets):
-        return LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=targets,
-                          rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
-                          use_rslora=rslora, use_dora=dora)
+        return LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            init_lora_weights=False,
+            target_modules=targets,
+            rank_pattern=dict(rank_pattern or {}),
+            alpha_pattern=dict(alpha_pattern or {}),
+            use_rslora=rslora,
+            use_dora=dora,
+        )
 
     torch.manual_seed(3)
     layers, configs, refs, counts = {}, {}, {}, {}
-    comps = (["te1"] + (["te2"] if arch == "sdxl" else [])) if te_only else (
-        ["unet", "te1"] + (["te2"] if arch == "sdxl" else []))
+    comps = (
+        (["te1"] + (["te2"] if arch == "sdxl" else []))
+        if te_only
+        else (["unet", "te1"] + (["te2"] if arch == "sdxl" else []))
+    )
     for comp in comps:
         if comp == "unet":
             model = load_unet(arch, f, view)
@@ -240,8 +288,9 @@ def write_diffusers(tmp: str, arch: str, f: int, view: dict, *, metadata: bool, 
         counts[comp] = _count_peft(model)
         refs[comp] = peft_reference(model)
         if flat_te and comp != "unet":  # transformers 5 dropped the "text_model." level the checkpoint view keeps
-            refs[comp] = {("text_model." + k if not k.startswith("text_projection") else k): v
-                          for k, v in refs[comp].items()}
+            refs[comp] = {
+                ("text_model." + k if not k.startswith("text_projection") else k): v for k, v in refs[comp].items()
+            }
         prefix = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}[comp]
         layers[prefix] = convert_state_dict_to_diffusers(sd) if comp == "unet" else sd
         configs[prefix] = c
@@ -249,17 +298,30 @@ def write_diffusers(tmp: str, arch: str, f: int, view: dict, *, metadata: bool, 
     kw = {"unet_lora_layers": layers.get("unet"), "text_encoder_lora_layers": layers.get("text_encoder")}
     if arch == "sdxl":
         kw["text_encoder_2_lora_layers"] = layers.get("text_encoder_2")
-    loader.save_lora_weights(tmp, weight_name=name, safe_serialization=True,
-                             save_function=diffusers_metadata_saver(configs) if metadata else None, **kw)
+    loader.save_lora_weights(
+        tmp,
+        weight_name=name,
+        safe_serialization=True,
+        save_function=diffusers_metadata_saver(configs) if metadata else None,
+        **kw,
+    )
     return Written(os.path.join(tmp, name), refs, counts, "lora", "diffusers save_lora_weights")
 
 
-def write_kohya_converted(tmp: str, arch: str, f: int, view: dict, name: str = "kohya-converted.safetensors",
-                          unet_targets: list[str] | None = None, dora: bool = False) -> Written:
+def write_kohya_converted(
+    tmp: str,
+    arch: str,
+    f: int,
+    view: dict,
+    name: str = "kohya-converted.safetensors",
+    unet_targets: list[str] | None = None,
+    dora: bool = False,
+) -> Written:
     """diffusers' kohya converter applied to what ``save_lora_weights`` writes (lora_alpha = r: the
     converter writes alpha = rank where it writes alpha at all, so that is the scale it keeps)."""
-    w = write_diffusers(tmp, arch, f, view, metadata=False, r=4, alpha=4.0, name="for-kohya.safetensors",
-                        unet_targets=unet_targets)
+    w = write_diffusers(
+        tmp, arch, f, view, metadata=False, r=4, alpha=4.0, name="for-kohya.safetensors", unet_targets=unet_targets
+    )
     sd = read_all(w.path)
     kohya = convert_state_dict_to_kohya(sd)
     path = os.path.join(tmp, name)
@@ -268,8 +330,12 @@ def write_kohya_converted(tmp: str, arch: str, f: int, view: dict, name: str = "
     return Written(path, w.reference, w.modules, "lora", "diffusers convert_state_dict_to_kohya")
 
 
-LYCORIS_ALGOS = {"lora": {"algo": "lora"}, "loha": {"algo": "loha"}, "lokr": {"algo": "lokr", "factor": 4},
-                 "dora": {"algo": "lora", "dora_wd": True}}
+LYCORIS_ALGOS = {
+    "lora": {"algo": "lora"},
+    "loha": {"algo": "loha"},
+    "lokr": {"algo": "lokr", "factor": 4},
+    "dora": {"algo": "lora", "dora_wd": True},
+}
 
 
 def write_lycoris(tmp: str, arch: str, f: int, view: dict, comp: str, algo: str, name: str | None = None) -> Written:
@@ -310,5 +376,15 @@ def compare(written: Written, baked: dict[str, dict], base: dict[str, dict]) -> 
     return worst, changed
 
 
-__all__ = ["ARCHS", "Written", "compare", "diffusers_view", "load_te", "load_unet", "read_all", "write_diffusers",
-           "write_kohya_converted", "write_lycoris"]
+__all__ = [
+    "ARCHS",
+    "Written",
+    "compare",
+    "diffusers_view",
+    "load_te",
+    "load_unet",
+    "read_all",
+    "write_diffusers",
+    "write_kohya_converted",
+    "write_lycoris",
+]

@@ -41,8 +41,19 @@ class Keys:
 
 # --- UNet (ldm openaimodel / sgm) ------------------------------------------------------
 
-def unet(k: Keys, p: str, *, ctx: int, mult: list[int], attn_levels: set[int], depth: list[int],
-         depth_mid: int, linear_proj: bool, adm: int | None) -> None:
+
+def unet(
+    k: Keys,
+    p: str,
+    *,
+    ctx: int,
+    mult: list[int],
+    attn_levels: set[int],
+    depth: list[int],
+    depth_mid: int,
+    linear_proj: bool,
+    adm: int | None,
+) -> None:
     mc, emb = 320, 1280
 
     def res(q: str, cin: int, cout: int) -> None:
@@ -114,6 +125,7 @@ def unet(k: Keys, p: str, *, ctx: int, mult: list[int], attn_levels: set[int], d
 
 # --- text encoders ---------------------------------------------------------------------
 
+
 def clip_l(k: Keys, p: str) -> None:
     """HF CLIPTextModel (ViT-L/14), under ``p`` = '...transformer.text_model'."""
     d = 768
@@ -152,6 +164,7 @@ def clip_g(k: Keys, p: str) -> None:
 
 
 # --- VAE (ldm AutoencoderKL) -----------------------------------------------------------
+
 
 def vae(k: Keys, p: str) -> None:
     ch, mult = 128, [1, 2, 4, 4]
@@ -202,10 +215,20 @@ def vae(k: Keys, p: str) -> None:
     k.conv(f"{p}.post_quant_conv", 4, 4, 1)
 
 
-SCHEDULE = ["alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alphas_cumprod",
-            "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-            "posterior_variance", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-            "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"]
+SCHEDULE = [
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "betas",
+    "log_one_minus_alphas_cumprod",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_variance",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+]
 
 
 def add_vpred_flags(k: Keys) -> None:
@@ -220,8 +243,17 @@ def sd15() -> dict:
     k = Keys("float32")
     clip_l(k, "cond_stage_model.transformer.text_model")
     vae(k, "first_stage_model")
-    unet(k, "model.diffusion_model", ctx=768, mult=[1, 2, 4, 4], attn_levels={0, 1, 2}, depth=[1, 1, 1, 0],
-         depth_mid=1, linear_proj=False, adm=None)
+    unet(
+        k,
+        "model.diffusion_model",
+        ctx=768,
+        mult=[1, 2, 4, 4],
+        attn_levels={0, 1, 2},
+        depth=[1, 1, 1, 0],
+        depth_mid=1,
+        linear_proj=False,
+        adm=None,
+    )
     opt = Keys("float32")
     for s in SCHEDULE:
         opt.add(s, [1000])
@@ -234,8 +266,17 @@ def sdxl() -> dict:
     clip_l(k, "conditioner.embedders.0.transformer.text_model")
     clip_g(k, "conditioner.embedders.1.model")
     vae(k, "first_stage_model")
-    unet(k, "model.diffusion_model", ctx=2048, mult=[1, 2, 4], attn_levels={1, 2}, depth=[0, 2, 10],
-         depth_mid=10, linear_proj=True, adm=2816)
+    unet(
+        k,
+        "model.diffusion_model",
+        ctx=2048,
+        mult=[1, 2, 4],
+        attn_levels={1, 2},
+        depth=[0, 2, 10],
+        depth_mid=10,
+        linear_proj=True,
+        adm=2816,
+    )
     opt = Keys("float32")
     for s in SCHEDULE:
         opt.add(s, [1000])

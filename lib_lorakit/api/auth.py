@@ -44,11 +44,23 @@ class BasicAuthMiddleware:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = json.dumps({"error": "unauthorized", "message": "This lorakit server requires a user name and "
-                                                             "password (its --api-auth)."}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", f'Basic realm="{self.realm}"'.encode())]})
+        body = json.dumps(
+            {
+                "error": "unauthorized",
+                "message": "This lorakit server requires a user name and password (its --api-auth).",
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", f'Basic realm="{self.realm}"'.encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

@@ -24,14 +24,22 @@ def router(ctx: HostContext):
     def merge_route(body: MergeRequest):
         return {"job_id": merge.start(ctx, body).id}
 
-    @r.post("/diff", response_model=DiffOut, responses=RESPONSES,
-            summary="Where B differs from A: relative change and cosine per component and block")
+    @r.post(
+        "/diff",
+        response_model=DiffOut,
+        responses=RESPONSES,
+        summary="Where B differs from A: relative change and cosine per component and block",
+    )
     @guard
     def diff_route(body: DiffRequest):
         return merge.diff(ctx, body)
 
-    @r.post("/grid", response_model=JobRef, responses=GEN_RESPONSES,
-            summary="LoRA strength grid (a job): images, grid, verdicts in a run folder")
+    @r.post(
+        "/grid",
+        response_model=JobRef,
+        responses=GEN_RESPONSES,
+        summary="LoRA strength grid (a job): images, grid, verdicts in a run folder",
+    )
     @guard
     def grid_route(body: GridRequest):
         return {"job_id": grid.start(ctx, body).id}

@@ -45,8 +45,11 @@ def guard(fn):
             return answer(e)
         except Exception as e:  # logged in full, answered without internals
             log.error("lorakit API error:\n%s", traceback.format_exc())
-            return error(500, "internal", f"Unexpected failure ({type(e).__name__}); the details are in the server "
-                                          f"log (logger 'lorakit.api').")
+            return error(
+                500,
+                "internal",
+                f"Unexpected failure ({type(e).__name__}); the details are in the server log (logger 'lorakit.api').",
+            )
 
     return wrapper
 
@@ -61,8 +64,12 @@ class LorakitRoute(APIRoute):
         async def route(request: Request):
             size = request.headers.get("content-length")
             if size is not None and size.isdigit() and int(size) > MAX_BODY:
-                return error(413, "RequestTooLarge", f"The request body has {int(size)} bytes; at most {MAX_BODY} "
-                                                     "are accepted.\nFix: Send a smaller request (split the work).")
+                return error(
+                    413,
+                    "RequestTooLarge",
+                    f"The request body has {int(size)} bytes; at most {MAX_BODY} "
+                    "are accepted.\nFix: Send a smaller request (split the work).",
+                )
             if getattr(model, "LIMITS", None) and size is not None:  # oversized lists: refused before validation
                 import json
 
@@ -85,8 +92,12 @@ class LorakitRoute(APIRoute):
                 raise  # 401 from the auth dependency and the like: FastAPI answers them
             except Exception as e:
                 log.error("lorakit API error on %s %s:\n%s", request.method, request.url.path, traceback.format_exc())
-                return error(500, "internal", f"Unexpected failure ({type(e).__name__}); the details are in the "
-                                              f"server log (logger 'lorakit.api').")
+                return error(
+                    500,
+                    "internal",
+                    f"Unexpected failure ({type(e).__name__}); the details are in the "
+                    f"server log (logger 'lorakit.api').",
+                )
 
         return route
 
@@ -109,10 +120,14 @@ def auth_dependency(credentials: dict[str, str]):
     basic = HTTPBasic(auto_error=False)
 
     def check(cred: Optional[HTTPBasicCredentials] = Depends(basic)) -> None:
-        ok = cred is not None and cred.username in credentials and secrets.compare_digest(
-            cred.password.encode(), credentials[cred.username].encode())
+        ok = (
+            cred is not None
+            and cred.username in credentials
+            and secrets.compare_digest(cred.password.encode(), credentials[cred.username].encode())
+        )
         if not ok:
-            raise HTTPException(status_code=401, detail="Incorrect username or password",
-                                headers={"WWW-Authenticate": "Basic"})
+            raise HTTPException(
+                status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"}
+            )
 
     return check

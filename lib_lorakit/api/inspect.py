@@ -14,8 +14,12 @@ from .schemas import InspectManyOut, InspectOut, StrengthsOut, UserMetadataOut
 def router(ctx: HostContext):
     r = feature_router()
 
-    @r.get("/inspect", response_model=InspectOut, responses=RESPONSES,
-           summary="What a LoRA really is: family, network, real trigger, kind, category, max-safe strength")
+    @r.get(
+        "/inspect",
+        response_model=InspectOut,
+        responses=RESPONSES,
+        summary="What a LoRA really is: family, network, real trigger, kind, category, max-safe strength",
+    )
     @guard
     def inspect_one(lora: str, checkpoint: Optional[str] = None, weights: bool = False):
         rep = inspect.inspect(ctx, {"loras": [lora], "checkpoint": checkpoint, "weights": weights})[0]
@@ -28,8 +32,12 @@ def router(ctx: HostContext):
     def inspect_many(body: InspectRequest):
         return {"reports": inspect.inspect(ctx, body)}
 
-    @r.post("/inspect/user-metadata", response_model=UserMetadataOut, responses=RESPONSES,
-            summary="Write a trigger and strength into the WebUI's per-LoRA user metadata (<lora>.json)")
+    @r.post(
+        "/inspect/user-metadata",
+        response_model=UserMetadataOut,
+        responses=RESPONSES,
+        summary="Write a trigger and strength into the WebUI's per-LoRA user metadata (<lora>.json)",
+    )
     @guard
     def user_metadata(body: UserMetadataRequest):
         return inspect.write_user_metadata(ctx, body)
@@ -39,8 +47,12 @@ def router(ctx: HostContext):
     def strengths():
         return inspect.strengths(ctx)
 
-    @r.put("/inspect/strengths", response_model=StrengthsOut, responses=RESPONSES,
-           summary="Change entries of the max-safe strength tables (merged key by key)")
+    @r.put(
+        "/inspect/strengths",
+        response_model=StrengthsOut,
+        responses=RESPONSES,
+        summary="Change entries of the max-safe strength tables (merged key by key)",
+    )
     @guard
     def set_strengths(body: StrengthsRequest):
         return inspect.set_strengths(ctx, body)
@@ -55,8 +67,11 @@ def router(ctx: HostContext):
     def set_profiles(body: gen.ProfilesRequest):
         return gen.update_profiles(ctx, body)
 
-    @r.get("/profiles/for", responses=RESPONSES,
-           summary="The profile a checkpoint gets (default: the loaded one), why, and its settings")
+    @r.get(
+        "/profiles/for",
+        responses=RESPONSES,
+        summary="The profile a checkpoint gets (default: the loaded one), why, and its settings",
+    )
     @guard
     def profile_for(checkpoint: Optional[str] = None, profile: Optional[str] = None):
         return gen.profile_for(ctx, checkpoint, profile)

@@ -24,14 +24,22 @@ def router(ctx: HostContext):
     def job(job_id: str):
         return jobs.job(ctx, job_id)
 
-    @r.delete("/jobs/{job_id}", response_model=JobOut, responses=RESPONSES,
-              summary="Cancel a job (its partial output is removed)")
+    @r.delete(
+        "/jobs/{job_id}",
+        response_model=JobOut,
+        responses=RESPONSES,
+        summary="Cancel a job (its partial output is removed)",
+    )
     @guard
     def cancel(job_id: str, wait: float = 10.0):
         return jobs.cancel(ctx, job_id, wait)
 
-    @r.post("/txt2img", response_model=Txt2ImgOut, responses=GEN_RESPONSES,
-            summary="Generate with the host's own processing (in-process; under its queue lock)")
+    @r.post(
+        "/txt2img",
+        response_model=Txt2ImgOut,
+        responses=GEN_RESPONSES,
+        summary="Generate with the host's own processing (in-process; under its queue lock)",
+    )
     @guard
     def txt2img(body: Txt2ImgRequest):
         return models.txt2img(ctx, body)

@@ -11,7 +11,9 @@ class DiffOut(BaseModel):
     a: str
     b: str
     arch: str
-    by_component: Dict[str, Dict[str, float]] = Field(..., description="Relative change |B-A|/|A| and cosine per component")
+    by_component: Dict[str, Dict[str, float]] = Field(
+        ..., description="Relative change |B-A|/|A| and cosine per component"
+    )
     by_block: Dict[str, Dict[str, Dict[str, float]]] = Field(..., description="The same per component and block")
     only_in_a: List[str]
     only_in_b: List[str]
@@ -32,6 +34,7 @@ class InspectOut(BaseModel):
     if int(__import__("pydantic").VERSION.split(".")[0]) >= 2:
         model_config = {"extra": "allow"}
     else:  # pragma: no cover - pydantic 1 (A1111)
+
         class Config:
             extra = "allow"
 
@@ -54,7 +57,9 @@ class InspectOut(BaseModel):
     max_safe_strength: Optional[float] = None
     max_safe_reason: str = ""
     family: Dict[str, Any] = Field(default_factory=dict)
-    structure: Dict[str, Any] = Field(default_factory=dict, description="Modules, ranks/alphas and their spread, blocks")
+    structure: Dict[str, Any] = Field(
+        default_factory=dict, description="Modules, ranks/alphas and their spread, blocks"
+    )
     training: Dict[str, Any] = Field(default_factory=dict, description="kohya/modelspec metadata, folders, tag counts")
     weight_stats: Optional[Dict[str, Any]] = Field(None, description="Per-block |dW| (relative with a checkpoint)")
     warnings: List[str] = Field(default_factory=list)
@@ -107,5 +112,6 @@ class ErrorOut(BaseModel):
 
 class StrengthsOut(BaseModel):
     max_safe_strength: Dict[str, float] = Field(default_factory=dict, description="category -> ceiling")
-    cross_lineage: Dict[str, float] = Field(default_factory=dict,
-                                            description="'LoRA lineage>checkpoint lineage' -> ceiling, '*>*' default")
+    cross_lineage: Dict[str, float] = Field(
+        default_factory=dict, description="'LoRA lineage>checkpoint lineage' -> ceiling, '*>*' default"
+    )

@@ -23,14 +23,18 @@ def router(ctx: HostContext):
     def tournament_list():
         return T.tournaments(ctx)
 
-    @r.get("/tournaments/{tid}", responses=RESPONSES,
-           summary="A tournament: state, round, lineage (recipes after Reveal)")
+    @r.get(
+        "/tournaments/{tid}", responses=RESPONSES, summary="A tournament: state, round, lineage (recipes after Reveal)"
+    )
     @guard
     def tournament_get(tid: str):
         return T.summary(ctx, tid)
 
-    @r.post("/tournaments/{tid}/generate", responses=GEN_RESPONSES,
-            summary="Build merge candidates and generate the images (a job)")
+    @r.post(
+        "/tournaments/{tid}/generate",
+        responses=GEN_RESPONSES,
+        summary="Build merge candidates and generate the images (a job)",
+    )
     @guard
     def tournament_generate(tid: str):
         return {"job_id": T.start_generate(ctx, tid).id}
@@ -40,12 +44,18 @@ def router(ctx: HostContext):
     def tournament_ballot(tid: str, evaluator: str):
         return T.ballot(ctx, tid, evaluator)
 
-    @r.get("/tournaments/{tid}/image/{evaluator}/{prompt}/{letter}", responses=RESPONSES,
-           summary="An image of a ballot, by its letter (PNG)")
+    @r.get(
+        "/tournaments/{tid}/image/{evaluator}/{prompt}/{letter}",
+        responses=RESPONSES,
+        summary="An image of a ballot, by its letter (PNG)",
+    )
     @guard
     def tournament_image(tid: str, evaluator: str, prompt: int, letter: str):
-        return Response(T.image_png(ctx, tid, evaluator, prompt, letter), media_type="image/png",
-                        headers={"Cache-Control": "private, no-store"})  # blind: no infotext, no stale copy
+        return Response(
+            T.image_png(ctx, tid, evaluator, prompt, letter),
+            media_type="image/png",
+            headers={"Cache-Control": "private, no-store"},
+        )  # blind: no infotext, no stale copy
 
     @r.post("/tournaments/{tid}/votes", responses=RESPONSES, summary="Cast votes (a replayed client/seq is ignored)")
     @guard
@@ -67,27 +77,35 @@ def router(ctx: HostContext):
     def tournament_reveal(tid: str):
         return T.reveal(ctx, tid)
 
-    @r.get("/tournaments/{tid}/report", responses=RESPONSES,
-           summary="Report after Reveal: markdown (default) or csv")
+    @r.get("/tournaments/{tid}/report", responses=RESPONSES, summary="Report after Reveal: markdown (default) or csv")
     @guard
     def tournament_report(tid: str, format: str = "md"):
         text = T.report(ctx, tid, format)
         return PlainTextResponse(text, media_type="text/csv" if format == "csv" else "text/markdown")
 
-    @r.get("/tournaments/{tid}/contact/{prompt}", responses=RESPONSES,
-           summary="Contact sheet of one prompt, candidates named (after Reveal), PNG")
+    @r.get(
+        "/tournaments/{tid}/contact/{prompt}",
+        responses=RESPONSES,
+        summary="Contact sheet of one prompt, candidates named (after Reveal), PNG",
+    )
     @guard
     def tournament_contact(tid: str, prompt: int):
         return Response(T.contact_png(ctx, tid, prompt), media_type="image/png")
 
-    @r.get("/tournaments/{tid}/winner", responses=RESPONSES,
-           summary="The winner's recipe as a body for POST /merge and/or /bake (after Reveal)")
+    @r.get(
+        "/tournaments/{tid}/winner",
+        responses=RESPONSES,
+        summary="The winner's recipe as a body for POST /merge and/or /bake (after Reveal)",
+    )
     @guard
     def tournament_winner(tid: str):
         return T.winner(ctx, tid)
 
-    @r.post("/tournaments/{tid}/next-round", responses=RESPONSES,
-            summary="Propose (and optionally create) the next round from the winner")
+    @r.post(
+        "/tournaments/{tid}/next-round",
+        responses=RESPONSES,
+        summary="Propose (and optionally create) the next round from the winner",
+    )
     @guard
     def tournament_next(tid: str, body: NextRoundRequest):
         return T.next_round(ctx, tid, body)

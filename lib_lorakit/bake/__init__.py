@@ -11,5 +11,17 @@ from .engine import bake
 from .plan import Contribution, LoraSpec, LoraState, Plan, check_lora_values, parse_lora_arg, plan_bake
 from .report import scale_lines, summary
 
-__all__ = ["LoraSpec", "bake", "plan_bake", "parse_lora_arg", "summary", "SAVE_DTYPES", "LorakitError",
-           "Contribution", "LoraState", "Plan", "check_lora_values", "scale_lines"]
+__all__ = [
+    "LoraSpec",
+    "bake",
+    "plan_bake",
+    "parse_lora_arg",
+    "summary",
+    "SAVE_DTYPES",
+    "LorakitError",
+    "Contribution",
+    "LoraState",
+    "Plan",
+    "check_lora_values",
+    "scale_lines",
+]

@@ -34,12 +34,23 @@ from ..errors import Cancelled, MatchError, RecipeError, ValueProblem
 from ..formats.dtypes import FLOAT_CODES, FP16_MAX, HASH_PLACEHOLDER, out_code, save_code
 from ..formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_output_path
 from ..formats.sources import TensorSource
-from ..networks import ShapeProblem, compute_delta
-from ..networks.base import Delta
 from ..hashcache import HashCache, file_key
 from ..hashcache import resolve as resolve_cache
-from ..streaming import (CHUNK_ELEMS, Hasher, Pool, Profile, ReadGate, WriterThread, drain, engine_threads,
-                         exact_float32, resolve_device, worker_count)
+from ..networks import ShapeProblem, compute_delta
+from ..networks.base import Delta
+from ..streaming import (
+    CHUNK_ELEMS,
+    Hasher,
+    Pool,
+    Profile,
+    ReadGate,
+    WriterThread,
+    drain,
+    engine_threads,
+    exact_float32,
+    resolve_device,
+    worker_count,
+)
 from .plan import Contribution, LoraSpec, Plan, Progress, check_lora_values, plan_bake
 from .report import bake_metadata, bake_report
 
@@ -104,8 +115,15 @@ class _Prefetcher(threading.Thread):
 class _Baker:
     """Computes output tensors; ``tensor`` may run on several threads at once (one tensor each)."""
 
-    def __init__(self, plan: Plan, save_code: str, pool: Pool, stats: _Stats, profile: Profile | None = None,
-                 device: torch.device | None = None):
+    def __init__(
+        self,
+        plan: Plan,
+        save_code: str,
+        pool: Pool,
+        stats: _Stats,
+        profile: Profile | None = None,
+        device: torch.device | None = None,
+    ):
         self.plan = plan
         self.save_code = save_code
         self.pool = pool
@@ -126,8 +144,10 @@ class _Baker:
     def _scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
         sc = getattr(self._local, "scratch", None)
         if sc is None:
-            sc = self._local.scratch = (torch.empty(CHUNK_ELEMS, dtype=torch.float32),
-                                        torch.empty(CHUNK_ELEMS, dtype=torch.float32))
+            sc = self._local.scratch = (
+                torch.empty(CHUNK_ELEMS, dtype=torch.float32),
+                torch.empty(CHUNK_ELEMS, dtype=torch.float32),
+            )
         return sc
 
     def _stream(self):
@@ -217,8 +237,9 @@ class _Baker:
             try:
                 d = compute_delta(c.alg, p, t.shape, weight)
             except (ShapeProblem, RuntimeError, ValueError) as e:
-                raise MatchError(f"{self.plan.loras[c.lora].spec.path}: layer {c.module} cannot be applied to "
-                                 f"{t.label}: {e}") from None
+                raise MatchError(
+                    f"{self.plan.loras[c.lora].spec.path}: layer {c.module} cannot be applied to {t.label}: {e}"
+                ) from None
             m = c.multiplier
             notes.append((c, abs(m) * d.norm(), r0, r1))
             if t.transpose:  # stored transposed (OpenCLIP text_projection)
@@ -232,13 +253,21 @@ class _Baker:
             t = c.target
             r0, r1 = t.rows if t.rows else (0, w2.shape[0])
             if b.numel() != r1 - r0:
-                raise MatchError(f"{self.plan.loras[c.lora].spec.path}: {c.params[bp]} has {b.numel()} values, "
-                                 f"the bias {key} takes {r1 - r0}.")
+                raise MatchError(
+                    f"{self.plan.loras[c.lora].spec.path}: {c.params[bp]} has {b.numel()} values, "
+                    f"the bias {key} takes {r1 - r0}."
+                )
             others.append((r0, r1, Delta(dense=b.reshape(-1, 1)), scale * c.multiplier))
         merged = []
         for (r0, r1), parts in lows.items():
-            merged.append((r0, r1, torch.cat([u for u, _ in parts], dim=1).contiguous(),
-                           torch.cat([d for _, d in parts], dim=0).contiguous()))
+            merged.append(
+                (
+                    r0,
+                    r1,
+                    torch.cat([u for u, _ in parts], dim=1).contiguous(),
+                    torch.cat([d for _, d in parts], dim=0).contiguous(),
+                )
+            )
         return merged, others, notes
 
     def _note_changes(self, notes, w2: torch.Tensor, wnorm: float) -> None:
@@ -248,8 +277,11 @@ class _Baker:
         so the statistic costs no pass over the weight.
         """
         for c, dnorm, r0, r1 in notes:
-            wn = wnorm if (r0, r1) == (0, w2.shape[0]) else float(
-                torch.linalg.vector_norm(w2[r0:r1], dtype=torch.float32))
+            wn = (
+                wnorm
+                if (r0, r1) == (0, w2.shape[0])
+                else float(torch.linalg.vector_norm(w2[r0:r1], dtype=torch.float32))
+            )
             rel = dnorm / wn if wn > 0 else (math.inf if dnorm > 0 else 0.0)
             st = self.plan.loras[c.lora]
             block = c.target.block or c.target.component
@@ -284,11 +316,11 @@ class _Baker:
             for s0, s1, up, down in lows:
                 a, b = max(r0, s0), min(r1, s1)
                 if a < b:
-                    wc[a - r0:b - r0].addmm_(up[a - s0:b - s0], down)
+                    wc[a - r0 : b - r0].addmm_(up[a - s0 : b - s0], down)
             for s0, s1, d, m in others:
                 a, b = max(r0, s0), min(r1, s1)
                 if a < b:
-                    d.add_rows(wc[a - r0:b - r0], a - s0, b - s0, m)
+                    d.add_rows(wc[a - r0 : b - r0], a - s0, b - s0, m)
             t2 = clock()
             lo, hi = torch.aminmax(wc)
             lo, hi = float(lo), float(hi)
@@ -352,7 +384,8 @@ class _Baker:
         if dtype == torch.float16 and amax > FP16_MAX:
             raise ValueProblem(
                 f"{key}: a baked weight reaches {amax:.6g}, beyond the float16 range (65504); saving would turn it into inf.",
-                fix="Lower the strengths, or choose the save dtype bf16 or fp32.")
+                fix="Lower the strengths, or choose the save dtype bf16 or fp32.",
+            )
         st = self.stats
         with self._lock:
             if max_round > st.max_round[0] or (max_round == st.max_round[0] and max_round and key < st.max_round[1]):
@@ -366,26 +399,45 @@ class _Baker:
 
     def _nonfinite(self, key: str, w_rows: torch.Tensor, has_delta: bool) -> None:
         if not bool(torch.isfinite(w_rows.float()).all()):
-            raise ValueProblem(f"{self.plan.base.path}: the checkpoint itself has NaN/inf values in {key}.",
-                               fix="The base checkpoint is damaged; use another copy.")
+            raise ValueProblem(
+                f"{self.plan.base.path}: the checkpoint itself has NaN/inf values in {key}.",
+                fix="The base checkpoint is damaged; use another copy.",
+            )
         names = sorted({self.plan.loras[c.lora].spec.label for c in self.plan.weights.get(key, [])})
-        raise ValueProblem(f"{key}: baking {' + '.join(names) or 'the recipe'} gives NaN/inf values.",
-                           fix="Lower the strengths; if it persists the LoRA is broken for this checkpoint.")
+        raise ValueProblem(
+            f"{key}: baking {' + '.join(names) or 'the recipe'} gives NaN/inf values.",
+            fix="Lower the strengths; if it persists the LoRA is broken for this checkpoint.",
+        )
 
 
 def _delta_to(d: Delta, dev: torch.device) -> Delta:
     """``d`` with its tensors on ``dev``."""
-    mv = (lambda t: None if t is None else t.to(dev))  # noqa: E731
-    return Delta(lowrank=None if d.lowrank is None else tuple(mv(t) for t in d.lowrank), dense=mv(d.dense),
-                 kron=None if d.kron is None else tuple(mv(t) for t in d.kron),
-                 hada=None if d.hada is None else tuple(mv(t) for t in d.hada), bias=mv(d.bias))
+    mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    return Delta(
+        lowrank=None if d.lowrank is None else tuple(mv(t) for t in d.lowrank),
+        dense=mv(d.dense),
+        kron=None if d.kron is None else tuple(mv(t) for t in d.kron),
+        hada=None if d.hada is None else tuple(mv(t) for t in d.hada),
+        bias=mv(d.bias),
+    )
 
 
-def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str | None, *, save_dtype: str = "fp16",
-         overwrite: bool = False, allow_unmatched: bool = False, dry_run: bool = False,
-         progress: Progress | None = None, cancel: threading.Event | None = None, device: str | None = "auto",
-         workers: int | None = None, hash_cache: HashCache | str | bool | None = None,
-         scale_source: str = "writer") -> dict:
+def bake(
+    base_path: str | TensorSource,
+    specs: Sequence[LoraSpec],
+    output: str | None,
+    *,
+    save_dtype: str = "fp16",
+    overwrite: bool = False,
+    allow_unmatched: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    device: str | None = "auto",
+    workers: int | None = None,
+    hash_cache: HashCache | str | bool | None = None,
+    scale_source: str = "writer",
+) -> dict:
     """Bake ``specs`` into ``base_path`` and write ``output`` (safetensors).
 
     Args:
@@ -434,6 +486,7 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
         plan = plan_bake(base_path, specs, allow_unmatched=allow_unmatched, scale_source=scale_source)
         # --- pre-flight (lib_lorakit/preflight.py): strength above max-safe, stacked styles, other lineage ---
         from ..preflight import bake_preflight
+
         plan.warnings.extend(bake_preflight(base_path, specs))
         plan.hash_cache = cache
         stats = _Stats()
@@ -441,14 +494,28 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
             check_lora_values(plan, cancel=cancel)
             if not dry_run:
                 with engine_threads(n_workers), exact_float32(dev):
-                    sha = _execute(plan, output, code, save_dtype, overwrite, stats, say, cancel, hasher,
-                                   base_hash[0] if base_hash else None, dev, n_workers, profile)
+                    sha = _execute(
+                        plan,
+                        output,
+                        code,
+                        save_dtype,
+                        overwrite,
+                        stats,
+                        say,
+                        cancel,
+                        hasher,
+                        base_hash[0] if base_hash else None,
+                        dev,
+                        n_workers,
+                        profile,
+                    )
                 if base_hash is None:
                     base_hash = (sha, "computed")
                     if cache is not None and stamp is not None:
                         cache.put(base_file, sha, stamp[1])
-            report = bake_report(plan, stats, output, save_dtype, base_hash[0] if base_hash else "", dry_run,
-                                 time.perf_counter() - t0)
+            report = bake_report(
+                plan, stats, output, save_dtype, base_hash[0] if base_hash else "", dry_run, time.perf_counter() - t0
+            )
             report["base"]["sha256_source"] = base_hash[1] if base_hash else None
             report["engine"] = {"device": str(dev), "workers": n_workers, **profile.as_dict()}
             say(1.0, "done")
@@ -466,9 +533,21 @@ def bake(base_path: str | TensorSource, specs: Sequence[LoraSpec], output: str |
 INFLIGHT_BYTES = 160 << 20  # tensors being computed at once (inputs and outputs), whatever the core count
 
 
-def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite: bool, stats: _Stats,
-             say: Progress, cancel: threading.Event | None, hasher: Hasher | None, known_sha: str | None,
-             device: torch.device, n_workers: int, profile: Profile) -> str:
+def _execute(
+    plan: Plan,
+    output: str,
+    save_code: str,
+    save_dtype: str,
+    overwrite: bool,
+    stats: _Stats,
+    say: Progress,
+    cancel: threading.Event | None,
+    hasher: Hasher | None,
+    known_sha: str | None,
+    device: torch.device,
+    n_workers: int,
+    profile: Profile,
+) -> str:
     """Stream the output. Every thread started here is stopped and joined before returning.
 
     The main thread walks the keys in file order: untouched tensors go to the writer as raw byte
@@ -515,8 +594,9 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
 
     try:
         pre.start()
-        with StreamingWriter(output, entries, bake_metadata(plan, save_dtype, HASH_PLACEHOLDER),
-                             overwrite=overwrite) as w:
+        with StreamingWriter(
+            output, entries, bake_metadata(plan, save_dtype, HASH_PLACEHOLDER), overwrite=overwrite
+        ) as w:
             wt = WriterThread(w, pool, profile=profile)
             wt.start()
             for key in keys:
@@ -524,8 +604,9 @@ def _execute(plan: Plan, output: str, save_code: str, save_dtype: str, overwrite
                     raise Cancelled("Bake cancelled; nothing was written.")
                 if key not in touched:
                     span = base.raw_span(key)
-                    pending.append(("item", ("copy", key, span, None) if span is not None
-                                    else ("data", key, base.read(key), None)))
+                    pending.append(
+                        ("item", ("copy", key, span, None) if span is not None else ("data", key, base.read(key), None))
+                    )
                     stats.copied += 1
                 else:
                     t = clock()

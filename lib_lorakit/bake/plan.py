@@ -134,13 +134,16 @@ def _open_lora(spec: LoraSpec, arch: Arch, base_path: str) -> tuple[TensorSource
         shapes = src.shapes()
         fam = spec.family if spec.family is not None else detect_lora(shapes, src.metadata, spec.path)
         if fam.arch == "sd2":
-            raise ArchitectureError(f"{spec.path} is a LoRA for SD2.x ({'; '.join(fam.evidence)}).",
-                                    fix="lorakit bakes into SD1.5 and SDXL checkpoints only.")
+            raise ArchitectureError(
+                f"{spec.path} is a LoRA for SD2.x ({'; '.join(fam.evidence)}).",
+                fix="lorakit bakes into SD1.5 and SDXL checkpoints only.",
+            )
         if fam.arch is not None and fam.arch != arch.id:
             la = ARCHS[fam.arch].label
             raise ArchitectureError(
                 f"{spec.path} is a LoRA for {la} ({'; '.join(fam.evidence)}), but the checkpoint {base_path} is {arch.label}.",
-                fix=f"Bake it into an {la} checkpoint, or pick a LoRA made for {arch.label}.")
+                fix=f"Bake it into an {la} checkpoint, or pick a LoRA made for {arch.label}.",
+            )
         parsed = parse_keys(shapes)
         check_scalars(spec.path, shapes)
     except BaseException:
@@ -155,9 +158,12 @@ def check_scalars(path: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
     bad = [(k, list(v)) for k, v in shapes.items() if k.rsplit(".", 1)[-1] in ("alpha", "scale") and math.prod(v) != 1]
     if bad:
         k, shape = bad[0]
-        raise FormatError(f"{path}: {k} has shape {shape}; an alpha or scale is one number"
-                          + (f" ({len(bad)} such tensors)" if len(bad) > 1 else "") + ".",
-                          fix="The file is damaged or was edited by hand: re-export the LoRA.")
+        raise FormatError(
+            f"{path}: {k} has shape {shape}; an alpha or scale is one number"
+            + (f" ({len(bad)} such tensors)" if len(bad) > 1 else "")
+            + ".",
+            fix="The file is damaged or was edited by hand: re-export the LoRA.",
+        )
 
 
 def _likely_cause(unmatched: list[tuple[str, str]], total: int) -> str:
@@ -178,8 +184,9 @@ def _likely_cause(unmatched: list[tuple[str, str]], total: int) -> str:
     return "some layer names do not exist in this checkpoint (another model variant, or a damaged file)."
 
 
-def _pick_target(targets: list[Target], alg: type[Algorithm], pshapes: dict[str, tuple[int, ...]],
-                 problem: str) -> tuple[Target | None, str]:
+def _pick_target(
+    targets: list[Target], alg: type[Algorithm], pshapes: dict[str, tuple[int, ...]], problem: str
+) -> tuple[Target | None, str]:
     """Choose among the layers a name may mean by the group's shapes. Returns (target, reason when none)."""
     if not targets:
         return None, problem
@@ -193,18 +200,30 @@ def _pick_target(targets: list[Target], alg: type[Algorithm], pshapes: dict[str,
     if len(fits) == 1:
         return fits[0], ""
     if len(fits) > 1:
-        return None, ("ambiguous: it names " + " and ".join(f"{t.label} {list(t.shape)}" for t in fits)
-                      + ", and the LoRA's shapes fit each")
+        return None, (
+            "ambiguous: it names "
+            + " and ".join(f"{t.label} {list(t.shape)}" for t in fits)
+            + ", and the LoRA's shapes fit each"
+        )
     if len(misfits) == 1:
         t, e = misfits[0]
         return None, f"shape mismatch with {t.label} {list(t.shape)}: {e}"
-    return None, ("shape mismatch: the name fits " + "; ".join(f"{t.label} {list(t.shape)} ({e})" for t, e in misfits)
-                  + " — the LoRA's shapes fit none of them")
+    return None, (
+        "shape mismatch: the name fits "
+        + "; ".join(f"{t.label} {list(t.shape)} ({e})" for t, e in misfits)
+        + " — the LoRA's shapes fit none of them"
+    )
 
 
-def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unmatched: bool = False,
-              index: TargetIndex | None = None, base_family: Family | None = None,
-              scale_source: str = "writer") -> Plan:
+def plan_bake(
+    base: str | TensorSource,
+    specs: Sequence[LoraSpec],
+    *,
+    allow_unmatched: bool = False,
+    index: TargetIndex | None = None,
+    base_family: Family | None = None,
+    scale_source: str = "writer",
+) -> Plan:
     """Open and validate everything, and decide where every LoRA module goes.
 
     Nothing is written and no tensor value is read: shapes come from the headers.
@@ -233,8 +252,14 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
             src, lfam, parsed = _open_lora(spec, arch, base_path)
             implicit: set[str] = set()
             bw = parse_block_weights(spec.blocks, arch.id, implicit) if spec.blocks else dict.fromkeys(arch.blocks, 1.0)
-            st = LoraState(spec=spec, source=src, family=lfam, parsed=parsed, weights=bw,
-                           scales=ScaleResolver(src.metadata, scale_source))
+            st = LoraState(
+                spec=spec,
+                source=src,
+                family=lfam,
+                parsed=parsed,
+                weights=bw,
+                scales=ScaleResolver(src.metadata, scale_source),
+            )
             loras.append(st)
             lshapes = src.shapes()
             for key in parsed.unknown:
@@ -260,11 +285,21 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
                     st.naming[note] += 1
                 r = alg.rank(pshapes)
                 wscale = st.scales.resolve(module, target.component, alg.id == "lora", params, r)
-                comp_strength = spec.strength if target.component == "unet" else (
-                    spec.te_strength if spec.te_strength is not None else spec.strength)
+                comp_strength = (
+                    spec.strength
+                    if target.component == "unet"
+                    else (spec.te_strength if spec.te_strength is not None else spec.strength)
+                )
                 bweight = bw.get(target.block, 1.0) if target.block else 1.0
-                c = Contribution(lora=li, module=module, alg=alg, params=dict(params), target=target,
-                                 multiplier=comp_strength * bweight, scale=wscale)
+                c = Contribution(
+                    lora=li,
+                    module=module,
+                    alg=alg,
+                    params=dict(params),
+                    target=target,
+                    multiplier=comp_strength * bweight,
+                    scale=wscale,
+                )
                 st.matched[target.component] += 1
                 st.algorithms[algorithm_name(alg, params)] += 1
                 if r:
@@ -282,8 +317,10 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
                     biases.setdefault(target.bias_key, []).append((c, bp))
             total = len(parsed.modules) + len(parsed.unknown)
             if total == 0 and not parsed.embeddings:
-                raise MatchError(f"{spec.path} contains no LoRA layers ({len(lshapes)} tensors, none recognised).",
-                                 fix="Check that the file is a LoRA/LyCORIS file.")
+                raise MatchError(
+                    f"{spec.path} contains no LoRA layers ({len(lshapes)} tensors, none recognised).",
+                    fix="Check that the file is a LoRA/LyCORIS file.",
+                )
             if st.unmatched and not allow_unmatched:
                 shown = "\n".join(f"  {m}: {r}" for m, r in st.unmatched[:8])
                 more = f"\n  ... and {len(st.unmatched) - 8} more" if len(st.unmatched) > 8 else ""
@@ -292,17 +329,24 @@ def plan_bake(base: str | TensorSource, specs: Sequence[LoraSpec], *, allow_unma
                     f"{base_path} ({arch.label}):\n{shown}{more}\n"
                     f"Likely cause: {_likely_cause(st.unmatched, total)}",
                     fix="Use a LoRA made for this checkpoint, or turn on the allow-unmatched option to bake the rest "
-                        "and list these in the report.")
+                    "and list these in the report.",
+                )
             if st.unmatched:
-                warnings.append(f"{spec.label}: {len(st.unmatched)} layer(s) matched nothing and were left out "
-                                f"(allow-unmatched); see the report.")
+                warnings.append(
+                    f"{spec.label}: {len(st.unmatched)} layer(s) matched nothing and were left out "
+                    f"(allow-unmatched); see the report."
+                )
             if parsed.embeddings:
-                warnings.append(f"{spec.label}: bundled embedding(s) {', '.join(sorted(parsed.embeddings))} cannot be "
-                                f"baked into weights; keep using them as textual inversions at generation time.")
+                warnings.append(
+                    f"{spec.label}: bundled embedding(s) {', '.join(sorted(parsed.embeddings))} cannot be "
+                    f"baked into weights; keep using them as textual inversions at generation time."
+                )
             if st.zeroed_blocks:
                 blocks = ", ".join(f"{b} ({n})" for b, n in sorted(st.zeroed_blocks.items()))
-                warnings.append(f"{spec.label}: the block weights {spec.blocks!r} do not list {blocks}; those "
-                                f"layers get weight 0, as in LoRA Block Weight (give a full-length vector to keep them).")
+                warnings.append(
+                    f"{spec.label}: the block weights {spec.blocks!r} do not list {blocks}; those "
+                    f"layers get weight 0, as in LoRA Block Weight (give a full-length vector to keep them)."
+                )
             warnings.extend(_family_warnings(spec, lfam, fam))
         return Plan(base=base, arch=arch, family=fam, loras=loras, weights=weights, biases=biases, warnings=warnings)
     except BaseException:
@@ -317,11 +361,15 @@ def _family_warnings(spec: LoraSpec, lfam: Family, base: Family) -> list[str]:
     ll = {n for n, _ in lfam.lineage}
     bl = {n for n, _ in base.lineage}
     if ll and bl and not (ll & bl):
-        out.append(f"{spec.label}: trained on {'/'.join(sorted(ll))} ({lfam.lineage[0][1]}) but the checkpoint looks "
-                   f"{'/'.join(sorted(bl))} ({base.lineage[0][1]}); cross-lineage LoRAs often need lower strength.")
+        out.append(
+            f"{spec.label}: trained on {'/'.join(sorted(ll))} ({lfam.lineage[0][1]}) but the checkpoint looks "
+            f"{'/'.join(sorted(bl))} ({base.lineage[0][1]}); cross-lineage LoRAs often need lower strength."
+        )
     if lfam.vpred is not None and base.vpred is not None and lfam.vpred != base.vpred:
-        out.append(f"{spec.label}: trained for {'v' if lfam.vpred else 'epsilon'}-prediction ({lfam.vpred_evidence}) "
-                   f"but the checkpoint is {'v' if base.vpred else 'epsilon'}-prediction ({base.vpred_evidence}).")
+        out.append(
+            f"{spec.label}: trained for {'v' if lfam.vpred else 'epsilon'}-prediction ({lfam.vpred_evidence}) "
+            f"but the checkpoint is {'v' if base.vpred else 'epsilon'}-prediction ({base.vpred_evidence})."
+        )
     return out
 
 
@@ -343,15 +391,21 @@ def check_lora_values(plan: Plan, progress: Progress | None = None, cancel: thre
             elif key in alpha_keys and t.numel():
                 c = alpha_keys[key]
                 shp = c.target.shape
-                alphas.append((st.source.shape(c.params["lora_down.weight"])[0], float(t.reshape(-1)[0]),
-                               len(shp) == 4 and tuple(shp[2:]) != (1, 1)))
+                alphas.append(
+                    (
+                        st.source.shape(c.params["lora_down.weight"])[0],
+                        float(t.reshape(-1)[0]),
+                        len(shp) == 4 and tuple(shp[2:]) != (1, 1),
+                    )
+                )
         note = crosscheck_network_alpha(st.source.metadata, alphas)
         if note and st.scales is not None and note not in st.scales.notes:
             st.scales.notes.append(note)
         if bad:
-            raise ValueProblem(f"{st.spec.path} has NaN/inf weights in {len(bad)} tensor(s): " + "; ".join(bad[:5]),
-                               fix="The LoRA is broken (training diverged or the file is damaged). Use another "
-                                   "epoch or re-export it.")
+            raise ValueProblem(
+                f"{st.spec.path} has NaN/inf weights in {len(bad)} tensor(s): " + "; ".join(bad[:5]),
+                fix="The LoRA is broken (training diverged or the file is damaged). Use another epoch or re-export it.",
+            )
         known = plan.hash_cache.get(st.spec.path) if plan.hash_cache is not None else None
         if known is not None:
             st.sha256, st.sha256_source = known
@@ -360,4 +414,3 @@ def check_lora_values(plan: Plan, progress: Progress | None = None, cancel: thre
             st.sha256, st.sha256_source = sha256_file(st.spec.path), "computed"
             if plan.hash_cache is not None and stamp is not None:
                 plan.hash_cache.put(st.spec.path, st.sha256, stamp[1])
-

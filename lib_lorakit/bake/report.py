@@ -20,10 +20,14 @@ def bake_metadata(plan: Plan, save_dtype: str, base_sha: str) -> dict[str, str]:
         "operation": "bake",
         "base": {"file": os.path.basename(plan.base.path), "sha256": base_sha, "arch": plan.arch.id},
         "loras": [
-            {"name": st.spec.label, "file": os.path.basename(st.spec.path), "sha256": st.sha256,
-             "strength": st.spec.strength,
-             "te_strength": st.spec.te_strength if st.spec.te_strength is not None else st.spec.strength,
-             "blocks": format_weights(st.weights, plan.arch.id) if st.spec.blocks else None}
+            {
+                "name": st.spec.label,
+                "file": os.path.basename(st.spec.path),
+                "sha256": st.sha256,
+                "strength": st.spec.strength,
+                "te_strength": st.spec.te_strength if st.spec.te_strength is not None else st.spec.strength,
+                "blocks": format_weights(st.weights, plan.arch.id) if st.spec.blocks else None,
+            }
             for st in plan.loras
         ],
         "save_dtype": save_dtype,
@@ -33,32 +37,36 @@ def bake_metadata(plan: Plan, save_dtype: str, base_sha: str) -> dict[str, str]:
     return meta
 
 
-
-def bake_report(plan: Plan, stats, output: str | None, save_dtype: str, base_sha: str, dry_run: bool,
-            wall: float) -> dict:
+def bake_report(
+    plan: Plan, stats, output: str | None, save_dtype: str, base_sha: str, dry_run: bool, wall: float
+) -> dict:
     arch = plan.arch
     loras = []
     for st in plan.loras:
         total = len(st.parsed.modules) + len(st.parsed.unknown)
-        loras.append({
-            "name": st.spec.label,
-            "path": st.spec.path,
-            "sha256": st.sha256,
-            "sha256_source": st.sha256_source,
-            "strength": st.spec.strength,
-            "te_strength": st.spec.te_strength if st.spec.te_strength is not None else st.spec.strength,
-            "blocks": format_weights(st.weights, arch.id) if st.spec.blocks else None,
-            "family": st.family.as_dict(),
-            "algorithms": dict(st.algorithms),
-            "layers": total,
-            "matched": {c: st.matched.get(c, 0) for c in ("unet", "te1", "te2") if c in arch.prefixes},
-            "unmatched": [{"layer": m, "reason": r} for m, r in st.unmatched],
-            "embeddings_not_baked": sorted(st.parsed.embeddings),
-            "rank": {"min": min(st.ranks), "max": max(st.ranks)} if st.ranks else None,
-            "scale": st.scales.report() if st.scales is not None else None,
-            "naming_normalised": dict(st.naming),
-            "max_rel_change_by_block": {b: _r(v) for b, v in sorted(st.block_change.items(), key=_block_sort(arch))},
-        })
+        loras.append(
+            {
+                "name": st.spec.label,
+                "path": st.spec.path,
+                "sha256": st.sha256,
+                "sha256_source": st.sha256_source,
+                "strength": st.spec.strength,
+                "te_strength": st.spec.te_strength if st.spec.te_strength is not None else st.spec.strength,
+                "blocks": format_weights(st.weights, arch.id) if st.spec.blocks else None,
+                "family": st.family.as_dict(),
+                "algorithms": dict(st.algorithms),
+                "layers": total,
+                "matched": {c: st.matched.get(c, 0) for c in ("unet", "te1", "te2") if c in arch.prefixes},
+                "unmatched": [{"layer": m, "reason": r} for m, r in st.unmatched],
+                "embeddings_not_baked": sorted(st.parsed.embeddings),
+                "rank": {"min": min(st.ranks), "max": max(st.ranks)} if st.ranks else None,
+                "scale": st.scales.report() if st.scales is not None else None,
+                "naming_normalised": dict(st.naming),
+                "max_rel_change_by_block": {
+                    b: _r(v) for b, v in sorted(st.block_change.items(), key=_block_sort(arch))
+                },
+            }
+        )
     return {
         "lorakit_version": __version__,
         "operation": "bake",
@@ -66,10 +74,18 @@ def bake_report(plan: Plan, stats, output: str | None, save_dtype: str, base_sha
         "base": {"path": plan.base.path, "sha256": base_sha or None, "family": plan.family.as_dict()},
         "output": None if dry_run else {"path": os.path.abspath(output), "save_dtype": save_dtype},
         "loras": loras,
-        "tensors": {"modified": stats.modified, "converted": stats.converted, "copied": stats.copied,
-                    "planned": len(plan.weights) + len(plan.biases)},
-        "rounding": {"save_dtype": save_dtype, "max_abs_rounding_loss": stats.max_round[0],
-                     "key": stats.max_round[1] or None, "max_abs_weight": stats.max_abs[0]},
+        "tensors": {
+            "modified": stats.modified,
+            "converted": stats.converted,
+            "copied": stats.copied,
+            "planned": len(plan.weights) + len(plan.biases),
+        },
+        "rounding": {
+            "save_dtype": save_dtype,
+            "max_abs_rounding_loss": stats.max_round[0],
+            "key": stats.max_round[1] or None,
+            "max_abs_weight": stats.max_abs[0],
+        },
         "warnings": plan.warnings,
         "wall_s": round(wall, 3),
         "peak_rss_mb": None if (rss := peak_rss_mb()) is None else round(rss, 1),
@@ -105,21 +121,28 @@ def summary(report: dict) -> str:
     lines = []
     fam = report["base"]["family"]
     head = "Dry run (nothing written)" if report["dry_run"] else f"Baked {report['output']['path']}"
-    lines.append(f"{head} — base {os.path.basename(report['base']['path'])} ({fam['arch_label']}"
-                 + (", v-pred" if fam.get("vpred") else "") + ")")
+    lines.append(
+        f"{head} — base {os.path.basename(report['base']['path'])} ({fam['arch_label']}"
+        + (", v-pred" if fam.get("vpred") else "")
+        + ")"
+    )
     for lo in report["loras"]:
         m = lo["matched"]
         algos = ", ".join(f"{k} {v}" for k, v in sorted(lo["algorithms"].items()))
         te = f" te {lo['te_strength']:g}" if lo["te_strength"] != lo["strength"] else ""
-        lines.append(f"  {lo['name']} @ {lo['strength']:g}{te}: "
-                     + ", ".join(f"{c} {n}" for c, n in m.items())
-                     + f" of {lo['layers']} layers matched ({algos})"
-                     + (f"; {len(lo['unmatched'])} UNMATCHED" if lo["unmatched"] else ""))
+        lines.append(
+            f"  {lo['name']} @ {lo['strength']:g}{te}: "
+            + ", ".join(f"{c} {n}" for c, n in m.items())
+            + f" of {lo['layers']} layers matched ({algos})"
+            + (f"; {len(lo['unmatched'])} UNMATCHED" if lo["unmatched"] else "")
+        )
         lines.extend(scale_lines(lo.get("scale"), lo.get("naming_normalised"), indent="    "))
     t = report["tensors"]
     if report["dry_run"]:  # nothing is computed: say what the bake would change, not "0 changed"
-        lines.append(f"  tensors: {t.get('planned', '?')} would change (a dry run plans only; the changes are "
-                     "measured when baking)")
+        lines.append(
+            f"  tensors: {t.get('planned', '?')} would change (a dry run plans only; the changes are "
+            "measured when baking)"
+        )
         return _summary_tail(report, lines)
     lines.append(f"  tensors: {t['modified']} changed, {t['converted']} converted, {t['copied']} copied as is")
     lines.append("  largest relative change |strength·dW|/|W| by block:")
@@ -127,8 +150,10 @@ def summary(report: dict) -> str:
         top = sorted(lo["max_rel_change_by_block"].items(), key=lambda kv: -kv[1])[:4]
         lines.append(f"    {lo['name']}: " + (", ".join(f"{b} {v:.3g}" for b, v in top) or "no change"))
     r = report["rounding"]
-    lines.append(f"  saved as {r['save_dtype']}: max rounding loss {r['max_abs_rounding_loss']:.3g}, "
-                 f"max |w| {r['max_abs_weight']:.4g}")
+    lines.append(
+        f"  saved as {r['save_dtype']}: max rounding loss {r['max_abs_rounding_loss']:.3g}, "
+        f"max |w| {r['max_abs_weight']:.4g}"
+    )
     return _summary_tail(report, lines)
 
 
@@ -138,4 +163,3 @@ def _summary_tail(report: dict, lines: list[str]) -> str:
     mem = f", peak memory {report['peak_rss_mb']:.0f} MB" if report.get("peak_rss_mb") else ""
     lines.append(f"  {report['wall_s']:.2f} s{mem}")
     return "\n".join(lines)
-

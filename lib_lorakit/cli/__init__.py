@@ -31,8 +31,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from ..ui.standalone import serve
 
-    serve(args.models_dir, args.loras_dir, port=args.port, host=args.host, api_auth=args.api_auth,
-          data_dir=args.data_dir, current=args.checkpoint)
+    serve(
+        args.models_dir,
+        args.loras_dir,
+        port=args.port,
+        host=args.host,
+        api_auth=args.api_auth,
+        data_dir=args.data_dir,
+        current=args.checkpoint,
+    )
     return 0
 
 
@@ -50,10 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=7870)
     u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     u.add_argument("--api-auth", help="require user:password[,user2:password2] for the API, like the WebUI's option")
-    u.add_argument("--data-dir", help="lorakit's data folder (settings, triage decisions); default "
-                                      "MODELS_DIR/.lorakit — give the CLI's --data-dir to review its triages here")
-    u.add_argument("--checkpoint", help="the checkpoint the tab preselects, as a WebUI's loaded model (a name "
-                                       "from the folder; preselected once the file is there)")
+    u.add_argument(
+        "--data-dir",
+        help="lorakit's data folder (settings, triage decisions); default "
+        "MODELS_DIR/.lorakit — give the CLI's --data-dir to review its triages here",
+    )
+    u.add_argument(
+        "--checkpoint",
+        help="the checkpoint the tab preselects, as a WebUI's loaded model (a name "
+        "from the folder; preselected once the file is there)",
+    )
     u.set_defaults(func=cmd_ui)
 
     gen.add_parsers(sub)

@@ -7,7 +7,6 @@ import json
 import sys
 
 
-
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's exit code 2 matches "bad input"
         self.print_usage(sys.stderr)
@@ -46,19 +45,27 @@ def write_json(path: str | None, data: dict) -> None:
 
 def gen_args(x: argparse.ArgumentParser, webui_required: bool = True) -> None:
     """The options of every command that generates through a WebUI (defaults: the generation profile's)."""
-    x.add_argument("--webui", required=webui_required, metavar="URL",
-                   help="a WebUI started with --api, e.g. http://127.0.0.1:7860")
+    x.add_argument(
+        "--webui", required=webui_required, metavar="URL", help="a WebUI started with --api, e.g. http://127.0.0.1:7860"
+    )
     x.add_argument("--api-auth", metavar="USER:PASSWORD", help="the WebUI's --api-auth credentials")
-    x.add_argument("--checkpoint", help="checkpoint from the WebUI's list (default: the loaded one; restored after "
-                                        "each image)")
-    x.add_argument("--strengths", help="'0, 0.25, 0.5' or '0-1.5:0.25' (default: 0 up to each LoRA's max-safe "
-                                       "strength from the inspector); 0, the baseline, is always in")
+    x.add_argument(
+        "--checkpoint", help="checkpoint from the WebUI's list (default: the loaded one; restored after each image)"
+    )
+    x.add_argument(
+        "--strengths",
+        help="'0, 0.25, 0.5' or '0-1.5:0.25' (default: 0 up to each LoRA's max-safe "
+        "strength from the inspector); 0, the baseline, is always in",
+    )
     x.add_argument("--seeds", help="'1, 2, 3' or '3x' (default 1)")
     x.add_argument("--epochs", action="store_true", help="rows are the epoch files of each LoRA's training run")
     x.add_argument("--prompts", metavar="FILE", help="prompts, one per line")
     x.add_argument("--negative", default="", help="negative prompt")
-    x.add_argument("--profile", help="generation profile: sd15, sdxl, pony, illustrious, noobai-eps, noobai-vpred "
-                                     "(default: detected from the checkpoint); the options below override it")
+    x.add_argument(
+        "--profile",
+        help="generation profile: sd15, sdxl, pony, illustrious, noobai-eps, noobai-vpred "
+        "(default: detected from the checkpoint); the options below override it",
+    )
     x.add_argument("--steps", type=int, help="sampling steps (default: the profile's)")
     x.add_argument("--cfg-scale", type=float, help="CFG scale (default: the profile's)")
     x.add_argument("--width", type=int, help="width (default: the profile's)")
@@ -71,9 +78,16 @@ def gen_args(x: argparse.ArgumentParser, webui_required: bool = True) -> None:
 
 def gen_fields(args: argparse.Namespace) -> dict:
     """The generation settings given on the command line, as request fields (unset ones left out)."""
-    out = {"steps": args.steps, "cfg_scale": args.cfg_scale, "width": args.width, "height": args.height,
-           "sampler_name": args.sampler, "scheduler": args.scheduler, "clip_skip": args.clip_skip,
-           "profile": args.profile}
+    out = {
+        "steps": args.steps,
+        "cfg_scale": args.cfg_scale,
+        "width": args.width,
+        "height": args.height,
+        "sampler_name": args.sampler,
+        "scheduler": args.scheduler,
+        "clip_skip": args.clip_skip,
+        "profile": args.profile,
+    }
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -98,15 +112,33 @@ def local(args: argparse.Namespace, **kw):
     from ..ops import LocalContext
 
     engine = cli_kwargs(args) if hasattr(args, "no_hash_cache") else None
-    return LocalContext(getattr(args, "data_dir", None), webui=getattr(args, "webui", None),
-                        api_auth=getattr(args, "api_auth", None), engine=engine, **kw)
+    return LocalContext(
+        getattr(args, "data_dir", None),
+        webui=getattr(args, "webui", None),
+        api_auth=getattr(args, "api_auth", None),
+        engine=engine,
+        **kw,
+    )
 
 
 def data_arg(x: argparse.ArgumentParser) -> None:
-    x.add_argument("--data-dir", default="lorakit-data", help="lorakit's data folder with lorakit.db (default "
-                                                              "./lorakit-data; the WebUI's is extensions/lorakit's "
-                                                              "data folder)")
+    x.add_argument(
+        "--data-dir",
+        default="lorakit-data",
+        help="lorakit's data folder with lorakit.db (default "
+        "./lorakit-data; the WebUI's is extensions/lorakit's "
+        "data folder)",
+    )
 
 
-__all__ = ["Parser", "data_arg", "gen_args", "gen_fields", "local", "progress_printer", "read_prompts",
-           "write_json", "write_text"]
+__all__ = [
+    "Parser",
+    "data_arg",
+    "gen_args",
+    "gen_fields",
+    "local",
+    "progress_printer",
+    "read_prompts",
+    "write_json",
+    "write_text",
+]

@@ -25,16 +25,20 @@ def cmd_tournament(args: argparse.Namespace) -> int:
     a = args.action
     if a == "list":
         for t in T.tournaments(ctx):
-            print(f"{t['id']}  round {t['round']}  {t['state']:<10} {'revealed' if t['revealed'] else 'blind':<8} "
-                  f"{t['name']}")
+            print(
+                f"{t['id']}  round {t['round']}  {t['state']:<10} {'revealed' if t['revealed'] else 'blind':<8} "
+                f"{t['name']}"
+            )
         return 0
     if a == "create":
         print(T.create(ctx, _read_spec(args.spec)))
         return 0
     if a == "generate":
         rec = T.generate(ctx, args.id, args.out, progress=progress_printer(True))
-        print(f"{rec['ok']} images ok, {rec['failed']} failed, {rec['missing']} missing; rank them blind in the "
-              f"Tournament tab or the standalone launcher (--data-dir {args.data_dir})")
+        print(
+            f"{rec['ok']} images ok, {rec['failed']} failed, {rec['missing']} missing; rank them blind in the "
+            f"Tournament tab or the standalone launcher (--data-dir {args.data_dir})"
+        )
         return 0 if rec["failed"] == 0 and rec["missing"] == 0 else 3
     if a == "score":
         sc = T.scores(ctx, args.id)
@@ -42,8 +46,13 @@ def cmd_tournament(args: argparse.Namespace) -> int:
             print(json.dumps(sc, indent=2, default=str))
             return 0
         for name, vals in sc["schemes"].items():
-            print(f"{name}: " + ", ".join(f"{c} {v:.2f}" for c, v in sorted(
-                vals.items(), key=lambda kv: kv[1], reverse=name != "average rank")))
+            print(
+                f"{name}: "
+                + ", ".join(
+                    f"{c} {v:.2f}"
+                    for c, v in sorted(vals.items(), key=lambda kv: kv[1], reverse=name != "average rank")
+                )
+            )
         for n in sc["notes"]:
             print(f"note: {n}")
         if sc["separability"].get("text"):
@@ -74,9 +83,12 @@ def cmd_tournament(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    to = sub.add_parser("tournament", help="blind tournaments of checkpoints, recipes and merges",
-                        description="Blind tournaments: at least 5 prompts, one control (the previous version), hidden "
-                                    "labels, top-3 ranking, scores under several schemes with uncertainty, rounds.")
+    to = sub.add_parser(
+        "tournament",
+        help="blind tournaments of checkpoints, recipes and merges",
+        description="Blind tournaments: at least 5 prompts, one control (the previous version), hidden "
+        "labels, top-3 ranking, scores under several schemes with uncertainty, rounds.",
+    )
     tosub = to.add_subparsers(dest="action", required=True, parser_class=Parser)
     t_create = tosub.add_parser("create", help="create from a JSON spec {name, candidates, prompts, settings}")
     t_create.add_argument("spec")

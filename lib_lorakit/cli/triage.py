@@ -24,9 +24,19 @@ def cmd_triage(args: argparse.Namespace) -> int:
             if not sep or not text.strip():
                 raise RecipeError(f"--prompt {item!r}: write CATEGORY=PROMPT, e.g. style=a village street.")
             prompts[cat.strip()] = text.strip()
-        req = {"folder": args.folder, "checkpoint": args.checkpoint, "prompts": prompts or None, "seeds": args.seeds,
-               "strength": args.strength, "negative_prompt": args.negative, "arch": args.arch,
-               "category": args.category, "name_filter": args.name, "name": args.title or "", **gen_fields(args)}
+        req = {
+            "folder": args.folder,
+            "checkpoint": args.checkpoint,
+            "prompts": prompts or None,
+            "seeds": args.seeds,
+            "strength": args.strength,
+            "negative_prompt": args.negative,
+            "arch": args.arch,
+            "category": args.category,
+            "name_filter": args.name,
+            "name": args.title or "",
+            **gen_fields(args),
+        }
         t, backend = triage_op.create(ctx, req)
         st = t.state()
         print(f"triage {t.id}: {st['items']} LoRAs, {st['skipped']} skipped", file=sys.stderr)
@@ -35,12 +45,16 @@ def cmd_triage(args: argparse.Namespace) -> int:
                 print(f"  skipped {it['lora']}: {it['skipped']}", file=sys.stderr)
         rec = triage_op.generate(ctx, t, backend, args.out, progress=progress_printer(True))
         print(t.id)
-        print(f"{rec.get('ok', 0)} images ok, {rec.get('failed', 0)} failed; review it in the WebUI's Triage tab or "
-              f"the standalone launcher (--data-dir {args.data_dir})", file=sys.stderr)
+        print(
+            f"{rec.get('ok', 0)} images ok, {rec.get('failed', 0)} failed; review it in the WebUI's Triage tab or "
+            f"the standalone launcher (--data-dir {args.data_dir})",
+            file=sys.stderr,
+        )
         return 0 if not rec.get("failed") and not rec.get("missing") else 3
     if args.action == "decide":
-        res = triage_op.decide(ctx, args.id, {"decisions": [{"idx": args.idx, "decision": args.decision,
-                                                             "client": "cli"}]})
+        res = triage_op.decide(
+            ctx, args.id, {"decisions": [{"idx": args.idx, "decision": args.decision, "client": "cli"}]}
+        )
         print(json.dumps(res["state"]))
         return 0
     if args.action == "report":
@@ -54,8 +68,10 @@ def cmd_triage(args: argparse.Namespace) -> int:
     if args.action == "archive":
         roots = [args.lora_root] if args.lora_root else None
         res = triage_op.archive(ctx, args.id, {"decision": args.decision}, archive_dir=args.archive_dir, roots=roots)
-        print(f"archived {res['loras']} LoRA(s), {res['files']} file(s), {res['bytes'] / 2**20:.1f} MB into "
-              f"{res['batch']}; undo with: python -m lib_lorakit triage restore {res['batch']}")
+        print(
+            f"archived {res['loras']} LoRA(s), {res['files']} file(s), {res['bytes'] / 2**20:.1f} MB into "
+            f"{res['batch']}; undo with: python -m lib_lorakit triage restore {res['batch']}"
+        )
         return 0
     raise RecipeError(f"unknown action {args.action}")
 
@@ -71,10 +87,13 @@ def cmd_triage_restore(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    t = sub.add_parser("triage", help="keep/maybe/drop many LoRAs: image pairs, decisions, report, archive",
-                       description="LoRA triage: one image per LoRA at its max-safe strength beside a no-LoRA "
-                                   "baseline; decisions in the WebUI's Triage tab (or the standalone launcher); a "
-                                   "report; a reversible archive of the NO files.")
+    t = sub.add_parser(
+        "triage",
+        help="keep/maybe/drop many LoRAs: image pairs, decisions, report, archive",
+        description="LoRA triage: one image per LoRA at its max-safe strength beside a no-LoRA "
+        "baseline; decisions in the WebUI's Triage tab (or the standalone launcher); a "
+        "report; a reversible archive of the NO files.",
+    )
     tsub = t.add_subparsers(dest="action", required=True, parser_class=Parser)
     tc = tsub.add_parser("create", help="plan a triage of a LoRA folder and generate its pairs through a WebUI")
     tc.add_argument("--folder", help="a folder inside the WebUI's LoRA folder (default: every LoRA it lists)")

@@ -114,8 +114,13 @@ def _lora_inputs(items: list[str]) -> list[dict]:
             except ValueError:
                 break
             parts.pop()
-        out.append({"name": ":".join(parts), "weight": nums[0] if nums else 1.0,
-                    "te_weight": nums[1] if len(nums) > 1 else None})
+        out.append(
+            {
+                "name": ":".join(parts),
+                "weight": nums[0] if nums else 1.0,
+                "te_weight": nums[1] if len(nums) > 1 else None,
+            }
+        )
     return out
 
 
@@ -140,25 +145,77 @@ def run(args: argparse.Namespace) -> int:
     say = progress_printer(not args.quiet)
     common = {"output": args.output, "overwrite": args.overwrite}
     if cmd == "extract":
-        res = W.extract(ctx, {**common, "tuned": args.tuned, "base": args.base, "rank": args.rank,
-                              "conv_rank": args.conv_rank, "dynamic": args.dynamic, "min_diff": args.min_diff,
-                              "blocks": args.blocks, "device": args.device, "save": args.save, "method": args.method,
-                              "hash_inputs": not args.no_hash}, progress=say)
+        res = W.extract(
+            ctx,
+            {
+                **common,
+                "tuned": args.tuned,
+                "base": args.base,
+                "rank": args.rank,
+                "conv_rank": args.conv_rank,
+                "dynamic": args.dynamic,
+                "min_diff": args.min_diff,
+                "blocks": args.blocks,
+                "device": args.device,
+                "save": args.save,
+                "method": args.method,
+                "hash_inputs": not args.no_hash,
+            },
+            progress=say,
+        )
     elif cmd == "resize":
-        res = W.resize(ctx, {**common, "lora": args.lora, "rank": args.rank, "conv_rank": args.conv_rank,
-                             "dynamic": args.dynamic, "base": args.base, "device": args.device, "save": args.save},
-                       progress=say)
+        res = W.resize(
+            ctx,
+            {
+                **common,
+                "lora": args.lora,
+                "rank": args.rank,
+                "conv_rank": args.conv_rank,
+                "dynamic": args.dynamic,
+                "base": args.base,
+                "device": args.device,
+                "save": args.save,
+            },
+            progress=say,
+        )
     elif cmd == "lora-merge":
-        res = W.lora_merge(ctx, {**common, "loras": _lora_inputs(args.loras), "mode": args.mode, "rank": args.rank,
-                                 "conv_rank": args.conv_rank, "dynamic": args.dynamic, "blocks": args.blocks,
-                                 "base": args.base, "device": args.device, "save": args.save}, progress=say)
+        res = W.lora_merge(
+            ctx,
+            {
+                **common,
+                "loras": _lora_inputs(args.loras),
+                "mode": args.mode,
+                "rank": args.rank,
+                "conv_rank": args.conv_rank,
+                "dynamic": args.dynamic,
+                "blocks": args.blocks,
+                "base": args.base,
+                "device": args.device,
+                "save": args.save,
+            },
+            progress=say,
+        )
     else:
-        res = W.clean(ctx, {**common, "checkpoint": args.checkpoint, "drop_ema": not args.keep_ema,
-                            "drop_other": not args.keep_other, "repair_position_ids": not args.no_repair,
-                            "save": args.save, "vae": args.vae, "title": args.title, "author": args.author,
-                            "description": args.description, "trigger_words": args.trigger_words,
-                            "preferred_weight": args.preferred_weight, "strip_training": args.strip_training,
-                            "scan": not args.no_scan}, progress=say)
+        res = W.clean(
+            ctx,
+            {
+                **common,
+                "checkpoint": args.checkpoint,
+                "drop_ema": not args.keep_ema,
+                "drop_other": not args.keep_other,
+                "repair_position_ids": not args.no_repair,
+                "save": args.save,
+                "vae": args.vae,
+                "title": args.title,
+                "author": args.author,
+                "description": args.description,
+                "trigger_words": args.trigger_words,
+                "preferred_weight": args.preferred_weight,
+                "strip_training": args.strip_training,
+                "scan": not args.no_scan,
+            },
+            progress=say,
+        )
     rep = res["report"]
     print(json.dumps(rep, indent=1, default=str) if args.json else W.summary(cmd, rep))
     return 0

@@ -6,8 +6,16 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-COLOURS = [(37, 99, 235), (22, 163, 74), (234, 88, 12), (147, 51, 234), (219, 39, 119), (13, 148, 136),
-           (202, 138, 4), (71, 85, 105)]
+COLOURS = [
+    (37, 99, 235),
+    (22, 163, 74),
+    (234, 88, 12),
+    (147, 51, 234),
+    (219, 39, 119),
+    (13, 148, 136),
+    (202, 138, 4),
+    (71, 85, 105),
+]
 
 
 def _font(size: int):
@@ -42,8 +50,10 @@ def score_chart(sc: dict[str, Any], width: int = 900) -> Image.Image:
             v = vals[c]
             x1 = left + int((v - lo) / span * (width - left - 80))
             d.text((10, y + i * row_h), str(c)[:24], fill=(40, 40, 40), font=small)
-            d.rectangle([min(x0, x1), y + i * row_h + 2, max(x0, x1) + 1, y + i * row_h + row_h - 3],
-                        fill=COLOURS[i % len(COLOURS)])
+            d.rectangle(
+                [min(x0, x1), y + i * row_h + 2, max(x0, x1) + 1, y + i * row_h + row_h - 3],
+                fill=COLOURS[i % len(COLOURS)],
+            )
             d.text((max(x0, x1) + 6, y + i * row_h), f"{v:.2f}", fill=(40, 40, 40), font=small)
         y += len(cands) * row_h + pad + 6
     bt = sc["bradley_terry"]

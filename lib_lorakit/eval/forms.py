@@ -7,6 +7,7 @@ the JSON route takes, already checked by :meth:`TournamentSpec.validate`, with t
 settings of the control's generation profile (the user's values on top) and the profile
 it came from.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,7 +41,9 @@ def _loras(value: Any, where: str) -> list[dict[str, Any]]:
         try:
             out.append({"name": str(x["name"]).strip(), "strength": float(x.get("strength", 1.0))})
         except (TypeError, ValueError):
-            raise RecipeError(f"{where}: LoRA {x['name']!r} has strength {x.get('strength')!r}, not a number.") from None
+            raise RecipeError(
+                f"{where}: LoRA {x['name']!r} has strength {x.get('strength')!r}, not a number."
+            ) from None
     return out
 
 
@@ -61,10 +64,15 @@ def _candidate(row: Mapping[str, Any], i: int) -> Candidate:
     ck = str(row.get("checkpoint") or "").strip() or None
     if kind == "merge":
         m = row.get("merge") or {}
-        models = [{"name": str(x.get("name")).strip(), "weight": float(x.get("weight", 1.0))}
-                  for x in (m.get("models") or []) if isinstance(x, Mapping) and x.get("name")]
+        models = [
+            {"name": str(x.get("name")).strip(), "weight": float(x.get("weight", 1.0))}
+            for x in (m.get("models") or [])
+            if isinstance(x, Mapping) and x.get("name")
+        ]
         if len(models) < 2:
-            raise RecipeError(f"{where} is a merge recipe with {len(models)} model(s).", fix="Pick two or more checkpoints.")
+            raise RecipeError(
+                f"{where} is a merge recipe with {len(models)} model(s).", fix="Pick two or more checkpoints."
+            )
         merge = {k: v for k, v in m.items() if k != "models"}
         merge["models"] = models
         ck = None
@@ -78,7 +86,11 @@ def _candidate(row: Mapping[str, Any], i: int) -> Candidate:
 
 
 def _prompts(prompts: Any, chosen: Mapping[str, Any]) -> list[str]:
-    if prompts is None or (isinstance(prompts, str) and not prompts.strip()) or (not isinstance(prompts, str) and not prompts):
+    if (
+        prompts is None
+        or (isinstance(prompts, str) and not prompts.strip())
+        or (not isinstance(prompts, str) and not prompts)
+    ):
         return prompt_set(chosen)
     if isinstance(prompts, str):
         return [p.strip() for p in prompts.splitlines() if p.strip()]
@@ -92,17 +104,26 @@ def _seeds(seeds: Any, n: int) -> list[int]:
     if len(vals) == 1:
         return [vals[0] + i for i in range(n)]  # one seed per prompt, counted up from the one given
     if len(vals) != n:
-        raise RecipeError(f"{len(vals)} seeds for {n} prompts.", fix="Give one seed (counted up per prompt) or one per prompt.")
+        raise RecipeError(
+            f"{len(vals)} seeds for {n} prompts.", fix="Give one seed (counted up per prompt) or one per prompt."
+        )
     return vals
 
 
-def tournament_spec_from_form(candidates: Sequence[Mapping[str, Any]], control: str | int | None,
-                              prompts: Sequence[Any] | str | None, seeds: Sequence[int] | str | int | None,
-                              settings: Mapping[str, Any] | None = None, *, name: str = "tournament",
-                              negative_prompt: str = "", first_version: bool = False,
-                              checkpoint_path: Callable[[str], str | None] | Mapping[str, str] | None = None,
-                              profile: str | None = None, lorakit_settings: Mapping[str, Any] | None = None
-                              ) -> dict[str, Any]:
+def tournament_spec_from_form(
+    candidates: Sequence[Mapping[str, Any]],
+    control: str | int | None,
+    prompts: Sequence[Any] | str | None,
+    seeds: Sequence[int] | str | int | None,
+    settings: Mapping[str, Any] | None = None,
+    *,
+    name: str = "tournament",
+    negative_prompt: str = "",
+    first_version: bool = False,
+    checkpoint_path: Callable[[str], str | None] | Mapping[str, str] | None = None,
+    profile: str | None = None,
+    lorakit_settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """A tournament spec (the JSON route's body) from a form, validated.
 
     Args:
@@ -132,8 +153,10 @@ def tournament_spec_from_form(candidates: Sequence[Mapping[str, Any]], control: 
         if idx is None and isinstance(control, str) and control.isdigit():
             idx = int(control)
         if idx is None or not 0 <= idx < len(cands):
-            raise RecipeError(f"The control {control!r} is not one of the candidates ({', '.join(c.id for c in cands)}).",
-                              fix="Mark one of the candidates as the control.")
+            raise RecipeError(
+                f"The control {control!r} is not one of the candidates ({', '.join(c.id for c in cands)}).",
+                fix="Mark one of the candidates as the control.",
+            )
         cands[idx].control = True
     lookup = checkpoint_path.get if isinstance(checkpoint_path, Mapping) else checkpoint_path
     ref = next((c for c in cands if c.control), cands[0])
@@ -147,29 +170,46 @@ def tournament_spec_from_form(candidates: Sequence[Mapping[str, Any]], control: 
         texts = (texts * MIN_PROMPTS)[:MIN_PROMPTS]
     neg = negative_prompt or chosen["negative"]
     ps = [{"prompt": t, "negative_prompt": neg, "seed": s} for t, s in zip(texts, _seeds(seeds, len(texts)))]
-    spec = TournamentSpec(name=str(name or "tournament"), candidates=cands, prompts=ps, settings=dict(chosen["settings"]),
-                          first_version=bool(first_version), profile=record_of(chosen))
+    spec = TournamentSpec(
+        name=str(name or "tournament"),
+        candidates=cands,
+        prompts=ps,
+        settings=dict(chosen["settings"]),
+        first_version=bool(first_version),
+        profile=record_of(chosen),
+    )
     spec.validate()
     out = spec.as_dict()
     TournamentSpec.from_dict(out).validate()  # what the JSON route will parse
     return out
 
 
-def triage_form_defaults(checkpoint_path: str | None, *, profile: str | None = None,
-                         lorakit_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def triage_form_defaults(
+    checkpoint_path: str | None, *, profile: str | None = None, lorakit_settings: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """What the Triage form shows for a checkpoint: the profile, its settings, its negative prompt and the
     category prompts in its style (with its quality tags)."""
     from ..gen.profiles import category_prompt, category_prompts
 
     chosen = settings_for(checkpoint_path, profile=profile, settings=lorakit_settings)
-    return {"profile": chosen["profile"], "label": chosen["label"], "reason": chosen["reason"],
-            "settings": chosen["settings"], "negative_prompt": chosen["negative"], "notes": chosen["notes"],
-            "prompts": {cat: category_prompt(chosen, cat) for cat in category_prompts(chosen)}}
+    return {
+        "profile": chosen["profile"],
+        "label": chosen["label"],
+        "reason": chosen["reason"],
+        "settings": chosen["settings"],
+        "negative_prompt": chosen["negative"],
+        "notes": chosen["notes"],
+        "prompts": {cat: category_prompt(chosen, cat) for cat in category_prompts(chosen)},
+    }
 
 
-def spec_with_profile(data: Mapping[str, Any], *,
-                      checkpoint_path: Callable[[str], str | None] | Mapping[str, str] | None = None,
-                      profile: str | None = None, lorakit_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def spec_with_profile(
+    data: Mapping[str, Any],
+    *,
+    checkpoint_path: Callable[[str], str | None] | Mapping[str, str] | None = None,
+    profile: str | None = None,
+    lorakit_settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """A JSON tournament spec with the control's generation profile under its ``settings`` (the spec's own
     values win) and the profile recorded: what the JSON route does so that a hand-written spec renders like
     a form-made one. Prompts stay as written; an empty negative prompt becomes the profile's."""
@@ -182,7 +222,8 @@ def spec_with_profile(data: Mapping[str, Any], *,
     chosen = settings_for(path, d.get("settings") or {}, profile=profile, settings=lorakit_settings)
     d["settings"] = dict(chosen["settings"])
     d["profile"] = record_of({**chosen, "reason": f"{chosen['reason']} (from {ref_ck})"})
-    d["prompts"] = [{**p, "negative_prompt": p.get("negative_prompt") or chosen["negative"]}
-                    for p in (d.get("prompts") or [])]
+    d["prompts"] = [
+        {**p, "negative_prompt": p.get("negative_prompt") or chosen["negative"]} for p in (d.get("prompts") or [])
+    ]
     TournamentSpec.from_dict({"name": d.get("name") or "tournament", **d}).validate()
     return d

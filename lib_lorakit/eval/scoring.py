@@ -55,6 +55,7 @@ class Ballot:
 
 MIN_PROMPTS_FOR_UNCERTAINTY = 3  # a bootstrap over fewer prompts than this states no uncertainty
 
+
 def points(ballots: Sequence[Ballot], candidates: Sequence[str], table: Sequence[float]) -> dict[str, float]:
     out = {c: 0.0 for c in candidates}
     for b in ballots:
@@ -66,8 +67,9 @@ def points(ballots: Sequence[Ballot], candidates: Sequence[str], table: Sequence
     return out
 
 
-def never_bombs(ballots: Sequence[Ballot], candidates: Sequence[str], place: float = 1.0,
-                bomb: float = -2.0) -> dict[str, float]:
+def never_bombs(
+    ballots: Sequence[Ballot], candidates: Sequence[str], place: float = 1.0, bomb: float = -2.0
+) -> dict[str, float]:
     out = {c: 0.0 for c in candidates}
     for b in ballots:
         if b.no_preference:
@@ -134,8 +136,9 @@ def bradley_terry(w: np.ndarray, prior: float = 0.5, iters: int = 2000, tol: flo
     return lp - lp.mean()
 
 
-def bootstrap_bt(ballots: Sequence[Ballot], candidates: Sequence[str], resamples: int = 1000, seed: int = 0
-                 ) -> dict[str, Any]:
+def bootstrap_bt(
+    ballots: Sequence[Ballot], candidates: Sequence[str], resamples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Bradley–Terry log-strengths with a bootstrap over prompts: point estimate, 90 % interval, P(best),
     and the resampled strengths (for separability)."""
     prompts = sorted({b.prompt for b in ballots})
@@ -153,10 +156,13 @@ def bootstrap_bt(ballots: Sequence[Ballot], candidates: Sequence[str], resamples
         samples[r] = bradley_terry(stack[pick].sum(axis=0))
     lo, hi = np.percentile(samples, [5, 95], axis=0) if prompts else (est, est)
     best = np.bincount(np.argmax(samples, axis=1), minlength=len(candidates)) / max(1, resamples)
-    return {"log_strength": {c: float(est[i]) for i, c in enumerate(candidates)},
-            "interval90": {c: (float(lo[i]), float(hi[i])) for i, c in enumerate(candidates)},
-            "p_best": {c: float(best[i]) for i, c in enumerate(candidates)}, "samples": samples,
-            "prompts": len(prompts)}
+    return {
+        "log_strength": {c: float(est[i]) for i, c in enumerate(candidates)},
+        "interval90": {c: (float(lo[i]), float(hi[i])) for i, c in enumerate(candidates)},
+        "p_best": {c: float(best[i]) for i, c in enumerate(candidates)},
+        "samples": samples,
+        "prompts": len(prompts),
+    }
 
 
 def versus(ballots: Sequence[Ballot], candidates: Sequence[str], control: str) -> dict[str, dict[str, int]]:
@@ -181,8 +187,15 @@ def versus(ballots: Sequence[Ballot], candidates: Sequence[str], control: str) -
     return out
 
 
-def score(ballots: Sequence[Ballot], candidates: Sequence[str], *, control: str | None = None,
-          win_heavy: Sequence[float] = (5, 2, 1), resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+def score(
+    ballots: Sequence[Ballot],
+    candidates: Sequence[str],
+    *,
+    control: str | None = None,
+    win_heavy: Sequence[float] = (5, 2, 1),
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Every scheme side by side, with the leaders, disagreements, separability and the control comparison.
 
     With no ballot there are no scores ("not enough votes yet"); with fewer than
@@ -191,12 +204,21 @@ def score(ballots: Sequence[Ballot], candidates: Sequence[str], *, control: str 
     """
     voted = len({b.prompt for b in ballots if b.ranks or b.bombs})  # prompts where a vote tells candidates apart
     if not ballots:
-        text = (f"Not enough votes yet: no ballot has been cast. Rank at least {MIN_PROMPTS_FOR_UNCERTAINTY} prompts "
-                f"to see scores with their uncertainty.")
-        return {"candidates": list(candidates), "schemes": {}, "leaders": {}, "enough_votes": False,
-                "bradley_terry": {"log_strength": {}, "interval90": {}, "p_best": {}, "prompts": 0},
-                "separability": {"leader": None, "runner_up": None, "separable": False, "p_ahead": None, "text": text},
-                "notes": [text], "ballots": len(ballots), "prompts": 0}
+        text = (
+            f"Not enough votes yet: no ballot has been cast. Rank at least {MIN_PROMPTS_FOR_UNCERTAINTY} prompts "
+            f"to see scores with their uncertainty."
+        )
+        return {
+            "candidates": list(candidates),
+            "schemes": {},
+            "leaders": {},
+            "enough_votes": False,
+            "bradley_terry": {"log_strength": {}, "interval90": {}, "p_best": {}, "prompts": 0},
+            "separability": {"leader": None, "runner_up": None, "separable": False, "p_ahead": None, "text": text},
+            "notes": [text],
+            "ballots": len(ballots),
+            "prompts": 0,
+        }
     schemes: dict[str, dict[str, float]] = {
         "standard 3/2/1": points(ballots, candidates, (3, 2, 1)),
         f"win-heavy {'/'.join(f'{x:g}' for x in win_heavy)}": points(ballots, candidates, win_heavy),
@@ -215,8 +237,11 @@ def score(ballots: Sequence[Ballot], candidates: Sequence[str], *, control: str 
     notes: list[str] = []
     firsts = {tuple(v) for v in leaders.values()}
     if len(firsts) > 1:
-        notes.append("The schemes disagree on the winner: " + "; ".join(
-            f"{k}: {' = '.join(v)}" for k, v in leaders.items()) + ".")
+        notes.append(
+            "The schemes disagree on the winner: "
+            + "; ".join(f"{k}: {' = '.join(v)}" for k, v in leaders.items())
+            + "."
+        )
     for name, v in leaders.items():
         if len(v) > 1:
             others = [k for k, w in leaders.items() if len(w) == 1 and set(w) <= set(v)]
@@ -224,17 +249,27 @@ def score(ballots: Sequence[Ballot], candidates: Sequence[str], *, control: str 
             notes.append(f"{name}: a tie between {' and '.join(v)}{tail}.")
     if voted < MIN_PROMPTS_FOR_UNCERTAINTY:
         bt = {**bt, "interval90": {}, "p_best": {}}
-        text = (f"Only {voted} prompt(s) ranked: too few to say how sure the order is (intervals and P(best) need "
-                f"at least {MIN_PROMPTS_FOR_UNCERTAINTY}).")
+        text = (
+            f"Only {voted} prompt(s) ranked: too few to say how sure the order is (intervals and P(best) need "
+            f"at least {MIN_PROMPTS_FOR_UNCERTAINTY})."
+        )
         sep = {"leader": None, "runner_up": None, "separable": False, "p_ahead": None, "text": text}
         notes.append(text)
     else:
         sep = separability(bt, candidates)
         if sep["leader"] and not sep["separable"]:
             notes.append(sep["text"])
-    res = {"candidates": list(candidates), "schemes": schemes, "leaders": leaders,
-           "bradley_terry": {k: v for k, v in bt.items() if k != "samples"}, "separability": sep, "notes": notes,
-           "ballots": len(ballots), "prompts": bt["prompts"], "enough_votes": True}
+    res = {
+        "candidates": list(candidates),
+        "schemes": schemes,
+        "leaders": leaders,
+        "bradley_terry": {k: v for k, v in bt.items() if k != "samples"},
+        "separability": sep,
+        "notes": notes,
+        "ballots": len(ballots),
+        "prompts": bt["prompts"],
+        "enough_votes": True,
+    }
     if control:
         res["versus_control"] = versus(ballots, candidates, control)
     return res
@@ -246,8 +281,7 @@ def separability(bt: Mapping[str, Any], candidates: Sequence[str]) -> dict[str, 
     ls = bt["log_strength"]
     order = sorted(candidates, key=lambda c: -ls[c])
     if len(order) < 2 or not bt["prompts"]:
-        return {"leader": order[0] if order else None, "runner_up": None, "separable": True, "p_ahead": 1.0,
-                "text": ""}
+        return {"leader": order[0] if order else None, "runner_up": None, "separable": True, "p_ahead": 1.0, "text": ""}
     a, b = order[0], order[1]
     ia, ib = list(candidates).index(a), list(candidates).index(b)
     diff = bt["samples"][:, ia] - bt["samples"][:, ib]
@@ -259,8 +293,20 @@ def separability(bt: Mapping[str, Any], candidates: Sequence[str]) -> dict[str, 
     need = None
     if not separable:
         need = int(math.ceil(n * (Z90 / z) ** 2)) if z > 1e-9 else None
-    text = (f"{a} leads {b} in {p_ahead:.0%} of bootstrap resamples over {n} prompts"
-            + ("" if separable else (f": not separable yet; add prompts (about {need} in all, {max(0, need - n)} more, "
-                                     "if the gap holds)" if need else ": no measurable gap; add prompts")))
-    return {"leader": a, "runner_up": b, "separable": separable, "p_ahead": p_ahead, "prompts_needed": need,
-            "text": text}
+    text = f"{a} leads {b} in {p_ahead:.0%} of bootstrap resamples over {n} prompts" + (
+        ""
+        if separable
+        else (
+            f": not separable yet; add prompts (about {need} in all, {max(0, need - n)} more, if the gap holds)"
+            if need
+            else ": no measurable gap; add prompts"
+        )
+    )
+    return {
+        "leader": a,
+        "runner_up": b,
+        "separable": separable,
+        "p_ahead": p_ahead,
+        "prompts_needed": need,
+        "text": text,
+    }

@@ -119,8 +119,19 @@ class Store:
             self._local.db = None
 
     # --- jobs -------------------------------------------------------------------------------------
-    JOB_FIELDS = ("id", "kind", "state", "progress", "message", "params", "result", "error", "created", "started",
-                  "finished")
+    JOB_FIELDS = (
+        "id",
+        "kind",
+        "state",
+        "progress",
+        "message",
+        "params",
+        "result",
+        "error",
+        "created",
+        "started",
+        "finished",
+    )
 
     def save_job(self, job: dict[str, Any]) -> None:
         """Insert or update a job's row (its state changes: queued, running, finished)."""
@@ -128,8 +139,11 @@ class Store:
         row["params"] = json.dumps(row["params"] or {}, default=str)
         row["result"] = None if row["result"] is None else json.dumps(row["result"], default=str)
         with self._db() as db:
-            db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(self.JOB_FIELDS)}) VALUES "
-                       f"({', '.join('?' * len(self.JOB_FIELDS))})", tuple(row[k] for k in self.JOB_FIELDS))
+            db.execute(
+                f"INSERT OR REPLACE INTO jobs ({', '.join(self.JOB_FIELDS)}) VALUES "
+                f"({', '.join('?' * len(self.JOB_FIELDS))})",
+                tuple(row[k] for k in self.JOB_FIELDS),
+            )
 
     def jobs(self, limit: int = 200) -> list[dict[str, Any]]:
         """The newest ``limit`` jobs (none, without creating the database, when it does not exist)."""
@@ -151,9 +165,11 @@ class Store:
             return 0
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            n = db.execute("UPDATE jobs SET state = 'interrupted', message = 'interrupted', error = ?, finished = "
-                           "COALESCE(finished, ?) WHERE state IN ('queued', 'running')",
-                           (message, _dt.datetime.now().timestamp())).rowcount
+            n = db.execute(
+                "UPDATE jobs SET state = 'interrupted', message = 'interrupted', error = ?, finished = "
+                "COALESCE(finished, ?) WHERE state IN ('queued', 'running')",
+                (message, _dt.datetime.now().timestamp()),
+            ).rowcount
             db.execute("COMMIT")
         return n
 
@@ -165,10 +181,14 @@ class Store:
     def create_triage(self, tid: str, name: str, params: dict[str, Any], items: Sequence[dict[str, Any]]) -> None:
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT INTO triage (id, created, name, params, run_dir, state) VALUES (?, ?, ?, ?, NULL, ?)",
-                       (tid, _now(), name, json.dumps(params), "planned"))
-            db.executemany("INSERT INTO triage_items (triage_id, idx, lora, path, info) VALUES (?, ?, ?, ?, ?)",
-                           [(tid, i, it["lora"], it["path"], json.dumps(it)) for i, it in enumerate(items)])
+            db.execute(
+                "INSERT INTO triage (id, created, name, params, run_dir, state) VALUES (?, ?, ?, ?, NULL, ?)",
+                (tid, _now(), name, json.dumps(params), "planned"),
+            )
+            db.executemany(
+                "INSERT INTO triage_items (triage_id, idx, lora, path, info) VALUES (?, ?, ?, ?, ?)",
+                [(tid, i, it["lora"], it["path"], json.dumps(it)) for i, it in enumerate(items)],
+            )
             db.execute("COMMIT")
 
     def set_triage(self, tid: str, **fields: Any) -> None:
@@ -195,7 +215,9 @@ class Store:
         if not self.exists:
             return []
         with self._db() as db:
-            rows = db.execute("SELECT id, created, name, state, pass, run_dir FROM triage ORDER BY created DESC").fetchall()
+            rows = db.execute(
+                "SELECT id, created, name, state, pass, run_dir FROM triage ORDER BY created DESC"
+            ).fetchall()
         return [dict(r) for r in rows]
 
     def items(self, tid: str) -> list[dict[str, Any]]:
@@ -222,8 +244,16 @@ class Store:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO triage_decisions (triage_id, idx, pass, decision, client, client_seq, at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (tid, int(d["idx"]), row["pass"], d["decision"], str(d.get("client") or "server"),
-                     int(d["seq"]) if d.get("seq") is not None else _server_seq(db, tid), _now()))
+                    (
+                        tid,
+                        int(d["idx"]),
+                        row["pass"],
+                        d["decision"],
+                        str(d.get("client") or "server"),
+                        int(d["seq"]) if d.get("seq") is not None else _server_seq(db, tid),
+                        _now(),
+                    ),
+                )
                 new += cur.rowcount
             db.execute("COMMIT")
         return new
@@ -233,8 +263,10 @@ class Store:
         with self._db() as db:
             if pass_no is None:
                 pass_no = db.execute("SELECT pass FROM triage WHERE id = ?", (tid,)).fetchone()["pass"]
-            rows = db.execute("SELECT idx, decision FROM triage_decisions WHERE triage_id = ? AND pass = ? "
-                              "ORDER BY seq", (tid, pass_no)).fetchall()
+            rows = db.execute(
+                "SELECT idx, decision FROM triage_decisions WHERE triage_id = ? AND pass = ? ORDER BY seq",
+                (tid, pass_no),
+            ).fetchall()
         out: dict[int, str] = {}
         for r in rows:
             if r["decision"] == CLEAR:
@@ -245,8 +277,11 @@ class Store:
 
     def history(self, tid: str) -> list[dict[str, Any]]:
         with self._db() as db:
-            rows = db.execute("SELECT idx, pass, decision, client, client_seq, at FROM triage_decisions "
-                              "WHERE triage_id = ? ORDER BY seq", (tid,)).fetchall()
+            rows = db.execute(
+                "SELECT idx, pass, decision, client, client_seq, at FROM triage_decisions "
+                "WHERE triage_id = ? ORDER BY seq",
+                (tid,),
+            ).fetchall()
         return [dict(r) for r in rows]
 
     def new_pass(self, tid: str) -> int:
@@ -260,8 +295,10 @@ class Store:
 
 
 def _server_seq(db: sqlite3.Connection, tid: str) -> int:
-    r = db.execute("SELECT COALESCE(MAX(client_seq), 0) + 1 FROM triage_decisions WHERE triage_id = ? AND "
-                   "client = 'server'", (tid,)).fetchone()
+    r = db.execute(
+        "SELECT COALESCE(MAX(client_seq), 0) + 1 FROM triage_decisions WHERE triage_id = ? AND client = 'server'",
+        (tid,),
+    ).fetchone()
     return int(r[0])
 
 
@@ -278,8 +315,10 @@ class TournamentRows:
 
     def create(self, tid: str, name: str, spec: dict[str, Any], parent: str | None, round_no: int) -> None:
         with self.store._db() as db:
-            db.execute("INSERT INTO tournaments (id, created, name, spec, state, parent, round) VALUES (?,?,?,?,?,?,?)",
-                       (tid, _now(), name, json.dumps(spec), "created", parent, round_no))
+            db.execute(
+                "INSERT INTO tournaments (id, created, name, spec, state, parent, round) VALUES (?,?,?,?,?,?,?)",
+                (tid, _now(), name, json.dumps(spec), "created", parent, round_no),
+            )
 
     def get(self, tid: str) -> dict[str, Any] | None:
         if not self.store.exists:  # a look-up does not create the database
@@ -296,8 +335,10 @@ class TournamentRows:
         if not self.store.exists:
             return []
         with self.store._db() as db:
-            rows = db.execute("SELECT id, created, name, state, revealed, parent, round, run_dir FROM tournaments "
-                              "ORDER BY created DESC").fetchall()
+            rows = db.execute(
+                "SELECT id, created, name, state, revealed, parent, round, run_dir FROM tournaments "
+                "ORDER BY created DESC"
+            ).fetchall()
         return [dict(r) for r in rows]
 
     def update(self, tid: str, **fields: Any) -> None:
@@ -316,8 +357,10 @@ class TournamentRows:
             r = db.execute(q, (tid, evaluator, prompt)).fetchone()
             if r:
                 return json.loads(r["ord"])
-            db.execute("INSERT OR IGNORE INTO tournament_shuffles (tournament, evaluator, prompt, ord) VALUES (?,?,?,?)",
-                       (tid, evaluator, prompt, json.dumps(make())))
+            db.execute(
+                "INSERT OR IGNORE INTO tournament_shuffles (tournament, evaluator, prompt, ord) VALUES (?,?,?,?)",
+                (tid, evaluator, prompt, json.dumps(make())),
+            )
             return json.loads(db.execute(q, (tid, evaluator, prompt)).fetchone()["ord"])
 
     def add_votes(self, rows: Sequence[tuple]) -> int:
@@ -326,8 +369,11 @@ class TournamentRows:
         with self.store._db() as db:
             db.execute("BEGIN IMMEDIATE")
             for row in rows:
-                cur = db.execute("INSERT OR IGNORE INTO tournament_votes (tournament, evaluator, prompt, ranks, bombs, "
-                                 "all_bad, no_preference, client, client_seq, at) VALUES (?,?,?,?,?,?,?,?,?,?)", row)
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO tournament_votes (tournament, evaluator, prompt, ranks, bombs, "
+                    "all_bad, no_preference, client, client_seq, at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    row,
+                )
                 new += cur.rowcount
             db.execute("COMMIT")
         return new

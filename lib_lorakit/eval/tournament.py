@@ -18,7 +18,6 @@ import datetime as _dt
 import hashlib
 import io
 import json
-import os
 import random
 import secrets
 import string
@@ -34,6 +33,7 @@ from .store import Store, TournamentRows
 
 MIN_PROMPTS = 5
 LETTERS = string.ascii_uppercase
+
 
 class TournamentNotFound(RecipeError):
     http_status = 404
@@ -74,9 +74,11 @@ class TournamentSpec:
 
     def validate(self) -> None:
         if len(self.prompts) < MIN_PROMPTS:
-            raise RecipeError(f"A tournament needs at least {MIN_PROMPTS} prompts; this one has {len(self.prompts)}.",
-                              fix="Fewer prompts pick winners from noise: add prompts that cover what the model must "
-                                  "do well (portraits, full body, scenery, hands, text...).")
+            raise RecipeError(
+                f"A tournament needs at least {MIN_PROMPTS} prompts; this one has {len(self.prompts)}.",
+                fix="Fewer prompts pick winners from noise: add prompts that cover what the model must "
+                "do well (portraits, full body, scenery, hands, text...).",
+            )
         if any(not str(p.get("prompt", "")).strip() for p in self.prompts):
             raise RecipeError("A prompt of the tournament is empty.")
         if len(self.candidates) < 2:
@@ -89,28 +91,41 @@ class TournamentSpec:
         controls = [c for c in self.candidates if c.control]
         if self.first_version:
             if controls:
-                raise RecipeError("Marked 'first version, no control', but a control is set.",
-                                  fix="Unmark one of them.")
+                raise RecipeError(
+                    "Marked 'first version, no control', but a control is set.", fix="Unmark one of them."
+                )
         elif len(controls) != 1:
-            raise RecipeError(f"Exactly one candidate must be the control (the previous version); {len(controls)} are.",
-                              fix="Mark the version you ship today as the control, or mark the tournament "
-                                  "'first version, no control' (the report will say so).")
+            raise RecipeError(
+                f"Exactly one candidate must be the control (the previous version); {len(controls)} are.",
+                fix="Mark the version you ship today as the control, or mark the tournament "
+                "'first version, no control' (the report will say so).",
+            )
         for c in self.candidates:
             if not c.checkpoint and not c.merge:
                 raise RecipeError(f"Candidate {c.id}: no checkpoint and no merge recipe.")
 
     def as_dict(self) -> dict[str, Any]:
-        d = {"name": self.name, "candidates": [asdict(c) for c in self.candidates], "prompts": self.prompts,
-             "settings": self.settings, "first_version": self.first_version}
+        d = {
+            "name": self.name,
+            "candidates": [asdict(c) for c in self.candidates],
+            "prompts": self.prompts,
+            "settings": self.settings,
+            "first_version": self.first_version,
+        }
         if self.profile:
             d["profile"] = self.profile
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TournamentSpec":
-        return cls(name=d["name"], candidates=[Candidate(**c) for c in d["candidates"]], prompts=list(d["prompts"]),
-                   settings=dict(d.get("settings") or {}), first_version=bool(d.get("first_version")),
-                   profile=dict(d.get("profile") or {}))
+    def from_dict(cls, d: dict[str, Any]) -> TournamentSpec:
+        return cls(
+            name=d["name"],
+            candidates=[Candidate(**c) for c in d["candidates"]],
+            prompts=list(d["prompts"]),
+            settings=dict(d.get("settings") or {}),
+            first_version=bool(d.get("first_version")),
+            profile=dict(d.get("profile") or {}),
+        )
 
     def control(self) -> str | None:
         return next((c.id for c in self.candidates if c.control), None)
@@ -152,6 +167,7 @@ class Tournaments:
     def order(self, tid: str, evaluator: str, prompt: int) -> list[str]:
         """The candidates' order for this evaluator and prompt (letters A, B, ... in this order); made once
         (seeded from a secret, not from the ids) and stored."""
+
         def make() -> list[str]:
             ids = [c["id"] for c in self.get(tid)["spec"]["candidates"]]
             random.Random(secrets.randbits(64)).shuffle(ids)
@@ -189,9 +205,20 @@ class Tournaments:
             both = sorted(set(ranks_given) & set(v.get("bombs") or []))
             if both:
                 raise ValueError(f"prompt {p}: {', '.join(both)} both ranked and bombed")
-            rows.append((tid, evaluator, p, json.dumps(ranks), json.dumps(bombs), int(bool(v.get("all_bad"))),
-                         int(bool(v.get("no_preference"))), str(v.get("client") or "server"),
-                         int(v["seq"]) if v.get("seq") is not None else secrets.randbits(62), _now()))
+            rows.append(
+                (
+                    tid,
+                    evaluator,
+                    p,
+                    json.dumps(ranks),
+                    json.dumps(bombs),
+                    int(bool(v.get("all_bad"))),
+                    int(bool(v.get("no_preference"))),
+                    str(v.get("client") or "server"),
+                    int(v["seq"]) if v.get("seq") is not None else secrets.randbits(62),
+                    _now(),
+                )
+            )
         return self.rows.add_votes(rows)
 
     def votes(self, tid: str) -> list[dict[str, Any]]:
@@ -202,9 +229,17 @@ class Tournaments:
         latest: dict[tuple[str, int], dict[str, Any]] = {}
         for v in self.votes(tid):
             latest[(v["evaluator"], v["prompt"])] = v
-        return [Ballot(prompt=str(p), evaluator=e, ranks=json.loads(v["ranks"]), bombs=json.loads(v["bombs"]),
-                       all_bad=bool(v["all_bad"]), no_preference=bool(v["no_preference"]))
-                for (e, p), v in sorted(latest.items())]
+        return [
+            Ballot(
+                prompt=str(p),
+                evaluator=e,
+                ranks=json.loads(v["ranks"]),
+                bombs=json.loads(v["bombs"]),
+                all_bad=bool(v["all_bad"]),
+                no_preference=bool(v["no_preference"]),
+            )
+            for (e, p), v in sorted(latest.items())
+        ]
 
 
 # --- generation ---------------------------------------------------------------------------------------
@@ -218,11 +253,20 @@ def cells_for(spec: TournamentSpec, checkpoints: dict[str, str]) -> list[Cell]:
             prompt = p["prompt"]
             for lo in c.loras:
                 prompt += f", <lora:{lo['name']}:{float(lo.get('strength', 1.0)):g}>"
-            out.append(Cell(row=c.id, col=f"p{pi}", prompt=prompt, negative_prompt=p.get("negative_prompt", ""),
-                            seed=int(p.get("seed", 1000 + pi)), checkpoint=checkpoints[c.id],
-                            lora=c.loras[0]["name"] if c.loras else None,
-                            strength=float(c.loras[0].get("strength", 1.0)) if c.loras else None,
-                            settings=dict(spec.settings), extra={"prompt": pi, "candidate": c.id}))
+            out.append(
+                Cell(
+                    row=c.id,
+                    col=f"p{pi}",
+                    prompt=prompt,
+                    negative_prompt=p.get("negative_prompt", ""),
+                    seed=int(p.get("seed", 1000 + pi)),
+                    checkpoint=checkpoints[c.id],
+                    lora=c.loras[0]["name"] if c.loras else None,
+                    strength=float(c.loras[0].get("strength", 1.0)) if c.loras else None,
+                    settings=dict(spec.settings),
+                    extra={"prompt": pi, "candidate": c.id},
+                )
+            )
     return out
 
 
@@ -230,9 +274,16 @@ def merged_name(tid: str, cand: Candidate) -> str:
     return f"lorakit-t{tid[-6:]}-{cand.id}"
 
 
-def generate(tours: Tournaments, tid: str, backend, outputs_dir: str, *,
-             build_merge: Callable[[Candidate, str], str] | None = None,
-             progress: Callable[[float, str], None] | None = None, cancel=None) -> dict[str, Any]:
+def generate(
+    tours: Tournaments,
+    tid: str,
+    backend,
+    outputs_dir: str,
+    *,
+    build_merge: Callable[[Candidate, str], str] | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    cancel=None,
+) -> dict[str, Any]:
     """Build the merge candidates (``build_merge(candidate, output_name) -> checkpoint name``), then make
     every image in the tournament's run folder (a second call fills only what is missing)."""
     from ..gen.run import execute
@@ -296,8 +347,11 @@ def ballot(tours: Tournaments, tid: str, evaluator: str) -> dict[str, Any]:
             cell = by_cell.get((cid, pi))
             ev = res.get(cell.key) if cell else None
             status = "missing" if ev is None else ("failed" if ev["status"] != "ok" else ev["check"]["status"])
-            e = {"letter": LETTERS[i], "status": status, "image": f"{pi}/{LETTERS[i]}" if ev and ev["status"] == "ok"
-                 else None}
+            e = {
+                "letter": LETTERS[i],
+                "status": status,
+                "image": f"{pi}/{LETTERS[i]}" if ev and ev["status"] == "ok" else None,
+            }
             if rec["revealed"]:
                 e.update(candidate=cid, recipe=cands[cid].recipe(), control=cands[cid].control)
             entries.append(e)
@@ -305,11 +359,22 @@ def ballot(tours: Tournaments, tid: str, evaluator: str) -> dict[str, Any]:
         voted = None
         if v:
             back = {c: LETTERS[i] for i, c in enumerate(order)}
-            voted = {"ranks": [back[c] for c in json.loads(v["ranks"])], "bombs": [back[c] for c in json.loads(v["bombs"])],
-                     "all_bad": bool(v["all_bad"]), "no_preference": bool(v["no_preference"])}
+            voted = {
+                "ranks": [back[c] for c in json.loads(v["ranks"])],
+                "bombs": [back[c] for c in json.loads(v["bombs"])],
+                "all_bad": bool(v["all_bad"]),
+                "no_preference": bool(v["no_preference"]),
+            }
         prompts.append({"index": pi, "prompt": p["prompt"], "seed": p.get("seed"), "entries": entries, "vote": voted})
-    return {"id": tid, "name": rec["name"], "state": rec["state"], "revealed": bool(rec["revealed"]),
-            "evaluator": evaluator, "prompts": prompts, "voted": len(mine)}
+    return {
+        "id": tid,
+        "name": rec["name"],
+        "state": rec["state"],
+        "revealed": bool(rec["revealed"]),
+        "evaluator": evaluator,
+        "prompts": prompts,
+        "voted": len(mine),
+    }
 
 
 def image_path(tours: Tournaments, tid: str, evaluator: str, prompt: int, letter: str) -> str:
@@ -321,7 +386,9 @@ def image_path(tours: Tournaments, tid: str, evaluator: str, prompt: int, letter
     if i < 0 or i >= len(order) or len(letter) != 1:
         raise TournamentNotFound(f"No image {letter!r} on this ballot.")
     run = Run(rec["run_dir"])
-    cell = next((c for c in run.cells if c.extra.get("candidate") == order[i] and c.extra.get("prompt") == prompt), None)
+    cell = next(
+        (c for c in run.cells if c.extra.get("candidate") == order[i] and c.extra.get("prompt") == prompt), None
+    )
     ev = run.results().get(cell.key) if cell else None
     if not ev or ev["status"] != "ok":
         raise TournamentNotFound(f"Image {letter} of prompt {prompt} is not made (yet).")
@@ -342,8 +409,17 @@ def scores(tours: Tournaments, tid: str, resamples: int = 1000, seed: int = 0) -
     if not rec["revealed"]:
         hidden = sorted(ids, key=lambda x: hashlib.sha256((tid + x).encode()).hexdigest())
         alias = {c: f"candidate {i + 1}" for i, c in enumerate(hidden)}
-        ballots = [Ballot(b.prompt, b.evaluator, [alias[x] for x in b.ranks], [alias[x] for x in b.bombs], b.all_bad,
-                          b.no_preference) for b in ballots]
+        ballots = [
+            Ballot(
+                b.prompt,
+                b.evaluator,
+                [alias[x] for x in b.ranks],
+                [alias[x] for x in b.bombs],
+                b.all_bad,
+                b.no_preference,
+            )
+            for b in ballots
+        ]
         ids = [alias[c] for c in hidden]
         control = None  # which one is the control is part of what Reveal shows
     res = score(ballots, ids, control=control, resamples=resamples, seed=seed)
@@ -364,18 +440,24 @@ def report_markdown(tours: Tournaments, tid: str) -> str:
         lines.append("**First version: no control.** Nothing here says whether this improves on anything.")
     else:
         lines.append(f"Control (the previous version): **{spec.control()}**.")
-    lines += ["", f"{len(spec.prompts)} prompts, {sc['ballots']} ballots from "
-              f"{len({b.evaluator for b in tours.ballots(tid)})} evaluator(s).", "",
-              "| candidate | recipe | " + " | ".join(sc["schemes"]) + " | BT 90% interval | P(best) |",
-              "|---|---|" + "---:|" * (len(sc["schemes"]) + 2)]
+    lines += [
+        "",
+        f"{len(spec.prompts)} prompts, {sc['ballots']} ballots from "
+        f"{len({b.evaluator for b in tours.ballots(tid)})} evaluator(s).",
+        "",
+        "| candidate | recipe | " + " | ".join(sc["schemes"]) + " | BT 90% interval | P(best) |",
+        "|---|---|" + "---:|" * (len(sc["schemes"]) + 2),
+    ]
     bt = sc["bradley_terry"]
     for c in spec.candidates:
         vals = " | ".join(f"{sc['schemes'][s][c.id]:.2f}" for s in sc["schemes"])
         iv = bt["interval90"].get(c.id)
         interval = f"{iv[0]:+.2f} … {iv[1]:+.2f}" if iv else "—"
         pbest = f"{bt['p_best'][c.id]:.0%}" if c.id in bt["p_best"] else "—"
-        lines.append(f"| {c.id}{' (control)' if c.control else ''} | {c.recipe()} | {vals}{' | ' if vals else ''}"
-                     f"{interval} | {pbest} |")
+        lines.append(
+            f"| {c.id}{' (control)' if c.control else ''} | {c.recipe()} | {vals}{' | ' if vals else ''}"
+            f"{interval} | {pbest} |"
+        )
     lines += ["", "Leaders: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in sc["leaders"].items())]
     lines += [f"- {n}" for n in sc["notes"]]
     if sc["separability"].get("text"):
@@ -383,14 +465,23 @@ def report_markdown(tours: Tournaments, tid: str) -> str:
     if sc.get("versus_control"):
         lines += ["", "Against the control:", ""]
         for c, v in sc["versus_control"].items():
-            lines.append(f"- {c} beats {spec.control()} in {v['beats']} of {v['prompts']} prompts "
-                         f"(loses {v['loses']}, ties {v['ties']})")
-    lines += ["", "## Per prompt", "", "| # | prompt | seed | " + " | ".join(c.id for c in spec.candidates) + " |",
-              "|---|---|---:|" + "---|" * len(spec.candidates)]
+            lines.append(
+                f"- {c} beats {spec.control()} in {v['beats']} of {v['prompts']} prompts "
+                f"(loses {v['loses']}, ties {v['ties']})"
+            )
+    lines += [
+        "",
+        "## Per prompt",
+        "",
+        "| # | prompt | seed | " + " | ".join(c.id for c in spec.candidates) + " |",
+        "|---|---|---:|" + "---|" * len(spec.candidates),
+    ]
     ballots = tours.ballots(tid)
     res = run.results() if run else {}
-    flags = {(c.extra["candidate"], c.extra["prompt"]): (res.get(c.key) or {}).get("check", {}).get("status", "")
-             for c in (run.cells if run else [])}
+    flags = {
+        (c.extra["candidate"], c.extra["prompt"]): (res.get(c.key) or {}).get("check", {}).get("status", "")
+        for c in (run.cells if run else [])
+    }
     for pi, p in enumerate(spec.prompts):
         cells = []
         for c in spec.candidates:
@@ -409,7 +500,9 @@ def report_markdown(tours: Tournaments, tid: str) -> str:
         lines.append(f"| {pi + 1} | {p['prompt'][:60]} | {p.get('seed')} | " + " | ".join(cells) + " |")
     lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in spec.settings.items())]
     if spec.profile:
-        lines.append(f"Profile: {spec.profile.get('label')} (`{spec.profile.get('profile')}`): {spec.profile.get('reason')}")
+        lines.append(
+            f"Profile: {spec.profile.get('label')} (`{spec.profile.get('profile')}`): {spec.profile.get('reason')}"
+        )
     if run:
         pre = next((e for e in run.events() if e.get("event") == "preflight"), None)
         if pre:
@@ -429,9 +522,17 @@ def report_csv(tours: Tournaments, tid: str) -> str:
     bt = sc["bradley_terry"]
     for c in spec.candidates:
         lo, hi = bt["interval90"].get(c.id, ("", ""))
-        w.writerow([c.id, c.recipe(), c.control, *(round(sc["schemes"][s][c.id], 4) for s in sc["schemes"]),
-                    lo if lo == "" else round(lo, 4), hi if hi == "" else round(hi, 4),
-                    round(bt["p_best"][c.id], 4) if c.id in bt["p_best"] else ""])
+        w.writerow(
+            [
+                c.id,
+                c.recipe(),
+                c.control,
+                *(round(sc["schemes"][s][c.id], 4) for s in sc["schemes"]),
+                lo if lo == "" else round(lo, 4),
+                hi if hi == "" else round(hi, 4),
+                round(bt["p_best"][c.id], 4) if c.id in bt["p_best"] else "",
+            ]
+        )
     return buf.getvalue()
 
 
@@ -442,8 +543,14 @@ def _winner(sc: dict[str, Any]) -> str:
     return max(sc["bradley_terry"]["log_strength"].items(), key=lambda kv: kv[1])[0]
 
 
-def propose_next(tours: Tournaments, tid: str, mode: str = "narrow", step: float = 0.1, axis: int | None = None,
-                 values: Sequence[float] | None = None) -> dict[str, Any]:
+def propose_next(
+    tours: Tournaments,
+    tid: str,
+    mode: str = "narrow",
+    step: float = 0.1,
+    axis: int | None = None,
+    values: Sequence[float] | None = None,
+) -> dict[str, Any]:
     """Candidates for the next round from the winner (Bradley–Terry leader), the control carried over.
 
     ``narrow``: the winner and its neighbours (each merge weight or LoRA strength ± ``step``);
@@ -471,7 +578,11 @@ def propose_next(tours: Tournaments, tid: str, mode: str = "narrow", step: float
         return [("lora", i) for i in range(len(c.loras))]
 
     def get(c: Candidate, k: tuple[str, int]) -> float:
-        return float(c.merge["models"][k[1]].get("weight", 1)) if k[0] == "merge" else float(c.loras[k[1]].get("strength", 1))
+        return (
+            float(c.merge["models"][k[1]].get("weight", 1))
+            if k[0] == "merge"
+            else float(c.loras[k[1]].get("strength", 1))
+        )
 
     def put(c: Candidate, k: tuple[str, int], v: float) -> None:
         if k[0] == "merge":
@@ -481,8 +592,10 @@ def propose_next(tours: Tournaments, tid: str, mode: str = "narrow", step: float
 
     ks = knobs(win)
     if not ks:
-        raise RecipeError(f"The winner {win.id} is a plain checkpoint: there is no recipe to vary.",
-                          fix="Add candidates by hand for the next round.")
+        raise RecipeError(
+            f"The winner {win.id} is a plain checkpoint: there is no recipe to vary.",
+            fix="Add candidates by hand for the next round.",
+        )
     if mode == "narrow":
         for k in ks:
             for sign in (-1, 1):
@@ -497,7 +610,9 @@ def propose_next(tours: Tournaments, tid: str, mode: str = "narrow", step: float
         k = ks[axis if axis is not None else -1]
         if values is None:
             cur = get(win, k)
-            values = [0, 0.05, 0.1, 0.15, 0.2] if k[0] == "merge" else [max(0.0, cur + d) for d in (-0.5, -0.25, 0.25, 0.5)]
+            values = (
+                [0, 0.05, 0.1, 0.15, 0.2] if k[0] == "merge" else [max(0.0, cur + d) for d in (-0.5, -0.25, 0.25, 0.5)]
+            )
         for v in values:
             if abs(float(v) - get(win, k)) < 1e-9:
                 continue  # that is the winner itself, already in
@@ -508,9 +623,16 @@ def propose_next(tours: Tournaments, tid: str, mode: str = "narrow", step: float
                 out.append(c)
     else:
         raise RecipeError(f"Unknown round mode {mode!r}: narrow or dial-in.")
-    return {"parent": tid, "round": rec["round"] + 1, "winner": winner_id, "mode": mode,
-            "candidates": [asdict(c) for c in out], "prompts": spec.prompts, "settings": spec.settings,
-            "first_version": spec.first_version}
+    return {
+        "parent": tid,
+        "round": rec["round"] + 1,
+        "winner": winner_id,
+        "mode": mode,
+        "candidates": [asdict(c) for c in out],
+        "prompts": spec.prompts,
+        "settings": spec.settings,
+        "first_version": spec.first_version,
+    }
 
 
 def lineage(tours: Tournaments, tid: str) -> list[dict[str, Any]]:
@@ -519,8 +641,15 @@ def lineage(tours: Tournaments, tid: str) -> list[dict[str, Any]]:
     cur: str | None = tid
     while cur:
         rec = tours.get(cur)
-        chain.append({"id": rec["id"], "round": rec["round"], "name": rec["name"], "state": rec["state"],
-                      "candidates": [Candidate(**c).recipe() for c in rec["spec"]["candidates"]]})
+        chain.append(
+            {
+                "id": rec["id"],
+                "round": rec["round"],
+                "name": rec["name"],
+                "state": rec["state"],
+                "candidates": [Candidate(**c).recipe() for c in rec["spec"]["candidates"]],
+            }
+        )
         cur = rec.get("parent")
     return chain[::-1]
 
@@ -544,8 +673,12 @@ def contact_sheet(tours: Tournaments, tid: str, prompt: int, cell: int = 320):
         font = ImageFont.load_default()
     sheet = Image.new("RGB", (len(spec.candidates) * (cell + 8) + 8, cell + 58), (255, 255, 255))
     d = ImageDraw.Draw(sheet)
-    d.text((8, 6), f"{prompt + 1}. {spec.prompts[prompt]['prompt'][:120]} (seed {spec.prompts[prompt].get('seed')})",
-           fill=(0, 0, 0), font=font)
+    d.text(
+        (8, 6),
+        f"{prompt + 1}. {spec.prompts[prompt]['prompt'][:120]} (seed {spec.prompts[prompt].get('seed')})",
+        fill=(0, 0, 0),
+        font=font,
+    )
     for i, cand in enumerate(spec.candidates):
         x = 8 + i * (cell + 8)
         ev = res.get(cells[cand.id].key) if cand.id in cells else None
@@ -572,12 +705,19 @@ def winner_recipe(tours: Tournaments, tid: str) -> dict[str, Any]:
     out: dict[str, Any] = {"candidate": c.id, "recipe": c.recipe(), "kind": c.kind}
     if c.merge:
         m = {k: v for k, v in c.merge.items() if k != "built"}
-        out["merge"] = {"models": m["models"], "method": m.get("method", "weighted"), "base": m.get("base"),
-                        "blocks": m.get("blocks"), "output": f"{spec.name}-{c.id}".replace(" ", "_")}
+        out["merge"] = {
+            "models": m["models"],
+            "method": m.get("method", "weighted"),
+            "base": m.get("base"),
+            "blocks": m.get("blocks"),
+            "output": f"{spec.name}-{c.id}".replace(" ", "_"),
+        }
         if c.merge.get("built"):
             out["built_checkpoint"] = c.merge["built"]
     if c.loras:
-        out["bake"] = {"base": c.merge.get("built") if c.merge else c.checkpoint,
-                       "loras": [{"name": x["name"], "strength": x.get("strength", 1.0)} for x in c.loras],
-                       "output": f"{spec.name}-{c.id}-baked".replace(" ", "_")}
+        out["bake"] = {
+            "base": c.merge.get("built") if c.merge else c.checkpoint,
+            "loras": [{"name": x["name"], "strength": x.get("strength", 1.0)} for x in c.loras],
+            "output": f"{spec.name}-{c.id}-baked".replace(" ", "_"),
+        }
     return out

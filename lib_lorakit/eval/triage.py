@@ -29,15 +29,41 @@ from ..gen.run import Cell, Run
 from .store import DECISIONS, Store
 
 DEFAULT_PROMPTS: dict[str, str] = category_prompts(style="natural")  # booru forms: gen/profiles.json
-SIDECAR_SUFFIXES = (".json", ".civitai.info", ".info", ".txt", ".yaml", ".png", ".jpg", ".jpeg", ".webp", ".gif",
-                    ".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp", ".preview.gif")
+SIDECAR_SUFFIXES = (
+    ".json",
+    ".civitai.info",
+    ".info",
+    ".txt",
+    ".yaml",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".webp",
+    ".gif",
+    ".preview.png",
+    ".preview.jpg",
+    ".preview.jpeg",
+    ".preview.webp",
+    ".preview.gif",
+)
 
 
-def plan(reports: Sequence[dict[str, Any]], *, names: dict[str, str], checkpoint_arch: str | None,
-         prompts: dict[str, str] | None = None, seeds: Sequence[int] = (1,), strength: float | None = None,
-         negative_prompt: str = "", checkpoint: str | None = None, settings: dict[str, Any] | None = None,
-         arch: str | None = None, category: str | None = None, name_filter: str | None = None,
-         profile: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[Cell]]:
+def plan(
+    reports: Sequence[dict[str, Any]],
+    *,
+    names: dict[str, str],
+    checkpoint_arch: str | None,
+    prompts: dict[str, str] | None = None,
+    seeds: Sequence[int] = (1,),
+    strength: float | None = None,
+    negative_prompt: str = "",
+    checkpoint: str | None = None,
+    settings: dict[str, Any] | None = None,
+    arch: str | None = None,
+    category: str | None = None,
+    name_filter: str | None = None,
+    profile: dict[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], list[Cell]]:
     """Items (one per LoRA, skipped ones included with the reason) and the cells to generate.
 
     ``reports``: inspector reports; ``names``: file -> the WebUI's tag name. Filters: ``arch``
@@ -70,11 +96,16 @@ def plan(reports: Sequence[dict[str, Any]], *, names: dict[str, str], checkpoint
             continue
         if category and rep.get("category") != category:
             continue
-        it.update(architecture=rep.get("architecture"), category=rep.get("category"), kind=rep.get("kind"),
-                  trigger=rep.get("trigger"), warnings=list(rep.get("warnings") or []),
-                  training_review=[f["text"] for f in rep.get("training_review") or []],
-                  strength=float(strength if strength is not None else rep.get("max_safe_strength") or 0.8),
-                  strength_reason="set by you" if strength is not None else rep.get("max_safe_reason", ""))
+        it.update(
+            architecture=rep.get("architecture"),
+            category=rep.get("category"),
+            kind=rep.get("kind"),
+            trigger=rep.get("trigger"),
+            warnings=list(rep.get("warnings") or []),
+            training_review=[f["text"] for f in rep.get("training_review") or []],
+            strength=float(strength if strength is not None else rep.get("max_safe_strength") or 0.8),
+            strength_reason="set by you" if strength is not None else rep.get("max_safe_reason", ""),
+        )
         if checkpoint_arch and rep.get("architecture") != checkpoint_arch:
             items.append({**it, "skipped": f"a {rep.get('architecture')} LoRA; the checkpoint is {checkpoint_arch}"})
             continue
@@ -92,13 +123,30 @@ def plan(reports: Sequence[dict[str, Any]], *, names: dict[str, str], checkpoint
         for seed in seeds:
             b = baselines.get((prompt, seed))
             if b is None:
-                b = Cell(row="baseline", col=f"p{len(baselines)}", prompt=prompt, negative_prompt=negative_prompt,
-                         seed=int(seed), checkpoint=checkpoint, strength=0.0, settings=dict(settings or {}))
+                b = Cell(
+                    row="baseline",
+                    col=f"p{len(baselines)}",
+                    prompt=prompt,
+                    negative_prompt=negative_prompt,
+                    seed=int(seed),
+                    checkpoint=checkpoint,
+                    strength=0.0,
+                    settings=dict(settings or {}),
+                )
                 baselines[(prompt, seed)] = b
                 cells.append(b)
-            c = Cell(row=name, col=f"{it['strength']:g}", prompt=f"{prompt}, <lora:{name}:{it['strength']:g}>",
-                     negative_prompt=negative_prompt, seed=int(seed), checkpoint=checkpoint, lora=name,
-                     strength=it["strength"], settings=dict(settings or {}), extra={"path": path})
+            c = Cell(
+                row=name,
+                col=f"{it['strength']:g}",
+                prompt=f"{prompt}, <lora:{name}:{it['strength']:g}>",
+                negative_prompt=negative_prompt,
+                seed=int(seed),
+                checkpoint=checkpoint,
+                lora=name,
+                strength=it["strength"],
+                settings=dict(settings or {}),
+                extra={"path": path},
+            )
             cells.append(c)
             it["cells"].append(c.key)
             it["baselines"].append(b.key)
@@ -131,7 +179,7 @@ class Triage:
         self.items = store.items(tid)
 
     @classmethod
-    def create(cls, store: Store, items: list[dict[str, Any]], params: dict[str, Any], name: str = "") -> "Triage":
+    def create(cls, store: Store, items: list[dict[str, Any]], params: dict[str, Any], name: str = "") -> Triage:
         tid = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         store.create_triage(tid, name or f"triage {tid}", params, items)
         return cls(store, tid)
@@ -145,9 +193,17 @@ class Triage:
         cur = self.store.current(self.id)
         active = [it for it in self.items if not it.get("skipped")]
         counts = {k: sum(1 for it in active if cur.get(it["idx"]) == k) for k in DECISIONS}
-        return {"id": self.id, "name": rec["name"], "state": rec["state"], "pass": rec["pass"],
-                "run_dir": rec["run_dir"], "items": len(active), "skipped": len(self.items) - len(active),
-                "decided": sum(counts.values()), "counts": counts}
+        return {
+            "id": self.id,
+            "name": rec["name"],
+            "state": rec["state"],
+            "pass": rec["pass"],
+            "run_dir": rec["run_dir"],
+            "items": len(active),
+            "skipped": len(self.items) - len(active),
+            "decided": sum(counts.values()),
+            "counts": counts,
+        }
 
     def views(self, filter: str = "all") -> list[dict[str, Any]]:
         """Items with their decision and image status, in order; ``filter``: all, undecided, yes, maybe, no."""
@@ -163,8 +219,14 @@ class Triage:
                 continue
             img = res.get(it["cells"][0]) if it.get("cells") else None
             base = res.get(it["baselines"][0]) if it.get("baselines") else None
-            out.append({**{k: v for k, v in it.items() if k not in ("cells", "baselines")}, "decision": d,
-                        "image": _img_state(img), "baseline": _img_state(base)})
+            out.append(
+                {
+                    **{k: v for k, v in it.items() if k not in ("cells", "baselines")},
+                    "decision": d,
+                    "image": _img_state(img),
+                    "baseline": _img_state(base),
+                }
+            )
         return out
 
     def image_path(self, idx: int, which: str) -> str:
@@ -207,21 +269,33 @@ def report_rows(t: Triage) -> list[dict[str, Any]]:
     for it in t.items:
         img = res.get(it["cells"][0]) if it.get("cells") else None
         base = res.get(it["baselines"][0]) if it.get("baselines") else None
-        rows.append({"lora": it["lora"], "file": it["path"], "decision": cur.get(it["idx"]) or
-                     ("skipped" if it.get("skipped") else "undecided"), "category": it.get("category"),
-                     "strength": it.get("strength"), "trigger": it.get("trigger"), "size": it.get("size", 0),
-                     "image": run.image_path(img) if img and img["status"] == "ok" else "",
-                     "baseline": run.image_path(base) if base and base["status"] == "ok" else "",
-                     "flag": (img or {}).get("check", {}).get("status", "") if img else "",
-                     "skipped": it.get("skipped", "")})
+        rows.append(
+            {
+                "lora": it["lora"],
+                "file": it["path"],
+                "decision": cur.get(it["idx"]) or ("skipped" if it.get("skipped") else "undecided"),
+                "category": it.get("category"),
+                "strength": it.get("strength"),
+                "trigger": it.get("trigger"),
+                "size": it.get("size", 0),
+                "image": run.image_path(img) if img and img["status"] == "ok" else "",
+                "baseline": run.image_path(base) if base and base["status"] == "ok" else "",
+                "flag": (img or {}).get("check", {}).get("status", "") if img else "",
+                "skipped": it.get("skipped", ""),
+            }
+        )
     return rows
 
 
 def report_markdown(t: Triage) -> str:
     rows = report_rows(t)
     st = t.state()
-    lines = [f"# LoRA triage: {st['name']}", "",
-             f"{st['items']} LoRAs reviewed in pass {st['pass']} ({st['decided']} decided), {st['skipped']} skipped.", ""]
+    lines = [
+        f"# LoRA triage: {st['name']}",
+        "",
+        f"{st['items']} LoRAs reviewed in pass {st['pass']} ({st['decided']} decided), {st['skipped']} skipped.",
+        "",
+    ]
     groups = [("yes", "YES"), ("maybe", "MAYBE"), ("no", "NO"), ("undecided", "Undecided"), ("skipped", "Skipped")]
     lines += ["| group | LoRAs | disk space |", "|---|---:|---:|"]
     for key, title in groups:
@@ -235,11 +309,16 @@ def report_markdown(t: Triage) -> str:
         if key == "skipped":
             lines += [f"- **{r['lora']}** (`{r['file']}`): {r['skipped']}" for r in g]
             continue
-        lines += ["| LoRA | category | strength | trigger | size | image | baseline |", "|---|---|---:|---|---:|---|---|"]
+        lines += [
+            "| LoRA | category | strength | trigger | size | image | baseline |",
+            "|---|---|---:|---|---:|---|---|",
+        ]
         for r in g:
             flag = f" ⚠ {r['flag']}" if r["flag"] not in ("", "ok") else ""
-            lines.append(f"| {r['lora']}{flag} | {r['category']} | {r['strength']:g} | {r['trigger'] or '—'} | "
-                         f"{_mb(r['size'])} | `{r['image']}` | `{r['baseline']}` |")
+            lines.append(
+                f"| {r['lora']}{flag} | {r['category']} | {r['strength']:g} | {r['trigger'] or '—'} | "
+                f"{_mb(r['size'])} | `{r['image']}` | `{r['baseline']}` |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -322,8 +401,13 @@ def _split_ext(fn: str) -> tuple[str, str]:
     return os.path.splitext(fn)
 
 
-def archive(t: Triage, archive_dir: str, roots: Sequence[str], decision: str = "no",
-            progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+def archive(
+    t: Triage,
+    archive_dir: str,
+    roots: Sequence[str],
+    decision: str = "no",
+    progress: Callable[[float, str], None] | None = None,
+) -> dict[str, Any]:
     """Move the LoRAs decided ``decision`` (and their sidecars) into a new batch folder under
     ``archive_dir``, keeping their paths relative to the LoRA folder they came from, with an
     ``archive.json`` manifest. Nothing is deleted; :func:`restore` undoes it."""
@@ -332,10 +416,14 @@ def archive(t: Triage, archive_dir: str, roots: Sequence[str], decision: str = "
     if not chosen:
         raise RecipeError(f"No LoRA is decided {decision.upper()} in this triage; nothing to archive.")
     real_roots = [os.path.realpath(r) for r in roots]
-    if any(os.path.realpath(archive_dir).startswith(r + os.sep) or os.path.realpath(archive_dir) == r
-           for r in real_roots):
-        raise RecipeError(f"The archive folder {archive_dir} is inside a LoRA folder, where the WebUI would still "
-                          "list the archived files.", fix="Choose a folder outside the LoRA folders.")
+    if any(
+        os.path.realpath(archive_dir).startswith(r + os.sep) or os.path.realpath(archive_dir) == r for r in real_roots
+    ):
+        raise RecipeError(
+            f"The archive folder {archive_dir} is inside a LoRA folder, where the WebUI would still "
+            "list the archived files.",
+            fix="Choose a folder outside the LoRA folders.",
+        )
     batch = os.path.join(archive_dir, f"{time.strftime('%Y%m%d-%H%M%S')}-{t.id[-6:]}-{secrets.token_hex(2)}")
     os.makedirs(batch)
     entries: list[dict[str, Any]] = []
@@ -347,22 +435,37 @@ def archive(t: Triage, archive_dir: str, roots: Sequence[str], decision: str = "
         dst = _free_name(os.path.join(batch, os.path.relpath(real, root)), taken)
         taken.add(dst)
         digest = _sha256(f)
-        entries.append({"lora": it["lora"], "original": f, "archived": dst, "sha256": digest,
-                        "size": os.path.getsize(f), "sidecar": f != it["path"]})
+        entries.append(
+            {
+                "lora": it["lora"],
+                "original": f,
+                "archived": dst,
+                "sha256": digest,
+                "size": os.path.getsize(f),
+                "sidecar": f != it["path"],
+            }
+        )
         _write_manifest(batch, t.id, entries, "archiving")
         _move(f, dst, digest)
         if progress:
             progress((i + 1) / len(files), f"archived {os.path.basename(f)}")
     _write_manifest(batch, t.id, entries, "archived")
-    return {"batch": batch, "files": len(entries), "loras": len(chosen),
-            "bytes": sum(e["size"] for e in entries), "entries": entries}
+    return {
+        "batch": batch,
+        "files": len(entries),
+        "loras": len(chosen),
+        "bytes": sum(e["size"] for e in entries),
+        "entries": entries,
+    }
 
 
 def _write_manifest(batch: str, tid: str, entries: list[dict[str, Any]], state: str) -> None:
     from ..gen.run import _atomic_write
 
-    _atomic_write(os.path.join(batch, "archive.json"),
-                  json.dumps({"triage": tid, "state": state, "entries": entries}, indent=1).encode())
+    _atomic_write(
+        os.path.join(batch, "archive.json"),
+        json.dumps({"triage": tid, "state": state, "entries": entries}, indent=1).encode(),
+    )
 
 
 def restore(batch: str) -> dict[str, Any]:
@@ -405,12 +508,25 @@ class TriageError(LorakitError):
 # --- create and generate (shared by the WebUI service and the CLI) -----------------------------------
 
 
-def create_triage(store: Store, backend, *, folder: str | None = None, roots: Sequence[str] = (),
-                  checkpoint: str | None = None, prompts: dict[str, str] | None = None, seeds: Sequence[int] = (1,),
-                  strength: float | None = None, negative_prompt: str = "", settings: dict[str, Any] | None = None,
-                  arch: str | None = None, category: str | None = None, name_filter: str | None = None,
-                  inspector_settings: dict[str, Any] | None = None, name: str = "",
-                  profile: str | None = None) -> Triage:
+def create_triage(
+    store: Store,
+    backend,
+    *,
+    folder: str | None = None,
+    roots: Sequence[str] = (),
+    checkpoint: str | None = None,
+    prompts: dict[str, str] | None = None,
+    seeds: Sequence[int] = (1,),
+    strength: float | None = None,
+    negative_prompt: str = "",
+    settings: dict[str, Any] | None = None,
+    arch: str | None = None,
+    category: str | None = None,
+    name_filter: str | None = None,
+    inspector_settings: dict[str, Any] | None = None,
+    name: str = "",
+    profile: str | None = None,
+) -> Triage:
     """Plan a triage over the backend's (refreshed) LoRA list — those under ``folder`` when given — and
     store it. The checkpoint's architecture decides what is skipped."""
     from ..gen.backend import resolve_name
@@ -423,8 +539,10 @@ def create_triage(store: Store, backend, *, folder: str | None = None, roots: Se
         base = os.path.realpath(folder if os.path.isabs(folder) or not roots else os.path.join(roots[0], folder))
         loras = [e for e in loras if os.path.realpath(e.path).startswith(base + os.sep)]
         if not loras:
-            raise RecipeError(f"The WebUI lists no LoRA under {folder}.",
-                              fix="Pick a folder inside the WebUI's LoRA folder (or leave it empty for all).")
+            raise RecipeError(
+                f"The WebUI lists no LoRA under {folder}.",
+                fix="Pick a folder inside the WebUI's LoRA folder (or leave it empty for all).",
+            )
     ck_name = checkpoint or backend.current_checkpoint()
     if not ck_name:
         raise RecipeError("No checkpoint given and none loaded.", fix="Pick a checkpoint.")
@@ -436,21 +554,45 @@ def create_triage(store: Store, backend, *, folder: str | None = None, roots: Se
         ck_arch = None
     paths = [e.path for e in loras]
     reports = inspect_paths(paths, settings=inspector_settings)
-    chosen = settings_for(ck.path if os.path.isfile(ck.path or "") else None, settings, profile=profile,
-                          settings=inspector_settings)
-    items, cells = plan(reports, names={e.path: e.name for e in loras}, checkpoint_arch=ck_arch, prompts=prompts,
-                        seeds=seeds, strength=strength, negative_prompt=negative_prompt, checkpoint=ck.name,
-                        settings=chosen["settings"], arch=arch, category=category, name_filter=name_filter,
-                        profile=chosen)
-    params = {"folder": folder, "checkpoint": ck.name, "checkpoint_arch": ck_arch, "seeds": list(seeds),
-              "strength": strength, "prompts": prompts or {}, "settings": chosen["settings"],
-              "user_settings": settings or {}, "profile": record_of(chosen), "arch": arch,
-              "category": category, "name_filter": name_filter, "cells": [c.as_dict() for c in cells]}
+    chosen = settings_for(
+        ck.path if os.path.isfile(ck.path or "") else None, settings, profile=profile, settings=inspector_settings
+    )
+    items, cells = plan(
+        reports,
+        names={e.path: e.name for e in loras},
+        checkpoint_arch=ck_arch,
+        prompts=prompts,
+        seeds=seeds,
+        strength=strength,
+        negative_prompt=negative_prompt,
+        checkpoint=ck.name,
+        settings=chosen["settings"],
+        arch=arch,
+        category=category,
+        name_filter=name_filter,
+        profile=chosen,
+    )
+    params = {
+        "folder": folder,
+        "checkpoint": ck.name,
+        "checkpoint_arch": ck_arch,
+        "seeds": list(seeds),
+        "strength": strength,
+        "prompts": prompts or {},
+        "settings": chosen["settings"],
+        "user_settings": settings or {},
+        "profile": record_of(chosen),
+        "arch": arch,
+        "category": category,
+        "name_filter": name_filter,
+        "cells": [c.as_dict() for c in cells],
+    }
     return Triage.create(store, items, params, name=name)
 
 
-def generate(t: Triage, backend, outputs_dir: str, *, progress: Callable[[float, str], None] | None = None,
-             cancel=None) -> dict[str, Any]:
+def generate(
+    t: Triage, backend, outputs_dir: str, *, progress: Callable[[float, str], None] | None = None, cancel=None
+) -> dict[str, Any]:
     """Make the triage's images (a run folder of kind "triage"); a second call fills only what is missing."""
     from ..gen.run import execute
 

@@ -41,21 +41,34 @@ class Arch:
     @property
     def blocks(self) -> tuple[str, ...]:
         """All block ids in order: BASE, IN.., M00, OUT.."""
-        return (("BASE",) + tuple(f"IN{i:02d}" for i in range(self.n_in)) + ("M00",)
-                + tuple(f"OUT{i:02d}" for i in range(self.n_in)))
+        return (
+            ("BASE",)
+            + tuple(f"IN{i:02d}" for i in range(self.n_in))
+            + ("M00",)
+            + tuple(f"OUT{i:02d}" for i in range(self.n_in))
+        )
 
 
 SD15 = Arch(
-    id="sd15", label="SD1.5", layout="sd15-ldm",
-    prefixes={"unet": "model.diffusion_model.", "te1": "cond_stage_model.transformer.",
-              "vae": "first_stage_model."},
-    n_in=12, context_dim=768,
+    id="sd15",
+    label="SD1.5",
+    layout="sd15-ldm",
+    prefixes={"unet": "model.diffusion_model.", "te1": "cond_stage_model.transformer.", "vae": "first_stage_model."},
+    n_in=12,
+    context_dim=768,
 )
 SDXL = Arch(
-    id="sdxl", label="SDXL", layout="sdxl-sgm",
-    prefixes={"unet": "model.diffusion_model.", "te1": "conditioner.embedders.0.transformer.",
-              "te2": "conditioner.embedders.1.model.", "vae": "first_stage_model."},
-    n_in=9, context_dim=2048,
+    id="sdxl",
+    label="SDXL",
+    layout="sdxl-sgm",
+    prefixes={
+        "unet": "model.diffusion_model.",
+        "te1": "conditioner.embedders.0.transformer.",
+        "te2": "conditioner.embedders.1.model.",
+        "vae": "first_stage_model.",
+    },
+    n_in=9,
+    context_dim=2048,
 )
 ARCHS: dict[str, Arch] = {a.id: a for a in (SD15, SDXL)}
 
@@ -99,7 +112,7 @@ def block_of(key: str, arch: Arch) -> str | None:
         return f"IN{int(m.group(1)):02d}"
     if m := _RE_OUT.match(key):
         return f"OUT{int(m.group(1)):02d}"
-    rest = key[len("model.diffusion_model."):]
+    rest = key[len("model.diffusion_model.") :]
     if rest.startswith("middle_block."):
         return "M00"
     if rest.startswith(("time_embed.", "label_emb.")):
@@ -116,9 +129,19 @@ LINEAGE_WORDS = {
     "Illustrious": re.compile(r"illustrious|illust(?:rious)?xl|\bilxl\b|\bill?_?xl\b", re.I),
     "NoobAI": re.compile(r"noob", re.I),
 }
-_LINEAGE_FIELDS = ("modelspec.title", "modelspec.description", "modelspec.architecture", "modelspec.tags",
-                   "ss_sd_model_name", "ss_base_model_version", "ss_output_name", "ss_training_comment",
-                   "name", "description", "base_model")
+_LINEAGE_FIELDS = (
+    "modelspec.title",
+    "modelspec.description",
+    "modelspec.architecture",
+    "modelspec.tags",
+    "ss_sd_model_name",
+    "ss_base_model_version",
+    "ss_output_name",
+    "ss_training_comment",
+    "name",
+    "description",
+    "base_model",
+)
 
 
 @dataclass
@@ -137,9 +160,15 @@ class Family:
         return ARCHS[self.arch].label if self.arch in ARCHS else "unknown"
 
     def as_dict(self) -> dict:
-        return {"arch": self.arch, "arch_label": self.label, "evidence": self.evidence, "vpred": self.vpred,
-                "vpred_evidence": self.vpred_evidence,
-                "lineage": [{"lineage": n, "evidence": e} for n, e in self.lineage], "variant": self.variant}
+        return {
+            "arch": self.arch,
+            "arch_label": self.label,
+            "evidence": self.evidence,
+            "vpred": self.vpred,
+            "vpred_evidence": self.vpred_evidence,
+            "lineage": [{"lineage": n, "evidence": e} for n, e in self.lineage],
+            "variant": self.variant,
+        }
 
 
 def lineage_hints(metadata: Mapping[str, str], filename: str = "") -> list[tuple[str, str]]:
@@ -168,8 +197,7 @@ def _vpred_from(metadata: Mapping[str, str], keys: Iterable[str]) -> tuple[bool 
     return None, ""
 
 
-def detect_checkpoint(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str],
-                      path: str = "") -> Family:
+def detect_checkpoint(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], path: str = "") -> Family:
     """Detect the architecture of a full checkpoint from its keys and shapes.
 
     Raises:
@@ -181,48 +209,64 @@ def detect_checkpoint(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[s
     fam = Family(arch=None, vpred=vpred, vpred_evidence=vpred_ev, lineage=lineage_hints(metadata, path))
     u = "model.diffusion_model."
     if any(k.startswith(u + ("joint_blocks", "double_blocks")[i]) for k in shapes for i in (0, 1)):
-        raise ArchitectureError(f"{name} is an SD3/Flux-style (transformer) checkpoint.",
-                                fix="lorakit handles SD1.5 and SDXL checkpoints only.")
+        raise ArchitectureError(
+            f"{name} is an SD3/Flux-style (transformer) checkpoint.",
+            fix="lorakit handles SD1.5 and SDXL checkpoints only.",
+        )
     if any(k.startswith("cond_stage_model.model.transformer.") for k in shapes):
-        raise ArchitectureError(f"{name} is an SD2.x checkpoint (OpenCLIP text encoder under cond_stage_model.model).",
-                                fix="lorakit handles SD1.5 and SDXL checkpoints only.")
+        raise ArchitectureError(
+            f"{name} is an SD2.x checkpoint (OpenCLIP text encoder under cond_stage_model.model).",
+            fix="lorakit handles SD1.5 and SDXL checkpoints only.",
+        )
     label = shapes.get(u + "label_emb.0.0.weight")
     te_l = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
     te_g = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
     if label is not None:
         if any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
-            raise ArchitectureError(f"{name} is an SDXL refiner (OpenCLIP-G as its only text encoder).",
-                                    fix="lorakit bakes into SDXL base-family checkpoints (SDXL, Pony, Illustrious, NoobAI).")
+            raise ArchitectureError(
+                f"{name} is an SDXL refiner (OpenCLIP-G as its only text encoder).",
+                fix="lorakit bakes into SDXL base-family checkpoints (SDXL, Pony, Illustrious, NoobAI).",
+            )
         has_te = te_l in shapes and te_g in shapes
         deep = u + "input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight" in shapes
         if not (has_te or deep):
-            raise ArchitectureError(f"{name} has SDXL-style class embeddings but not SDXL's structure "
-                                    f"(label_emb input {label[-1]}, no CLIP-L + CLIP-G, no 2-layer transformer blocks).",
-                                    fix="lorakit bakes into SDXL base-family checkpoints (SDXL, Pony, Illustrious, NoobAI).")
+            raise ArchitectureError(
+                f"{name} has SDXL-style class embeddings but not SDXL's structure "
+                f"(label_emb input {label[-1]}, no CLIP-L + CLIP-G, no 2-layer transformer blocks).",
+                fix="lorakit bakes into SDXL base-family checkpoints (SDXL, Pony, Illustrious, NoobAI).",
+            )
         fam.arch = "sdxl"
         fam.evidence.append(f"{u}label_emb and " + ("CLIP-L + CLIP-G text encoders" if has_te else "SDXL UNet blocks"))
     elif "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in shapes:
         fam.arch = "sd15"
         fam.evidence.append("CLIP-L text encoder under cond_stage_model.transformer.text_model")
     elif any(k.startswith("cond_stage_model.transformer.encoder.") for k in shapes):
-        raise ArchitectureError(f"{name} uses the old SD1 text-encoder key names (no 'text_model').",
-                                fix="Load and save it once in the WebUI (Checkpoint Merger, 'No interpolation') to modernise the keys.")
+        raise ArchitectureError(
+            f"{name} uses the old SD1 text-encoder key names (no 'text_model').",
+            fix="Load and save it once in the WebUI (Checkpoint Merger, 'No interpolation') to modernise the keys.",
+        )
     elif any(k.startswith(u) for k in shapes):
         k2 = u + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
         if k2 in shapes and shapes[k2][-1] == 768:
             fam.arch = "sd15"
             fam.evidence.append("UNet cross-attention context 768 (no text encoder in the file)")
-        elif u + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight" in shapes and \
-                shapes[u + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"][-1] == 2048:
+        elif (
+            u + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight" in shapes
+            and shapes[u + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"][-1] == 2048
+        ):
             fam.arch = "sdxl"
             fam.evidence.append("UNet cross-attention context 2048 (no text encoders in the file)")
     if fam.arch is None:
         if any(k.startswith(("lora_", "lycoris_")) or ".lora_" in k or ".hada_" in k or ".lokr_" in k for k in shapes):
-            raise ArchitectureError(f"{name} is a LoRA/LyCORIS file, not a checkpoint.",
-                                    fix="Give the base checkpoint first and the LoRA with --lora.")
-        raise ArchitectureError(f"{name} is not an SD1.5 or SDXL checkpoint in the ldm/sgm layout "
-                                f"(no model.diffusion_model / text-encoder keys found among {len(shapes)} tensors).",
-                                fix="Diffusers folders and other layouts are not supported; use a single-file checkpoint.")
+            raise ArchitectureError(
+                f"{name} is a LoRA/LyCORIS file, not a checkpoint.",
+                fix="Give the base checkpoint first and the LoRA with --lora.",
+            )
+        raise ArchitectureError(
+            f"{name} is not an SD1.5 or SDXL checkpoint in the ldm/sgm layout "
+            f"(no model.diffusion_model / text-encoder keys found among {len(shapes)} tensors).",
+            fix="Diffusers folders and other layouts are not supported; use a single-file checkpoint.",
+        )
     conv_in = shapes.get(u + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in[1] != 4:
         fam.variant = {9: "inpaint", 8: "instruct-pix2pix"}.get(conv_in[1], f"{conv_in[1]}-channel input")
@@ -236,8 +280,10 @@ _LORA_CTX = re.compile(r"attn2_to_[kv]_(?:lora_down|lora_A|down)_weight$")
 # SD1.5 has one transformer layer per attention block; SDXL has 2 or 10.
 _LORA_XL_BLOCK = re.compile(r"transformer_blocks[._][1-9]")
 # Attention at the first level and the 10th-12th blocks exist only in SD1.x.
-_LORA_SD1_BLOCK = re.compile(r"(?:input_blocks[._][12][._]1[._]|input_blocks[._]1[01][._]|output_blocks[._](?:9|10|11)[._]"
-                             r"|down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions)")
+_LORA_SD1_BLOCK = re.compile(
+    r"(?:input_blocks[._][12][._]1[._]|input_blocks[._]1[01][._]|output_blocks[._](?:9|10|11)[._]"
+    r"|down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions)"
+)
 
 
 def detect_lora(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], path: str = "") -> Family:

@@ -5,6 +5,7 @@ averaged it as a float tensor, leaving entries such as 2.9999 that the text enco
 truncates to the wrong position. Merge, bake and the checkpoint clean-up all repair it the
 same way: back to the integer arange, and they say so.
 """
+
 from __future__ import annotations
 
 import torch

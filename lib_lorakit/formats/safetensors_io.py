@@ -96,19 +96,28 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise _bad(path, f"the file is only {size} bytes; a safetensors file starts with an 8-byte header length")
+                raise _bad(
+                    path, f"the file is only {size} bytes; a safetensors file starts with an 8-byte header length"
+                )
             (n,) = struct.unpack("<Q", head)
             if n == 0 or n > MAX_HEADER:
-                raise _bad(path, f"header length {n} is not sane (expected 2..{MAX_HEADER} bytes)",
-                           fix="This is probably not a safetensors file (or it is damaged).")
+                raise _bad(
+                    path,
+                    f"header length {n} is not sane (expected 2..{MAX_HEADER} bytes)",
+                    fix="This is probably not a safetensors file (or it is damaged).",
+                )
             if 8 + n > size:
-                raise _bad(path, f"header length {n} runs past the end of the file ({size} bytes); the file is truncated")
+                raise _bad(
+                    path, f"header length {n} runs past the end of the file ({size} bytes); the file is truncated"
+                )
             raw = f.read(n)
     except FileNotFoundError:
         raise FormatError(f"{path}: file not found.", fix="Check the path.") from None
     except IsADirectoryError:
-        raise FormatError(f"{path}: is a folder, not a model file.",
-                          fix="Give the .safetensors file itself (diffusers folders are not supported).") from None
+        raise FormatError(
+            f"{path}: is a folder, not a model file.",
+            fix="Give the .safetensors file itself (diffusers folders are not supported).",
+        ) from None
     except PermissionError:
         raise FormatError(f"{path}: permission denied.", fix="Make the file readable for this user.") from None
     try:
@@ -119,7 +128,9 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise _bad(path, "the header is not a JSON object")
 
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise _bad(path, "__metadata__ must map strings to strings")
 
     data_start = 8 + n
@@ -131,9 +142,16 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             dtype, shape, (o0, o1) = entry["dtype"], entry["shape"], entry["data_offsets"]
             shape_t = tuple(shape)
             n = math.prod(shape_t)  # an int only if every dimension is one (floats and strings fall out)
-            ok = (type(shape) is list and type(o0) is int and type(o1) is int and 0 <= o0 <= o1 <= data_size
-                  and type(n) is int and (not shape_t or min(shape_t) >= 0) and True not in map(type(True).__instancecheck__, shape_t)
-                  and o1 - o0 == n * sizes[dtype])
+            ok = (
+                type(shape) is list
+                and type(o0) is int
+                and type(o1) is int
+                and 0 <= o0 <= o1 <= data_size
+                and type(n) is int
+                and (not shape_t or min(shape_t) >= 0)
+                and True not in map(bool.__instancecheck__, shape_t)
+                and o1 - o0 == n * sizes[dtype]
+            )
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
@@ -158,16 +176,27 @@ def _explain(path: str, name: str, entry: object, data_size: int) -> None:
         raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
-    if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
-            or offs[0] < 0 or offs[1] < offs[0]):
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(type(o) is int for o in offs)
+        or offs[0] < 0
+        or offs[1] < offs[0]
+    ):
         raise _bad(path, f"tensor {name!r} has invalid data_offsets {offs!r}")
     expected = math.prod(shape) * DTYPES[dtype][1]
     if offs[1] - offs[0] != expected:
-        raise _bad(path, f"tensor {name!r}: shape {shape} x {dtype} needs {expected} bytes but its span holds {offs[1] - offs[0]}")
+        raise _bad(
+            path,
+            f"tensor {name!r}: shape {shape} x {dtype} needs {expected} bytes but its span holds {offs[1] - offs[0]}",
+        )
     if offs[1] > data_size:
-        raise _bad(path, f"tensor {name!r} ends at byte {offs[1]} of the data area, but the file holds only "
-                         f"{data_size} data bytes; the file is truncated",
-                   fix="The download or copy was interrupted. Download the file again.")
+        raise _bad(
+            path,
+            f"tensor {name!r} ends at byte {offs[1]} of the data area, but the file holds only "
+            f"{data_size} data bytes; the file is truncated",
+            fix="The download or copy was interrupted. Download the file again.",
+        )
     raise _bad(path, f"tensor {name!r} has an invalid entry {entry!r}")  # pragma: no cover - all cases above
 
 
@@ -192,7 +221,7 @@ def _pread_into(fd: int, view: memoryview, offset: int, path: str, name: str) ->
     done = 0
     total = len(view)
     while done < total:
-        got = pread_into(fd, view[done:done + _READ_CHUNK], offset + done)
+        got = pread_into(fd, view[done : done + _READ_CHUNK], offset + done)
         if got <= 0:
             raise _bad(path, f"unexpected end of file while reading tensor {name!r} (file changed while reading?)")
         done += got
@@ -326,13 +355,17 @@ def check_output_path(path: str, *, overwrite: bool, inputs: Iterable[str] = ())
     path = os.fspath(path)
     for src in inputs:
         if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
-            raise OutputError(f"The output {path} is one of the inputs.",
-                              fix="Choose a new output file name; lorakit never writes its input files.")
+            raise OutputError(
+                f"The output {path} is one of the inputs.",
+                fix="Choose a new output file name; lorakit never writes its input files.",
+            )
     if os.path.isdir(path):
         raise OutputError(f"The output {path} is a folder.", fix="Give a file name ending in .safetensors.")
     if os.path.exists(path) and not overwrite:
-        raise OutputError(f"The output {path} already exists.",
-                          fix="Choose another name, or turn on the overwrite option to replace it.")
+        raise OutputError(
+            f"The output {path} already exists.",
+            fix="Choose another name, or turn on the overwrite option to replace it.",
+        )
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise OutputError(f"The output folder {parent} does not exist.", fix="Create it first, or pick another folder.")
@@ -397,7 +430,7 @@ class _Sink:
             return
         if final and n % _ALIGN:
             pad = _ALIGN - n % _ALIGN
-            self._mv[n:n + pad] = bytes(pad)
+            self._mv[n : n + pad] = bytes(pad)
             n += pad
         try:
             done = 0
@@ -409,7 +442,7 @@ class _Sink:
             os.close(self.fd)
             self.fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
             os.lseek(self.fd, written, os.SEEK_SET)
-            data = self._mv[:self._fill]
+            data = self._mv[: self._fill]
             self.direct = False
             self._write_all(data)
         self._fill = 0
@@ -429,7 +462,7 @@ class _Sink:
         i = 0
         while i < len(mv):
             n = min(len(mv) - i, _STAGE - self._fill)
-            self._mv[self._fill:self._fill + n] = mv[i:i + n]
+            self._mv[self._fill : self._fill + n] = mv[i : i + n]
             self._fill += n
             i += n
             if self._fill == _STAGE:
@@ -459,7 +492,7 @@ class _Sink:
         done = 0
         while done < nbytes:
             n = min(nbytes - done, _STAGE - self._fill)
-            got = pread_into(src_fd, self._mv[self._fill:self._fill + n], offset + done)
+            got = pread_into(src_fd, self._mv[self._fill : self._fill + n], offset + done)
             if got <= 0:
                 raise OSError("unexpected end of source file")
             self._fill += got
@@ -503,8 +536,15 @@ class StreamingWriter:
     leaving the ``with`` block with an exception removes it.
     """
 
-    def __init__(self, path: str, entries: Sequence[OutEntry], metadata: Mapping[str, str] | None = None,
-                 *, overwrite: bool = False, direct: bool = True):
+    def __init__(
+        self,
+        path: str,
+        entries: Sequence[OutEntry],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        overwrite: bool = False,
+        direct: bool = True,
+    ):
         self.path = os.path.abspath(os.fspath(path))
         self.entries = list(entries)
         self.overwrite = overwrite
@@ -585,8 +625,10 @@ class StreamingWriter:
         self._sink.finish(self._patched)
         if os.path.exists(self.path) and not self.overwrite:
             self.abort()
-            raise OutputError(f"The output {self.path} appeared while lorakit was writing it.",
-                              fix="Choose another name, or turn on the overwrite option to replace it.")
+            raise OutputError(
+                f"The output {self.path} appeared while lorakit was writing it.",
+                fix="Choose another name, or turn on the overwrite option to replace it.",
+            )
         os.replace(self.tmp_path, self.path)
         self._committed = True
         _LIVE_TEMPS.discard(self.tmp_path)
@@ -629,8 +671,13 @@ class StreamingWriter:
                 raise err from exc
 
 
-def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None,
-              *, overwrite: bool = False) -> str:
+def save_file(
+    tensors: Mapping[str, torch.Tensor],
+    path: str,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> str:
     """Write a whole dict of tensors atomically (small files: LoRAs, test inputs)."""
     entries = [OutEntry(k, TORCH_TO_CODE[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
     with StreamingWriter(path, entries, metadata, overwrite=overwrite) as w:

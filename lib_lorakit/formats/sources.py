@@ -107,8 +107,9 @@ class SafetensorsSource(TensorSource):
 class DictSource(TensorSource):
     """Tensors already in memory (pickle checkpoints, tests)."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], path: str = "<memory>",
-                 metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], path: str = "<memory>", metadata: Mapping[str, str] | None = None
+    ):
         self.path = path
         self.tensors = dict(tensors)
         self.metadata = dict(metadata or {})
@@ -139,8 +140,12 @@ class LayoutSource(TensorSource):
     torch-style name ("float16") as the layout files store it.
     """
 
-    def __init__(self, table: Mapping[str, tuple[tuple[int, ...], str]], path: str = "<layout>",
-                 metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        table: Mapping[str, tuple[tuple[int, ...], str]],
+        path: str = "<layout>",
+        metadata: Mapping[str, str] | None = None,
+    ):
         self.path = path
         self.table = dict(table)
         self.metadata = dict(metadata or {})
@@ -173,11 +178,14 @@ def _load_pickle(path: str) -> dict:
             f"{path}: this pickle file holds Python objects besides tensors, which lorakit will not load "
             f"(loading them could run code). The loader said: {what}",
             fix="Convert it to .safetensors in an environment you trust (for example, load it in the WebUI and "
-                "save it with the Checkpoint Merger, 'No interpolation', 'safetensors'), or use a .safetensors "
-                "release of the model.") from None
+            "save it with the Checkpoint Merger, 'No interpolation', 'safetensors'), or use a .safetensors "
+            "release of the model.",
+        ) from None
     except (zipfile.BadZipFile, EOFError, RuntimeError) as e:
-        raise FormatError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}).",
-                          fix="The file is damaged or incomplete. Download it again.") from None
+        raise FormatError(
+            f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}).",
+            fix="The file is damaged or incomplete. Download it again.",
+        ) from None
     return obj
 
 
@@ -199,8 +207,10 @@ def open_source(path: str) -> TensorSource:
     if not os.path.exists(path):
         raise FormatError(f"{path}: file not found.", fix="Check the path and the file name.")
     if os.path.isdir(path):
-        raise FormatError(f"{path}: is a folder, not a model file.",
-                          fix="Give the .safetensors file itself (diffusers folders are not supported).")
+        raise FormatError(
+            f"{path}: is a folder, not a model file.",
+            fix="Give the .safetensors file itself (diffusers folders are not supported).",
+        )
     ext = os.path.splitext(path)[1].lower()
     if ext in PICKLE_EXTS:
         sd = _flatten_state_dict(_load_pickle(path), path)
@@ -209,8 +219,10 @@ def open_source(path: str) -> TensorSource:
         with open(path, "rb") as f:
             head = f.read(8)
         if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise FormatError(f"{path}: looks like a PyTorch pickle but has the extension {ext!r}.",
-                              fix="Rename it to .ckpt or .pt so lorakit reads it (weights only).")
+            raise FormatError(
+                f"{path}: looks like a PyTorch pickle but has the extension {ext!r}.",
+                fix="Rename it to .ckpt or .pt so lorakit reads it (weights only).",
+            )
     return SafetensorsSource(path)
 
 
@@ -231,8 +243,10 @@ class HeaderSource(TensorSource):
             self._f = safe_open(path, framework="pt")
         except Exception as e:  # SafetensorError and OSError variants
             SafetensorsFile(path).close()  # raises the message that names the problem
-            raise FormatError(f"{path}: not a valid safetensors file: {e}",
-                              fix="The file is damaged or incomplete. Download or export it again.") from None
+            raise FormatError(
+                f"{path}: not a valid safetensors file: {e}",
+                fix="The file is damaged or incomplete. Download or export it again.",
+            ) from None
         self.metadata = dict(self._f.metadata() or {})
         self._info: dict[str, tuple[tuple[int, ...], str]] = {}
         for k in self._f.keys():

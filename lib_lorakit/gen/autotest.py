@@ -49,7 +49,9 @@ def collect(paths: Sequence[str]) -> list[str]:
         if os.path.isdir(p):
             for d, dirs, files in os.walk(p):
                 dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-                out += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(LORA_EXTS) and not f.startswith(".")]
+                out += [
+                    os.path.join(d, f) for f in sorted(files) if f.lower().endswith(LORA_EXTS) and not f.startswith(".")
+                ]
         elif os.path.isfile(p):
             out.append(p)
         else:
@@ -75,14 +77,21 @@ def find_in_host(path: str, loras: list[ModelInfo]) -> ModelInfo:
     for e in loras:
         if e.path and os.path.realpath(e.path) == real:
             return e
-    raise UnknownModel(f"{path}: the WebUI does not list this LoRA (after refreshing its list).",
-                       fix="Train into (or copy the file into) the WebUI's LoRA folder, which the WebUI and lorakit "
-                           "must both see at the same path.")
+    raise UnknownModel(
+        f"{path}: the WebUI does not list this LoRA (after refreshing its list).",
+        fix="Train into (or copy the file into) the WebUI's LoRA folder, which the WebUI and lorakit "
+        "must both see at the same path.",
+    )
 
 
-def test_lora(backend: Backend, path: str, out_dir: str, opts: AutotestOptions,
-              progress: Callable[[float, str], None] | None = None, inspector_settings: dict | None = None
-              ) -> dict[str, Any]:
+def test_lora(
+    backend: Backend,
+    path: str,
+    out_dir: str,
+    opts: AutotestOptions,
+    progress: Callable[[float, str], None] | None = None,
+    inspector_settings: dict | None = None,
+) -> dict[str, Any]:
     """One LoRA file: inspect, grid, verdict; returns the grid result (run folder, verdicts)."""
     backend.refresh()
     loras = backend.loras()
@@ -120,13 +129,28 @@ def test_lora(backend: Backend, path: str, out_dir: str, opts: AutotestOptions,
         else:
             cap, why = max_safe_for(f.path, ckpt_path, inspector_settings)
         if not opts.strengths:
-            notes.append(f"{f.name}: strengths up to {cap if cap else 1.0:g} "
-                         f"({'max-safe for ' + why if cap else why or 'default'})")
-        rows.append(GridRow(label=f.name if ep is None or not opts.epochs else f"{f.name} (epoch {ep})", lora=f.name,
-                            max_safe=cap, epoch=ep))
-    spec = GridSpec(rows=rows, prompt=prompts, negative_prompt=opts.negative_prompt or chosen["negative"],
-                    strengths=opts.strengths, seeds=list(opts.seeds), checkpoint=opts.checkpoint,
-                    settings=dict(chosen["settings"]), profile=record_of(chosen))
+            notes.append(
+                f"{f.name}: strengths up to {cap if cap else 1.0:g} "
+                f"({'max-safe for ' + why if cap else why or 'default'})"
+            )
+        rows.append(
+            GridRow(
+                label=f.name if ep is None or not opts.epochs else f"{f.name} (epoch {ep})",
+                lora=f.name,
+                max_safe=cap,
+                epoch=ep,
+            )
+        )
+    spec = GridSpec(
+        rows=rows,
+        prompt=prompts,
+        negative_prompt=opts.negative_prompt or chosen["negative"],
+        strengths=opts.strengths,
+        seeds=list(opts.seeds),
+        checkpoint=opts.checkpoint,
+        settings=dict(chosen["settings"]),
+        profile=record_of(chosen),
+    )
     res = run_grid(backend, spec, out_dir, notes=notes, kind="autotest", progress=progress)
     res.pop("grid_image", None)
     # the summary gets the inspector's view on top
@@ -135,9 +159,11 @@ def test_lora(backend: Backend, path: str, out_dir: str, opts: AutotestOptions,
         md = f.read()
     head = [f"- LoRA file: `{path}`"]
     if rep:
-        head.append(f"- Inspector: {rep.get('architecture')}, {', '.join(rep.get('algorithms') or [])}, rank "
-                    f"{rep.get('rank')}, {rep.get('category')} (max-safe {rep.get('max_safe_strength')}), "
-                    f"{rep.get('kind')}, trigger {trig!r}")
+        head.append(
+            f"- Inspector: {rep.get('architecture')}, {', '.join(rep.get('algorithms') or [])}, rank "
+            f"{rep.get('rank')}, {rep.get('category')} (max-safe {rep.get('max_safe_strength')}), "
+            f"{rep.get('kind')}, trigger {trig!r}"
+        )
         head += [f"- Training: {f['text']}" for f in rep.get("training_review") or []]
     head += [f"- Note: {n}" for n in notes]
     md = md.replace("\n\n", "\n\n" + "\n".join(head) + "\n", 1)
@@ -171,10 +197,19 @@ class State:
         _atomic_write(self.path, json.dumps(self.data, indent=1).encode())
 
 
-def run_autotest(backend: Backend, paths: Sequence[str], out_dir: str, opts: AutotestOptions, *,
-                 watch: str | None = None, interval: float = 10.0, watch_for: float | None = None,
-                 log: Callable[[str], None] = print, inspector_settings: dict | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
+def run_autotest(
+    backend: Backend,
+    paths: Sequence[str],
+    out_dir: str,
+    opts: AutotestOptions,
+    *,
+    watch: str | None = None,
+    interval: float = 10.0,
+    watch_for: float | None = None,
+    log: Callable[[str], None] = print,
+    inspector_settings: dict | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[dict[str, Any]]:
     """Test every LoRA in ``paths`` not tested before (same size and mtime), then, with ``watch``, keep
     looking for new complete files in that folder every ``interval`` seconds (for ``watch_for`` seconds,
     or until interrupted)."""

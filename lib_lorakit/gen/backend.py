@@ -122,8 +122,10 @@ def resolve_name(value: str, entries: list[ModelInfo], what: str) -> ModelInfo:
     pool = sorted({n for e in entries for n in e.names()[:2]})
     near = difflib.get_close_matches(v, pool, n=5, cutoff=0.4)
     hint = f"Nearest: {', '.join(near)}." if near else f"The host lists {len(entries)} {what}s."
-    raise UnknownModel(f"Unknown {what} {value!r}: the generating WebUI does not list it (after refreshing its list).",
-                   fix=f"{hint} Copy the file into the WebUI's {what} folder or fix the name.")
+    raise UnknownModel(
+        f"Unknown {what} {value!r}: the generating WebUI does not list it (after refreshing its list).",
+        fix=f"{hint} Copy the file into the WebUI's {what} folder or fix the name.",
+    )
 
 
 def lora_tag_name(path: str) -> str:
@@ -150,8 +152,10 @@ class HostBackend:
         return [ModelInfo(e.name, e.path, quick_hash(e.path), tuple(e.aliases)) for e in self.host.list_checkpoints()]
 
     def loras(self) -> list[ModelInfo]:
-        return [ModelInfo(lora_tag_name(e.path), e.path, quick_hash(e.path), (e.name, *e.aliases))
-                for e in self.host.list_loras()]
+        return [
+            ModelInfo(lora_tag_name(e.path), e.path, quick_hash(e.path), (e.name, *e.aliases))
+            for e in self.host.list_loras()
+        ]
 
     def current_checkpoint(self) -> str | None:
         return self.host.current_checkpoint()
@@ -197,8 +201,9 @@ class HttpBackend:
                 raise GenError(f"{self.url}{route}: 404.", fix="Start the WebUI with --api.") from None
             raise GenError(f"{self.url}{route}: HTTP {e.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as e:
-            raise GenError(f"Cannot reach the WebUI at {self.url} ({e}).",
-                           fix="Check the URL and that the WebUI runs with --api.") from None
+            raise GenError(
+                f"Cannot reach the WebUI at {self.url} ({e}).", fix="Check the URL and that the WebUI runs with --api."
+            ) from None
         return json.loads(raw) if raw else None
 
     def refresh(self) -> None:
@@ -227,8 +232,21 @@ class HttpBackend:
         return opts.get("sd_model_checkpoint")
 
     def txt2img(self, request: dict[str, Any]) -> GenImage:
-        body = {k: request[k] for k in ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height",
-                                        "sampler_name", "scheduler") if request.get(k) not in (None, "")}
+        body = {
+            k: request[k]
+            for k in (
+                "prompt",
+                "negative_prompt",
+                "seed",
+                "steps",
+                "cfg_scale",
+                "width",
+                "height",
+                "sampler_name",
+                "scheduler",
+            )
+            if request.get(k) not in (None, "")
+        }
         body.update(batch_size=1, n_iter=1, send_images=True, save_images=False)
         override: dict[str, Any] = {}
         if request.get("checkpoint"):

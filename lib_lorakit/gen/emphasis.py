@@ -66,6 +66,8 @@ def emphasis_warning(text: str, where: str = "prompt") -> str | None:
     """A warning when the effective emphasis of any fragment exceeds :data:`WARN_ABOVE`."""
     w, frag = max_emphasis(text)
     if w > WARN_ABOVE:
-        return (f"{where}: {frag!r} has an effective emphasis of {w:.2f} (> {WARN_ABOVE}); some checkpoints turn "
-                "that into black or burnt images. Lower the brackets or the weight.")
+        return (
+            f"{where}: {frag!r} has an effective emphasis of {w:.2f} (> {WARN_ABOVE}); some checkpoints turn "
+            "that into black or burnt images. Lower the brackets or the weight."
+        )
     return None

@@ -18,10 +18,10 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import RecipeError
-from .image import compare
-from .verdict import judge
 from ..prompt import strip_tags, tag_names
+from .image import compare
 from .run import Cell, Run
+from .verdict import judge
 
 MAX_CELLS = 2000
 DEFAULT_STEP = 0.25
@@ -56,8 +56,10 @@ def parse_strengths(text: str | Sequence[float] | None, max_safe: float | None =
                 else:
                     vals.append(float(part))
             except ValueError:
-                raise RecipeError(f"Strengths: {part!r} is not a number or a range.",
-                                  fix="Write a list like 0, 0.25, 0.5 or a range like 0-1.5:0.25.") from None
+                raise RecipeError(
+                    f"Strengths: {part!r} is not a number or a range.",
+                    fix="Write a list like 0, 0.25, 0.5 or a range like 0-1.5:0.25.",
+                ) from None
     else:
         vals = [float(v) for v in text]
     bad = [v for v in vals if not math.isfinite(v) or abs(v) > 10]
@@ -81,7 +83,9 @@ def epoch_of(path: str, metadata: dict[str, str] | None = None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def order_epochs(paths: Sequence[str], read_metadata: Callable[[str], dict[str, str]] | None = None) -> list[tuple[str, int | None]]:
+def order_epochs(
+    paths: Sequence[str], read_metadata: Callable[[str], dict[str, str]] | None = None
+) -> list[tuple[str, int | None]]:
     """Files of one training run in epoch order (metadata first, then the file-name number; a file with
     neither — usually the final save — goes last)."""
     out = []
@@ -151,21 +155,43 @@ class GridSpec:
                             if (pi, seed) in baselines:
                                 continue  # one baseline per prompt and seed serves every row
                             baselines.add((pi, seed))
-                            out.append(Cell(row="baseline", col="0", prompt=base,
-                                            negative_prompt=self.negative_prompt, seed=int(seed),
-                                            checkpoint=self.checkpoint, lora=None, strength=0.0,
-                                            settings=dict(self.settings), extra=dict(extra)))
+                            out.append(
+                                Cell(
+                                    row="baseline",
+                                    col="0",
+                                    prompt=base,
+                                    negative_prompt=self.negative_prompt,
+                                    seed=int(seed),
+                                    checkpoint=self.checkpoint,
+                                    lora=None,
+                                    strength=0.0,
+                                    settings=dict(self.settings),
+                                    extra=dict(extra),
+                                )
+                            )
                             continue
                         ex = dict(extra)
                         if r.epoch is not None:
                             ex["epoch"] = r.epoch
-                        out.append(Cell(row=r.label, col=f"{s:g}", prompt=with_lora(base, r.lora, s),
-                                        negative_prompt=self.negative_prompt, seed=int(seed),
-                                        checkpoint=self.checkpoint, lora=r.lora, strength=s,
-                                        settings=dict(self.settings), extra=ex))
+                        out.append(
+                            Cell(
+                                row=r.label,
+                                col=f"{s:g}",
+                                prompt=with_lora(base, r.lora, s),
+                                negative_prompt=self.negative_prompt,
+                                seed=int(seed),
+                                checkpoint=self.checkpoint,
+                                lora=r.lora,
+                                strength=s,
+                                settings=dict(self.settings),
+                                extra=ex,
+                            )
+                        )
         if len(out) > MAX_CELLS:
-            raise RecipeError(f"The grid would make {len(out)} images (limit {MAX_CELLS}).",
-                              fix="Use fewer LoRAs, strengths, prompts or seeds.")
+            raise RecipeError(
+                f"The grid would make {len(out)} images (limit {MAX_CELLS}).",
+                fix="Use fewer LoRAs, strengths, prompts or seeds.",
+            )
         return out
 
 
@@ -183,8 +209,10 @@ def evaluate(run: Run) -> dict[str, Any]:
     res = run.results()
     cells = run.cells
     base: dict[tuple[int, int], tuple[Cell, dict]] = {
-        _sample(c): (c, res[c.key]) for c in cells
-        if c.row == "baseline" and c.key in res and res[c.key]["status"] == "ok"}
+        _sample(c): (c, res[c.key])
+        for c in cells
+        if c.row == "baseline" and c.key in res and res[c.key]["status"] == "ok"
+    }
     base_img = {k: run.load_image(ev) for k, (_, ev) in base.items()}
     rows: dict[str, list[dict[str, Any]]] = {}
     for c in cells:
@@ -214,8 +242,13 @@ def evaluate(run: Run) -> dict[str, Any]:
 
 # --- drawing ------------------------------------------------------------------------------------
 
-BADGE = {"black": (20, 20, 20), "blank": (90, 90, 160), "blown-out": (230, 120, 0), "failed": (200, 0, 0),
-         "missing": (120, 120, 120)}
+BADGE = {
+    "black": (20, 20, 20),
+    "blank": (90, 90, 160),
+    "blown-out": (230, 120, 0),
+    "failed": (200, 0, 0),
+    "missing": (120, 120, 120),
+}
 
 
 def _font(size: int):
@@ -300,17 +333,23 @@ def summary_markdown(run: Run, verdicts: dict[str, Any], grid_file: str | None =
         lines.append(f"- Prompt (baseline): `{p}`")
     if bases:
         lines.append(f"- Negative: `{bases[0].negative_prompt}`")
-    lines += [f"- Seeds: {', '.join(str(s) for s in sorted({c.seed for c in cells}))}",
-              f"- Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}"]
+    lines += [
+        f"- Seeds: {', '.join(str(s) for s in sorted({c.seed for c in cells}))}",
+        f"- Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}",
+    ]
     prof = run.plan.get("meta", {}).get("profile")
     if prof:
-        lines.append(f"- Profile: {prof.get('label')} (`{prof.get('profile')}`): {prof.get('reason')}"
-                     + (f"; changed by you: {', '.join(prof['overridden'])}" if prof.get("overridden") else ""))
+        lines.append(
+            f"- Profile: {prof.get('label')} (`{prof.get('profile')}`): {prof.get('reason')}"
+            + (f"; changed by you: {', '.join(prof['overridden'])}" if prof.get("overridden") else "")
+        )
         lines += [f"- Note: {n}" for n in prof.get("notes") or []]
     if rec:
-        lines.append(f"- Images: {rec.get('ok')} ok, {rec.get('failed')} failed, {rec.get('missing')} missing, "
-                     f"{rec.get('flagged')} flagged; {rec.get('model_switches')} model switch(es), "
-                     f"{rec.get('seconds_per_image')} s per image")
+        lines.append(
+            f"- Images: {rec.get('ok')} ok, {rec.get('failed')} failed, {rec.get('missing')} missing, "
+            f"{rec.get('flagged')} flagged; {rec.get('model_switches')} model switch(es), "
+            f"{rec.get('seconds_per_image')} s per image"
+        )
         for w in rec.get("warnings") or []:
             lines.append(f"- Warning: {w}")
     if grid_file:
@@ -338,9 +377,14 @@ def finish(run: Run, max_cell: int = 256) -> dict[str, Any]:
     _atomic_write(os.path.join(run.dir, "verdicts.json"), json.dumps(ev["verdicts"], indent=1).encode())
     md = summary_markdown(run, ev["verdicts"], "grid.png")
     _atomic_write(os.path.join(run.dir, "summary.md"), md.encode())
-    return {"run_dir": run.dir, "grid": os.path.join(run.dir, "grid.png"),
-            "summary": os.path.join(run.dir, "summary.md"), "verdicts": ev["verdicts"], "record": run.record(),
-            "grid_image": grid}
+    return {
+        "run_dir": run.dir,
+        "grid": os.path.join(run.dir, "grid.png"),
+        "summary": os.path.join(run.dir, "summary.md"),
+        "verdicts": ev["verdicts"],
+        "record": run.record(),
+        "grid_image": grid,
+    }
 
 
 # --- from user input to a grid ----------------------------------------------------------------------
@@ -369,8 +413,9 @@ def epoch_files(lora, loras) -> list:
     return [(by_path[p], ep) for p, ep in order_epochs(list(by_path), meta)]
 
 
-def inspect_for_grid(path: str, checkpoint_path: str | None, settings: dict[str, Any] | None
-                     ) -> tuple[dict[str, Any], list[str]]:
+def inspect_for_grid(
+    path: str, checkpoint_path: str | None, settings: dict[str, Any] | None
+) -> tuple[dict[str, Any], list[str]]:
     """The inspector's report for a LoRA, against the checkpoint when its header can be read (for the
     cross-lineage ceiling), else alone; ({}, notes) when the LoRA cannot be read from here."""
     from ..errors import LorakitError
@@ -404,11 +449,21 @@ def max_safe_of(rep: dict[str, Any]) -> tuple[float | None, str]:
     return rep.get("max_safe_strength"), f"{rep.get('category')}: {rep.get('max_safe_reason', 'inspector')}"
 
 
-def build_spec(loras_listed, *, loras: Sequence[str], prompt: str, negative_prompt: str = "",
-               strengths: str | Sequence[float] | None = None, epochs: bool = False, seeds: Sequence[int] = (1,),
-               checkpoint: str | None = None, checkpoint_path: str | None = None,
-               settings: dict[str, Any] | None = None, inspector_settings: dict[str, Any] | None = None,
-               profile: str | None = None) -> tuple[GridSpec, list[str]]:
+def build_spec(
+    loras_listed,
+    *,
+    loras: Sequence[str],
+    prompt: str,
+    negative_prompt: str = "",
+    strengths: str | Sequence[float] | None = None,
+    epochs: bool = False,
+    seeds: Sequence[int] = (1,),
+    checkpoint: str | None = None,
+    checkpoint_path: str | None = None,
+    settings: dict[str, Any] | None = None,
+    inspector_settings: dict[str, Any] | None = None,
+    profile: str | None = None,
+) -> tuple[GridSpec, list[str]]:
     """A :class:`GridSpec` from what a user gives: LoRA names (or none: those tagged in the prompt),
     strengths (or none: up to each LoRA's max-safe strength), epochs mode, seeds. Returns the spec and
     notes for the report.
@@ -435,15 +490,24 @@ def build_spec(loras_listed, *, loras: Sequence[str], prompt: str, negative_prom
         for f, ep in files:
             cap, why = (None, "") if strengths else max_safe_for(f.path, checkpoint_path, inspector_settings)
             if not strengths:
-                notes.append(f"{f.name}: strengths up to {cap if cap else 1.0:g} "
-                             f"({'max-safe for ' + why if cap else why or 'default'})")
+                notes.append(
+                    f"{f.name}: strengths up to {cap if cap else 1.0:g} "
+                    f"({'max-safe for ' + why if cap else why or 'default'})"
+                )
             label = f.name if ep is None or not epochs else f"{f.name} (epoch {ep})"
             rows.append(GridRow(label=label, lora=f.name, max_safe=cap, epoch=ep))
     chosen = settings_for(checkpoint_path, settings, profile=profile, settings=inspector_settings)
     notes.append(f"generation profile {chosen['label']} ({chosen['reason']})")
-    spec = GridSpec(rows=rows, prompt=prompt, negative_prompt=negative_prompt or chosen["negative"],
-                    strengths=strengths, seeds=[int(s) for s in seeds], checkpoint=checkpoint,
-                    settings=dict(chosen["settings"]), profile=record_of(chosen))
+    spec = GridSpec(
+        rows=rows,
+        prompt=prompt,
+        negative_prompt=negative_prompt or chosen["negative"],
+        strengths=strengths,
+        seeds=[int(s) for s in seeds],
+        checkpoint=checkpoint,
+        settings=dict(chosen["settings"]),
+        profile=record_of(chosen),
+    )
     return spec, notes
 
 
@@ -459,8 +523,10 @@ def parse_seeds(text: str | Sequence[int] | None, default: int = 1) -> list[int]
         m = re.fullmatch(r"\s*(\d+)\s*[x×]\s*", text)
         if m:
             if int(m.group(1)) > MAX_SEEDS:
-                raise RecipeError(f"Seeds: {text.strip()!r} asks for {int(m.group(1))} seeds; at most {MAX_SEEDS}.",
-                                  fix=f"Use at most {MAX_SEEDS}x: every seed multiplies the images to make.")
+                raise RecipeError(
+                    f"Seeds: {text.strip()!r} asks for {int(m.group(1))} seeds; at most {MAX_SEEDS}.",
+                    fix=f"Use at most {MAX_SEEDS}x: every seed multiplies the images to make.",
+                )
             return [default + i for i in range(int(m.group(1)))]
         try:
             vals = [int(v) for v in re.split(r"[,\s]+", text.strip()) if v]
@@ -469,8 +535,10 @@ def parse_seeds(text: str | Sequence[int] | None, default: int = 1) -> list[int]
     else:
         vals = [int(v) for v in text]
     if len(vals) > MAX_SEEDS:
-        raise RecipeError(f"Seeds: {len(vals)} given; at most {MAX_SEEDS}.",
-                          fix="Every seed multiplies the images to make: use fewer.")
+        raise RecipeError(
+            f"Seeds: {len(vals)} given; at most {MAX_SEEDS}.",
+            fix="Every seed multiplies the images to make: use fewer.",
+        )
     if any(v < 0 for v in vals):
         raise RecipeError("Seeds must be fixed (0 or more), not -1: the baseline and every strength share a seed.")
     return list(dict.fromkeys(vals))
@@ -485,14 +553,21 @@ def profile_record(settings: dict[str, Any], profile: dict[str, Any] | None) -> 
     return out
 
 
-def run_grid(backend, spec: GridSpec, outputs_dir: str, *, notes: Sequence[str] = (), kind: str = "grid",
-             progress=None, cancel=None, max_cell: int = 256) -> dict[str, Any]:
+def run_grid(
+    backend,
+    spec: GridSpec,
+    outputs_dir: str,
+    *,
+    notes: Sequence[str] = (),
+    kind: str = "grid",
+    progress=None,
+    cancel=None,
+    max_cell: int = 256,
+) -> dict[str, Any]:
     """Plan, generate, judge and draw a strength grid in a new run folder."""
-    from .run import execute
-
     import time
 
-    from .run import update_record
+    from .run import execute, update_record
 
     t0 = time.perf_counter()
     meta = {"notes": list(notes), "backend": backend.kind}
@@ -504,9 +579,12 @@ def run_grid(backend, spec: GridSpec, outputs_dir: str, *, notes: Sequence[str] 
     out = finish(run, max_cell=max_cell)
     t2 = time.perf_counter()
     # the whole run's own cost: planning, pre-flight, checks, files, manifest, evaluation, grid
-    out["record"] = update_record(run, seconds_finish=round(t2 - t1, 3),
-                                  seconds_total=round(t2 - t0, 3),
-                                  seconds_lorakit_total=round(t2 - t0 - rec["seconds_generating"], 3),
-                                  **profile_record(spec.settings, spec.profile))
+    out["record"] = update_record(
+        run,
+        seconds_finish=round(t2 - t1, 3),
+        seconds_total=round(t2 - t0, 3),
+        seconds_lorakit_total=round(t2 - t0 - rec["seconds_generating"], 3),
+        **profile_record(spec.settings, spec.profile),
+    )
     out["notes"] = list(notes)
     return out

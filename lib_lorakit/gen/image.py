@@ -99,7 +99,7 @@ def mean_abs_diff(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> f
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
     r = np.arange(size, dtype=np.float64) - (size - 1) / 2
-    g = np.exp(-(r ** 2) / (2 * sigma ** 2))
+    g = np.exp(-(r**2) / (2 * sigma**2))
     return g / g.sum()
 
 
@@ -107,8 +107,8 @@ def _filter(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Separable 'valid' filtering with a 1-D kernel along both axes."""
     k = len(g)
     h, w = x.shape
-    rows = sum(g[i] * x[i:h - k + 1 + i, :] for i in range(k))
-    return sum(g[i] * rows[:, i:w - k + 1 + i] for i in range(k))
+    rows = sum(g[i] * x[i : h - k + 1 + i, :] for i in range(k))
+    return sum(g[i] * rows[:, i : w - k + 1 + i] for i in range(k))
 
 
 def ssim(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
@@ -122,14 +122,14 @@ def ssim(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
     if size % 2 == 0:
         size -= 1
     g = _gaussian_window(size, 1.5)
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = 0.01**2, 0.03**2
     n = size * size  # sample covariance, as in the reference implementation
     cov_norm = n / (n - 1) if n > 1 else 1.0
     mx, my = _filter(x, g), _filter(y, g)
     sxx = cov_norm * (_filter(x * x, g) - mx * mx)
     syy = cov_norm * (_filter(y * y, g) - my * my)
     sxy = cov_norm * (_filter(x * y, g) - mx * my)
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
     return float(s.mean())
 
 
@@ -177,11 +177,11 @@ def strip_png_text(data: bytes) -> bytes:
     while pos < len(data):
         if pos + 12 > len(data):
             raise ValueError("truncated PNG chunk")
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
         end = pos + 12 + n
         if end > len(data):
             raise ValueError("truncated PNG chunk")
-        if data[pos + 4:pos + 8] not in _TEXT_CHUNKS:
+        if data[pos + 4 : pos + 8] not in _TEXT_CHUNKS:
             out.append(data[pos:end])
         pos = end
     return b"".join(out)

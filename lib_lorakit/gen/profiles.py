@@ -12,6 +12,7 @@ add a profile (key ``generation_profiles``). :func:`detect_profile` picks one fr
 the checkpoint's keys and metadata say; :func:`settings_for` returns the settings to
 generate with, the user's overrides on top, and says which profile was picked and why.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,13 +31,15 @@ from ..errors import RecipeError
 PROFILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles.json")
 
 #: Settings used when nothing better is known about the checkpoint (SD1.5-style defaults).
-GEN_DEFAULTS = MappingProxyType({
-    "width": 512,
-    "height": 512,
-    "steps": 20,
-    "cfg_scale": 7.0,
-    "sampler_name": "Euler a",
-})
+GEN_DEFAULTS = MappingProxyType(
+    {
+        "width": 512,
+        "height": 512,
+        "steps": 20,
+        "cfg_scale": 7.0,
+        "sampler_name": "Euler a",
+    }
+)
 
 #: The settings a generation request carries (what a backend sends to txt2img).
 GEN_KEYS = ("width", "height", "steps", "cfg_scale", "sampler_name", "scheduler", "clip_skip", "cfg_rescale")
@@ -47,8 +50,12 @@ TRIGGER_POSITIONS = ("first", "after_quality", "after_count")
 FALLBACK = "sd15"
 
 _BOUNDS: dict[str, tuple[type, float, float]] = {
-    "width": (int, 64, 4096), "height": (int, 64, 4096), "steps": (int, 1, 150), "cfg_scale": (float, 0.0, 30.0),
-    "clip_skip": (int, 1, 12), "cfg_rescale": (float, 0.0, 1.0),
+    "width": (int, 64, 4096),
+    "height": (int, 64, 4096),
+    "steps": (int, 1, 150),
+    "cfg_scale": (float, 0.0, 30.0),
+    "clip_skip": (int, 1, 12),
+    "cfg_rescale": (float, 0.0, 1.0),
 }
 
 
@@ -75,10 +82,20 @@ class Profile:
     sources: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "label": self.label, "arch": self.arch, "lineage": self.lineage,
-                "vpred": self.vpred, **dict(self.settings), "quality": self.quality, "negative": self.negative,
-                "prompt_style": self.prompt_style, "trigger_position": self.trigger_position,
-                "host_note": self.host_note, "sources": list(self.sources)}
+        return {
+            "name": self.name,
+            "label": self.label,
+            "arch": self.arch,
+            "lineage": self.lineage,
+            "vpred": self.vpred,
+            **dict(self.settings),
+            "quality": self.quality,
+            "negative": self.negative,
+            "prompt_style": self.prompt_style,
+            "trigger_position": self.trigger_position,
+            "host_note": self.host_note,
+            "sources": list(self.sources),
+        }
 
 
 @functools.cache
@@ -93,12 +110,18 @@ def _check_value(where: str, key: str, value: Any) -> Any:
         try:
             v = kind(value)
         except (TypeError, ValueError):
-            raise RecipeError(f"{where}: {key} = {value!r} is not a number.", fix=f"Give a number from {lo:g} to {hi:g}.") from None
+            raise RecipeError(
+                f"{where}: {key} = {value!r} is not a number.", fix=f"Give a number from {lo:g} to {hi:g}."
+            ) from None
         if kind is int and v != float(value):
-            raise RecipeError(f"{where}: {key} = {value!r} is not a whole number.", fix=f"Give a whole number from {lo:g} to {hi:g}.")
+            raise RecipeError(
+                f"{where}: {key} = {value!r} is not a whole number.", fix=f"Give a whole number from {lo:g} to {hi:g}."
+            )
         if isinstance(v, float) and not math.isfinite(v) or not lo <= v <= hi:
-            raise RecipeError(f"{where}: {key} = {value!r} is outside {lo:g}..{hi:g}.",
-                              fix=f"Give {'a whole number' if kind is int else 'a number'} from {lo:g} to {hi:g}.")
+            raise RecipeError(
+                f"{where}: {key} = {value!r} is outside {lo:g}..{hi:g}.",
+                fix=f"Give {'a whole number' if kind is int else 'a number'} from {lo:g} to {hi:g}.",
+            )
         return v
     if key == "prompt_style" and value not in PROMPT_STYLES:
         raise RecipeError(f"{where}: prompt_style = {value!r} is not one of {', '.join(PROMPT_STYLES)}.")
@@ -123,12 +146,20 @@ def _build(name: str, d: Mapping[str, Any], where: str) -> Profile:
     missing = [k for k in ("width", "height", "steps", "cfg_scale", "sampler_name") if k not in vals]
     if missing:
         raise RecipeError(f"{where}: profile {name!r} lacks {', '.join(missing)}.")
-    return Profile(name=name, label=str(vals.get("label") or name), arch=vals["arch"], lineage=vals.get("lineage"),
-                   vpred=vals.get("vpred"), settings={k: vals[k] for k in GEN_KEYS if k in vals},
-                   quality=vals.get("quality", ""), negative=vals.get("negative", ""),
-                   prompt_style=vals.get("prompt_style", "natural"),
-                   trigger_position=vals.get("trigger_position", "first"), host_note=vals.get("host_note", ""),
-                   sources=tuple(vals.get("sources") or ()))
+    return Profile(
+        name=name,
+        label=str(vals.get("label") or name),
+        arch=vals["arch"],
+        lineage=vals.get("lineage"),
+        vpred=vals.get("vpred"),
+        settings={k: vals[k] for k in GEN_KEYS if k in vals},
+        quality=vals.get("quality", ""),
+        negative=vals.get("negative", ""),
+        prompt_style=vals.get("prompt_style", "natural"),
+        trigger_position=vals.get("trigger_position", "first"),
+        host_note=vals.get("host_note", ""),
+        sources=tuple(vals.get("sources") or ()),
+    )
 
 
 def load_profiles(user: Mapping[str, Any] | None = None) -> dict[str, Profile]:
@@ -142,7 +173,9 @@ def load_profiles(user: Mapping[str, Any] | None = None) -> dict[str, Profile]:
             if not isinstance(fields, Mapping):
                 raise RecipeError(f"Setting generation_profiles[{name!r}] must be an object of field -> value.")
             table.setdefault(name, {}).update(fields)
-    return {name: _build(name, d, "settings" if user and name in user else "profiles.json") for name, d in table.items()}
+    return {
+        name: _build(name, d, "settings" if user and name in user else "profiles.json") for name, d in table.items()
+    }
 
 
 def user_profiles(settings: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
@@ -151,6 +184,7 @@ def user_profiles(settings: Mapping[str, Any] | None) -> Mapping[str, Any] | Non
 
 
 # --- detection ------------------------------------------------------------------------------------
+
 
 @dataclass
 class Detected:
@@ -175,8 +209,10 @@ def _family(source: Any):
     if isinstance(source, tuple) and len(source) == 2:
         shapes, meta = source
         return detect_checkpoint(shapes, meta), set(shapes)
-    raise RecipeError(f"Cannot detect a profile from a {type(source).__name__}.",
-                      fix="Give a checkpoint path, a (shapes, metadata) pair or a Family.")
+    raise RecipeError(
+        f"Cannot detect a profile from a {type(source).__name__}.",
+        fix="Give a checkpoint path, a (shapes, metadata) pair or a Family.",
+    )
 
 
 def _key_names(path: str) -> set[str]:
@@ -188,8 +224,9 @@ def _key_names(path: str) -> set[str]:
     return {k for k in tensors if "." not in k}  # the flag keys (v_pred, ztsnr) sit at the top level
 
 
-def detect_profile(family, keys: set[str] | frozenset[str] = frozenset(),
-                   profiles: Mapping[str, Profile] | None = None) -> Detected:
+def detect_profile(
+    family, keys: set[str] | frozenset[str] = frozenset(), profiles: Mapping[str, Profile] | None = None
+) -> Detected:
     """The profile for a checkpoint's family: v-prediction → NoobAI v-pred; else the lineage named by its
     metadata or file name (NoobAI before Illustrious, which NoobAI is trained from, before Pony); else the
     architecture's base profile. User-added profiles with a matching ``lineage`` win over the shipped one."""
@@ -205,8 +242,12 @@ def detect_profile(family, keys: set[str] | frozenset[str] = frozenset(),
 
     def pick(lineage: str | None, vpred: bool | None, default: str) -> str:
         for p in profiles.values():
-            if p.name not in _shipped()["profiles"] and p.arch == "sdxl" and p.lineage == lineage and \
-                    (vpred is None or p.vpred in (None, vpred)):
+            if (
+                p.name not in _shipped()["profiles"]
+                and p.arch == "sdxl"
+                and p.lineage == lineage
+                and (vpred is None or p.vpred in (None, vpred))
+            ):
                 return p.name
         return default
 
@@ -221,12 +262,20 @@ def detect_profile(family, keys: set[str] | frozenset[str] = frozenset(),
         if lin in lineages:
             extra = f" (also named: {', '.join(x for x in lineages if x != lin)})" if len(lineages) > 1 else ""
             return Detected(pick(lin, False, name), f"{lin}: {ev[lin]}{extra}", fd)
-    return Detected(pick(None, None, "sdxl"), f"SDXL without a lineage hint in its metadata or name "
-                                              f"({'; '.join(family.evidence)})", fd)
+    return Detected(
+        pick(None, None, "sdxl"),
+        f"SDXL without a lineage hint in its metadata or name ({'; '.join(family.evidence)})",
+        fd,
+    )
 
 
-def settings_for(checkpoint: Any = None, overrides: Mapping[str, Any] | None = None, *,
-                 profile: str | None = None, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def settings_for(
+    checkpoint: Any = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    profile: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """What to generate with on ``checkpoint``: the detected profile's values, ``overrides`` on top.
 
     Args:
@@ -251,8 +300,10 @@ def settings_for(checkpoint: Any = None, overrides: Mapping[str, Any] | None = N
             import difflib
 
             near = difflib.get_close_matches(profile, list(table), n=1)
-            raise RecipeError(f"No generation profile {profile!r}.",
-                              fix=f"Use one of {', '.join(table)}" + (f" (did you mean {near[0]!r}?)" if near else "") + ".")
+            raise RecipeError(
+                f"No generation profile {profile!r}.",
+                fix=f"Use one of {', '.join(table)}" + (f" (did you mean {near[0]!r}?)" if near else "") + ".",
+            )
         det = Detected(profile, "chosen by you")
     elif checkpoint is None:
         det = Detected(FALLBACK, "no checkpoint to read: the SD1.5 defaults")
@@ -265,8 +316,12 @@ def settings_for(checkpoint: Any = None, overrides: Mapping[str, Any] | None = N
     fam = det.family
     p = table[det.profile]
     out_settings = dict(p.settings)
-    prompt_fields = {"quality": p.quality, "negative": p.negative, "prompt_style": p.prompt_style,
-                     "trigger_position": p.trigger_position}
+    prompt_fields = {
+        "quality": p.quality,
+        "negative": p.negative,
+        "prompt_style": p.prompt_style,
+        "trigger_position": p.trigger_position,
+    }
     overridden = []
     for k, v in (overrides or {}).items():
         if v is None or v == "":
@@ -284,16 +339,40 @@ def settings_for(checkpoint: Any = None, overrides: Mapping[str, Any] | None = N
     if p.host_note:
         notes.append(p.host_note)
     if out_settings.get("cfg_rescale"):
-        notes.append(f"CFG rescale {out_settings['cfg_rescale']:g} is applied only where the host has a CFG rescale "
-                     "setting; elsewhere lower the CFG instead.")
-    return {"profile": p.name, "label": p.label, "reason": det.reason, "settings": out_settings, **prompt_fields,
-            "overridden": sorted(set(overridden)), "notes": notes, "family": fam}
+        notes.append(
+            f"CFG rescale {out_settings['cfg_rescale']:g} is applied only where the host has a CFG rescale "
+            "setting; elsewhere lower the CFG instead."
+        )
+    return {
+        "profile": p.name,
+        "label": p.label,
+        "reason": det.reason,
+        "settings": out_settings,
+        **prompt_fields,
+        "overridden": sorted(set(overridden)),
+        "notes": notes,
+        "family": fam,
+    }
 
 
 def record_of(chosen: Mapping[str, Any]) -> dict[str, Any]:
     """The part of :func:`settings_for`'s answer a run record keeps."""
-    return {k: chosen[k] for k in ("profile", "label", "reason", "settings", "quality", "negative", "prompt_style",
-                                   "trigger_position", "overridden", "notes") if k in chosen}
+    return {
+        k: chosen[k]
+        for k in (
+            "profile",
+            "label",
+            "reason",
+            "settings",
+            "quality",
+            "negative",
+            "prompt_style",
+            "trigger_position",
+            "overridden",
+            "notes",
+        )
+        if k in chosen
+    }
 
 
 # --- prompts -------------------------------------------------------------------------------------
@@ -330,38 +409,51 @@ def category_prompts(chosen: Mapping[str, Any] | None = None, *, style: str | No
     return dict(_shipped()["prompts"][style])
 
 
-def category_prompt(chosen: Mapping[str, Any] | None, category: str | None, trigger: str | None = None,
-                    body: str | None = None) -> str:
+def category_prompt(
+    chosen: Mapping[str, Any] | None, category: str | None, trigger: str | None = None, body: str | None = None
+) -> str:
     """The full prompt for a LoRA of ``category``: the profile's quality tags, the category's prompt (or
     ``body``) in the profile's style, the trigger where the lineage puts it."""
     c = chosen or {}
     if body is None:
         table = category_prompts(c)
         body = table.get(category or "unknown", table["unknown"])
-    return compose(body, quality=c.get("quality", ""), trigger=trigger,
-                   trigger_position=c.get("trigger_position", "first"))
+    return compose(
+        body, quality=c.get("quality", ""), trigger=trigger, trigger_position=c.get("trigger_position", "first")
+    )
 
 
 def prompt_set(chosen: Mapping[str, Any] | None = None, *, trigger: str | None = None) -> list[str]:
     """The general test prompts (autotest rows, tournament prompts) in the profile's style and quality tags."""
     c = chosen or {}
     style = c.get("prompt_style") or "natural"
-    return [compose(b, quality=c.get("quality", ""), trigger=trigger, trigger_position=c.get("trigger_position", "first"))
-            for b in _shipped()["prompt_sets"][style]]
+    return [
+        compose(b, quality=c.get("quality", ""), trigger=trigger, trigger_position=c.get("trigger_position", "first"))
+        for b in _shipped()["prompt_sets"][style]
+    ]
 
 
 def table_markdown(profiles: Mapping[str, Profile] | None = None) -> str:
     """The profile table as markdown (the README's table is this output)."""
     profiles = profiles or load_profiles()
-    rows = ["| profile | detected by | size | sampler / schedule | steps | CFG | clip skip | prompt style | quality tags |",
-            "|---|---|---|---|---:|---:|---:|---|---|"]
-    how = {"sd15": "SD1.x keys", "sdxl": "SDXL keys, no lineage hint", "pony": "'pony'/'pdxl'/'score_9' in title/name",
-           "illustrious": "'illustrious'/'ilxl' in title/name", "noobai-eps": "'noob' in title/name",
-           "noobai-vpred": "`v_pred` key, prediction_type v, or ss_v_parameterization"}
+    rows = [
+        "| profile | detected by | size | sampler / schedule | steps | CFG | clip skip | prompt style | quality tags |",
+        "|---|---|---|---|---:|---:|---:|---|---|",
+    ]
+    how = {
+        "sd15": "SD1.x keys",
+        "sdxl": "SDXL keys, no lineage hint",
+        "pony": "'pony'/'pdxl'/'score_9' in title/name",
+        "illustrious": "'illustrious'/'ilxl' in title/name",
+        "noobai-eps": "'noob' in title/name",
+        "noobai-vpred": "`v_pred` key, prediction_type v, or ss_v_parameterization",
+    }
     for p in profiles.values():
         s = p.settings
         cfg = f"{s['cfg_scale']:g}" + (f" (rescale {s['cfg_rescale']:g})" if s.get("cfg_rescale") else "")
-        rows.append(f"| {p.label} (`{p.name}`) | {how.get(p.name, 'user profile')} | {s['width']}×{s['height']} | "
-                    f"{s['sampler_name']} / {s.get('scheduler', 'Automatic')} | {s['steps']} | {cfg} | "
-                    f"{s.get('clip_skip', 'host')} | {p.prompt_style} | {p.quality or '—'} |")
+        rows.append(
+            f"| {p.label} (`{p.name}`) | {how.get(p.name, 'user profile')} | {s['width']}×{s['height']} | "
+            f"{s['sampler_name']} / {s.get('scheduler', 'Automatic')} | {s['steps']} | {cfg} | "
+            f"{s.get('clip_skip', 'host')} | {p.prompt_style} | {p.quality or '—'} |"
+        )
     return "\n".join(rows) + "\n"

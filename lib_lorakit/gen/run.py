@@ -36,11 +36,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..errors import Cancelled, LorakitError, RecipeError
-from .image import check_image
 from ..fsutil import atomic_write
 from ..prompt import tag_names
 from .backend import Backend, GenError, ModelInfo, resolve_name
 from .emphasis import emphasis_warning
+from .image import check_image
 
 PLAN = "plan.json"
 MANIFEST = "manifest.jsonl"
@@ -74,11 +74,13 @@ class Cell:
         return {"key": self.key, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Cell":
+    def from_dict(cls, d: dict[str, Any]) -> Cell:
         c = cls(**{k: v for k, v in d.items() if k != "key"})
         if d.get("key") and d["key"] != c.key:
-            raise RecipeError(f"plan.json: cell {d['key']} does not match its contents (the plan was edited).",
-                              fix="Start a new run instead of editing a run's plan.")
+            raise RecipeError(
+                f"plan.json: cell {d['key']} does not match its contents (the plan was edited).",
+                fix="Start a new run instead of editing a run's plan.",
+            )
         return c
 
 
@@ -108,7 +110,7 @@ class Run:
 
     # --- creation -------------------------------------------------------------------------------
     @classmethod
-    def create(cls, outputs_dir: str, kind: str, cells: Sequence[Cell], meta: dict[str, Any] | None = None) -> "Run":
+    def create(cls, outputs_dir: str, kind: str, cells: Sequence[Cell], meta: dict[str, Any] | None = None) -> Run:
         """A new run folder under ``outputs_dir/lorakit/<kind>/`` (never an existing one)."""
         if not cells:
             raise RecipeError("Nothing to generate: the plan has no cells.")
@@ -123,8 +125,14 @@ class Run:
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         path = os.path.join(root, run_id)
         os.makedirs(os.path.join(path, IMAGES))  # fails if it exists: never reuse a folder
-        plan = {"format": "lorakit-run/1", "id": run_id, "kind": kind, "created": _now(), "meta": meta or {},
-                "cells": [c.as_dict() for c in cells]}
+        plan = {
+            "format": "lorakit-run/1",
+            "id": run_id,
+            "kind": kind,
+            "created": _now(),
+            "meta": meta or {},
+            "cells": [c.as_dict() for c in cells],
+        }
         _atomic_write(os.path.join(path, PLAN), json.dumps(plan, indent=1).encode())
         open(os.path.join(path, MANIFEST), "ab").close()
         return cls(path)
@@ -218,11 +226,13 @@ class Preflight:
     warnings: list[str]
 
     def as_event(self) -> dict[str, Any]:
-        return {"event": "preflight", "time": _now(),
-                "checkpoints": {str(k): asdict(v) for k, v in self.checkpoints.items()},
-                "loras": {k: asdict(v) for k, v in self.loras.items()}, "warnings": self.warnings}
-
-
+        return {
+            "event": "preflight",
+            "time": _now(),
+            "checkpoints": {str(k): asdict(v) for k, v in self.checkpoints.items()},
+            "loras": {k: asdict(v) for k, v in self.loras.items()},
+            "warnings": self.warnings,
+        }
 
 
 def preflight(cells: Iterable[Cell], backend: Backend) -> Preflight:
@@ -237,8 +247,7 @@ def preflight(cells: Iterable[Cell], backend: Backend) -> Preflight:
         if not name:
             cur = backend.current_checkpoint()
             if not cur:
-                raise GenError("The WebUI has no checkpoint loaded and the plan names none.",
-                               fix="Pick a checkpoint.")
+                raise GenError("The WebUI has no checkpoint loaded and the plan names none.", fix="Pick a checkpoint.")
             res_c[""] = resolve_name(cur, ckpts, "checkpoint")
         else:
             res_c[name] = resolve_name(name, ckpts, "checkpoint")
@@ -253,8 +262,10 @@ def preflight(cells: Iterable[Cell], backend: Backend) -> Preflight:
     for name in sorted(names):
         res_l[name] = info = resolve_name(name, loras, "LoRA")
         if len(files_named.get(info.name, [])) > 1:
-            warnings.append(f"LoRA name {info.name!r} belongs to {len(files_named[info.name])} files "
-                            f"({', '.join(files_named[info.name])}); the WebUI picks one of them. Rename the others.")
+            warnings.append(
+                f"LoRA name {info.name!r} belongs to {len(files_named[info.name])} files "
+                f"({', '.join(files_named[info.name])}); the WebUI picks one of them. Rename the others."
+            )
     seen: set[str] = set()
     for c in cells:
         for text, where in ((c.prompt, "prompt"), (c.negative_prompt, "negative prompt")):
@@ -322,8 +333,14 @@ def order_cells(cells: Sequence[Cell], current: str | None) -> list[Cell]:
     return sorted(cells, key=rank)
 
 
-def execute(run: Run, backend: Backend, *, progress: Callable[[float, str], None] | None = None,
-            cancel: threading.Event | None = None, check_infotext: bool = True) -> dict[str, Any]:
+def execute(
+    run: Run,
+    backend: Backend,
+    *,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: threading.Event | None = None,
+    check_infotext: bool = True,
+) -> dict[str, Any]:
     """Make every missing image of ``run``; returns the run record (also written to ``run.json``).
 
     Raises :class:`~lib_lorakit.errors.Cancelled` when ``cancel`` is set (the manifest stays
@@ -350,25 +367,47 @@ def execute(run: Run, backend: Backend, *, progress: Callable[[float, str], None
         if ck.name != loaded:
             switches += 1
             loaded = ck.name
-        req = {"prompt": cell.prompt, "negative_prompt": cell.negative_prompt, "seed": cell.seed,
-               "checkpoint": ck.name, **{k: v for k, v in cell.settings.items() if k in SETTINGS_KEYS}}
+        req = {
+            "prompt": cell.prompt,
+            "negative_prompt": cell.negative_prompt,
+            "seed": cell.seed,
+            "checkpoint": ck.name,
+            **{k: v for k, v in cell.settings.items() if k in SETTINGS_KEYS},
+        }
         t0 = time.perf_counter()
-        base = {"event": "cell", "cell": cell.key, "row": cell.row, "col": cell.col, "checkpoint": ck.name,
-                "checkpoint_hash": ck.hash, "lora_file": lora.path if lora else None,
-                "lora_hash": lora.hash if lora else None}
+        base = {
+            "event": "cell",
+            "cell": cell.key,
+            "row": cell.row,
+            "col": cell.col,
+            "checkpoint": ck.name,
+            "checkpoint_hash": ck.hash,
+            "lora_file": lora.path if lora else None,
+            "lora_hash": lora.hash if lora else None,
+        }
         try:
             try:
                 out = backend.txt2img(req)
             finally:
                 in_backend[0] += time.perf_counter() - t0
-            problem = infotext_problem(out.infotext, ck, lora if (cell.strength or 0) != 0 else None) \
-                if check_infotext else None
+            problem = (
+                infotext_problem(out.infotext, ck, lora if (cell.strength or 0) != 0 else None)
+                if check_infotext
+                else None
+            )
             if problem:
                 raise GenError(problem)
         except (LorakitError, OSError, ValueError, RuntimeError) as e:
             failed += 1
-            run.append({**base, "status": "failed", "error": str(e).splitlines()[0][:500], "time": _now(),
-                        "seconds": round(time.perf_counter() - t0, 3)})
+            run.append(
+                {
+                    **base,
+                    "status": "failed",
+                    "error": str(e).splitlines()[0][:500],
+                    "time": _now(),
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+            )
             continue
         chk = check_image(out.image)
         data = _png_bytes(out.image, out.infotext, cell, run.id)
@@ -377,9 +416,19 @@ def execute(run: Run, backend: Backend, *, progress: Callable[[float, str], None
         dt = time.perf_counter() - t0
         times.append(dt)
         made += 1
-        run.append({**base, "status": "ok", "image": name, "sha256": hashlib.sha256(data).hexdigest(),
-                    "seed": out.seed, "infotext": out.infotext, "check": chk.as_dict(), "time": _now(),
-                    "seconds": round(dt, 3)})
+        run.append(
+            {
+                **base,
+                "status": "ok",
+                "image": name,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "seed": out.seed,
+                "infotext": out.infotext,
+                "check": chk.as_dict(),
+                "time": _now(),
+                "seconds": round(dt, 3),
+            }
+        )
     if progress:
         progress(1.0, f"{made} image(s) made, {failed} failed")
     return _write_record(run, pf, switches, made, failed, times, t_start, in_backend[0])
@@ -392,18 +441,37 @@ def update_record(run: Run, **fields: Any) -> dict[str, Any]:
     return rec
 
 
-def _write_record(run: Run, pf: Preflight, switches: int, made: int, failed: int, times: list[float],
-                  t_start: float, in_backend: float, cancelled: bool = False) -> dict[str, Any]:
+def _write_record(
+    run: Run,
+    pf: Preflight,
+    switches: int,
+    made: int,
+    failed: int,
+    times: list[float],
+    t_start: float,
+    in_backend: float,
+    cancelled: bool = False,
+) -> dict[str, Any]:
     res = run.results()
-    rec = {"id": run.id, "kind": run.kind, "dir": run.dir, "cells": len(run.cells),
-           "ok": sum(r["status"] == "ok" for r in res.values()),
-           "failed": sum(r["status"] == "failed" for r in res.values()),
-           "missing": len(run.cells) - len(res), "made_now": made, "failed_now": failed,
-           "model_switches": switches, "seconds": round(time.perf_counter() - t_start, 3),
-           "seconds_generating": round(in_backend, 3),  # inside the WebUI's txt2img
-           "seconds_lorakit": round(time.perf_counter() - t_start - in_backend, 3),  # checks, files, manifest
-           "seconds_per_image": round(sum(times) / len(times), 3) if times else None,
-           "flagged": sum(r["status"] == "ok" and r["check"]["status"] != "ok" for r in res.values()),
-           "warnings": pf.warnings, "cancelled": cancelled, "updated": _now()}
+    rec = {
+        "id": run.id,
+        "kind": run.kind,
+        "dir": run.dir,
+        "cells": len(run.cells),
+        "ok": sum(r["status"] == "ok" for r in res.values()),
+        "failed": sum(r["status"] == "failed" for r in res.values()),
+        "missing": len(run.cells) - len(res),
+        "made_now": made,
+        "failed_now": failed,
+        "model_switches": switches,
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "seconds_generating": round(in_backend, 3),  # inside the WebUI's txt2img
+        "seconds_lorakit": round(time.perf_counter() - t_start - in_backend, 3),  # checks, files, manifest
+        "seconds_per_image": round(sum(times) / len(times), 3) if times else None,
+        "flagged": sum(r["status"] == "ok" and r["check"]["status"] != "ok" for r in res.values()),
+        "warnings": pf.warnings,
+        "cancelled": cancelled,
+        "updated": _now(),
+    }
     _atomic_write(os.path.join(run.dir, RECORD), json.dumps(rec, indent=1).encode())
     return rec

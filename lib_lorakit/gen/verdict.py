@@ -53,12 +53,22 @@ def judge(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
     per = summarise([c for c in cells if float(c["strength"]) != 0.0])
     if not per:
-        return {"case": "unjudged", "text": "no strengths above 0 were generated", "onset": None,
-                "overfit_from": None, "per_strength": {}}
+        return {
+            "case": "unjudged",
+            "text": "no strengths above 0 were generated",
+            "onset": None,
+            "overfit_from": None,
+            "per_strength": {},
+        }
     if any(c.get("baseline_status", "ok") != "ok" for c in cells):
         bad = sorted({c.get("baseline_status") for c in cells if c.get("baseline_status", "ok") != "ok"})
-        return {"case": "unjudged", "text": f"the baseline image is {'/'.join(bad)}: fix the prompt or checkpoint "
-                "and generate again", "onset": None, "overfit_from": None, "per_strength": _round(per)}
+        return {
+            "case": "unjudged",
+            "text": f"the baseline image is {'/'.join(bad)}: fix the prompt or checkpoint and generate again",
+            "onset": None,
+            "overfit_from": None,
+            "per_strength": _round(per),
+        }
     strengths = sorted(per)
     top = strengths[-1]
     onset = next((s for s in strengths if per[s]["mad"] >= VISIBLE_MAD or per[s]["ssim"] <= VISIBLE_SSIM), None)
@@ -84,16 +94,25 @@ def judge(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         res.update(case="overfit", text=f"overfit: saturation/artefacts from {s:g} ({why}){span}")
     elif onset is None:
         peak = max(strengths, key=lambda x: per[x]["mad"])
-        res.update(case="no-effect", text=f"no visible effect up to {top:g} (largest change at {peak:g}: "
-                   f"mean abs diff {per[peak]['mad']:.3f} < {VISIBLE_MAD}, SSIM {per[peak]['ssim']:.3f} > {VISIBLE_SSIM})")
+        res.update(
+            case="no-effect",
+            text=f"no visible effect up to {top:g} (largest change at {peak:g}: "
+            f"mean abs diff {per[peak]['mad']:.3f} < {VISIBLE_MAD}, SSIM {per[peak]['ssim']:.3f} > {VISIBLE_SSIM})",
+        )
     elif len(strengths) > 1 and onset >= WEAK_FRACTION * top:
-        res.update(case="weak", text=f"weak until ≥ {onset:g} (mean abs diff {per[onset]['mad']:.3f}, "
-                   f"SSIM {per[onset]['ssim']:.3f} there; below it no visible change)")
+        res.update(
+            case="weak",
+            text=f"weak until ≥ {onset:g} (mean abs diff {per[onset]['mad']:.3f}, "
+            f"SSIM {per[onset]['ssim']:.3f} there; below it no visible change)",
+        )
     else:
         lo, hi = per[onset], per[top]
-        res.update(case="healthy", text=f"healthy: smooth change between {onset:g} and {top:g} (mean abs diff "
-                   f"{lo['mad']:.3f} → {hi['mad']:.3f}, SSIM {lo['ssim']:.3f} → {hi['ssim']:.3f}; no saturation or "
-                   "artefacts)")
+        res.update(
+            case="healthy",
+            text=f"healthy: smooth change between {onset:g} and {top:g} (mean abs diff "
+            f"{lo['mad']:.3f} → {hi['mad']:.3f}, SSIM {lo['ssim']:.3f} → {hi['ssim']:.3f}; no saturation or "
+            "artefacts)",
+        )
         jumps = [(a, b, per[b]["mad"] - per[a]["mad"]) for a, b in zip(strengths, strengths[1:])]
         if len(jumps) >= 2:
             a, b, d = max(jumps, key=lambda j: j[2])

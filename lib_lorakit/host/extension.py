@@ -33,17 +33,31 @@ def on_ui_tabs():
 
 def on_ui_settings():
     import gradio as gr
-
     from modules import shared
 
     opts, OptionInfo = shared.opts, shared.OptionInfo
-    opts.add_option("lorakit_save_dtype", OptionInfo(
-        "fp16", "Bake: default save dtype", gr.Radio, {"choices": ["fp16", "bf16", "fp32"]}, section=SECTION))
-    opts.add_option("lorakit_device", OptionInfo(
-        "auto", "Bake and merge: where the maths runs (auto: the WebUI's GPU when there is one)", gr.Radio,
-        {"choices": ["auto", "cpu", "cuda"]}, section=SECTION))
-    opts.add_option("lorakit_output_subdir", OptionInfo(
-        "", "Bake: sub-folder of the checkpoint folder for baked models (blank: the folder itself)", section=SECTION))
+    opts.add_option(
+        "lorakit_save_dtype",
+        OptionInfo(
+            "fp16", "Bake: default save dtype", gr.Radio, {"choices": ["fp16", "bf16", "fp32"]}, section=SECTION
+        ),
+    )
+    opts.add_option(
+        "lorakit_device",
+        OptionInfo(
+            "auto",
+            "Bake and merge: where the maths runs (auto: the WebUI's GPU when there is one)",
+            gr.Radio,
+            {"choices": ["auto", "cpu", "cuda"]},
+            section=SECTION,
+        ),
+    )
+    opts.add_option(
+        "lorakit_output_subdir",
+        OptionInfo(
+            "", "Bake: sub-folder of the checkpoint folder for baked models (blank: the folder itself)", section=SECTION
+        ),
+    )
 
 
 def on_app_started(_demo, app) -> None:

@@ -55,8 +55,10 @@ class ScriptBackend(HostBackend):
         if request.get("scheduler") and hasattr(pc, "scheduler"):
             pc.scheduler = request["scheduler"]
         if request.get("clip_skip"):
-            pc.override_settings = {**(getattr(pc, "override_settings", None) or {}),
-                                    "CLIP_stop_at_last_layers": int(request["clip_skip"])}
+            pc.override_settings = {
+                **(getattr(pc, "override_settings", None) or {}),
+                "CLIP_stop_at_last_layers": int(request["clip_skip"]),
+            }
         pc.batch_size = 1
         pc.n_iter = 1
         pc.do_not_save_grid = True
@@ -77,19 +79,23 @@ def parse_args(args: tuple) -> dict[str, Any]:
     loras, strengths, epochs, seeds, return_images, use_profile = vals[:6]
     if isinstance(loras, str):
         loras = [x.strip() for x in loras.split(",") if x.strip()]
-    return {"loras": list(loras or []), "strengths": (strengths or "").strip() or None, "epochs": bool(epochs),
-            "seeds": (str(seeds).strip() if seeds not in (None, "") else None),
-            "return_images": True if return_images is None else bool(return_images),
-            "use_profile": bool(use_profile)}
+    return {
+        "loras": list(loras or []),
+        "strengths": (strengths or "").strip() or None,
+        "epochs": bool(epochs),
+        "seeds": (str(seeds).strip() if seeds not in (None, "") else None),
+        "return_images": True if return_images is None else bool(return_images),
+        "use_profile": bool(use_profile),
+    }
 
 
 def run_script(p, *args) -> Any:
     """The Script's run(): the grid for ``p``; returns a ``Processed`` with the grid first."""
+    import time
+
     from ..gen.grid import build_spec, parse_seeds, run_grid
     from ..settings import load as load_settings
     from . import get_host
-
-    import time
 
     t_start = time.perf_counter()
     processing = _m("modules.processing")
@@ -106,8 +112,13 @@ def run_script(p, *args) -> Any:
     seeds = parse_seeds(opts["seeds"], default=seed)
     cur = host.current_checkpoint()
     ck_path = next((e.path for e in host.list_checkpoints() if e.name == cur), None)
-    settings = {"steps": p.steps, "cfg_scale": p.cfg_scale, "width": p.width, "height": p.height,
-                "sampler_name": p.sampler_name}
+    settings = {
+        "steps": p.steps,
+        "cfg_scale": p.cfg_scale,
+        "width": p.width,
+        "height": p.height,
+        "sampler_name": p.sampler_name,
+    }
     if getattr(p, "scheduler", None):
         settings["scheduler"] = p.scheduler
     clip = getattr(getattr(shared, "opts", None), "CLIP_stop_at_last_layers", None)
@@ -115,10 +126,19 @@ def run_script(p, *args) -> Any:
         settings["clip_skip"] = clip
     if opts["use_profile"]:
         settings = {}  # the checkpoint's profile decides; the txt2img fields are not overrides here
-    spec, notes = build_spec(backend.loras(), loras=opts["loras"], prompt=p.prompt, negative_prompt=p.negative_prompt,
-                             strengths=opts["strengths"], epochs=opts["epochs"], seeds=seeds, checkpoint=cur,
-                             checkpoint_path=ck_path, settings=settings,
-                             inspector_settings=load_settings(host.data_dir()))
+    spec, notes = build_spec(
+        backend.loras(),
+        loras=opts["loras"],
+        prompt=p.prompt,
+        negative_prompt=p.negative_prompt,
+        strengths=opts["strengths"],
+        epochs=opts["epochs"],
+        seeds=seeds,
+        checkpoint=cur,
+        checkpoint_path=ck_path,
+        settings=settings,
+        inspector_settings=load_settings(host.data_dir()),
+    )
     cells = spec.cells()
     shared.state.job_count = len(cells)
 
@@ -142,8 +162,11 @@ def run_script(p, *args) -> Any:
     from ..gen.run import update_record
 
     total = time.perf_counter() - t_start  # everything the Script did, generation included
-    update_record(run, seconds_script=round(total, 3),
-                  seconds_lorakit_script=round(total - res["record"]["seconds_generating"], 3))
+    update_record(
+        run,
+        seconds_script=round(total, 3),
+        seconds_lorakit_script=round(total - res["record"]["seconds_generating"], 3),
+    )
     return processing.Processed(p, images, seeds[0], infos[0], infotexts=infos)
 
 
@@ -161,8 +184,17 @@ def _save_grid(p, grid, info: str) -> None:
         if not getattr(shared.opts, "grid_save", True):
             return
         images = _m("modules.images")
-        images.save_image(grid, p.outpath_grids, "lorakit_grid", extension=shared.opts.grid_format, prompt=p.prompt,
-                          seed=p.seed, grid=True, p=p, info=info)
+        images.save_image(
+            grid,
+            p.outpath_grids,
+            "lorakit_grid",
+            extension=shared.opts.grid_format,
+            prompt=p.prompt,
+            seed=p.seed,
+            grid=True,
+            p=p,
+            info=info,
+        )
     except Exception:  # the grid is in the run folder in any case
         pass
 
@@ -188,27 +220,47 @@ def script_class():
             except Exception:
                 names = []
             with gr.Group():
-                loras = gr.Dropdown(label="LoRAs (rows; empty: the LoRAs tagged in the prompt)", choices=names,
-                                    multiselect=True, elem_id="lorakit_grid_loras")
+                loras = gr.Dropdown(
+                    label="LoRAs (rows; empty: the LoRAs tagged in the prompt)",
+                    choices=names,
+                    multiselect=True,
+                    elem_id="lorakit_grid_loras",
+                )
                 with gr.Row():
                     # the hints go in info= (wrapped under the label), not in a one-line placeholder that is cut off
-                    strengths = gr.Textbox(label="Strengths", placeholder="0, 0.25, 0.5 or 0-1.5:0.25",
-                                           info="Empty: 0 up to each LoRA's max-safe strength",
-                                           elem_id="lorakit_grid_strengths")
-                    seeds = gr.Textbox(label="Seeds", placeholder="1, 2, 3 or 3x", info="Empty: the seed above",
-                                       elem_id="lorakit_grid_seeds")
+                    strengths = gr.Textbox(
+                        label="Strengths",
+                        placeholder="0, 0.25, 0.5 or 0-1.5:0.25",
+                        info="Empty: 0 up to each LoRA's max-safe strength",
+                        elem_id="lorakit_grid_strengths",
+                    )
+                    seeds = gr.Textbox(
+                        label="Seeds",
+                        placeholder="1, 2, 3 or 3x",
+                        info="Empty: the seed above",
+                        elem_id="lorakit_grid_seeds",
+                    )
                 with gr.Row():
-                    epochs = gr.Checkbox(label="Rows: every epoch of each LoRA's training run", value=False,
-                                         elem_id="lorakit_grid_epochs")
-                    return_images = gr.Checkbox(label="Also show the individual images", value=True,
-                                                elem_id="lorakit_grid_images")
-                    use_profile = gr.Checkbox(label="Settings from the checkpoint's profile (size, sampler, steps, "
-                                              "CFG, clip skip), not the fields above", value=True,
-                                              elem_id="lorakit_grid_profile")
-                gr.HTML("<p style='opacity:.7'>A baseline column at strength 0 (no LoRA, same seed) is always "
-                        "included. The tested LoRAs' tags are taken out of the prompt and set per cell. Each row "
-                        "gets a verdict (no effect / weak / healthy / overfit); images, manifest and summary go to "
-                        "outputs/lorakit/grid/.</p>")
+                    epochs = gr.Checkbox(
+                        label="Rows: every epoch of each LoRA's training run",
+                        value=False,
+                        elem_id="lorakit_grid_epochs",
+                    )
+                    return_images = gr.Checkbox(
+                        label="Also show the individual images", value=True, elem_id="lorakit_grid_images"
+                    )
+                    use_profile = gr.Checkbox(
+                        label="Settings from the checkpoint's profile (size, sampler, steps, "
+                        "CFG, clip skip), not the fields above",
+                        value=True,
+                        elem_id="lorakit_grid_profile",
+                    )
+                gr.HTML(
+                    "<p style='opacity:.7'>A baseline column at strength 0 (no LoRA, same seed) is always "
+                    "included. The tested LoRAs' tags are taken out of the prompt and set per cell. Each row "
+                    "gets a verdict (no effect / weak / healthy / overfit); images, manifest and summary go to "
+                    "outputs/lorakit/grid/.</p>"
+                )
             return [loras, strengths, epochs, seeds, return_images, use_profile]
 
         def run(self, p, *args):

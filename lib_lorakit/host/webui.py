@@ -189,12 +189,22 @@ class WebUIHost:
         from ..gen.profiles import default_settings
 
         gs = {**default_settings(), **{k: v for k, v in request.items() if v is not None}}
-        kw = dict(prompt=request.get("prompt", ""), negative_prompt=request.get("negative_prompt", ""),
-                  seed=int(request.get("seed", -1)), sampler_name=gs["sampler_name"],
-                  steps=int(gs["steps"]), cfg_scale=float(gs["cfg_scale"]),
-                  width=int(gs["width"]), height=int(gs["height"]), batch_size=1, n_iter=1,
-                  do_not_save_samples=True, do_not_save_grid=True, override_settings=override,
-                  override_settings_restore_afterwards=True)
+        kw = dict(
+            prompt=request.get("prompt", ""),
+            negative_prompt=request.get("negative_prompt", ""),
+            seed=int(request.get("seed", -1)),
+            sampler_name=gs["sampler_name"],
+            steps=int(gs["steps"]),
+            cfg_scale=float(gs["cfg_scale"]),
+            width=int(gs["width"]),
+            height=int(gs["height"]),
+            batch_size=1,
+            n_iter=1,
+            do_not_save_samples=True,
+            do_not_save_grid=True,
+            override_settings=override,
+            override_settings_restore_afterwards=True,
+        )
         with self.queue_lock():
             shared.state.begin(job="lorakit: txt2img")
             try:
@@ -209,8 +219,11 @@ class WebUIHost:
                         close()
             finally:
                 shared.state.end()
-        return {"images": list(processed.images), "infotexts": list(getattr(processed, "infotexts", []) or []),
-                "seed": getattr(processed, "seed", kw["seed"])}
+        return {
+            "images": list(processed.images),
+            "infotexts": list(getattr(processed, "infotexts", []) or []),
+            "seed": getattr(processed, "seed", kw["seed"]),
+        }
 
     def _checkpoint_title(self, name: str) -> str:
         """The host's title for a checkpoint name or path (refreshing its list if it is new)."""
@@ -231,4 +244,3 @@ def _unique(dirs: list[str]) -> list[str]:
         if a not in out:
             out.append(a)
     return out
-

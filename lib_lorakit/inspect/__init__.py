@@ -23,9 +23,9 @@ from ..formats.sources import open_header, open_source
 from ..hosts import LORA_EXTS
 from .category import classify, cross_lineage_ceiling, max_safe
 from .metadata import Training, read_training
+from .review import review
 from .structure import ALGORITHM_LABELS, Structure, read_structure
 from .tokens import ClipBPE, clip_bpe
-from .review import review
 from .trigger import decide, find_triggers, rank_candidates
 
 __all__ = ["inspect_file", "inspect_paths", "collect_files", "render", "checkpoint_family"]
@@ -46,8 +46,11 @@ def collect_files(paths: Iterable[str]) -> list[str]:
         if os.path.isdir(p):
             for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                           if f.lower().endswith(LORA_EXTS) and not f.startswith("."))
+                out.extend(
+                    os.path.join(dirpath, f)
+                    for f in sorted(filenames)
+                    if f.lower().endswith(LORA_EXTS) and not f.startswith(".")
+                )
         elif os.path.isfile(p):
             out.append(p)
         else:
@@ -73,7 +76,8 @@ def is_checkpoint(keys) -> bool:
     """True for a full model (ldm/sgm key prefixes, no adapter tensors), not a LoRA."""
     keys = list(keys)
     return any(k.startswith(_CKPT_PREFIXES) for k in keys) and not any(
-        k.endswith(_ADAPTER_ENDS) or any(m in k for m in _ADAPTER_MARKS) for k in keys)
+        k.endswith(_ADAPTER_ENDS) or any(m in k for m in _ADAPTER_MARKS) for k in keys
+    )
 
 
 def checkpoint_report(path: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -85,17 +89,33 @@ def checkpoint_report(path: str, settings: dict[str, Any] | None = None) -> dict
         n = len(src.keys())
     chosen = settings_for(path, settings=settings)
     lin = ", ".join(f"{x} ({e})" for x, e in fam.lineage)
-    return {"file": path, "name": os.path.splitext(os.path.basename(path))[0], "file_type": "checkpoint",
-            "size_bytes": os.path.getsize(path), "tensors": n, "architecture": fam.arch,
-            "architecture_label": fam.label, "family": fam.as_dict(), "variant": fam.variant,
-            "profile": chosen["profile"], "profile_label": chosen["label"], "profile_reason": chosen["reason"],
-            "generation_settings": chosen["settings"],
-            "summary": f"an {fam.label} checkpoint" + (f" ({lin})" if lin else "") +
-                       (f", {'v' if fam.vpred else 'epsilon'}-prediction" if fam.vpred is not None else "") +
-                       ", not a LoRA: bake LoRAs into it or pick it as the base.",
-            # the fields a LoRA listing shows, so mixed folders list it as what it is
-            "trigger": None, "kind": "checkpoint", "category": "checkpoint", "algorithms": [], "rank": None,
-            "max_safe_strength": 0.0, "warnings": []}
+    return {
+        "file": path,
+        "name": os.path.splitext(os.path.basename(path))[0],
+        "file_type": "checkpoint",
+        "size_bytes": os.path.getsize(path),
+        "tensors": n,
+        "architecture": fam.arch,
+        "architecture_label": fam.label,
+        "family": fam.as_dict(),
+        "variant": fam.variant,
+        "profile": chosen["profile"],
+        "profile_label": chosen["label"],
+        "profile_reason": chosen["reason"],
+        "generation_settings": chosen["settings"],
+        "summary": f"an {fam.label} checkpoint"
+        + (f" ({lin})" if lin else "")
+        + (f", {'v' if fam.vpred else 'epsilon'}-prediction" if fam.vpred is not None else "")
+        + ", not a LoRA: bake LoRAs into it or pick it as the base.",
+        # the fields a LoRA listing shows, so mixed folders list it as what it is
+        "trigger": None,
+        "kind": "checkpoint",
+        "category": "checkpoint",
+        "algorithms": [],
+        "rank": None,
+        "max_safe_strength": 0.0,
+        "warnings": [],
+    }
 
 
 def _parse(path: str, read_alphas: bool, base=None) -> _Parsed | dict:
@@ -131,8 +151,14 @@ def _top_tags(tr: Training, n: int = 12) -> list[str]:
     return [t for t, _ in merged.most_common(n)]
 
 
-def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict[str, Any] | None,
-            collection: Counter | None, size: int) -> dict[str, Any]:
+def _report(
+    p: _Parsed,
+    bpe: ClipBPE | None,
+    ckpt: Family | None,
+    settings: dict[str, Any] | None,
+    collection: Counter | None,
+    size: int,
+) -> dict[str, Any]:
     tr, st = p.training, p.structure
     warnings = list(tr.warnings)
     fam = st.family
@@ -148,9 +174,11 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
             verdict.trigger = first
             verdict.kind = "trigger-dependent"
             verdict.kind_evidence.insert(0, f"+ {len(triggers)} concepts, each with its own trigger")
-        verdict.reason = (f"{len(triggers)} concepts: " + "; ".join(
-            f"{tr.written(t['tag'])!r} in {t['share']:.0%} of the images" for t in triggers)
-            + f". {verdict.reason}")
+        verdict.reason = (
+            f"{len(triggers)} concepts: "
+            + "; ".join(f"{tr.written(t['tag'])!r} in {t['share']:.0%} of the images" for t in triggers)
+            + f". {verdict.reason}"
+        )
     has_captions = any(f.tags for f in tr.folders)
     cat = classify(tr, names, verdict.trigger, st.components, has_captions)
     table = (settings or {}).get("max_safe_strength")
@@ -164,8 +192,10 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
         lineage.append("Pony")
     if ckpt is not None:
         if ckpt.arch != st.arch and st.arch is not None:
-            warnings.append(f"made for {ARCHS[st.arch].label if st.arch in ARCHS else st.arch}, the checkpoint is "
-                            f"{ckpt.label}: it cannot be used there.")
+            warnings.append(
+                f"made for {ARCHS[st.arch].label if st.arch in ARCHS else st.arch}, the checkpoint is "
+                f"{ckpt.label}: it cannot be used there."
+            )
             strength = 0.0
             strength_reason = "wrong architecture for the checkpoint"
         else:
@@ -173,16 +203,22 @@ def _report(p: _Parsed, bpe: ClipBPE | None, ckpt: Family | None, settings: dict
             if ceil is not None and ceil[0] < strength:
                 strength = ceil[0]
                 strength_reason = f"{ceil[1]}: cross-lineage ceiling {ceil[0]:g}"
-                warnings.append(f"{ceil[1]} ({'; '.join(e for _, e in fam.lineage)} vs "
-                                f"{'; '.join(e for _, e in ckpt.lineage)}): keep it at or below {ceil[0]:g}.")
+                warnings.append(
+                    f"{ceil[1]} ({'; '.join(e for _, e in fam.lineage)} vs "
+                    f"{'; '.join(e for _, e in ckpt.lineage)}): keep it at or below {ceil[0]:g}."
+                )
             if fam.vpred is not None and ckpt.vpred is not None and fam.vpred != ckpt.vpred:
-                warnings.append(f"trained for {'v' if fam.vpred else 'epsilon'}-prediction, the checkpoint is "
-                                f"{'v' if ckpt.vpred else 'epsilon'}-prediction.")
+                warnings.append(
+                    f"trained for {'v' if fam.vpred else 'epsilon'}-prediction, the checkpoint is "
+                    f"{'v' if ckpt.vpred else 'epsilon'}-prediction."
+                )
     if st.arch is None:
         warnings.append("the architecture could not be determined from the keys or the metadata.")
     if st.unmatched:
-        warnings.append(f"{len(st.unmatched)} module(s) match no layer of the {ARCHS[st.arch].label if st.arch in ARCHS else ''} "
-                        f"layout (first: {st.unmatched[0][0]}: {st.unmatched[0][1]}); baking it would fail.")
+        warnings.append(
+            f"{len(st.unmatched)} module(s) match no layer of the {ARCHS[st.arch].label if st.arch in ARCHS else ''} "
+            f"layout (first: {st.unmatched[0][0]}: {st.unmatched[0][1]}); baking it would fail."
+        )
     if st.embeddings:
         warnings.append(f"bundled embedding(s) {', '.join(st.embeddings)}: they only work at generation time.")
     if not tr.folders and tr.trainer == "unknown" and not tr.modelspec:
@@ -254,10 +290,17 @@ def _parse_safe(args: tuple[str, bool, str | None]) -> _Parsed | dict:
         return {"file": args[0], "error": str(e)}
 
 
-def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weights: bool = False,
-                  settings: dict[str, Any] | None = None, workers: int = 4, processes: int = 0,
-                  progress: Callable[[float, str], None] | None = None,
-                  cancel: threading.Event | None = None) -> list[dict[str, Any]]:
+def inspect_paths(
+    paths: Iterable[str],
+    *,
+    checkpoint: str | None = None,
+    weights: bool = False,
+    settings: dict[str, Any] | None = None,
+    workers: int = 4,
+    processes: int = 0,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> list[dict[str, Any]]:
     """Inspect every LoRA in ``paths`` (folders recursively). Headers only unless ``weights``.
 
     ``checkpoint`` (read from its header) adds the family checks and cross-lineage ceilings, and
@@ -295,16 +338,18 @@ def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weight
         with lock:
             done += 1
             if progress:
-                progress(0.5 * done / max(1, len(files)) if deep else done / max(1, len(files)),
-                         f"read {done}/{len(files)}")
+                progress(
+                    0.5 * done / max(1, len(files)) if deep else done / max(1, len(files)), f"read {done}/{len(files)}"
+                )
 
     if processes > 1 and len(files) >= 64:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as ex:
-            for path, res in zip(files, ex.map(_parse_safe, [(f, deep, checkpoint if base else None) for f in files],
-                                                    chunksize=16)):
+            for path, res in zip(
+                files, ex.map(_parse_safe, [(f, deep, checkpoint if base else None) for f in files], chunksize=16)
+            ):
                 parsed[path] = res
                 done += 1
                 if progress:
@@ -335,9 +380,11 @@ def inspect_paths(paths: Iterable[str], *, checkpoint: str | None = None, weight
         rep = _report(p, bpe, ckpt, settings, collection, len(ok))
         if deep and p.structure.arch in ARCHS:
             from .weights import weight_stats
+
             try:
-                ws = weight_stats(path, p.structure.arch, checkpoint if ckpt and ckpt.arch == p.structure.arch else None,
-                                  cancel)
+                ws = weight_stats(
+                    path, p.structure.arch, checkpoint if ckpt and ckpt.arch == p.structure.arch else None, cancel
+                )
                 rep["weight_stats"] = ws.as_dict()
                 rep["warnings"].extend(ws.hints)
             except LorakitError as e:
@@ -370,27 +417,36 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
         return f"{rep['file']}\n  ERROR: {rep['error']}\n"
     if rep.get("file_type") == "checkpoint":
         fam = rep["family"]
-        L = [rep["file"], f"  checkpoint {rep['summary']}",
-             f"  evidence   {'; '.join(fam['evidence'])}" + (f"; {fam['vpred_evidence']}" if fam["vpred_evidence"] else ""),
-             f"  tensors    {rep['tensors']}" + (f" · variant {rep['variant']}" if rep["variant"] else ""),
-             f"  profile    {rep['profile_label']} ({rep['profile_reason']}): " +
-             ", ".join(f"{k}={v}" for k, v in rep["generation_settings"].items())]
+        L = [
+            rep["file"],
+            f"  checkpoint {rep['summary']}",
+            f"  evidence   {'; '.join(fam['evidence'])}"
+            + (f"; {fam['vpred_evidence']}" if fam["vpred_evidence"] else ""),
+            f"  tensors    {rep['tensors']}" + (f" · variant {rep['variant']}" if rep["variant"] else ""),
+            f"  profile    {rep['profile_label']} ({rep['profile_reason']}): "
+            + ", ".join(f"{k}={v}" for k, v in rep["generation_settings"].items()),
+        ]
         return "\n".join(L) + "\n"
     st = rep["structure"]
     tr = rep["training"]
     L = [f"{rep['file']}"]
     fam = rep["family"]
     lin = ", ".join(f"{x['lineage']} ({x['evidence']})" for x in fam["lineage"])
-    L.append(f"  model      {rep['architecture_label']}" + (f"  · lineage {lin}" if lin else "") +
-             (f"  · {'v' if fam['vpred'] else 'epsilon'}-prediction" if fam["vpred"] is not None else ""))
+    L.append(
+        f"  model      {rep['architecture_label']}"
+        + (f"  · lineage {lin}" if lin else "")
+        + (f"  · {'v' if fam['vpred'] else 'epsilon'}-prediction" if fam["vpred"] is not None else "")
+    )
     rs = st["rank_spread"]
     spread = f" (ranks {rs['min']}–{rs['max']})" if rs and rs["min"] != rs["max"] else ""
     al = st["alpha_spread"]
     aspread = f" (alphas {al['min']:g}–{al['max']:g})" if al and al["min"] != al["max"] else ""
-    L.append(f"  network    {', '.join(rep['algorithms']) or 'none recognised'} · rank {rep['rank']}{spread} · "
-             f"alpha {_fmt(rep['alpha'])}{aspread} [{st['alpha_source']}] · {st['modules']} modules "
-             f"({', '.join(f'{c} {n}' for c, n in st['modules_per_component'].items())})"
-             + (f" · {st['conv_modules']} conv (rank {st['conv_rank']})" if st["conv_modules"] else ""))
+    L.append(
+        f"  network    {', '.join(rep['algorithms']) or 'none recognised'} · rank {rep['rank']}{spread} · "
+        f"alpha {_fmt(rep['alpha'])}{aspread} [{st['alpha_source']}] · {st['modules']} modules "
+        f"({', '.join(f'{c} {n}' for c, n in st['modules_per_component'].items())})"
+        + (f" · {st['conv_modules']} conv (rank {st['conv_rank']})" if st["conv_modules"] else "")
+    )
     if st.get("matched_against"):
         L.append(f"  matched    against {st['matched_against']}")
     from ..bake import scale_lines  # the bake's own wording: one resolver, one account
@@ -400,9 +456,22 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
         L.append("  blocks     " + " ".join(f"{b}:{n}" for b, n in st["blocks"].items()))
     L.append(f"  trainer    {tr['trainer']}")
     for f, v in tr["fields"].items():
-        if f in ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_num_epochs", "ss_epoch",
-                 "ss_steps", "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_resolution",
-                 "ss_keep_tokens", "ss_caption_dropout_rate", "ss_optimizer", "ss_network_module"):
+        if f in (
+            "ss_output_name",
+            "ss_sd_model_name",
+            "ss_base_model_version",
+            "ss_num_epochs",
+            "ss_epoch",
+            "ss_steps",
+            "ss_learning_rate",
+            "ss_unet_lr",
+            "ss_text_encoder_lr",
+            "ss_resolution",
+            "ss_keep_tokens",
+            "ss_caption_dropout_rate",
+            "ss_optimizer",
+            "ss_network_module",
+        ):
             L.append(f"    {f[3:]:<22} {_fmt(v)}")
     if tr["network_args"]:
         L.append(f"    {'network_args':<22} " + ", ".join(f"{k}={v}" for k, v in tr["network_args"].items()))
@@ -415,9 +484,14 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
         head += " (regularisation)" if f["is_reg"] else ""
         L.append(head)
         if f["tags"]:
-            L.append("             " + ", ".join(
-                f"{t['tag']} {t['share']:.0%}" if t["share"] is not None else f"{t['tag']} ×{t['count']}"
-                for t in f["tags"][:tags]) + (f", … ({f['distinct_tags']} tags)" if f["distinct_tags"] > tags else ""))
+            L.append(
+                "             "
+                + ", ".join(
+                    f"{t['tag']} {t['share']:.0%}" if t["share"] is not None else f"{t['tag']} ×{t['count']}"
+                    for t in f["tags"][:tags]
+                )
+                + (f", … ({f['distinct_tags']} tags)" if f["distinct_tags"] > tags else "")
+            )
     L.append(f"  trigger    {rep['trigger']!r}" if rep["trigger"] else "  trigger    none")
     L.append(f"             {rep['trigger_reason']}")
     for c in rep["trigger_candidates"][:3]:
@@ -427,8 +501,10 @@ def render(rep: dict[str, Any], *, tags: int = 12) -> str:
     L.append(f"  kind       {rep['kind']}: " + "; ".join(rep["kind_evidence"]))
     L.append(f"             {rep['baking']}")
     cd = rep["category_detail"]
-    L.append(f"  category   {rep['category']} ({cd['confidence_label']} confidence)"
-             + (f": {'; '.join(cd['evidence'])}" if cd["evidence"] else ""))
+    L.append(
+        f"  category   {rep['category']} ({cd['confidence_label']} confidence)"
+        + (f": {'; '.join(cd['evidence'])}" if cd["evidence"] else "")
+    )
     L.append(f"  max safe   {rep['max_safe_strength']:g} ({rep['max_safe_reason']})")
     ws = rep.get("weight_stats")
     if ws:

@@ -15,44 +15,85 @@ from typing import Any
 
 from .metadata import Training
 
-CATEGORIES = ("slider", "style", "character", "concept", "clothing", "pose", "lighting", "detail", "background",
-              "unknown")
+CATEGORIES = (
+    "slider",
+    "style",
+    "character",
+    "concept",
+    "clothing",
+    "pose",
+    "lighting",
+    "detail",
+    "background",
+    "unknown",
+)
 
 DEFAULT_MAX_SAFE: dict[str, float] = {
-    "slider": 1.5, "style": 0.8, "character": 0.9, "concept": 0.8, "clothing": 0.8, "pose": 0.8,
-    "lighting": 0.6, "detail": 1.0, "background": 0.8, "unknown": 0.8,
+    "slider": 1.5,
+    "style": 0.8,
+    "character": 0.9,
+    "concept": 0.8,
+    "clothing": 0.8,
+    "pose": 0.8,
+    "lighting": 0.6,
+    "detail": 1.0,
+    "background": 0.8,
+    "unknown": 0.8,
 }
 # (LoRA lineage, checkpoint lineage) -> ceiling; "*" matches any other known lineage.
 DEFAULT_CROSS_LINEAGE: dict[str, float] = {
-    "Pony>Illustrious": 0.4, "Pony>NoobAI": 0.4, "Illustrious>Pony": 0.4, "NoobAI>Pony": 0.4,
-    "Illustrious>NoobAI": 0.8, "NoobAI>Illustrious": 0.7, "*>*": 0.5,
+    "Pony>Illustrious": 0.4,
+    "Pony>NoobAI": 0.4,
+    "Illustrious>Pony": 0.4,
+    "NoobAI>Pony": 0.4,
+    "Illustrious>NoobAI": 0.8,
+    "NoobAI>Illustrious": 0.7,
+    "*>*": 0.5,
 }
 
 _NAME_WORDS: dict[str, re.Pattern] = {
     "slider": re.compile(r"slider|\bleco\b|_leco|leco_|\bsld\b|adjuster|\bscale\b", re.I),
-    "style": re.compile(r"style|artstyle|\bart\b|aesthetic|painting|artist|\bink\b|watercolou?r|sketch|anime ?screencap", re.I),
+    "style": re.compile(
+        r"style|artstyle|\bart\b|aesthetic|painting|artist|\bink\b|watercolou?r|sketch|anime ?screencap", re.I
+    ),
     "character": re.compile(r"character|\bchar\b|\bwaifu\b|\boc\b|cosplay", re.I),
     "concept": re.compile(r"concept|\beffect\b|\bidea\b", re.I),
-    "clothing": re.compile(r"outfit|costume|clothes|clothing|uniform|dress|armou?r|bikini|lingerie|kimono|suit\b", re.I),
+    "clothing": re.compile(
+        r"outfit|costume|clothes|clothing|uniform|dress|armou?r|bikini|lingerie|kimono|suit\b", re.I
+    ),
     "pose": re.compile(r"pose|posing|gesture|\bstance\b", re.I),
-    "lighting": re.compile(r"light(ing)?\b|photoreal|realistic|cinematic|\bhdr\b|rim ?light|backlight|film ?grain", re.I),
+    "lighting": re.compile(
+        r"light(ing)?\b|photoreal|realistic|cinematic|\bhdr\b|rim ?light|backlight|film ?grain", re.I
+    ),
     "detail": re.compile(r"detail|quality|enhanc|\bfix\b|hands?\b|tweaker|sharp", re.I),
     "background": re.compile(r"background|scenery|landscape|\bscene\b|environment|interior|architecture", re.I),
 }
 
 _TAG_GROUPS: dict[str, re.Pattern] = {
-    "character": re.compile(r"\b(hair|eyes|bangs|ahoge|twintails|ponytail|braid|sidelocks|horns|ears|freckles|"
-                            r"mole|scar|tail|wings|breasts|skin)\b"),
-    "clothing": re.compile(r"\b(shirt|skirt|dress|jacket|coat|uniform|armor|bikini|swimsuit|kimono|boots|gloves|"
-                           r"thighhighs|pantyhose|hat|hood|cape|sleeves|leotard|bodysuit|apron|outfit|costume)\b"),
-    "pose": re.compile(r"\b(sitting|standing|kneeling|lying|squatting|leaning|crossed|arms up|hand on|pose|"
-                       r"spread|from behind|from above|from below|jumping|bent over|stretching)\b"),
-    "lighting": re.compile(r"\b(lighting|light|backlighting|rim light|sunlight|shadow|dark|glow|glowing|neon|"
-                           r"volumetric|silhouette|chiaroscuro|cinematic)\b"),
-    "background": re.compile(r"\b(scenery|landscape|outdoors|indoors|city|building|room|sky|forest|street|"
-                             r"mountain|ocean|architecture|no humans)\b"),
-    "style": re.compile(r"\b(traditional media|watercolor|oil painting|sketch|lineart|monochrome|"
-                        r"greyscale|cel shading|pixel art|flat color|painting|illustration|3d|chibi)\b"),
+    "character": re.compile(
+        r"\b(hair|eyes|bangs|ahoge|twintails|ponytail|braid|sidelocks|horns|ears|freckles|"
+        r"mole|scar|tail|wings|breasts|skin)\b"
+    ),
+    "clothing": re.compile(
+        r"\b(shirt|skirt|dress|jacket|coat|uniform|armor|bikini|swimsuit|kimono|boots|gloves|"
+        r"thighhighs|pantyhose|hat|hood|cape|sleeves|leotard|bodysuit|apron|outfit|costume)\b"
+    ),
+    "pose": re.compile(
+        r"\b(sitting|standing|kneeling|lying|squatting|leaning|crossed|arms up|hand on|pose|"
+        r"spread|from behind|from above|from below|jumping|bent over|stretching)\b"
+    ),
+    "lighting": re.compile(
+        r"\b(lighting|light|backlighting|rim light|sunlight|shadow|dark|glow|glowing|neon|"
+        r"volumetric|silhouette|chiaroscuro|cinematic)\b"
+    ),
+    "background": re.compile(
+        r"\b(scenery|landscape|outdoors|indoors|city|building|room|sky|forest|street|"
+        r"mountain|ocean|architecture|no humans)\b"
+    ),
+    "style": re.compile(
+        r"\b(traditional media|watercolor|oil painting|sketch|lineart|monochrome|"
+        r"greyscale|cel shading|pixel art|flat color|painting|illustration|3d|chibi)\b"
+    ),
 }
 
 
@@ -68,13 +109,18 @@ class Category:
         return "high" if self.confidence >= 0.7 else "medium" if self.confidence >= 0.45 else "low"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "confidence": round(self.confidence, 2), "confidence_label": self.confidence_label,
-                "scores": {k: round(v, 2) for k, v in sorted(self.scores.items(), key=lambda kv: -kv[1]) if v > 0},
-                "evidence": self.evidence}
+        return {
+            "name": self.name,
+            "confidence": round(self.confidence, 2),
+            "confidence_label": self.confidence_label,
+            "scores": {k: round(v, 2) for k, v in sorted(self.scores.items(), key=lambda kv: -kv[1]) if v > 0},
+            "evidence": self.evidence,
+        }
 
 
-def classify(tr: Training, names: list[str], trigger: str | None, components: list[str],
-             has_captions: bool) -> Category:
+def classify(
+    tr: Training, names: list[str], trigger: str | None, components: list[str], has_captions: bool
+) -> Category:
     """Guess the category from names, metadata and what the captions share."""
     scores = dict.fromkeys(CATEGORIES, 0.0)
     ev: dict[str, list[str]] = {c: [] for c in CATEGORIES}
@@ -143,8 +189,9 @@ def max_safe(category: str, table: dict[str, float] | None = None) -> float:
     return float(t.get(category, t["unknown"]))
 
 
-def cross_lineage_ceiling(lora: list[str], checkpoint: list[str], table: dict[str, float] | None = None
-                          ) -> tuple[float, str] | None:
+def cross_lineage_ceiling(
+    lora: list[str], checkpoint: list[str], table: dict[str, float] | None = None
+) -> tuple[float, str] | None:
     """The strength ceiling for a LoRA of one lineage on a checkpoint of another, with the pair; None if same/unknown."""
     if not lora or not checkpoint or set(lora) & set(checkpoint):
         return None

@@ -63,8 +63,21 @@ TRAINING_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("ss_training_comment", "comment", "str"),
     ("ss_sd_scripts_commit_hash", "sd-scripts commit", "str"),
 )
-MODELSPEC_FIELDS = ("title", "author", "description", "architecture", "implementation", "date", "resolution",
-                    "prediction_type", "trigger_phrase", "usage_hint", "tags", "license", "merged_from")
+MODELSPEC_FIELDS = (
+    "title",
+    "author",
+    "description",
+    "architecture",
+    "implementation",
+    "date",
+    "resolution",
+    "prediction_type",
+    "trigger_phrase",
+    "usage_hint",
+    "tags",
+    "license",
+    "merged_from",
+)
 
 
 @dataclass
@@ -82,9 +95,16 @@ class Folder:
     def as_dict(self) -> dict[str, Any]:
         top = sorted(self.tags.items(), key=lambda kv: -kv[1])
         n = self.images
-        return {"name": self.name, "images": n, "repeats": self.repeats, "class_tokens": self.class_tokens,
-                "keep_tokens": self.keep_tokens, "is_reg": self.is_reg, "distinct_tags": len(self.tags),
-                "tags": [{"tag": t, "count": c, "share": round(c / n, 3) if n else None} for t, c in top]}
+        return {
+            "name": self.name,
+            "images": n,
+            "repeats": self.repeats,
+            "class_tokens": self.class_tokens,
+            "keep_tokens": self.keep_tokens,
+            "is_reg": self.is_reg,
+            "distinct_tags": len(self.tags),
+            "tags": [{"tag": t, "count": c, "share": round(c / n, 3) if n else None} for t, c in top],
+        }
 
 
 @dataclass
@@ -118,10 +138,16 @@ class Training:
         return None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"trainer": self.trainer, "fields": {f: v for f, _, v in self.fields}, "modelspec": self.modelspec,
-                "network_args": self.network_args, "keep_tokens": self.keep_tokens, "images": self.images,
-                "folders": [f.as_dict() for f in self.folders],
-                "declared_triggers": [{"trigger": t, "source": s} for t, s in self.declared_triggers]}
+        return {
+            "trainer": self.trainer,
+            "fields": {f: v for f, _, v in self.fields},
+            "modelspec": self.modelspec,
+            "network_args": self.network_args,
+            "keep_tokens": self.keep_tokens,
+            "images": self.images,
+            "folders": [f.as_dict() for f in self.folders],
+            "declared_triggers": [{"trigger": t, "source": s} for t, s in self.declared_triggers],
+        }
 
 
 _FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -134,8 +160,9 @@ def _json(meta: Mapping[str, str], key: str, warnings: list[str], want: type) ->
     try:
         v = json.loads(raw)
     except (json.JSONDecodeError, TypeError, ValueError) as e:
-        warnings.append(f"metadata field {key} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); "
-                        f"its contents were ignored.")
+        warnings.append(
+            f"metadata field {key} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); its contents were ignored."
+        )
         return None
     if not isinstance(v, want):
         warnings.append(f"metadata field {key} holds a {type(v).__name__}, expected a {want.__name__}; ignored.")
@@ -169,8 +196,11 @@ def read_training(meta: Mapping[str, str], path: str = "") -> Training:
     warnings: list[str] = []
     has_ss = any(k.startswith("ss_") for k in meta)
     module = meta.get("ss_network_module", "")
-    trainer = ("LyCORIS (kohya sd-scripts)" if "lycoris" in module else "kohya sd-scripts") if has_ss else (
-        "LyCORIS" if any(k.startswith("lycoris") for k in meta) else "unknown")
+    trainer = (
+        ("LyCORIS (kohya sd-scripts)" if "lycoris" in module else "kohya sd-scripts")
+        if has_ss
+        else ("LyCORIS" if any(k.startswith("lycoris") for k in meta) else "unknown")
+    )
     tr = Training(trainer=trainer, warnings=warnings)
     for key, label, kind in TRAINING_FIELDS:
         raw = meta.get(key)
@@ -244,8 +274,9 @@ def read_training(meta: Mapping[str, str], path: str = "") -> Training:
         tr.folders.append(f)
     for name, info in reg_dirs.items():
         if isinstance(info, dict):
-            tr.folders.append(Folder(name=name, images=_int(info.get("img_count")),
-                                     repeats=_int(info.get("n_repeats")), is_reg=True))
+            tr.folders.append(
+                Folder(name=name, images=_int(info.get("img_count")), repeats=_int(info.get("n_repeats")), is_reg=True)
+            )
     tr.keep_tokens = keep or 0
     for (key, raw), n in sorted(spelled.items(), key=lambda kv: -kv[1]):
         tr.spellings.setdefault(key, raw.strip())

@@ -51,67 +51,106 @@ def review(tr: Training, st: Structure, trigger: str | None = None) -> list[dict
     rank, alpha = st.main_rank(), st.main_alpha()
     dim = _f(tr.value("ss_network_dim"))
     if dim and rank and int(dim) != rank:
-        say("dim_vs_rank", f"ss_network_dim says {int(dim)} but the tensors have rank {rank}: the file was resized or "
-                           "its metadata is stale; the tensors are what counts.")
+        say(
+            "dim_vs_rank",
+            f"ss_network_dim says {int(dim)} but the tensors have rank {rank}: the file was resized or "
+            "its metadata is stale; the tensors are what counts.",
+        )
     if alpha is not None and rank:
         r = alpha / rank
         if r > ALPHA_HIGH:
-            say("alpha_ratio", f"alpha {alpha:g} over rank {rank} scales every update ×{r:g}: strong and prone to "
-                               "overfitting at strength 1.")
+            say(
+                "alpha_ratio",
+                f"alpha {alpha:g} over rank {rank} scales every update ×{r:g}: strong and prone to "
+                "overfitting at strength 1.",
+            )
         elif r < ALPHA_LOW:
-            say("alpha_ratio", f"alpha {alpha:g} over rank {rank} scales every update ×{r:.3g}: without a much higher "
-                               "learning rate it learns little (a weak LoRA).")
+            say(
+                "alpha_ratio",
+                f"alpha {alpha:g} over rank {rank} scales every update ×{r:.3g}: without a much higher "
+                "learning rate it learns little (a weak LoRA).",
+            )
     opt = str(tr.value("ss_optimizer") or "")
     args = str(tr.value("ss_optimizer_args") or "")
     lr = _f(tr.value("ss_unet_lr")) or _f(tr.value("ss_learning_rate"))
     if opt and lr:
         if ADAPTIVE.search(opt + " " + args):
             if lr < 0.1:
-                say("learning_rate", f"{opt.split('.')[-1]} adapts its own step size and expects a learning rate near "
-                                     f"1.0; {lr:g} makes it train almost nothing.")
+                say(
+                    "learning_rate",
+                    f"{opt.split('.')[-1]} adapts its own step size and expects a learning rate near "
+                    f"1.0; {lr:g} makes it train almost nothing.",
+                )
         elif re.search(r"lion", opt, re.I) and lr > 3e-4:
-            say("learning_rate", f"Lion with learning rate {lr:g}: Lion wants 3-10× less than AdamW (about 1e-4 or "
-                                 "lower); this overcooks.")
+            say(
+                "learning_rate",
+                f"Lion with learning rate {lr:g}: Lion wants 3-10× less than AdamW (about 1e-4 or "
+                "lower); this overcooks.",
+            )
         elif re.search(r"adam", opt, re.I) and lr > 1e-3:
-            say("learning_rate", f"{opt.split('.')[-1]} with learning rate {lr:g}: above 1e-3 a LoRA overcooks "
-                                 "(1e-4 to 5e-4 is usual).")
+            say(
+                "learning_rate",
+                f"{opt.split('.')[-1]} with learning rate {lr:g}: above 1e-3 a LoRA overcooks (1e-4 to 5e-4 is usual).",
+            )
     folders = [f for f in tr.folders if not f.is_reg]
     epochs = tr.value("ss_num_epochs")
     if isinstance(epochs, int) and epochs > 0 and folders:
         reps = [f.repeats or 1 for f in folders]
         passes = epochs * max(reps)
         if passes > PASSES_HIGH:
-            say("epochs_repeats", f"{epochs} epochs × {max(reps)} repeats: each image was seen {passes} times, "
-                                  "enough to memorise it (overfit likely; compare earlier epochs).")
+            say(
+                "epochs_repeats",
+                f"{epochs} epochs × {max(reps)} repeats: each image was seen {passes} times, "
+                "enough to memorise it (overfit likely; compare earlier epochs).",
+            )
         elif passes < PASSES_LOW:
-            say("epochs_repeats", f"{epochs} epochs × {max(reps)} repeats: each image was seen only {passes} times "
-                                  "(an undertrained, weak LoRA is likely).")
+            say(
+                "epochs_repeats",
+                f"{epochs} epochs × {max(reps)} repeats: each image was seen only {passes} times "
+                "(an undertrained, weak LoRA is likely).",
+            )
     weighted = [(f.name, (f.images or 0) * (f.repeats or 1)) for f in folders if f.images]
     if len(weighted) >= 2:
         big, small = max(weighted, key=lambda x: x[1]), min(weighted, key=lambda x: x[1])
         if small[1] and big[1] / small[1] > IMBALANCE:
-            say("folder_imbalance", f"folder {big[0]!r} gives {big[1]} image steps per epoch, {small[0]!r} only "
-                                    f"{small[1]} ({big[1] / small[1]:.1f}×): the small concept is underlearned; "
-                                    "balance them with repeats.")
+            say(
+                "folder_imbalance",
+                f"folder {big[0]!r} gives {big[1]} image steps per epoch, {small[0]!r} only "
+                f"{small[1]} ({big[1] / small[1]:.1f}×): the small concept is underlearned; "
+                "balance them with repeats.",
+            )
     shuffle = str(tr.value("ss_shuffle_caption") or "").lower() == "true"
     if trigger:
         first = [next(iter(f.tags), None) for f in folders if f.tags]
         if shuffle and tr.keep_tokens < 1:
-            say("keep_tokens", f"captions were shuffled with keep_tokens = 0, so the trigger {tr.written(trigger)!r} "
-                               "moved around every step; it binds weakly (set keep_tokens = 1 with the trigger first).")
+            say(
+                "keep_tokens",
+                f"captions were shuffled with keep_tokens = 0, so the trigger {tr.written(trigger)!r} "
+                "moved around every step; it binds weakly (set keep_tokens = 1 with the trigger first).",
+            )
         elif tr.keep_tokens >= 1 and first and trigger not in first:
-            say("keep_tokens", f"keep_tokens = {tr.keep_tokens} pinned {tr.written(first[0])!r}, not the trigger "
-                               f"{tr.written(trigger)!r}: put the trigger first in the captions.")
+            say(
+                "keep_tokens",
+                f"keep_tokens = {tr.keep_tokens} pinned {tr.written(first[0])!r}, not the trigger "
+                f"{tr.written(trigger)!r}: put the trigger first in the captions.",
+            )
     if tr.emphasis:
         shown = ", ".join(t for t, _ in tr.emphasis[:3])
         n = sum(c for _, c in tr.emphasis)
-        say("caption_emphasis", f"captions contain prompt emphasis ({shown}; {n} time(s)): the trainer reads the "
-                                "brackets and weights as text, so the LoRA learned those characters as tokens.")
+        say(
+            "caption_emphasis",
+            f"captions contain prompt emphasis ({shown}; {n} time(s)): the trainer reads the "
+            "brackets and weights as text, so the LoRA learned those characters as tokens.",
+        )
     res = _resolution(tr.value("ss_resolution"))
     if res and st.arch == "sdxl" and res < 768:
-        say("resolution", f"trained at {res} px for SDXL, whose native size is 1024: expect soft, low-detail images "
-                          "at SDXL sizes.")
+        say(
+            "resolution",
+            f"trained at {res} px for SDXL, whose native size is 1024: expect soft, low-detail images at SDXL sizes.",
+        )
     elif res and st.arch == "sd15" and res > 768:
-        say("resolution", f"trained at {res} px for SD1.5, whose native size is 512: slow and often worse "
-                          "composition at 512.")
+        say(
+            "resolution",
+            f"trained at {res} px for SD1.5, whose native size is 512: slow and often worse composition at 512.",
+        )
     return out

@@ -27,9 +27,21 @@ from ..networks.base import scalar
 from ..networks.resolve import TargetIndex, parse_keys
 from ..synth import SHRINK
 
-ALGORITHM_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA",
-                    "doha": "DoRA (LoHa)", "dokr": "DoRA (LoKr)", "full": "full (diff)", "norm": "norm",
-                    "ia3": "(IA)³", "glora": "GLoRA", "oft": "OFT", "boft": "BOFT"}
+ALGORITHM_LABELS = {
+    "lora": "LoRA",
+    "locon": "LoCon",
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "dora": "DoRA",
+    "doha": "DoRA (LoHa)",
+    "dokr": "DoRA (LoKr)",
+    "full": "full (diff)",
+    "norm": "norm",
+    "ia3": "(IA)³",
+    "glora": "GLoRA",
+    "oft": "OFT",
+    "boft": "BOFT",
+}
 
 
 @dataclass
@@ -98,11 +110,13 @@ class Structure:
             "rank_spread": {"min": min(ranks), "max": max(ranks), "distinct": sorted(set(ranks))} if ranks else None,
             "alpha": self.main_alpha(),
             "alpha_spread": {"min": min(alphas), "max": max(alphas), "distinct": sorted(set(alphas))[:16]}
-            if alphas else None,
+            if alphas
+            else None,
             "alpha_source": self.alpha_source,
             "conv_modules": sum(m.conv for m in self.modules),
             "conv_rank": Counter(m.rank for m in self.modules if m.conv and m.rank).most_common(1)[0][0]
-            if any(m.conv and m.rank for m in self.modules) else None,
+            if any(m.conv and m.rank for m in self.modules)
+            else None,
             "blocks": dict(sorted(self.blocks().items(), key=lambda kv: order.get(kv[0], 99))),
             "unmatched": [{"module": m, "reason": r} for m, r in self.unmatched[:20]],
             "unmatched_count": len(self.unmatched),
@@ -149,8 +163,9 @@ def cached_checkpoint_context(path: str):
 
 def _plan(src: TensorSource, arch: str, family: Family | None = None, ctx=None):
     base, index, fam = ctx or _layout_index(arch)
-    return plan_bake(base, [LoraSpec(path=src.path, source=src, family=family)], allow_unmatched=True, index=index,
-                     base_family=fam)
+    return plan_bake(
+        base, [LoraSpec(path=src.path, source=src, family=family)], allow_unmatched=True, index=index, base_family=fam
+    )
 
 
 @dataclass
@@ -199,8 +214,13 @@ def _match(src: TensorSource, arch: str, family: Family | None, shapes, ctx=None
             pass
     plan = _plan(src, arch, family, ctx)
     st = plan.loras[0]
-    m = _Match([c for cs in plan.weights.values() for c in cs], list(st.unmatched), sorted(st.parsed.embeddings),
-               st.scales.report() if st.scales is not None else None, dict(st.naming))
+    m = _Match(
+        [c for cs in plan.weights.values() for c in cs],
+        list(st.unmatched),
+        sorted(st.parsed.embeddings),
+        st.scales.report() if st.scales is not None else None,
+        dict(st.naming),
+    )
     with _MATCHES_LOCK:
         PLAN_STATS["planned"] += 1
         if reuse and not any(r.startswith("shape") for _, r in m.unmatched):  # shape findings are per file
@@ -243,8 +263,13 @@ def _declared_alpha(meta: dict[str, str], args: dict[str, Any], modules: list[Mo
     return out
 
 
-def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, read_alphas: bool = False,
-                   base: tuple[str, Any] | None = None) -> Structure:
+def read_structure(
+    src: TensorSource,
+    args: dict[str, Any] | None = None,
+    *,
+    read_alphas: bool = False,
+    base: tuple[str, Any] | None = None,
+) -> Structure:
     """Match a LoRA's modules to its architecture's layout (header only, unless alphas must be read).
 
     Args:
@@ -301,11 +326,20 @@ def read_structure(src: TensorSource, args: dict[str, Any] | None = None, *, rea
         if alg == "lora" and len(c.target.shape) == 4 and c.target.shape[2:] != (1, 1):
             alg = "locon"
         rank = c.alg.rank(pshapes)
-        st.modules.append(Module(name=c.module, algorithm=alg, component=c.target.component, block=c.target.block,
-                                 conv=len(c.target.shape) == 4 and tuple(c.target.shape[2:]) != (1, 1),
-                                 rank=rank, shape=tuple(c.target.shape), params=dict(c.params),
-                                 # the header's scale, as the bake applies it, as an alpha: scale * rank
-                                 alpha=c.scale * rank if c.scale is not None and rank else None))
+        st.modules.append(
+            Module(
+                name=c.module,
+                algorithm=alg,
+                component=c.target.component,
+                block=c.target.block,
+                conv=len(c.target.shape) == 4 and tuple(c.target.shape[2:]) != (1, 1),
+                rank=rank,
+                shape=tuple(c.target.shape),
+                params=dict(c.params),
+                # the header's scale, as the bake applies it, as an alpha: scale * rank
+                alpha=c.scale * rank if c.scale is not None and rank else None,
+            )
+        )
     st.modules.sort(key=lambda m: m.name)
     with_alpha = [m for m in st.modules if "alpha" in m.params]
     from_header = any(m.alpha is not None for m in st.modules)

@@ -54,7 +54,7 @@ class ClipBPE:
         with opener(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         if path.endswith(".gz"):  # simple_tokenizer keeps lines 1 .. 49152-256-2
-            lines = lines[1:49152 - 256 - 2 + 1]
+            lines = lines[1 : 49152 - 256 - 2 + 1]
         merges = []
         for line in lines:
             if not line or line.startswith("#version"):
@@ -125,12 +125,18 @@ def vocab_candidates() -> list[str]:
         if spec and spec.submodule_search_locations:
             for loc in spec.submodule_search_locations:
                 out.append(os.path.join(loc, "bpe_simple_vocab_16e6.txt.gz"))
-    homes = [os.environ.get("HF_HUB_CACHE"), os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None,
-             os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")]
+    homes = [
+        os.environ.get("HF_HUB_CACHE"),
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None,
+        os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub"),
+    ]
     for h in homes:
         if h:
-            out.extend(sorted(glob.glob(os.path.join(h, "models--openai--clip-vit-large-patch14", "snapshots", "*",
-                                                     "merges.txt"))))
+            out.extend(
+                sorted(
+                    glob.glob(os.path.join(h, "models--openai--clip-vit-large-patch14", "snapshots", "*", "merges.txt"))
+                )
+            )
     return out
 
 
@@ -160,7 +166,8 @@ def clip_bpe(extra_paths: Iterable[str] = ()) -> ClipBPE | None:
 
 # Words that make up everyday caption tags (booru and natural-language captions). A tag made
 # only of these is never a made-up trigger, whatever its share.
-COMMON_WORDS = frozenset("""
+COMMON_WORDS = frozenset(
+    """
 1girl 2girls 3girls 4girls 5girls 6+girls 1boy 2boys 3boys multiple girls boys girl boy woman man women men person people
 solo focus looking at viewer away back side another up down smile smiling open closed mouth eyes eye lips teeth tongue
 blush blushing long short medium very hair hairs bangs ponytail twintails braid braided bun sidelocks ahoge bob cut
@@ -184,18 +191,68 @@ animal ears cat dog fox wolf rabbit tail wings horns halo pointy elf
 happy sad angry surprised crying tears expression frown serious closed-eyes wink
 weapon sword gun food drink cup book phone chair table car
 a an the of and with in on at to for by is are wearing has having her his their its this that very
-""".split())
+""".split()
+)
 
 # Tags that describe the picture or its quality, never a subject: not triggers even when in every caption.
-GENERIC_TAGS = frozenset({
-    "1girl", "1boy", "solo", "2girls", "2boys", "multiple girls", "multiple boys", "solo focus",
-    "masterpiece", "best quality", "high quality", "highres", "absurdres", "lowres", "very aesthetic", "aesthetic",
-    "amazing quality", "normal quality", "worst quality", "detailed", "ultra-detailed", "realistic", "photorealistic",
-    "looking at viewer", "simple background", "white background", "upper body", "full body", "portrait",
-    "score_9", "score_8_up", "score_7_up", "score_6_up", "score_5_up", "score_4_up", "source_anime",
-    "rating_safe", "rating_questionable", "rating_explicit", "safe", "sensitive", "nsfw", "general",
-    "newest", "recent", "year 2023", "year 2024", "anime", "photo", "illustration", "woman", "man", "girl", "boy",
-})
+GENERIC_TAGS = frozenset(
+    {
+        "1girl",
+        "1boy",
+        "solo",
+        "2girls",
+        "2boys",
+        "multiple girls",
+        "multiple boys",
+        "solo focus",
+        "masterpiece",
+        "best quality",
+        "high quality",
+        "highres",
+        "absurdres",
+        "lowres",
+        "very aesthetic",
+        "aesthetic",
+        "amazing quality",
+        "normal quality",
+        "worst quality",
+        "detailed",
+        "ultra-detailed",
+        "realistic",
+        "photorealistic",
+        "looking at viewer",
+        "simple background",
+        "white background",
+        "upper body",
+        "full body",
+        "portrait",
+        "score_9",
+        "score_8_up",
+        "score_7_up",
+        "score_6_up",
+        "score_5_up",
+        "score_4_up",
+        "source_anime",
+        "rating_safe",
+        "rating_questionable",
+        "rating_explicit",
+        "safe",
+        "sensitive",
+        "nsfw",
+        "general",
+        "newest",
+        "recent",
+        "year 2023",
+        "year 2024",
+        "anime",
+        "photo",
+        "illustration",
+        "woman",
+        "man",
+        "girl",
+        "boy",
+    }
+)
 
 
 def words_of(tag: str) -> list[str]:
@@ -256,11 +313,21 @@ def rarity(tag: str, bpe: ClipBPE | None) -> tuple[float, str]:
             return 0.4, f"{rare[0]!r} is a single but rare CLIP token"
         return 0.15, f"{', '.join(repr(w) for w in unknown[:3])}: single common CLIP token(s)"
     made_up = [w for w in unknown if _looks_made_up(w)]
-    mixed = [r for r in re.findall(r"[a-z0-9]+", t) if re.search(r"[a-z]{2}", r) and re.search(r"\d", r)
-             and not re.fullmatch(r"\d+(?:girls?|boys?|others?|koma)|v\d+|\d+d|\d+k|\d+s", r)]
+    mixed = [
+        r
+        for r in re.findall(r"[a-z0-9]+", t)
+        if re.search(r"[a-z]{2}", r)
+        and re.search(r"\d", r)
+        and not re.fullmatch(r"\d+(?:girls?|boys?|others?|koma)|v\d+|\d+d|\d+k|\d+s", r)
+    ]
     if mixed:
-        return 0.7, f"{mixed[0]!r} mixes letters and digits like a made-up name (estimate; no CLIP vocabulary on this machine)"
+        return (
+            0.7,
+            f"{mixed[0]!r} mixes letters and digits like a made-up name (estimate; no CLIP vocabulary on this machine)",
+        )
     if made_up:
         return 0.7, f"{made_up[0]!r} does not look like a word (estimate; no CLIP vocabulary on this machine)"
-    return 0.35, (f"{', '.join(repr(w) for w in unknown[:3])} not among everyday caption words "
-                  "(estimate; no CLIP vocabulary on this machine)")
+    return 0.35, (
+        f"{', '.join(repr(w) for w in unknown[:3])} not among everyday caption words "
+        "(estimate; no CLIP vocabulary on this machine)"
+    )

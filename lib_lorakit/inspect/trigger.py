@@ -31,8 +31,13 @@ class Candidate:
     evidence: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"tag": self.tag, "share": round(self.share, 3), "count": self.count, "score": round(self.score, 2),
-                "evidence": self.evidence}
+        return {
+            "tag": self.tag,
+            "share": round(self.share, 3),
+            "count": self.count,
+            "score": round(self.score, 2),
+            "evidence": self.evidence,
+        }
 
 
 @dataclass
@@ -60,8 +65,13 @@ def _name_hit(tag: str, names: list[str]) -> str | None:
     return None
 
 
-def rank_candidates(tr: Training, names: list[str], bpe: ClipBPE | None,
-                    collection_counts: dict[str, int] | None = None, collection_size: int = 0) -> list[Candidate]:
+def rank_candidates(
+    tr: Training,
+    names: list[str],
+    bpe: ClipBPE | None,
+    collection_counts: dict[str, int] | None = None,
+    collection_size: int = 0,
+) -> list[Candidate]:
     """Score every tag that is in most captions of some training folder.
 
     Args:
@@ -98,12 +108,15 @@ def rank_candidates(tr: Training, names: list[str], bpe: ClipBPE | None,
             keep = f.keep_tokens if f.keep_tokens is not None else tr.keep_tokens
             if 0 <= pos < max(1, keep):
                 c.score += 1.5 if keep >= 1 else 1.0
-                c.evidence.append(f"first tag of folder {f.name!r}'s captions" +
-                                  (f" (kept in place by keep_tokens={keep})" if keep >= 1 else ""))
+                c.evidence.append(
+                    f"first tag of folder {f.name!r}'s captions"
+                    + (f" (kept in place by keep_tokens={keep})" if keep >= 1 else "")
+                )
                 break
         for f in folders:
-            if f.class_tokens and (_norm(tag) == _norm(f.class_tokens) or
-                                   _norm(tag) in {_norm(w) for w in f.class_tokens.split()}):
+            if f.class_tokens and (
+                _norm(tag) == _norm(f.class_tokens) or _norm(tag) in {_norm(w) for w in f.class_tokens.split()}
+            ):
                 c.score += 2.0
                 c.evidence.append(f"is the class token of folder {f.name!r}")
                 break
@@ -135,20 +148,33 @@ def decide(tr: Training, cands: list[Candidate], components: list[str]) -> Verdi
     trigger = None
     if tr.declared_triggers and not (top and top.score >= TRIGGER_THRESHOLD):
         trigger, src = tr.declared_triggers[0]
-        reason = f"declared by the author in {src} (the captions do not confirm it)" if cands else \
-            f"declared by the author in {src} (no caption statistics in the file)"
+        reason = (
+            f"declared by the author in {src} (the captions do not confirm it)"
+            if cands
+            else f"declared by the author in {src} (no caption statistics in the file)"
+        )
     elif top and top.score >= TRIGGER_THRESHOLD and top.share >= MIN_SHARE and not is_generic(top.tag):
         trigger = top.tag
         reason = f"{top.tag!r}: " + "; ".join(e for e in top.evidence if not e.startswith("rarity 0.00"))
-        if len(cands) > 1 and cands[1].score >= TRIGGER_THRESHOLD and cands[1].share >= MIN_SHARE \
-                and not is_generic(cands[1].tag):
+        if (
+            len(cands) > 1
+            and cands[1].score >= TRIGGER_THRESHOLD
+            and cands[1].share >= MIN_SHARE
+            and not is_generic(cands[1].tag)
+        ):
             reason += f". Runner-up {cands[1].tag!r} (score {cands[1].score:.1f}) may be part of it."
     elif not cands:
         reason = "no trigger: the file has no caption statistics (ss_tag_frequency) and no declared trigger"
     else:
         best = top.tag if top else ""
-        reason = (f"no trigger: no tag is both in nearly every caption and rare, first or named after the LoRA "
-                  f"(best {best!r} scored {top.score:.1f} < {TRIGGER_THRESHOLD})") if top else "no trigger"
+        reason = (
+            (
+                f"no trigger: no tag is both in nearly every caption and rare, first or named after the LoRA "
+                f"(best {best!r} scored {top.score:.1f} < {TRIGGER_THRESHOLD})"
+            )
+            if top
+            else "no trigger"
+        )
 
     dep, pas = [], []
     if trigger:
@@ -165,20 +191,33 @@ def decide(tr: Training, cands: list[Candidate], components: list[str]) -> Verdi
     score = len(dep) - len(pas) + (1 if trigger else 0)
     kind = "trigger-dependent" if trigger and score >= 1 else "passive"
     if kind == "trigger-dependent":
-        baking = (f"Baked into a checkpoint it stays tied to {trigger!r}: without the trigger in the prompt the effect "
-                  "is weak. Keep it as a runtime LoRA, or bake and always prompt the trigger.")
+        baking = (
+            f"Baked into a checkpoint it stays tied to {trigger!r}: without the trigger in the prompt the effect "
+            "is weak. Keep it as a runtime LoRA, or bake and always prompt the trigger."
+        )
     else:
         baking = "Works without a trigger word, so it bakes cleanly: the baked model shows it in every image."
-    return Verdict(trigger=trigger, candidates=cands, reason=reason, kind=kind,
-                   kind_evidence=[f"+ {d}" for d in dep] + [f"- {p}" for p in pas], baking=baking)
+    return Verdict(
+        trigger=trigger,
+        candidates=cands,
+        reason=reason,
+        kind=kind,
+        kind_evidence=[f"+ {d}" for d in dep] + [f"- {p}" for p in pas],
+        baking=baking,
+    )
 
 
 MULTI_MIN_RARITY = 0.3  # not an everyday caption word
 MULTI_MIN_SHARE = 0.2  # a concept of a multi-concept LoRA is in at least this share of its folder's captions
 
 
-def find_triggers(tr: Training, names: list[str], bpe: ClipBPE | None,
-                  collection_counts: dict[str, int] | None = None, collection_size: int = 0) -> list[dict[str, Any]]:
+def find_triggers(
+    tr: Training,
+    names: list[str],
+    bpe: ClipBPE | None,
+    collection_counts: dict[str, int] | None = None,
+    collection_size: int = 0,
+) -> list[dict[str, Any]]:
     """The triggers of a multi-concept LoRA (two characters, each with its own word), or [] for one concept.
 
     kohya records tag counts per image folder, not per image, so the concepts are found two ways:
@@ -215,8 +254,13 @@ def find_triggers(tr: Training, names: list[str], bpe: ClipBPE | None,
                     rare.append((t, c, share, r, why))
         if len(rare) >= 2 and sum(x[2] for x in rare) >= 0.8:
             for t, c, share, r, why in rare:
-                add(t, c, f.name, f"in {c} of {n} captions of folder {f.name!r} ({share:.0%}), rarity {r:.2f} ({why}); "
-                                  f"with {', '.join(repr(x[0]) for x in rare if x[0] != t)} it splits the folder's images")
+                add(
+                    t,
+                    c,
+                    f.name,
+                    f"in {c} of {n} captions of folder {f.name!r} ({share:.0%}), rarity {r:.2f} ({why}); "
+                    f"with {', '.join(repr(x[0]) for x in rare if x[0] != t)} it splits the folder's images",
+                )
     out = sorted(found.values(), key=lambda e: (-e["images"], e["tag"]))
     for e in out:
         e["share"] = round(min(1.0, e["images"] / total), 3) if total else None

@@ -31,16 +31,25 @@ def read(lora_path: str) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        raise OutputError(f"{p} exists but is not readable JSON ({e}); lorakit will not replace it.",
-                          fix="Fix or move the file, then try again.") from e
+        raise OutputError(
+            f"{p} exists but is not readable JSON ({e}); lorakit will not replace it.",
+            fix="Fix or move the file, then try again.",
+        ) from e
     if not isinstance(data, dict):
-        raise OutputError(f"{p} does not hold a JSON object; lorakit will not replace it.",
-                          fix="Fix or move the file, then try again.")
+        raise OutputError(
+            f"{p} does not hold a JSON object; lorakit will not replace it.",
+            fix="Fix or move the file, then try again.",
+        )
     return data
 
 
-def write(lora_path: str, *, activation_text: str | None = None, preferred_weight: float | None = None,
-          arch: str | None = None) -> dict[str, Any]:
+def write(
+    lora_path: str,
+    *,
+    activation_text: str | None = None,
+    preferred_weight: float | None = None,
+    arch: str | None = None,
+) -> dict[str, Any]:
     """Set "activation text" and/or "preferred weight" in the LoRA's user metadata.
 
     Returns:

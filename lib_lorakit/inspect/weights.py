@@ -63,13 +63,19 @@ class WeightStats:
     hints: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"relative": self.relative, "checkpoint": self.checkpoint,
-                "blocks": [b.as_dict(self.relative) for b in self.blocks], "skipped": self.skipped[:20],
-                "skipped_count": len(self.skipped), "hints": self.hints}
+        return {
+            "relative": self.relative,
+            "checkpoint": self.checkpoint,
+            "blocks": [b.as_dict(self.relative) for b in self.blocks],
+            "skipped": self.skipped[:20],
+            "skipped_count": len(self.skipped),
+            "hints": self.hints,
+        }
 
 
-def weight_stats(lora_path: str, arch: str, checkpoint: str | None = None,
-                 cancel: threading.Event | None = None) -> WeightStats:
+def weight_stats(
+    lora_path: str, arch: str, checkpoint: str | None = None, cancel: threading.Event | None = None
+) -> WeightStats:
     """Per-block ‖ΔW‖ of ``lora_path`` at strength 1 (and ‖W‖ of the same layers with ``checkpoint``).
 
     Raises:
@@ -89,7 +95,7 @@ def weight_stats(lora_path: str, arch: str, checkpoint: str | None = None,
                 t = c.target
                 w = None
                 if wfull is not None:
-                    w = wfull[t.rows[0]:t.rows[1]] if t.rows else wfull
+                    w = wfull[t.rows[0] : t.rows[1]] if t.rows else wfull
                     w = w.T if t.transpose else w
                     w = w.reshape(t.shape)
                 if needs_weight(c.alg, c.params) and w is None:
@@ -98,12 +104,15 @@ def weight_stats(lora_path: str, arch: str, checkpoint: str | None = None,
                 p = {name: src.read(k) for name, k in c.params.items()}
                 for name, k in c.params.items():
                     if p[name].is_floating_point() and not bool(torch.isfinite(p[name]).all()):
-                        raise ValueProblem(f"{lora_path}: {k} holds NaN/inf values; its weight statistics cannot be "
-                                           "computed and a bake would refuse it.",
-                                           fix="The LoRA is broken (training diverged or the file is damaged). Use "
-                                               "another epoch or re-export it.")
-                d = compute_delta(c.alg, {k: v.float() if v.is_floating_point() else v for k, v in p.items()},
-                                  t.shape, w)
+                        raise ValueProblem(
+                            f"{lora_path}: {k} holds NaN/inf values; its weight statistics cannot be "
+                            "computed and a bake would refuse it.",
+                            fix="The LoRA is broken (training diverged or the file is damaged). Use "
+                            "another epoch or re-export it.",
+                        )
+                d = compute_delta(
+                    c.alg, {k: v.float() if v.is_floating_point() else v for k, v in p.items()}, t.shape, w
+                )
                 bs = stats.setdefault(t.block or t.component, BlockStat(block=t.block or t.component))
                 bs.modules += 1
                 bs.delta_sq += delta_norm_sq(d, t.shape)
@@ -119,9 +128,13 @@ def weight_stats(lora_path: str, arch: str, checkpoint: str | None = None,
         hot = [(b, r) for b, r in rel if r > OVERTRAINED]
         if hot:
             shown = ", ".join(f"{b} {r:.0%}" for b, r in sorted(hot, key=lambda x: -x[1])[:5])
-            ws.hints.append(f"large changes at strength 1 ({shown} of the weights' norm): over-trained there, "
-                            f"or meant for low strengths.")
+            ws.hints.append(
+                f"large changes at strength 1 ({shown} of the weights' norm): over-trained there, "
+                f"or meant for low strengths."
+            )
         if rel and max(r for _, r in rel) < NEGLIGIBLE:
-            ws.hints.append(f"every block changes by less than {NEGLIGIBLE:.1%} at strength 1: the LoRA may be "
-                            "under-trained or need high strengths.")
+            ws.hints.append(
+                f"every block changes by less than {NEGLIGIBLE:.1%} at strength 1: the LoRA may be "
+                "under-trained or need high strengths."
+            )
     return ws

@@ -20,7 +20,6 @@ from ..formats.dtypes import FLOAT_CODES
 from ..formats.sources import TensorSource, open_source
 
 
-
 @dataclass
 class Diag:
     """Sums over tensors of |B - A|^2, |A|^2, |B|^2 and A·B."""
@@ -30,7 +29,9 @@ class Diag:
     b2: float = 0.0
     ab: float = 0.0
 
-    def add(self, a: torch.Tensor, b: torch.Tensor, a2: float | None = None, scratch: torch.Tensor | None = None) -> None:
+    def add(
+        self, a: torch.Tensor, b: torch.Tensor, a2: float | None = None, scratch: torch.Tensor | None = None
+    ) -> None:
         """Add one pair of tensors. ``a2`` (|a|^2, when the caller has it) and ``scratch`` save work.
 
         |B - A|^2 is summed directly (a2 + b2 - 2ab would cancel for similar models); a·b and
@@ -80,8 +81,13 @@ def tabulate(diags: dict[tuple[str, str], Diag], arch: Arch) -> dict:
     return {"by_component": {c: d.as_dict() for c, d in totals.items()}, "by_block": by_block}
 
 
-def diff(a: str | TensorSource, b: str | TensorSource, *, progress: Callable[[float, str], None] | None = None,
-         cancel: threading.Event | None = None) -> dict:
+def diff(
+    a: str | TensorSource,
+    b: str | TensorSource,
+    *,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> dict:
     """Compare two checkpoints of one architecture, tensor by tensor (streaming)."""
     say = progress or (lambda f, m: None)
     sa = open_source(a) if isinstance(a, str) else a
@@ -94,8 +100,9 @@ def diff(a: str | TensorSource, b: str | TensorSource, *, progress: Callable[[fl
         fa = detect_checkpoint(sa.shapes(), sa.metadata, sa.path)
         fb = detect_checkpoint(sb.shapes(), sb.metadata, sb.path)
         if fa.arch != fb.arch:
-            raise ArchitectureError(f"Cannot compare {sa.path} ({fa.label}) with {sb.path} ({fb.label}): "
-                                    f"different architectures.")
+            raise ArchitectureError(
+                f"Cannot compare {sa.path} ({fa.label}) with {sb.path} ({fb.label}): different architectures."
+            )
         arch = ARCHS[fa.arch]
         kb = set(sb.keys())
         keys = [k for k in sa.keys() if k in kb]
@@ -112,9 +119,15 @@ def diff(a: str | TensorSource, b: str | TensorSource, *, progress: Callable[[fl
             diags.setdefault(block_key(k, arch), Diag()).add(sa.read(k).float(), sb.read(k).float())
             if i % 64 == 0:
                 say(i / max(len(keys), 1), f"comparing {k}")
-        out = {"a": sa.path, "b": sb.path, "arch": arch.id, **tabulate(diags, arch),
-               "only_in_a": sorted(set(sa.keys()) - kb), "only_in_b": sorted(kb - set(sa.keys())),
-               "shape_mismatch": mismatch}
+        out = {
+            "a": sa.path,
+            "b": sb.path,
+            "arch": arch.id,
+            **tabulate(diags, arch),
+            "only_in_a": sorted(set(sa.keys()) - kb),
+            "only_in_b": sorted(kb - set(sa.keys())),
+            "shape_mismatch": mismatch,
+        }
         say(1.0, "done")
         return out
     finally:

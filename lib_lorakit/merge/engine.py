@@ -38,8 +38,20 @@ from ..formats.safetensors_io import DTYPES, OutEntry, StreamingWriter, check_ou
 from ..formats.sources import TensorSource, open_source
 from ..hashcache import HashCache, file_key
 from ..hashcache import resolve as resolve_cache
-from ..streaming import (CHUNK_ELEMS, FedHasher, Pool, Profile, Token, WriterThread, drain, engine_threads,
-                         exact_float32, peak_rss_mb, resolve_device, worker_count)
+from ..streaming import (
+    CHUNK_ELEMS,
+    FedHasher,
+    Pool,
+    Profile,
+    Token,
+    WriterThread,
+    drain,
+    engine_threads,
+    exact_float32,
+    peak_rss_mb,
+    resolve_device,
+    worker_count,
+)
 from . import methods
 from .diff import Diag, block_key, tabulate
 from .registry import BASE_METHODS, METHODS, REGISTRY  # declared once, in registry.py
@@ -117,17 +129,26 @@ def _open(role: str, label: str, path: str, source: TensorSource | None) -> Inpu
     return Input(role=role, label=label, path=path, source=src)
 
 
-def plan_merge(models: Sequence[ModelSpec], *, method: str = "weighted", base: str | TensorSource | None = None,
-               blocks: str | None = None, vae_from: str | int | None = None, te_from: int | None = None,
-               normalize: bool = True) -> MergePlan:
+def plan_merge(
+    models: Sequence[ModelSpec],
+    *,
+    method: str = "weighted",
+    base: str | TensorSource | None = None,
+    blocks: str | None = None,
+    vae_from: str | int | None = None,
+    te_from: int | None = None,
+    normalize: bool = True,
+) -> MergePlan:
     """Open, check and decide every key. Nothing is written; no tensor value is read."""
     if method not in METHODS:
         raise RecipeError(f"Unknown merge method {method!r}.", fix=f"Use one of {', '.join(METHODS)}.")
     lo, hi = REGISTRY[method].models
     if len(models) < lo or (hi and len(models) > hi):
         want = f"exactly {lo}" if hi == lo else f"at least {lo}"
-        raise RecipeError(f"The {method} merge takes {want} models, got {len(models)}.",
-                          fix="For add-difference give A then B (with its weight) and a base C.")
+        raise RecipeError(
+            f"The {method} merge takes {want} models, got {len(models)}.",
+            fix="For add-difference give A then B (with its weight) and a base C.",
+        )
     if REGISTRY[method].needs_base and base is None:
         raise RecipeError(f"The {method} merge needs a base model (the model the differences are taken from).")
     if not REGISTRY[method].needs_base and base is not None:
@@ -149,7 +170,9 @@ def plan_merge(models: Sequence[ModelSpec], *, method: str = "weighted", base: s
             if inp.family.arch != arch_id:
                 raise ArchitectureError(
                     f"Cannot merge {inputs[0].path} ({inputs[0].family.label}) with {inp.path} ({inp.family.label}): "
-                    f"different architectures.", fix="Merge checkpoints of one family only (all SD1.5 or all SDXL).")
+                    f"different architectures.",
+                    fix="Merge checkpoints of one family only (all SD1.5 or all SDXL).",
+                )
         arch = ARCHS[arch_id]
         warnings = _family_warnings(inputs)
 
@@ -158,22 +181,38 @@ def plan_merge(models: Sequence[ModelSpec], *, method: str = "weighted", base: s
         if method == "weighted" and normalize:
             total = sum(given)
             if total == 0:
-                raise RecipeError("The weights sum to 0; they cannot be normalised.",
-                                  fix="Give positive weights, or turn normalisation off.")
+                raise RecipeError(
+                    "The weights sum to 0; they cannot be normalised.",
+                    fix="Give positive weights, or turn normalisation off.",
+                )
             weights = [w / total for w in given]
         block_weights = parse_block_weights(blocks, arch.id) if blocks else None
 
         vae_label, vae_idx = _vae_source(vae_from, models, inputs)
         if te_from is not None and not 1 <= te_from <= len(models):
-            raise RecipeError(f"Text encoders from model {te_from}: there are {len(models)} models (1 to {len(models)}).")
+            raise RecipeError(
+                f"Text encoders from model {te_from}: there are {len(models)} models (1 to {len(models)})."
+            )
         te_idx = None if te_from is None else te_from - 1
 
         merge_inputs = list(range(len(models))) + ([base_idx] if base_idx is not None else [])
         keys, actions, only_some, other = _decide(arch, inputs, merge_inputs, vae_idx, te_idx)
-        return MergePlan(arch=arch, inputs=inputs, models=list(range(len(models))), base=base_idx, keys=keys,
-                         actions=actions, weights=weights, given_weights=given, block_weights=block_weights,
-                         vae_from=vae_label, te_from=te_from, warnings=warnings, only_some=only_some,
-                         copied_other=other)
+        return MergePlan(
+            arch=arch,
+            inputs=inputs,
+            models=list(range(len(models))),
+            base=base_idx,
+            keys=keys,
+            actions=actions,
+            weights=weights,
+            given_weights=given,
+            block_weights=block_weights,
+            vae_from=vae_label,
+            te_from=te_from,
+            warnings=warnings,
+            only_some=only_some,
+            copied_other=other,
+        )
     except BaseException:
         for inp in inputs:
             inp.source.close()
@@ -185,14 +224,19 @@ def _family_warnings(inputs: list[Input]) -> list[str]:
     # a file without any v-prediction marker is taken to be epsilon-prediction
     vp = {inp.label: bool(inp.family.vpred) for inp in inputs}
     if len(set(vp.values())) > 1:
-        out.append("v-prediction differs: " + ", ".join(
-            f"{k} {'v-pred' if v else 'eps (no v-pred marker)'}" for k, v in vp.items())
-            + "; the merge needs one prediction setting and fits neither input fully.")
+        out.append(
+            "v-prediction differs: "
+            + ", ".join(f"{k} {'v-pred' if v else 'eps (no v-pred marker)'}" for k, v in vp.items())
+            + "; the merge needs one prediction setting and fits neither input fully."
+        )
     lineages = {inp.label: {n for n, _ in inp.family.lineage} for inp in inputs if inp.family.lineage}
     flat = {n for v in lineages.values() for n in v}
     if len(flat) > 1:
-        out.append("lineages differ: " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in lineages.items())
-                   + " (from metadata and names); prompts and LoRAs of one may not suit the other.")
+        out.append(
+            "lineages differ: "
+            + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in lineages.items())
+            + " (from metadata and names); prompts and LoRAs of one may not suit the other."
+        )
     return out
 
 
@@ -228,7 +272,7 @@ class _PrefixedSource(TensorSource):
         return [self.prefix + k for k in self.inner.keys()]
 
     def _k(self, key: str) -> str:
-        return key[len(self.prefix):]
+        return key[len(self.prefix) :]
 
     def shape(self, key):
         return self.inner.shape(self._k(key))
@@ -262,11 +306,16 @@ def _decide(arch: Arch, inputs: list[Input], merge_inputs: list[int], vae_idx: i
     vae = inputs[vae_idx].source
     for k in (k for k in keys if component_of(k, arch) == "vae"):
         if k not in keysets[vae_idx]:
-            raise RecipeError(f"The VAE source {inputs[vae_idx].path} lacks the VAE tensor {k}.",
-                              fix="Use a complete VAE for this architecture.")
+            raise RecipeError(
+                f"The VAE source {inputs[vae_idx].path} lacks the VAE tensor {k}.",
+                fix="Use a complete VAE for this architecture.",
+            )
         if tuple(vae.shape(k)) != tuple(primary.shape(k)):
-            raise RecipeError(f"The VAE source {inputs[vae_idx].path} has {k} {list(vae.shape(k))}, the model "
-                              f"{list(primary.shape(k))}.", fix="Use a VAE for this architecture.")
+            raise RecipeError(
+                f"The VAE source {inputs[vae_idx].path} has {k} {list(vae.shape(k))}, the model "
+                f"{list(primary.shape(k))}.",
+                fix="Use a VAE for this architecture.",
+            )
     actions: dict[str, Action] = {}
     only_some: list[str] = []
     other: list[str] = []
@@ -290,9 +339,11 @@ def _decide(arch: Arch, inputs: list[Input], merge_inputs: list[int], vae_idx: i
             shapes = {tuple(inputs[i].source.shape(k)) for i in have}
             if len(shapes) > 1:
                 desc = ", ".join(f"{inputs[i].label} {list(inputs[i].source.shape(k))}" for i in have)
-                raise RecipeError(f"{k} has different shapes in the inputs ({desc}).",
-                                  fix="These checkpoints differ in structure (e.g. an inpainting model); merge "
-                                      "models of the same variant.")
+                raise RecipeError(
+                    f"{k} has different shapes in the inputs ({desc}).",
+                    fix="These checkpoints differ in structure (e.g. an inpainting model); merge "
+                    "models of the same variant.",
+                )
             actions[k] = Action("merge")
     return keys, actions, only_some, other
 
@@ -359,8 +410,16 @@ class _Reader(threading.Thread):
     the hashers, in file order all the same.
     """
 
-    def __init__(self, plan: MergePlan, keys: list[str], order: list[int], feeders: list[FedHasher | None],
-                 profile: Profile | None = None, depth: int = 4, threads: int = 1):
+    def __init__(
+        self,
+        plan: MergePlan,
+        keys: list[str],
+        order: list[int],
+        feeders: list[FedHasher | None],
+        profile: Profile | None = None,
+        depth: int = 4,
+        threads: int = 1,
+    ):
         super().__init__(name="lorakit-read", daemon=True)
         self.plan, self.keys, self.order, self.feeders = plan, keys, order, feeders
         self.profile = profile or Profile()
@@ -401,8 +460,11 @@ class _Reader(threading.Thread):
         return _Chunk(key, r0, r1, raws, tokens, feeds)
 
     def run(self) -> None:
-        pool = (concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="lorakit-read")
-                if self.threads > 1 else None)
+        pool = (
+            concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="lorakit-read")
+            if self.threads > 1
+            else None
+        )
         try:
             primary = self.plan.inputs[0].source
             for key in self.keys:
@@ -410,8 +472,11 @@ class _Reader(threading.Thread):
                 rows = shape[0] if shape else 1
                 cols = max(1, math.prod(shape) // max(rows, 1)) if math.prod(shape) else 0
                 for ci, r0, r1 in _chunks(rows, cols):
-                    item = (pool.submit(self._read_chunk, key, r0, r1, cols) if pool is not None
-                            else self._read_chunk(key, r0, r1, cols))
+                    item = (
+                        pool.submit(self._read_chunk, key, r0, r1, cols)
+                        if pool is not None
+                        else self._read_chunk(key, r0, r1, cols)
+                    )
                     while not self.stop.is_set():
                         try:
                             self.q.put(item, timeout=0.5)
@@ -444,15 +509,25 @@ class _Reader(threading.Thread):
 class _Merger:
     """Merges keys chunk by chunk; the chunks' maths runs on ``workers`` threads (inline for one)."""
 
-    def __init__(self, plan: MergePlan, method: str, params: dict, stats: _Stats, reader: _Reader,
-                 workers: int = 1, device: torch.device | None = None, profile: Profile | None = None):
+    def __init__(
+        self,
+        plan: MergePlan,
+        method: str,
+        params: dict,
+        stats: _Stats,
+        reader: _Reader,
+        workers: int = 1,
+        device: torch.device | None = None,
+        profile: Profile | None = None,
+    ):
         self.plan, self.method, self.params, self.stats, self.reader = plan, method, params, stats, reader
         self.order = plan.models + ([plan.base] if plan.base is not None else [])
         self.device = device or torch.device("cpu")
         self.profile = profile or Profile()
         self.workers = workers
-        self.pool = (concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="lorakit-maths")
-                     if workers > 1 else None)
+        self.pool = (
+            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="lorakit-maths") if workers > 1 else None
+        )
         self.outstanding: collections.deque = collections.deque()
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -471,13 +546,17 @@ class _Merger:
     def _read_raw(self, key: str, r0: int, r1: int) -> list[torch.Tensor]:
         """Rows r0:r1 of every input as stored, read now (first passes of TIES and slerp)."""
         big = (r1 - r0) * self.cols > CHUNK_ELEMS
-        return [self.plan.inputs[i].source.read_rows(key, r0, r1, None if big else self.scratch.raw[j])
-                for j, i in enumerate(self.order)]
+        return [
+            self.plan.inputs[i].source.read_rows(key, r0, r1, None if big else self.scratch.raw[j])
+            for j, i in enumerate(self.order)
+        ]
 
     def _f32(self, raws: list[torch.Tensor], shape) -> list[torch.Tensor]:
         n = math.prod(shape)
-        return [(torch.empty(n) if n > CHUNK_ELEMS else self.scratch.f32[j][:n]).view(shape).copy_(raw)
-                for j, raw in enumerate(raws)]
+        return [
+            (torch.empty(n) if n > CHUNK_ELEMS else self.scratch.f32[j][:n]).view(shape).copy_(raw)
+            for j, raw in enumerate(raws)
+        ]
 
     def _read(self, key: str, r0: int, r1: int, cols: int) -> list[torch.Tensor]:
         """Rows r0:r1 of every input, as float32 views of scratch buffers."""
@@ -548,8 +627,10 @@ class _Merger:
         def finish() -> None:
             amax = max((f.result() for f in futs), default=0.0)
             if out.dtype == torch.float16 and amax > FP16_MAX:
-                raise ValueProblem(f"{key}: a merged weight reaches {amax:.6g}, beyond the float16 range (65504).",
-                                   fix="Choose the save dtype bf16 or fp32.")
+                raise ValueProblem(
+                    f"{key}: a merged weight reaches {amax:.6g}, beyond the float16 range (65504).",
+                    fix="Choose the save dtype bf16 or fp32.",
+                )
             with self._lock:
                 if amax > self.stats.max_abs[0]:
                     self.stats.max_abs = (amax, key)
@@ -557,8 +638,9 @@ class _Merger:
         finish.futures = futs
         return finish
 
-    def _chunk(self, key: str, ci: int, r0: int, r1: int, cols: int, chunk: _Chunk, w, b, extra, where,
-               out: torch.Tensor) -> float:
+    def _chunk(
+        self, key: str, ci: int, r0: int, r1: int, cols: int, chunk: _Chunk, w, b, extra, where, out: torch.Tensor
+    ) -> float:
         """Merge rows r0:r1 of ``key`` into ``out`` (runs on a maths thread). Returns max |result|."""
         plan, p, m = self.plan, self.params, self.method
         n_models = len(plan.models)
@@ -618,7 +700,7 @@ class _Merger:
             for _, r0, r1 in _chunks(self.rows, cols):
                 xs = self._read(key, r0, r1, cols)
                 d = (xs[i] - xs[n_models]).abs_().reshape(-1)
-                buf[pos:pos + d.numel()] = d.numpy()
+                buf[pos : pos + d.numel()] = d.numpy()
                 pos += d.numel()
             out.append(methods.ties_threshold(buf, density))
         return out
@@ -630,8 +712,10 @@ class _Merger:
         lo, hi = torch.aminmax(res)
         lo, hi = float(lo), float(hi)
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueProblem(f"{key}: the merge gives NaN/inf values (an input may hold NaN/inf there).",
-                               fix="Check the inputs; a damaged checkpoint cannot be merged.")
+            raise ValueProblem(
+                f"{key}: the merge gives NaN/inf values (an input may hold NaN/inf there).",
+                fix="Check the inputs; a damaged checkpoint cannot be merged.",
+            )
         r = 0.0
         if res.device.type != "cpu":
             od = res.to(out.dtype)
@@ -657,15 +741,30 @@ class _Merger:
 def _metadata(plan: MergePlan, method: str, params: dict, save_dtype: str, hashes: list[str]) -> dict[str, str]:
     meta = {k: v for k, v in plan.inputs[0].source.metadata.items() if k not in DROP_METADATA}
     recipe = {
-        "operation": "merge", "method": method,
-        "models": [{"name": plan.inputs[i].label, "file": os.path.basename(plan.inputs[i].path), "sha256": hashes[i],
-                    "weight": plan.given_weights[n]} for n, i in enumerate(plan.models)],
+        "operation": "merge",
+        "method": method,
+        "models": [
+            {
+                "name": plan.inputs[i].label,
+                "file": os.path.basename(plan.inputs[i].path),
+                "sha256": hashes[i],
+                "weight": plan.given_weights[n],
+            }
+            for n, i in enumerate(plan.models)
+        ],
         "effective_weights": plan.weights,
-        "base": None if plan.base is None else {"name": plan.inputs[plan.base].label,
-                                                 "file": os.path.basename(plan.inputs[plan.base].path),
-                                                 "sha256": hashes[plan.base]},
+        "base": None
+        if plan.base is None
+        else {
+            "name": plan.inputs[plan.base].label,
+            "file": os.path.basename(plan.inputs[plan.base].path),
+            "sha256": hashes[plan.base],
+        },
         "blocks": format_weights(plan.block_weights, plan.arch.id) if plan.block_weights else None,
-        "vae_from": plan.vae_from, "te_from": plan.te_from, "params": params, "save_dtype": save_dtype,
+        "vae_from": plan.vae_from,
+        "te_from": plan.te_from,
+        "params": params,
+        "save_dtype": save_dtype,
     }
     vae = [inp for inp in plan.inputs if inp.role == "vae"]
     if vae:
@@ -675,12 +774,28 @@ def _metadata(plan: MergePlan, method: str, params: dict, save_dtype: str, hashe
     return meta
 
 
-def merge(models: Sequence[ModelSpec], output: str, *, method: str = "weighted",
-          base: str | TensorSource | None = None, blocks: str | None = None, vae_from: str | int | None = None,
-          te_from: int | None = None, normalize: bool = True, density: float = 0.2, drop: float = 0.5,
-          seed: int = 0, scale: float = 1.0, save_dtype: str = "fp16", overwrite: bool = False,
-          progress: Progress | None = None, cancel: threading.Event | None = None, device: str | None = "auto",
-          workers: int | None = None, hash_cache: HashCache | str | bool | None = None) -> dict:
+def merge(
+    models: Sequence[ModelSpec],
+    output: str,
+    *,
+    method: str = "weighted",
+    base: str | TensorSource | None = None,
+    blocks: str | None = None,
+    vae_from: str | int | None = None,
+    te_from: int | None = None,
+    normalize: bool = True,
+    density: float = 0.2,
+    drop: float = 0.5,
+    seed: int = 0,
+    scale: float = 1.0,
+    save_dtype: str = "fp16",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    device: str | None = "auto",
+    workers: int | None = None,
+    hash_cache: HashCache | str | bool | None = None,
+) -> dict:
     """Merge ``models`` into ``output`` (safetensors) and return the report.
 
     ``device``, ``workers`` and ``hash_cache`` work as in :func:`lib_lorakit.bake.bake`.
@@ -704,11 +819,13 @@ def merge(models: Sequence[ModelSpec], output: str, *, method: str = "weighted",
     paths = [m.path for m in models] + ([base.path if isinstance(base, TensorSource) else base] if base else [])
     check_output_path(output, overwrite=overwrite, inputs=[p for p in paths if p])
     say(0.0, "checking inputs")
-    plan = plan_merge(models, method=method, base=base, blocks=blocks, vae_from=vae_from, te_from=te_from,
-                      normalize=normalize)
+    plan = plan_merge(
+        models, method=method, base=base, blocks=blocks, vae_from=vae_from, te_from=te_from, normalize=normalize
+    )
     params = {"density": density, "drop": drop, "seed": seed, "scale": scale, "normalize": normalize}
     # --- pre-flight (lib_lorakit/preflight.py): broken CLIP position_ids are written as the integer arange ---
     from ..preflight import position_ids_repairs, repair_message
+
     for k, why in position_ids_repairs([(i.label, i.source) for i in plan.inputs], plan.keys).items():
         plan.actions[k] = Action("repair", 0, "position_ids repaired")
         plan.warnings.append(repair_message(k, why))
@@ -716,15 +833,30 @@ def merge(models: Sequence[ModelSpec], output: str, *, method: str = "weighted",
     profile = Profile()
     known = [cache.get(inp.path) if cache is not None else None for inp in plan.inputs]
     stamps = [None if k is not None else file_key(inp.path) for k, inp in zip(known, plan.inputs)]
-    hashers: list[FedHasher | None] = [None if k is not None else FedHasher(inp.path, profile=profile)
-                                       for k, inp in zip(known, plan.inputs)]
+    hashers: list[FedHasher | None] = [
+        None if k is not None else FedHasher(inp.path, profile=profile) for k, inp in zip(known, plan.inputs)
+    ]
     for h in hashers:
         if h is not None:
             h.start()
     try:
         with engine_threads(n_workers), exact_float32(dev):
-            stats = _execute(plan, output, method, params, code, save_dtype, overwrite, hashers,
-                             say, cancel, [k[0] if k else "" for k in known], dev, n_workers, profile)
+            stats = _execute(
+                plan,
+                output,
+                method,
+                params,
+                code,
+                save_dtype,
+                overwrite,
+                hashers,
+                say,
+                cancel,
+                [k[0] if k else "" for k in known],
+                dev,
+                n_workers,
+                profile,
+            )
         sources = []
         for inp, h, k, stamp in zip(plan.inputs, hashers, known, stamps):
             if h is None:
@@ -759,9 +891,22 @@ class _Stats:
     diag: dict[int, dict[tuple[str, str], Diag]] = field(default_factory=dict)
 
 
-def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code: str, save_dtype: str,
-             overwrite: bool, hashers: list[FedHasher | None], say: Progress, cancel: threading.Event | None,
-             known: list[str], device: torch.device, n_workers: int, profile: Profile) -> _Stats:
+def _execute(
+    plan: MergePlan,
+    output: str,
+    method: str,
+    params: dict,
+    save_code: str,
+    save_dtype: str,
+    overwrite: bool,
+    hashers: list[FedHasher | None],
+    say: Progress,
+    cancel: threading.Event | None,
+    known: list[str],
+    device: torch.device,
+    n_workers: int,
+    profile: Profile,
+) -> _Stats:
     """Stream the output; merged keys' chunks are computed on ``n_workers`` threads, written in file order."""
     stats = _Stats()
     entries = []
@@ -769,15 +914,23 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
         a = plan.actions[k]
         src = plan.inputs[a.src if a.kind == "copy" else 0].source
         code = src.dtype(k)
-        entries.append(OutEntry(k, save_code if a.kind == "merge" else "I64" if a.kind == "repair" else code,
-                                tuple(src.shape(k))))
+        entries.append(
+            OutEntry(k, save_code if a.kind == "merge" else "I64" if a.kind == "repair" else code, tuple(src.shape(k)))
+        )
     total = sum(e.nbytes for e in entries) or 1
     done = 0
     last = 0.0
     pool = Pool()
     order = plan.models + ([plan.base] if plan.base is not None else [])
-    reader = _Reader(plan, [k for k in plan.keys if plan.actions[k].kind == "merge"], order, hashers, profile,
-                     depth=min(4 + n_workers // 2, 8), threads=min(4, max(1, n_workers // 3)))
+    reader = _Reader(
+        plan,
+        [k for k in plan.keys if plan.actions[k].kind == "merge"],
+        order,
+        hashers,
+        profile,
+        depth=min(4 + n_workers // 2, 8),
+        threads=min(4, max(1, n_workers // 3)),
+    )
     merger = _Merger(plan, method, params, stats, reader, n_workers, device, profile)
     wt: WriterThread | None = None
     pending: collections.deque = collections.deque()  # ("item", writer item) | ("key", name, finish, out, buf)
@@ -802,9 +955,12 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
 
     try:
         reader.start()
-        with StreamingWriter(output, entries, _metadata(plan, method, params, save_dtype,
-                                                        [HASH_PLACEHOLDER] * len(plan.inputs)),
-                             overwrite=overwrite) as w:
+        with StreamingWriter(
+            output,
+            entries,
+            _metadata(plan, method, params, save_dtype, [HASH_PLACEHOLDER] * len(plan.inputs)),
+            overwrite=overwrite,
+        ) as w:
             wt = WriterThread(w, pool, profile=profile)
             wt.start()
             for k, e in zip(plan.keys, entries):
@@ -813,13 +969,15 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
                 a = plan.actions[k]
                 if a.kind == "repair":  # pre-flight: the integer arange, not the inputs' broken copy
                     from ..formats.position_ids import repaired_position_ids
+
                     wt.put(("data", k, repaired_position_ids(torch.empty(e.shape)), None))
                     stats.copied[a.reason] = stats.copied.get(a.reason, 0) + 1
                 elif a.kind == "copy":
                     src = plan.inputs[a.src].source
                     span = src.raw_span(k)
-                    pending.append(("item", ("copy", k, span, None) if span is not None
-                                    else ("data", k, src.read(k), None)))
+                    pending.append(
+                        ("item", ("copy", k, span, None) if span is not None else ("data", k, src.read(k), None))
+                    )
                     stats.copied[a.reason] = stats.copied.get(a.reason, 0) + 1
                 else:
                     buf = pool.get(e.nbytes)
@@ -849,8 +1007,15 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
                     if h.error is not None:
                         raise h.error
             profile.add("wait hash", clock() - t)
-            w.patch_metadata(_metadata(plan, method, params, save_dtype,
-                                       [h.digest if h is not None else sha for h, sha in zip(hashers, known)]))
+            w.patch_metadata(
+                _metadata(
+                    plan,
+                    method,
+                    params,
+                    save_dtype,
+                    [h.digest if h is not None else sha for h, sha in zip(hashers, known)],
+                )
+            )
             say(0.98, "syncing to disk")
             t = clock()
             w.commit()
@@ -881,21 +1046,39 @@ def _execute(plan: MergePlan, output: str, method: str, params: dict, save_code:
             wt.join(timeout=60)
 
 
-def _report(plan: MergePlan, method: str, params: dict, stats: _Stats, output: str, save_dtype: str,
-            wall: float) -> dict:
+def _report(
+    plan: MergePlan, method: str, params: dict, stats: _Stats, output: str, save_dtype: str, wall: float
+) -> dict:
     arch = plan.arch
-    diagnostics = [{"ingredient": plan.inputs[plan.models[n]].label, "against": plan.inputs[0].label,
-                    **tabulate(stats.diag.get(n, {}), arch)} for n in range(1, len(plan.models))]
+    diagnostics = [
+        {
+            "ingredient": plan.inputs[plan.models[n]].label,
+            "against": plan.inputs[0].label,
+            **tabulate(stats.diag.get(n, {}), arch),
+        }
+        for n in range(1, len(plan.models))
+    ]
     return {
         "lorakit_version": __version__,
         "operation": "merge",
         "method": method,
         "params": params,
         "arch": arch.id,
-        "inputs": [{"role": inp.role, "name": inp.label, "path": inp.path, "sha256": inp.sha256,
-                    "family": inp.family.as_dict() if inp.family else None} for inp in plan.inputs],
-        "weights": {"given": plan.given_weights, "effective": plan.weights,
-                    "normalised": method == "weighted" and params["normalize"]},
+        "inputs": [
+            {
+                "role": inp.role,
+                "name": inp.label,
+                "path": inp.path,
+                "sha256": inp.sha256,
+                "family": inp.family.as_dict() if inp.family else None,
+            }
+            for inp in plan.inputs
+        ],
+        "weights": {
+            "given": plan.given_weights,
+            "effective": plan.weights,
+            "normalised": method == "weighted" and params["normalize"],
+        },
         "blocks": format_weights(plan.block_weights, arch.id) if plan.block_weights else None,
         "vae_from": plan.vae_from,
         "te_from": plan.te_from,
@@ -904,8 +1087,12 @@ def _report(plan: MergePlan, method: str, params: dict, stats: _Stats, output: s
         "only_in_some_inputs": plan.only_some,
         "copied_outside_components": plan.copied_other,
         "diagnostics": diagnostics,
-        "rounding": {"save_dtype": save_dtype, "max_abs_rounding_loss": stats.max_round[0],
-                     "key": stats.max_round[1] or None, "max_abs_weight": stats.max_abs[0]},
+        "rounding": {
+            "save_dtype": save_dtype,
+            "max_abs_rounding_loss": stats.max_round[0],
+            "key": stats.max_round[1] or None,
+            "max_abs_weight": stats.max_abs[0],
+        },
         "warnings": plan.warnings,
         "wall_s": round(wall, 3),
         "peak_rss_mb": None if (rss := peak_rss_mb()) is None else round(rss, 1),
@@ -920,17 +1107,23 @@ def summary(report: dict) -> str:
     for inp in report["inputs"]:
         if inp["role"] in ("base", "vae"):
             lines.append(f"  {inp['role']}: {inp['name']}")
-    lines.append(f"  VAE copied from {report['vae_from']}"
-                 + (f"; text encoders from model {report['te_from']}" if report["te_from"] else ""))
+    lines.append(
+        f"  VAE copied from {report['vae_from']}"
+        + (f"; text encoders from model {report['te_from']}" if report["te_from"] else "")
+    )
     t = report["tensors"]
     copied = ", ".join(f"{n} {r}" for r, n in t["copied"].items())
     lines.append(f"  tensors: {t['merged']} merged; copied: {copied or 'none'}")
     for d in report["diagnostics"]:
-        top = sorted(((c, b, v["rel_change"]) for c, bs in d["by_block"].items() for b, v in bs.items()
-                      if c == "unet"), key=lambda x: -x[2])[:4]
-        lines.append(f"  {d['ingredient']} vs {d['against']}: " + ", ".join(
-            f"{c} {v['rel_change']:.3g}" for c, v in d["by_component"].items())
-            + ("; most different blocks " + ", ".join(f"{b} {v:.3g}" for _, b, v in top) if top else ""))
+        top = sorted(
+            ((c, b, v["rel_change"]) for c, bs in d["by_block"].items() for b, v in bs.items() if c == "unet"),
+            key=lambda x: -x[2],
+        )[:4]
+        lines.append(
+            f"  {d['ingredient']} vs {d['against']}: "
+            + ", ".join(f"{c} {v['rel_change']:.3g}" for c, v in d["by_component"].items())
+            + ("; most different blocks " + ", ".join(f"{b} {v:.3g}" for _, b, v in top) if top else "")
+        )
     r = report["rounding"]
     lines.append(f"  saved as {r['save_dtype']}: max rounding loss {r['max_abs_rounding_loss']:.3g}")
     for wmsg in report["warnings"]:

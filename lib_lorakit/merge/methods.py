@@ -48,8 +48,14 @@ def ties_threshold(abs_tau: np.ndarray, density: float) -> float:
     return float(abs_tau[n - k])
 
 
-def ties(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], thresholds: list[float],
-         scale: float, out: torch.Tensor) -> torch.Tensor:
+def ties(
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    weights: list[float],
+    thresholds: list[float],
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
     taus = []
     for x, thr in zip(xs, thresholds):
         t = x - base
@@ -77,8 +83,18 @@ def dare_generator(seed: int, key: str, index: int, chunk: int) -> torch.Generat
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def dare(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], drop: float, scale: float, *,
-         seed: int, key: str, chunk: int, out: torch.Tensor) -> torch.Tensor:
+def dare(
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    weights: list[float],
+    drop: float,
+    scale: float,
+    *,
+    seed: int,
+    key: str,
+    chunk: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
     out.copy_(base)
     for i, (x, w) in enumerate(zip(xs, weights)):
         tau = x - base

@@ -50,19 +50,41 @@ def _slerp(ing, base, w, b, p, extra, key, ci, out):
 
 _SCALE = Param("scale", 1.0, 0.0, 10.0, "TIES/DARE: scale of the merged difference")
 
-REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (
-    MergeMethod("weighted", "Σ w_i·θ_i (weights normalised to sum 1 unless told otherwise)", (2, None), False,
-                (Param("normalize", True, help="scale the weights to sum 1"),)),
-    MergeMethod("add-difference", "A + w·(B − C)", (2, 2), True, apply=_add_difference),
-    MergeMethod("ties", "TIES: trim, elect sign, disjoint mean of the differences from the base", (1, None), True,
-                (Param("density", 0.2, 0.0, 1.0, "TIES: fraction of each difference kept"), _SCALE),
-                prepass="ties", apply=_ties),
-    MergeMethod("dare", "DARE: drop and rescale the differences from the base", (1, None), True,
-                (Param("drop", 0.5, 0.0, 0.99, "DARE: fraction of each difference dropped"),
-                 Param("seed", 0, 0, 2**63 - 1, "DARE: random seed"), _SCALE),
-                apply=_dare),
-    MergeMethod("slerp", "spherical interpolation of two models", (2, 2), False, prepass="slerp", apply=_slerp),
-)}
+REGISTRY: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (
+        MergeMethod(
+            "weighted",
+            "Σ w_i·θ_i (weights normalised to sum 1 unless told otherwise)",
+            (2, None),
+            False,
+            (Param("normalize", True, help="scale the weights to sum 1"),),
+        ),
+        MergeMethod("add-difference", "A + w·(B − C)", (2, 2), True, apply=_add_difference),
+        MergeMethod(
+            "ties",
+            "TIES: trim, elect sign, disjoint mean of the differences from the base",
+            (1, None),
+            True,
+            (Param("density", 0.2, 0.0, 1.0, "TIES: fraction of each difference kept"), _SCALE),
+            prepass="ties",
+            apply=_ties,
+        ),
+        MergeMethod(
+            "dare",
+            "DARE: drop and rescale the differences from the base",
+            (1, None),
+            True,
+            (
+                Param("drop", 0.5, 0.0, 0.99, "DARE: fraction of each difference dropped"),
+                Param("seed", 0, 0, 2**63 - 1, "DARE: random seed"),
+                _SCALE,
+            ),
+            apply=_dare,
+        ),
+        MergeMethod("slerp", "spherical interpolation of two models", (2, 2), False, prepass="slerp", apply=_slerp),
+    )
+}
 
 METHODS = tuple(REGISTRY)
 BASE_METHODS = tuple(n for n, m in REGISTRY.items() if m.needs_base)

@@ -15,16 +15,25 @@ from .dora import decompose, dora_axis
 from .full import Full, Norm
 from .glora import GLoRA
 from .ia3 import IA3
-from .lokr import LoKr
 from .loha import LoHa
+from .lokr import LoKr
 from .lora import LoRA
 from .oft import OFT
 
 ALGORITHMS: tuple[type[Algorithm], ...] = (OFT, LoKr, LoHa, GLoRA, Full, Norm, IA3, LoRA)
 DORA_PARAMS = ("dora_scale", "lora_magnitude_vector")
 
-__all__ = ["ALGORITHMS", "Algorithm", "Delta", "ShapeProblem", "identify", "check_group", "compute_delta",
-           "algorithm_name", "needs_weight"]
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "Delta",
+    "ShapeProblem",
+    "identify",
+    "check_group",
+    "compute_delta",
+    "algorithm_name",
+    "needs_weight",
+]
 
 
 @functools.lru_cache(maxsize=1024)  # a handful of distinct parameter sets per file
@@ -65,8 +74,9 @@ def check_group(alg: type[Algorithm], shapes: Mapping[str, Shape], target: Shape
         dora_axis(shapes[dp], target, magnitude_vector=dp == "lora_magnitude_vector")
 
 
-def compute_delta(alg: type[Algorithm], p: Mapping[str, torch.Tensor], target: Shape,
-                  weight: torch.Tensor | None) -> Delta:
+def compute_delta(
+    alg: type[Algorithm], p: Mapping[str, torch.Tensor], target: Shape, weight: torch.Tensor | None
+) -> Delta:
     """ΔW at strength 1 for one group; DoRA groups come back dense (they depend on W)."""
     d = alg.delta(p, target, weight)
     dp = dora_param(p)

@@ -61,7 +61,7 @@ class Delta:
             w2f = w2.reshape(c, -1)
             full0, full1 = -(-r0 // c), r1 // c  # whole blocks of c rows inside [r0, r1)
             if full0 < full1:  # all whole blocks in one broadcast: (na, c, b, d) += w1 (na,1,b,1) * w2 (1,c,1,d)
-                view = dst[full0 * c - r0:full1 * c - r0].view(full1 - full0, c, b, -1)
+                view = dst[full0 * c - r0 : full1 * c - r0].view(full1 - full0, c, b, -1)
                 view.addcmul_(w1[full0:full1].view(-1, 1, b, 1), w2f.view(1, c, 1, -1), value=m)
                 edges = [(r0, full0 * c), (full1 * c, r1)]
             else:
@@ -70,8 +70,10 @@ class Delta:
                 for ia in range(e0 // c, -(-e1 // c)):
                     s0, s1 = max(e0, ia * c), min(e1, (ia + 1) * c)
                     if s0 < s1:
-                        view = dst[s0 - r0:s1 - r0].view(s1 - s0, b, -1)
-                        view.addcmul_(w1[ia].view(1, b, 1), w2f[s0 - ia * c:s1 - ia * c].view(s1 - s0, 1, -1), value=m)
+                        view = dst[s0 - r0 : s1 - r0].view(s1 - s0, b, -1)
+                        view.addcmul_(
+                            w1[ia].view(1, b, 1), w2f[s0 - ia * c : s1 - ia * c].view(s1 - s0, 1, -1), value=m
+                        )
         elif self.hada is not None:
             a1, b1, a2, b2 = self.hada
             dst.addcmul_(a1[r0:r1] @ b1, a2[r0:r1] @ b2, value=m)
@@ -106,7 +108,7 @@ class Delta:
             total = 0.0
             step = max(1, (1 << 18) // max(b1.shape[1], 1))
             for r0 in range(0, a1.shape[0], step):
-                blk = (a1[r0:r0 + step] @ b1) * (a2[r0:r0 + step] @ b2)
+                blk = (a1[r0 : r0 + step] @ b1) * (a2[r0 : r0 + step] @ b2)
                 total += float(torch.dot(blk.view(-1), blk.view(-1)))
             return math.sqrt(total)
         return 0.0
@@ -179,4 +181,3 @@ def fit(delta: torch.Tensor, target: Shape, what: str) -> torch.Tensor:
     if delta.numel() == math.prod(target):
         return delta.reshape(target)
     raise ShapeProblem(f"{what} gives an update of shape {list(delta.shape)}, the weight is {list(target)}")
-

@@ -44,7 +44,9 @@ class GLoRA(Algorithm):
             return "new"
         if a2[0] == inp and a2[1] == a1[0] and a1[1] == inp and b2[0] == out and b2[1] == b1[0]:
             return "old"
-        raise ShapeProblem(f"GLoRA a1 {list(a1)}, a2 {list(a2)}, b1 {list(b1)}, b2 {list(b2)} do not fit the weight {list(target)}")
+        raise ShapeProblem(
+            f"GLoRA a1 {list(a1)}, a2 {list(a2)}, b1 {list(b1)}, b2 {list(b2)} do not fit the weight {list(target)}"
+        )
 
     @classmethod
     def rank(cls, shapes: Mapping[str, Shape]) -> int:

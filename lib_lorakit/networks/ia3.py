@@ -34,7 +34,9 @@ class IA3(Algorithm):
         for s in shapes["weight"]:
             n *= s
         if n not in (target[0], target[1] if len(target) > 1 else -1):
-            raise ShapeProblem(f"(IA)³ weight {list(shapes['weight'])} fits neither {target[0]} outputs nor the inputs of {list(target)}")
+            raise ShapeProblem(
+                f"(IA)³ weight {list(shapes['weight'])} fits neither {target[0]} outputs nor the inputs of {list(target)}"
+            )
 
     @classmethod
     def delta(cls, p: Mapping[str, torch.Tensor], target: Shape, weight: torch.Tensor | None) -> Delta:

@@ -57,11 +57,18 @@ class LoHa(Algorithm):
         scale = alpha_scale(p, p[W1B].shape[0])
 
         if T1 not in p:  # kept factored: (w1a @ w1b) ⊙ (w2a @ w2b), added row-chunk by row-chunk
+
             def flat(n: str) -> torch.Tensor:
                 return p[n].reshape(p[n].shape[0], -1)
 
-            return Delta(hada=((flat(W1A) * scale).contiguous(), flat(W1B).contiguous(), flat(W2A).contiguous(),
-                               flat(W2B).contiguous()))
+            return Delta(
+                hada=(
+                    (flat(W1A) * scale).contiguous(),
+                    flat(W1B).contiguous(),
+                    flat(W2A).contiguous(),
+                    flat(W2B).contiguous(),
+                )
+            )
 
         def factor(a: str, b: str, t: str) -> torch.Tensor:
             return torch.einsum("ij...,jr,ip->pr...", p[t], p[b].reshape(p[b].shape[0], -1), p[a])

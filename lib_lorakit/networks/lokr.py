@@ -71,8 +71,10 @@ class LoKr(Algorithm):
         out = w1[0] * w2[0]
         total = w1[0] * w1[1] * math.prod(w2)
         if out != target[0] or total != math.prod(target):
-            raise ShapeProblem(f"kron of {list(w1)} and {list(w2)} gives {out} x {total // max(out, 1)} values, "
-                               f"the weight is {list(target)}")
+            raise ShapeProblem(
+                f"kron of {list(w1)} and {list(w2)} gives {out} x {total // max(out, 1)} values, "
+                f"the weight is {list(target)}"
+            )
 
     @classmethod
     def delta(cls, p: Mapping[str, torch.Tensor], target: Shape, weight: torch.Tensor | None) -> Delta:

@@ -60,7 +60,9 @@ class LoRA(Algorithm):
         else:
             full = (out,) + tuple(down[1:])
         if math.prod(full) != math.prod(target) or full[0] != target[0]:
-            raise ShapeProblem(f"lora_up {list(up)} x lora_down {list(down)} gives {list(full)}, the weight is {list(target)}")
+            raise ShapeProblem(
+                f"lora_up {list(up)} x lora_down {list(down)} gives {list(full)}, the weight is {list(target)}"
+            )
 
     @classmethod
     def delta(cls, p: Mapping[str, torch.Tensor], target: Shape, weight: torch.Tensor | None) -> Delta:

@@ -82,7 +82,7 @@ class OFT(Algorithm):
             half = b // 2
             new = w
             for i in range(m):
-                k = 2 ** i * half
+                k = 2**i * half
                 new = new.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
                 new = torch.einsum("bij,bj...->bi...", r[i], new)
                 new = new.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)

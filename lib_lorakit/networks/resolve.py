@@ -50,17 +50,29 @@ class Target:
 
 # --- UNet: ldm/sgm path <-> diffusers path ---------------------------------------------------
 
-_RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-        "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-_SIMPLE = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-           "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
-           "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+_RES = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+_SIMPLE = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+}
 
 
 def _resnet(sub: str) -> str | None:
     for a, b in _RES.items():
         if sub == a or sub.startswith(a + "."):
-            return b + sub[len(a):]
+            return b + sub[len(a) :]
     return None
 
 
@@ -72,7 +84,7 @@ def unet_ldm_to_diffusers(path: str) -> str | None:
     """
     for a, b in _SIMPLE.items():
         if path == a or path.startswith(a + "."):
-            return b + path[len(a):]
+            return b + path[len(a) :]
     parts = path.split(".")
     if parts[0] == "input_blocks" and len(parts) >= 3:
         n, j, rest = int(parts[1]), parts[2], ".".join(parts[3:])
@@ -109,11 +121,18 @@ def unet_ldm_to_diffusers(path: str) -> str | None:
 
 # --- CLIP-G: OpenCLIP path -> HF path ----------------------------------------------------------
 
-_G_LAYER = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-            "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-_G_TOP = {"token_embedding": "text_model.embeddings.token_embedding",
-          "positional_embedding": "text_model.embeddings.position_embedding",
-          "ln_final": "text_model.final_layer_norm"}
+_G_LAYER = {
+    "attn.out_proj": "self_attn.out_proj",
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+_G_TOP = {
+    "token_embedding": "text_model.embeddings.token_embedding",
+    "positional_embedding": "text_model.embeddings.position_embedding",
+    "ln_final": "text_model.final_layer_norm",
+}
 
 
 def _norm(path: str) -> str:
@@ -155,7 +174,7 @@ class TargetIndex:
             t = self._target(key, shape)
         else:
             return
-        rel = module[len(prefix):]
+        rel = module[len(prefix) :]
         self._reg("ckpt", module, t)
         if comp == "unet":
             self._reg("unet", rel, t)
@@ -192,10 +211,11 @@ class TargetIndex:
         d = shape[0] // 3
         bias = key[: -len("in_proj_weight")] + "in_proj_bias"
         for i, q in enumerate("qkv"):
-            t = self._target(key, (d,) + tuple(shape[1:]), bias_key=bias if bias in self.shapes else None,
-                             rows=(i * d, (i + 1) * d))
+            t = self._target(
+                key, (d,) + tuple(shape[1:]), bias_key=bias if bias in self.shapes else None, rows=(i * d, (i + 1) * d)
+            )
             self._reg("te2", f"text_model.encoder.layers.{m.group(1)}.self_attn.{q}_proj", t)
-        rel = key[len(self.arch.prefixes["te2"]):-len("_weight")]
+        rel = key[len(self.arch.prefixes["te2"]) : -len("_weight")]
         whole = self._target(key, tuple(shape), bias_key=bias if bias in self.shapes else None)
         self._reg("te2", rel, whole)  # transformer.resblocks.N.attn.in_proj
         self._reg("ckpt", key[: -len("_weight")], whole)
@@ -261,21 +281,48 @@ class TargetIndex:
 
 # Parameter names after the module name, longest first. Values: internal name.
 _PARAMS: dict[str, str] = {
-    "lora_linear_layer.down.weight": "lora_down.weight", "lora_linear_layer.up.weight": "lora_up.weight",
-    "lora_A.default.weight": "lora_down.weight", "lora_B.default.weight": "lora_up.weight",
-    "lora_down.weight": "lora_down.weight", "lora_up.weight": "lora_up.weight", "lora_mid.weight": "lora_mid.weight",
-    "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
-    "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
-    "lora_magnitude_vector": "lora_magnitude_vector", "dora_scale": "dora_scale",
-    "alpha": "alpha", "scale": "scale",
-    "hada_w1_a": "hada_w1_a", "hada_w1_b": "hada_w1_b", "hada_w2_a": "hada_w2_a", "hada_w2_b": "hada_w2_b",
-    "hada_t1": "hada_t1", "hada_t2": "hada_t2",
-    "lokr_w1": "lokr_w1", "lokr_w1_a": "lokr_w1_a", "lokr_w1_b": "lokr_w1_b",
-    "lokr_w2": "lokr_w2", "lokr_w2_a": "lokr_w2_a", "lokr_w2_b": "lokr_w2_b", "lokr_t1": "lokr_t1", "lokr_t2": "lokr_t2",
-    "diff": "diff", "diff_b": "diff_b", "w_norm": "w_norm", "b_norm": "b_norm",
-    "a1.weight": "a1.weight", "a2.weight": "a2.weight", "b1.weight": "b1.weight", "b2.weight": "b2.weight",
-    "oft_blocks": "oft_blocks", "oft_diag": "oft_diag", "rescale": "rescale",
-    "on_input": "on_input", "weight": "weight",
+    "lora_linear_layer.down.weight": "lora_down.weight",
+    "lora_linear_layer.up.weight": "lora_up.weight",
+    "lora_A.default.weight": "lora_down.weight",
+    "lora_B.default.weight": "lora_up.weight",
+    "lora_down.weight": "lora_down.weight",
+    "lora_up.weight": "lora_up.weight",
+    "lora_mid.weight": "lora_mid.weight",
+    "lora.down.weight": "lora_down.weight",
+    "lora.up.weight": "lora_up.weight",
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora_magnitude_vector": "lora_magnitude_vector",
+    "dora_scale": "dora_scale",
+    "alpha": "alpha",
+    "scale": "scale",
+    "hada_w1_a": "hada_w1_a",
+    "hada_w1_b": "hada_w1_b",
+    "hada_w2_a": "hada_w2_a",
+    "hada_w2_b": "hada_w2_b",
+    "hada_t1": "hada_t1",
+    "hada_t2": "hada_t2",
+    "lokr_w1": "lokr_w1",
+    "lokr_w1_a": "lokr_w1_a",
+    "lokr_w1_b": "lokr_w1_b",
+    "lokr_w2": "lokr_w2",
+    "lokr_w2_a": "lokr_w2_a",
+    "lokr_w2_b": "lokr_w2_b",
+    "lokr_t1": "lokr_t1",
+    "lokr_t2": "lokr_t2",
+    "diff": "diff",
+    "diff_b": "diff_b",
+    "w_norm": "w_norm",
+    "b_norm": "b_norm",
+    "a1.weight": "a1.weight",
+    "a2.weight": "a2.weight",
+    "b1.weight": "b1.weight",
+    "b2.weight": "b2.weight",
+    "oft_blocks": "oft_blocks",
+    "oft_diag": "oft_diag",
+    "rescale": "rescale",
+    "on_input": "on_input",
+    "weight": "weight",
 }
 _PARAM_SUFFIXES = sorted(_PARAMS, key=len, reverse=True)
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(up|down)\.weight$")
@@ -367,12 +414,19 @@ def parse_keys(keys: Iterable[str]) -> ParsedKeys:
 
 
 _DOTTED_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"),
-    ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
-    ("cond_stage_model.transformer.", "te1"), ("conditioner.embedders.0.transformer.", "te1"),
+    ("unet.", "unet"),
+    ("text_encoder_2.", "te2"),
+    ("text_encoder.", "te1"),
+    ("model.diffusion_model.", "unet"),
+    ("diffusion_model.", "unet"),
+    ("cond_stage_model.transformer.", "te1"),
+    ("conditioner.embedders.0.transformer.", "te1"),
     ("conditioner.embedders.1.", "te2"),  # the rest is "model.<OpenCLIP path>"
-    ("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.clip_g.transformer.", "te2"),
-    ("te1.", "te1"), ("te2.", "te2"), ("te.", "te1"),
+    ("text_encoders.clip_l.transformer.", "te1"),
+    ("text_encoders.clip_g.transformer.", "te2"),
+    ("te1.", "te1"),
+    ("te2.", "te2"),
+    ("te.", "te1"),
 )
 
 
@@ -380,16 +434,16 @@ def candidates(module: str, arch: Arch) -> list[tuple[str, str]]:
     """(namespace, path) pairs where a LoRA module name may point."""
     for prefix, ns in (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1")):
         if module.startswith(prefix):
-            return [(ns, module[len(prefix):])]
+            return [(ns, module[len(prefix) :])]
     if module.startswith("lycoris_"):
-        rest = module[len("lycoris_"):]
+        rest = module[len("lycoris_") :]
         return [("unet", rest), ("te1", rest), ("te2", rest), ("ckpt", rest)]
     name = module
     if name.startswith("base_model.model."):
-        name = name[len("base_model.model."):]
+        name = name[len("base_model.model.") :]
     out = [("ckpt", name)]
     for prefix, ns in _DOTTED_PREFIXES:
         if name.startswith(prefix):
-            return [(ns, name[len(prefix):]), ("ckpt", name)]
+            return [(ns, name[len(prefix) :]), ("ckpt", name)]
     out.append(("unet", name))
     return out

@@ -63,9 +63,15 @@ class PeftConfig:
                 return {}
             return {str(k): x for k, x in ((k, num(x, kind)) for k, x in v.items()) if x is not None}
 
-        return cls(where=where, r=num(d.get("r"), int), lora_alpha=num(d.get("lora_alpha"), float),
-                   rank_pattern=pattern(d.get("rank_pattern"), int), alpha_pattern=pattern(d.get("alpha_pattern"), float),
-                   use_rslora=bool(d.get("use_rslora")), use_dora=bool(d.get("use_dora")))
+        return cls(
+            where=where,
+            r=num(d.get("r"), int),
+            lora_alpha=num(d.get("lora_alpha"), float),
+            rank_pattern=pattern(d.get("rank_pattern"), int),
+            alpha_pattern=pattern(d.get("alpha_pattern"), float),
+            use_rslora=bool(d.get("use_rslora")),
+            use_dora=bool(d.get("use_dora")),
+        )
 
     def scale(self, path: str, rank: int) -> tuple[float, int, float]:
         """Return (scale, r, lora_alpha) for the module at ``path`` (relative to its component)."""
@@ -126,10 +132,10 @@ def read_adapter_metadata(metadata: Mapping[str, str]) -> tuple[dict[str, PeftCo
 
 def component_path(module: str) -> tuple[str | None, str]:
     """(component, path inside it) of a diffusers/PEFT module name; (None, name) for other schemes."""
-    name = module[len("base_model.model."):] if module.startswith("base_model.model.") else module
+    name = module[len("base_model.model.") :] if module.startswith("base_model.model.") else module
     for prefix, comp in _KEY_PREFIXES:
         if name.startswith(prefix):
-            return comp, name[len(prefix):]
+            return comp, name[len(prefix) :]
     return None, name
 
 
@@ -152,8 +158,9 @@ class ScaleResolver:
         self.runtime_differs: Counter = Counter()  # writer's scale (rounded) -> modules the runtime applies at 1
         self.disagree: Counter = Counter()  # (alpha tensor scale, metadata scale) pairs
 
-    def resolve(self, module: str, component: str, lora_family: bool, params: Mapping[str, str],
-                rank: int | None) -> float | None:
+    def resolve(
+        self, module: str, component: str, lora_family: bool, params: Mapping[str, str], rank: int | None
+    ) -> float | None:
         """Return the scale to apply to one module, or None when its own tensors decide (or 1 applies).
 
         Args:
@@ -177,8 +184,10 @@ class ScaleResolver:
             return None
         s, r, alpha = cfg.scale(path, rank)
         if r != rank:
-            self.notes.append(f"{module}: the adapter metadata says r={r}, the tensors have rank {rank}; "
-                              f"scale {s:g} (from the metadata) was used")
+            self.notes.append(
+                f"{module}: the adapter metadata says r={r}, the tensors have rank {rank}; "
+                f"scale {s:g} (from the metadata) was used"
+            )
         key = f"{_fmt(s)} (lora_alpha {alpha:g} / {'sqrt(r)' if cfg.use_rslora else 'r'} {r})"
         if self.mode == "runtime":
             self.sources[f"{SRC_NONE}; the adapter metadata was ignored (scale source 'runtime')"] += 1
@@ -194,20 +203,26 @@ class ScaleResolver:
         """The account of where the scales came from, for the bake and inspect reports."""
         notes = list(self.notes)
         for (_, where), n in self.disagree.items():
-            notes.append(f"{n} module(s) have alpha tensors and {where} also states a scale: the alpha tensors "
-                         f"were used (the file's own per-module values)")
+            notes.append(
+                f"{n} module(s) have alpha tensors and {where} also states a scale: the alpha tensors "
+                f"were used (the file's own per-module values)"
+            )
         runtime = None
         if self.runtime_differs:
             n = sum(self.runtime_differs.values())
             scales = ", ".join(f"{k} for {v}" for k, v in sorted(self.runtime_differs.items()))
             if self.mode == "writer":
-                runtime = (f"A1111 1.10 and Forge read only per-module alpha tensors, which this file lacks for {n} "
-                           f"module(s): at generation time they apply those at scale 1 instead of {scales}. The bake "
-                           f"applies the writer's scale, as diffusers does; choose scale source 'runtime' to bake "
-                           f"what the WebUI applies.")
+                runtime = (
+                    f"A1111 1.10 and Forge read only per-module alpha tensors, which this file lacks for {n} "
+                    f"module(s): at generation time they apply those at scale 1 instead of {scales}. The bake "
+                    f"applies the writer's scale, as diffusers does; choose scale source 'runtime' to bake "
+                    f"what the WebUI applies."
+                )
             else:
-                runtime = (f"Scale source 'runtime': {n} module(s) were baked at scale 1, as A1111 1.10 and Forge "
-                           f"apply them, although the file's adapter metadata means {scales}.")
+                runtime = (
+                    f"Scale source 'runtime': {n} module(s) were baked at scale 1, as A1111 1.10 and Forge "
+                    f"apply them, although the file's adapter metadata means {scales}."
+                )
         return {"scale_source": self.mode, "sources": dict(self.sources), "runtime_differs": runtime, "notes": notes}
 
 
@@ -228,13 +243,22 @@ def crosscheck_network_alpha(metadata: Mapping[str, str], alphas: list[tuple[int
     seen = sorted({a for r, a, conv in alphas if r == dim and not conv})
     if not seen or all(math.isclose(a, alpha, rel_tol=1e-6, abs_tol=1e-9) for a in seen):
         return None
-    return (f"the training metadata says ss_network_alpha {alpha:g} (dim {dim}), the file's alpha tensors say "
-            f"{', '.join(f'{a:g}' for a in seen[:4])}: the tensors were used (they are what the WebUI reads)")
+    return (
+        f"the training metadata says ss_network_alpha {alpha:g} (dim {dim}), the file's alpha tensors say "
+        f"{', '.join(f'{a:g}' for a in seen[:4])}: the tensors were used (they are what the WebUI reads)"
+    )
 
 
 def _fmt(v: float) -> str:
     return f"{v:.6g}"
 
 
-__all__ = ["ADAPTER_METADATA_KEY", "SCALE_SOURCES", "PeftConfig", "ScaleResolver", "component_path",
-           "crosscheck_network_alpha", "read_adapter_metadata"]
+__all__ = [
+    "ADAPTER_METADATA_KEY",
+    "SCALE_SOURCES",
+    "PeftConfig",
+    "ScaleResolver",
+    "component_path",
+    "crosscheck_network_alpha",
+    "read_adapter_metadata",
+]

@@ -11,5 +11,19 @@ from . import bake, gen, grid, inspect, jobs, merge, models, tournament, triage
 from .context import Context, HostContext, LocalContext
 from .model import Request, RequestInvalid
 
-__all__ = ["Context", "HostContext", "LocalContext", "Request", "RequestInvalid", "bake", "gen", "grid", "inspect",
-           "jobs", "merge", "models", "tournament", "triage"]
+__all__ = [
+    "Context",
+    "HostContext",
+    "LocalContext",
+    "Request",
+    "RequestInvalid",
+    "bake",
+    "gen",
+    "grid",
+    "inspect",
+    "jobs",
+    "merge",
+    "models",
+    "tournament",
+    "triage",
+]

@@ -40,4 +40,5 @@ def warn_nonfinite_vae(report: dict[str, Any], path: str, source: str) -> None:
         report.setdefault("warnings", []).append(
             f"the VAE copied from {source} holds NaN/inf values in {len(bad)} tensor(s) ({'; '.join(bad[:3])}): "
             "images decoded with it will be black or broken. lorakit copies the VAE unchanged; use another VAE "
-            "(the WebUI's VAE setting) or a checkpoint with a working one.")
+            "(the WebUI's VAE setting) or a checkpoint with a working one."
+        )

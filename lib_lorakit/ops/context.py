@@ -103,9 +103,18 @@ class Context:
     def outputs_dir(self) -> str:
         raise NotImplementedError
 
-    def submit(self, kind: str, params: dict[str, Any], work: Callable[[Progress, Any], Any], *,
-               title: str | None = None, exclusive: bool = True, running: str = "starting") -> Job:
+    def submit(
+        self,
+        kind: str,
+        params: dict[str, Any],
+        work: Callable[[Progress, Any], Any],
+        *,
+        title: str | None = None,
+        exclusive: bool = True,
+        running: str = "starting",
+    ) -> Job:
         """Run ``work(progress, cancel)`` as a job; ``exclusive`` work waits for the host's queue."""
+
         def run(job: Job) -> Any:
             job.mark_running(running)
             return run_bounded(job, lambda: work(job.update, job.cancel_event), self.jobs_timeout)
@@ -183,12 +192,15 @@ class HostContext(Context):
         from ..gen.backend import GenerationUnavailable, HostBackend
 
         if self.host.flavour == "standalone":
-            raise GenerationUnavailable(f"The standalone launcher cannot make images, so it cannot {what}.",
-                                        fix=fix or "Run it in the WebUI, or from the command line with a WebUI URL.")
+            raise GenerationUnavailable(
+                f"The standalone launcher cannot make images, so it cannot {what}.",
+                fix=fix or "Run it in the WebUI, or from the command line with a WebUI URL.",
+            )
         return HostBackend(self.host)
 
     def progress_for(self, job: Job, host_progress: bool = False) -> Progress:
         """A job's progress callback; the WebUI's own Interrupt button cancels the job too."""
+
         def progress(frac: float, msg: str) -> None:
             job.update(frac, msg)
             if host_progress:
@@ -198,8 +210,16 @@ class HostContext(Context):
 
         return progress
 
-    def submit(self, kind: str, params: dict[str, Any], work: Callable[[Progress, Any], Any], *,
-               title: str | None = None, exclusive: bool = True, running: str = "starting") -> Job:
+    def submit(
+        self,
+        kind: str,
+        params: dict[str, Any],
+        work: Callable[[Progress, Any], Any],
+        *,
+        title: str | None = None,
+        exclusive: bool = True,
+        running: str = "starting",
+    ) -> Job:
         def run(job: Job) -> Any:
             # run_bounded: a cancel answers within a second and a stuck job times out, in every phase, so the
             # queue lock below is always given back
@@ -212,8 +232,11 @@ class HostContext(Context):
                 job.mark_running(running)
                 self.host.job_begin(title or f"lorakit: {kind}")
                 try:
-                    return run_bounded(job, lambda: work(self.progress_for(job, host_progress=True), job.cancel_event),
-                                       self.jobs_timeout)
+                    return run_bounded(
+                        job,
+                        lambda: work(self.progress_for(job, host_progress=True), job.cancel_event),
+                        self.jobs_timeout,
+                    )
                 finally:
                     self.host.job_end()
 
@@ -223,9 +246,17 @@ class HostContext(Context):
 class LocalContext(Context):
     """Operations from the command line: models are file paths; generation goes through a WebUI URL."""
 
-    def __init__(self, data_dir: str | None = None, *, webui: str | None = None, api_auth: str | None = None,
-                 outputs_dir: str | None = None, models_dir: str | None = None, jobs: JobManager | None = None,
-                 engine: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        *,
+        webui: str | None = None,
+        api_auth: str | None = None,
+        outputs_dir: str | None = None,
+        models_dir: str | None = None,
+        jobs: JobManager | None = None,
+        engine: dict[str, Any] | None = None,
+    ):
         super().__init__(jobs)
         self.engine = dict(engine or {})  # device, workers, hash_cache from the command line
         self._data = data_dir
@@ -287,8 +318,10 @@ class LocalContext(Context):
         from ..gen.backend import GenerationUnavailable, HttpBackend
 
         if not self.webui:
-            raise GenerationUnavailable(f"No WebUI to generate with, so lorakit cannot {what}.",
-                                        fix="Give the URL of a WebUI started with --api.")
+            raise GenerationUnavailable(
+                f"No WebUI to generate with, so lorakit cannot {what}.",
+                fix="Give the URL of a WebUI started with --api.",
+            )
         return HttpBackend(self.webui, self.api_auth)
 
 

@@ -28,9 +28,12 @@ class GenSettings(Request):
 
 
 class ProfiledSettings(GenSettings):
-    profile: Optional[str] = Field(None, description="A generation profile by name (sd15, sdxl, pony, illustrious, "
-                                                     "noobai-eps, noobai-vpred, or one of the user's); default: "
-                                                     "detected from the checkpoint")
+    profile: Optional[str] = Field(
+        None,
+        description="A generation profile by name (sd15, sdxl, pony, illustrious, "
+        "noobai-eps, noobai-vpred, or one of the user's); default: "
+        "detected from the checkpoint",
+    )
 
 
 def overrides_of(req: Any) -> dict[str, Any]:
@@ -62,9 +65,12 @@ def check_seeds(seeds: list[int], what: str = "seeds") -> list[int]:
 
 
 class ProfilesRequest(Request):
-    profiles: Dict[str, Dict[str, Any]] = Field(..., description="profile name -> {field: value}, merged field by "
-                                                                 "field over the shipped table (new names add a "
-                                                                 "profile)")
+    profiles: Dict[str, Dict[str, Any]] = Field(
+        ...,
+        description="profile name -> {field: value}, merged field by "
+        "field over the shipped table (new names add a "
+        "profile)",
+    )
 
 
 def profiles(ctx: Any) -> dict[str, Any]:

@@ -12,18 +12,23 @@ from .model import Field
 
 class GridRequest(ProfiledSettings):
     LIMITS = {"loras": 200, "prompt": 50, "strengths": 100, "seeds": 50}
-    loras: List[str] = Field(default_factory=list, description="LoRAs from the host's list (rows); empty: those "
-                                                               "tagged in the prompt")
-    prompt: Union[str, List[str]] = Field(..., description="The prompt (or several); the tested LoRAs' tags are "
-                                                           "taken out and set per cell")
+    loras: List[str] = Field(
+        default_factory=list, description="LoRAs from the host's list (rows); empty: those tagged in the prompt"
+    )
+    prompt: Union[str, List[str]] = Field(
+        ..., description="The prompt (or several); the tested LoRAs' tags are taken out and set per cell"
+    )
     negative_prompt: str = ""
     strengths: Optional[Union[str, List[float]]] = Field(
-        None, description="'0, 0.25, 0.5' or '0-1.5:0.25'; empty: 0 up to each LoRA's max-safe strength. 0 (the "
-                          "baseline) is always in")
+        None,
+        description="'0, 0.25, 0.5' or '0-1.5:0.25'; empty: 0 up to each LoRA's max-safe strength. 0 (the "
+        "baseline) is always in",
+    )
     epochs: bool = Field(False, description="Rows are the epoch files of each LoRA's training run")
     seeds: Optional[Union[str, List[int]]] = Field(None, description="'1, 2, 3' or '3x' (default 1)")
-    checkpoint: Optional[str] = Field(None, description="A checkpoint from the host's list (default: the loaded one; "
-                                                        "restored afterwards)")
+    checkpoint: Optional[str] = Field(
+        None, description="A checkpoint from the host's list (default: the loaded one; restored afterwards)"
+    )
 
 
 class AutotestRequest(ProfiledSettings):
@@ -54,14 +59,30 @@ def prepare(ctx: Context, req: GridRequest, backend) -> tuple[Any, list[str]]:
     backend.refresh()
     ckpt = req.checkpoint or backend.current_checkpoint()
     ckpt_path = resolve_name(ckpt, backend.checkpoints(), "checkpoint").path if ckpt else None
-    return build_spec(backend.loras(), loras=req.loras, prompt=req.prompt, negative_prompt=req.negative_prompt,
-                      strengths=req.strengths, epochs=req.epochs, seeds=check_seeds(parse_seeds(req.seeds)),
-                      checkpoint=req.checkpoint or None, checkpoint_path=ckpt_path, settings=overrides_of(req),
-                      inspector_settings=ctx.settings(), profile=req.profile)
+    return build_spec(
+        backend.loras(),
+        loras=req.loras,
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        strengths=req.strengths,
+        epochs=req.epochs,
+        seeds=check_seeds(parse_seeds(req.seeds)),
+        checkpoint=req.checkpoint or None,
+        checkpoint_path=ckpt_path,
+        settings=overrides_of(req),
+        inspector_settings=ctx.settings(),
+        profile=req.profile,
+    )
 
 
-def grid(ctx: Context, req: GridRequest | dict, outputs: str | None = None, progress: Progress | None = None,
-         cancel: Any = None, notes_out: list[str] | None = None) -> dict[str, Any]:
+def grid(
+    ctx: Context,
+    req: GridRequest | dict,
+    outputs: str | None = None,
+    progress: Progress | None = None,
+    cancel: Any = None,
+    notes_out: list[str] | None = None,
+) -> dict[str, Any]:
     """Run a strength grid now; returns the run's result (verdicts, record, files)."""
     from ..gen.grid import run_grid
 
@@ -93,8 +114,9 @@ def start(ctx: Context, req: GridRequest | dict) -> Job:
     from ..gen.grid import run_grid
 
     req = GridRequest.parse(req)
-    backend = ctx.backend("run a strength grid", "Run it in the WebUI, or use the command line's autotest "
-                                                 "with a WebUI URL.")
+    backend = ctx.backend(
+        "run a strength grid", "Run it in the WebUI, or use the command line's autotest with a WebUI URL."
+    )
     spec, notes = prepare(ctx, req, backend)
     cells = spec.cells()  # refuse an oversized grid before starting
 
@@ -103,22 +125,46 @@ def start(ctx: Context, req: GridRequest | dict) -> Job:
         res.pop("grid_image", None)
         return res
 
-    return ctx.submit("grid", {**req.dump(), "images": len(cells)}, work, exclusive=False,
-                      running=f"{len(cells)} images")
+    return ctx.submit(
+        "grid", {**req.dump(), "images": len(cells)}, work, exclusive=False, running=f"{len(cells)} images"
+    )
 
 
-def autotest(ctx: Context, req: AutotestRequest | dict, outputs: str, *, watch: str | None = None,
-             interval: float = 10.0, watch_for: float | None = None, log=print) -> list[dict[str, Any]]:
+def autotest(
+    ctx: Context,
+    req: AutotestRequest | dict,
+    outputs: str,
+    *,
+    watch: str | None = None,
+    interval: float = 10.0,
+    watch_for: float | None = None,
+    log=print,
+) -> list[dict[str, Any]]:
     """Inspect each LoRA and run its strength grid through the backend (optionally watching a folder)."""
     from ..gen.autotest import AutotestOptions, run_autotest
     from ..gen.grid import parse_seeds
 
     req = AutotestRequest.parse(req)
-    opts = AutotestOptions(negative_prompt=req.negative_prompt, strengths=req.strengths,
-                           seeds=check_seeds(parse_seeds(req.seeds)), checkpoint=req.checkpoint,
-                           settings=overrides_of(req), epochs=req.epochs, use_trigger=req.use_trigger,
-                           profile=req.profile)
+    opts = AutotestOptions(
+        negative_prompt=req.negative_prompt,
+        strengths=req.strengths,
+        seeds=check_seeds(parse_seeds(req.seeds)),
+        checkpoint=req.checkpoint,
+        settings=overrides_of(req),
+        epochs=req.epochs,
+        use_trigger=req.use_trigger,
+        profile=req.profile,
+    )
     if req.prompts:
         opts.prompts = list(req.prompts)
-    return run_autotest(ctx.backend("auto-test LoRAs"), req.loras, outputs, opts, watch=watch, interval=interval,
-                        watch_for=watch_for, log=log, inspector_settings=ctx.settings())
+    return run_autotest(
+        ctx.backend("auto-test LoRAs"),
+        req.loras,
+        outputs,
+        opts,
+        watch=watch,
+        interval=interval,
+        watch_for=watch_for,
+        log=log,
+        inspector_settings=ctx.settings(),
+    )

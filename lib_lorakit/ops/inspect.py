@@ -14,25 +14,27 @@ from .model import Field, Request
 
 class InspectRequest(Request):
     LIMITS = {"loras": 10000}
-    loras: List[str] = Field(default_factory=list, description="LoRA names from the host's list (files or folders "
-                                                               "on the command line)")
+    loras: List[str] = Field(
+        default_factory=list, description="LoRA names from the host's list (files or folders on the command line)"
+    )
     all: bool = Field(False, description="Inspect every LoRA in the host's list instead")
-    checkpoint: Optional[str] = Field(None, description="The checkpoint they will be used with (cross-lineage "
-                                                        "ceilings)")
+    checkpoint: Optional[str] = Field(
+        None, description="The checkpoint they will be used with (cross-lineage ceilings)"
+    )
     weights: bool = Field(False, description="Per-block weight statistics (reads the tensors; slower)")
 
 
 class UserMetadataRequest(Request):
     lora: str = Field(..., min_length=1)
     activation_text: Optional[str] = Field(None, description="Written to the WebUI's 'activation text'")
-    preferred_weight: Optional[float] = Field(None, description="Written to the WebUI's 'preferred weight' "
-                                                                "(-4 to 4)")
+    preferred_weight: Optional[float] = Field(None, description="Written to the WebUI's 'preferred weight' (-4 to 4)")
 
 
 class StrengthsRequest(Request):
     max_safe_strength: Dict[str, float] = Field(default_factory=dict, description="category -> ceiling")
-    cross_lineage: Dict[str, float] = Field(default_factory=dict,
-                                            description="'LoRA lineage>checkpoint lineage' -> ceiling, '*>*' default")
+    cross_lineage: Dict[str, float] = Field(
+        default_factory=dict, description="'LoRA lineage>checkpoint lineage' -> ceiling, '*>*' default"
+    )
 
 
 def render(report: dict[str, Any], tags: int = 12) -> str:
@@ -59,8 +61,12 @@ def write_user_metadata_file(report: dict[str, Any]) -> dict[str, Any]:
     """Write an inspected file's trigger and max-safe strength into its <lora>.json (other fields kept)."""
     from ..inspect import usermeta
 
-    return usermeta.write(report["file"], activation_text=report["trigger"] or "",
-                          preferred_weight=report["max_safe_strength"] or None, arch=report["architecture"])
+    return usermeta.write(
+        report["file"],
+        activation_text=report["trigger"] or "",
+        preferred_weight=report["max_safe_strength"] or None,
+        arch=report["architecture"],
+    )
 
 
 def _targets(ctx: Context, req: InspectRequest) -> tuple[list[str], dict[str, str]]:
@@ -85,8 +91,13 @@ def _targets(ctx: Context, req: InspectRequest) -> tuple[list[str], dict[str, st
     return paths, label
 
 
-def inspect(ctx: Context, req: InspectRequest | dict, progress: Progress | None = None, cancel: Any = None,
-            processes: int | None = None) -> list[dict[str, Any]]:
+def inspect(
+    ctx: Context,
+    req: InspectRequest | dict,
+    progress: Progress | None = None,
+    cancel: Any = None,
+    processes: int | None = None,
+) -> list[dict[str, Any]]:
     """Inspect LoRAs (headers only unless ``weights``); one report per file, unreadable ones with ``error``."""
     from ..inspect import inspect_paths
 
@@ -94,8 +105,9 @@ def inspect(ctx: Context, req: InspectRequest | dict, progress: Progress | None 
     paths, label = _targets(ctx, req)
     ckpt = ctx.resolve_checkpoint(req.checkpoint) if req.checkpoint else None
     kw = {"processes": processes} if processes is not None else {}
-    reports = inspect_paths(paths, checkpoint=ckpt, weights=req.weights, settings=ctx.settings(), progress=progress,
-                            cancel=cancel, **kw)
+    reports = inspect_paths(
+        paths, checkpoint=ckpt, weights=req.weights, settings=ctx.settings(), progress=progress, cancel=cancel, **kw
+    )
     if not reports and isinstance(ctx, LocalContext):
         raise RecipeError(f"No LoRA files (.safetensors, .ckpt, .pt) found in {', '.join(req.loras)}.")
     if isinstance(ctx, HostContext):
@@ -117,8 +129,13 @@ def start_all(ctx: Context, req: InspectRequest | dict) -> Job:
             raise Cancelled("Inspection cancelled.")
         return {"reports": reps, "seconds": time.perf_counter() - t0}
 
-    return ctx.submit("inspect", {"all": True, "checkpoint": req.checkpoint, "weights": req.weights}, work,
-                      exclusive=False, running="reading headers")
+    return ctx.submit(
+        "inspect",
+        {"all": True, "checkpoint": req.checkpoint, "weights": req.weights},
+        work,
+        exclusive=False,
+        running="reading headers",
+    )
 
 
 def write_user_metadata(ctx: Context, req: UserMetadataRequest | dict) -> dict[str, Any]:
@@ -143,7 +160,8 @@ def strengths(ctx: Context) -> dict[str, Any]:
 
 def set_strengths(ctx: Context, req: StrengthsRequest | dict) -> dict[str, Any]:
     req = StrengthsRequest.parse(req)
-    changes = {k: v for k, v in (("max_safe_strength", req.max_safe_strength), ("cross_lineage", req.cross_lineage))
-               if v}
+    changes = {
+        k: v for k, v in (("max_safe_strength", req.max_safe_strength), ("cross_lineage", req.cross_lineage)) if v
+    }
     st = ctx.update_settings(changes)
     return {"max_safe_strength": st["max_safe_strength"], "cross_lineage": st["cross_lineage"]}

@@ -22,25 +22,34 @@ def _bounded(name: str, description: str):
 
 
 class MergeModelIn(Request):
-    name: str = Field(..., min_length=1, description="A checkpoint from the host's list, or a path inside its "
-                                                     "checkpoint folders (a file path on the command line)")
-    weight: float = Field(1.0, ge=-WEIGHT_LIMIT, le=WEIGHT_LIMIT,
-                          description="Weight (weighted sum; normalised unless normalize=false)")
+    name: str = Field(
+        ...,
+        min_length=1,
+        description="A checkpoint from the host's list, or a path inside its "
+        "checkpoint folders (a file path on the command line)",
+    )
+    weight: float = Field(
+        1.0, ge=-WEIGHT_LIMIT, le=WEIGHT_LIMIT, description="Weight (weighted sum; normalised unless normalize=false)"
+    )
 
 
 class MergeRequest(Request):
     LIMITS = {"models": 16}
-    models: List[MergeModelIn] = Field(..., description="Ingredients; the first is the primary. Add-difference: A, "
-                                                        "then B with its weight")
+    models: List[MergeModelIn] = Field(
+        ..., description="Ingredients; the first is the primary. Add-difference: A, then B with its weight"
+    )
     output: str = Field(..., description="Output file name, written into the checkpoint folder")
     method: str = Field("weighted", description="One of: " + ", ".join(METHODS))
     base: Optional[str] = Field(None, description="C for add-difference (A + w(B - C)), TIES and DARE")
-    blocks: Optional[str] = Field(None, description="Per-block factors on the non-primary contributions (preset or "
-                                                    "vector)")
-    vae_from: Optional[Union[int, str]] = Field(None, description="Model number (1 = primary, the default) or a VAE "
-                                                                 "file name")
-    te_from: Optional[int] = Field(None, ge=1, description="Copy the text encoders from this model number instead "
-                                                           "of merging")
+    blocks: Optional[str] = Field(
+        None, description="Per-block factors on the non-primary contributions (preset or vector)"
+    )
+    vae_from: Optional[Union[int, str]] = Field(
+        None, description="Model number (1 = primary, the default) or a VAE file name"
+    )
+    te_from: Optional[int] = Field(
+        None, ge=1, description="Copy the text encoders from this model number instead of merging"
+    )
     normalize: bool = Field(param_default("normalize"), description="Weighted: scale the weights to sum 1")
     density: float = _bounded("density", "TIES: fraction of each difference kept")
     drop: float = _bounded("drop", "DARE: fraction of each difference dropped")
@@ -49,7 +58,8 @@ class MergeRequest(Request):
     save_dtype: Optional[str] = Field(None, description="fp16, bf16 or fp32 (default: lorakit's setting, fp16)")
     overwrite: bool = Field(False, description="Replace an existing output")
     device: Optional[Literal["auto", "cpu", "cuda"]] = Field(
-        None, description="Where the fp32 maths runs: auto, cpu or cuda (default: lorakit's setting, auto)")
+        None, description="Where the fp32 maths runs: auto, cpu or cuda (default: lorakit's setting, auto)"
+    )
 
 
 class DiffRequest(Request):
@@ -103,8 +113,10 @@ def prepare(ctx: Context, req: MergeRequest) -> MergePlan:
     if req.method not in REGISTRY:
         from ..errors import did_you_mean
 
-        raise RecipeError(f"Unknown merge method {req.method!r}.{did_you_mean(req.method, METHODS)}",
-                          fix=f"Use one of {', '.join(METHODS)}.")
+        raise RecipeError(
+            f"Unknown merge method {req.method!r}.{did_you_mean(req.method, METHODS)}",
+            fix=f"Use one of {', '.join(METHODS)}.",
+        )
     if not req.models:
         raise RecipeError("No models to merge.", fix="Add at least two checkpoints.")
     models = [ModelSpec(ctx.resolve_checkpoint(m.name), float(m.weight)) for m in req.models]
@@ -123,23 +135,40 @@ def prepare(ctx: Context, req: MergeRequest) -> MergePlan:
     return MergePlan(models, base, vae, out, dtype)
 
 
-def execute(ctx: Context, req: MergeRequest, plan: MergePlan, progress: Progress | None = None,
-            cancel: Any = None) -> dict[str, Any]:
+def execute(
+    ctx: Context, req: MergeRequest, plan: MergePlan, progress: Progress | None = None, cancel: Any = None
+) -> dict[str, Any]:
     from ..merge import merge as merge_engine
 
     os.makedirs(os.path.dirname(plan.output), exist_ok=True)
-    report = merge_engine(plan.models, plan.output, method=req.method, base=plan.base, blocks=req.blocks or None,
-                          vae_from=plan.vae, te_from=req.te_from, normalize=req.normalize, density=req.density,
-                          drop=req.drop, seed=req.seed, scale=req.scale, save_dtype=plan.save_dtype,
-                          overwrite=req.overwrite, progress=progress, cancel=cancel, **ctx.engine_kwargs(req.device))
+    report = merge_engine(
+        plan.models,
+        plan.output,
+        method=req.method,
+        base=plan.base,
+        blocks=req.blocks or None,
+        vae_from=plan.vae,
+        te_from=req.te_from,
+        normalize=req.normalize,
+        density=req.density,
+        drop=req.drop,
+        seed=req.seed,
+        scale=req.scale,
+        save_dtype=plan.save_dtype,
+        overwrite=req.overwrite,
+        progress=progress,
+        cancel=cancel,
+        **ctx.engine_kwargs(req.device),
+    )
     from .checks import warn_nonfinite_vae
 
     warn_nonfinite_vae(report, plan.output, plan.vae if isinstance(plan.vae, str) else f"model {plan.vae or 1}")
     return {"report": report, "output": plan.output, "checkpoint": ctx.written(plan.output)}
 
 
-def merge(ctx: Context, req: MergeRequest | dict, progress: Progress | None = None, cancel: Any = None
-          ) -> dict[str, Any]:
+def merge(
+    ctx: Context, req: MergeRequest | dict, progress: Progress | None = None, cancel: Any = None
+) -> dict[str, Any]:
     """Merge now (the command line). Returns ``{"report", "output", "checkpoint"}``."""
     req = MergeRequest.parse(req)
     return execute(ctx, req, prepare(ctx, req), progress, cancel)
@@ -148,11 +177,19 @@ def merge(ctx: Context, req: MergeRequest | dict, progress: Progress | None = No
 def start(ctx: Context, req: MergeRequest | dict) -> Job:
     req = MergeRequest.parse(req)
     plan = prepare(ctx, req)
-    params = {"models": [m.dump() for m in req.models], "method": req.method, "base": req.base,
-              "blocks": req.blocks, "vae_from": req.vae_from, "te_from": req.te_from, "output": plan.output,
-              "save_dtype": plan.save_dtype}
-    return ctx.submit("merge", params, lambda progress, cancel: execute(ctx, req, plan, progress, cancel),
-                      title="lorakit: merge")
+    params = {
+        "models": [m.dump() for m in req.models],
+        "method": req.method,
+        "base": req.base,
+        "blocks": req.blocks,
+        "vae_from": req.vae_from,
+        "te_from": req.te_from,
+        "output": plan.output,
+        "save_dtype": plan.save_dtype,
+    }
+    return ctx.submit(
+        "merge", params, lambda progress, cancel: execute(ctx, req, plan, progress, cancel), title="lorakit: merge"
+    )
 
 
 def diff(ctx: Context, req: DiffRequest | dict, progress: Progress | None = None) -> Dict[str, Any]:
@@ -165,10 +202,17 @@ def diff(ctx: Context, req: DiffRequest | dict, progress: Progress | None = None
 
 def build_candidate(ctx: Context, merge_spec: dict[str, Any], name: str) -> str:
     """Build a tournament's merge candidate once (kept if an earlier run built it); its name in the host's list."""
-    req = MergeRequest.parse({"models": merge_spec.get("models") or [], "output": name,
-                              "method": merge_spec.get("method", "weighted"), "base": merge_spec.get("base"),
-                              "blocks": merge_spec.get("blocks"), "save_dtype": merge_spec.get("save_dtype")},
-                             what="merge candidate")
+    req = MergeRequest.parse(
+        {
+            "models": merge_spec.get("models") or [],
+            "output": name,
+            "method": merge_spec.get("method", "weighted"),
+            "base": merge_spec.get("base"),
+            "blocks": merge_spec.get("blocks"),
+            "save_dtype": merge_spec.get("save_dtype"),
+        },
+        what="merge candidate",
+    )
     out = ctx.output_path(name)
     if os.path.exists(out):  # built by an earlier, interrupted run of this tournament
         return ctx.written(out) or os.path.splitext(os.path.basename(out))[0]

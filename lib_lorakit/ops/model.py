@@ -88,6 +88,7 @@ class Request(BaseModel):
     if PYDANTIC_V2:
         model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
     else:  # pragma: no cover - exercised in the gradio 3 / pydantic 1 environment
+
         class Config:
             extra = "forbid"
 
@@ -107,8 +108,10 @@ class Request(BaseModel):
         for name, most in cls.LIMITS.items():
             v = data.get(name) if isinstance(data, dict) else getattr(data, name, None)
             if isinstance(v, (list, tuple)) and len(v) > most:
-                raise RequestInvalid(f"{what or _title(cls)}: {name}: {len(v)} items; at most {most} are accepted.",
-                                     fix=f"Split the work into requests of at most {most} {name}.")
+                raise RequestInvalid(
+                    f"{what or _title(cls)}: {name}: {len(v)} items; at most {most} are accepted.",
+                    fix=f"Split the work into requests of at most {most} {name}.",
+                )
 
     @classmethod
     def parse(cls: type[R], data: Any, what: str | None = None) -> R:
@@ -117,14 +120,12 @@ class Request(BaseModel):
             cls.check_limits(data, what)
             return data
         if not isinstance(data, dict):
-            raise RequestInvalid(f"{what or cls.__name__}: expected an object with fields, got "
-                                 f"{type(data).__name__}.")
+            raise RequestInvalid(f"{what or cls.__name__}: expected an object with fields, got {type(data).__name__}.")
         cls.check_limits(data, what)
         try:
             return cls.model_validate(data) if PYDANTIC_V2 else cls.parse_obj(data)
         except pydantic.ValidationError as e:
-            raise RequestInvalid(f"{what or _title(cls)}: {explain(e.errors(), data)}",
-                                 fix=cls.fix_hint()) from None
+            raise RequestInvalid(f"{what or _title(cls)}: {explain(e.errors(), data)}", fix=cls.fix_hint()) from None
 
     @classmethod
     def fix_hint(cls) -> str | None:
@@ -156,9 +157,10 @@ def validation_errors_to_invalid(errors: list[dict[str, Any]], body: Any = None,
         at = next((x for x in (e.get("loc") or ())[1:] if isinstance(x, int)), None)
         where = f" at character {at}" if at is not None else ""
         detail = (e.get("ctx") or {}).get("error") or e.get("msg") or ""
-        return RequestInvalid(f"The request body is not valid JSON{where} ({detail}).",
-                              fix="Send a JSON object (check quotes, commas and brackets; NaN and Infinity are not "
-                                  "numbers in JSON).")
+        return RequestInvalid(
+            f"The request body is not valid JSON{where} ({detail}).",
+            fix="Send a JSON object (check quotes, commas and brackets; NaN and Infinity are not numbers in JSON).",
+        )
     if isinstance(model, type) and issubclass(model, Request):
         roots = [e for e in errors if _loc(e.get("loc")) == "request" and str(e.get("type", "")) in _NOT_AN_OBJECT]
         if roots:

@@ -22,12 +22,16 @@ class CandidateLora(Request):
 
 class CandidateIn(Request):
     LIMITS = {"loras": 64}
-    id: Optional[str] = Field(None, max_length=80, description="A short unique id (hidden from evaluators until "
-                                                               "Reveal); default: from the checkpoint's name")
+    id: Optional[str] = Field(
+        None,
+        max_length=80,
+        description="A short unique id (hidden from evaluators until Reveal); default: from the checkpoint's name",
+    )
     checkpoint: Optional[str] = Field(None, description="A checkpoint from the host's list")
     loras: List[CandidateLora] = Field(default_factory=list, description="[{name, strength}] added to every prompt")
-    merge: Optional[Dict[str, Any]] = Field(None, description="{models: [{name, weight}], method, base, blocks}: built "
-                                                              "first")
+    merge: Optional[Dict[str, Any]] = Field(
+        None, description="{models: [{name, weight}], method, base, blocks}: built first"
+    )
     control: bool = Field(False, description="The previous version (exactly one, unless first_version)")
     note: str = ""
 
@@ -42,20 +46,28 @@ class TournamentRequest(Request):
     LIMITS = {"candidates": 26, "prompts": 500}
     name: str = Field("tournament", max_length=200)
     candidates: List[CandidateIn]
-    prompts: List[Union[PromptIn, str]] = Field(..., description="At least 5 (text, or {prompt, negative_prompt, "
-                                                                 "seed})")
-    settings: GenSettings = Field(default_factory=GenSettings, description="Overrides of the generation profile: "
-                                                                          "steps, cfg_scale, width, height, "
-                                                                          "sampler_name, scheduler, clip_skip")
+    prompts: List[Union[PromptIn, str]] = Field(
+        ..., description="At least 5 (text, or {prompt, negative_prompt, seed})"
+    )
+    settings: GenSettings = Field(
+        default_factory=GenSettings,
+        description="Overrides of the generation profile: "
+        "steps, cfg_scale, width, height, "
+        "sampler_name, scheduler, clip_skip",
+    )
     first_version: bool = Field(False, description="No control: the report says so")
     profile: Optional[Union[str, Dict[str, Any]]] = Field(
-        None, description="A generation profile by name (default: the control's checkpoint's), or the profile record "
-                          "a form or an earlier round wrote")
+        None,
+        description="A generation profile by name (default: the control's checkpoint's), or the profile record "
+        "a form or an earlier round wrote",
+    )
 
     @classmethod
     def fix_hint(cls) -> str:
-        return ('A spec is {"name", "candidates": [{"checkpoint", "control"}, ...], "prompts": [≥ 5 texts], '
-                '"settings": {...}}.')
+        return (
+            'A spec is {"name", "candidates": [{"checkpoint", "control"}, ...], "prompts": [≥ 5 texts], '
+            '"settings": {...}}.'
+        )
 
 
 class VoteIn(Request):
@@ -102,28 +114,54 @@ def spec_of(req: TournamentRequest | dict, ctx: Context | None = None):
         while cid in seen and not c.id:
             cid = f"{cid}-{i + 1}"
         seen.add(cid)
-        cands.append(Candidate(id=cid, checkpoint=c.checkpoint, loras=[x.dump() for x in c.loras], merge=c.merge,
-                               control=c.control, note=c.note))
+        cands.append(
+            Candidate(
+                id=cid,
+                checkpoint=c.checkpoint,
+                loras=[x.dump() for x in c.loras],
+                merge=c.merge,
+                control=c.control,
+                note=c.note,
+            )
+        )
     prompts = []
     for i, p in enumerate(req.prompts):
         p = PromptIn(prompt=p) if isinstance(p, str) else p
-        prompts.append({"prompt": p.prompt, "negative_prompt": p.negative_prompt,
-                        "seed": FIRST_SEED + i if p.seed is None else p.seed})
+        prompts.append(
+            {
+                "prompt": p.prompt,
+                "negative_prompt": p.negative_prompt,
+                "seed": FIRST_SEED + i if p.seed is None else p.seed,
+            }
+        )
     settings = {k: v for k, v in req.settings.dump().items() if k in SETTING_FIELDS and v not in (None, "")}
     record = req.profile if isinstance(req.profile, dict) else None
     if record is None and ctx is not None:  # the profile decides what the spec leaves out
-        from ..eval.forms import spec_with_profile
-
         from dataclasses import asdict
 
-        d = spec_with_profile({"name": req.name, "candidates": [asdict(c) for c in cands], "first_version":
-                               req.first_version,
-                               "prompts": prompts, "settings": settings},
-                              checkpoint_path=_checkpoint_lookup(ctx), profile=req.profile or None,
-                              lorakit_settings=ctx.settings())
+        from ..eval.forms import spec_with_profile
+
+        d = spec_with_profile(
+            {
+                "name": req.name,
+                "candidates": [asdict(c) for c in cands],
+                "first_version": req.first_version,
+                "prompts": prompts,
+                "settings": settings,
+            },
+            checkpoint_path=_checkpoint_lookup(ctx),
+            profile=req.profile or None,
+            lorakit_settings=ctx.settings(),
+        )
         settings, prompts, record = d["settings"], d["prompts"], d["profile"]
-    spec = TournamentSpec(name=req.name, candidates=cands, prompts=prompts, settings=settings,
-                          first_version=req.first_version, profile=dict(record or {}))
+    spec = TournamentSpec(
+        name=req.name,
+        candidates=cands,
+        prompts=prompts,
+        settings=settings,
+        first_version=req.first_version,
+        profile=dict(record or {}),
+    )
     spec.validate()
     return spec
 
@@ -138,17 +176,36 @@ def _checkpoint_lookup(ctx: Context):
     return lookup
 
 
-def spec_from_form(ctx: Context, candidates: list[dict[str, Any]], control: Any, prompts: Any, seeds: Any,
-                   settings: dict[str, Any] | None = None, *, name: str = "tournament", negative_prompt: str = "",
-                   first_version: bool = False, profile: str | None = None) -> dict[str, Any]:
+def spec_from_form(
+    ctx: Context,
+    candidates: list[dict[str, Any]],
+    control: Any,
+    prompts: Any,
+    seeds: Any,
+    settings: dict[str, Any] | None = None,
+    *,
+    name: str = "tournament",
+    negative_prompt: str = "",
+    first_version: bool = False,
+    profile: str | None = None,
+) -> dict[str, Any]:
     """A tournament spec from the tab's form (candidates picked from the host's lists, one control, the
     profile's prompt set unless edited), validated by the same parser as a JSON spec."""
     from ..eval.forms import tournament_spec_from_form
 
-    d = tournament_spec_from_form(candidates, control, prompts, seeds, settings, name=name,
-                                  negative_prompt=negative_prompt, first_version=first_version,
-                                  checkpoint_path=_checkpoint_lookup(ctx), profile=profile or None,
-                                  lorakit_settings=ctx.settings())
+    d = tournament_spec_from_form(
+        candidates,
+        control,
+        prompts,
+        seeds,
+        settings,
+        name=name,
+        negative_prompt=negative_prompt,
+        first_version=first_version,
+        checkpoint_path=_checkpoint_lookup(ctx),
+        profile=profile or None,
+        lorakit_settings=ctx.settings(),
+    )
     spec_of(d)  # the same checks as the JSON route
     return d
 
@@ -180,8 +237,11 @@ def _builder(ctx: Context, exclusive: Any = None):
 
     def build(c, name):
         if isinstance(ctx, LocalContext) and not ctx.models_dir:
-            raise RecipeError(f"Candidate {c.id} is a merge: lorakit needs the WebUI's checkpoint folder on this "
-                              f"machine to build it.", fix="Name the WebUI's checkpoint folder (models dir).")
+            raise RecipeError(
+                f"Candidate {c.id} is a merge: lorakit needs the WebUI's checkpoint folder on this "
+                f"machine to build it.",
+                fix="Name the WebUI's checkpoint folder (models dir).",
+            )
         if exclusive is not None:
             with exclusive():
                 return build_candidate(ctx, c.merge, name)
@@ -196,8 +256,15 @@ def generate(ctx: Context, tid: str, outputs: str | None = None, progress=None, 
 
     ctx.tournaments().get(tid)
     backend = ctx.backend("generate a tournament")
-    return gen(ctx.tournaments(), tid, backend, outputs or ctx.outputs_dir(), build_merge=_builder(ctx),
-               progress=progress, cancel=cancel)
+    return gen(
+        ctx.tournaments(),
+        tid,
+        backend,
+        outputs or ctx.outputs_dir(),
+        build_merge=_builder(ctx),
+        progress=progress,
+        cancel=cancel,
+    )
 
 
 def blind_progress(progress):
@@ -229,13 +296,23 @@ def start_generate(ctx: Context, tid: str) -> Job:
     from ..eval.tournament import generate as gen
 
     ctx.tournaments().get(tid)
-    backend = ctx.backend("generate a tournament", "Generate in the WebUI or from the command line with a WebUI "
-                                                   "URL; the standalone launcher can run the blind ranking.")
+    backend = ctx.backend(
+        "generate a tournament",
+        "Generate in the WebUI or from the command line with a WebUI "
+        "URL; the standalone launcher can run the blind ranking.",
+    )
     lock = getattr(getattr(ctx, "host", None), "queue_lock", None)
 
     def work(progress, cancel) -> dict[str, Any]:
-        rec = gen(ctx.tournaments(), tid, backend, ctx.outputs_dir(), build_merge=_builder(ctx, lock),
-                  progress=blind_progress(progress), cancel=cancel)
+        rec = gen(
+            ctx.tournaments(),
+            tid,
+            backend,
+            ctx.outputs_dir(),
+            build_merge=_builder(ctx, lock),
+            progress=blind_progress(progress),
+            cancel=cancel,
+        )
         return {"tournament": tid, "record": blind_record(rec)}
 
     return ctx.submit("tournament", {"tournament": tid}, work, exclusive=False)
@@ -265,15 +342,19 @@ def image_png(ctx: Context, tid: str, evaluator: str, prompt: int, letter: str) 
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise RecipeError(f"Tournament {tid}: image {letter} of prompt {prompt} cannot be read ({e.strerror}).",
-                          fix="Generate again: it fills what is missing.") from None
+        raise RecipeError(
+            f"Tournament {tid}: image {letter} of prompt {prompt} cannot be read ({e.strerror}).",
+            fix="Generate again: it fills what is missing.",
+        ) from None
     if ctx.tournaments().get(tid).get("revealed"):
         return data
     try:
         return strip_png_text(data)
     except ValueError as e:
-        raise RecipeError(f"Tournament {tid}: image {letter} of prompt {prompt} is damaged ({e}).",
-                          fix="Generate again: it fills what is missing.") from None
+        raise RecipeError(
+            f"Tournament {tid}: image {letter} of prompt {prompt} is damaged ({e}).",
+            fix="Generate again: it fills what is missing.",
+        ) from None
 
 
 def vote(ctx: Context, tid: str, req: VotesRequest | dict) -> dict[str, Any]:
@@ -303,10 +384,12 @@ def _refuse_missing_images(ctx: Context, tid: str, req: VotesRequest) -> None:
         status = {e["letter"]: e["status"] for e in prompts[v.prompt]["entries"] if e["image"] is None}
         bad = [x for x in list(v.ranks) + list(v.bombs) if x in status]
         if bad:
-            raise RecipeError(f"Tournament {tid}, prompt {v.prompt}: image {', '.join(dict.fromkeys(bad))} is "
-                              f"{status[bad[0]]}; only images on the ballot can be ranked or bombed.",
-                              fix="Generate the missing images first (generate again fills only what is missing), "
-                                  "or vote without them.")
+            raise RecipeError(
+                f"Tournament {tid}, prompt {v.prompt}: image {', '.join(dict.fromkeys(bad))} is "
+                f"{status[bad[0]]}; only images on the ballot can be ranked or bombed.",
+                fix="Generate the missing images first (generate again fills only what is missing), "
+                "or vote without them.",
+            )
 
 
 def scores(ctx: Context, tid: str, resamples: int = 1000) -> dict[str, Any]:
@@ -362,13 +445,17 @@ def next_round(ctx: Context, tid: str, req: NextRoundRequest | dict) -> dict[str
 
     req = NextRoundRequest.parse(req)
     if not ctx.tournaments().get(tid).get("revealed"):  # the proposal names the winner and its recipe
-        raise RecipeError(f"Tournament {tid} is still blind: the next round names the winner and its recipe.",
-                          fix="Reveal the tournament first (when every evaluator is done).")
+        raise RecipeError(
+            f"Tournament {tid} is still blind: the next round names the winner and its recipe.",
+            fix="Reveal the tournament first (when every evaluator is done).",
+        )
     if req.mode not in ("narrow", "dial-in"):
         raise RecipeError(f"Unknown mode {req.mode!r}.", fix="Use narrow or dial-in.")
     prop = propose_next(ctx.tournaments(), tid, req.mode, step=req.step, axis=req.axis, values=req.values)
     if req.create:
-        body = {"name": f"{ctx.tournaments().get(tid)['name']} r{prop['round']}",
-                **{k: prop[k] for k in ("candidates", "prompts", "settings", "first_version", "profile") if k in prop}}
+        body = {
+            "name": f"{ctx.tournaments().get(tid)['name']} r{prop['round']}",
+            **{k: prop[k] for k in ("candidates", "prompts", "settings", "first_version", "profile") if k in prop},
+        }
         prop["id"] = create(ctx, body, parent=tid, round_no=prop["round"])
     return prop

@@ -54,8 +54,9 @@ class DecisionIn(Request):
     idx: int = Field(..., ge=0)
     decision: str = Field(..., description="yes, maybe, no, or clear (undo)")
     client: Optional[str] = Field(None, description="The deciding client (a browser tab)")
-    seq: Optional[int] = Field(None, ge=0, description="The client's sequence number: a replay of (client, seq) is "
-                                                       "ignored")
+    seq: Optional[int] = Field(
+        None, ge=0, description="The client's sequence number: a replay of (client, seq) is ignored"
+    )
 
 
 class DecisionsRequest(Request):
@@ -68,8 +69,9 @@ class ArchiveRequest(Request):
 
 
 class RestoreRequest(Request):
-    batch: str = Field(..., min_length=1, description="An archive batch folder (its name, or its path in lorakit's "
-                                                     "archive folder)")
+    batch: str = Field(
+        ..., min_length=1, description="An archive batch folder (its name, or its path in lorakit's archive folder)"
+    )
 
 
 def get(ctx: Context, tid: str):
@@ -89,8 +91,10 @@ def create(ctx: Context, req: TriageRequest | dict):
     from ..safepath import PathRefused, inside
 
     req = TriageRequest.parse(req)
-    backend = ctx.backend("generate a triage", "Create it in the WebUI or from the command line with a WebUI URL; "
-                                               "the standalone launcher can review it.")
+    backend = ctx.backend(
+        "generate a triage",
+        "Create it in the WebUI or from the command line with a WebUI URL; the standalone launcher can review it.",
+    )
     folder, roots = req.folder or None, []
     if isinstance(ctx, HostContext):
         roots = ctx.host.lora_dirs()
@@ -100,11 +104,24 @@ def create(ctx: Context, req: TriageRequest | dict):
                 raise PathRefused(f"{req.folder} is outside the LoRA folders.", fix="Pick a folder inside them.")
     elif folder:
         folder = os.path.abspath(folder)
-    t = create_triage(ctx.store(), backend, folder=folder, roots=roots, checkpoint=req.checkpoint,
-                      prompts=req.prompts, seeds=check_seeds(parse_seeds(req.seeds)), strength=req.strength,
-                      negative_prompt=req.negative_prompt, settings=overrides_of(req), arch=req.arch,
-                      category=req.category, name_filter=req.name_filter, inspector_settings=ctx.settings(),
-                      name=req.name, profile=req.profile)
+    t = create_triage(
+        ctx.store(),
+        backend,
+        folder=folder,
+        roots=roots,
+        checkpoint=req.checkpoint,
+        prompts=req.prompts,
+        seeds=check_seeds(parse_seeds(req.seeds)),
+        strength=req.strength,
+        negative_prompt=req.negative_prompt,
+        settings=overrides_of(req),
+        arch=req.arch,
+        category=req.category,
+        name_filter=req.name_filter,
+        inspector_settings=ctx.settings(),
+        name=req.name,
+        profile=req.profile,
+    )
     return t, backend
 
 
@@ -123,8 +140,7 @@ def start(ctx: Context, req: TriageRequest | dict) -> tuple[Job, str]:
         rec = generate(ctx, t, backend, progress=progress, cancel=cancel)
         return {"triage_id": t.id, "record": rec, "state": get(ctx, t.id).state()}
 
-    return ctx.submit("triage", {"triage_id": t.id, **req.dump()}, work, exclusive=False,
-                      running="generating"), t.id
+    return ctx.submit("triage", {"triage_id": t.id, **req.dump()}, work, exclusive=False, running="generating"), t.id
 
 
 def items(ctx: Context, tid: str, filter: str = "all") -> list[dict[str, Any]]:
@@ -168,8 +184,9 @@ def report(ctx: Context, tid: str, format: str = "md") -> str:
     return report_csv(t) if format == "csv" else report_markdown(t)
 
 
-def archive(ctx: Context, tid: str, req: ArchiveRequest | dict, archive_dir: str | None = None,
-            roots: list[str] | None = None) -> dict[str, Any]:
+def archive(
+    ctx: Context, tid: str, req: ArchiveRequest | dict, archive_dir: str | None = None, roots: list[str] | None = None
+) -> dict[str, Any]:
     """Move the LoRAs with a decision (and their sidecars) into an archive batch (reversible)."""
     from ..eval.triage import archive as do_archive
 

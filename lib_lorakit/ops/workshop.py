@@ -24,7 +24,9 @@ class ExtractRequest(Request):
     rank: int = Field(32, ge=1, le=1024, description="Rank of linear layers (the cap with dynamic)")
     conv_rank: Optional[int] = Field(None, ge=0, le=1024, description="Rank of 3x3 convolutions (none: left out)")
     dynamic: Optional[str] = DYNAMIC
-    min_diff: float = Field(0.0, ge=0, le=1, description="Skip layers whose largest absolute difference is at most this")
+    min_diff: float = Field(
+        0.0, ge=0, le=1, description="Skip layers whose largest absolute difference is at most this"
+    )
     blocks: Optional[str] = Field(None, description="Only these components/blocks, e.g. unet or te1,te2 or IN04,OUT05")
     device: Literal["auto", "cpu", "cuda"] = DEVICE
     method: Literal["auto", "exact"] = Field("auto", description="auto: randomized SVD where it settles; exact: full")
@@ -124,9 +126,23 @@ def extract(ctx: Context, req: ExtractRequest | dict, progress: Progress | None 
     req = ExtractRequest.parse(req)
     _check_dynamic(req.dynamic)
     tuned, base, out = ctx.resolve_checkpoint(req.tuned), ctx.resolve_checkpoint(req.base), _lora_out(ctx, req.output)
-    rep = run(tuned, base, out, rank=req.rank, conv_rank=req.conv_rank, dynamic=req.dynamic, min_diff=req.min_diff,
-              blocks=req.blocks, device=req.device, save=req.save, method=req.method, hash_inputs=req.hash_inputs,
-              overwrite=req.overwrite, progress=_adapt(progress), cancel=_cancel(cancel))
+    rep = run(
+        tuned,
+        base,
+        out,
+        rank=req.rank,
+        conv_rank=req.conv_rank,
+        dynamic=req.dynamic,
+        min_diff=req.min_diff,
+        blocks=req.blocks,
+        device=req.device,
+        save=req.save,
+        method=req.method,
+        hash_inputs=req.hash_inputs,
+        overwrite=req.overwrite,
+        progress=_adapt(progress),
+        cancel=_cancel(cancel),
+    )
     return {"report": rep, "output": out, "lora": _written_lora(ctx, out)}
 
 
@@ -140,13 +156,25 @@ def resize(ctx: Context, req: ResizeRequest | dict, progress: Progress | None = 
         raise RecipeError("No target rank.", fix="Give a rank, or a dynamic rule such as sv_fro:0.9.")
     lora, out = ctx.resolve_lora(req.lora), _lora_out(ctx, req.output)
     base = ctx.resolve_checkpoint(req.base) if req.base else None
-    rep = run(lora, out, rank=req.rank, conv_rank=req.conv_rank, dynamic=req.dynamic, base=base, device=req.device,
-              save=req.save, overwrite=req.overwrite, progress=_adapt(progress), cancel=_cancel(cancel))
+    rep = run(
+        lora,
+        out,
+        rank=req.rank,
+        conv_rank=req.conv_rank,
+        dynamic=req.dynamic,
+        base=base,
+        device=req.device,
+        save=req.save,
+        overwrite=req.overwrite,
+        progress=_adapt(progress),
+        cancel=_cancel(cancel),
+    )
     return {"report": rep, "output": out, "lora": _written_lora(ctx, out)}
 
 
-def lora_merge(ctx: Context, req: LoraMergeRequest | dict, progress: Progress | None = None,
-               cancel: Any = None) -> dict:
+def lora_merge(
+    ctx: Context, req: LoraMergeRequest | dict, progress: Progress | None = None, cancel: Any = None
+) -> dict:
     """Several LoRAs as one LoRA: concat (exact) or re-factored to a rank."""
     from ..workshop import lora_merge as run
 
@@ -157,9 +185,21 @@ def lora_merge(ctx: Context, req: LoraMergeRequest | dict, progress: Progress | 
     inputs = [(ctx.resolve_lora(x.name), x.weight, x.te_weight) for x in req.loras]
     out = _lora_out(ctx, req.output)
     base = ctx.resolve_checkpoint(req.base) if req.base else None
-    rep = run(inputs, out, mode=req.mode, rank=req.rank, conv_rank=req.conv_rank, dynamic=req.dynamic,
-              blocks=req.blocks, base=base, device=req.device, save=req.save, overwrite=req.overwrite,
-              progress=_adapt(progress), cancel=_cancel(cancel))
+    rep = run(
+        inputs,
+        out,
+        mode=req.mode,
+        rank=req.rank,
+        conv_rank=req.conv_rank,
+        dynamic=req.dynamic,
+        blocks=req.blocks,
+        base=base,
+        device=req.device,
+        save=req.save,
+        overwrite=req.overwrite,
+        progress=_adapt(progress),
+        cancel=_cancel(cancel),
+    )
     return {"report": rep, "output": out, "lora": _written_lora(ctx, out)}
 
 
@@ -171,11 +211,25 @@ def clean(ctx: Context, req: CleanRequest | dict, progress: Progress | None = No
     req = CleanRequest.parse(req)
     ckpt, out = ctx.resolve_checkpoint(req.checkpoint), ctx.output_path(req.output)
     vae = ctx.resolve_vae(req.vae) if req.vae else None
-    rep = run(ckpt, out, drop_ema=req.drop_ema, drop_other=req.drop_other,
-              repair_position_ids=req.repair_position_ids, save=req.save, vae=vae, title=req.title,
-              author=req.author, description=req.description, trigger_words=req.trigger_words,
-              preferred_weight=req.preferred_weight, strip_training=req.strip_training, scan=req.scan,
-              overwrite=req.overwrite, progress=_adapt(progress), cancel=_cancel(cancel))
+    rep = run(
+        ckpt,
+        out,
+        drop_ema=req.drop_ema,
+        drop_other=req.drop_other,
+        repair_position_ids=req.repair_position_ids,
+        save=req.save,
+        vae=vae,
+        title=req.title,
+        author=req.author,
+        description=req.description,
+        trigger_words=req.trigger_words,
+        preferred_weight=req.preferred_weight,
+        strip_training=req.strip_training,
+        scan=req.scan,
+        overwrite=req.overwrite,
+        progress=_adapt(progress),
+        cancel=_cancel(cancel),
+    )
     return {"report": rep, "output": out, "checkpoint": ctx.written(out)}
 
 
@@ -197,8 +251,12 @@ def summary(kind: str, report: dict) -> str:
     return mod.summary(report)
 
 
-_OPS = {"extract": (extract, ExtractRequest), "resize": (resize, ResizeRequest),
-        "lora-merge": (lora_merge, LoraMergeRequest), "clean": (clean, CleanRequest)}
+_OPS = {
+    "extract": (extract, ExtractRequest),
+    "resize": (resize, ResizeRequest),
+    "lora-merge": (lora_merge, LoraMergeRequest),
+    "clean": (clean, CleanRequest),
+}
 
 
 def start(ctx: Context, kind: str, req: Request | dict) -> Job:
@@ -218,5 +276,9 @@ def start(ctx: Context, kind: str, req: Request | dict) -> Job:
     if kind == "lora-merge":
         for x in req.loras:
             ctx.resolve_lora(x.name)
-    return ctx.submit(f"workshop-{kind}", req.dump(), lambda progress, cancel: fn(ctx, req, progress, cancel),
-                      title=f"lorakit: {kind}")
+    return ctx.submit(
+        f"workshop-{kind}",
+        req.dump(),
+        lambda progress, cancel: fn(ctx, req, progress, cancel),
+        title=f"lorakit: {kind}",
+    )

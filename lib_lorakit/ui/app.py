@@ -13,9 +13,14 @@ from .tournament_tab import build_tournament_tab
 from .triage_tab import build_triage_tab
 from .workshop_tab import build_workshop_tab
 
-TABS = [("Bake", "bake", build_bake_tab), ("Merge", "merge", build_merge_tab), ("Inspect", "inspect", build_inspect_tab),
-        ("Triage", "triage", build_triage_tab), ("Tournament", "tournament", build_tournament_tab),
-        ("Workshop", "workshop", build_workshop_tab)]
+TABS = [
+    ("Bake", "bake", build_bake_tab),
+    ("Merge", "merge", build_merge_tab),
+    ("Inspect", "inspect", build_inspect_tab),
+    ("Triage", "triage", build_triage_tab),
+    ("Tournament", "tournament", build_tournament_tab),
+    ("Workshop", "workshop", build_workshop_tab),
+]
 
 
 def build_ui(service: HostContext, **blocks_kw) -> gr.Blocks:

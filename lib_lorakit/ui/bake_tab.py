@@ -40,9 +40,17 @@ def rows_to_loras(rows: Any) -> list[LoraEntry]:
             except ValueError:
                 raise LorakitError(f"{name}: {what} {v!r} is not a number.") from None
 
-        out.append(LoraEntry.parse({"name": name, "strength": num(row[1], "strength", 1.0),
-                                    "te_strength": num(row[2], "TE strength", None),
-                                    "blocks": str(row[3] or "").strip() or None}, what=f"LoRA {name}"))
+        out.append(
+            LoraEntry.parse(
+                {
+                    "name": name,
+                    "strength": num(row[1], "strength", 1.0),
+                    "te_strength": num(row[2], "TE strength", None),
+                    "blocks": str(row[3] or "").strip() or None,
+                },
+                what=f"LoRA {name}",
+            )
+        )
     return out
 
 
@@ -65,32 +73,51 @@ def build_bake_tab(service: HostContext) -> None:
         return [e.name for e in service.loras()]
 
     with gr.Row():
-        base = lists.add(gr.Dropdown(label="Base checkpoint", choices=ckpt_names(), elem_id="lorakit_bake_base",
-                                     scale=4), ckpt_names, current=True)
+        base = lists.add(
+            gr.Dropdown(label="Base checkpoint", choices=ckpt_names(), elem_id="lorakit_bake_base", scale=4),
+            ckpt_names,
+            current=True,
+        )
         refresh = gr.Button("Refresh lists", elem_id="lorakit_bake_refresh", scale=1, min_width=120)
     with gr.Row():
         lora = lists.add(gr.Dropdown(label="LoRA", choices=lora_names(), elem_id="lorakit_bake_lora"), lora_names)
         strength = gr.Number(label="Strength", value=1.0, elem_id="lorakit_bake_strength")
         te = gr.Textbox(label="TE strength (blank: same)", value="", elem_id="lorakit_bake_te")
-        blocks = gr.Textbox(label="Block weights (optional)", placeholder="INALL or 17/26 values",
-                            info="A preset (INALL, MIDD, …) or 17/26 values (SD1.5), 12/20 (SDXL)",
-                            elem_id="lorakit_bake_blocks")
+        blocks = gr.Textbox(
+            label="Block weights (optional)",
+            placeholder="INALL or 17/26 values",
+            info="A preset (INALL, MIDD, …) or 17/26 values (SD1.5), 12/20 (SDXL)",
+            elem_id="lorakit_bake_blocks",
+        )
         add = gr.Button("Add to recipe", elem_id="lorakit_bake_add", scale=1, min_width=120)
-    recipe = gr.Dataframe(value=empty_table(HEADERS), headers=HEADERS, datatype=["str", "number", "str", "str"], type="array",
-                          row_count=(1, "dynamic"), col_count=(4, "fixed"), interactive=True,
-                          label="Recipe", elem_id="lorakit_bake_recipe")
+    recipe = gr.Dataframe(
+        value=empty_table(HEADERS),
+        headers=HEADERS,
+        datatype=["str", "number", "str", "str"],
+        type="array",
+        row_count=(1, "dynamic"),
+        col_count=(4, "fixed"),
+        interactive=True,
+        label="Recipe",
+        elem_id="lorakit_bake_recipe",
+    )
     with gr.Accordion("Paste prompt tags", open=False):
-        prompt = gr.Textbox(label="Prompt with <lora:name:weight> tags", lines=2,
-                            placeholder="<lora:style:0.8> <lora:detail:0.5:0.3> <lyco:thing:1:lbw=INALL>",
-                            elem_id="lorakit_bake_prompt")
+        prompt = gr.Textbox(
+            label="Prompt with <lora:name:weight> tags",
+            lines=2,
+            placeholder="<lora:style:0.8> <lora:detail:0.5:0.3> <lyco:thing:1:lbw=INALL>",
+            elem_id="lorakit_bake_prompt",
+        )
         use_prompt = gr.Button("Use these tags as the recipe", elem_id="lorakit_bake_use_prompt")
     with gr.Row():
-        dtype = gr.Radio(["fp16", "bf16", "fp32"], value=service.default_save_dtype(),
-                         label="Save as", elem_id="lorakit_bake_dtype")
+        dtype = gr.Radio(
+            ["fp16", "bf16", "fp32"], value=service.default_save_dtype(), label="Save as", elem_id="lorakit_bake_dtype"
+        )
         output = gr.Textbox(label="Output name", placeholder="my-model-baked", elem_id="lorakit_bake_output")
         overwrite = gr.Checkbox(label="Overwrite", value=False, elem_id="lorakit_bake_overwrite")
-        allow_unmatched = gr.Checkbox(label="Allow unmatched layers", value=False,
-                                      elem_id="lorakit_bake_allow_unmatched")
+        allow_unmatched = gr.Checkbox(
+            label="Allow unmatched layers", value=False, elem_id="lorakit_bake_allow_unmatched"
+        )
     with gr.Row():
         run = gr.Button("Bake", variant="primary", elem_id="lorakit_bake_run")
         check = gr.Button("Check only (dry run)", elem_id="lorakit_bake_check")
@@ -103,8 +130,11 @@ def build_bake_tab(service: HostContext) -> None:
     done = gr.Textbox(value="", elem_id="lorakit_bake_done", elem_classes=["lorakit-hidden"], show_label=False)
 
     def do_add(rows, name, s, t, b):
-        rows = [list(r) for r in (rows.values.tolist() if hasattr(rows, "values") else rows or [])
-                if str((list(r) + [""])[0] or "").strip()]
+        rows = [
+            list(r)
+            for r in (rows.values.tolist() if hasattr(rows, "values") else rows or [])
+            if str((list(r) + [""])[0] or "").strip()
+        ]
         if name:
             rows.append([name, s if s is not None else 1.0, (t or "").strip(), (b or "").strip()])
         return rows or empty_table(HEADERS)
@@ -116,15 +146,25 @@ def build_bake_tab(service: HostContext) -> None:
             return gr.update(), error_md(e)
         if not tags:
             return gr.update(), "**No <lora:...> tags found** in the text."
-        rows = [[t["name"], t["strength"], "" if t["te_strength"] == t["strength"] else t["te_strength"], t["blocks"] or ""]
-                for t in tags]
+        rows = [
+            [t["name"], t["strength"], "" if t["te_strength"] == t["strength"] else t["te_strength"], t["blocks"] or ""]
+            for t in tags
+        ]
         return rows, f"Recipe set from {len(rows)} tag(s)."
 
     def do_bake(dry: bool, base_v, rows, dtype_v, out_v, ow, au) -> Iterator[tuple]:
         try:
-            req = BakeRequest.parse({"base": base_v or "", "output": out_v or "", "loras": rows_to_loras(rows),
-                                     "save_dtype": dtype_v, "overwrite": bool(ow), "allow_unmatched": bool(au),
-                                     "dry_run": dry})
+            req = BakeRequest.parse(
+                {
+                    "base": base_v or "",
+                    "output": out_v or "",
+                    "loras": rows_to_loras(rows),
+                    "save_dtype": dtype_v,
+                    "overwrite": bool(ow),
+                    "allow_unmatched": bool(au),
+                    "dry_run": dry,
+                }
+            )
             if not dry and not req.output.strip():
                 raise LorakitError("No output name.", fix="Type a name for the new checkpoint.")
             job = bake_op.start(service, req)
@@ -137,11 +177,21 @@ def build_bake_tab(service: HostContext) -> None:
             yield job.id, progress_html(job.progress, job.message, job.state), "", None, gr.update()
         if job.state == "done":
             marker = json.dumps({"checkpoint": job.result.get("checkpoint"), "t": time.time()})
-            yield (job.id, progress_html(1, "done", "done"), summary_md(job.result), job.result["report"],
-                   marker if job.result.get("checkpoint") else gr.update())
+            yield (
+                job.id,
+                progress_html(1, "done", "done"),
+                summary_md(job.result),
+                job.result["report"],
+                marker if job.result.get("checkpoint") else gr.update(),
+            )
         else:
-            yield job.id, progress_html(job.progress, job.state, job.state), error_md(Exception(job.error or job.state)), \
-                None, gr.update()
+            yield (
+                job.id,
+                progress_html(job.progress, job.state, job.state),
+                error_md(Exception(job.error or job.state)),
+                None,
+                gr.update(),
+            )
 
     def do_cancel(jid):
         j = service.jobs.cancel(jid) if jid else None

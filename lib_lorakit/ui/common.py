@@ -11,8 +11,10 @@ POLL_S = 0.3
 def progress_html(frac: float, message: str, state: str = "running") -> str:
     pct = max(0.0, min(1.0, frac)) * 100
     text = "idle" if state == "idle" else f"{state}: {pct:.0f}% {message}"
-    return (f'<div class="lorakit-progress lorakit-{html.escape(state)}"><div class="lorakit-bar" '
-            f'style="width:{pct:.1f}%"></div><span>{html.escape(text)}</span></div>')
+    return (
+        f'<div class="lorakit-progress lorakit-{html.escape(state)}"><div class="lorakit-bar" '
+        f'style="width:{pct:.1f}%"></div><span>{html.escape(text)}</span></div>'
+    )
 
 
 def error_md(e: Exception) -> str:

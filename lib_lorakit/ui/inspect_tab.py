@@ -52,18 +52,25 @@ def report_md(rep: dict[str, Any]) -> str:
     rs = st["rank_spread"]
     ranks = f"{rep['rank']}" + (f" ({rs['min']}–{rs['max']})" if rs and rs["min"] != rs["max"] else "")
     lines += [
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         f"| model | {_e(rep['architecture_label'])}" + (f" · lineage {lin}" if lin else "") + " |",
         f"| network | {_e(', '.join(rep['algorithms']) or 'none recognised')} · {st['modules']} modules "
         f"({_e(', '.join(f'{c} {n}' for c, n in st['modules_per_component'].items()))}) |",
-        f"| rank / alpha | {ranks} / {rep['alpha'] if rep['alpha'] is not None else '—'} "
-        f"({_e(st['alpha_source'])}) |",
+        f"| rank / alpha | {ranks} / {rep['alpha'] if rep['alpha'] is not None else '—'} ({_e(st['alpha_source'])}) |",
         f"| blocks | {_e(' '.join(f'{b}:{n}' for b, n in st['blocks'].items()))} |",
         f"| trainer | {_e(tr['trainer'])} |",
     ]
     for f, v in tr["fields"].items():
-        if f in ("ss_sd_model_name", "ss_num_epochs", "ss_steps", "ss_learning_rate", "ss_resolution",
-                 "ss_keep_tokens", "ss_caption_dropout_rate"):
+        if f in (
+            "ss_sd_model_name",
+            "ss_num_epochs",
+            "ss_steps",
+            "ss_learning_rate",
+            "ss_resolution",
+            "ss_keep_tokens",
+            "ss_caption_dropout_rate",
+        ):
             lines.append(f"| {_e(f[3:])} | {_e(v)} |")
     if tr["network_args"]:
         lines.append(f"| network args | {_e(', '.join(f'{k}={v}' for k, v in tr['network_args'].items()))} |")
@@ -78,9 +85,14 @@ def report_md(rep: dict[str, Any]) -> str:
         head += f" × {f['repeats']} repeats" if f["repeats"] else ""
         lines.append(head + (" (regularisation)" if f["is_reg"] else ""))
         if f["tags"]:
-            lines.append("  \n" + ", ".join(
-                f"{_e(t['tag'])} {t['share']:.0%}" if t["share"] is not None else f"{_e(t['tag'])} ×{t['count']}"
-                for t in f["tags"][:24]) + (" …" if f["distinct_tags"] > 24 else ""))
+            lines.append(
+                "  \n"
+                + ", ".join(
+                    f"{_e(t['tag'])} {t['share']:.0%}" if t["share"] is not None else f"{_e(t['tag'])} ×{t['count']}"
+                    for t in f["tags"][:24]
+                )
+                + (" …" if f["distinct_tags"] > 24 else "")
+            )
         lines.append("")
     ws = rep.get("weight_stats")
     if ws:
@@ -88,8 +100,10 @@ def report_md(rep: dict[str, Any]) -> str:
         lines += [f"**Per-block {what} at strength 1**", "", "| block | modules | value |", "|---|---|---|"]
         for b in ws["blocks"]:
             v = b.get("relative") if ws["relative"] else b["delta_norm"]
-            lines.append(f"| {b['block']} | {b['modules']} | "
-                         f"{(f'{v:.2%}' if ws['relative'] else f'{v:.4g}') if v is not None else '—'} |")
+            lines.append(
+                f"| {b['block']} | {b['modules']} | "
+                f"{(f'{v:.2%}' if ws['relative'] else f'{v:.4g}') if v is not None else '—'} |"
+            )
         lines.append("")
     if rep["warnings"]:
         lines += ["**Warnings**", ""] + [f"- {_e(w)}" for w in rep["warnings"]]
@@ -102,9 +116,19 @@ def summary_rows(reports: list[dict[str, Any]]) -> list[list]:
         if "error" in r:
             rows.append([r.get("lora") or r["file"], "unreadable", "", "", "", "", "", "", r["error"][:120]])
             continue
-        rows.append([r.get("lora") or r["name"], r["architecture_label"], ", ".join(r["algorithms"]),
-                     r["rank"] if r["rank"] is not None else "", r["trigger"] or "", r["kind"], r["category"],
-                     r["max_safe_strength"], len(r["warnings"])])
+        rows.append(
+            [
+                r.get("lora") or r["name"],
+                r["architecture_label"],
+                ", ".join(r["algorithms"]),
+                r["rank"] if r["rank"] is not None else "",
+                r["trigger"] or "",
+                r["kind"],
+                r["category"],
+                r["max_safe_strength"],
+                len(r["warnings"]),
+            ]
+        )
     return rows
 
 
@@ -125,12 +149,26 @@ def build_inspect_tab(service: HostContext) -> None:
         return [""] + [e.name for e in service.checkpoints()]
 
     with gr.Row():
-        lora = lists.add(gr.Dropdown(label="LoRA", choices=lora_names(), elem_id="lorakit_inspect_lora", scale=4),
-                         lora_names)
-        ckpt = lists.add(gr.Dropdown(label="Used with checkpoint (optional)", choices=ckpt_names(), value="",
-                                     elem_id="lorakit_inspect_ckpt", scale=3), ckpt_names, current=True)
-        weights = gr.Checkbox(label="Per-block weight statistics (reads the tensors)", value=False,
-                              elem_id="lorakit_inspect_weights", scale=2)
+        lora = lists.add(
+            gr.Dropdown(label="LoRA", choices=lora_names(), elem_id="lorakit_inspect_lora", scale=4), lora_names
+        )
+        ckpt = lists.add(
+            gr.Dropdown(
+                label="Used with checkpoint (optional)",
+                choices=ckpt_names(),
+                value="",
+                elem_id="lorakit_inspect_ckpt",
+                scale=3,
+            ),
+            ckpt_names,
+            current=True,
+        )
+        weights = gr.Checkbox(
+            label="Per-block weight statistics (reads the tensors)",
+            value=False,
+            elem_id="lorakit_inspect_weights",
+            scale=2,
+        )
     with gr.Row():
         run = gr.Button("Inspect", variant="primary", elem_id="lorakit_inspect_run", interactive=False)
         scan = gr.Button("Inspect every LoRA", elem_id="lorakit_inspect_all")
@@ -139,31 +177,53 @@ def build_inspect_tab(service: HostContext) -> None:
     result = gr.Markdown("", elem_id="lorakit_inspect_report")
     with gr.Group():
         with gr.Row():
-            act = gr.Textbox(label="Activation text (the WebUI adds it with the LoRA)", elem_id="lorakit_inspect_act",
-                             scale=4)
-            pref = gr.Number(label="Preferred weight", value=1.0,
-                             elem_id="lorakit_inspect_pref", scale=1)
-            ask = gr.Button("Write to the LoRA's user metadata…", elem_id="lorakit_inspect_write", scale=2,
-                            interactive=False)
+            act = gr.Textbox(
+                label="Activation text (the WebUI adds it with the LoRA)", elem_id="lorakit_inspect_act", scale=4
+            )
+            pref = gr.Number(label="Preferred weight", value=1.0, elem_id="lorakit_inspect_pref", scale=1)
+            ask = gr.Button(
+                "Write to the LoRA's user metadata…", elem_id="lorakit_inspect_write", scale=2, interactive=False
+            )
         with gr.Row(visible=False) as confirm_row:
             confirm_text = gr.Markdown("", elem_id="lorakit_inspect_confirm_text")
             confirm = gr.Button("Confirm: write it", variant="primary", elem_id="lorakit_inspect_confirm")
             dismiss = gr.Button("Cancel", elem_id="lorakit_inspect_dismiss")
     written = gr.Markdown("", elem_id="lorakit_inspect_written")
-    summary = gr.Dataframe(headers=SUMMARY_HEADERS, value=empty_table(SUMMARY_HEADERS), interactive=False, label="All LoRAs",
-                           elem_id="lorakit_inspect_summary", wrap=True)
+    summary = gr.Dataframe(
+        headers=SUMMARY_HEADERS,
+        value=empty_table(SUMMARY_HEADERS),
+        interactive=False,
+        label="All LoRAs",
+        elem_id="lorakit_inspect_summary",
+        wrap=True,
+    )
     with gr.Accordion("Full report (JSON)", open=False):
         report = gr.JSON(elem_id="lorakit_inspect_json")
     with gr.Accordion("Max-safe strength table", open=False):
-        gr.Markdown("The strength each category can take without breaking images. The Inspect report, the "
-                    "strength grid and triage use it. Cross-lineage pairs are 'LoRA lineage>checkpoint lineage'.")
+        gr.Markdown(
+            "The strength each category can take without breaking images. The Inspect report, the "
+            "strength grid and triage use it. Cross-lineage pairs are 'LoRA lineage>checkpoint lineage'."
+        )
         with gr.Row():
-            strengths = gr.Dataframe(headers=["category", "max safe strength"], datatype=["str", "number"],
-                                     value=strength_rows(service.settings()), type="array",
-                                     col_count=(2, "fixed"), interactive=True, elem_id="lorakit_inspect_strengths")
-            lineages = gr.Dataframe(headers=["lineage pair", "ceiling"], datatype=["str", "number"],
-                                    value=lineage_rows(service.settings()), type="array", row_count=(1, "dynamic"),
-                                    col_count=(2, "fixed"), interactive=True, elem_id="lorakit_inspect_lineages")
+            strengths = gr.Dataframe(
+                headers=["category", "max safe strength"],
+                datatype=["str", "number"],
+                value=strength_rows(service.settings()),
+                type="array",
+                col_count=(2, "fixed"),
+                interactive=True,
+                elem_id="lorakit_inspect_strengths",
+            )
+            lineages = gr.Dataframe(
+                headers=["lineage pair", "ceiling"],
+                datatype=["str", "number"],
+                value=lineage_rows(service.settings()),
+                type="array",
+                row_count=(1, "dynamic"),
+                col_count=(2, "fixed"),
+                interactive=True,
+                elem_id="lorakit_inspect_lineages",
+            )
         save = gr.Button("Save table", elem_id="lorakit_inspect_save")
         saved = gr.Markdown("", elem_id="lorakit_inspect_saved")
 
@@ -176,8 +236,7 @@ def build_inspect_tab(service: HostContext) -> None:
             return progress_html(0, "", "error"), error_md(e), None, gr.update(), gr.update()
         if "error" in rep:
             return progress_html(0, "", "error"), report_md(rep), rep, gr.update(), gr.update()
-        return (progress_html(1, "done", "done"), report_md(rep), rep, rep["trigger"] or "",
-                rep["max_safe_strength"])
+        return (progress_html(1, "done", "done"), report_md(rep), rep, rep["trigger"] or "", rep["max_safe_strength"])
 
     def do_scan(ck):
         try:
@@ -189,14 +248,19 @@ def build_inspect_tab(service: HostContext) -> None:
             yield progress_html(job.progress, job.message, job.state), "", gr.update()
             time.sleep(POLL_S)
         if job.state != "done":
-            yield progress_html(job.progress, job.state, job.state), error_md(Exception(job.error or job.state)), \
-                gr.update()
+            yield (
+                progress_html(job.progress, job.state, job.state),
+                error_md(Exception(job.error or job.state)),
+                gr.update(),
+            )
             return
         reps = job.result["reports"]
         kinds = {k: sum(r.get("kind") == k for r in reps) for k in ("passive", "trigger-dependent")}
         bad = sum("error" in r for r in reps)
-        msg = (f"**{len(reps)} LoRAs** in {job.result['seconds']:.1f} s: {kinds['passive']} passive, "
-               f"{kinds['trigger-dependent']} trigger-dependent" + (f", {bad} unreadable" if bad else "") + ".")
+        msg = (
+            f"**{len(reps)} LoRAs** in {job.result['seconds']:.1f} s: {kinds['passive']} passive, "
+            f"{kinds['trigger-dependent']} trigger-dependent" + (f", {bad} unreadable" if bad else "") + "."
+        )
         yield progress_html(1, "done", "done"), msg, summary_rows(reps)
 
     def do_ask(name, text, weight):
@@ -207,14 +271,17 @@ def build_inspect_tab(service: HostContext) -> None:
         except LorakitError as e:
             return gr.update(visible=False), "", error_md(e)
         old_t, old_w = current.get("activation text", ""), current.get("preferred weight", "")
-        text_md = (f"Update `{_e(name)}.json`: activation text `{_e(old_t) or '—'}` → `{_e(text or '')}`, "
-                   f"preferred weight `{old_w if old_w != '' else '—'}` → `{weight}`. Other fields are kept.")
+        text_md = (
+            f"Update `{_e(name)}.json`: activation text `{_e(old_t) or '—'}` → `{_e(text or '')}`, "
+            f"preferred weight `{old_w if old_w != '' else '—'}` → `{weight}`. Other fields are kept."
+        )
         return gr.update(visible=True), text_md, ""
 
     def do_write(name, text, weight):
         try:
-            res = inspect_op.write_user_metadata(service, {"lora": name or "", "activation_text": text,
-                                                           "preferred_weight": weight})
+            res = inspect_op.write_user_metadata(
+                service, {"lora": name or "", "activation_text": text, "preferred_weight": weight}
+            )
         except LorakitError as e:
             return gr.update(visible=False), error_md(e)
         return gr.update(visible=False), f"Wrote `{_e(res['path'])}`: {_e(json.dumps(res['after']))}"

@@ -33,8 +33,14 @@ def assets() -> tuple[str, str]:
     return css, js
 
 
-def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, data_dir: str | None = None,
-               current: str | None = None):
+def create_app(
+    models_dir: str,
+    loras_dir: str,
+    *,
+    api_auth: str | None = None,
+    data_dir: str | None = None,
+    current: str | None = None,
+):
     """The FastAPI app: the lorakit tab at /, the API at /lorakit/v1. Returns (app, service)."""
     from fastapi import FastAPI
 
@@ -46,8 +52,10 @@ def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, 
         kw["head"] = head  # gradio 3.41 has no head=; the WebUI injects scripts itself
     demo = build_ui(service, **kw)
     if js and "head" not in kw:  # gradio 3.41: load the script once the page is up
-        loader = ("() => { if (!window.lorakitLoaded) { window.lorakitLoaded = 1; const s = document.createElement('script');"
-                  " s.src = '/lorakit.js'; document.head.appendChild(s); } }")
+        loader = (
+            "() => { if (!window.lorakitLoaded) { window.lorakitLoaded = 1; const s = document.createElement('script');"
+            " s.src = '/lorakit.js'; document.head.appendChild(s); } }"
+        )
         with demo:
             demo.load(None, None, None, _js=loader)
     demo.queue()
@@ -59,6 +67,7 @@ def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, 
         @app.get("/lorakit.js", include_in_schema=False)
         def _js():
             return Response(js, media_type="application/javascript")
+
     app = gr.mount_gradio_app(app, demo, path="/")
     if api_auth:  # every path: the tab, its queue and functions, /docs, /openapi.json and the API
         from ..api.auth import BasicAuthMiddleware
@@ -67,8 +76,16 @@ def create_app(models_dir: str, loras_dir: str, *, api_auth: str | None = None, 
     return app, service
 
 
-def serve(models_dir: str, loras_dir: str, *, port: int = 7870, host: str = "127.0.0.1",
-          api_auth: str | None = None, data_dir: str | None = None, current: str | None = None) -> None:
+def serve(
+    models_dir: str,
+    loras_dir: str,
+    *,
+    port: int = 7870,
+    host: str = "127.0.0.1",
+    api_auth: str | None = None,
+    data_dir: str | None = None,
+    current: str | None = None,
+) -> None:
     import socket
 
     import uvicorn
@@ -79,8 +96,10 @@ def serve(models_dir: str, loras_dir: str, *, port: int = 7870, host: str = "127
         if not os.path.isdir(d):
             raise LorakitError(f"The {what} {d} is not a folder.", fix="Give an existing folder.")
     if api_auth is not None and not parse_credentials(api_auth):
-        raise LorakitError("The API credentials are not in the form user:password[,user2:password2].",
-                           fix="Give them as user:password.")
+        raise LorakitError(
+            "The API credentials are not in the form user:password[,user2:password2].",
+            fix="Give them as user:password.",
+        )
     # The port first: the URL is printed only once the server can really listen there.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -88,8 +107,10 @@ def serve(models_dir: str, loras_dir: str, *, port: int = 7870, host: str = "127
         try:
             s.bind((host, port))
         except OSError as e:
-            raise LorakitError(f"Cannot listen on {host}:{port}: {e.strerror or e}.",
-                               fix="Another program uses that port: pick another one, or stop it.") from None
+            raise LorakitError(
+                f"Cannot listen on {host}:{port}: {e.strerror or e}.",
+                fix="Another program uses that port: pick another one, or stop it.",
+            ) from None
     from ..ops.files import sweep_orphans
 
     sweep_orphans(models_dir)  # what a killed bake or merge left in the output folder (logged)

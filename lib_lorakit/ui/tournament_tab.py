@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import gradio as gr
 
 from ..errors import LorakitError
-from ..gen.profiles import default_settings
 from ..ops import tournament as tour_op
 from ..ops.context import HostContext
 from . import lists
@@ -36,16 +35,23 @@ VIEWER = """
 </div>
 """
 
+
 def example_spec(checkpoints: list[str]) -> str:
     """A JSON spec to start from, naming the host's own checkpoints (no made-up files)."""
     a = checkpoints[0] if checkpoints else "(a checkpoint from the list)"
     b = checkpoints[1] if len(checkpoints) > 1 else a
-    return json.dumps({
-        "name": "next version",
-        "candidates": [{"checkpoint": a, "control": True}, {"checkpoint": b},
-                       {"id": "mix-70-30", "merge": {"models": [{"name": a, "weight": 0.7}, {"name": b, "weight": 0.3}]}}],
-        "prompts": ["(five or more prompts; empty settings come from the checkpoint's generation profile)"] * 5,
-    }, indent=1)
+    return json.dumps(
+        {
+            "name": "next version",
+            "candidates": [
+                {"checkpoint": a, "control": True},
+                {"checkpoint": b},
+                {"id": "mix-70-30", "merge": {"models": [{"name": a, "weight": 0.7}, {"name": b, "weight": 0.3}]}},
+            ],
+            "prompts": ["(five or more prompts; empty settings come from the checkpoint's generation profile)"] * 5,
+        },
+        indent=1,
+    )
 
 
 FORM_HEADERS = ["#", "candidate", "kind"]
@@ -76,8 +82,10 @@ def _merge_models(text: str) -> list[dict]:
 
 
 def _choices(service: HostContext) -> list[str]:
-    return [f"{t['id']} · r{t['round']} · {t['name']} ({t['state']}{', revealed' if t['revealed'] else ''})"
-            for t in tour_op.tournaments(service)]
+    return [
+        f"{t['id']} · r{t['round']} · {t['name']} ({t['state']}{', revealed' if t['revealed'] else ''})"
+        for t in tour_op.tournaments(service)
+    ]
 
 
 PROPOSAL_ONLY = ("parent", "round", "winner", "mode", "id")
@@ -92,13 +100,16 @@ def scores_md(sc: dict) -> str:
     rows = ["| candidate | " + " | ".join(names) + " | BT 90% | P(best) |", "|---|" + "---:|" * (len(names) + 2)]
     bt = sc["bradley_terry"]
     if not sc.get("enough_votes", True):
-        return ("" if sc["revealed"] else "*Blind: candidates are numbered until Reveal.*\n\n") + \
-            f"**{sc['separability']['text']}**"
+        return (
+            "" if sc["revealed"] else "*Blind: candidates are numbered until Reveal.*\n\n"
+        ) + f"**{sc['separability']['text']}**"
     for c in sc["candidates"]:
         iv = bt["interval90"].get(c)
         interval = f"{iv[0]:+.2f} … {iv[1]:+.2f}" if iv else "—"
         pbest = f"{bt['p_best'][c]:.0%}" if c in bt["p_best"] else "—"
-        rows.append(f"| {c} | " + " | ".join(f"{sc['schemes'][n][c]:.2f}" for n in names) + f" | {interval} | {pbest} |")
+        rows.append(
+            f"| {c} | " + " | ".join(f"{sc['schemes'][n][c]:.2f}" for n in names) + f" | {interval} | {pbest} |"
+        )
     notes = [f"- {n}" for n in sc["notes"]]
     if sc["separability"].get("text") and sc["separability"]["text"] not in sc["notes"]:
         notes.append(f"- {sc['separability']['text']}")
@@ -111,18 +122,28 @@ def scores_md(sc: dict) -> str:
 def build_tournament_tab(service: HostContext) -> None:
     choices = _choices(service)
     with gr.Row():
-        pick = gr.Dropdown(label="Tournament", choices=choices, value=choices[0] if choices else None,
-                           elem_id="lorakit_tour_pick", scale=4)
-        evaluator = gr.Textbox(label="Evaluator (your name)", elem_id="lorakit_tour_evaluator", scale=2)
+        pick = gr.Dropdown(
+            label="Tournament",
+            choices=choices,
+            value=choices[0] if choices else None,
+            elem_id="lorakit_tour_pick",
+            scale=4,
+        )
+        gr.Textbox(label="Evaluator (your name)", elem_id="lorakit_tour_evaluator", scale=2)
         refresh = gr.Button("Refresh", elem_id="lorakit_tour_refresh", scale=1)
-    tid = gr.Textbox(value=_tid(choices[0]) if choices else "", elem_id="lorakit_tour_id", show_label=False,
-                     elem_classes=["lorakit-hidden"])
+    tid = gr.Textbox(
+        value=_tid(choices[0]) if choices else "",
+        elem_id="lorakit_tour_id",
+        show_label=False,
+        elem_classes=["lorakit-hidden"],
+    )
     gr.HTML(VIEWER, elem_id="lorakit_tour_viewer")
     with gr.Accordion("Scores, reveal, report, next round", open=False):
         with gr.Row():
             scores_btn = gr.Button("Scores", elem_id="lorakit_tour_scores_btn")
-            reveal_ok = gr.Checkbox(label="Reveal who is who (ends the blind part)", value=False,
-                                    elem_id="lorakit_tour_reveal_ok")
+            reveal_ok = gr.Checkbox(
+                label="Reveal who is who (ends the blind part)", value=False, elem_id="lorakit_tour_reveal_ok"
+            )
             reveal_btn = gr.Button("Reveal", variant="stop", elem_id="lorakit_tour_reveal")
             report_btn = gr.Button("Report", elem_id="lorakit_tour_report_btn")
             winner_btn = gr.Button("Winner's recipe (for Bake/Merge)", elem_id="lorakit_tour_winner")
@@ -136,45 +157,83 @@ def build_tournament_tab(service: HostContext) -> None:
         create_next = gr.Button("Create this round", elem_id="lorakit_tour_create_next")
     ckpts = [e.name for e in service.checkpoints()]
     with gr.Accordion("New tournament", open=not choices):
-        gr.Markdown("Pick the candidates from the WebUI's lists — a checkpoint, a checkpoint with LoRAs on top, or a "
-                    "merge recipe — and mark the version you ship today as the **control**. Prompts and settings come "
-                    "from the control checkpoint's generation profile; edit what you like.")
+        gr.Markdown(
+            "Pick the candidates from the WebUI's lists — a checkpoint, a checkpoint with LoRAs on top, or a "
+            "merge recipe — and mark the version you ship today as the **control**. Prompts and settings come "
+            "from the control checkpoint's generation profile; edit what you like."
+        )
         with gr.Row():
-            f_ckpt = lists.add(gr.Dropdown(label="Checkpoint", choices=ckpts, elem_id="lorakit_tour_f_ckpt", scale=3),
-                               lambda: [e.name for e in service.checkpoints()], current=True)
-            f_loras = gr.Textbox(label="LoRAs on top (optional)", placeholder="name:0.8, other:0.5",
-                                 elem_id="lorakit_tour_f_loras", scale=3)
+            f_ckpt = lists.add(
+                gr.Dropdown(label="Checkpoint", choices=ckpts, elem_id="lorakit_tour_f_ckpt", scale=3),
+                lambda: [e.name for e in service.checkpoints()],
+                current=True,
+            )
+            f_loras = gr.Textbox(
+                label="LoRAs on top (optional)",
+                placeholder="name:0.8, other:0.5",
+                elem_id="lorakit_tour_f_loras",
+                scale=3,
+            )
             f_add = gr.Button("Add candidate", elem_id="lorakit_tour_f_add", scale=1, min_width=120)
         with gr.Row():
-            f_merge = gr.Textbox(label="Or a merge recipe (checkpoints with weights)", placeholder="a:0.7, b:0.2, c:0.1",
-                                 elem_id="lorakit_tour_f_merge", scale=6)
+            f_merge = gr.Textbox(
+                label="Or a merge recipe (checkpoints with weights)",
+                placeholder="a:0.7, b:0.2, c:0.1",
+                elem_id="lorakit_tour_f_merge",
+                scale=6,
+            )
             f_add_merge = gr.Button("Add merge candidate", elem_id="lorakit_tour_f_add_merge", scale=1, min_width=120)
         # the candidates picked so far, as JSON in a hidden box (a gr.State's config does not serialise in gradio 4.40)
-        f_rows = gr.Textbox(value="[]", elem_id="lorakit_tour_f_rows", elem_classes=["lorakit-hidden"],
-                            show_label=False)
-        f_table = gr.Dataframe(headers=FORM_HEADERS, value=empty_table(FORM_HEADERS), datatype=["number", "str", "str"], interactive=False,
-                               label="Candidates", elem_id="lorakit_tour_f_candidates", wrap=True)
+        f_rows = gr.Textbox(
+            value="[]", elem_id="lorakit_tour_f_rows", elem_classes=["lorakit-hidden"], show_label=False
+        )
+        f_table = gr.Dataframe(
+            headers=FORM_HEADERS,
+            value=empty_table(FORM_HEADERS),
+            datatype=["number", "str", "str"],
+            interactive=False,
+            label="Candidates",
+            elem_id="lorakit_tour_f_candidates",
+            wrap=True,
+        )
         with gr.Row():
-            f_control = gr.Dropdown(label="Control (the previous version)", choices=[], elem_id="lorakit_tour_f_control",
-                                    scale=2)
-            f_first = gr.Checkbox(label="First version: no control (the report says so)", value=False,
-                                  elem_id="lorakit_tour_f_first", scale=2)
+            f_control = gr.Dropdown(
+                label="Control (the previous version)", choices=[], elem_id="lorakit_tour_f_control", scale=2
+            )
+            f_first = gr.Checkbox(
+                label="First version: no control (the report says so)",
+                value=False,
+                elem_id="lorakit_tour_f_first",
+                scale=2,
+            )
             f_clear = gr.Button("Clear candidates", elem_id="lorakit_tour_f_clear", scale=1, min_width=120)
         f_profile = gr.Markdown("", elem_id="lorakit_tour_f_profile")
-        f_prompts = gr.Textbox(label="Prompts, one per line (at least 5; empty: the profile's set)", lines=6,
-                               max_lines=12, elem_id="lorakit_tour_f_prompts")
+        f_prompts = gr.Textbox(
+            label="Prompts, one per line (at least 5; empty: the profile's set)",
+            lines=6,
+            max_lines=12,
+            elem_id="lorakit_tour_f_prompts",
+        )
         with gr.Row():
             f_name = gr.Textbox(label="Name", value="", placeholder="v4 candidates", elem_id="lorakit_tour_f_name")
-            f_seeds = gr.Textbox(label="Seeds (one: counted up per prompt)", value="1000", elem_id="lorakit_tour_f_seeds")
-            f_steps = gr.Number(label="Steps (blank: the profile's)", value=None, precision=0,
-                                elem_id="lorakit_tour_f_steps")
+            f_seeds = gr.Textbox(
+                label="Seeds (one: counted up per prompt)", value="1000", elem_id="lorakit_tour_f_seeds"
+            )
+            f_steps = gr.Number(
+                label="Steps (blank: the profile's)", value=None, precision=0, elem_id="lorakit_tour_f_steps"
+            )
             f_cfg = gr.Number(label="CFG (blank: the profile's)", value=None, elem_id="lorakit_tour_f_cfg")
         with gr.Row():
             f_create = gr.Button("Create", variant="primary", elem_id="lorakit_tour_f_create")
             generate = gr.Button("Generate images", variant="primary", elem_id="lorakit_tour_generate")
         with gr.Accordion("Advanced: a JSON spec instead of the form", open=False):
-            spec = gr.Code(label="Spec (JSON): candidates (one control), at least 5 prompts, settings", language="json",
-                           value=example_spec(ckpts), elem_id="lorakit_tour_spec", lines=12)
+            spec = gr.Code(
+                label="Spec (JSON): candidates (one control), at least 5 prompts, settings",
+                language="json",
+                value=example_spec(ckpts),
+                elem_id="lorakit_tour_spec",
+                lines=12,
+            )
             create = gr.Button("Create from JSON", elem_id="lorakit_tour_create")
         progress = gr.HTML(progress_html(0, "", "idle"), elem_id="lorakit_tour_progress")
         message = gr.Markdown(elem_id="lorakit_tour_message")
@@ -220,8 +279,10 @@ def build_tournament_tab(service: HostContext) -> None:
             w = tour_op.winner(service, _tid(v))
         except Exception as e:  # noqa: BLE001
             return error_md(e)
-        return (f"Winner **{w['candidate']}**: {w['recipe']}. Use this body with `POST /lorakit/v1/merge` or "
-                f"`/bake`, or copy the names into the Merge/Bake tabs:\n\n```json\n{json.dumps(w, indent=1)}\n```")
+        return (
+            f"Winner **{w['candidate']}**: {w['recipe']}. Use this body with `POST /lorakit/v1/merge` or "
+            f"`/bake`, or copy the names into the Merge/Bake tabs:\n\n```json\n{json.dumps(w, indent=1)}\n```"
+        )
 
     winner_btn.click(do_winner, [pick], [out_md])
 
@@ -242,8 +303,9 @@ def build_tournament_tab(service: HostContext) -> None:
             parent = data.get("parent") or parent
             for k in PROPOSAL_ONLY:  # a next-round proposal carries these beside the spec
                 data.pop(k, None)
-            new = tour_op.create(service, {**data, "name": data.get("name") or f"round {round_no}"},
-                                 parent=parent, round_no=round_no)
+            new = tour_op.create(
+                service, {**data, "name": data.get("name") or f"round {round_no}"}, parent=parent, round_no=round_no
+            )
         except Exception as e:  # noqa: BLE001
             return error_md(e), gr.update(), gr.update()
         c = _choices(service)
@@ -265,8 +327,10 @@ def build_tournament_tab(service: HostContext) -> None:
         if not chosen:
             return "", gr.update()
         s_ = chosen["settings"]
-        text = (f"Generation profile **{chosen['label']}** ({chosen['reason']}): {s_['width']}×{s_['height']}, "
-                f"{s_['steps']} steps, CFG {s_['cfg_scale']:g}, {s_['sampler_name']}.")
+        text = (
+            f"Generation profile **{chosen['label']}** ({chosen['reason']}): {s_['width']}×{s_['height']}, "
+            f"{s_['steps']} steps, CFG {s_['cfg_scale']:g}, {s_['sampler_name']}."
+        )
         from ..gen.profiles import prompt_set
 
         return text, "\n".join(prompt_set(chosen))
@@ -287,11 +351,18 @@ def build_tournament_tab(service: HostContext) -> None:
     def do_add(rows, ck, loras_text, control):
         rows = _rows(rows)
         if not ck:
-            return (json.dumps(rows), _form_rows(rows), gr.update(), error_md(LorakitError("No checkpoint picked.",
-                                                                               fix="Choose one from the list.")),
-                    gr.update())
-        row = {"kind": "recipe" if (loras_text or "").strip() else "checkpoint", "checkpoint": ck,
-               "loras": (loras_text or "").strip()}
+            return (
+                json.dumps(rows),
+                _form_rows(rows),
+                gr.update(),
+                error_md(LorakitError("No checkpoint picked.", fix="Choose one from the list.")),
+                gr.update(),
+            )
+        row = {
+            "kind": "recipe" if (loras_text or "").strip() else "checkpoint",
+            "checkpoint": ck,
+            "loras": (loras_text or "").strip(),
+        }
         return form_update(rows + [row], control)
 
     def do_add_merge(rows, text, control):
@@ -308,21 +379,39 @@ def build_tournament_tab(service: HostContext) -> None:
     def do_create_form(rows, control, first, prompts_text, seeds_text, steps_v, cfg_v, name_v):
         rows = _rows(rows)
         try:
-            settings = {k: v for k, v in (("steps", int(steps_v) if steps_v else None),
-                                          ("cfg_scale", float(cfg_v) if cfg_v else None)) if v is not None}
+            settings = {
+                k: v
+                for k, v in (
+                    ("steps", int(steps_v) if steps_v else None),
+                    ("cfg_scale", float(cfg_v) if cfg_v else None),
+                )
+                if v is not None
+            }
             ctl = None if first or not control else int(control) - 1
-            d = tour_op.spec_from_form(service, list(rows or []), ctl, prompts_text or None, seeds_text or None,
-                                       settings, name=name_v or "tournament", first_version=bool(first))
+            d = tour_op.spec_from_form(
+                service,
+                list(rows or []),
+                ctl,
+                prompts_text or None,
+                seeds_text or None,
+                settings,
+                name=name_v or "tournament",
+                first_version=bool(first),
+            )
             new = tour_op.create(service, d)
         except Exception as e:  # noqa: BLE001 - shown to the user
             return error_md(e), gr.update(), gr.update()
         c = _choices(service)
         val = next((x for x in c if _tid(x) == new), None)
-        return (f"Created `{new}` with {len(rows)} candidates; now **Generate images**.", gr.update(choices=c, value=val),
-                new)
+        return (
+            f"Created `{new}` with {len(rows)} candidates; now **Generate images**.",
+            gr.update(choices=c, value=val),
+            new,
+        )
 
-    f_create.click(do_create_form, [f_rows, f_control, f_first, f_prompts, f_seeds, f_steps, f_cfg, f_name],
-                   [message, pick, tid])
+    f_create.click(
+        do_create_form, [f_rows, f_control, f_first, f_prompts, f_seeds, f_steps, f_cfg, f_name], [message, pick, tid]
+    )
     create.click(do_create, [spec], [message, pick, tid])
     create_next.click(do_create, [proposal], [message, pick, tid])
 
@@ -336,8 +425,13 @@ def build_tournament_tab(service: HostContext) -> None:
             yield progress_html(job.progress, job.message, job.state), gr.update()
         if job.state == "done":
             rec = job.result["record"]
-            yield progress_html(1, "done", "done"), (f"{rec['ok']} images made, {rec['failed']} failed, "
-                                                     f"{rec['flagged']} flagged. Rank them above (Refresh).")
+            yield (
+                progress_html(1, "done", "done"),
+                (
+                    f"{rec['ok']} images made, {rec['failed']} failed, "
+                    f"{rec['flagged']} flagged. Rank them above (Refresh)."
+                ),
+            )
         else:
             yield progress_html(job.progress, job.state, job.state), error_md(Exception(job.error or job.state))
 

@@ -62,9 +62,12 @@ def _form_defaults(service: HostContext, checkpoint: str | None) -> dict:
 
 def _profile_md(form: dict) -> str:
     s = form["settings"]
-    return (f"Generation profile **{form['label']}** ({form['reason']}): {s['width']}×{s['height']}, "
-            f"{s['steps']} steps, CFG {s['cfg_scale']:g}, {s['sampler_name']}" +
-            (f", negative prompt *{form['negative_prompt'][:80]}*" if form.get("negative_prompt") else "") + ".")
+    return (
+        f"Generation profile **{form['label']}** ({form['reason']}): {s['width']}×{s['height']}, "
+        f"{s['steps']} steps, CFG {s['cfg_scale']:g}, {s['sampler_name']}"
+        + (f", negative prompt *{form['negative_prompt'][:80]}*" if form.get("negative_prompt") else "")
+        + "."
+    )
 
 
 def _tid(choice: str | None) -> str:
@@ -77,31 +80,51 @@ def build_triage_tab(service: HostContext) -> None:
 
     choices = _choices(service)
     with gr.Row():
-        pick = gr.Dropdown(label="Triage", choices=choices, value=choices[0] if choices else None,
-                           elem_id="lorakit_triage_pick", scale=4)
+        pick = gr.Dropdown(
+            label="Triage",
+            choices=choices,
+            value=choices[0] if choices else None,
+            elem_id="lorakit_triage_pick",
+            scale=4,
+        )
         refresh = gr.Button("Refresh", elem_id="lorakit_triage_refresh", scale=1)
-    tid = gr.Textbox(value=_tid(choices[0]) if choices else "", elem_id="lorakit_triage_id", show_label=False,
-                     elem_classes=["lorakit-hidden"])
+    tid = gr.Textbox(
+        value=_tid(choices[0]) if choices else "",
+        elem_id="lorakit_triage_id",
+        show_label=False,
+        elem_classes=["lorakit-hidden"],
+    )
     gr.HTML(VIEWER, elem_id="lorakit_triage_viewer")
     with gr.Accordion("Report and archive", open=False):
         with gr.Row():
             report_btn = gr.Button("Report (markdown)", elem_id="lorakit_triage_report_btn")
             csv_btn = gr.Button("Report (CSV)")
             archive_btn = gr.Button("Archive NO files", variant="stop", elem_id="lorakit_triage_archive_btn")
-            confirm = gr.Checkbox(label="Yes, move the NO LoRAs (and their sidecars) into the archive folder",
-                                  value=False, elem_id="lorakit_triage_archive_confirm")
+            confirm = gr.Checkbox(
+                label="Yes, move the NO LoRAs (and their sidecars) into the archive folder",
+                value=False,
+                elem_id="lorakit_triage_archive_confirm",
+            )
         with gr.Row():
-            batch = gr.Textbox(label="Archive batch to restore", placeholder="the batch folder name",
-                               elem_id="lorakit_triage_batch")
+            batch = gr.Textbox(
+                label="Archive batch to restore", placeholder="the batch folder name", elem_id="lorakit_triage_batch"
+            )
             restore_btn = gr.Button("Restore batch")
             pass_btn = gr.Button("Start a new pass", elem_id="lorakit_triage_new_pass")
         report = gr.Markdown(elem_id="lorakit_triage_report")
         report_file = gr.Textbox(label="CSV", lines=6, visible=False)
     with gr.Accordion("New triage", open=not choices):
         with gr.Row():
-            folder = gr.Textbox(label="LoRA folder (inside the LoRA folder; empty: all)", elem_id="lorakit_triage_folder")
-            ckpt = lists.add(gr.Dropdown(label="Checkpoint (empty: the loaded one)", choices=ckpt_names(),
-                                         elem_id="lorakit_triage_ckpt"), ckpt_names, current=True)
+            folder = gr.Textbox(
+                label="LoRA folder (inside the LoRA folder; empty: all)", elem_id="lorakit_triage_folder"
+            )
+            ckpt = lists.add(
+                gr.Dropdown(
+                    label="Checkpoint (empty: the loaded one)", choices=ckpt_names(), elem_id="lorakit_triage_ckpt"
+                ),
+                ckpt_names,
+                current=True,
+            )
         with gr.Row():
             arch = gr.Dropdown(label="Architecture", choices=["", "sd15", "sdxl"], value="")
             category = gr.Textbox(label="Category", placeholder="e.g. style")
@@ -111,13 +134,22 @@ def build_triage_tab(service: HostContext) -> None:
 
         form = _form_defaults(service, None)
         profile_md = gr.Markdown(_profile_md(form), elem_id="lorakit_triage_profile")
-        prompts = gr.Code(label="Prompt per category (the trigger is added for trigger-dependent LoRAs)",
-                          language="json", value=json.dumps(form["prompts"], indent=1), elem_id="lorakit_triage_prompts")
+        prompts = gr.Code(
+            label="Prompt per category (the trigger is added for trigger-dependent LoRAs)",
+            language="json",
+            value=json.dumps(form["prompts"], indent=1),
+            elem_id="lorakit_triage_prompts",
+        )
         with gr.Row():
-            steps = gr.Number(label="Steps", value=form["settings"]["steps"], precision=0, elem_id="lorakit_triage_steps")
-            width = gr.Number(label="Width", value=form["settings"]["width"], precision=0, elem_id="lorakit_triage_width")
-            height = gr.Number(label="Height", value=form["settings"]["height"], precision=0,
-                               elem_id="lorakit_triage_height")
+            steps = gr.Number(
+                label="Steps", value=form["settings"]["steps"], precision=0, elem_id="lorakit_triage_steps"
+            )
+            width = gr.Number(
+                label="Width", value=form["settings"]["width"], precision=0, elem_id="lorakit_triage_width"
+            )
+            height = gr.Number(
+                label="Height", value=form["settings"]["height"], precision=0, elem_id="lorakit_triage_height"
+            )
             start = gr.Button("Create and generate", variant="primary", elem_id="lorakit_triage_start")
         progress = gr.HTML(progress_html(0, "", "idle"), elem_id="lorakit_triage_progress")
         message = gr.Markdown()
@@ -149,8 +181,10 @@ def build_triage_tab(service: HostContext) -> None:
             res = triage_op.archive(service, _tid(v), {"decision": "no"})
         except Exception as e:  # noqa: BLE001
             return error_md(e)
-        return (f"Archived {res['loras']} LoRA(s), {res['files']} file(s), {res['bytes'] / 2**20:.1f} MB into "
-                f"`{html.escape(res['batch'])}`. Restore with the batch name `{res['batch'].rsplit('/', 1)[-1]}`.")
+        return (
+            f"Archived {res['loras']} LoRA(s), {res['files']} file(s), {res['bytes'] / 2**20:.1f} MB into "
+            f"`{html.escape(res['batch'])}`. Restore with the batch name `{res['batch'].rsplit('/', 1)[-1]}`."
+        )
 
     archive_btn.click(do_archive, [pick, confirm], [report])
 
@@ -169,14 +203,21 @@ def build_triage_tab(service: HostContext) -> None:
             n = triage_op.new_pass(service, _tid(v))["pass"]
         except Exception as e:  # noqa: BLE001
             return error_md(e)
-        return f"Pass {n} started: every LoRA is undecided again; earlier passes stay in the history. Reload the triage."
+        return (
+            f"Pass {n} started: every LoRA is undecided again; earlier passes stay in the history. Reload the triage."
+        )
 
     pass_btn.click(do_pass, [pick], [report])
 
     def do_profile(ck):
         form = _form_defaults(service, ck)
-        return (json.dumps(form["prompts"], indent=1), form["settings"]["steps"], form["settings"]["width"],
-                form["settings"]["height"], _profile_md(form))
+        return (
+            json.dumps(form["prompts"], indent=1),
+            form["settings"]["steps"],
+            form["settings"]["width"],
+            form["settings"]["height"],
+            _profile_md(form),
+        )
 
     ckpt.input(do_profile, [ckpt], [prompts, steps, width, height, profile_md])  # the user's pick
     lists.on_preselect(do_profile, [prompts, steps, width, height, profile_md])  # the host's current one
@@ -188,11 +229,19 @@ def build_triage_tab(service: HostContext) -> None:
             table = json.loads(prompts_v) if (prompts_v or "").strip() else None
             if table is not None and not (isinstance(table, dict) and all(isinstance(v, str) for v in table.values())):
                 raise ValueError("the prompts must be a JSON object of category -> prompt")
-            req = {"folder": folder_v or None, "checkpoint": ck or None, "arch": arch_v or None, "prompts": table,
-                   "category": cat or None, "name_filter": nm or None, "seeds": seeds_v or None,
-                   "strength": float(st) if str(st or "").strip() else None,
-                   "steps": int(steps_v) if steps_v else None, "width": int(w) if w else None,
-                   "height": int(h) if h else None}
+            req = {
+                "folder": folder_v or None,
+                "checkpoint": ck or None,
+                "arch": arch_v or None,
+                "prompts": table,
+                "category": cat or None,
+                "name_filter": nm or None,
+                "seeds": seeds_v or None,
+                "strength": float(st) if str(st or "").strip() else None,
+                "steps": int(steps_v) if steps_v else None,
+                "width": int(w) if w else None,
+                "height": int(h) if h else None,
+            }
             job, new = triage_op.start(service, req)
         except Exception as e:  # noqa: BLE001
             yield progress_html(0, "not started", "error"), error_md(e), gr.update(), gr.update()
@@ -204,12 +253,23 @@ def build_triage_tab(service: HostContext) -> None:
             yield progress_html(job.progress, job.message, job.state), gr.update(), gr.update(), gr.update()
         if job.state == "done":
             st = job.result["state"]
-            yield (progress_html(1, "done", "done"), f"Triage `{new}`: {st['items']} pairs ready, {st['skipped']} "
-                   "skipped. Review them above.", gr.update(choices=_choices(service), value=val), new)
+            yield (
+                progress_html(1, "done", "done"),
+                f"Triage `{new}`: {st['items']} pairs ready, {st['skipped']} skipped. Review them above.",
+                gr.update(choices=_choices(service), value=val),
+                new,
+            )
         else:
-            yield (progress_html(job.progress, job.state, job.state), error_md(Exception(job.error or job.state)),
-                   gr.update(), gr.update())
+            yield (
+                progress_html(job.progress, job.state, job.state),
+                error_md(Exception(job.error or job.state)),
+                gr.update(),
+                gr.update(),
+            )
         time.sleep(0)
 
-    start.click(do_start, [folder, ckpt, arch, category, name, seeds, strength, prompts, steps, width, height],
-                [progress, message, pick, tid])
+    start.click(
+        do_start,
+        [folder, ckpt, arch, category, name, seeds, strength, prompts, steps, width, height],
+        [progress, message, pick, tid],
+    )

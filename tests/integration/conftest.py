@@ -3,13 +3,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from live import base, lora  # noqa: E402,F401  (fixtures)
-
 import glob  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
+from live import base, lora  # noqa: E402,F401  (fixtures)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,10 +11,15 @@ import uuid
 import pytest
 
 URL = os.environ.get("LORAKIT_WEBUI_URL", "").rstrip("/")
+
+
 def call(method, path, body=None, timeout=600):
-    req = urllib.request.Request(URL + path, method=method,
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        URL + path,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     auth = os.environ.get("LORAKIT_WEBUI_AUTH")
     if auth:
         req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
@@ -61,5 +66,3 @@ def lora(base):
     sd = make_lora(arch, "lora", rank=4, alpha=4, tiny=False, conv=False, seed=5, dtype=torch.float16, std=0.01)
     save_file(sd, os.path.join(folder, name + ".safetensors"))
     return name
-
-

@@ -26,8 +26,7 @@ def _lora_dir():
 
 
 def _cli_args():
-    args = ["--webui", URL, "--steps", "2", "--width", "64", "--height", "64", "--sampler", "Euler",
-            "--cfg-scale", "5"]
+    args = ["--webui", URL, "--steps", "2", "--width", "64", "--height", "64", "--sampler", "Euler", "--cfg-scale", "5"]
     if os.environ.get("LORAKIT_WEBUI_AUTH"):
         args += ["--api-auth", os.environ["LORAKIT_WEBUI_AUTH"]]
     return args
@@ -36,8 +35,14 @@ def _cli_args():
 def test_grid_script_through_the_hosts_txt2img_api(lora):
     from PIL import Image
 
-    body = {"prompt": f"a cat, <lora:{lora}:0.9>, garden", "negative_prompt": "", "seed": 11, **SMALL,
-            "script_name": "lorakit: LoRA strength grid", "script_args": [[lora], "0, 0.5, 1", False, "11", True]}
+    body = {
+        "prompt": f"a cat, <lora:{lora}:0.9>, garden",
+        "negative_prompt": "",
+        "seed": 11,
+        **SMALL,
+        "script_name": "lorakit: LoRA strength grid",
+        "script_args": [[lora], "0, 0.5, 1", False, "11", True],
+    }
     status, r = call("POST", "/sdapi/v1/txt2img", body)
     assert status == 200, r
     info = json.loads(r["info"])
@@ -59,8 +64,11 @@ def test_grid_script_through_the_hosts_txt2img_api(lora):
 
 
 def test_grid_job_through_the_host_adapter(lora, base):
-    status, r = call("POST", "/lorakit/v1/grid", {"loras": [lora], "prompt": "a castle", "strengths": "0, 1",
-                                                  "seeds": "3", "checkpoint": base, **SMALL})
+    status, r = call(
+        "POST",
+        "/lorakit/v1/grid",
+        {"loras": [lora], "prompt": "a castle", "strengths": "0, 1", "seeds": "3", "checkpoint": base, **SMALL},
+    )
     assert status == 200, r
     job = wait(r["job_id"])
     assert job["state"] == "done", job
@@ -74,15 +82,30 @@ def test_autotest_and_epochs_from_outside(lora, base, tmp_path, capsys):
     from lib_lorakit.gen.run import Run
 
     folder = _lora_dir()
-    code = main(["autotest", *_cli_args(), os.path.join(folder, lora + ".safetensors"), "--strengths", "0, 1",
-                 "--out", str(tmp_path), "--prompts", _prompts(tmp_path)])
+    code = main(
+        [
+            "autotest",
+            *_cli_args(),
+            os.path.join(folder, lora + ".safetensors"),
+            "--strengths",
+            "0, 1",
+            "--out",
+            str(tmp_path),
+            "--prompts",
+            _prompts(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
-    (run_dir,) = [os.path.join(tmp_path, "lorakit", "autotest", d) for d in os.listdir(tmp_path / "lorakit" / "autotest")]
+    (run_dir,) = [
+        os.path.join(tmp_path, "lorakit", "autotest", d) for d in os.listdir(tmp_path / "lorakit" / "autotest")
+    ]
     run = Run(run_dir)
     res = run.results()
     assert len(run.cells) == 2 * 2 and all(r["status"] == "ok" for r in res.values())  # 2 prompts x (0, 1)
-    assert os.path.isfile(os.path.join(run_dir, "grid.png")) and lora in open(os.path.join(run_dir, "summary.md")).read()
+    assert (
+        os.path.isfile(os.path.join(run_dir, "grid.png")) and lora in open(os.path.join(run_dir, "summary.md")).read()
+    )
     applied = [r for r in res.values() if "Lora hashes" in r["infotext"]]
     assert len(applied) == 2  # the two strength-1 cells, checked against the infotext
 
@@ -94,11 +117,34 @@ def test_autotest_and_epochs_from_outside(lora, base, tmp_path, capsys):
 
     run_name = f"lorakit-it-ep-{uuid.uuid4().hex[:6]}"
     for ep in (1, 2):
-        sd = make_lora(os.environ.get("LORAKIT_WEBUI_ARCH", "sd15"), "lora", rank=4, alpha=4, tiny=False, conv=False,
-                       seed=ep, dtype=torch.float16, std=0.01)
+        sd = make_lora(
+            os.environ.get("LORAKIT_WEBUI_ARCH", "sd15"),
+            "lora",
+            rank=4,
+            alpha=4,
+            tiny=False,
+            conv=False,
+            seed=ep,
+            dtype=torch.float16,
+            std=0.01,
+        )
         save_file(sd, os.path.join(folder, f"{run_name}-{ep:06d}.safetensors"), metadata={"ss_epoch": str(ep)})
-    code = main(["grid", *_cli_args(), "--lora", f"{run_name}-000001", "--epochs", "--prompt", "a house",
-                 "--strengths", "0, 1", "--out", str(tmp_path / "g"), "-q"])
+    code = main(
+        [
+            "grid",
+            *_cli_args(),
+            "--lora",
+            f"{run_name}-000001",
+            "--epochs",
+            "--prompt",
+            "a house",
+            "--strengths",
+            "0, 1",
+            "--out",
+            str(tmp_path / "g"),
+            "-q",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert f"{run_name}-000001 (epoch 1):" in out and f"{run_name}-000002 (epoch 2):" in out

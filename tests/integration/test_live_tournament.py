@@ -21,12 +21,16 @@ def test_three_candidates_five_prompts(base, lora):
     late = f"lorakit-it-late-{uuid.uuid4().hex[:6]}.safetensors"
     shutil.copyfile(src, os.path.join(ckdir, late))  # after start-up: the WebUI's cached list lacks it
     try:
-        body = {"name": "it", "settings": {"steps": 2, "width": 64, "height": 64, "sampler_name": "Euler",
-                                           "cfg_scale": 5},
-                "prompts": [{"prompt": p} for p in ("a cat", "a castle", "a portrait", "a street", "a forest")],
-                "candidates": [{"id": "control", "checkpoint": base, "control": True},
-                               {"id": "late", "checkpoint": late},
-                               {"id": "recipe", "checkpoint": base, "loras": [{"name": lora, "strength": 0.8}]}]}
+        body = {
+            "name": "it",
+            "settings": {"steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 5},
+            "prompts": [{"prompt": p} for p in ("a cat", "a castle", "a portrait", "a street", "a forest")],
+            "candidates": [
+                {"id": "control", "checkpoint": base, "control": True},
+                {"id": "late", "checkpoint": late},
+                {"id": "recipe", "checkpoint": base, "loras": [{"name": lora, "strength": 0.8}]},
+            ],
+        }
         status, r = call("POST", "/lorakit/v1/tournaments", {**body, "prompts": body["prompts"][:4]})
         assert status == 400 and "at least 5 prompts" in r["message"]
         status, r = call("POST", "/lorakit/v1/tournaments", body)

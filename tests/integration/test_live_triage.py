@@ -32,21 +32,33 @@ def test_five_lora_triage_through_the_api():
     os.makedirs(folder)
     paths = []
     for i in range(5):
-        meta = kohya_metadata(arch, output_name=f"style{i}", dim=4, alpha=4.0,
-                              folders={"5_art": (20, [("scenery", 10), ("watercolor", 18)])})
+        meta = kohya_metadata(
+            arch,
+            output_name=f"style{i}",
+            dim=4,
+            alpha=4.0,
+            folders={"5_art": (20, [("scenery", 10), ("watercolor", 18)])},
+        )
         p = os.path.join(folder, f"{sub}-style{i}.safetensors")
-        save_file(make_lora(arch, "lora", rank=4, alpha=4, tiny=False, conv=False, seed=i, dtype=torch.float16,
-                            std=0.01), p, metadata=meta)
+        save_file(
+            make_lora(arch, "lora", rank=4, alpha=4, tiny=False, conv=False, seed=i, dtype=torch.float16, std=0.01),
+            p,
+            metadata=meta,
+        )
         paths.append(p)
     wrong = os.path.join(folder, f"{sub}-wrongarch.safetensors")
-    save_file(make_lora(other, "lora", rank=2, alpha=2, tiny=False, conv=False, te=False, seed=9,
-                        dtype=torch.float16), wrong)
+    save_file(
+        make_lora(other, "lora", rank=2, alpha=2, tiny=False, conv=False, te=False, seed=9, dtype=torch.float16), wrong
+    )
     with open(paths[0][:-12] + ".json", "w") as f:  # a sidecar, archived and restored with its LoRA
         f.write('{"activation text": ""}')
     before = {p: _sha(p) for p in [*paths, paths[0][:-12] + ".json"]}
 
-    status, r = call("POST", "/lorakit/v1/triage", {"folder": sub, "steps": 2, "width": 64, "height": 64,
-                                                    "sampler_name": "Euler", "cfg_scale": 5, "name": sub})
+    status, r = call(
+        "POST",
+        "/lorakit/v1/triage",
+        {"folder": sub, "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 5, "name": sub},
+    )
     assert status == 200, r
     tid = r["triage_id"]
     job = wait(r["job_id"])
@@ -60,7 +72,9 @@ def test_five_lora_triage_through_the_api():
         assert resp.read(8) == b"\x89PNG\r\n\x1a\n"
     by_path = {it["path"]: it["idx"] for it in items}
     plan = ["no", "yes", "maybe", "no", "yes"]
-    decisions = [{"idx": by_path[p], "decision": d, "client": "it", "seq": n} for n, (p, d) in enumerate(zip(paths, plan))]
+    decisions = [
+        {"idx": by_path[p], "decision": d, "client": "it", "seq": n} for n, (p, d) in enumerate(zip(paths, plan))
+    ]
     status, r = call("POST", f"/lorakit/v1/triage/{tid}/decisions", {"decisions": decisions})
     assert status == 200 and r["state"]["counts"] == {"yes": 2, "maybe": 1, "no": 2}, r
     req = urllib.request.Request(f"{URL}/lorakit/v1/triage/{tid}/report")

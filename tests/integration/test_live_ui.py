@@ -10,8 +10,15 @@ from live import URL, call
 
 CHROMIUM = os.environ.get("LORAKIT_CHROMIUM", "/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not URL, reason="LORAKIT_WEBUI_URL is not set")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def pick(page, elem_id, value):
@@ -51,8 +58,9 @@ def test_bake_from_the_tab_updates_the_host_dropdown(base, lora):
         page.wait_for_function(f"document.querySelector('#lorakit_bake_recipe').innerText.includes('{lora}')")
         page.locator("#lorakit_bake_output textarea, #lorakit_bake_output input").first.fill(out)
         page.locator("#lorakit_bake_run").click()
-        page.wait_for_function("document.querySelector('#lorakit_bake_summary').innerText.includes('Saved')",
-                               timeout=600_000)
+        page.wait_for_function(
+            "document.querySelector('#lorakit_bake_summary').innerText.includes('Saved')", timeout=600_000
+        )
         page.wait_for_timeout(1500)  # lorakit.js clicks the host's refresh button
         choices = host_checkpoint_choices(page)
         browser.close()
@@ -72,9 +80,16 @@ def test_triage_review_in_the_webui():
         pytest.skip("no ready triage on this WebUI (run tests/integration/test_live_triage.py first)")
     tid = ready[0]["id"]
     status, st0 = call("GET", f"/lorakit/v1/triage/{tid}")
-    call("POST", f"/lorakit/v1/triage/{tid}/decisions",
-         {"decisions": [{"idx": it["idx"], "decision": "clear", "client": "reset", "seq": n}
-                        for n, it in enumerate(call("GET", f"/lorakit/v1/triage/{tid}/items")[1])]})
+    call(
+        "POST",
+        f"/lorakit/v1/triage/{tid}/decisions",
+        {
+            "decisions": [
+                {"idx": it["idx"], "decision": "clear", "client": "reset", "seq": n}
+                for n, it in enumerate(call("GET", f"/lorakit/v1/triage/{tid}/items")[1])
+            ]
+        },
+    )
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1200})
@@ -91,8 +106,9 @@ def test_triage_review_in_the_webui():
             page.keyboard.press("ymn"[i % 3])
             page.wait_for_function(f"window.lorakitTriageTimings.length >= {i + 1}", timeout=10_000)
             page.wait_for_timeout(150)
-        page.wait_for_function("JSON.parse(localStorage.getItem('lorakit-triage-pending') || '[]').length === 0",
-                               timeout=10_000)
+        page.wait_for_function(
+            "JSON.parse(localStorage.getItem('lorakit-triage-pending') || '[]').length === 0", timeout=10_000
+        )
         timings = page.evaluate("window.lorakitTriageTimings")
         browser.close()
     status, st = call("GET", f"/lorakit/v1/triage/{tid}")
@@ -130,8 +146,9 @@ def test_tournament_ranking_in_the_webui():
             page.keyboard.press("1")
             page.keyboard.press("Enter")
             page.wait_for_function(f"document.querySelector('#lorakit-tour-view').dataset.voted === '{p + 1}'")
-        page.wait_for_function("JSON.parse(localStorage.getItem('lorakit-tournament-pending') || '[]').length === 0",
-                               timeout=10_000)
+        page.wait_for_function(
+            "JSON.parse(localStorage.getItem('lorakit-tournament-pending') || '[]').length === 0", timeout=10_000
+        )
         browser.close()
     status, b = call("GET", f"/lorakit/v1/tournaments/{tid}/ballot?evaluator={ev}")
     assert b["voted"] == n and all(p["vote"]["ranks"] == ["A"] for p in b["prompts"])

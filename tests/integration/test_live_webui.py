@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(not URL, reason="LORAKIT_WEBUI_URL is not set")
 
 def test_bake_appears_in_the_host_and_generates(base, lora):
     out = f"lorakit-it-{uuid.uuid4().hex[:6]}-baked"
-    status, r = call("POST", "/lorakit/v1/bake", {"base": base, "output": out,
-                                                 "loras": [{"name": lora, "strength": 0.7}]})
+    status, r = call(
+        "POST", "/lorakit/v1/bake", {"base": base, "output": out, "loras": [{"name": lora, "strength": 0.7}]}
+    )
     assert status == 200, r
     job = wait(r["job_id"])
     assert job["state"] == "done", job
@@ -32,18 +33,40 @@ def test_bake_appears_in_the_host_and_generates(base, lora):
     titles = [m["title"] for m in models]
     mine = [t for t in titles if t.startswith(out + ".safetensors")]
     assert status == 200 and mine, titles  # in the host's list without a restart
-    status, img = call("POST", "/sdapi/v1/txt2img", {
-        "prompt": "a cat", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler",
-        "override_settings": {"sd_model_checkpoint": mine[0]}, "override_settings_restore_afterwards": True})
+    status, img = call(
+        "POST",
+        "/sdapi/v1/txt2img",
+        {
+            "prompt": "a cat",
+            "steps": 2,
+            "width": 64,
+            "height": 64,
+            "sampler_name": "Euler",
+            "override_settings": {"sd_model_checkpoint": mine[0]},
+            "override_settings_restore_afterwards": True,
+        },
+    )
     assert status == 200 and len(img["images"]) == 1
     info = json.loads(img["info"])
     assert out in json.dumps(info), info  # generated with the baked model
 
 
 def test_in_process_txt2img_through_the_host_adapter(base):
-    status, r = call("POST", "/lorakit/v1/txt2img", {"prompt": "a cat", "negative_prompt": "dog", "seed": 123,
-                                                    "sampler_name": "Euler", "steps": 2, "cfg_scale": 5,
-                                                    "width": 64, "height": 64, "checkpoint": base})
+    status, r = call(
+        "POST",
+        "/lorakit/v1/txt2img",
+        {
+            "prompt": "a cat",
+            "negative_prompt": "dog",
+            "seed": 123,
+            "sampler_name": "Euler",
+            "steps": 2,
+            "cfg_scale": 5,
+            "width": 64,
+            "height": 64,
+            "checkpoint": base,
+        },
+    )
     assert status == 200, r
     from PIL import Image
 
@@ -54,8 +77,9 @@ def test_in_process_txt2img_through_the_host_adapter(base):
 
 def test_webui_interrupt_cancels_a_bake(base, lora):
     out = f"lorakit-it-{uuid.uuid4().hex[:6]}-interrupted"
-    status, r = call("POST", "/lorakit/v1/bake", {"base": base, "output": out, "save_dtype": "fp32",
-                                                 "loras": [{"name": lora}]})
+    status, r = call(
+        "POST", "/lorakit/v1/bake", {"base": base, "output": out, "save_dtype": "fp32", "loras": [{"name": lora}]}
+    )
     assert status == 200, r
     t = time.time()
     while time.time() - t < 120:
