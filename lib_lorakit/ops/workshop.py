@@ -54,7 +54,7 @@ class MergeInput(Request):
 
 
 class LoraMergeRequest(Request):
-    loras: List[MergeInput] = Field(..., min_length=1)
+    loras: List[MergeInput] = Field(..., description="The LoRAs to merge, with their weights")
     output: str = Field(..., min_length=1, description="Output LoRA name (into the LoRA folder)")
     mode: Literal["concat", "svd"] = Field("concat", description="concat (exact, ranks add up) or svd to a rank")
     rank: Optional[int] = Field(None, ge=1, le=1024, description="Target rank (svd mode)")
@@ -179,6 +179,8 @@ def lora_merge(
     from ..workshop import lora_merge as run
 
     req = LoraMergeRequest.parse(req)
+    if not req.loras:
+        raise RecipeError("No LoRA to merge.", fix="Give at least one LoRA with its weight.")
     _check_dynamic(req.dynamic)
     if req.mode == "svd" and req.rank is None and not req.dynamic:
         raise RecipeError("The svd mode needs a target rank.", fix="Give a rank, or use the concat mode (exact).")
@@ -268,6 +270,8 @@ def start(ctx: Context, kind: str, req: Request | dict) -> Job:
     _check_dynamic(getattr(req, "dynamic", None))
     if kind == "resize" and req.rank is None and not req.dynamic:
         raise RecipeError("No target rank.", fix="Give a rank, or a dynamic rule such as sv_fro:0.9.")
+    if kind == "lora-merge" and not req.loras:
+        raise RecipeError("No LoRA to merge (loras is empty).", fix="Give at least one LoRA with its weight.")
     if kind == "lora-merge" and req.mode == "svd" and req.rank is None and not req.dynamic:
         raise RecipeError("The svd mode needs a target rank.", fix="Give a rank, or use the concat mode (exact).")
     names = [v for k, v in req.dump().items() if k in ("tuned", "base", "lora", "checkpoint") and v]
