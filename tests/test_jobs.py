@@ -63,7 +63,9 @@ def stuck(monkeypatch):
         calls.append(output or "")
         return real_bake(base, specs, output, *a, **k)
 
-    monkeypatch.setattr(engine, "check_lora_values", check)
+    import lib_lorakit.bake.engine as bake_engine
+
+    monkeypatch.setattr(bake_engine, "check_lora_values", check)  # where the engine looks it up
     monkeypatch.setattr(engine, "bake", bake)
     stuck_outputs.add("o.safetensors")
     yield entered
