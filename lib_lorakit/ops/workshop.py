@@ -5,12 +5,15 @@ and cancel; LoRA outputs go to the LoRA folder, checkpoint outputs to the checkp
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, List, Literal, Optional
 
 from ..errors import RecipeError
 from ..jobs import Job
 from .context import Context, HostContext, Progress
 from .model import Field, Request
+
+Work = Callable[[Any, Any], dict]  # work(progress, cancel): the checked, resolved operation
 
 DEVICE = Field("auto", description="Where the SVD runs: auto (the GPU when torch sees one), cpu or cuda")
 SAVE = Field("fp16", description="The output's dtype: fp16, bf16 or fp32")
@@ -119,120 +122,148 @@ def _check_dynamic(value: str | None) -> None:
         parse_dynamic(value)
 
 
-def extract(ctx: Context, req: ExtractRequest | dict, progress: Progress | None = None, cancel: Any = None) -> dict:
-    """A kohya-format LoRA of (tuned − base), per layer by SVD."""
+def _extract(ctx: Context, req: ExtractRequest) -> Work:
     from ..workshop import extract as run
 
-    req = ExtractRequest.parse(req)
     _check_dynamic(req.dynamic)
     tuned, base, out = ctx.resolve_checkpoint(req.tuned), ctx.resolve_checkpoint(req.base), _lora_out(ctx, req.output)
-    rep = run(
-        tuned,
-        base,
-        out,
-        rank=req.rank,
-        conv_rank=req.conv_rank,
-        dynamic=req.dynamic,
-        min_diff=req.min_diff,
-        blocks=req.blocks,
-        device=req.device,
-        save=req.save,
-        method=req.method,
-        hash_inputs=req.hash_inputs,
-        overwrite=req.overwrite,
-        progress=_adapt(progress),
-        cancel=_cancel(cancel),
-    )
-    return {"report": rep, "output": out, "lora": _written_lora(ctx, out)}
+
+    def work(progress: Progress | None, cancel: Any) -> dict:
+        rep = run(
+            tuned,
+            base,
+            out,
+            rank=req.rank,
+            conv_rank=req.conv_rank,
+            dynamic=req.dynamic,
+            min_diff=req.min_diff,
+            blocks=req.blocks,
+            device=req.device,
+            save=req.save,
+            method=req.method,
+            hash_inputs=req.hash_inputs,
+            overwrite=req.overwrite,
+            progress=_adapt(progress),
+            cancel=_cancel(cancel),
+        )
+        return {"report": rep, "output": out, "lora": _written_lora(ctx, out)}
+
+    return work
 
 
-def resize(ctx: Context, req: ResizeRequest | dict, progress: Progress | None = None, cancel: Any = None) -> dict:
-    """A LoRA re-factored to a lower (or per-layer dynamic) rank."""
+def _resize(ctx: Context, req: ResizeRequest) -> Work:
     from ..workshop import resize as run
 
-    req = ResizeRequest.parse(req)
     _check_dynamic(req.dynamic)
     if req.rank is None and not req.dynamic:
         raise RecipeError("No target rank.", fix="Give a rank, or a dynamic rule such as sv_fro:0.9.")
     lora, out = ctx.resolve_lora(req.lora), _lora_out(ctx, req.output)
     base = ctx.resolve_checkpoint(req.base) if req.base else None
-    rep = run(
-        lora,
-        out,
-        rank=req.rank,
-        conv_rank=req.conv_rank,
-        dynamic=req.dynamic,
-        base=base,
-        device=req.device,
-        save=req.save,
-        overwrite=req.overwrite,
-        progress=_adapt(progress),
-        cancel=_cancel(cancel),
-    )
-    return {"report": rep, "output": out, "lora": _written_lora(ctx, out)}
+
+    def work(progress: Progress | None, cancel: Any) -> dict:
+        rep = run(
+            lora,
+            out,
+            rank=req.rank,
+            conv_rank=req.conv_rank,
+            dynamic=req.dynamic,
+            base=base,
+            device=req.device,
+            save=req.save,
+            overwrite=req.overwrite,
+            progress=_adapt(progress),
+            cancel=_cancel(cancel),
+        )
+        return {"report": rep, "output": out, "lora": _written_lora(ctx, out)}
+
+    return work
 
 
-def lora_merge(
-    ctx: Context, req: LoraMergeRequest | dict, progress: Progress | None = None, cancel: Any = None
-) -> dict:
-    """Several LoRAs as one LoRA: concat (exact) or re-factored to a rank."""
+def _lora_merge(ctx: Context, req: LoraMergeRequest) -> Work:
     from ..workshop import lora_merge as run
 
-    req = LoraMergeRequest.parse(req)
     if not req.loras:
-        raise RecipeError("No LoRA to merge.", fix="Give at least one LoRA with its weight.")
+        raise RecipeError("No LoRA to merge (loras is empty).", fix="Give at least one LoRA with its weight.")
     _check_dynamic(req.dynamic)
     if req.mode == "svd" and req.rank is None and not req.dynamic:
         raise RecipeError("The svd mode needs a target rank.", fix="Give a rank, or use the concat mode (exact).")
     inputs = [(ctx.resolve_lora(x.name), x.weight, x.te_weight) for x in req.loras]
     out = _lora_out(ctx, req.output)
     base = ctx.resolve_checkpoint(req.base) if req.base else None
-    rep = run(
-        inputs,
-        out,
-        mode=req.mode,
-        rank=req.rank,
-        conv_rank=req.conv_rank,
-        dynamic=req.dynamic,
-        blocks=req.blocks,
-        base=base,
-        device=req.device,
-        save=req.save,
-        overwrite=req.overwrite,
-        progress=_adapt(progress),
-        cancel=_cancel(cancel),
-    )
-    return {"report": rep, "output": out, "lora": _written_lora(ctx, out)}
+
+    def work(progress: Progress | None, cancel: Any) -> dict:
+        rep = run(
+            inputs,
+            out,
+            mode=req.mode,
+            rank=req.rank,
+            conv_rank=req.conv_rank,
+            dynamic=req.dynamic,
+            blocks=req.blocks,
+            base=base,
+            device=req.device,
+            save=req.save,
+            overwrite=req.overwrite,
+            progress=_adapt(progress),
+            cancel=_cancel(cancel),
+        )
+        return {"report": rep, "output": out, "lora": _written_lora(ctx, out)}
+
+    return work
+
+
+def _clean(ctx: Context, req: CleanRequest) -> Work:
+    from ..workshop import clean as run
+
+    ckpt, out = ctx.resolve_checkpoint(req.checkpoint), ctx.output_path(req.output)
+    vae = ctx.resolve_vae(req.vae) if req.vae else None
+
+    def work(progress: Progress | None, cancel: Any) -> dict:
+        rep = run(
+            ckpt,
+            out,
+            drop_ema=req.drop_ema,
+            drop_other=req.drop_other,
+            repair_position_ids=req.repair_position_ids,
+            save=req.save,
+            vae=vae,
+            title=req.title,
+            author=req.author,
+            description=req.description,
+            trigger_words=req.trigger_words,
+            preferred_weight=req.preferred_weight,
+            strip_training=req.strip_training,
+            scan=req.scan,
+            overwrite=req.overwrite,
+            progress=_adapt(progress),
+            cancel=_cancel(cancel),
+        )
+        return {"report": rep, "output": out, "checkpoint": ctx.written(out)}
+
+    return work
+
+
+def extract(ctx: Context, req: ExtractRequest | dict, progress: Progress | None = None, cancel: Any = None) -> dict:
+    """A kohya-format LoRA of (tuned − base), per layer by SVD."""
+    return _extract(ctx, ExtractRequest.parse(req))(progress, cancel)
+
+
+def resize(ctx: Context, req: ResizeRequest | dict, progress: Progress | None = None, cancel: Any = None) -> dict:
+    """A LoRA re-factored to a lower (or per-layer dynamic) rank."""
+    return _resize(ctx, ResizeRequest.parse(req))(progress, cancel)
+
+
+def lora_merge(
+    ctx: Context, req: LoraMergeRequest | dict, progress: Progress | None = None, cancel: Any = None
+) -> dict:
+    """Several LoRAs as one LoRA: concat (exact) or re-factored to a rank."""
+    return _lora_merge(ctx, LoraMergeRequest.parse(req))(progress, cancel)
 
 
 def clean(ctx: Context, req: CleanRequest | dict, progress: Progress | None = None, cancel: Any = None) -> dict:
     """A cleaned copy of a checkpoint (safe .ckpt conversion, EMA/optimizer dropped, position_ids repaired,
     VAE swapped, NaN scan, hashes, metadata)."""
-    from ..workshop import clean as run
-
-    req = CleanRequest.parse(req)
-    ckpt, out = ctx.resolve_checkpoint(req.checkpoint), ctx.output_path(req.output)
-    vae = ctx.resolve_vae(req.vae) if req.vae else None
-    rep = run(
-        ckpt,
-        out,
-        drop_ema=req.drop_ema,
-        drop_other=req.drop_other,
-        repair_position_ids=req.repair_position_ids,
-        save=req.save,
-        vae=vae,
-        title=req.title,
-        author=req.author,
-        description=req.description,
-        trigger_words=req.trigger_words,
-        preferred_weight=req.preferred_weight,
-        strip_training=req.strip_training,
-        scan=req.scan,
-        overwrite=req.overwrite,
-        progress=_adapt(progress),
-        cancel=_cancel(cancel),
-    )
-    return {"report": rep, "output": out, "checkpoint": ctx.written(out)}
+    return _clean(ctx, CleanRequest.parse(req))(progress, cancel)
 
 
 def hashes(ctx: Context, checkpoint: str | None = None, lora: str | None = None) -> dict[str, str]:
@@ -254,35 +285,19 @@ def summary(kind: str, report: dict) -> str:
 
 
 _OPS = {
-    "extract": (extract, ExtractRequest),
-    "resize": (resize, ResizeRequest),
-    "lora-merge": (lora_merge, LoraMergeRequest),
-    "clean": (clean, CleanRequest),
+    "extract": (_extract, ExtractRequest),
+    "resize": (_resize, ResizeRequest),
+    "lora-merge": (_lora_merge, LoraMergeRequest),
+    "clean": (_clean, CleanRequest),
 }
 
 
 def start(ctx: Context, kind: str, req: Request | dict) -> Job:
-    """A workshop operation as a job (checked now: bad names and fields answer at once)."""
+    """A workshop operation as a job: checked and its names resolved now (a bad field or name answers at once),
+    run under the host's queue."""
     if kind not in _OPS:
         raise RecipeError(f"Unknown workshop operation {kind!r}.", fix=f"Use one of {', '.join(_OPS)}.")
-    fn, typ = _OPS[kind]
+    plan, typ = _OPS[kind]
     req = typ.parse(req)
-    _check_dynamic(getattr(req, "dynamic", None))
-    if kind == "resize" and req.rank is None and not req.dynamic:
-        raise RecipeError("No target rank.", fix="Give a rank, or a dynamic rule such as sv_fro:0.9.")
-    if kind == "lora-merge" and not req.loras:
-        raise RecipeError("No LoRA to merge (loras is empty).", fix="Give at least one LoRA with its weight.")
-    if kind == "lora-merge" and req.mode == "svd" and req.rank is None and not req.dynamic:
-        raise RecipeError("The svd mode needs a target rank.", fix="Give a rank, or use the concat mode (exact).")
-    names = [v for k, v in req.dump().items() if k in ("tuned", "base", "lora", "checkpoint") and v]
-    for n in names:  # resolve before queuing: a bad name is a 400/404 now, not a failed job later
-        (ctx.resolve_lora if kind == "resize" and n == req.dump().get("lora") else ctx.resolve_checkpoint)(n)
-    if kind == "lora-merge":
-        for x in req.loras:
-            ctx.resolve_lora(x.name)
-    return ctx.submit(
-        f"workshop-{kind}",
-        req.dump(),
-        lambda progress, cancel: fn(ctx, req, progress, cancel),
-        title=f"lorakit: {kind}",
-    )
+    work = plan(ctx, req)
+    return ctx.submit(f"workshop-{kind}", req.dump(), work, title=f"lorakit: {kind}")
