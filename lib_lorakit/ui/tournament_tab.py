@@ -133,10 +133,8 @@ def build_tournament_tab(service: HostContext) -> None:
             f_seeds = gr.Textbox(
                 label="Seeds (one: counted up per prompt)", value="1000", elem_id="lorakit_tour_f_seeds"
             )
-            f_steps = gr.Number(
-                label="Steps (blank: the profile's)", value=None, precision=0, elem_id="lorakit_tour_f_steps"
-            )
-            f_cfg = gr.Number(label="CFG (blank: the profile's)", value=None, elem_id="lorakit_tour_f_cfg")
+            f_steps = gr.Number(label="Steps (0: the profile's)", value=0, precision=0, elem_id="lorakit_tour_f_steps")
+            f_cfg = gr.Number(label="CFG (0: the profile's)", value=0, elem_id="lorakit_tour_f_cfg")
         with gr.Row():
             f_create = gr.Button("Create", variant="primary", elem_id="lorakit_tour_f_create")
             generate = gr.Button("Generate images", variant="primary", elem_id="lorakit_tour_generate")

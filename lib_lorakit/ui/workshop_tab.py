@@ -20,7 +20,8 @@ SAVE = ["fp16", "bf16", "fp32"]
 
 
 def _num(v, cast=int):
-    return None if v in (None, "") else cast(v)
+    """A number box's value, None when unset (gradio shows an unset number as 0, so 0 means unset here)."""
+    return None if v in (None, "") or float(v) == 0 else cast(v)
 
 
 def build_workshop_tab(service: HostContext) -> None:
@@ -45,9 +46,7 @@ def build_workshop_tab(service: HostContext) -> None:
             )
         with gr.Row():
             x_rank = gr.Number(label="Rank", value=32, precision=0, elem_id="lorakit_ws_x_rank")
-            x_conv = gr.Number(
-                label="Conv rank (blank: no conv layers)", value=None, precision=0, elem_id="lorakit_ws_x_conv"
-            )
+            x_conv = gr.Number(label="Conv rank (0: no conv layers)", value=0, precision=0, elem_id="lorakit_ws_x_conv")
             x_dyn = gr.Textbox(label="Dynamic rank (optional)", placeholder="sv_fro:0.9", elem_id="lorakit_ws_x_dyn")
             x_out = gr.Textbox(label="Output LoRA name", placeholder="my-style-extracted", elem_id="lorakit_ws_x_out")
         x_run = gr.Button("Extract", variant="primary", elem_id="lorakit_ws_x_run")
@@ -66,7 +65,7 @@ def build_workshop_tab(service: HostContext) -> None:
             m_mode = gr.Radio(
                 ["concat", "svd"], value="concat", label="Mode (concat is exact)", elem_id="lorakit_ws_m_mode"
             )
-            m_rank = gr.Number(label="Rank (svd)", value=None, precision=0, elem_id="lorakit_ws_m_rank")
+            m_rank = gr.Number(label="Rank (svd mode; 0 in concat)", value=0, precision=0, elem_id="lorakit_ws_m_rank")
             m_out = gr.Textbox(label="Output LoRA name", elem_id="lorakit_ws_m_out")
         m_run = gr.Button("Merge LoRAs", variant="primary", elem_id="lorakit_ws_m_run")
     with gr.Accordion("Clean a checkpoint", open=False):
