@@ -78,16 +78,16 @@ def bake_warnings(
     return out
 
 
-def bake_preflight(base: Any, specs: Sequence[Any]) -> list[str]:
-    """:func:`bake_warnings` for a bake's own arguments (a base path and its LoraSpecs); nothing when the
-    inputs are not plain files (pre-opened sources)."""
+def bake_preflight(base: Any, specs: Sequence[Any], settings: Mapping[str, Any] | None = None) -> list[str]:
+    """:func:`bake_warnings` for a bake's own arguments (a base path and its LoraSpecs) and the user's
+    ``settings`` (their max-safe tables); nothing when the inputs are not plain files (pre-opened sources)."""
     import os
 
     if not isinstance(base, (str, os.PathLike)) or not all(
         isinstance(s.path, (str, os.PathLike)) and os.path.isfile(s.path) for s in specs
     ):
         return []
-    return bake_warnings(os.fspath(base), [(os.fspath(s.path), s.strength) for s in specs])
+    return bake_warnings(os.fspath(base), [(os.fspath(s.path), s.strength) for s in specs], settings=settings)
 
 
 def position_ids_repairs(sources: Sequence[tuple[str, Any]], keys: Sequence[str]) -> dict[str, str]:

@@ -130,3 +130,20 @@ def test_a_healthy_merge_copies_position_ids_untouched(tmp_path):
     rep = merge([ModelSpec(a), ModelSpec(b)], str(tmp_path / "o.safetensors"))
     assert "position_ids repaired" not in rep["tensors"]["copied"]
     assert not any("position_ids" in w for w in rep["warnings"])
+
+
+def test_the_bake_preflight_uses_the_users_max_safe_table(tmp_path, ckpts):
+    """A character ceiling lowered to 0.5 in the user's settings warns on a 0.7 bake through ops; the shipped
+    table (0.9) does not."""
+    from lib_lorakit.ops import LocalContext
+    from lib_lorakit.ops import bake as bake_op
+
+    ch = character(tmp_path)
+    req = {"base": ckpts["plain"], "loras": [{"name": ch, "strength": 0.7}], "dry_run": True}
+    shipped = bake_op.bake(LocalContext(data_dir=str(tmp_path / "shipped")), req)["report"]["warnings"]
+    assert not any("max-safe" in w for w in shipped), shipped
+    ctx = LocalContext(data_dir=str(tmp_path / "mine"))
+    (tmp_path / "mine").mkdir()
+    ctx.update_settings({"max_safe_strength": {"character": 0.5}})
+    mine = bake_op.bake(ctx, req)["report"]["warnings"]
+    assert any("zxqchar is baked at 0.7, above its max-safe strength 0.5 (character" in w for w in mine), mine

@@ -25,8 +25,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -437,6 +438,7 @@ def bake(
     workers: int | None = None,
     hash_cache: HashCache | str | bool | None = None,
     scale_source: str = "writer",
+    preflight_settings: Mapping[str, Any] | None = None,
 ) -> dict:
     """Bake ``specs`` into ``base_path`` and write ``output`` (safetensors).
 
@@ -446,6 +448,8 @@ def bake(
         workers: maths threads (default: every usable core but one, less ``$LORAKIT_RESERVE_CORES``).
         hash_cache: remembered file hashes (a :class:`HashCache`, a data folder, True for the default
             folder); None hashes every input.
+        preflight_settings: the user's settings (max-safe and cross-lineage tables) the pre-flight warnings
+            use; None: the shipped tables.
 
     Returns:
         The report (a JSON-serialisable dict): per LoRA the modules matched per
@@ -487,7 +491,7 @@ def bake(
         # --- pre-flight (lib_lorakit/preflight.py): strength above max-safe, stacked styles, other lineage ---
         from ..preflight import bake_preflight
 
-        plan.warnings.extend(bake_preflight(base_path, specs))
+        plan.warnings.extend(bake_preflight(base_path, specs, preflight_settings))
         plan.hash_cache = cache
         stats = _Stats()
         try:

@@ -181,6 +181,7 @@ def execute(
         progress=progress,
         cancel=cancel,
         scale_source=req.scale_source,
+        preflight_settings=ctx.settings(),
         **ctx.engine_kwargs(req.device),
     )
     from .checks import warn_nonfinite_vae
