@@ -69,8 +69,9 @@ def _check_table(name: str, table: Any, keys: tuple[str, ...] | None) -> dict[st
     return out
 
 
-def update(data_dir: str, changes: dict[str, Any]) -> dict[str, Any]:
-    """Validate and store ``changes`` (tables are merged key by key); returns the new settings."""
+def update(data_dir: str, changes: dict[str, Any], replace: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Validate and store ``changes`` (tables are merged key by key; the keys named in ``replace`` are
+    replaced whole, so an entry left out goes back to the shipped value); returns the new settings."""
     p = path_in(data_dir)
     try:
         with open(p, encoding="utf-8") as f:
@@ -92,13 +93,17 @@ def update(data_dir: str, changes: dict[str, Any]) -> dict[str, Any]:
         elif k == "generation_profiles":  # {profile: {field: value}}, merged field by field, checked whole
             from .gen.profiles import load_profiles
 
-            merged = {n: dict(f) for n, f in (stored.get(k) or {}).items()} if isinstance(stored.get(k), dict) else {}
+            old = stored.get(k) if k not in replace else None
+            merged = {n: dict(f) for n, f in old.items()} if isinstance(old, dict) else {}
             for name, fields in (v or {}).items() if isinstance(v, dict) else [(None, v)]:
                 if not isinstance(fields, dict):
                     raise RecipeError(f"Setting generation_profiles[{name!r}] must be an object of field -> value.")
                 merged.setdefault(name, {}).update(fields)
             load_profiles(merged)
-            stored[k] = merged
+            if merged:
+                stored[k] = merged
+            else:
+                stored.pop(k, None)
         else:
             stored[k] = v
     os.makedirs(data_dir, exist_ok=True)

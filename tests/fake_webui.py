@@ -40,7 +40,7 @@ class State:
 
 
 class OptionInfo:
-    def __init__(self, default=None, label="", component=None, component_args=None, section=None, **kw):
+    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None, **kw):
         self.default, self.label, self.component, self.component_args, self.section = (
             default,
             label,
@@ -48,16 +48,46 @@ class OptionInfo:
             component_args,
             section,
         )
+        self.onchange = onchange
 
 
 class Options:
+    """A1111 1.10's modules/options.Options: values in ``data``; ``set`` runs the option's onchange and puts
+    the old value back when it raises (the host prints the traceback then: ``errors`` records it here)."""
+
     def __init__(self):
-        self.data_labels = {}
+        object.__setattr__(self, "data_labels", {})
+        object.__setattr__(self, "data", {})
+        object.__setattr__(self, "errors", [])
+
+    def __setattr__(self, key, value):
+        self.data[key] = value
+
+    def __getattr__(self, key):
+        if key in self.data:
+            return self.data[key]
+        if key in self.data_labels:
+            return self.data_labels[key].default
+        raise AttributeError(key)
 
     def add_option(self, key, info):
         self.data_labels[key] = info
-        if not hasattr(self, key):
-            setattr(self, key, info.default)
+        self.data.setdefault(key, info.default)
+
+    def set(self, key, value):
+        old = self.data.get(key)
+        if old == value:
+            return False
+        self.data[key] = value
+        info = self.data_labels[key]
+        if info.onchange is not None:
+            try:
+                info.onchange()
+            except Exception as e:
+                self.errors.append(e)
+                self.data[key] = old
+                return False
+        return True
 
 
 class CheckpointInfo:

@@ -256,3 +256,48 @@ def test_current_checkpoint(webui):
     fake.sd_models.list_models()
     fake.shared.opts.sd_model_checkpoint = next(iter(fake.sd_models.checkpoints_list))  # a title "m.safetensors [..]"
     assert host_pkg.get_host().current_checkpoint() == "m.safetensors"
+
+
+def test_settings_edit_the_generation_profiles(webui, caplog):
+    """Settings → lorakit → Generation profiles: an applied change reaches every door's profile (the API's
+    GET /profiles and the profile a checkpoint gets); a refused text is put back, named in one log line, and
+    leaves what is in use unchanged; an API change shows in the field when the settings are built again."""
+    pytest.importorskip("gradio")
+    import json
+    import logging
+
+    from lib_lorakit.host import extension
+    from lib_lorakit.ops import gen
+
+    _, fake, _ = webui
+    extension._state.update(service=None, app=None)
+    extension.on_ui_settings()
+    opts, key = fake.shared.opts, extension.PROFILES_OPTION
+    info = opts.data_labels[key]
+    assert info.section == ("lorakit", "lorakit") and opts.data[key] == ""
+    shipped = gen.profiles(extension.service())["profiles"]["sdxl"]["steps"]
+    assert opts.set(key, json.dumps({"sdxl": {"steps": shipped + 7}}))
+    assert gen.profiles(extension.service())["profiles"]["sdxl"]["steps"] == shipped + 7
+    good = opts.data[key]
+    for bad, said in (
+        ('{"sdxl": {"steps": -3}}', "steps"),
+        ('{"sdxl": ', "not JSON"),
+        ('["sdxl"]', "must be an object"),
+        ('{"sdxl": {"cfg_scale": "hot"}}', "cfg_scale"),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="lorakit"):
+            opts.set(key, bad)
+        assert json.loads(opts.data[key]) == json.loads(good) and not opts.errors, bad  # put back; nothing raised
+        (rec,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "were not changed" in rec.getMessage() and said in rec.getMessage() and rec.exc_info is None, (
+            bad,
+            rec.getMessage(),
+        )
+        assert gen.profiles(extension.service())["profiles"]["sdxl"]["steps"] == shipped + 7
+    assert opts.set(key, "")  # empty: back to the shipped table
+    assert gen.profiles(extension.service())["profiles"]["sdxl"]["steps"] == shipped
+    assert gen.profile_changes(extension.service()) == {}
+    gen.update_profiles(extension.service(), {"profiles": {"pony": {"cfg_scale": 6.5}}})  # through the API
+    extension.on_ui_settings()
+    assert json.loads(opts.data[key]) == {"pony": {"cfg_scale": 6.5}}

@@ -13,6 +13,7 @@ from . import get_host
 
 log = logging.getLogger("lorakit")
 SECTION = ("lorakit", "lorakit")
+PROFILES_OPTION = "lorakit_generation_profiles"
 _state: dict[str, Any] = {"service": None, "app": None}
 
 
@@ -58,6 +59,67 @@ def on_ui_settings():
             "", "Bake: sub-folder of the checkpoint folder for baked models (blank: the folder itself)", section=SECTION
         ),
     )
+    opts.add_option(
+        PROFILES_OPTION,
+        OptionInfo(
+            "",
+            "Generation profiles: your changes to the shipped table, as JSON {profile: {field: value}} "
+            '(e.g. {"sdxl": {"steps": 30}, "noobai-vpred": {"cfg_scale": 4.5}}; empty: the shipped table)',
+            gr.Code,
+            {"language": "json", "lines": 8},
+            onchange=profiles_changed,
+            section=SECTION,
+            comment_after="Profiles and fields: see the README's table or GET /lorakit/v1/profiles. Checked when "
+            "applied; a refused change is put back and the reason is printed in the console.",
+        ),
+    )
+    # lorakit's settings.json holds the changes (the API edits them too): show what is in use
+    try:
+        opts.data[PROFILES_OPTION] = profiles_text()
+    except Exception as e:  # a damaged settings file is named when a feature reads it
+        log.error("lorakit: %s", str(e).splitlines()[0])
+
+
+def profiles_text() -> str:
+    """The user's changes to the generation profiles as the Settings field shows them ("" for none)."""
+    import json
+
+    from ..ops import gen
+
+    changes = gen.profile_changes(service())
+    return json.dumps(changes, indent=2, sort_keys=True) if changes else ""
+
+
+def profiles_changed() -> None:
+    """Settings → lorakit → Generation profiles was applied: check the text and store it as the user's
+    changes (replacing the previous ones). A refused text is put back to what is in use, and the reason is
+    printed in one line (the host would print a traceback for a raised error)."""
+    import json
+
+    from modules import shared
+
+    from ..errors import LorakitError, RecipeError
+    from ..ops import gen
+
+    text = (shared.opts.data.get(PROFILES_OPTION) or "").strip()
+    try:
+        try:
+            changes = json.loads(text) if text else {}
+        except ValueError as e:
+            raise RecipeError(
+                f"Generation profiles: the text is not JSON ({e}).",
+                fix='Write an object such as {"sdxl": {"steps": 30}}, or empty it.',
+            ) from None
+        if not isinstance(changes, dict):
+            raise RecipeError(
+                "Generation profiles: the text must be an object of profile name -> {field: value}.",
+                fix='Write an object such as {"sdxl": {"steps": 30}}, or empty it.',
+            )
+        gen.update_profiles(service(), {"profiles": changes, "replace": True})
+        log.info("lorakit: generation profiles changed: %s", ", ".join(sorted(changes)) or "back to the shipped table")
+    except LorakitError as e:
+        log.error("lorakit: the generation profiles were not changed: %s", str(e).replace("\n", " "))
+        shared.opts.data[PROFILES_OPTION] = profiles_text()
 
 
 def on_app_started(_demo, app) -> None:

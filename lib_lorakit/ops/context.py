@@ -76,10 +76,10 @@ class Context:
 
         return load(self.data_dir())
 
-    def update_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
+    def update_settings(self, changes: dict[str, Any], replace: tuple[str, ...] = ()) -> dict[str, Any]:
         from ..settings import update
 
-        return update(self.data_dir(), changes)
+        return update(self.data_dir(), changes, replace)
 
     def store(self):
         from ..eval.store import Store

@@ -71,6 +71,11 @@ class ProfilesRequest(Request):
         "field over the shipped table (new names add a "
         "profile)",
     )
+    replace: bool = Field(
+        False,
+        description="true: these become all of your changes (a profile or field left out goes back to the "
+        "shipped value)",
+    )
 
 
 def profiles(ctx: Any) -> dict[str, Any]:
@@ -84,8 +89,15 @@ def profiles(ctx: Any) -> dict[str, Any]:
 def update_profiles(ctx: Any, req: ProfilesRequest | dict) -> dict[str, Any]:
     """Change fields of the generation profiles (checked before they are stored)."""
     req = ProfilesRequest.parse(req)
-    ctx.update_settings({"generation_profiles": req.profiles})
+    ctx.update_settings({"generation_profiles": req.profiles}, ("generation_profiles",) if req.replace else ())
     return profiles(ctx)
+
+
+def profile_changes(ctx: Any) -> dict[str, Any]:
+    """The user's changes to the shipped profiles alone (what Settings → lorakit edits)."""
+    from ..gen.profiles import user_profiles
+
+    return dict(user_profiles(ctx.settings()) or {})
 
 
 def profile_for(ctx: Any, checkpoint: str | None = None, profile: str | None = None) -> dict[str, Any]:
