@@ -474,11 +474,24 @@ def test_tournament_from_the_form_alone(form_server, tmp_path):
             "document.querySelector('#lorakit_tour_message').innerText.includes('Created')", timeout=30_000
         )
         page.screenshot(path=str(tmp_path / "tournament-form.png"), full_page=True)
+        # the same candidates at a size of the user's (the rest stays the profile's)
+        for box, v in (("width", "64"), ("height", "96"), ("name", "small")):
+            page.locator(f"#lorakit_tour_f_{box} input, #lorakit_tour_f_{box} textarea").first.fill(v)
+        page.locator("#lorakit_tour_f_create").click()
+        page.wait_for_function(
+            "document.querySelectorAll('#lorakit_tour_message').length && "
+            "document.querySelector('#lorakit_tour_message').innerText.split('Created').length > 1 && "
+            "document.querySelector('#lorakit_tour_pick input').value.includes('small')",
+            timeout=30_000,
+        )
         browser.close()
     from lib_lorakit.eval.store import Store
     from lib_lorakit.eval.tournament import Tournaments
 
     tours = Tournaments(Store(str(data)))
+    (small,) = [t for t in tours.list() if t["name"] == "small"]
+    small = tours.spec(small["id"])
+    assert (small.settings["width"], small.settings["height"]) == (64, 96)
     (rec,) = [t for t in tours.list() if t["name"] == "from the form"]
     spec = tours.spec(rec["id"])
     assert [c.kind for c in spec.candidates] == ["checkpoint", "recipe", "merge"]
@@ -487,6 +500,9 @@ def test_tournament_from_the_form_alone(form_server, tmp_path):
     assert len(spec.prompts) >= 5 and spec.prompts[0]["seed"] == 1000
     assert spec.profile.get("profile") == "noobai-eps" and "NoobAI" in profile
     assert spec.settings["width"] * spec.settings["height"] >= 1024 * 1024 * 0.9  # an SDXL bucket, not 512x512
+    assert {k: v for k, v in small.settings.items() if k not in ("width", "height")} == {
+        k: v for k, v in spec.settings.items() if k not in ("width", "height")
+    }
 
 
 def _contrast(fg: str, bg: str) -> float:

@@ -135,6 +135,10 @@ def build_tournament_tab(service: HostContext) -> None:
             )
             f_steps = gr.Number(label="Steps (0: the profile's)", value=0, precision=0, elem_id="lorakit_tour_f_steps")
             f_cfg = gr.Number(label="CFG (0: the profile's)", value=0, elem_id="lorakit_tour_f_cfg")
+            f_width = gr.Number(label="Width (0: the profile's)", value=0, precision=0, elem_id="lorakit_tour_f_width")
+            f_height = gr.Number(
+                label="Height (0: the profile's)", value=0, precision=0, elem_id="lorakit_tour_f_height"
+            )
         with gr.Row():
             f_create = gr.Button("Create", variant="primary", elem_id="lorakit_tour_f_create")
             generate = gr.Button("Generate images", variant="primary", elem_id="lorakit_tour_generate")
@@ -288,7 +292,7 @@ def build_tournament_tab(service: HostContext) -> None:
     f_clear.click(lambda: ("[]", empty_table(FORM_HEADERS), gr.update(choices=[], value=None), "", ""), [], form_out)
     f_control.change(lambda rows, c: form_profile(_rows(rows), c), [f_rows, f_control], [f_profile, f_prompts])
 
-    def do_create_form(rows, control, first, prompts_text, seeds_text, steps_v, cfg_v, name_v):
+    def do_create_form(rows, control, first, prompts_text, seeds_text, steps_v, cfg_v, width_v, height_v, name_v):
         rows = _rows(rows)
         try:
             settings = {
@@ -296,6 +300,8 @@ def build_tournament_tab(service: HostContext) -> None:
                 for k, v in (
                     ("steps", int(steps_v) if steps_v else None),
                     ("cfg_scale", float(cfg_v) if cfg_v else None),
+                    ("width", int(width_v) if width_v else None),
+                    ("height", int(height_v) if height_v else None),
                 )
                 if v is not None
             }
@@ -322,7 +328,9 @@ def build_tournament_tab(service: HostContext) -> None:
         )
 
     f_create.click(
-        do_create_form, [f_rows, f_control, f_first, f_prompts, f_seeds, f_steps, f_cfg, f_name], [message, pick, tid]
+        do_create_form,
+        [f_rows, f_control, f_first, f_prompts, f_seeds, f_steps, f_cfg, f_width, f_height, f_name],
+        [message, pick, tid],
     )
     create.click(do_create, [spec], [message, pick, tid])
     create_next.click(do_create, [proposal], [message, pick, tid])
