@@ -581,7 +581,7 @@ def test_first_screen_of_every_sub_tab(tmp_path):
                 "(document.querySelector('#lorakit_bake_base input') || {}).value === 'loaded.safetensors'",
                 timeout=30_000,
             )
-            for tab in ("Bake", "Merge", "Inspect", "Triage", "Tournament"):
+            for tab in ("Bake", "Merge", "Inspect", "Triage", "Tournament", "Workshop"):
                 page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text=tab).first.click()
                 page.wait_for_timeout(800)
                 page.screenshot(path=str(tmp_path / f"{tab.lower()}.png"), full_page=True)
@@ -630,6 +630,17 @@ def test_first_screen_of_every_sub_tab(tmp_path):
                         )
                         for i in range(buttons.count())
                     ]
+                elif tab == "Workshop":
+                    seen["ws_ckpts"] = [
+                        page.locator(f"#{i}").first.evaluate(value) for i in ("lorakit_ws_c_ckpt", "lorakit_ws_h_ckpt")
+                    ]
+                    seen["ws_disabled"] = [
+                        page.locator(f"#{i}").first.is_disabled() for i in ("lorakit_ws_x_run", "lorakit_ws_r_run")
+                    ]
+                    pick(page, "lorakit_ws_x_tuned", "other.safetensors")
+                    seen["ws_one_picked"] = page.locator("#lorakit_ws_x_run").first.is_disabled()
+                    pick(page, "lorakit_ws_x_base", "loaded.safetensors")
+                    page.wait_for_function("!document.querySelector('#lorakit_ws_x_run').disabled", timeout=10_000)
                 else:
                     seen["tour_ckpt"] = page.locator("#lorakit_tour_f_ckpt").first.evaluate(value)
                     seen["candidates"] = (
@@ -638,7 +649,7 @@ def test_first_screen_of_every_sub_tab(tmp_path):
                     )
                     rank = page.locator("[data-lorakit-tour]")
                     seen["rank_disabled"] = [rank.nth(i).is_disabled() for i in range(rank.count())]
-            shown = list(console)  # before any user action (gradio 4.40 warns on every event sent with inputs)
+            shown = list(console)  # the sub-tabs shown, the Workshop checkpoints picked
             page.locator("#lorakit_tabs button, #lorakit_tabs [role=tab]").filter(has_text="Inspect").first.click()
             pick(page, "lorakit_inspect_lora", "ink")  # picking a LoRA enables Inspect and Write
             page.wait_for_function(
@@ -663,9 +674,20 @@ def test_first_screen_of_every_sub_tab(tmp_path):
     assert seen["pref"] not in ("0", "") and float(seen["pref"]) == 1.0
     assert seen["inspect_disabled"] == [True, True]
     assert seen["decide_disabled"] == [True, True, True] and seen["rank_disabled"] == [True] * 5
+    assert seen["ws_ckpts"] == ["loaded.safetensors"] * 2
+    assert seen["ws_disabled"] == [True, True] and seen["ws_one_picked"]
     assert min(seen["contrast"]) >= 4.5, seen["contrast"]
     # gradio 4.40's Tabs warns once before any tab registers when a tab is selected by id (6 times without)
     noise = ("ERR_NAME_NOT_RESOLVED", "fonts.googleapis", "Unable to preload CSS")
-    ours = [(t, m) for t, m in shown if t in ("error", "warning") and not any(n in m for n in noise)]
+    # gradio 4.40's JS client warns "Too many arguments provided for the endpoint." for every event that sends
+    # inputs (client/js map_data_to_params; a plain gradio app with one Dropdown.change does the same): here the
+    # two Workshop picks, none from showing the sub-tabs
+    sent = [m for _, m in shown if "Too many arguments" in m]
+    assert len(sent) in (0, 2), shown
+    ours = [
+        (t, m)
+        for t, m in shown
+        if t in ("error", "warning") and not any(n in m for n in noise) and "Too many arguments" not in m
+    ]
     assert [m for _, m in ours if "non-interactive or hidden tab" not in m] == [], ours
     assert sum("non-interactive or hidden tab" in m for _, m in ours) <= 1, ours

@@ -49,14 +49,14 @@ def build_workshop_tab(service: HostContext) -> None:
             x_conv = gr.Number(label="Conv rank (0: no conv layers)", value=0, precision=0, elem_id="lorakit_ws_x_conv")
             x_dyn = gr.Textbox(label="Dynamic rank (optional)", placeholder="sv_fro:0.9", elem_id="lorakit_ws_x_dyn")
             x_out = gr.Textbox(label="Output LoRA name", placeholder="my-style-extracted", elem_id="lorakit_ws_x_out")
-        x_run = gr.Button("Extract", variant="primary", elem_id="lorakit_ws_x_run")
+        x_run = gr.Button("Extract", variant="primary", interactive=False, elem_id="lorakit_ws_x_run")
     with gr.Accordion("Resize a LoRA", open=False):
         with gr.Row():
             r_lora = lists.add(gr.Dropdown(label="LoRA", choices=loras(), elem_id="lorakit_ws_r_lora"), loras)
             r_rank = gr.Number(label="New rank", value=16, precision=0, elem_id="lorakit_ws_r_rank")
             r_dyn = gr.Textbox(label="Dynamic rank (optional)", placeholder="sv_fro:0.9", elem_id="lorakit_ws_r_dyn")
             r_out = gr.Textbox(label="Output LoRA name", elem_id="lorakit_ws_r_out")
-        r_run = gr.Button("Resize", variant="primary", elem_id="lorakit_ws_r_run")
+        r_run = gr.Button("Resize", variant="primary", interactive=False, elem_id="lorakit_ws_r_run")
     with gr.Accordion("Merge LoRAs into one LoRA", open=False):
         m_inputs = gr.Textbox(
             label="LoRAs with weights", placeholder="style:0.7, detail:0.5", elem_id="lorakit_ws_m_inputs"
@@ -178,6 +178,10 @@ def build_workshop_tab(service: HostContext) -> None:
         return "Cancelling..." if jid and service.jobs.cancel(jid) is not None else "Nothing to cancel."
 
     outs = [job_id, progress, summary]
+    # a button that needs a selection waits for it
+    for box in (x_tuned, x_base):
+        box.change(lambda t, b: gr.update(interactive=bool(t and b)), [x_tuned, x_base], [x_run], queue=False)
+    r_lora.change(lambda v: gr.update(interactive=bool(v)), [r_lora], [r_run], queue=False)
     x_run.click(do_extract, [x_tuned, x_base, x_rank, x_conv, x_dyn, x_out], outs)
     r_run.click(do_resize, [r_lora, r_rank, r_dyn, r_out], outs)
     m_run.click(do_merge, [m_inputs, m_mode, m_rank, m_out], outs)
