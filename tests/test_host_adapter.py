@@ -275,6 +275,14 @@ def test_settings_edit_the_generation_profiles(webui, caplog):
     opts, key = fake.shared.opts, extension.PROFILES_OPTION
     info = opts.data_labels[key]
     assert info.section == ("lorakit", "lorakit") and opts.data[key] == ""
+    # A1111 refreshes every setting on page load with gr.update(value=..., **component_args): each lorakit
+    # option's arguments must be ones its component's update takes (gradio 3.41 checks them)
+    import inspect
+
+    for k, o in opts.data_labels.items():
+        if o.component is not None and hasattr(o.component, "update"):
+            taken = inspect.signature(o.component.update).parameters
+            assert set(o.component_args or {}) - {"precision"} <= set(taken), (k, o.component_args)
     shipped = gen.profiles(extension.service())["profiles"]["sdxl"]["steps"]
     assert opts.set(key, json.dumps({"sdxl": {"steps": shipped + 7}}))
     assert gen.profiles(extension.service())["profiles"]["sdxl"]["steps"] == shipped + 7

@@ -66,7 +66,7 @@ def on_ui_settings():
             "Generation profiles: your changes to the shipped table, as JSON {profile: {field: value}} "
             '(e.g. {"sdxl": {"steps": 30}, "noobai-vpred": {"cfg_scale": 4.5}}; empty: the shipped table)',
             gr.Code,
-            {"language": "json", "lines": 8},
+            {"language": "json"},  # A1111 sends these back through Code.update, which takes no "lines" in 3.41
             onchange=profiles_changed,
             section=SECTION,
             comment_after="Profiles and fields: see the README's table or GET /lorakit/v1/profiles. Checked when "

@@ -118,6 +118,7 @@ def test_first_screen_of_every_sub_tab_and_a_clean_console():
             if tab == "Triage":
                 b = page.locator("[data-lorakit-decide]")
                 seen[tab]["decide:disabled"] = [b.nth(i).is_disabled() for i in range(b.count())]
+                seen[tab]["picked"] = bool(page.locator("#lorakit_triage_pick").first.evaluate(VALUE))
         browser.close()
     on_tabs = console[len(at_load) :]
     if SHOTS:
@@ -125,7 +126,7 @@ def test_first_screen_of_every_sub_tab_and_a_clean_console():
             json.dump({"values": seen, "console_at_load": at_load, "console_on_sub_tabs": on_tabs}, f, indent=1)
     for tab, vals in seen.items():
         for k, v in vals.items():
-            if isinstance(v, str):
+            if isinstance(v, str) and k != "picked":
                 assert v == cur, (tab, k, v)
     assert seen["Bake"]["lorakit_bake_recipe"] == (["LoRA", "strength", "TE strength", "block weights"], 0)
     assert seen["Merge"]["lorakit_merge_models"] == (["checkpoint", "weight"], 0)
@@ -134,7 +135,8 @@ def test_first_screen_of_every_sub_tab_and_a_clean_console():
     assert seen["Tournament"]["lorakit_tour_f_candidates"] == (["#", "candidate", "kind"], 0)
     assert all(v for k, v in seen["Inspect"].items() if k.endswith(":disabled"))
     assert all(v for k, v in seen["Workshop"].items() if k.endswith(":disabled"))
-    assert seen["Triage"]["decide:disabled"] == [True, True, True]
+    # YES/MAYBE/NO wait for a triage to be picked (the host may hold one from an earlier run)
+    assert seen["Triage"]["decide:disabled"] == [not seen["Triage"].pop("picked")] * 3
     bad = ("error", "warning")
     assert [m for m in at_load if m[0] in bad and is_lorakit(m)] == [], at_load
     # gradio 4.40's Tabs warns once when it mounts (any Tabs: the host's do too); switching sub-tabs sends no
