@@ -3,16 +3,22 @@
 The output is a kohya LoRA (``lora_unet_…``/``lora_te1_…``/``lora_te2_…``, ``alpha`` = rank, so the
 scale is 1) covering the modules kohya's ``networks/lora.py`` trains (see :mod:`.modules`); SDXL's
 CLIP-G q/k/v are three row slices of the fused ``in_proj_weight``, each factored on its own.
-Differences are taken in float32; each layer is factored by :func:`.svd.factor`
-(randomized where it settles, exact otherwise). Unlike kohya's script no value is clamped, so
-the error per layer is the truncated SVD's.
+Differences are taken in float32; layers of one shape are stacked and factored together by
+:func:`.svd.factor_batch` (randomized where it settles, exact otherwise; float64 Rayleigh–Ritz at
+the end). Unlike kohya's script no value is clamped, so the error per layer is the truncated SVD's.
 
-Memory stays flat: a reader thread reads the next layers of both files (two or three layers ahead)
-while the current one is factored; only the (small) LoRA is held until it is written.
+The pipeline: reader threads read each layer of both files into a few reusable buffers (pinned
+for a GPU, whose copies are then asynchronous); the main thread takes the float32 difference on
+the device and holds it in a per-shape pending stack; when the pending stacks pass a byte budget
+(``BATCH_BYTES_CPU``, or on a GPU a share of its free memory up to ``BATCH_BYTES_GPU``) the
+largest is factored as one batch, and all of them at the end. Memory stays flat: the buffers,
+the budget and the (small) LoRA held until it is written. ``report["profile"]`` gives the
+seconds per stage (read, wait read, diff, factor, to host).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -25,7 +31,7 @@ from ..errors import ArchitectureError, FormatError, RecipeError
 from ..formats.arch import ARCHS, detect_checkpoint
 from ..formats.safetensors_io import save_file
 from ..formats.sources import TensorSource, open_source
-from ..streaming import Hasher, engine_threads, peak_rss_mb
+from ..streaming import Hasher, Profile, exact_float32, peak_rss_mb, worker_count
 from . import svd
 from .common import (
     Cancel,
@@ -42,7 +48,10 @@ from .common import (
 )
 from .modules import Module, kohya_modules
 
-AHEAD = 3
+READ_THREADS = 3
+SLOTS_PER_THREAD = 2
+BATCH_BYTES_CPU = 192 << 20
+BATCH_BYTES_GPU = 1 << 30
 
 
 def _open_pair(tuned: str, base: str) -> tuple[TensorSource, TensorSource, str]:
@@ -73,24 +82,113 @@ def _open_pair(tuned: str, base: str) -> tuple[TensorSource, TensorSource, str]:
     return t, b, fam.arch
 
 
-def _reader(mods: list[Module], t: TensorSource, b: TensorSource, q: queue.Queue, stop: threading.Event) -> None:
-    try:
-        for m in mods:
-            if stop.is_set():
-                return
-            if m.rows is None:
-                pair = (t.read(m.key), b.read(m.key))
-            else:
-                pair = (t.read_rows(m.key, *m.rows), b.read_rows(m.key, *m.rows))
-            while not stop.is_set():
-                try:
-                    q.put((m, pair), timeout=0.2)
+class _Slot:
+    """A reusable read buffer for one layer of both files (pinned when the maths runs on a GPU)."""
+
+    def __init__(self, nbytes: int, dev: torch.device):
+        pin = dev.type == "cuda"
+        self.t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.b = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.event = torch.cuda.Event() if pin else None
+
+    def wait(self) -> None:
+        """Block until the device has finished copying out of this buffer."""
+        if self.event is not None:
+            self.event.synchronize()
+
+
+class _Readers:
+    """Threads that read (tuned, base) of each module into free slots, in any order."""
+
+    def __init__(self, mods: list[Module], t: TensorSource, b: TensorSource, dev: torch.device, profile: Profile):
+        self.mods, self.t, self.b, self.profile = mods, t, b, profile
+        nbytes = max(max(t.nbytes(m.key), b.nbytes(m.key)) for m in mods)
+        n = max(1, min(READ_THREADS, len(mods)))
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(n * SLOTS_PER_THREAD):
+            self.free.put(_Slot(nbytes, dev))
+        self.out: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self._next = iter(range(len(mods)))
+        self._lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._run, name=f"lorakit-extract-read_{i}", daemon=True) for i in range(n)
+        ]
+        for th in self.threads:
+            th.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                with self._lock:
+                    i = next(self._next, None)
+                if i is None:
                     break
-                except queue.Full:
-                    continue
-        q.put(None)
-    except BaseException as e:  # surfaced in the main thread
-        q.put(e)
+                slot = None
+                while slot is None and not self.stop.is_set():
+                    try:
+                        slot = self.free.get(timeout=0.2)
+                    except queue.Empty:
+                        continue
+                if slot is None:
+                    break
+                slot.wait()
+                m = self.mods[i]
+                t0 = time.perf_counter()
+                if m.rows is None:
+                    pair = (self.t.read(m.key, slot.t), self.b.read(m.key, slot.b))
+                else:
+                    pair = (self.t.read_rows(m.key, *m.rows, slot.t), self.b.read_rows(m.key, *m.rows, slot.b))
+                self.profile.add("read", time.perf_counter() - t0)
+                self.out.put((i, slot, pair))
+        except BaseException as e:  # surfaced in the main thread
+            self.out.put(e)
+        finally:
+            self.out.put(None)
+
+    def items(self):
+        """Yield (index, slot, (tuned, base)) until every thread is done; give each slot back with :meth:`release`."""
+        running = len(self.threads)
+        while running:
+            t0 = time.perf_counter()
+            item = self.out.get()
+            self.profile.add("wait read", time.perf_counter() - t0)
+            if item is None:
+                running -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def release(self, slot: _Slot) -> None:
+        if slot.event is not None:
+            slot.event.record()
+        self.free.put(slot)
+
+    def close(self) -> None:
+        self.stop.set()
+        for th in self.threads:
+            th.join(timeout=30)
+
+
+@contextlib.contextmanager
+def _maths_threads():
+    """torch's intra-op pool on every core but one (the readers') while the extraction runs: the
+    batched products are its work; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(worker_count())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _batch_budget(dev: torch.device) -> int:
+    """Bytes of float32 differences to stack before factoring (the batch; the maths takes ~4x that)."""
+    if dev.type != "cuda":
+        return BATCH_BYTES_CPU
+    free, _ = torch.cuda.mem_get_info(dev)
+    return int(max(64 << 20, min(BATCH_BYTES_GPU, free // 8)))
 
 
 def extract(
@@ -140,7 +238,7 @@ def extract(
     dev = resolve_device(device)
     if output is not None:
         output = check_output(output, [tuned, base], overwrite)
-    with engine_threads():
+    with _maths_threads(), exact_float32(dev):
         return _extract(
             tuned,
             base,
@@ -183,7 +281,6 @@ def _extract(
 ) -> dict:
     t, b, arch = _open_pair(tuned, base)
     hashers: list[Hasher] = []
-    stop = threading.Event()
     try:
         st, sb = t.shapes(), b.shapes()
         sel = block_filter(blocks, arch)
@@ -207,44 +304,87 @@ def _extract(
             hashers = [Hasher(os.fspath(p)) for p in (tuned, base)]
             for h in hashers:
                 h.start()
-        q: queue.Queue = queue.Queue(maxsize=AHEAD)
-        reader = threading.Thread(target=_reader, args=(mods, t, b, q, stop), name="lorakit-extract-read", daemon=True)
-        reader.start()
+        profile = Profile()
+        readers = _Readers(mods, t, b, dev, profile)
+        budget = _batch_budget(dev)
+        results: dict[int, tuple[torch.Tensor, torch.Tensor, svd.Factors] | float] = {}
+        pending: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        pending_bytes = 0
+        total = len(mods)
+        done = 0
+        say(0, total, "extracting")
+
+        def flush(group: tuple) -> None:
+            nonlocal pending_bytes, done
+            items = pending.pop(group)
+            group_idx = [i for i, _, _ in items]
+            pending_bytes -= sum(d.nbytes for _, d, _ in items)
+            r = group[2]
+            t1 = time.perf_counter()
+            peaks = torch.stack([p for _, _, p in items]).tolist()  # one device round trip for the batch
+            keep = [j for j, pk in enumerate(peaks) if pk > min_diff]
+            for j, pk in enumerate(peaks):
+                if pk <= min_diff:
+                    results[items[j][0]] = pk
+            if keep:
+                stack = torch.stack([items[j][1] for j in keep])
+                del items[:]  # the stack holds the differences now
+                fs = svd.factor_batch(stack, r, dyn, method=method)
+                del stack
+                profile.add("factor", time.perf_counter() - t1)
+                t1 = time.perf_counter()
+                for j, f in zip(keep, fs):
+                    idx = group_idx[j]
+                    results[idx] = (f.up.to("cpu", dt), f.down.to("cpu", dt), f)
+                profile.add("to host", time.perf_counter() - t1)
+            for j in range(len(peaks)):
+                done += 1
+                idx = group_idx[j]
+                res = results[idx]
+                m = mods[idx]
+                if isinstance(res, float):
+                    say(done, total, f"{m.name}: unchanged, skipped")
+                else:
+                    say(done, total, f"{m.name}: rank {res[2].rank}, kept {res[2].kept:.1%}")
+
+        try:
+            for idx, slot, (wt, wb) in readers.items():
+                check_cancel(cancel, "Extraction")
+                t1 = time.perf_counter()
+                m = mods[idx]
+                diff = wt.to(dev, non_blocking=True).float() - wb.to(dev, non_blocking=True).float()
+                readers.release(slot)
+                del wt, wb
+                mat = diff.reshape(m.shape[0], -1)
+                r = conv_rank if m.kind == "conv" else rank
+                r = max(1, min(r, mat.shape[0], mat.shape[1]))
+                peak = mat.abs().amax() if mat.numel() else torch.zeros((), device=dev)
+                pending.setdefault((tuple(mat.shape), m.kind == "conv", r), []).append((idx, mat, peak))
+                pending_bytes += mat.nbytes
+                profile.add("diff", time.perf_counter() - t1)
+                while pending_bytes > budget:
+                    flush(max(pending, key=lambda g: sum(d.nbytes for _, d, _ in pending[g])))
+            for group in list(pending):
+                check_cancel(cancel, "Extraction")
+                flush(group)
+        finally:
+            readers.close()
         tensors: dict[str, torch.Tensor] = {}
         layers: dict[str, dict] = {}
         skipped: list[dict] = []
         methods: dict[str, int] = {}
-        total = len(mods)
-        done = 0
-        say(0, total, "extracting")
-        while True:
-            item = q.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            check_cancel(cancel, "Extraction")
-            m, (wt, wb) = item
-            diff = wt.to(dev, torch.float32) - wb.to(dev, torch.float32)
-            del wt, wb
-            peak = float(diff.abs().max()) if diff.numel() else 0.0
-            done += 1
-            if peak <= min_diff:
-                skipped.append({"module": m.name, "key": m.key, "max_abs_diff": peak})
-                say(done, total, f"{m.name}: unchanged, skipped")
+        for idx, m in enumerate(mods):
+            res = results[idx]
+            if isinstance(res, float):
+                skipped.append({"module": m.name, "key": m.key, "max_abs_diff": res})
                 continue
-            r = conv_rank if m.kind == "conv" else rank
-            out_dim = m.shape[0]
-            mat = diff.reshape(out_dim, -1)
-            r = max(1, min(r, mat.shape[0], mat.shape[1]))
-            f = svd.factor(mat, r, dyn, method=method)
+            up, down, f = res
             k = f.rank
-            up, down = f.up, f.down
             if len(m.shape) == 4:
-                up = up.reshape(out_dim, k, 1, 1)
+                up = up.reshape(m.shape[0], k, 1, 1)
                 down = down.reshape(k, *m.shape[1:])
-            tensors[m.name + ".lora_up.weight"] = up.to("cpu", dt).contiguous()
-            tensors[m.name + ".lora_down.weight"] = down.to("cpu", dt).contiguous()
+            tensors[m.name + ".lora_up.weight"] = up.contiguous()
+            tensors[m.name + ".lora_down.weight"] = down.contiguous()
             tensors[m.name + ".alpha"] = torch.tensor(float(k), dtype=dt)
             layers[m.name] = {
                 "key": m.key,
@@ -255,9 +395,7 @@ def _extract(
                 "method": f.method,
             }
             methods[f.method] = methods.get(f.method, 0) + 1
-            say(done, total, f"{m.name}: rank {k}, kept {f.kept:.1%}")
-            del diff, mat, f
-        reader.join()
+        results.clear()
         if not layers:
             raise RecipeError(
                 f"{tuned} and {base} do not differ on any of the {total} layers a LoRA covers "
@@ -311,12 +449,12 @@ def _extract(
             save_file(tensors, output, meta, overwrite=overwrite)
             report["tuned_sha256"] = hashers[0].digest if hashers else ""
             report["base_sha256"] = hashers[1].digest if hashers else ""
+        report["profile"] = profile.as_dict()["stages"]
         report["seconds"] = round(time.perf_counter() - t0, 2)
         report["peak_rss_mb"] = peak_rss_mb()
         say(total, total, "done")
         return report
     finally:
-        stop.set()
         for h in hashers:
             h.stop.set()
             h.join(timeout=30)
