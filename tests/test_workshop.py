@@ -145,6 +145,26 @@ def test_factor_product_equals_truncated_svd_of_the_product():
     assert f.rel_err == pytest.approx(float((s[5:] ** 2).sum().sqrt() / (s**2).sum().sqrt()), rel=1e-6)
 
 
+def test_cholesky_qr_orthonormalises_full_ill_conditioned_and_rank_deficient_blocks():
+    """The GPU's orthonormalisation (shifted CholeskyQR3), run here on the CPU: QᵀQ = I and span(Q) ⊇
+    span(Y) to float32 rounding, checked against Householder QR's projector (LAPACK)."""
+    g = torch.Generator().manual_seed(0)
+    blocks = (
+        torch.randn(2, 300, 24, generator=g),
+        torch.randn(2, 300, 24, generator=g) @ torch.diag(torch.logspace(0, -6, 24)),
+        torch.randn(2, 300, 3, generator=g) @ torch.randn(3, 24, generator=g),  # rank 3 of 24
+    )
+    for y in blocks:
+        q = svd._cholesky_qr3(y).double()
+        assert float((q.mT @ q - torch.eye(24, dtype=torch.float64)).abs().max()) < 1e-6
+        ref = torch.linalg.qr(y.double()).Q
+        y64 = y.double()
+        for a in (q, ref):  # y lies in the span of both
+            assert float(torch.linalg.norm(y64 - a @ (a.mT @ y64)) / torch.linalg.norm(y64)) < 1e-6
+        if y.shape[-1] == torch.linalg.matrix_rank(y[0].double()):  # full rank: the same projector
+            assert float((q @ q.mT - ref @ ref.mT).abs().max()) < 1e-5
+
+
 # --- extract ----------------------------------------------------------------------------------
 
 

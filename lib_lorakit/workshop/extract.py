@@ -31,7 +31,7 @@ from ..errors import ArchitectureError, FormatError, RecipeError
 from ..formats.arch import ARCHS, detect_checkpoint
 from ..formats.safetensors_io import save_file
 from ..formats.sources import TensorSource, open_source
-from ..streaming import Hasher, Profile, exact_float32, peak_rss_mb, worker_count
+from ..streaming import Hasher, Profile, exact_float32, peak_rss_mb, usable_cores, worker_count
 from . import svd
 from .common import (
     Cancel,
@@ -48,9 +48,10 @@ from .common import (
 )
 from .modules import Module, kohya_modules
 
-READ_THREADS = 3
-SLOTS_PER_THREAD = 2
-BATCH_BYTES_CPU = 192 << 20
+READ_THREADS = 6
+SPARE_SLOTS = 2
+CHUNK_BYTES = 16 << 20  # per file and read: the read buffers stay small (pinned memory is resident)
+BATCH_BYTES_CPU = 128 << 20
 BATCH_BYTES_GPU = 1 << 30
 
 
@@ -83,7 +84,7 @@ def _open_pair(tuned: str, base: str) -> tuple[TensorSource, TensorSource, str]:
 
 
 class _Slot:
-    """A reusable read buffer for one layer of both files (pinned when the maths runs on a GPU)."""
+    """A reusable read buffer for one chunk of rows of both files (pinned when the maths runs on a GPU)."""
 
     def __init__(self, nbytes: int, dev: torch.device):
         pin = dev.type == "cuda"
@@ -97,19 +98,35 @@ class _Slot:
             self.event.synchronize()
 
 
+def _chunks(mods: list[Module], t: TensorSource) -> list[tuple[int, int, int]]:
+    """(module index, first row, end row) pieces of at most ``CHUNK_BYTES`` per file (a row at least)."""
+    out = []
+    for i, m in enumerate(mods):
+        r0, r1 = m.rows or (0, m.shape[0])
+        row_bytes = max(1, t.nbytes(m.key) // max(1, t.shape(m.key)[0]))
+        step = max(1, CHUNK_BYTES // row_bytes)
+        out.extend((i, a, min(a + step, r1)) for a in range(r0, r1, step))
+    return out
+
+
 class _Readers:
-    """Threads that read (tuned, base) of each module into free slots, in any order."""
+    """Threads that read row chunks of (tuned, base) of each module into free slots, in any order."""
 
     def __init__(self, mods: list[Module], t: TensorSource, b: TensorSource, dev: torch.device, profile: Profile):
         self.mods, self.t, self.b, self.profile = mods, t, b, profile
-        nbytes = max(max(t.nbytes(m.key), b.nbytes(m.key)) for m in mods)
-        n = max(1, min(READ_THREADS, len(mods)))
+        self.work = _chunks(mods, t)
+        nbytes = 0
+        for i, r0, r1 in self.work:
+            key = mods[i].key
+            rows = max(1, t.shape(key)[0])
+            nbytes = max(nbytes, max(t.nbytes(key), b.nbytes(key)) // rows * (r1 - r0))
+        n = max(1, min(read_threads(), len(self.work)))
         self.free: queue.Queue = queue.Queue()
-        for _ in range(n * SLOTS_PER_THREAD):
+        for _ in range(n + SPARE_SLOTS):
             self.free.put(_Slot(nbytes, dev))
         self.out: queue.Queue = queue.Queue()
         self.stop = threading.Event()
-        self._next = iter(range(len(mods)))
+        self._next = iter(self.work)
         self._lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._run, name=f"lorakit-extract-read_{i}", daemon=True) for i in range(n)
@@ -121,8 +138,8 @@ class _Readers:
         try:
             while not self.stop.is_set():
                 with self._lock:
-                    i = next(self._next, None)
-                if i is None:
+                    job = next(self._next, None)
+                if job is None:
                     break
                 slot = None
                 while slot is None and not self.stop.is_set():
@@ -133,21 +150,20 @@ class _Readers:
                 if slot is None:
                     break
                 slot.wait()
-                m = self.mods[i]
+                i, r0, r1 = job
+                key = self.mods[i].key
                 t0 = time.perf_counter()
-                if m.rows is None:
-                    pair = (self.t.read(m.key, slot.t), self.b.read(m.key, slot.b))
-                else:
-                    pair = (self.t.read_rows(m.key, *m.rows, slot.t), self.b.read_rows(m.key, *m.rows, slot.b))
+                pair = (self.t.read_rows(key, r0, r1, slot.t), self.b.read_rows(key, r0, r1, slot.b))
                 self.profile.add("read", time.perf_counter() - t0)
-                self.out.put((i, slot, pair))
+                self.out.put((job, slot, pair))
         except BaseException as e:  # surfaced in the main thread
             self.out.put(e)
         finally:
             self.out.put(None)
 
     def items(self):
-        """Yield (index, slot, (tuned, base)) until every thread is done; give each slot back with :meth:`release`."""
+        """Yield ((index, r0, r1), slot, (tuned rows, base rows)) until every thread is done;
+        give each slot back with :meth:`release`."""
         running = len(self.threads)
         while running:
             t0 = time.perf_counter()
@@ -169,6 +185,11 @@ class _Readers:
         self.stop.set()
         for th in self.threads:
             th.join(timeout=30)
+
+
+def read_threads() -> int:
+    """Reader threads: a few (the disk wants several requests in flight), never more than the cores."""
+    return max(1, min(READ_THREADS, usable_cores()))
 
 
 @contextlib.contextmanager
@@ -347,15 +368,26 @@ def _extract(
                 else:
                     say(done, total, f"{m.name}: rank {res[2].rank}, kept {res[2].kept:.1%}")
 
+        building: dict[int, list] = {}  # module index -> [float32 difference, rows still to come]
         try:
-            for idx, slot, (wt, wb) in readers.items():
+            for (idx, r0, r1), slot, (wt, wb) in readers.items():
                 check_cancel(cancel, "Extraction")
                 t1 = time.perf_counter()
                 m = mods[idx]
-                diff = wt.to(dev, non_blocking=True).float() - wb.to(dev, non_blocking=True).float()
+                entry = building.get(idx)
+                if entry is None:
+                    entry = building[idx] = [torch.empty(m.shape[0], wt.shape[1], device=dev), m.shape[0]]
+                base_row = m.rows[0] if m.rows else 0
+                part = entry[0][r0 - base_row : r1 - base_row]
+                part.copy_(wt.to(dev, non_blocking=True))
+                part.sub_(wb.to(dev, non_blocking=True))
                 readers.release(slot)
-                del wt, wb
-                mat = diff.reshape(m.shape[0], -1)
+                del wt, wb, part
+                entry[1] -= r1 - r0
+                if entry[1]:
+                    profile.add("diff", time.perf_counter() - t1)
+                    continue
+                mat = building.pop(idx)[0]
                 r = conv_rank if m.kind == "conv" else rank
                 r = max(1, min(r, mat.shape[0], mat.shape[1]))
                 peak = mat.abs().amax() if mat.numel() else torch.zeros((), device=dev)
