@@ -50,9 +50,10 @@ from .modules import Module, kohya_modules
 
 READ_THREADS = 6
 SPARE_SLOTS = 2
+READ_AHEAD = 12  # chunks announced to the kernel ahead of the readers
 CHUNK_BYTES = 16 << 20  # per file and read: the read buffers stay small (pinned memory is resident)
-BATCH_BYTES_CPU = 128 << 20
-BATCH_BYTES_GPU = 1 << 30
+BATCH_BYTES_CPU = 64 << 20
+BATCH_BYTES_GPU = 256 << 20  # larger batches gain little and leave more work after the last read
 
 
 def _open_pair(tuned: str, base: str) -> tuple[TensorSource, TensorSource, str]:
@@ -120,13 +121,14 @@ class _Readers:
             key = mods[i].key
             rows = max(1, t.shape(key)[0])
             nbytes = max(nbytes, max(t.nbytes(key), b.nbytes(key)) // rows * (r1 - r0))
-        n = max(1, min(read_threads(), len(self.work)))
+        n = max(1, min(read_threads(dev), len(self.work)))
         self.free: queue.Queue = queue.Queue()
         for _ in range(n + SPARE_SLOTS):
             self.free.put(_Slot(nbytes, dev))
         self.out: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self._next = iter(self.work)
+        self._pos = 0
         self._lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._run, name=f"lorakit-extract-read_{i}", daemon=True) for i in range(n)
@@ -139,8 +141,12 @@ class _Readers:
             while not self.stop.is_set():
                 with self._lock:
                     job = next(self._next, None)
+                    ahead = self._pos + READ_AHEAD
+                    self._pos += 1
                 if job is None:
                     break
+                if ahead < len(self.work):
+                    self._advise(self.work[ahead])
                 slot = None
                 while slot is None and not self.stop.is_set():
                     try:
@@ -160,6 +166,24 @@ class _Readers:
             self.out.put(e)
         finally:
             self.out.put(None)
+
+    def _advise(self, job: tuple[int, int, int]) -> None:
+        """Tell the kernel a later chunk is wanted (cold reads then reach the disk several at a time)."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        i, r0, r1 = job
+        key = self.mods[i].key
+        for src in (self.t, self.b):
+            span = src.raw_span(key)
+            if span is None:
+                continue
+            fd, start, nbytes = span
+            row = nbytes // max(1, src.shape(key)[0])
+            try:
+                advise(fd, start + r0 * row, (r1 - r0) * row, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return
 
     def items(self):
         """Yield ((index, r0, r1), slot, (tuned rows, base rows)) until every thread is done;
@@ -187,17 +211,19 @@ class _Readers:
             th.join(timeout=30)
 
 
-def read_threads() -> int:
-    """Reader threads: a few (the disk wants several requests in flight), never more than the cores."""
-    return max(1, min(READ_THREADS, usable_cores()))
+def read_threads(dev: torch.device) -> int:
+    """Reader threads: a few (the disk wants several requests in flight), never more than the cores;
+    fewer when the CPU does the maths (the reads are then not the critical path)."""
+    return max(1, min(READ_THREADS if dev.type == "cuda" else READ_THREADS // 2, usable_cores()))
 
 
 @contextlib.contextmanager
-def _maths_threads():
-    """torch's intra-op pool on every core but one (the readers') while the extraction runs: the
-    batched products are its work; restored afterwards."""
+def _maths_threads(dev: torch.device):
+    """torch's intra-op pool while the extraction runs, restored afterwards: on the CPU every core
+    but one (the readers'), the batched products are its work; with a GPU one thread (the host
+    only reads, copies and solves small eigenproblems, which threads only slow down)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(worker_count())
+    torch.set_num_threads(worker_count() if dev.type == "cpu" else 1)
     try:
         yield
     finally:
@@ -259,7 +285,7 @@ def extract(
     dev = resolve_device(device)
     if output is not None:
         output = check_output(output, [tuned, base], overwrite)
-    with _maths_threads(), exact_float32(dev):
+    with _maths_threads(dev), exact_float32(dev):
         return _extract(
             tuned,
             base,
@@ -354,9 +380,15 @@ def _extract(
                 del stack
                 profile.add("factor", time.perf_counter() - t1)
                 t1 = time.perf_counter()
-                for j, f in zip(keep, fs):
-                    idx = group_idx[j]
-                    results[idx] = (f.up.to("cpu", dt), f.down.to("cpu", dt), f)
+                flat = torch.cat([x.reshape(-1) for f in fs for x in (f.up, f.down)]).to("cpu", dt)
+                pos = 0
+                for j, f in zip(keep, fs):  # one device round trip for the batch's factors
+                    parts = []
+                    for x in (f.up, f.down):
+                        parts.append(flat[pos : pos + x.numel()].view(x.shape).clone())
+                        pos += x.numel()
+                    results[group_idx[j]] = (parts[0], parts[1], f)
+                del flat
                 profile.add("to host", time.perf_counter() - t1)
             for j in range(len(peaks)):
                 done += 1

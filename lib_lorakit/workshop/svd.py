@@ -225,23 +225,32 @@ def _cholesky_qr3(y: torch.Tensor) -> torch.Tensor | None:
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+POOL_THREADS = 8
 
 
-def _host_map(fn, g: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
-    """``fn`` (an eigensolver) over a stack of small CPU matrices: one torch thread each, split
-    over a few threads. LAPACK on a 96×96 matrix with torch's full thread pool spins for tens of
-    ms (measured 38 ms per matrix on 2 busy cores against 0.9 ms single-threaded)."""
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _host_map(fn, g: torch.Tensor, spread: bool) -> tuple[torch.Tensor, ...] | torch.Tensor:
+    """``fn`` (an eigensolver) over a stack of small CPU matrices with one torch thread.
+
+    LAPACK on a 96×96 matrix with torch's whole thread pool spins for milliseconds (38 ms per
+    matrix on 2 busy cores against 0.9 ms single-threaded here; 5 ms with 15 threads on the
+    16-core GPU machine). ``spread`` (the matrices came from a GPU, the CPU is otherwise idle)
+    splits the stack over a few single-threaded workers.
+    """
     global _POOL
     before = torch.get_num_threads()
     if before != 1:
         torch.set_num_threads(1)
     try:
-        parts = min(len(g), max(1, min(8, (os.cpu_count() or 2) - 1))) if g.dim() == 3 else 1
+        parts = min(len(g), POOL_THREADS, max(1, (os.cpu_count() or 2) - 1)) if spread and g.dim() == 3 else 1
         if parts <= 1:
             return fn(g)
         with _POOL_LOCK:
             if _POOL is None:
-                _POOL = ThreadPoolExecutor(8, thread_name_prefix="lorakit-eigh")
+                _POOL = ThreadPoolExecutor(POOL_THREADS, "lorakit-eigh", initializer=_one_torch_thread)
         outs = list(_POOL.map(fn, torch.chunk(g, parts)))
     finally:
         if before != 1:
@@ -253,13 +262,13 @@ def _host_map(fn, g: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
 
 def _eigvals_host(g: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of symmetric (…, q, q) matrices, float64 on the CPU, largest first, ≥ 0."""
-    lam = _host_map(torch.linalg.eigvalsh, g.to("cpu", torch.float64))
+    lam = _host_map(torch.linalg.eigvalsh, g.to("cpu", torch.float64), g.device.type != "cpu")
     return lam.flip(-1).clamp_min(0)
 
 
 def _eigh_host(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of symmetric (…, q, q) float64 matrices on the CPU, largest first."""
-    lam, w = _host_map(torch.linalg.eigh, g.to("cpu", torch.float64))
+    lam, w = _host_map(torch.linalg.eigh, g.to("cpu", torch.float64), g.device.type != "cpu")
     return lam.flip(-1).clamp_min(0), w.flip(-1)
 
 
