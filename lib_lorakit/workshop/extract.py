@@ -48,7 +48,7 @@ from .common import (
 )
 from .modules import Module, kohya_modules
 
-READ_THREADS = 6
+READ_THREADS = 6  # with a GPU; 2 when the CPU does the maths
 SPARE_SLOTS = 2
 READ_AHEAD = 12  # chunks announced to the kernel ahead of the readers
 CHUNK_BYTES = 16 << 20  # per file and read: the read buffers stay small (pinned memory is resident)
@@ -214,7 +214,7 @@ class _Readers:
 def read_threads(dev: torch.device) -> int:
     """Reader threads: a few (the disk wants several requests in flight), never more than the cores;
     fewer when the CPU does the maths (the reads are then not the critical path)."""
-    return max(1, min(READ_THREADS if dev.type == "cuda" else READ_THREADS // 2, usable_cores()))
+    return max(1, min(READ_THREADS if dev.type == "cuda" else 2, usable_cores()))
 
 
 @contextlib.contextmanager
