@@ -127,6 +127,28 @@ def test_randomized_svd_is_within_one_percent_of_the_optimum(shape, decay, noise
     assert abs(f.rel_err - achieved) < 1e-3  # the reported error is the real one
 
 
+def test_factor_batch_of_mixed_members_matches_float64_svd_per_layer():
+    """One stack holding a decaying spectrum (iterates), a zero matrix and a rank-5 matrix (range
+    caught at once): each member against its own float64 SVD."""
+    g = torch.Generator().manual_seed(5)
+    low = (torch.randn(200, 5, generator=g) @ torch.randn(5, 120, generator=g)).float()
+    stack = torch.stack([_spectrum_matrix(200, 120, 0.6, 0.05, seed=2), torch.zeros(200, 120), low])
+    fs = svd.factor_batch(stack, 8)
+    for m, f in zip(stack, fs):
+        m64 = m.double()
+        got = f.up.double() @ f.down.double()
+        if not m.any():
+            assert f.rank == 1 and not got.any()
+            continue
+        s = torch.linalg.svdvals(m64)
+        optimum = float((s[8:] ** 2).sum().sqrt() / (s**2).sum().sqrt())
+        achieved = float(torch.linalg.norm(m64 - got) / torch.linalg.norm(m64))
+        assert achieved <= optimum * 1.01 + 1e-6
+        assert abs(f.rel_err - achieved) <= 1e-3 * max(optimum, 1e-3)
+    assert fs[0].method == fs[2].method == "randomized"
+    assert _rel(fs[2].up @ fs[2].down, low) < 1e-6  # rank 5 < 8: recovered to float32 rounding
+
+
 def test_randomized_svd_recovers_a_low_rank_matrix_exactly():
     g = torch.Generator().manual_seed(2)
     m = torch.randn(300, 6, generator=g) @ torch.randn(6, 200, generator=g)
