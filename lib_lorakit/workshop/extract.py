@@ -354,7 +354,7 @@ def _extract(
         profile = Profile()
         readers = _Readers(mods, t, b, dev, profile)
         budget = _batch_budget(dev)
-        results: dict[int, tuple[torch.Tensor, torch.Tensor, svd.Factors] | float] = {}
+        results: dict[int, tuple[torch.Tensor, torch.Tensor, dict] | float] = {}
         pending: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         pending_bytes = 0
         total = len(mods)
@@ -387,7 +387,10 @@ def _extract(
                     for x in (f.up, f.down):
                         parts.append(flat[pos : pos + x.numel()].view(x.shape).clone())
                         pos += x.numel()
-                    results[group_idx[j]] = (parts[0], parts[1], f)
+                    # the float32 factors go now: only the saved dtype's copy and the figures stay
+                    figs = {"rank": f.rank, "kept": f.kept, "rel_err": f.rel_err, "method": f.method}
+                    results[group_idx[j]] = (parts[0], parts[1], figs)
+                del fs
                 del flat
                 profile.add("to host", time.perf_counter() - t1)
             for j in range(len(peaks)):
@@ -398,7 +401,7 @@ def _extract(
                 if isinstance(res, float):
                     say(done, total, f"{m.name}: unchanged, skipped")
                 else:
-                    say(done, total, f"{m.name}: rank {res[2].rank}, kept {res[2].kept:.1%}")
+                    say(done, total, f"{m.name}: rank {res[2]['rank']}, kept {res[2]['kept']:.1%}")
 
         building: dict[int, list] = {}  # module index -> [float32 difference, rows still to come]
         try:
@@ -443,7 +446,7 @@ def _extract(
                 skipped.append({"module": m.name, "key": m.key, "max_abs_diff": res})
                 continue
             up, down, f = res
-            k = f.rank
+            k = f["rank"]
             if len(m.shape) == 4:
                 up = up.reshape(m.shape[0], k, 1, 1)
                 down = down.reshape(k, *m.shape[1:])
@@ -454,11 +457,11 @@ def _extract(
                 "key": m.key,
                 "rows": list(m.rows) if m.rows else None,
                 "rank": k,
-                "kept": round(f.kept, 6),
-                "rel_err": round(f.rel_err, 6),
-                "method": f.method,
+                "kept": round(f["kept"], 6),
+                "rel_err": round(f["rel_err"], 6),
+                "method": f["method"],
             }
-            methods[f.method] = methods.get(f.method, 0) + 1
+            methods[f["method"]] = methods.get(f["method"], 0) + 1
         results.clear()
         if not layers:
             raise RecipeError(
