@@ -429,6 +429,7 @@ def _extract(
                 pending.setdefault((tuple(mat.shape), m.kind == "conv", r), []).append((idx, mat, peak))
                 pending_bytes += mat.nbytes
                 profile.add("diff", time.perf_counter() - t1)
+                del mat, entry, peak  # the pending stack holds it now
                 while pending_bytes > budget:
                     flush(max(pending, key=lambda g: sum(d.nbytes for _, d, _ in pending[g])))
             for group in list(pending):
