@@ -92,6 +92,7 @@ class _Slot:
         self.t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         self.b = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         self.event = torch.cuda.Event() if pin else None
+        self.dev = dev
 
     def wait(self) -> None:
         """Block until the device has finished copying out of this buffer."""
@@ -201,8 +202,8 @@ class _Readers:
             yield item
 
     def release(self, slot: _Slot) -> None:
-        if slot.event is not None:
-            slot.event.record()
+        if slot.event is not None:  # after the copies queued on the device's stream (cuda:N too)
+            slot.event.record(torch.cuda.current_stream(slot.dev))
         self.free.put(slot)
 
     def close(self) -> None:
