@@ -101,6 +101,8 @@ def extract_cmd(folder: str, rank: int, conv_rank: int, device: str, check: int,
         f"{wall:.1f} s wall, peak RSS {rss:.0f} MB, methods {rep['methods']}, "
         f"rel err mean {sum(errs) / len(errs):.4f} max {max(errs):.4f}"
     )
+    prof = ", ".join(f"{k} {v:.1f}" for k, v in sorted(rep.get("profile", {}).items(), key=lambda x: -x[1]))
+    print(f"  in the engine {rep['seconds']:.1f} s; seconds per stage (all threads): {prof}")
     json.dump(rep, open(out + ".report.json", "w"))
     if check:
         _check(folder, rep, out, check)

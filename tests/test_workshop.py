@@ -54,15 +54,10 @@ def _rel(a, b):
 
 
 def _ulps_fp16(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest |a - b| in fp16 units in the last place of b, fp16 tensors.
-
-    The ulp is taken at no less than 1/64 of the tensor's largest magnitude: near zero an fp16 ulp
-    (6e-8 at 1e-3) is finer than float32 arithmetic on the tensor's scale (a 0.5 weight carries
-    3e-8 of rounding per operation), which no float32 extraction or bake can resolve.
-    """
+    """Largest |a - b| in fp16 units in the last place of each element of b (no floor but fp16's own:
+    below 2^-14 the spacing is the subnormal 2^-24)."""
     a, b = a.double(), b.double()
-    floor = b.abs().max() / 64
-    mag = torch.maximum(b.abs(), floor).clamp_min(2.0**-14)
+    mag = b.abs().clamp_min(2.0**-14)
     ulp = torch.exp2(torch.floor(torch.log2(mag)) - 10)
     return float(((a - b).abs() / ulp).max())
 
@@ -132,6 +127,28 @@ def test_randomized_svd_is_within_one_percent_of_the_optimum(shape, decay, noise
     assert abs(f.rel_err - achieved) < 1e-3  # the reported error is the real one
 
 
+def test_factor_batch_of_mixed_members_matches_float64_svd_per_layer():
+    """One stack holding a decaying spectrum (iterates), a zero matrix and a rank-5 matrix (range
+    caught at once): each member against its own float64 SVD."""
+    g = torch.Generator().manual_seed(5)
+    low = (torch.randn(200, 5, generator=g) @ torch.randn(5, 120, generator=g)).float()
+    stack = torch.stack([_spectrum_matrix(200, 120, 0.6, 0.05, seed=2), torch.zeros(200, 120), low])
+    fs = svd.factor_batch(stack, 8)
+    for m, f in zip(stack, fs):
+        m64 = m.double()
+        got = f.up.double() @ f.down.double()
+        if not m.any():
+            assert f.rank == 1 and not got.any()
+            continue
+        s = torch.linalg.svdvals(m64)
+        optimum = float((s[8:] ** 2).sum().sqrt() / (s**2).sum().sqrt())
+        achieved = float(torch.linalg.norm(m64 - got) / torch.linalg.norm(m64))
+        assert achieved <= optimum * 1.01 + 1e-6
+        assert abs(f.rel_err - achieved) <= 1e-3 * max(optimum, 1e-3)
+    assert fs[0].method == fs[2].method == "randomized"
+    assert _rel(fs[2].up @ fs[2].down, low) < 1e-6  # rank 5 < 8: recovered to float32 rounding
+
+
 def test_randomized_svd_recovers_a_low_rank_matrix_exactly():
     g = torch.Generator().manual_seed(2)
     m = torch.randn(300, 6, generator=g) @ torch.randn(6, 200, generator=g)
@@ -148,6 +165,26 @@ def test_factor_product_equals_truncated_svd_of_the_product():
     best = (u[:, :5] * s[:5]) @ vh[:5]
     assert _rel(f.up @ f.down, best) < 1e-5
     assert f.rel_err == pytest.approx(float((s[5:] ** 2).sum().sqrt() / (s**2).sum().sqrt()), rel=1e-6)
+
+
+def test_cholesky_qr_orthonormalises_full_ill_conditioned_and_rank_deficient_blocks():
+    """The GPU's orthonormalisation (shifted CholeskyQR3), run here on the CPU: QᵀQ = I and span(Q) ⊇
+    span(Y) to float32 rounding, checked against Householder QR's projector (LAPACK)."""
+    g = torch.Generator().manual_seed(0)
+    blocks = (
+        torch.randn(2, 300, 24, generator=g),
+        torch.randn(2, 300, 24, generator=g) @ torch.diag(torch.logspace(0, -6, 24)),
+        torch.randn(2, 300, 3, generator=g) @ torch.randn(3, 24, generator=g),  # rank 3 of 24
+    )
+    for y in blocks:
+        q = svd._cholesky_qr3(y).double()
+        assert float((q.mT @ q - torch.eye(24, dtype=torch.float64)).abs().max()) < 1e-6
+        ref = torch.linalg.qr(y.double()).Q
+        y64 = y.double()
+        for a in (q, ref):  # y lies in the span of both
+            assert float(torch.linalg.norm(y64 - a @ (a.mT @ y64)) / torch.linalg.norm(y64)) < 1e-6
+        if y.shape[-1] == torch.linalg.matrix_rank(y[0].double()):  # full rank: the same projector
+            assert float((q @ q.mT - ref @ ref.mT).abs().max()) < 1e-5
 
 
 # --- extract ----------------------------------------------------------------------------------
