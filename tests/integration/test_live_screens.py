@@ -153,7 +153,7 @@ def test_the_script_panel_and_the_profile_editor_in_settings():
     steps = before["profiles"]["sd15"]["steps"]
     with sync_api.sync_playwright() as pw:
         browser, page = open_lorakit(pw)
-        page.locator(".tab-nav button, [role=tab]").filter(has_text=re.compile(r"^\s*txt2img\s*$")).first.click()
+        page.locator(".tab-nav button, [role=tab]").filter(has_text=re.compile(r"^\s*txt2img\s*$", re.I)).first.click()
         page.locator("#script_list input, #script_list select").first.click()
         page.locator("ul.options li").filter(has_text="lorakit").first.click()
         page.wait_for_selector("#lorakit_grid_strengths", state="visible", timeout=30_000)
