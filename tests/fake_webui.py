@@ -49,6 +49,7 @@ class OptionInfo:
             section,
         )
         self.onchange = onchange
+        self.comment_before, self.comment_after = kw.get("comment_before", ""), kw.get("comment_after", "")
 
 
 class Options:

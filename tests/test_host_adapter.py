@@ -275,6 +275,7 @@ def test_settings_edit_the_generation_profiles(webui, caplog):
     opts, key = fake.shared.opts, extension.PROFILES_OPTION
     info = opts.data_labels[key]
     assert info.section == ("lorakit", "lorakit") and opts.data[key] == ""
+    assert not getattr(info, "comment_after", "") and not getattr(info, "comment_before", "")  # see extension.py
     # A1111 refreshes every setting on page load with gr.update(value=..., **component_args): each lorakit
     # option's arguments must be ones its component's update takes (gradio 3.41 checks them)
     import inspect

@@ -64,13 +64,15 @@ def on_ui_settings():
         OptionInfo(
             "",
             "Generation profiles: your changes to the shipped table, as JSON {profile: {field: value}} "
-            '(e.g. {"sdxl": {"steps": 30}, "noobai-vpred": {"cfg_scale": 4.5}}; empty: the shipped table)',
+            '(e.g. {"sdxl": {"steps": 30}, "noobai-vpred": {"cfg_scale": 4.5}}; empty: the shipped table; '
+            "profiles and fields: the README's table or GET /lorakit/v1/profiles). Checked when applied; a "
+            "refused change is put back and the reason is printed in the console",
             gr.Code,
             {"language": "json"},  # A1111 sends these back through Code.update, which takes no "lines" in 3.41
             onchange=profiles_changed,
             section=SECTION,
-            comment_after="Profiles and fields: see the README's table or GET /lorakit/v1/profiles. Checked when "
-            "applied; a refused change is put back and the reason is printed in the console.",
+            # no comment_before/after: A1111's settings.js puts them beside a 'label span', which a Code has
+            # not, and its hint set-up then fails for every setting
         ),
     )
     # lorakit's settings.json holds the changes (the API edits them too): show what is in use
