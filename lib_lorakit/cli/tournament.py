@@ -9,7 +9,7 @@ import sys
 
 from ..errors import RecipeError
 from ..ops import tournament as T
-from .common import Parser, local, progress_printer, write_text
+from .common import Parser, local, progress_printer, webui_args, write_text
 
 
 def _read_spec(path: str):
@@ -94,8 +94,7 @@ def add_parsers(sub) -> None:
     t_create.add_argument("spec")
     t_gen = tosub.add_parser("generate", help="build merge candidates and generate the images through a WebUI")
     t_gen.add_argument("id")
-    t_gen.add_argument("--webui", required=True, metavar="URL")
-    t_gen.add_argument("--api-auth", metavar="USER:PASSWORD")
+    webui_args(t_gen)
     t_gen.add_argument("--models-dir", help="the WebUI's checkpoint folder on this machine (where merges are built)")
     t_gen.add_argument("--out", default="lorakit-runs", help="folder for the run folder (default ./lorakit-runs)")
     t_score = tosub.add_parser("score", help="scores under every scheme (blind until revealed)")

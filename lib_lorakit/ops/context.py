@@ -250,8 +250,9 @@ class LocalContext(Context):
         self,
         data_dir: str | None = None,
         *,
-        webui: str | None = None,
-        api_auth: str | None = None,
+        webui: str | list[str] | None = None,
+        api_auth: str | list[str] | None = None,
+        batch_size: int | None = None,
         outputs_dir: str | None = None,
         models_dir: str | None = None,
         jobs: JobManager | None = None,
@@ -261,6 +262,7 @@ class LocalContext(Context):
         self.engine = dict(engine or {})  # device, workers, hash_cache from the command line
         self._data = data_dir
         self.webui, self.api_auth = webui, api_auth
+        self.batch_size = batch_size
         self._outputs = outputs_dir
         self.models_dir = models_dir
 
@@ -315,14 +317,16 @@ class LocalContext(Context):
         return self._outputs or "lorakit-runs"
 
     def backend(self, what: str, fix: str = ""):
-        from ..gen.backend import GenerationUnavailable, HttpBackend
+        from ..gen.backend import GenerationUnavailable
+        from ..gen.pool import http_pool
 
-        if not self.webui:
+        urls = [self.webui] if isinstance(self.webui, str) else list(self.webui or [])
+        if not urls:
             raise GenerationUnavailable(
                 f"No WebUI to generate with, so lorakit cannot {what}.",
                 fix="Give the URL of a WebUI started with --api.",
             )
-        return HttpBackend(self.webui, self.api_auth)
+        return http_pool(urls, self.api_auth, batch_size=self.batch_size)  # one WebUI is a pool of one
 
 
 def require(condition: bool, message: str, fix: str | None = None, cls: type[LorakitError] = RecipeError) -> None:

@@ -1,0 +1,277 @@
+"""A pool of WebUIs (lib_lorakit/gen/pool.py) against loopback fakes with a fixed per-image latency.
+
+Every image's identity is read back from its pixels (the fake encodes seed and strength there,
+see fake_gen), never from what the scheduler believes, so a mislabelled image is caught."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+from fake_gen import FakeBackend, decode
+from fake_sdapi import FakeWebUI
+
+from lib_lorakit.cli import main
+from lib_lorakit.errors import Cancelled
+from lib_lorakit.gen.backend import GenError, HttpBackend, batchable
+from lib_lorakit.gen.pool import Pool, http_pool, split_auth
+from lib_lorakit.gen.run import Cell, Run, execute, infotext_seed
+
+LAT = 0.05  # seconds per image in every fake
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    ck, lo = tmp_path / "Stable-diffusion", tmp_path / "Lora"
+    ck.mkdir()
+    lo.mkdir()
+    for f in ("base.safetensors", "other.safetensors"):
+        (ck / f).write_bytes(b"checkpoint " + f.encode())
+    (lo / "styleA.safetensors").write_bytes(b"lora A")
+    (lo / "styleB.safetensors").write_bytes(b"lora B")
+    return tmp_path, str(ck), str(lo)
+
+
+@pytest.fixture
+def servers(dirs):
+    made = []
+
+    def start(n=3, lora_dirs=None, **kw):
+        tmp, ck, lo = dirs
+        for i in range(n):
+            fake = FakeBackend(ck, (lora_dirs or {}).get(i, lo), {"styleA": "healthy", "styleB": "healthy"})
+            made.append(FakeWebUI(fake, latency=kw.get("latency", LAT), kill_after=kw.get("kill_after", {}).get(i)))
+        return made[-n:]
+
+    yield start
+    for s in made:
+        s.close()
+
+
+def cells_for(n_seeds, loras=("styleA",), strengths=(0.5, 1.0), checkpoint=None, first_seed=1):
+    out = []
+    for seed in range(first_seed, first_seed + n_seeds):
+        out.append(Cell("base", "0", "a castle", seed=seed, checkpoint=checkpoint))
+        for lo in loras:
+            for s in strengths:
+                out.append(
+                    Cell(
+                        lo, str(s), f"a castle, <lora:{lo}:{s}>", seed=seed, checkpoint=checkpoint, lora=lo, strength=s
+                    )
+                )
+    return out
+
+
+def verify(run):
+    """Every cell has an image whose pixels carry its own seed and strength; returns member -> cells."""
+    assert run.missing() == []
+    by_member: dict[str, list] = {}
+    cells = {c.key: c for c in run.cells}
+    for key, ev in run.results().items():
+        c = cells[key]
+        assert ev["status"] == "ok", ev
+        assert decode(run.load_image(ev)) == (c.seed, c.strength or 0.0), (c, ev["member"])
+        assert infotext_seed(ev["infotext"]) == c.seed
+        by_member.setdefault(ev["member"], []).append(c)
+    return by_member
+
+
+def test_throughput_scales_with_members(servers, tmp_path):
+    srv = servers(3, latency=0.08)
+    cells = [Cell("p", str(i), f"prompt {i}", seed=i) for i in range(24)]  # no two batchable
+    rates = {}
+    for n in (1, 2, 3):
+        run = Run.create(str(tmp_path / f"out{n}"), "grid", cells)
+        pool = Pool([HttpBackend(s.url) for s in srv[:n]])
+        t0 = time.perf_counter()
+        rec = execute(run, pool)
+        rates[n] = len(cells) / (time.perf_counter() - t0)
+        assert rec["ok"] == 24 and rec["made_now"] == 24
+        verify(run)
+        assert sorted(m["made"] for m in rec["members"]) == sorted([24 // n] * n)  # every member busy
+    assert rates[1] >= 0.85 / 0.08  # one member: close to the fake's own speed
+    for n in (2, 3):
+        assert 0.9 * n <= rates[n] / rates[1] <= 1.1 * n, rates
+
+
+def test_member_killed_mid_run_loses_and_mislabels_nothing(servers, tmp_path):
+    srv = servers(3, kill_after={1: 4})  # the second WebUI vanishes after 4 images, mid-batch
+    cells = cells_for(8)  # 24 cells, batches of up to 3 consecutive seeds
+    run = Run.create(str(tmp_path), "grid", cells)
+    pool = Pool([HttpBackend(s.url) for s in srv], batch_size=3)
+    rec = execute(run, pool)
+    by = verify(run)
+    assert rec["ok"] == 24 and rec["failed"] == 0 and rec["missing"] == 0
+    members = {m["name"]: m for m in rec["members"]}
+    dead = members[srv[1].url]
+    assert dead["state"] == "down" and dead["requeued"] >= 1 and srv[1].dead
+    assert len(by.get(srv[1].url, [])) == dead["made"] <= 4
+    assert len(by[srv[0].url]) + len(by[srv[2].url]) == 24 - dead["made"]
+    # batches were used: a txt2img of more than one image on some live member
+    assert any(b.get("batch_size", 1) > 1 for s in srv for m, p, b in s.requests if p == "/sdapi/v1/txt2img")
+
+
+def test_member_lacking_a_lora_gets_none_of_its_cells(servers, dirs, tmp_path):
+    base, ck, lo = dirs
+    other = base / "Lora-other"
+    other.mkdir()
+    (other / "styleA.safetensors").write_bytes(b"lora A, retrained")  # same name, other file
+    (other / "styleB.safetensors").write_bytes(b"lora B")
+    srv = servers(3, lora_dirs={2: str(other)})
+    srv[1].fake.hidden = {"styleA.safetensors"}  # missing on the second WebUI
+    cells = cells_for(4, loras=("styleA", "styleB"), strengths=(1.0,))
+    run = Run.create(str(tmp_path / "o"), "grid", cells)
+    rec = execute(run, Pool([HttpBackend(s.url) for s in srv]))
+    by = verify(run)
+    for url in (srv[1].url, srv[2].url):  # missing, and another file under the same name
+        assert not [c for c in by.get(url, []) if c.lora == "styleA"]
+        assert by.get(url), "it still makes the cells it can"
+    notes = " ".join(rec["pool_notes"])
+    assert f"{srv[1].url} gets no cells needing: LoRA styleA: not listed" in notes
+    assert f"{srv[2].url} gets no cells needing: LoRA styleA: another file" in notes
+    assert srv[0].url not in notes
+    # none of styleA's prompts ever reached the two members
+    for s in srv[1:]:
+        assert not [b for m, p, b in s.requests if p == "/sdapi/v1/txt2img" and "styleA" in b["prompt"]]
+
+
+def test_checkpoint_switches_counted_and_minimal(servers, tmp_path):
+    srv = servers(3, latency=0.03)
+    cells = [Cell("b", str(i), f"p{i}", seed=i, checkpoint="base.safetensors") for i in range(16)]
+    cells += [Cell("o", str(i), f"p{i}", seed=i, checkpoint="other.safetensors") for i in range(8)]
+    run = Run.create(str(tmp_path), "grid", cells)
+    rec = execute(run, Pool([HttpBackend(s.url) for s in srv]))  # all three have base loaded
+    by = verify(run)
+    # the fakes count a switch whenever a request names another checkpoint than the one loaded
+    assert sum(s.fake.switches for s in srv) == 1 == rec["model_switches"]
+    assert sum(m["model_switches"] for m in rec["members"]) == 1
+    on_other = [u for u, cs in by.items() if any(c.checkpoint == "other.safetensors" for c in cs)]
+    assert len(on_other) == 1  # "other" loaded on one member only
+    for ev in run.results().values():
+        want = "other" if ev["checkpoint"].startswith("other") else "base"
+        assert f"Model: {want}" in ev["infotext"]
+
+
+def test_batches_consecutive_seeds_and_split_the_rest(servers, tmp_path):
+    (srv,) = servers(1, latency=0.0)
+    cells = [Cell("r", str(s), "a castle", seed=s) for s in (1, 2, 3, 4, 5, 6, 9, 10)]
+    run = Run.create(str(tmp_path), "grid", cells)
+    execute(run, Pool([HttpBackend(srv.url)], batch_size=4))
+    verify(run)
+    posted = [(b["seed"], b["batch_size"]) for m, p, b in srv.requests if p == "/sdapi/v1/txt2img"]
+    assert sorted(posted) == [(1, 4), (5, 2), (9, 2)]
+    assert batchable([{"seed": 3, "p": "x"}, {"seed": 4, "p": "x"}])
+    assert not batchable([{"seed": 3, "p": "x"}, {"seed": 5, "p": "x"}])
+    assert not batchable([{"seed": 3, "p": "x"}, {"seed": 4, "p": "y"}])
+    # a batch gives the images of single requests, pixel for pixel
+    be = HttpBackend(srv.url)
+    batch = be.txt2img_batch([{"prompt": "a castle", "seed": s, "width": 64, "height": 64} for s in (7, 8, 9)])
+    for s, out in zip((7, 8, 9), batch):
+        one = be.txt2img({"prompt": "a castle", "seed": s, "width": 64, "height": 64})
+        assert out.seed == s == infotext_seed(out.infotext) and out.image.tobytes() == one.image.tobytes()
+
+
+def test_mislabelled_batch_image_is_refused(servers, tmp_path, monkeypatch):
+    (srv,) = servers(1, latency=0.0)
+    real = srv.fake.txt2img
+
+    def shifted(req):  # a WebUI that numbers a batch's seeds wrongly from the second image on
+        out = real(req)
+        if req["seed"] == 2:
+            return real({**req, "seed": 99})
+        return out
+
+    srv.fake.txt2img = shifted
+    cells = [Cell("r", str(s), "a castle", seed=s) for s in (1, 2, 3)]
+    run = Run.create(str(tmp_path), "grid", cells)
+    rec = execute(run, Pool([HttpBackend(srv.url)], batch_size=3))
+    assert rec["ok"] == 2 and rec["failed"] == 1
+    bad = [ev for ev in run.results().values() if ev["status"] == "failed"]
+    assert "seed 99 for seed 2" in bad[0]["error"]
+
+
+def test_cancel_stops_every_member_and_rerun_fills_gaps(servers, tmp_path):
+    srv = servers(2)
+    cells = [Cell("p", str(i), f"prompt {i}", seed=i) for i in range(16)]
+    run = Run.create(str(tmp_path), "grid", cells)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(frac, msg):
+        seen.append(msg)
+        if frac >= 0.25:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        execute(run, Pool([HttpBackend(s.url) for s in srv]), progress=progress, cancel=cancel)
+    assert all(s.interrupts == 1 for s in srv)
+    left = len(run.missing())
+    assert 0 < left <= 12
+    assert any(srv[0].url.split("//")[1] in m and srv[1].url.split("//")[1] in m for m in seen)  # per member
+    rec = execute(run, Pool([HttpBackend(s.url) for s in srv]))
+    verify(run)
+    assert rec["made_now"] == left and rec["ok"] == 16
+
+
+def test_no_member_answers(tmp_path):
+    pool = http_pool(["http://127.0.0.1:9", "http://127.0.0.1:9/x"])
+    with pytest.raises(GenError, match="No WebUI of the pool answers"):
+        pool.refresh()
+
+
+def test_split_auth():
+    assert split_auth("http://me:pw@127.0.0.1:7860/") == ("http://127.0.0.1:7860", "me:pw")
+    assert split_auth("me:pw@http://host:1") == ("http://host:1", "me:pw")
+    assert split_auth("127.0.0.1:7861") == ("http://127.0.0.1:7861", None)
+    with pytest.raises(GenError, match="given twice"):
+        http_pool(["http://a:1", "http://a:1/"])
+    with pytest.raises(GenError, match="credentials for"):
+        http_pool(["http://a:1"], ["x:y", "z:w"])
+
+
+def test_grid_command_over_two_webuis_with_auth(dirs, tmp_path, capsys):
+    base, ck, lo = dirs
+    a = FakeWebUI(FakeBackend(ck, lo), auth="me:secret", latency=0.01)
+    b = FakeWebUI(FakeBackend(ck, lo), latency=0.01)
+    try:
+        host = a.url.split("//")[1]
+        code = main(
+            [
+                "grid",
+                "--webui",
+                f"http://me:secret@{host}",
+                "--webui",
+                b.url,
+                "--batch-size",
+                "2",
+                "--lora",
+                "styleA",
+                "--prompt",
+                "a castle",
+                "--strengths",
+                "0, 1",
+                "--seeds",
+                "1, 2, 3, 4",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--out",
+                str(tmp_path / "runs"),
+                "-q",
+            ]
+        )
+        assert code == 0, capsys.readouterr()
+        root = tmp_path / "runs" / "lorakit" / "grid"
+        (run_dir,) = os.listdir(root)
+        run = Run(str(root / run_dir))
+        by = verify(run)
+        assert set(by) == {a.url, b.url}
+        rec = json.load(open(root / run_dir / "run.json"))
+        assert rec["batch_size"] == 2 and len(rec["members"]) == 2
+    finally:
+        a.close()
+        b.close()
