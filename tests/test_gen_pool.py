@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 
 import pytest
 from fake_gen import FakeBackend, decode
@@ -80,19 +79,18 @@ def verify(run):
 
 
 def test_throughput_scales_with_members(servers, tmp_path):
-    srv = servers(3, latency=0.08)
+    lat = 0.1
+    srv = servers(3, latency=lat)
     cells = [Cell("p", str(i), f"prompt {i}", seed=i) for i in range(24)]  # no two batchable
     rates = {}
     for n in (1, 2, 3):
         run = Run.create(str(tmp_path / f"out{n}"), "grid", cells)
-        pool = Pool([HttpBackend(s.url) for s in srv[:n]])
-        t0 = time.perf_counter()
-        rec = execute(run, pool)
-        rates[n] = len(cells) / (time.perf_counter() - t0)
+        rec = execute(run, Pool([HttpBackend(s.url) for s in srv[:n]]))
+        rates[n] = len(cells) / rec["seconds"]  # from the first request to the last image written
         assert rec["ok"] == 24 and rec["made_now"] == 24
         verify(run)
-        assert sorted(m["made"] for m in rec["members"]) == sorted([24 // n] * n)  # every member busy
-    assert rates[1] >= 0.85 / 0.08  # one member: close to the fake's own speed
+        assert min(m["made"] for m in rec["members"]) >= 24 // n - 2  # every member kept busy
+    assert rates[1] >= 0.8 / lat, rates  # one member: close to the fake's own speed
     for n in (2, 3):
         assert 0.9 * n <= rates[n] / rates[1] <= 1.1 * n, rates
 

@@ -190,6 +190,9 @@ class HostBackend:
     def current_checkpoint(self) -> str | None:
         return self.host.current_checkpoint()
 
+    def engine(self) -> str:
+        return str(getattr(self.host, "flavour", "a1111"))
+
     def txt2img(self, request: dict[str, Any]) -> GenImage:
         res = self.host.txt2img(request)
         images = res.get("images") or []
@@ -276,6 +279,11 @@ class HttpBackend:
     def current_checkpoint(self) -> str | None:
         opts = self._call("GET", "/sdapi/v1/options") or {}
         return opts.get("sd_model_checkpoint")
+
+    def engine(self) -> str:
+        """ "forge" or "a1111" (Forge's settings have ``forge_*`` keys)."""
+        opts = self._call("GET", "/sdapi/v1/options") or {}
+        return "forge" if any(str(k).startswith("forge_") for k in opts) else "a1111"
 
     def ping(self, timeout: float = 15.0) -> None:
         """Raise :class:`GenError` unless the WebUI answers (a short timeout; while it generates, the

@@ -15,8 +15,8 @@ pool's run to :meth:`Pool.execute`, the scheduler:
   only to a checkpoint no other member has loaded, or when the others would need longer than
   ``switch_cost`` images to finish that checkpoint's cells. Switches are counted per member;
 - **retry**: when a member stops answering, its batch goes back to the queue for the others; a
-  batch a live member fails is tried once on each other member that can make it, then recorded
-  as failed;
+  batch a live member fails goes back as single images, and an image a live member fails is
+  tried once on each other member that can make it, then recorded as failed;
 - **the manifest stays the truth**: an image is accepted only when its infotext's seed (and model,
   LoRA) is its own cell's, whichever member made it; a re-run fills only gaps;
 - progress: the message names each member's count; cancel interrupts every member.
@@ -90,6 +90,7 @@ class Member:
     checkpoints: list[ModelInfo] = field(default_factory=list)
     loras: list[ModelInfo] = field(default_factory=list)
     current: str | None = None
+    engine: str = ""
     has_ck: dict[str, ModelInfo] = field(default_factory=dict)  # plan key -> its own entry
     has_lora: dict[str, ModelInfo] = field(default_factory=dict)
     lacks: list[str] = field(default_factory=list)
@@ -104,6 +105,7 @@ class Member:
     def summary(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "engine": self.engine,
             "state": self.state,
             "note": self.note,
             "made": self.made,
@@ -213,6 +215,7 @@ class Pool:
                 m.checkpoints = m.backend.checkpoints()
                 m.loras = m.backend.loras()
                 m.current = m.backend.current_checkpoint()
+                m.engine = m.backend.engine() if hasattr(m.backend, "engine") else ""
                 m.state, m.note = "ready", ""
             except (LorakitError, OSError, ValueError) as e:
                 m.state, m.note = "down", str(e).splitlines()[0][:300]
@@ -337,6 +340,13 @@ class Pool:
                     has[key] = own
             if m.lacks:
                 self.notes.append(f"{m.name} gets no cells needing: " + "; ".join(m.lacks))
+        engines = sorted({m.engine for m in self.ready() if m.engine})
+        if len(engines) > 1:
+            self.notes.append(
+                f"The pool mixes engines ({', '.join(engines)}): one seed gives different images on each, so "
+                "images made on different members are not pixel-comparable (each image's infotext says which "
+                "made it; the manifest's member field too)."
+            )
 
     def _eligible(self, m: Member, u: Unit) -> bool:
         return m.state == "ready" and u.ck in m.has_ck and all(n in m.has_lora for n in u.loras)
@@ -511,6 +521,12 @@ class Pool:
                             inflight.pop(me.name, None)
                         return
                     alive = _reachable(me.backend)
+                    if alive and len(u.cells) > 1:  # a failed batch: its cells again one by one
+                        with cond:
+                            inflight.pop(me.name, None)
+                            queue.extendleft(Unit(u.ck, [c], u.loras) for c in reversed(u.cells))
+                            cond.notify_all()
+                        continue
                     with cond:
                         inflight.pop(me.name, None)
                         u.tried.add(me.name)
