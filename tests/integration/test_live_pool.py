@@ -145,7 +145,20 @@ def test_triage_over_two_webuis(pool_loras, tmp_path):
     data = str(tmp_path / "data")
     t0 = time.perf_counter()
     code = main(
-        ["triage", "create", folder, "--webui", URL, "--webui", URL2, "--seeds", "1, 2", "--data-dir", data]
+        [
+            "triage",
+            "create",
+            "--folder",
+            os.path.basename(folder),
+            "--webui",
+            URL,
+            "--webui",
+            URL2,
+            "--seeds",
+            "1, 2",
+            "--data-dir",
+            data,
+        ]
         + ["--out", str(tmp_path), *SETTINGS]
     )
     secs = time.perf_counter() - t0
