@@ -273,3 +273,24 @@ def test_grid_command_over_two_webuis_with_auth(dirs, tmp_path, capsys):
     finally:
         a.close()
         b.close()
+
+
+def test_idle_member_switches_when_that_ends_sooner(servers, tmp_path):
+    srv = servers(2, latency=0.02)
+    srv[1].fake.loaded = "other.safetensors [abc]"  # the second WebUI has another checkpoint loaded
+    cells = [Cell("b", str(i), f"p{i}", seed=i, checkpoint="base.safetensors") for i in range(12)]
+    run = Run.create(str(tmp_path), "grid", cells)
+    rec = execute(run, Pool([HttpBackend(s.url) for s in srv], switch_cost=4))
+    by = verify(run)
+    # 12 images for one member with it loaded: 12 > 1 x 4, so the second switches once and helps
+    assert srv[1].fake.switches == 1 == rec["model_switches"] and len(by[srv[1].url]) >= 3
+    srv[0].fake.loaded = srv[1].fake.loaded = "base.safetensors [abc]"
+    srv[1].fake.switches = 0
+    few = [Cell("o", str(i), f"q{i}", seed=i, checkpoint="other.safetensors") for i in range(3)]
+    run = Run.create(str(tmp_path / "few"), "grid", few)
+    srv[1].fake.loaded = "other.safetensors [abc]"
+    rec = execute(run, Pool([HttpBackend(s.url) for s in srv], switch_cost=4))
+    verify(run)
+    # 3 images on the member with it loaded beat a switch: the first WebUI stays idle
+    assert rec["model_switches"] == 0 and srv[0].fake.switches == 0
+    assert {m["name"]: m["state"] for m in rec["members"]}[srv[0].url] == "idle"

@@ -158,6 +158,18 @@ def _other_file(a: ModelInfo, b: ModelInfo) -> str:
     return ""
 
 
+def _bare(name: str) -> str:
+    """A checkpoint name without its " [hash]" and extension, lower case."""
+    import os
+
+    return os.path.splitext(os.path.basename(name.split(" [")[0]))[0].lower()
+
+
+def _same_name(current: str | None, entry: ModelInfo) -> bool:
+    """Whether the WebUI's loaded-checkpoint setting names ``entry`` (titles carry a hash only once known)."""
+    return bool(current) and _bare(current) in {_bare(n) for n in entry.names() if n}
+
+
 def _reachable(backend: Any) -> bool:
     try:
         ping = getattr(backend, "ping", None)
@@ -405,7 +417,7 @@ class Pool:
         pf.warnings.extend(self.notes)
         run.append({**pf.as_event(), "members": self.status()})
         for m in self.ready():
-            m.loaded = next((k for k, v in m.has_ck.items() if v.name == m.current), None)
+            m.loaded = next((k for k, v in m.has_ck.items() if _same_name(m.current, v)), None)
             m.made = m.failed = m.batches = m.switches = m.requeued = 0
             m.seconds = 0.0
         queue: deque[Unit] = deque(self.units(todo, pf))
@@ -476,9 +488,11 @@ class Pool:
                         target = max(orphans, key=lambda ck: by_ck[ck])  # a checkpoint nobody else has loaded
                     elif me.loaded in by_ck:
                         target = me.loaded
-                    else:  # steal only when the others would need longer than a switch
+                    else:  # help with another checkpoint only when that ends it sooner than waiting:
+                        # k members with it loaded finish r images in r/k; with this one too, after a switch,
+                        # in (r + switch)/(k + 1); sooner when r > k * switch
                         best = max(by_ck, key=lambda ck: by_ck[ck] / max(1, others_loaded(me, ck)))
-                        if by_ck[best] / max(1, others_loaded(me, best)) > self.switch_cost + self.batch_size:
+                        if by_ck[best] > max(1, others_loaded(me, best)) * self.switch_cost:
                             target = best
                     if target is None:
                         cond.wait(0.2)

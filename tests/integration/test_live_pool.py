@@ -149,7 +149,7 @@ def test_triage_over_two_webuis(pool_loras, tmp_path):
             "triage",
             "create",
             "--folder",
-            os.path.basename(folder),
+            folder,  # the LoRA folder on this machine, as the first WebUI lists it
             "--webui",
             URL,
             "--webui",
