@@ -24,6 +24,7 @@ pool's run to :meth:`Pool.execute`, the scheduler:
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.parse
@@ -59,9 +60,14 @@ def split_auth(url: str) -> tuple[str, str | None]:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/"), cred
 
 
-def http_pool(urls: Sequence[str], auth: Sequence[str] | str | None = None, **kw: Any) -> Pool:
+def parse_urls(text: str) -> list[str]:
+    """WebUI URLs from a setting: separated by commas, spaces or new lines."""
+    return [u for u in re.split(r"[\s,]+", text or "") if u]
+
+
+def http_pool(urls: Sequence[str], auth: Sequence[str] | str | None = None, *, first: Any = None, **kw: Any) -> Pool:
     """A pool of WebUIs by URL; credentials per URL (in the URL, or ``auth`` in the same order, or
-    one ``auth`` for all)."""
+    one ``auth`` for all). ``first``: a backend that leads the pool (the WebUI lorakit runs in)."""
     from .backend import HttpBackend
 
     if isinstance(auth, str) or auth is None:
@@ -77,6 +83,9 @@ def http_pool(urls: Sequence[str], auth: Sequence[str] | str | None = None, **kw
             raise GenError(f"WebUI {url} is given twice.", fix="Give each WebUI once.")
         backends.append(HttpBackend(url, cred or a))
         names.append(url)
+    if first is not None:
+        backends.insert(0, first)
+        names.insert(0, "this WebUI")
     return Pool(backends, names, **kw)
 
 

@@ -58,6 +58,15 @@ def on_ui_settings():
             "", "Bake: sub-folder of the checkpoint folder for baked models (blank: the folder itself)", section=SECTION
         ),
     )
+    opts.add_option(
+        "lorakit_pool_webuis",
+        OptionInfo(
+            "",
+            "Generate also on these WebUIs (URLs started with --api, comma-separated; credentials as "
+            "http://USER:PASSWORD@host:port): grids, triage and tournaments use this WebUI and them as a pool",
+            section=SECTION,
+        ),
+    )
 
 
 def on_app_started(_demo, app) -> None:

@@ -24,6 +24,7 @@ from ..safepath import NotFound, output_path, resolve_model
 
 SETTING_SAVE_DTYPE = "lorakit_save_dtype"
 SETTING_OUTPUT_SUBDIR = "lorakit_output_subdir"
+SETTING_POOL = "lorakit_pool_webuis"  # other WebUIs that generate with this one (a pool)
 
 Progress = Callable[[float, str], None]
 
@@ -196,6 +197,11 @@ class HostContext(Context):
                 f"The standalone launcher cannot make images, so it cannot {what}.",
                 fix=fix or "Run it in the WebUI, or from the command line with a WebUI URL.",
             )
+        from ..gen.pool import http_pool, parse_urls
+
+        urls = parse_urls(str(self.host.setting(SETTING_POOL, "") or ""))
+        if urls:  # this WebUI and the others of the Settings field: a pool
+            return http_pool(urls, first=HostBackend(self.host))
         return HostBackend(self.host)
 
     def progress_for(self, job: Job, host_progress: bool = False) -> Progress:
