@@ -349,3 +349,36 @@ def test_this_webui_and_the_settings_field_webuis_as_one_pool(tmp_path, monkeypa
     finally:
         srv.close()
         host_pkg.reset()
+
+
+def test_triage_over_a_pool_reports_who_lacked_what(tmp_path, capsys):
+    from test_triage import make_loras
+
+    ck, lo = tmp_path / "ck", tmp_path / "Lora"
+    ck.mkdir()
+    (ck / "base.safetensors").write_bytes(b"x")
+    paths = make_loras(str(lo), 3)
+    lacking = os.path.splitext(os.path.basename(paths[0]))[0]
+    a = FakeWebUI(FakeBackend(str(ck), str(lo)), latency=0.01)
+    b = FakeWebUI(FakeBackend(str(ck), str(lo)), latency=0.01)
+    b.fake.hidden = {os.path.basename(paths[0])}
+    b.fake.refresh()
+    data = str(tmp_path / "data")
+    try:
+        code = main(
+            ["triage", "create", "--webui", a.url, "--webui", b.url, "--folder", str(lo), "--seeds", "1, 2"]
+            + ["--width", "64", "--height", "64", "--data-dir", data, "--out", str(tmp_path / "runs")]
+        )
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        tid = out.out.strip().splitlines()[-1]
+        assert f"{b.url}: " in out.err and f"gets no cells needing: LoRA {lacking}: not listed" in out.err
+    finally:
+        a.close()
+        b.close()
+    assert not [body for m, p, body in b.requests if p == "/sdapi/v1/txt2img" and lacking in body["prompt"]]
+    assert [body for m, p, body in a.requests if p == "/sdapi/v1/txt2img" and lacking in body["prompt"]]
+    assert main(["triage", "report", tid, "--data-dir", data]) == 0
+    md = capsys.readouterr().out
+    assert "## Generated on" in md and f"| {a.url} |" in md and f"| {b.url} |" in md
+    assert f"LoRA {lacking}: not listed" in md

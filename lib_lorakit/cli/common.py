@@ -98,6 +98,22 @@ def webui_args(x: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
+def print_members(rec: dict) -> None:
+    """A pool's work per WebUI and its notes (who was left out of what), on stderr."""
+    members = rec.get("members") or []
+    if len(members) > 1 or any(m.get("state") == "down" for m in members):
+        for m in members:
+            extra = f", {m['note']}" if m.get("note") else ""
+            print(
+                f"  {m['name']}: {m['made']} made, {m['failed']} failed, {m['model_switches']} checkpoint switch(es), "
+                f"{m['state']}{extra}",
+                file=sys.stderr,
+            )
+    notes = rec.get("pool_notes")
+    for n in notes if isinstance(notes, list) else []:
+        print(f"  note: {n}", file=sys.stderr)
+
+
 def gen_fields(args: argparse.Namespace) -> dict:
     """The generation settings given on the command line, as request fields (unset ones left out)."""
     out = {
@@ -160,6 +176,7 @@ __all__ = [
     "gen_args",
     "gen_fields",
     "local",
+    "print_members",
     "progress_printer",
     "read_prompts",
     "webui_args",

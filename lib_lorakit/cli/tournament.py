@@ -9,7 +9,7 @@ import sys
 
 from ..errors import RecipeError
 from ..ops import tournament as T
-from .common import Parser, local, progress_printer, webui_args, write_text
+from .common import Parser, local, print_members, progress_printer, webui_args, write_text
 
 
 def _read_spec(path: str):
@@ -35,6 +35,7 @@ def cmd_tournament(args: argparse.Namespace) -> int:
         return 0
     if a == "generate":
         rec = T.generate(ctx, args.id, args.out, progress=progress_printer(True))
+        print_members(rec)
         print(
             f"{rec['ok']} images ok, {rec['failed']} failed, {rec['missing']} missing; rank them blind in the "
             f"Tournament tab or the standalone launcher (--data-dir {args.data_dir})"
