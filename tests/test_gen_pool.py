@@ -346,6 +346,8 @@ def test_this_webui_and_the_settings_field_webuis_as_one_pool(tmp_path, monkeypa
                 assert px[0] == seed % 256  # the fake host's batch paints each image's own seed
             else:
                 assert decode(run.load_image(ev))[0] == seed
+        pool.interrupt()  # what a cancel does: every member stops its image, this WebUI too
+        assert fake.shared.state.interrupted and srv.interrupts == 1
     finally:
         srv.close()
         host_pkg.reset()

@@ -193,6 +193,11 @@ class HostBackend:
     def engine(self) -> str:
         return str(getattr(self.host, "flavour", "a1111"))
 
+    def interrupt(self) -> None:
+        stop = getattr(self.host, "interrupt", None)
+        if stop:
+            stop()
+
     def txt2img(self, request: dict[str, Any]) -> GenImage:
         res = self.host.txt2img(request)
         images = res.get("images") or []

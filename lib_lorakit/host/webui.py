@@ -157,6 +157,12 @@ class WebUIHost:
     def job_end(self) -> None:
         _m("modules.shared").state.end()
 
+    def interrupt(self) -> None:
+        """Stop the image being made (the WebUI's Interrupt button)."""
+        state = _m("modules.shared").state
+        if hasattr(state, "interrupt"):
+            state.interrupt()
+
     def interrupted(self) -> bool:
         state = _m("modules.shared").state
         return bool(getattr(state, "interrupted", False))
