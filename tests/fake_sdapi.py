@@ -30,11 +30,13 @@ class FakeWebUI:
         latency: float = 0.0,
         request_latency: float = 0.0,
         kill_after: int | None = None,
+        engine: str = "a1111",
     ):
         self.fake = fake
         self.auth = auth
         self.latency, self.request_latency = latency, request_latency
         self.kill_after = kill_after  # images made before it vanishes
+        self.engine = engine  # "forge": its settings carry forge_* keys, as Forge's do
         self.made = 0
         self.dead = False
         self.interrupts = 0
@@ -93,7 +95,10 @@ class FakeWebUI:
                         200, [{"name": l.name, "alias": l.name, "path": l.path, "metadata": {}} for l in f.loras()]
                     )
                 elif self.path == "/sdapi/v1/options":
-                    self._send(200, {"sd_model_checkpoint": f.loaded})
+                    opts = {"sd_model_checkpoint": f.loaded}
+                    if outer.engine == "forge":
+                        opts["forge_preset"] = "sd"
+                    self._send(200, opts)
                 else:
                     self._send(404, {"detail": "Not Found"})
 

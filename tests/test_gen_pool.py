@@ -384,3 +384,29 @@ def test_triage_over_a_pool_reports_who_lacked_what(tmp_path, capsys):
     md = capsys.readouterr().out
     assert "## Generated on" in md and f"| {a.url} |" in md and f"| {b.url} |" in md
     assert f"LoRA {lacking}: not listed" in md
+
+
+def test_mixed_engines_keep_each_seed_on_one_engine(dirs, tmp_path):
+    base, ck, lo = dirs
+    srv = [
+        FakeWebUI(FakeBackend(ck, lo), latency=0.01),
+        FakeWebUI(FakeBackend(ck, lo), latency=0.01),
+        FakeWebUI(FakeBackend(ck, lo), latency=0.01, engine="forge"),
+    ]
+    try:
+        cells = cells_for(6, strengths=(0.5, 1.0))  # per seed: a baseline and two strengths, compared
+        run = Run.create(str(tmp_path), "grid", cells)
+        rec = execute(run, Pool([HttpBackend(s.url) for s in srv], batch_size=2))
+        by = verify(run)
+        engine = {srv[0].url: "a1111", srv[1].url: "a1111", srv[2].url: "forge"}
+        seen: dict[int, set] = {}
+        for url, cs in by.items():
+            for c in cs:
+                seen.setdefault(c.seed, set()).add(engine[url])
+        assert all(len(e) == 1 for e in seen.values()), seen
+        assert {e for s in seen.values() for e in s} == {"a1111", "forge"}  # both engines worked
+        assert any("mixes engines" in n for n in rec["pool_notes"])
+        assert {m["engine"] for m in rec["members"]} == {"a1111", "forge"}
+    finally:
+        for s in srv:
+            s.close()

@@ -11,6 +11,9 @@ pool's run to :meth:`Pool.execute`, the scheduler:
   ``pool_notes``) says who was left out of what, and why;
 - **batches**: cells equal in everything but the seed, with consecutive seeds, go as one
   ``batch_size`` request (the WebUI numbers a batch's images seed, seed+1, ...);
+- **one engine per comparison**: in a pool mixing A1111 and Forge (which render one seed
+  differently), the cells of one seed and prompt stay on one engine, so the images a run
+  compares with each other come from the same engine;
 - **checkpoint affinity**: a member keeps its loaded checkpoint while it has work; it switches
   only to a checkpoint no other member has loaded, or when the others would need longer than
   ``switch_cost`` images to finish that checkpoint's cells. Switches are counted per member;
@@ -474,6 +477,29 @@ class Pool:
                 need = ", ".join([u.ck or "the loaded checkpoint", *u.loras])
                 fail(u, None, f"no WebUI of the pool has every file this cell needs ({need}); see pool_notes")
 
+        # A pool mixing engines renders one seed differently on each: the images a run compares (one
+        # seed, one prompt: a grid's strengths and baseline, a triage pair, a tournament's ballot entries)
+        # are kept on one engine; the first member to take one of them pins the group to its engine.
+        mixed = len({m.engine for m in self.ready()}) > 1
+        pins: dict[tuple[int, Any], str] = {}
+
+        def groups_of(u: Unit) -> set[tuple[int, Any]]:
+            return {(c.seed, c.extra.get("prompt") if isinstance(c.extra, dict) else None) for c in u.cells}
+
+        def pin_ok(me: Member, u: Unit) -> bool:
+            if not mixed:
+                return True
+            live = {m.engine for m in self.members if m.state == "ready"}
+            return all(pins.get(g, me.engine) in (me.engine,) or pins[g] not in live for g in groups_of(u))
+
+        def split_conflicts() -> None:  # a batch whose seeds are pinned to different engines goes image by image
+            for u in list(queue):
+                if len(u.cells) > 1 and len({pins[g] for g in groups_of(u) if g in pins}) > 1:
+                    i = queue.index(u)
+                    queue.remove(u)
+                    for j, c in enumerate(u.cells):
+                        queue.insert(i + j, Unit(u.ck, [c], u.loras, set(u.tried)))
+
         def others_loaded(me: Member, ck: str) -> int:
             return sum(1 for o in self.members if o is not me and o.state == "ready" and o.loaded == ck)
 
@@ -482,9 +508,12 @@ class Pool:
                 while True:
                     if cancel.is_set() or me.state != "ready":
                         return None
-                    mine = [u for u in queue if self._eligible(me, u) and me.name not in u.tried]
+                    if mixed:
+                        split_conflicts()
+                    mine = [u for u in queue if self._eligible(me, u) and me.name not in u.tried and pin_ok(me, u)]
                     if not mine:
-                        if not any(self._eligible(me, u) for u in inflight.values()):
+                        waiting = [u for u in queue if self._eligible(me, u) and me.name not in u.tried]
+                        if not waiting and not any(self._eligible(me, u) for u in inflight.values()):
                             return None  # nothing left it could make, now or after a retry
                         cond.wait(0.2)
                         continue
@@ -508,6 +537,8 @@ class Pool:
                         continue
                     u = next(u for u in mine if u.ck == target)
                     queue.remove(u)
+                    for g in groups_of(u):
+                        pins.setdefault(g, me.engine)
                     if target != me.loaded:
                         if me.loaded is not None or me.current is not None:
                             me.switches += 1
