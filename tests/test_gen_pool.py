@@ -407,6 +407,25 @@ def test_mixed_engines_keep_each_seed_on_one_engine(dirs, tmp_path):
         assert {e for s in seen.values() for e in s} == {"a1111", "forge"}  # both engines worked
         assert any("mixes engines" in n for n in rec["pool_notes"])
         assert {m["engine"] for m in rec["members"]} == {"a1111", "forge"}
+        # two seeds in batches of 4 (a triage's pairs): one seed per engine, not both on the first
+        run = Run.create(str(tmp_path / "two"), "grid", cells_for(2))
+        execute(run, Pool([HttpBackend(s.url) for s in srv], batch_size=4))
+        seen = {}
+        for url, cs in verify(run).items():
+            for c in cs:
+                seen.setdefault(c.seed, set()).add(engine[url])
+        assert sorted(map(sorted, seen.values())) == [["a1111"], ["forge"]], seen
+        # a slow engine: the others take over the groups it has not started
+        srv[2].latency = 0.3
+        run = Run.create(str(tmp_path / "slow"), "grid", cells_for(6))
+        rec = execute(run, Pool([HttpBackend(s.url) for s in srv], batch_size=1))
+        seen = {}
+        for url, cs in verify(run).items():
+            for c in cs:
+                seen.setdefault(c.seed, set()).add(engine[url])
+        assert all(len(e) == 1 for e in seen.values()), seen
+        forge_seeds = [s for s, e in seen.items() if e == {"forge"}]
+        assert len(forge_seeds) == 1, seen  # its block was two seeds; it started one
     finally:
         for s in srv:
             s.close()

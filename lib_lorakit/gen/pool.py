@@ -482,6 +482,7 @@ class Pool:
         # are kept on one engine; the first member to take one of them pins the group to its engine.
         mixed = len({m.engine for m in self.ready()}) > 1
         pins: dict[tuple[int, Any], str] = {}
+        started: set[tuple[int, Any]] = set()
 
         def groups_of(u: Unit) -> set[tuple[int, Any]]:
             return {(c.seed, c.extra.get("prompt") if isinstance(c.extra, dict) else None) for c in u.cells}
@@ -500,6 +501,21 @@ class Pool:
                     for j, c in enumerate(u.cells):
                         queue.insert(i + j, Unit(u.ck, [c], u.loras, set(u.tried)))
 
+        if mixed:  # groups in plan order, in contiguous blocks per engine by its number of members
+            order: list[tuple[int, Any]] = []
+            for u in queue:
+                order += [g for g in sorted(groups_of(u), key=repr) if g not in order]
+            engines: dict[str, int] = {}
+            for m in self.ready():
+                engines[m.engine] = engines.get(m.engine, 0) + 1
+            total_m, at = sum(engines.values()), 0
+            for i, (eng, k) in enumerate(sorted(engines.items())):
+                end = len(order) if i == len(engines) - 1 else at + round(len(order) * k / total_m)
+                for g in order[at:end]:
+                    pins[g] = eng
+                at = end
+            split_conflicts()
+
         def others_loaded(me: Member, ck: str) -> int:
             return sum(1 for o in self.members if o is not me and o.state == "ready" and o.loaded == ck)
 
@@ -511,6 +527,16 @@ class Pool:
                     if mixed:
                         split_conflicts()
                     mine = [u for u in queue if self._eligible(me, u) and me.name not in u.tried and pin_ok(me, u)]
+                    if not mine and mixed:  # its engine's groups are done: take over a group nobody started
+                        free = [
+                            u
+                            for u in queue
+                            if self._eligible(me, u) and me.name not in u.tried and not (groups_of(u) & started)
+                        ]
+                        if free:
+                            for g in groups_of(free[-1]):
+                                pins[g] = me.engine
+                            continue
                     if not mine:
                         waiting = [u for u in queue if self._eligible(me, u) and me.name not in u.tried]
                         if not waiting and not any(self._eligible(me, u) for u in inflight.values()):
@@ -539,6 +565,7 @@ class Pool:
                     queue.remove(u)
                     for g in groups_of(u):
                         pins.setdefault(g, me.engine)
+                    started.update(groups_of(u))
                     if target != me.loaded:
                         if me.loaded is not None or me.current is not None:
                             me.switches += 1
