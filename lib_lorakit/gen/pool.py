@@ -479,7 +479,8 @@ class Pool:
 
         # A pool mixing engines renders one seed differently on each: the images a run compares (one
         # seed, one prompt: a grid's strengths and baseline, a triage pair, a tournament's ballot entries)
-        # are kept on one engine; the first member to take one of them pins the group to its engine.
+        # are kept on one engine: groups are laid out in blocks per engine; an engine out of work takes over
+        # groups nobody has started; a group pinned to an engine with no live member is free again.
         mixed = len({m.engine for m in self.ready()}) > 1
         pins: dict[tuple[int, Any], str] = {}
         started: set[tuple[int, Any]] = set()
@@ -502,9 +503,10 @@ class Pool:
                         queue.insert(i + j, Unit(u.ck, [c], u.loras, set(u.tried)))
 
         if mixed:  # groups in plan order, in contiguous blocks per engine by its number of members
-            order: list[tuple[int, Any]] = []
+            seen_g: dict[tuple[int, Any], None] = {}
             for u in queue:
-                order += [g for g in sorted(groups_of(u), key=repr) if g not in order]
+                seen_g.update(dict.fromkeys(sorted(groups_of(u), key=repr)))
+            order = list(seen_g)
             engines: dict[str, int] = {}
             for m in self.ready():
                 engines[m.engine] = engines.get(m.engine, 0) + 1
