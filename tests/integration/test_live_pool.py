@@ -23,6 +23,7 @@ URL2 = os.environ.get("LORAKIT_WEBUI_URL2", "").rstrip("/")
 pytestmark = pytest.mark.skipif(not (URL and URL2), reason="LORAKIT_WEBUI_URL and LORAKIT_WEBUI_URL2 are not set")
 SETTINGS = ["--width", "64", "--height", "64", "--steps", "3", "--sampler", "Euler", "--cfg-scale", "5"]
 FIGURES: dict = {}
+GROUPS: dict = {}
 
 
 def _figure(key, value):
@@ -90,6 +91,11 @@ def _check_run(run_dir):
         assert img.info["parameters"] == ev["infotext"]
         assert json.loads(img.info["lorakit"])["cell"] == key
         made[ev["member"]] = made.get(ev["member"], 0) + 1
+        group = (c.seed, c.extra.get("prompt"))
+        GROUPS.setdefault(run_dir, {}).setdefault(group, set()).add(ev["member"])
+    # A1111 and Forge render one seed differently: the images compared with each other (one seed and prompt)
+    # come from one WebUI here (one engine each)
+    assert all(len(m) == 1 for m in GROUPS[run_dir].values()), GROUPS[run_dir]
     return made, json.load(open(os.path.join(run_dir, "run.json")))
 
 
