@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pytest
 from fake_gen import FakeBackend, decode
@@ -429,3 +430,17 @@ def test_mixed_engines_keep_each_seed_on_one_engine(dirs, tmp_path):
     finally:
         for s in srv:
             s.close()
+
+
+def test_single_requests_through_a_pool_move_past_a_vanished_webui(servers):
+    srv = servers(2, latency=0.0)
+    pool = Pool([HttpBackend(s.url) for s in srv])
+    req = {"prompt": "a castle", "seed": 5, "checkpoint": "base.safetensors", "width": 64, "height": 64}
+    assert decode(pool.txt2img(req).image) == (5, 0.0)  # one image, as a plain backend (the bake doctor's way)
+    first = next(s for s in srv if any(p == "/sdapi/v1/txt2img" for m, p, b in s.requests))
+    first.kill()
+    time.sleep(0.2)
+    out = pool.txt2img({**req, "seed": 6})
+    assert decode(out.image) == (6, 0.0) and infotext_seed(out.infotext) == 6
+    assert [m.state for m in pool.members if m.name == first.url] == ["down"]
+    assert [o.seed for o in pool.txt2img_batch([{**req, "seed": 7}, {**req, "seed": 8}])] == [7, 8]

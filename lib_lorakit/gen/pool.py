@@ -368,8 +368,8 @@ class Pool:
         if len(engines) > 1:
             self.notes.append(
                 f"The pool mixes engines ({', '.join(engines)}): one seed gives different images on each, so "
-                "images made on different members are not pixel-comparable (each image's infotext says which "
-                "made it; the manifest's member field too)."
+                "the images compared with each other (one seed and prompt) are kept on one engine; images of "
+                "different seeds may come from different engines (the manifest's member field says which)."
             )
 
     def _eligible(self, m: Member, u: Unit) -> bool:
