@@ -80,23 +80,29 @@ def verify(run):
 
 
 def test_throughput_scales_with_members(servers, tmp_path):
-    lat = 0.1
+    # a long latency against lorakit's few milliseconds of work per image (one process holds the fakes
+    # and lorakit, so a busy CPU slows both)
+    lat = 0.25
     srv = servers(3, latency=lat)
     for s in srv:
-        s.fake.size = 32  # small images: lorakit's own work per image stays a few milliseconds
-    cells = [Cell("p", str(i), f"prompt {i}", seed=i) for i in range(24)]  # no two batchable
+        s.fake.size = 32
+    cells = [Cell("p", str(i), f"prompt {i}", seed=i) for i in range(12)]  # no two batchable
+
+    def scales(rates):
+        return rates[1] >= 0.8 / lat and all(0.9 * n <= rates[n] / rates[1] <= 1.1 * n for n in (2, 3))
+
     rates: dict[int, float] = {}
-    for attempt in range(2):  # the better of two runs each: other work on a busy machine only slows a run down
+    for attempt in range(3):  # the best run of each size: other work on a busy machine only slows a run down
         for n in (1, 2, 3):
             run = Run.create(str(tmp_path / f"out{n}-{attempt}"), "grid", cells)
             rec = execute(run, Pool([HttpBackend(s.url) for s in srv[:n]]))
-            assert rec["ok"] == 24 and rec["made_now"] == 24
+            assert rec["ok"] == 12 and rec["made_now"] == 12
             verify(run)
-            assert min(m["made"] for m in rec["members"]) >= 24 // n - 2  # every member kept busy
+            assert min(m["made"] for m in rec["members"]) >= 12 // n - 1  # every member kept busy
             rates[n] = max(rates.get(n, 0.0), len(cells) / rec["seconds"])  # first request to last image written
-    assert rates[1] >= 0.8 / lat, rates  # one member: close to the fake's own speed
-    for n in (2, 3):
-        assert 0.9 * n <= rates[n] / rates[1] <= 1.1 * n, rates
+        if scales(rates):
+            break
+    assert scales(rates), rates  # 1, 2, 3 WebUIs: within 10% of 1x, 2x, 3x
 
 
 def test_member_killed_mid_run_loses_and_mislabels_nothing(servers, tmp_path):
