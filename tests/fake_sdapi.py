@@ -31,12 +31,14 @@ class FakeWebUI:
         request_latency: float = 0.0,
         kill_after: int | None = None,
         engine: str = "a1111",
+        samplers: tuple[str, ...] = ("Euler a", "Euler", "DPM++ 2M"),
     ):
         self.fake = fake
         self.auth = auth
         self.latency, self.request_latency = latency, request_latency
         self.kill_after = kill_after  # images made before it vanishes
         self.engine = engine  # "forge": its settings carry forge_* keys, as Forge's do
+        self.samplers = samplers
         self.made = 0
         self.dead = False
         self.interrupts = 0
@@ -75,6 +77,8 @@ class FakeWebUI:
                 f = outer.fake
                 if self.path.startswith("/sdapi/v1/progress"):
                     self._send(200, {"progress": 0.0, "state": {}})
+                elif self.path == "/sdapi/v1/samplers":
+                    self._send(200, [{"name": n, "aliases": [], "options": {}} for n in outer.samplers])
                 elif self.path == "/sdapi/v1/sd-models":
                     self._send(
                         200,

@@ -450,3 +450,20 @@ def test_single_requests_through_a_pool_move_past_a_vanished_webui(servers):
     assert decode(out.image) == (6, 0.0) and infotext_seed(out.infotext) == 6
     assert [m.state for m in pool.members if m.name == first.url] == ["down"]
     assert [o.seed for o in pool.txt2img_batch([{**req, "seed": 7}, {**req, "seed": 8}])] == [7, 8]
+
+
+def test_member_without_a_sampler_gets_none_of_its_cells(dirs, tmp_path):
+    base, ck, lo = dirs
+    a = FakeWebUI(FakeBackend(ck, lo), latency=0.01)
+    b = FakeWebUI(FakeBackend(ck, lo), latency=0.01, samplers=("Euler a", "Euler"))
+    try:
+        cells = [Cell("e", str(i), f"p{i}", seed=i, settings={"sampler_name": "Euler"}) for i in range(6)]
+        cells += [Cell("d", str(i), f"q{i}", seed=i, settings={"sampler_name": "DPM++ 2M"}) for i in range(6)]
+        run = Run.create(str(tmp_path), "grid", cells)
+        rec = execute(run, Pool([HttpBackend(a.url), HttpBackend(b.url)]))
+        by = verify(run)
+        assert by.get(b.url) and not [c for c in by[b.url] if c.settings["sampler_name"] == "DPM++ 2M"]
+        assert f"{b.url} gets no cells needing: sampler DPM++ 2M: not offered" in rec["pool_notes"]
+    finally:
+        a.close()
+        b.close()

@@ -290,6 +290,13 @@ class HttpBackend:
         opts = self._call("GET", "/sdapi/v1/options") or {}
         return "forge" if any(str(k).startswith("forge_") for k in opts) else "a1111"
 
+    def samplers(self) -> list[str]:
+        """The sampler names its txt2img takes (names and aliases)."""
+        out = []
+        for x in self._call("GET", "/sdapi/v1/samplers") or []:
+            out += [x.get("name") or "", *(x.get("aliases") or [])]
+        return [n for n in out if n]
+
     def ping(self, timeout: float = 15.0) -> None:
         """Raise :class:`GenError` unless the WebUI answers (a short timeout; while it generates, the
         WebUI still answers this)."""

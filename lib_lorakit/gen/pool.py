@@ -105,6 +105,7 @@ class Member:
     engine: str = ""
     has_ck: dict[str, ModelInfo] = field(default_factory=dict)  # plan key -> its own entry
     has_lora: dict[str, ModelInfo] = field(default_factory=dict)
+    samplers: set[str] | None = None  # what its txt2img offers (None: unknown, not checked)
     lacks: list[str] = field(default_factory=list)
     made: int = 0
     failed: int = 0
@@ -137,6 +138,7 @@ class Unit:
     ck: str
     cells: list[Any]
     loras: tuple[str, ...]
+    sampler: str = ""
     tried: set[str] = field(default_factory=set)
 
 
@@ -240,6 +242,7 @@ class Pool:
                 m.loras = m.backend.loras()
                 m.current = m.backend.current_checkpoint()
                 m.engine = m.backend.engine() if hasattr(m.backend, "engine") else ""
+                m.samplers = set(m.backend.samplers()) if hasattr(m.backend, "samplers") else None
                 m.state, m.note = "ready", ""
             except (LorakitError, OSError, ValueError) as e:
                 m.state, m.note = "down", str(e).splitlines()[0][:300]
@@ -336,7 +339,7 @@ class Pool:
         return [m.summary() for m in self.members]
 
     # --- capabilities ----------------------------------------------------------------------------
-    def check(self, pf: Any) -> None:
+    def check(self, pf: Any, samplers: Sequence[str] = ()) -> None:
         """Which member has which of the run's files (by name, and by hash where both sides know it)."""
 
         self.notes = []
@@ -362,6 +365,9 @@ class Pool:
                         m.lacks.append(f"{kind} {info.name}: another file ({why})")
                         continue
                     has[key] = own
+            for name in sorted(set(samplers)):
+                if m.samplers is not None and name not in m.samplers:
+                    m.lacks.append(f"sampler {name}: not offered")
             if m.lacks:
                 self.notes.append(f"{m.name} gets no cells needing: " + "; ".join(m.lacks))
         engines = sorted({m.engine for m in self.ready() if m.engine})
@@ -373,7 +379,12 @@ class Pool:
             )
 
     def _eligible(self, m: Member, u: Unit) -> bool:
-        return m.state == "ready" and u.ck in m.has_ck and all(n in m.has_lora for n in u.loras)
+        return (
+            m.state == "ready"
+            and u.ck in m.has_ck
+            and all(n in m.has_lora for n in u.loras)
+            and (not u.sampler or m.samplers is None or u.sampler in m.samplers)
+        )
 
     # --- the scheduler ---------------------------------------------------------------------------
     def units(self, cells: Sequence[Any], pf: Any) -> list[Unit]:
@@ -404,7 +415,8 @@ class Pool:
         units = []
         for cs in out:
             names = {n for c in cs for n in tag_names(c.prompt)} | {c.lora for c in cs if c.lora}
-            units.append(Unit(cs[0].checkpoint or "", cs, tuple(sorted(n for n in names if n in pf.loras))))
+            loras = tuple(sorted(n for n in names if n in pf.loras))
+            units.append(Unit(cs[0].checkpoint or "", cs, loras, str(cs[0].settings.get("sampler_name") or "")))
         first = {c.key: i for i, c in enumerate(cells)}
         return sorted(units, key=lambda u: first[u.cells[0].key])
 
@@ -425,7 +437,7 @@ class Pool:
         todo = run.missing()
         self._refreshed = False
         pf = preflight(run.cells, self)
-        self.check(pf)
+        self.check(pf, [str(c.settings["sampler_name"]) for c in todo if c.settings.get("sampler_name")])
         pf.warnings.extend(self.notes)
         run.append({**pf.as_event(), "members": self.status()})
         for m in self.ready():
@@ -474,7 +486,7 @@ class Pool:
         for u in list(queue):
             if not any(self._eligible(m, u) for m in self.members):
                 queue.remove(u)
-                need = ", ".join([u.ck or "the loaded checkpoint", *u.loras])
+                need = ", ".join([u.ck or "the loaded checkpoint", *u.loras, *([u.sampler] if u.sampler else [])])
                 fail(u, None, f"no WebUI of the pool has every file this cell needs ({need}); see pool_notes")
 
         # A pool mixing engines renders one seed differently on each: the images a run compares (one
@@ -500,7 +512,7 @@ class Pool:
                     i = queue.index(u)
                     queue.remove(u)
                     for j, c in enumerate(u.cells):
-                        queue.insert(i + j, Unit(u.ck, [c], u.loras, set(u.tried)))
+                        queue.insert(i + j, Unit(u.ck, [c], u.loras, u.sampler, set(u.tried)))
 
         if mixed:  # groups in plan order, in contiguous blocks per engine by its number of members
             seen_g: dict[tuple[int, Any], None] = {}
@@ -607,7 +619,7 @@ class Pool:
                     if alive and len(u.cells) > 1:  # a failed batch: its cells again one by one
                         with cond:
                             inflight.pop(me.name, None)
-                            queue.extendleft(Unit(u.ck, [c], u.loras) for c in reversed(u.cells))
+                            queue.extendleft(Unit(u.ck, [c], u.loras, u.sampler) for c in reversed(u.cells))
                             cond.notify_all()
                         continue
                     with cond:
