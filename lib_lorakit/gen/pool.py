@@ -242,7 +242,12 @@ class Pool:
                 m.loras = m.backend.loras()
                 m.current = m.backend.current_checkpoint()
                 m.engine = m.backend.engine() if hasattr(m.backend, "engine") else ""
-                m.samplers = set(m.backend.samplers()) if hasattr(m.backend, "samplers") else None
+                m.samplers = None
+                if hasattr(m.backend, "samplers"):
+                    try:
+                        m.samplers = set(m.backend.samplers()) or None
+                    except (LorakitError, OSError, ValueError, TypeError, AttributeError):
+                        pass  # an API without the list: samplers are not checked on it
                 m.state, m.note = "ready", ""
             except (LorakitError, OSError, ValueError) as e:
                 m.state, m.note = "down", str(e).splitlines()[0][:300]
