@@ -59,6 +59,7 @@ class FakeBackend:
         self.profiles = profiles or {}
         self.size = size
         self.fail_calls: set[int] = set()  # 1-based call numbers that raise
+        self.hidden: set[str] = set()  # "missing file" mode: file names this WebUI does not have
         self.calls: list[dict] = []
         self.loaded: str | None = None
         self.switches = 0
@@ -68,7 +69,8 @@ class FakeBackend:
         self.loaded = self._ckpts[0].name if self._ckpts else None
 
     def _scan(self, d: str) -> list[str]:
-        return sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+        hidden = getattr(self, "hidden", set())
+        return sorted(f for f in os.listdir(d) if f.endswith(".safetensors") and f not in hidden)
 
     def refresh(self) -> None:
         self._ckpts = [

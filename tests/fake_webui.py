@@ -170,6 +170,13 @@ def install(monkeypatch, root: str, flavour: str = "a1111"):
         def __init__(self, p, images_list=None, seed=None, info="", infotexts=None, **kw):
             from PIL import Image
 
+            n = int(getattr(p, "batch_size", 1) or 1)
+            if images_list is None and n > 1:  # a batch: seeds seed, seed+1, ... as the WebUI assigns them
+                self.all_seeds = [int(p.seed) + i for i in range(n)]
+                images_list = [Image.new("RGB", (p.width, p.height), (s % 256, 20, 30)) for s in self.all_seeds]
+                infotexts = [
+                    f"{p.prompt}\nSteps: {p.steps}, Sampler: {p.sampler_name}, Seed: {s}" for s in self.all_seeds
+                ]
             if images_list is None:
                 images_list = [Image.new("RGB", (p.width, p.height), (10, 20, 30))]
                 infotexts = [f"{p.prompt}\nSteps: {p.steps}, Sampler: {p.sampler_name}, Seed: {p.seed}"]

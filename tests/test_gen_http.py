@@ -238,6 +238,8 @@ def test_grid_resume_fills_only_the_gaps(webui, capsys):
         "--height",
         "64",
         "-q",
+        "--batch-size",
+        "1",  # the fake fails its 2nd call: one image per request
     ]
     assert main(args + ["--out", str(tmp / "runs")]) == 3
     out = capsys.readouterr().out

@@ -45,10 +45,7 @@ def write_json(path: str | None, data: dict) -> None:
 
 def gen_args(x: argparse.ArgumentParser, webui_required: bool = True) -> None:
     """The options of every command that generates through a WebUI (defaults: the generation profile's)."""
-    x.add_argument(
-        "--webui", required=webui_required, metavar="URL", help="a WebUI started with --api, e.g. http://127.0.0.1:7860"
-    )
-    x.add_argument("--api-auth", metavar="USER:PASSWORD", help="the WebUI's --api-auth credentials")
+    webui_args(x, webui_required)
     x.add_argument(
         "--checkpoint", help="checkpoint from the WebUI's list (default: the loaded one; restored after each image)"
     )
@@ -74,6 +71,47 @@ def gen_args(x: argparse.ArgumentParser, webui_required: bool = True) -> None:
     x.add_argument("--scheduler", help="scheduler (A1111 1.9+/Forge), e.g. Karras (default: the profile's)")
     x.add_argument("--clip-skip", type=int, help="CLIP skip (default: the profile's, or the WebUI's setting)")
     x.add_argument("--data-dir", metavar="DIR", help="lorakit's data folder (edited max-safe strength table)")
+
+
+def webui_args(x: argparse.ArgumentParser, required: bool = True) -> None:
+    """--webui (repeatable: a pool of WebUIs), their credentials, the batch size."""
+    x.add_argument(
+        "--webui",
+        required=required,
+        action="append",
+        metavar="URL",
+        help="a WebUI started with --api, e.g. http://127.0.0.1:7860; repeat it to generate on several "
+        "(a pool); credentials per URL as http://USER:PASSWORD@host:port",
+    )
+    x.add_argument("--api-auth", metavar="USER:PASSWORD", help="the WebUIs' --api-auth credentials (all of them)")
+    x.add_argument(
+        "--webui-auth",
+        action="append",
+        metavar="USER:PASSWORD",
+        help="credentials per --webui, in the same order (instead of --api-auth)",
+    )
+    x.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="images per WebUI request for cells differing only in consecutive seeds (default: the profile's)",
+    )
+
+
+def print_members(rec: dict) -> None:
+    """A pool's work per WebUI and its notes (who was left out of what), on stderr."""
+    members = rec.get("members") or []
+    if len(members) > 1 or any(m.get("state") == "down" for m in members):
+        for m in members:
+            extra = f", {m['note']}" if m.get("note") else ""
+            print(
+                f"  {m['name']}: {m['made']} made, {m['failed']} failed, {m['model_switches']} checkpoint switch(es), "
+                f"{m['state']}{extra}",
+                file=sys.stderr,
+            )
+    notes = rec.get("pool_notes")
+    for n in notes if isinstance(notes, list) else []:
+        print(f"  note: {n}", file=sys.stderr)
 
 
 def gen_fields(args: argparse.Namespace) -> dict:
@@ -115,7 +153,8 @@ def local(args: argparse.Namespace, **kw):
     return LocalContext(
         getattr(args, "data_dir", None),
         webui=getattr(args, "webui", None),
-        api_auth=getattr(args, "api_auth", None),
+        api_auth=getattr(args, "webui_auth", None) or getattr(args, "api_auth", None),
+        batch_size=getattr(args, "batch_size", None),
         engine=engine,
         **kw,
     )
@@ -137,8 +176,10 @@ __all__ = [
     "gen_args",
     "gen_fields",
     "local",
+    "print_members",
     "progress_printer",
     "read_prompts",
+    "webui_args",
     "write_json",
     "write_text",
 ]

@@ -8,7 +8,7 @@ import sys
 
 from ..errors import RecipeError
 from ..ops import grid as grid_op
-from .common import gen_args, gen_fields, local, progress_printer, read_prompts
+from .common import gen_args, gen_fields, local, print_members, progress_printer, read_prompts
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
@@ -43,6 +43,7 @@ def _print_grid(res: dict, as_json: bool) -> int:
         for row, v in res["verdicts"].items():
             print(f"{row}: {v['case']} - {v['text']}")
         rec = res["record"]
+        print_members(rec)
         print(
             f"{rec['ok']} images ok, {rec['failed']} failed, {rec['missing']} missing, {rec['flagged']} flagged; "
             f"grid {res['grid']}; summary {res['summary']}"

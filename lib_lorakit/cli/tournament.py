@@ -9,7 +9,7 @@ import sys
 
 from ..errors import RecipeError
 from ..ops import tournament as T
-from .common import Parser, local, progress_printer, write_text
+from .common import Parser, local, print_members, progress_printer, webui_args, write_text
 
 
 def _read_spec(path: str):
@@ -35,6 +35,7 @@ def cmd_tournament(args: argparse.Namespace) -> int:
         return 0
     if a == "generate":
         rec = T.generate(ctx, args.id, args.out, progress=progress_printer(True))
+        print_members(rec)
         print(
             f"{rec['ok']} images ok, {rec['failed']} failed, {rec['missing']} missing; rank them blind in the "
             f"Tournament tab or the standalone launcher (--data-dir {args.data_dir})"
@@ -94,8 +95,7 @@ def add_parsers(sub) -> None:
     t_create.add_argument("spec")
     t_gen = tosub.add_parser("generate", help="build merge candidates and generate the images through a WebUI")
     t_gen.add_argument("id")
-    t_gen.add_argument("--webui", required=True, metavar="URL")
-    t_gen.add_argument("--api-auth", metavar="USER:PASSWORD")
+    webui_args(t_gen)
     t_gen.add_argument("--models-dir", help="the WebUI's checkpoint folder on this machine (where merges are built)")
     t_gen.add_argument("--out", default="lorakit-runs", help="folder for the run folder (default ./lorakit-runs)")
     t_score = tosub.add_parser("score", help="scores under every scheme (blind until revealed)")

@@ -8,7 +8,7 @@ import sys
 
 from ..errors import RecipeError
 from ..ops import triage as triage_op
-from .common import Parser, data_arg, gen_args, gen_fields, local, progress_printer, write_text
+from .common import Parser, data_arg, gen_args, gen_fields, local, print_members, progress_printer, write_text
 
 
 def cmd_triage(args: argparse.Namespace) -> int:
@@ -44,6 +44,7 @@ def cmd_triage(args: argparse.Namespace) -> int:
             if it.get("skipped"):
                 print(f"  skipped {it['lora']}: {it['skipped']}", file=sys.stderr)
         rec = triage_op.generate(ctx, t, backend, args.out, progress=progress_printer(True))
+        print_members(rec)
         print(t.id)
         print(
             f"{rec.get('ok', 0)} images ok, {rec.get('failed', 0)} failed; review it in the WebUI's Triage tab or "

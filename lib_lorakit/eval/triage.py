@@ -319,7 +319,20 @@ def report_markdown(t: Triage) -> str:
                 f"| {r['lora']}{flag} | {r['category']} | {r['strength']:g} | {r['trigger'] or '—'} | "
                 f"{_mb(r['size'])} | `{r['image']}` | `{r['baseline']}` |"
             )
+    lines += _pool_lines(t)
     return "\n".join(lines) + "\n"
+
+
+def _pool_lines(t: Triage) -> list[str]:
+    """Which WebUIs of a pool made the images, and what each lacked (nothing when one WebUI made them)."""
+    run = t.run()
+    rec = run.record() if run else {}
+    members = rec.get("members") or []
+    if len(members) < 2 and not rec.get("pool_notes"):
+        return []
+    out = ["", "## Generated on", "", "| WebUI | images | failed | state |", "|---|---:|---:|---|"]
+    out += [f"| {m['name']} | {m['made']} | {m['failed']} | {m['state']} |" for m in members]
+    return out + [""] + [f"- {n}" for n in rec.get("pool_notes") or []]
 
 
 def report_csv(t: Triage) -> str:

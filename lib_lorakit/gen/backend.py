@@ -78,6 +78,36 @@ class Backend(Protocol):
     def txt2img(self, request: dict[str, Any]) -> GenImage: ...
 
 
+# --- batches --------------------------------------------------------------------------------------
+# A batch is a list of requests equal in everything but the seed, whose seeds run consecutively
+# (seed, seed+1, ...): that is how the WebUI's /sdapi/v1/txt2img numbers the images of one
+# ``batch_size`` request (``all_seeds``), and each image's infotext reports its own seed.
+
+
+def same_but_seed(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return {k: v for k, v in a.items() if k != "seed"} == {k: v for k, v in b.items() if k != "seed"}
+
+
+def batchable(requests: list[dict[str, Any]]) -> bool:
+    """Whether ``requests`` can go as one ``batch_size`` request (same settings, consecutive seeds)."""
+    first = requests[0]
+    return (
+        all(
+            same_but_seed(first, r) and int(r.get("seed", -1)) == int(first.get("seed", -1)) + i
+            for i, r in enumerate(requests)
+        )
+        and int(first.get("seed", -1)) >= 0
+    )
+
+
+def txt2img_batch(backend: Any, requests: list[dict[str, Any]]) -> list[GenImage]:
+    """The images of ``requests``, in order: one batched request where the backend supports it and the
+    requests form a batch, else one request each. A backend without batching works unchanged."""
+    if len(requests) > 1 and hasattr(backend, "txt2img_batch") and batchable(requests):
+        return backend.txt2img_batch(requests)
+    return [backend.txt2img(r) for r in requests]
+
+
 _HASHES: dict[tuple[str, int, int], str] = {}
 
 
@@ -160,6 +190,14 @@ class HostBackend:
     def current_checkpoint(self) -> str | None:
         return self.host.current_checkpoint()
 
+    def engine(self) -> str:
+        return str(getattr(self.host, "flavour", "a1111"))
+
+    def interrupt(self) -> None:
+        stop = getattr(self.host, "interrupt", None)
+        if stop:
+            stop()
+
     def txt2img(self, request: dict[str, Any]) -> GenImage:
         res = self.host.txt2img(request)
         images = res.get("images") or []
@@ -167,6 +205,22 @@ class HostBackend:
             raise GenError("The WebUI returned no image.", fix="See the WebUI console for the error.")
         infos = res.get("infotexts") or [""]
         return GenImage(images[0], infos[0] if infos else "", int(res.get("seed", request.get("seed", -1))))
+
+    def txt2img_batch(self, requests: list[dict[str, Any]]) -> list[GenImage]:
+        """One request for the batch (the host's processing takes a list of seeds); see :func:`batchable`."""
+        seeds = [int(r["seed"]) for r in requests]
+        res = self.host.txt2img({**requests[0], "seed": seeds[0], "batch_size": len(seeds)})
+        images = list(res.get("images") or [])
+        infos = list(res.get("infotexts") or [])
+        first = len(images) - len(seeds)  # a grid, when the host adds one, comes first
+        if first < 0:
+            raise GenError(f"The WebUI returned {len(images)} image(s) for a batch of {len(seeds)}.")
+        infos = infos[first:] if len(infos) == len(images) else infos
+        all_seeds = list(res.get("all_seeds") or seeds)
+        return [
+            GenImage(images[first + i], infos[i] if i < len(infos) else "", int(all_seeds[i]))
+            for i in range(len(seeds))
+        ]
 
 
 # --- over HTTP ----------------------------------------------------------------------------------
@@ -231,7 +285,31 @@ class HttpBackend:
         opts = self._call("GET", "/sdapi/v1/options") or {}
         return opts.get("sd_model_checkpoint")
 
+    def engine(self) -> str:
+        """ "forge" or "a1111" (Forge's settings have ``forge_*`` keys)."""
+        opts = self._call("GET", "/sdapi/v1/options") or {}
+        return "forge" if any(str(k).startswith("forge_") for k in opts) else "a1111"
+
+    def samplers(self) -> list[str]:
+        """The sampler names its txt2img takes (names and aliases)."""
+        out = []
+        for x in self._call("GET", "/sdapi/v1/samplers") or []:
+            out += [x.get("name") or "", *(x.get("aliases") or [])]
+        return [n for n in out if n]
+
+    def ping(self, timeout: float = 15.0) -> None:
+        """Raise :class:`GenError` unless the WebUI answers (a short timeout; while it generates, the
+        WebUI still answers this)."""
+        self._call("GET", "/sdapi/v1/progress?skip_current_image=true", timeout=timeout)
+
+    def interrupt(self) -> None:
+        """Stop the image the WebUI is making now (its Interrupt button)."""
+        self._call("POST", "/sdapi/v1/interrupt", {}, timeout=15.0)
+
     def txt2img(self, request: dict[str, Any]) -> GenImage:
+        return self._post(request)[0]
+
+    def _post(self, request: dict[str, Any]) -> list[GenImage]:
         body = {
             k: request[k]
             for k in (
@@ -247,7 +325,7 @@ class HttpBackend:
             )
             if request.get(k) not in (None, "")
         }
-        body.update(batch_size=1, n_iter=1, send_images=True, save_images=False)
+        body.update(batch_size=int(request.get("batch_size") or 1), n_iter=1, send_images=True, save_images=False)
         override: dict[str, Any] = {}
         if request.get("checkpoint"):
             override["sd_model_checkpoint"] = request["checkpoint"]
@@ -260,12 +338,26 @@ class HttpBackend:
         images = (res or {}).get("images") or []
         if not images:
             raise GenError("The WebUI returned no image.", fix="See the WebUI console for the error.")
-        img = Image.open(io.BytesIO(base64.b64decode(images[0].split(",", 1)[-1])))
-        img.load()
         info: dict[str, Any] = {}
         try:
             info = json.loads(res.get("info") or "{}")
         except (TypeError, ValueError):
             pass
-        infos = info.get("infotexts") or [""]
-        return GenImage(img, infos[0], int(info.get("seed", request.get("seed", -1))))
+        n = body["batch_size"]
+        first = int(info.get("index_of_first_image") or 0)  # a grid, when the WebUI returns one, comes first
+        if len(images) - first < n:
+            raise GenError(f"{self.url}: the WebUI returned {len(images) - first} image(s) for a batch of {n}.")
+        infos = list(info.get("infotexts") or [])
+        infos = infos[first:] if len(infos) == len(images) else infos
+        seeds = info.get("all_seeds") or [int(info.get("seed", request.get("seed", -1))) + i for i in range(n)]
+        out = []
+        for i in range(n):
+            img = Image.open(io.BytesIO(base64.b64decode(images[first + i].split(",", 1)[-1])))
+            img.load()
+            out.append(GenImage(img, infos[i] if i < len(infos) else "", int(seeds[i])))
+        return out
+
+    def txt2img_batch(self, requests: list[dict[str, Any]]) -> list[GenImage]:
+        """One ``batch_size`` request for a batch (see :func:`batchable`): seeds seed, seed+1, ... as the
+        WebUI assigns them; each image comes with its own infotext and seed."""
+        return self._post({**requests[0], "batch_size": len(requests)})

@@ -56,6 +56,7 @@ _BOUNDS: dict[str, tuple[type, float, float]] = {
     "cfg_scale": (float, 0.0, 30.0),
     "clip_skip": (int, 1, 12),
     "cfg_rescale": (float, 0.0, 1.0),
+    "batch_size": (int, 1, 16),
 }
 
 
@@ -80,6 +81,7 @@ class Profile:
     trigger_position: str
     host_note: str = ""
     sources: tuple[str, ...] = ()
+    batch_size: int = 1  # images per WebUI request, for cells that differ only in their (consecutive) seeds
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +97,7 @@ class Profile:
             "trigger_position": self.trigger_position,
             "host_note": self.host_note,
             "sources": list(self.sources),
+            "batch_size": self.batch_size,
         }
 
 
@@ -132,7 +135,9 @@ def _check_value(where: str, key: str, value: Any) -> Any:
     return value
 
 
-_ALLOWED = set(GEN_KEYS) | set(PROMPT_KEYS) | {"label", "arch", "lineage", "vpred", "host_note", "sources"}
+_ALLOWED = (
+    set(GEN_KEYS) | set(PROMPT_KEYS) | {"label", "arch", "lineage", "vpred", "host_note", "sources", "batch_size"}
+)
 
 
 def _build(name: str, d: Mapping[str, Any], where: str) -> Profile:
@@ -159,6 +164,7 @@ def _build(name: str, d: Mapping[str, Any], where: str) -> Profile:
         trigger_position=vals.get("trigger_position", "first"),
         host_note=vals.get("host_note", ""),
         sources=tuple(vals.get("sources") or ()),
+        batch_size=int(vals.get("batch_size", 1)),
     )
 
 
@@ -352,6 +358,7 @@ def settings_for(
         "overridden": sorted(set(overridden)),
         "notes": notes,
         "family": fam,
+        "batch_size": p.batch_size,
     }
 
 
@@ -370,6 +377,7 @@ def record_of(chosen: Mapping[str, Any]) -> dict[str, Any]:
             "trigger_position",
             "overridden",
             "notes",
+            "batch_size",
         )
         if k in chosen
     }

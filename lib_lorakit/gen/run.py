@@ -346,6 +346,8 @@ def execute(
     Raises :class:`~lib_lorakit.errors.Cancelled` when ``cancel`` is set (the manifest stays
     consistent: a re-run continues where it stopped).
     """
+    if getattr(backend, "kind", "") == "pool":  # several WebUIs (or batches): the pool's scheduler
+        return backend.execute(run, progress=progress, cancel=cancel, check_infotext=check_infotext)
     todo = run.missing()
     pf = preflight(run.cells, backend)
     run.append(pf.as_event())
@@ -409,29 +411,43 @@ def execute(
                 }
             )
             continue
-        chk = check_image(out.image)
-        data = _png_bytes(out.image, out.infotext, cell, run.id)
-        name = secrets.token_hex(16) + ".png"
-        _atomic_write(os.path.join(run.dir, IMAGES, name), data)
-        dt = time.perf_counter() - t0
-        times.append(dt)
+        times.append(store_image(run, cell, out, base, t0))
         made += 1
-        run.append(
-            {
-                **base,
-                "status": "ok",
-                "image": name,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "seed": out.seed,
-                "infotext": out.infotext,
-                "check": chk.as_dict(),
-                "time": _now(),
-                "seconds": round(dt, 3),
-            }
-        )
     if progress:
         progress(1.0, f"{made} image(s) made, {failed} failed")
     return _write_record(run, pf, switches, made, failed, times, t_start, in_backend[0])
+
+
+def store_image(run: Run, cell: Cell, out: Any, base: dict[str, Any], t0: float) -> float:
+    """Write a cell's image (atomically, an opaque name) and its ``ok`` line; the seconds since ``t0``."""
+    chk = check_image(out.image)
+    data = _png_bytes(out.image, out.infotext, cell, run.id)
+    name = secrets.token_hex(16) + ".png"
+    _atomic_write(os.path.join(run.dir, IMAGES, name), data)
+    dt = time.perf_counter() - t0
+    run.append(
+        {
+            **base,
+            "status": "ok",
+            "image": name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "seed": out.seed,
+            "infotext": out.infotext,
+            "check": chk.as_dict(),
+            "time": _now(),
+            "seconds": round(dt, 3),
+        }
+    )
+    return dt
+
+
+def infotext_seed(info: str) -> int | None:
+    """The seed an image's infotext reports (None when it names none)."""
+    v = _infotext_field(info, "Seed")
+    try:
+        return int(v) if v is not None else None
+    except ValueError:
+        return None
 
 
 def update_record(run: Run, **fields: Any) -> dict[str, Any]:
@@ -451,6 +467,7 @@ def _write_record(
     t_start: float,
     in_backend: float,
     cancelled: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     res = run.results()
     rec = {
@@ -472,6 +489,7 @@ def _write_record(
         "warnings": pf.warnings,
         "cancelled": cancelled,
         "updated": _now(),
+        **(extra or {}),
     }
     _atomic_write(os.path.join(run.dir, RECORD), json.dumps(rec, indent=1).encode())
     return rec

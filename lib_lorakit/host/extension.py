@@ -60,6 +60,15 @@ def on_ui_settings():
         ),
     )
     opts.add_option(
+        "lorakit_pool_webuis",
+        OptionInfo(
+            "",
+            "Generate also on these WebUIs (URLs started with --api, comma-separated; credentials as "
+            "http://USER:PASSWORD@host:port): grids, triage and tournaments use this WebUI and them as a pool",
+            section=SECTION,
+        ),
+    )
+    opts.add_option(
         PROFILES_OPTION,
         OptionInfo(
             "",

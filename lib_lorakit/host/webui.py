@@ -157,6 +157,12 @@ class WebUIHost:
     def job_end(self) -> None:
         _m("modules.shared").state.end()
 
+    def interrupt(self) -> None:
+        """Stop the image being made (the WebUI's Interrupt button)."""
+        state = _m("modules.shared").state
+        if hasattr(state, "interrupt"):
+            state.interrupt()
+
     def interrupted(self) -> bool:
         state = _m("modules.shared").state
         return bool(getattr(state, "interrupted", False))
@@ -198,7 +204,7 @@ class WebUIHost:
             cfg_scale=float(gs["cfg_scale"]),
             width=int(gs["width"]),
             height=int(gs["height"]),
-            batch_size=1,
+            batch_size=max(1, int(request.get("batch_size") or 1)),  # seeds seed, seed+1, ... as the WebUI assigns
             n_iter=1,
             do_not_save_samples=True,
             do_not_save_grid=True,
@@ -223,6 +229,9 @@ class WebUIHost:
             "images": list(processed.images),
             "infotexts": list(getattr(processed, "infotexts", []) or []),
             "seed": getattr(processed, "seed", kw["seed"]),
+            "all_seeds": list(
+                getattr(processed, "all_seeds", None) or [kw["seed"] + i for i in range(kw["batch_size"])]
+            ),
         }
 
     def _checkpoint_title(self, name: str) -> str:

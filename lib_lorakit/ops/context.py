@@ -24,6 +24,7 @@ from ..safepath import NotFound, output_path, resolve_model
 
 SETTING_SAVE_DTYPE = "lorakit_save_dtype"
 SETTING_OUTPUT_SUBDIR = "lorakit_output_subdir"
+SETTING_POOL = "lorakit_pool_webuis"  # other WebUIs that generate with this one (a pool)
 
 Progress = Callable[[float, str], None]
 
@@ -196,6 +197,11 @@ class HostContext(Context):
                 f"The standalone launcher cannot make images, so it cannot {what}.",
                 fix=fix or "Run it in the WebUI, or from the command line with a WebUI URL.",
             )
+        from ..gen.pool import http_pool, parse_urls
+
+        urls = parse_urls(str(self.host.setting(SETTING_POOL, "") or ""))
+        if urls:  # this WebUI and the others of the Settings field: a pool
+            return http_pool(urls, first=HostBackend(self.host))
         return HostBackend(self.host)
 
     def progress_for(self, job: Job, host_progress: bool = False) -> Progress:
@@ -250,8 +256,9 @@ class LocalContext(Context):
         self,
         data_dir: str | None = None,
         *,
-        webui: str | None = None,
-        api_auth: str | None = None,
+        webui: str | list[str] | None = None,
+        api_auth: str | list[str] | None = None,
+        batch_size: int | None = None,
         outputs_dir: str | None = None,
         models_dir: str | None = None,
         jobs: JobManager | None = None,
@@ -261,6 +268,7 @@ class LocalContext(Context):
         self.engine = dict(engine or {})  # device, workers, hash_cache from the command line
         self._data = data_dir
         self.webui, self.api_auth = webui, api_auth
+        self.batch_size = batch_size
         self._outputs = outputs_dir
         self.models_dir = models_dir
 
@@ -315,14 +323,16 @@ class LocalContext(Context):
         return self._outputs or "lorakit-runs"
 
     def backend(self, what: str, fix: str = ""):
-        from ..gen.backend import GenerationUnavailable, HttpBackend
+        from ..gen.backend import GenerationUnavailable
+        from ..gen.pool import http_pool
 
-        if not self.webui:
+        urls = [self.webui] if isinstance(self.webui, str) else list(self.webui or [])
+        if not urls:
             raise GenerationUnavailable(
                 f"No WebUI to generate with, so lorakit cannot {what}.",
                 fix="Give the URL of a WebUI started with --api.",
             )
-        return HttpBackend(self.webui, self.api_auth)
+        return http_pool(urls, self.api_auth, batch_size=self.batch_size)  # one WebUI is a pool of one
 
 
 def require(condition: bool, message: str, fix: str | None = None, cls: type[LorakitError] = RecipeError) -> None:

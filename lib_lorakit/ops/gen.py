@@ -34,6 +34,21 @@ class ProfiledSettings(GenSettings):
         "noobai-eps, noobai-vpred, or one of the user's); default: "
         "detected from the checkpoint",
     )
+    batch_size: Optional[int] = Field(
+        None,
+        ge=1,
+        le=16,
+        description="Images per WebUI request, for cells that differ only in consecutive seeds "
+        "(default: the generation profile's batch_size)",
+    )
+
+
+def with_batch(backend: Any, req: Any) -> Any:
+    """The backend, with the request's batch size when it is a pool (which batches)."""
+    n = getattr(req, "batch_size", None)
+    if n and getattr(backend, "kind", "") == "pool":
+        backend.batch_size = backend.user_batch = int(n)
+    return backend
 
 
 def overrides_of(req: Any) -> dict[str, Any]:

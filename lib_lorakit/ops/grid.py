@@ -6,7 +6,7 @@ from typing import Any, List, Optional, Union
 
 from ..jobs import Job
 from .context import Context, Progress
-from .gen import ProfiledSettings, check_seeds, overrides_of
+from .gen import ProfiledSettings, check_seeds, overrides_of, with_batch
 from .model import Field
 
 
@@ -87,7 +87,7 @@ def grid(
     from ..gen.grid import run_grid
 
     req = GridRequest.parse(req)
-    backend = ctx.backend("run a strength grid")
+    backend = with_batch(ctx.backend("run a strength grid"), req)
     spec, notes = prepare(ctx, req, backend)
     if notes_out is not None:
         notes_out.extend(notes)
@@ -114,8 +114,9 @@ def start(ctx: Context, req: GridRequest | dict) -> Job:
     from ..gen.grid import run_grid
 
     req = GridRequest.parse(req)
-    backend = ctx.backend(
-        "run a strength grid", "Run it in the WebUI, or use the command line's autotest with a WebUI URL."
+    backend = with_batch(
+        ctx.backend("run a strength grid", "Run it in the WebUI, or use the command line's autotest with a WebUI URL."),
+        req,
     )
     spec, notes = prepare(ctx, req, backend)
     cells = spec.cells()  # refuse an oversized grid before starting
@@ -158,7 +159,7 @@ def autotest(
     if req.prompts:
         opts.prompts = list(req.prompts)
     return run_autotest(
-        ctx.backend("auto-test LoRAs"),
+        with_batch(ctx.backend("auto-test LoRAs"), req),
         req.loras,
         outputs,
         opts,

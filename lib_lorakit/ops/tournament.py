@@ -288,6 +288,9 @@ def blind_record(rec: dict[str, Any]) -> dict[str, Any]:
     if warnings:
         logging.getLogger("lorakit").warning("tournament generation warnings: %s", "; ".join(map(str, warnings)))
     out["warnings"] = len(warnings)
+    notes = out.pop("pool_notes", None) or []  # a pool's notes name the files a WebUI lacks
+    out["pool_notes"] = len(notes)
+    out["members"] = [{**m, "lacks": len(m.get("lacks") or [])} for m in out.get("members") or []]
     return out
 
 

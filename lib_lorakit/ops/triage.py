@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Union
 from ..errors import RecipeError
 from ..jobs import Job
 from .context import Context, HostContext
-from .gen import ProfiledSettings, check_seeds, overrides_of
+from .gen import ProfiledSettings, check_seeds, overrides_of, with_batch
 from .model import Field, Request
 
 FILTERS = ("all", "undecided", "yes", "maybe", "no")
@@ -95,6 +95,7 @@ def create(ctx: Context, req: TriageRequest | dict):
         "generate a triage",
         "Create it in the WebUI or from the command line with a WebUI URL; the standalone launcher can review it.",
     )
+    backend = with_batch(backend, req)
     folder, roots = req.folder or None, []
     if isinstance(ctx, HostContext):
         roots = ctx.host.lora_dirs()
