@@ -69,6 +69,8 @@ def lora_delta(sd: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -
         return None
 
     alpha = g("alpha")
+    if g("lora_A") is not None:  # diffusers/PEFT names: the WebUI reads no adapter metadata, scale 1
+        return (g("lora_B").flatten(1) @ g("lora_A").flatten(1)).reshape(shape)
     if g("lora_up") is not None:
         up, down = g("lora_up"), g("lora_down")
         r = down.shape[0]
@@ -103,7 +105,10 @@ class WeightRenderer:
         from lib_lorakit.synth import kohya_modules
 
         self.ckpt_dir, self.lora_dir = ckpt_dir, lora_dir
+        from lib_lorakit.networks.resolve import unet_ldm_to_diffusers
+
         self.kohya = {key: name for name, _shape, key, _rows in kohya_modules("sd15", tiny=True)}
+        self.peft = {k: "unet." + unet_ldm_to_diffusers(k[len(U) : -len(".weight")]) for k in UNET_KEYS}
         self.calls: list[dict] = []
         self.loaded: str | None = None
         self.loads = 0
@@ -158,6 +163,8 @@ class WeightRenderer:
             sd = load_file(info.path)
             for k in KEYS:
                 d = lora_delta(sd, self.kohya.get(k, "?"), tuple(w[k].shape))
+                if d is None and k in self.peft:
+                    d = lora_delta(sd, self.peft[k], tuple(w[k].shape))
                 if d is not None:
                     w[k] += (te if k.startswith("cond_stage_model") else unet) * d
             applied.append(name)

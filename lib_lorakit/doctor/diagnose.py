@@ -377,11 +377,9 @@ def name_causes(report: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     for f in report.get("recipe_findings") or []:
         causes.append(
             {
-                "cause": f["cause"],
-                "text": f["text"],
+                **f,
                 "evidence": "the recipe recorded in the baked checkpoint"
                 + (f"; {ev('rebake', rebake)}" if rebake else ""),
-                "fix": f["fix"],
             }
         )
     if rebake and not report.get("recipe_findings") and not causes:

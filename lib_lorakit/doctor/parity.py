@@ -34,8 +34,8 @@ from ..prompt import parse_tags, strip_tags
 
 IDENTICAL_MEAN = 0.5  # levels (of 255)
 EQUIVALENT_FLOOR = 1.0  # levels
-EQUIVALENT_SHARE = 0.25  # of the effect
-STRENGTH_BAND = 0.2  # effect ratio outside 1 ± this: weaker / stronger
+EQUIVALENT_SHARE = 0.1  # of the effect
+STRENGTH_BAND = 0.15  # effect ratio outside 1 ± this: weaker / stronger
 RESIDUAL_MAX = 0.6  # ... when the difference lies mostly along the effect
 SMALL_EFFECT = 2.0  # levels: below this the recipe barely moves the renders
 VERDICTS = ("identical", "equivalent", "weaker", "stronger", "diverged")
