@@ -189,4 +189,11 @@ __all__ = [
     "SCRATCH",
     "scratch_dir",
     "sweep_scratch",
-    "SUFFIX", "check_writable", "output_error", "owner_tag", "start_time", "sweep", "temp_path"]
+    "SUFFIX",
+    "check_writable",
+    "output_error",
+    "owner_tag",
+    "start_time",
+    "sweep",
+    "temp_path",
+]

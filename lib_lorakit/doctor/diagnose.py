@@ -250,7 +250,7 @@ def diagnose(
         first = [c.key for c in cells if c.checkpoint in (check.base, check.baked)]
         n_bakes = sum(v.bake for v in vs)
         steps = 1 + n_bakes
-        sub = lambda k, name: (lambda f, m: say((k + f) / steps, f"{name}: {m}"))  # noqa: E731
+        sub = lambda k, name: lambda f, m: say((k + f) / steps, f"{name}: {m}")  # noqa: E731
         rec = execute(run, backend, progress=sub(0, "renders on base and baked"), cancel=cancel, only=first)
         render_s, bake_s, bakes = rec["seconds_generating"], 0.0, []
         eng = dict(engine or {})
@@ -460,5 +460,9 @@ def name_causes(report: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
                 "fix": f"Use a lower CFG with the baked checkpoint (it matches best at CFG {s[0]['cfg']:g}).",
             }
         )
-    why = "" if causes else "No variant restores parity: the recipe may not bake (its LoRAs interact); keep them at runtime."
+    why = (
+        ""
+        if causes
+        else "No variant restores parity: the recipe may not bake (its LoRAs interact); keep them at runtime."
+    )
     return causes, why

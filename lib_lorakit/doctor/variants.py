@@ -52,9 +52,7 @@ class Variant:
 
 
 def _with(r: RecipeLora, strength: float | None = None, te: float | None = None) -> RecipeLora:
-    return RecipeLora(
-        r.name, r.path, r.strength if strength is None else strength, r.te_strength if te is None else te
-    )
+    return RecipeLora(r.name, r.path, r.strength if strength is None else strength, r.te_strength if te is None else te)
 
 
 def plan_variants(recipe: list[RecipeLora], save_dtype: str, wanted: list[str] | None = None) -> list[Variant]:
