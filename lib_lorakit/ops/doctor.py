@@ -54,6 +54,7 @@ def _recipe(ctx: Context, req: ParityRequest, meta: dict[str, Any] | None):
     from ..gen.backend import lora_tag_name
 
     entries = [e.dump() for e in req.loras] + (entries_of_prompt(req.recipe_prompt) if req.recipe_prompt else [])
+    recorded = not entries
     if not entries and meta:
         entries = [
             {
@@ -75,11 +76,31 @@ def _recipe(ctx: Context, req: ParityRequest, meta: dict[str, Any] | None):
                 f"LoRA {e['name']}: block weights cannot be compared at runtime (the WebUI needs an extension for them).",
                 fix="Check a recipe without block weights.",
             )
-        path = ctx.resolve_lora(e["name"])
+        path = _lora_path(ctx, e["name"], recorded)
         s = float(e.get("strength", 1.0))
         te = e.get("te_strength")
         out.append(RecipeLora(lora_tag_name(path), path, s, s if te is None else float(te)))
     return out
+
+
+def _lora_path(ctx: Context, name: str, recorded: bool) -> str:
+    """A LoRA's file; a file name recorded in a bake is also looked up in the generating WebUI's list."""
+    from ..errors import LorakitError
+
+    try:
+        return ctx.resolve_lora(name)
+    except LorakitError:
+        if not recorded or isinstance(ctx, HostContext):
+            raise
+    backend = ctx.backend("find the LoRAs recorded in the bake")
+    backend.refresh()
+    for e in backend.loras():
+        if os.path.basename(e.path) == os.path.basename(name) and os.path.isfile(e.path):
+            return e.path
+    raise RecipeError(
+        f"The bake records LoRA {name}, which neither this machine nor the WebUI lists.",
+        fix="Give the runtime recipe's LoRA files.",
+    )
 
 
 def prepare(ctx: Context, req: ParityRequest):
