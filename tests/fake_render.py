@@ -62,6 +62,7 @@ def _ln(x: np.ndarray) -> np.ndarray:
 
 def lora_delta(sd: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
     """ΔW of kohya module ``name`` (before the multiplier), float64, closed forms."""
+
     def g(k: str) -> torch.Tensor | None:
         for full in (f"{name}.{k}", f"{name}.{k}.weight"):
             if full in sd:
@@ -86,7 +87,9 @@ def lora_delta(sd: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -
         if g("lokr_w2") is not None:
             w2 = g("lokr_w2")
         else:
-            w2 = (g("lokr_w2_a") @ g("lokr_w2_b").flatten(1)).reshape(g("lokr_w2_a").shape[0], *g("lokr_w2_b").shape[1:])
+            w2 = (g("lokr_w2_a") @ g("lokr_w2_b").flatten(1)).reshape(
+                g("lokr_w2_a").shape[0], *g("lokr_w2_b").shape[1:]
+            )
             dim = g("lokr_w2_b").shape[0]
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]

@@ -63,7 +63,9 @@ def recipe():
     out = []
     for algo, seed, std, strength in (("lora", 11, 0.02, 0.8), ("loha", 12, 0.08, 0.6), ("lokr", 13, 0.08, 0.7)):
         name = f"lorakit-it-doc-{tag}-{algo}"
-        sd = make_lora("sd15", algo, rank=4, alpha=4, tiny=False, conv=True, te=True, seed=seed, dtype=torch.float16, std=std)
+        sd = make_lora(
+            "sd15", algo, rank=4, alpha=4, tiny=False, conv=True, te=True, seed=seed, dtype=torch.float16, std=std
+        )
         save_file(sd, os.path.join(lo, name + ".safetensors"))
         out.append((os.path.join(lo, name + ".safetensors"), strength))
     call("POST", "/sdapi/v1/refresh-loras", {})
@@ -80,7 +82,10 @@ def _bake(ck, base, loras, name, save_dtype="fp16", te=None, drop=None):
     ]
     out = os.path.join(ck, name + ".safetensors")
     t = time.time()
-    bake_op.bake(LocalContext(None, engine={"hash_cache": False}), {"base": base, "output": out, "loras": entries, "save_dtype": save_dtype})
+    bake_op.bake(
+        LocalContext(None, engine={"hash_cache": False}),
+        {"base": base, "output": out, "loras": entries, "save_dtype": save_dtype},
+    )
     print(f"\n[doctor-live] bake {name} ({save_dtype}): {time.time() - t:.1f} s")
     call("POST", "/sdapi/v1/refresh-checkpoints", {})
     return out
@@ -172,7 +177,7 @@ def test_fp16_precision_loss_is_named_and_fp32_restores_parity(recipe, tmp_path,
     the fp32 variant like it."""
     import torch
 
-    from lib_lorakit.formats.safetensors_io import OutEntry, StreamingWriter, TORCH_TO_CODE
+    from lib_lorakit.formats.safetensors_io import OutEntry, StreamingWriter
     from lib_lorakit.formats.sources import open_source
 
     ck, lo, tag, loras = recipe
@@ -182,7 +187,9 @@ def test_fp16_precision_loss_is_named_and_fp32_restores_parity(recipe, tmp_path,
     keys = src.keys()
     out = os.path.join(ck, f"lorakit-it-doc-{tag}-base32.safetensors")
     g = torch.Generator().manual_seed(5)
-    entries = [OutEntry(k, "F32" if src.dtype(k) in ("F16", "BF16", "F32") else src.dtype(k), src.shape(k)) for k in keys]
+    entries = [
+        OutEntry(k, "F32" if src.dtype(k) in ("F16", "BF16", "F32") else src.dtype(k), src.shape(k)) for k in keys
+    ]
     t = time.time()
     with StreamingWriter(out, entries, {}) as w:
         for k in keys:
