@@ -147,7 +147,7 @@ class WeightRenderer:
 
     def _weights(self, path: str) -> dict[str, torch.Tensor]:
         st = os.stat(path)
-        key = (path, st.st_mtime_ns, st.st_size)
+        key = ("ckpt", path, st.st_mtime_ns, st.st_size)
         if key not in self._cache:
             sd = load_file(path)
             self._cache[key] = {k: sd[k].double() for k in KEYS}
@@ -163,15 +163,30 @@ class WeightRenderer:
                 continue  # the WebUI skips an unknown LoRA with a warning
             nums = [float(a) for a in args.split(":")[1:]] or [1.0]
             te, unet = nums[0], nums[1] if len(nums) > 1 else nums[0]
-            sd = load_file(info.path)
-            for k in KEYS:
-                d = lora_delta(sd, self.kohya.get(k, "?"), tuple(w[k].shape))
-                if d is None and k in self.peft:
-                    d = lora_delta(sd, self.peft[k], tuple(w[k].shape))
-                if d is not None:
-                    w[k] += (te if k.startswith("cond_stage_model") else unet) * d
+            for k, d in self._deltas(info.path).items():
+                w[k] += (te if k.startswith("cond_stage_model") else unet) * d
             applied.append(name)
         return {k: v.float().double().numpy() for k, v in w.items()}, applied
+
+    def _deltas(self, path: str) -> dict[str, torch.Tensor]:
+        """The LoRA's ΔW for the renderer's keys (cached per file version)."""
+        st = os.stat(path)
+        key = ("lora", path, st.st_mtime_ns, st.st_size)
+        if key not in self._cache:
+            sd = load_file(path)
+            shapes = {k: tuple(v.shape) for k, v in self._any_weights().items()}
+            out = {}
+            for k in KEYS:
+                d = lora_delta(sd, self.kohya.get(k, "?"), shapes[k])
+                if d is None and k in self.peft:
+                    d = lora_delta(sd, self.peft[k], shapes[k])
+                if d is not None:
+                    out[k] = d
+            self._cache[key] = out
+        return self._cache[key]
+
+    def _any_weights(self) -> dict[str, torch.Tensor]:
+        return next(v for k, v in self._cache.items() if k[0] == "ckpt")
 
     def _embed(self, w, text: str) -> np.ndarray:
         x = _rng("prompt", text.strip()).normal(size=w[TE_KEYS[0]].shape[1])
@@ -212,7 +227,11 @@ class WeightRenderer:
         for k in CONV_KEYS:
             m = w[k].reshape(w[k].shape[0], -1)
             eps = eps + 0.5 * np.resize(m @ r.normal(size=m.shape[1]), eps.shape)
-        basis = _rng("basis").normal(size=(SIZE * SIZE * 3, eps.shape[0])) / np.sqrt(eps.shape[0])
+        if ("basis", eps.shape[0]) not in self._cache:
+            self._cache[("basis", eps.shape[0])] = _rng("basis").normal(size=(SIZE * SIZE * 3, eps.shape[0])) / np.sqrt(
+                eps.shape[0]
+            )
+        basis = self._cache[("basis", eps.shape[0])]
         z = basis @ eps * 0.15 + r.normal(size=SIZE * SIZE * 3) * 0.3
         img = 1 / (1 + np.exp(-z))
         pil = Image.fromarray((img.reshape(SIZE, SIZE, 3) * 255).round().astype(np.uint8))
