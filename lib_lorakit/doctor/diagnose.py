@@ -239,6 +239,8 @@ def diagnose(
     say = progress or (lambda f, m: None)
     t0 = time.perf_counter()
     vs = plan_variants(check.recipe, check.save_dtype, variants)
+    if not P.double_application(check.prompts, check.recipe):  # no baked LoRA's tag in a prompt: nothing to take out
+        vs = [v for v in vs if v.id != "untagged"]
     scratch = scratch_dir(scratch_parent, "doctor")
     kept = False
     try:
