@@ -29,10 +29,10 @@ def _dirs():
     return ck, lo
 
 
-def _args(extra=()):
+def _args(extra=(), prompts=None):
     args = ["--webui", URL, "--steps", "3", "--width", "64", "--height", "64", "--cfg-scale", CFG, "--seeds", "1, 2"]
     args += ["--sampler", "Euler"]
-    for p in PROMPTS:
+    for p in prompts or PROMPTS:
         args += ["--prompt", p]
     if os.environ.get("LORAKIT_WEBUI_AUTH"):
         args += ["--api-auth", os.environ["LORAKIT_WEBUI_AUTH"]]
@@ -91,12 +91,12 @@ def _bake(ck, base, loras, name, save_dtype="fp16", te=None, drop=None):
     return out
 
 
-def _doctor(kind, baked, extra, tmp_path, capsys):
+def _doctor(kind, baked, extra, tmp_path, capsys, prompts=None):
     from lib_lorakit.cli import main
 
     js = str(tmp_path / f"{kind}-{uuid.uuid4().hex[:4]}.json")
     t = time.time()
-    code = main(["doctor", kind, baked, *_args(extra), "--out", str(tmp_path / "runs"), "--json", js])
+    code = main(["doctor", kind, baked, *_args(extra, prompts), "--out", str(tmp_path / "runs"), "--json", js])
     wall = time.time() - t
     text = capsys.readouterr().out
     with open(js) as f:
@@ -135,13 +135,8 @@ def test_tags_left_in_the_prompt_are_named(correct, recipe, tmp_path, capsys):
     ck, lo, tag, loras = recipe
     name = os.path.splitext(os.path.basename(loras[0][0]))[0]
     extra = ["--base", base, "--variants", "untagged"]
-    global PROMPTS
-    saved = PROMPTS
-    PROMPTS = [f"{p} <lora:{name}:{loras[0][1]}>" for p in saved]
-    try:
-        code, rep, text = _doctor("diagnose", baked, extra, tmp_path, capsys)
-    finally:
-        PROMPTS = saved
+    prompts = [f"{p} <lora:{name}:{loras[0][1]}>" for p in PROMPTS]
+    code, rep, text = _doctor("diagnose", baked, extra, tmp_path, capsys, prompts)
     assert any("double application" in w for w in rep["warnings"]), text
     assert rep["parity"]["overall"]["verdict"] not in ("identical", "equivalent"), text
     assert "double-application" in {c["cause"] for c in rep["causes"]}, text
