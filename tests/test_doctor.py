@@ -263,7 +263,12 @@ def test_keep_scratch_keeps_the_variant_bakes(models):
     assert os.listdir(rep["scratch"]) == ["lorakit-doctor-fp32.safetensors"]
 
 
-def test_sequential_rounding_equals_chained_bakes(tmp_path):
+@pytest.mark.parametrize("chunk", [None, 96])
+def test_sequential_rounding_equals_chained_bakes(tmp_path, monkeypatch, chunk):
+    if chunk:  # weights spanning many row chunks (full-size models do)
+        import lib_lorakit.bake.engine as engine
+
+        monkeypatch.setattr(engine, "CHUNK_ELEMS", chunk)
     base = tiny_checkpoint(tmp_path, "sd15", name="base.safetensors")
     a = tiny_lora(tmp_path, "sd15", "lora", name="a.safetensors", seed=1, std=0.2)
     b = tiny_lora(tmp_path, "sd15", "loha", name="b.safetensors", seed=2, std=0.2)

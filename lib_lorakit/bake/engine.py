@@ -248,12 +248,12 @@ class _Baker:
             notes.append((c, abs(m) * d.norm(), r0, r1))
             if t.transpose:  # stored transposed (OpenCLIP text_projection)
                 d = Delta(dense=d.to_dense(t.shape).T.contiguous())
-            step = c.lora if self.sequential else -1
+            phase = c.lora if self.sequential else -1
             if d.lowrank is not None:
                 up, down = d.lowrank
-                lows.setdefault((r0, r1, step), []).append((up * m, down))
+                lows.setdefault((r0, r1, phase), []).append((up * m, down))
             elif d.kron is not None or d.hada is not None or d.dense is not None:
-                others.append((r0, r1, d, m, step))
+                others.append((r0, r1, d, m, phase))
         for (c, bp), (b, scale) in zip(bias_contribs, f.biases):
             t = c.target
             r0, r1 = t.rows if t.rows else (0, w2.shape[0])
@@ -262,17 +262,17 @@ class _Baker:
                     f"{self.plan.loras[c.lora].spec.path}: {c.params[bp]} has {b.numel()} values, "
                     f"the bias {key} takes {r1 - r0}."
                 )
-            step = c.lora if self.sequential else -1
-            others.append((r0, r1, Delta(dense=b.reshape(-1, 1)), scale * c.multiplier, step))
+            phase = c.lora if self.sequential else -1
+            others.append((r0, r1, Delta(dense=b.reshape(-1, 1)), scale * c.multiplier, phase))
         merged = []
-        for (r0, r1, step), parts in lows.items():
+        for (r0, r1, phase), parts in lows.items():
             merged.append(
                 (
                     r0,
                     r1,
                     torch.cat([u for u, _ in parts], dim=1).contiguous(),
                     torch.cat([d for _, d in parts], dim=0).contiguous(),
-                    step,
+                    phase,
                 )
             )
         return merged, others, notes
@@ -280,9 +280,9 @@ class _Baker:
     def _steps(self, wc: torch.Tensor, lows, others, dtype: torch.dtype):
         """The order updates are added in: one step (-1) when summed; with sequential rounding, the LoRAs
         in recipe order, the weight rounded to the save dtype before each (as a chain of bakes leaves it)."""
-        for step in sorted({e[-1] for e in lows} | {e[-1] for e in others}):
+        for phase in sorted({e[-1] for e in lows} | {e[-1] for e in others}):
             self._round_step(wc, dtype)
-            yield step
+            yield phase
 
     def _round_step(self, wc: torch.Tensor, dtype: torch.dtype) -> None:
         """Sequential rounding only: round ``wc`` (float32) to the save dtype in place."""
@@ -332,14 +332,14 @@ class _Baker:
             if has_delta:
                 flat = wc.view(-1)
                 wn2 += float(torch.dot(flat, flat))
-            for step in self._steps(wc, lows, others, out.dtype):
+            for phase in self._steps(wc, lows, others, out.dtype):
                 for s0, s1, up, down, st in lows:
                     a, b = max(r0, s0), min(r1, s1)
-                    if a < b and st == step:
+                    if a < b and st == phase:
                         wc[a - r0 : b - r0].addmm_(up[a - s0 : b - s0], down)
                 for s0, s1, d, m, st in others:
                     a, b = max(r0, s0), min(r1, s1)
-                    if a < b and st == step:
+                    if a < b and st == phase:
                         d.add_rows(wc[a - r0 : b - r0], a - s0, b - s0, m)
             self._round_step(wc, out.dtype)
             t2 = clock()
@@ -378,12 +378,12 @@ class _Baker:
         t1 = clock()
         has_delta = bool(lows or others)
         wn2 = float(torch.dot(wc.view(-1), wc.view(-1))) if has_delta else 0.0
-        for step in self._steps(wc, lows, others, out.dtype):
+        for phase in self._steps(wc, lows, others, out.dtype):
             for s0, s1, up, down, st in lows:
-                if st == step:
+                if st == phase:
                     wc[s0:s1].addmm_(up.to(dev), down.to(dev))
             for s0, s1, d, m, st in others:
-                if st == step:
+                if st == phase:
                     _delta_to(d, dev).add_rows(wc[s0:s1], 0, s1 - s0, m)
         self._round_step(wc, out.dtype)
         t2 = clock()
