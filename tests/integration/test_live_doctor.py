@@ -29,8 +29,8 @@ def _dirs():
     return ck, lo
 
 
-def _args(extra=(), prompts=None):
-    args = ["--webui", URL, "--steps", "3", "--width", "64", "--height", "64", "--cfg-scale", CFG, "--seeds", "1, 2"]
+def _args(extra=(), prompts=None, seeds="1, 2"):
+    args = ["--webui", URL, "--steps", "3", "--width", "64", "--height", "64", "--cfg-scale", CFG, "--seeds", seeds]
     args += ["--sampler", "Euler"]
     for p in prompts or PROMPTS:
         args += ["--prompt", p]
@@ -50,24 +50,32 @@ def _base_file(ck):
     pytest.skip("the host's base checkpoint is not a file on this machine")
 
 
-@pytest.fixture(scope="module")
-def recipe():
-    """Three LoRAs in the host's LoRA folder: kohya LoRA with conv layers, LoHa, LoKr, all training the text encoder."""
+def _write_lora(lo, name, algo, seed, std, conv):
     import torch
 
     from lib_lorakit.formats.safetensors_io import save_file
     from lib_lorakit.synth import make_lora
 
+    sd = make_lora(
+        "sd15", algo, rank=4, alpha=4, tiny=False, conv=conv, te=True, seed=seed, dtype=torch.float16, std=std
+    )
+    save_file(sd, os.path.join(lo, name + ".safetensors"))
+    return os.path.join(lo, name + ".safetensors")
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    """Three LoRAs in the host's LoRA folder, all training the text encoder: a kohya LoRA with conv layers
+    (LoCon), a LoHa and a LoKr on the attention and text-encoder layers."""
     ck, lo = _dirs()
     tag = uuid.uuid4().hex[:5]
     out = []
-    for algo, seed, std, strength in (("lora", 11, 0.02, 0.8), ("loha", 12, 0.08, 0.6), ("lokr", 13, 0.08, 0.7)):
-        name = f"lorakit-it-doc-{tag}-{algo}"
-        sd = make_lora(
-            "sd15", algo, rank=4, alpha=4, tiny=False, conv=True, te=True, seed=seed, dtype=torch.float16, std=std
-        )
-        save_file(sd, os.path.join(lo, name + ".safetensors"))
-        out.append((os.path.join(lo, name + ".safetensors"), strength))
+    for algo, seed, std, strength, conv in (
+        ("lora", 11, 0.02, 0.8, True),
+        ("loha", 12, 0.08, 0.6, False),
+        ("lokr", 13, 0.08, 0.7, False),
+    ):
+        out.append((_write_lora(lo, f"lorakit-it-doc-{tag}-{algo}", algo, seed, std, conv), strength))
     call("POST", "/sdapi/v1/refresh-loras", {})
     return ck, lo, tag, out
 
@@ -91,12 +99,12 @@ def _bake(ck, base, loras, name, save_dtype="fp16", te=None, drop=None):
     return out
 
 
-def _doctor(kind, baked, extra, tmp_path, capsys, prompts=None):
+def _doctor(kind, baked, extra, tmp_path, capsys, prompts=None, seeds="1, 2"):
     from lib_lorakit.cli import main
 
     js = str(tmp_path / f"{kind}-{uuid.uuid4().hex[:4]}.json")
     t = time.time()
-    code = main(["doctor", kind, baked, *_args(extra, prompts), "--out", str(tmp_path / "runs"), "--json", js])
+    code = main(["doctor", kind, baked, *_args(extra, prompts, seeds), "--out", str(tmp_path / "runs"), "--json", js])
     wall = time.time() - t
     text = capsys.readouterr().out
     with open(js) as f:
@@ -136,7 +144,7 @@ def test_tags_left_in_the_prompt_are_named(correct, recipe, tmp_path, capsys):
     name = os.path.splitext(os.path.basename(loras[0][0]))[0]
     extra = ["--base", base, "--variants", "untagged"]
     prompts = [f"{p} <lora:{name}:{loras[0][1]}>" for p in PROMPTS]
-    code, rep, text = _doctor("diagnose", baked, extra, tmp_path, capsys, prompts)
+    code, rep, text = _doctor("diagnose", baked, extra, tmp_path, capsys, prompts, seeds="1")
     assert any("double application" in w for w in rep["warnings"]), text
     assert rep["parity"]["overall"]["verdict"] not in ("identical", "equivalent"), text
     assert "double-application" in {c["cause"] for c in rep["causes"]}, text
@@ -147,7 +155,7 @@ def test_text_encoder_at_the_wrong_strength_is_named(recipe, tmp_path, capsys):
     base = _base_file(ck)
     baked = _bake(ck, base, loras, f"lorakit-it-doc-{tag}-te", te={0: 3.0})
     code, rep, text = _doctor(
-        "diagnose", baked, ["--base", base, *_recipe_args(loras), "--variants", "rebake"], tmp_path, capsys
+        "diagnose", baked, ["--base", base, *_recipe_args(loras), "--variants", "rebake"], tmp_path, capsys, seeds="1"
     )
     te = [c for c in rep["causes"] if c["cause"] == "te-strength"]
     assert te and te[0]["lora"].endswith("-lora"), text
@@ -158,7 +166,7 @@ def test_a_lora_left_out_is_named(recipe, tmp_path, capsys):
     ck, lo, tag, loras = recipe
     base = _base_file(ck)
     baked = _bake(ck, base, loras, f"lorakit-it-doc-{tag}-out", drop=2)
-    code, rep, text = _doctor("parity", baked, ["--base", base, *_recipe_args(loras)], tmp_path, capsys)
+    code, rep, text = _doctor("parity", baked, ["--base", base, *_recipe_args(loras)], tmp_path, capsys, seeds="1")
     assert code == 4 and rep["parity"]["overall"]["verdict"] not in ("identical", "equivalent"), text
     left = [f for f in rep["recipe_findings"] if f["cause"] == "lora-left-out"]
     assert left and left[0]["lora"].endswith("-lokr"), text
@@ -200,7 +208,12 @@ def test_fp16_precision_loss_is_named_and_fp32_restores_parity(recipe, tmp_path,
     print(f"\n[doctor-live] fp32 base with the planted term: {time.time() - t:.1f} s")
     baked = _bake(ck, out, loras, f"lorakit-it-doc-{tag}-fp16", save_dtype="fp16")
     code, rep, text = _doctor(
-        "diagnose", baked, ["--base", out, *_recipe_args(loras), "--variants", "rebake,fp32"], tmp_path, capsys
+        "diagnose",
+        baked,
+        ["--base", out, *_recipe_args(loras), "--variants", "rebake,fp32"],
+        tmp_path,
+        capsys,
+        seeds="1",
     )
     v = {x["id"]: x["metrics"] for x in rep["variants"]}
     assert rep["parity"]["overall"]["verdict"] not in ("identical", "equivalent"), text
@@ -214,7 +227,31 @@ def test_variant_batch_time_against_its_renders_and_bakes(correct, recipe, tmp_p
     base, baked = correct
     ck, lo, tag, loras = recipe
     variants = os.environ.get("LORAKIT_DOCTOR_VARIANTS", "rebake,fp32,sequential")
-    code, rep, text = _doctor("diagnose", baked, ["--base", base, "--variants", variants], tmp_path, capsys)
+    code, rep, text = _doctor(
+        "diagnose", baked, ["--base", base, "--variants", variants], tmp_path, capsys, prompts=PROMPTS[:1]
+    )
     t = rep["timing"]
     assert t["overhead_ratio"] <= 2.0, t
     assert not [n for n in os.listdir(ck) if n.startswith("lorakit-scratch-")]
+
+
+def test_a_lora_that_bakes_unlike_it_runs_is_named(recipe, tmp_path, capsys):
+    """A LoKr with conv layers (lokr_w2_b 4-D, no Tucker core): A1111 1.10's network_lokr computes
+    ``w2a @ w2b``, which raises for a 4-D w2b, and skips the layer silently at runtime; the bake applies it."""
+    ck, lo, tag, loras = recipe
+    base = _base_file(ck)
+    conv_lokr = _write_lora(lo, f"lorakit-it-doc-{tag}-lokrconv", "lokr", 14, 0.08, True)
+    call("POST", "/sdapi/v1/refresh-loras", {})
+    rec = [loras[0], (conv_lokr, 0.7)]
+    baked = _bake(ck, base, rec, f"lorakit-it-doc-{tag}-convlokr")
+    code, rep, text = _doctor(
+        "diagnose",
+        baked,
+        ["--base", base, *_recipe_args(rec), "--variants", "alone"],
+        tmp_path,
+        capsys,
+        prompts=PROMPTS[:2],
+        seeds="1",
+    )
+    named = [c for c in rep["causes"] if c["cause"] == "lora-bakes-differently"]
+    assert [c["lora"] for c in named] == [os.path.splitext(os.path.basename(conv_lokr))[0]], text
