@@ -56,8 +56,8 @@ def baked(ck, base, recipe, name="baked.safetensors", save_dtype="fp16", **over)
     return out
 
 
-def check(base, bk, recipe, prompts=PROMPTS) -> Check:
-    return Check(base, bk, recipe, list(prompts), list(SEEDS), settings=dict(SETTINGS))
+def check(base, bk, recipe, prompts=PROMPTS, seeds=SEEDS) -> Check:
+    return Check(base, bk, recipe, list(prompts), list(seeds), settings=dict(SETTINGS))
 
 
 def no_scratch(ck) -> bool:
@@ -122,7 +122,11 @@ def test_text_encoder_at_the_wrong_strength_is_named(models):
     ck, lo, base, recipe, tmp = models
     bk = baked(ck, base, recipe, styleA=(0.6, 2.0))  # TE of styleA at 2.0 instead of 0.6
     rep = diagnose(
-        check(base, bk, recipe), WeightRenderer(ck, lo), str(tmp / "out"), ck, variants=["rebake", "unet", "te"]
+        check(base, bk, recipe, seeds=[1]),
+        WeightRenderer(ck, lo),
+        str(tmp / "out"),
+        ck,
+        variants=["rebake", "unet", "te"],
     )
     assert rep["parity"]["overall"]["verdict"] not in PASSING, summary(rep)
     te = [c for c in rep["causes"] if c["cause"] == "te-strength"]
@@ -134,7 +138,9 @@ def test_text_encoder_at_the_wrong_strength_is_named(models):
 def test_a_lora_left_out_is_named(models):
     ck, lo, base, recipe, tmp = models
     bk = baked(ck, base, recipe, styleC=None)
-    rep = diagnose(check(base, bk, recipe), WeightRenderer(ck, lo), str(tmp / "out"), ck, variants=["rebake"])
+    rep = diagnose(
+        check(base, bk, recipe, seeds=[1]), WeightRenderer(ck, lo), str(tmp / "out"), ck, variants=["rebake"]
+    )
     assert rep["parity"]["overall"]["verdict"] not in PASSING
     left = [c for c in rep["causes"] if c["cause"] == "lora-left-out"]
     assert left and left[0]["lora"] == "styleC", summary(rep)
@@ -178,7 +184,7 @@ def test_a_lora_that_bakes_unlike_it_runs_is_named(models):
     d = peft_lora(lo, base)
     rec = recipe[:2] + [RecipeLora("peftD", d, 0.5, 0.5)]
     bk = baked(ck, base, rec)
-    rep = diagnose(check(base, bk, rec), WeightRenderer(ck, lo), str(tmp / "out"), ck, variants=["alone"])
+    rep = diagnose(check(base, bk, rec, seeds=[1]), WeightRenderer(ck, lo), str(tmp / "out"), ck, variants=["alone"])
     assert rep["parity"]["overall"]["verdict"] not in PASSING, summary(rep)
     named = [c for c in rep["causes"] if c["cause"] == "lora-bakes-differently"]
     assert [c["lora"] for c in named] == ["peftD"], summary(rep)
@@ -208,7 +214,7 @@ def test_full_variant_batch_on_a_correct_bake_names_nothing_and_leaves_no_scratc
     ck, lo, base, recipe, tmp = models
     bk = baked(ck, base, recipe)
     r = WeightRenderer(ck, lo)
-    rep = diagnose(check(base, bk, recipe, PROMPTS[:2]), r, str(tmp / "out"), ck)
+    rep = diagnose(check(base, bk, recipe, PROMPTS[:2], seeds=[1]), r, str(tmp / "out"), ck)
     ids = [v["id"] for v in rep["variants"]]
     assert ids == [
         "rebake",
