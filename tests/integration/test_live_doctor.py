@@ -138,18 +138,6 @@ def test_correct_three_lora_bake_is_identical_or_equivalent(correct, recipe, tmp
     assert len(rep["parity"]["prompts"]) == 3 and len(rep["sheets"]) == 3
 
 
-def test_tags_left_in_the_prompt_are_named(correct, recipe, tmp_path, capsys):
-    base, baked = correct
-    ck, lo, tag, loras = recipe
-    name = os.path.splitext(os.path.basename(loras[0][0]))[0]
-    extra = ["--base", base, "--variants", "untagged"]
-    prompts = [f"{p} <lora:{name}:{loras[0][1]}>" for p in PROMPTS]
-    code, rep, text = _doctor("diagnose", baked, extra, tmp_path, capsys, prompts, seeds="1")
-    assert any("double application" in w for w in rep["warnings"]), text
-    assert rep["parity"]["overall"]["verdict"] not in ("identical", "equivalent"), text
-    assert "double-application" in {c["cause"] for c in rep["causes"]}, text
-
-
 def test_text_encoder_at_the_wrong_strength_is_named(recipe, tmp_path, capsys):
     ck, lo, tag, loras = recipe
     base = _base_file(ck)
@@ -170,6 +158,28 @@ def test_a_lora_left_out_is_named(recipe, tmp_path, capsys):
     assert code == 4 and rep["parity"]["overall"]["verdict"] not in ("identical", "equivalent"), text
     left = [f for f in rep["recipe_findings"] if f["cause"] == "lora-left-out"]
     assert left and left[0]["lora"].endswith("-lokr"), text
+
+
+def test_a_lora_that_bakes_unlike_it_runs_is_named(recipe, tmp_path, capsys):
+    """A LoKr with conv layers (lokr_w2_b 4-D, no Tucker core): A1111 1.10's network_lokr computes
+    ``w2a @ w2b``, which raises for a 4-D w2b, and skips the layer silently at runtime; the bake applies it."""
+    ck, lo, tag, loras = recipe
+    base = _base_file(ck)
+    conv_lokr = _write_lora(lo, f"lorakit-it-doc-{tag}-lokrconv", "lokr", 14, 0.08, True)
+    call("POST", "/sdapi/v1/refresh-loras", {})
+    rec = [loras[0], (conv_lokr, 0.7)]
+    baked = _bake(ck, base, rec, f"lorakit-it-doc-{tag}-convlokr")
+    code, rep, text = _doctor(
+        "diagnose",
+        baked,
+        ["--base", base, *_recipe_args(rec), "--variants", "alone"],
+        tmp_path,
+        capsys,
+        prompts=PROMPTS[:2],
+        seeds="1",
+    )
+    named = [c for c in rep["causes"] if c["cause"] == "lora-bakes-differently"]
+    assert [c["lora"] for c in named] == [os.path.splitext(os.path.basename(conv_lokr))[0]], text
 
 
 def test_fp16_precision_loss_is_named_and_fp32_restores_parity(recipe, tmp_path, capsys):
@@ -235,23 +245,13 @@ def test_variant_batch_time_against_its_renders_and_bakes(correct, recipe, tmp_p
     assert not [n for n in os.listdir(ck) if n.startswith("lorakit-scratch-")]
 
 
-def test_a_lora_that_bakes_unlike_it_runs_is_named(recipe, tmp_path, capsys):
-    """A LoKr with conv layers (lokr_w2_b 4-D, no Tucker core): A1111 1.10's network_lokr computes
-    ``w2a @ w2b``, which raises for a 4-D w2b, and skips the layer silently at runtime; the bake applies it."""
+def test_tags_left_in_the_prompt_are_named(correct, recipe, tmp_path, capsys):
+    base, baked = correct
     ck, lo, tag, loras = recipe
-    base = _base_file(ck)
-    conv_lokr = _write_lora(lo, f"lorakit-it-doc-{tag}-lokrconv", "lokr", 14, 0.08, True)
-    call("POST", "/sdapi/v1/refresh-loras", {})
-    rec = [loras[0], (conv_lokr, 0.7)]
-    baked = _bake(ck, base, rec, f"lorakit-it-doc-{tag}-convlokr")
-    code, rep, text = _doctor(
-        "diagnose",
-        baked,
-        ["--base", base, *_recipe_args(rec), "--variants", "alone"],
-        tmp_path,
-        capsys,
-        prompts=PROMPTS[:2],
-        seeds="1",
-    )
-    named = [c for c in rep["causes"] if c["cause"] == "lora-bakes-differently"]
-    assert [c["lora"] for c in named] == [os.path.splitext(os.path.basename(conv_lokr))[0]], text
+    name = os.path.splitext(os.path.basename(loras[0][0]))[0]
+    extra = ["--base", base, "--variants", "untagged"]
+    prompts = [f"{p} <lora:{name}:{loras[0][1]}>" for p in PROMPTS]
+    code, rep, text = _doctor("diagnose", baked, extra, tmp_path, capsys, prompts, seeds="1")
+    assert any("double application" in w for w in rep["warnings"]), text
+    assert rep["parity"]["overall"]["verdict"] not in ("identical", "equivalent"), text
+    assert "double-application" in {c["cause"] for c in rep["causes"]}, text
