@@ -187,8 +187,8 @@ def test_fp16_precision_loss_is_named_and_fp32_restores_parity(recipe, tmp_path,
     in exact arithmetic (it shifts every key's score by the same amount per query: the input of to_k is the
     block's LayerNorm output, whose channels sum to a constant once divided by the norm's gain), but that
     leaves fp16 few bits of the real weights: the fp16 bake renders unlike the runtime recipe, the fp32
-    variant like it. (The same term on the cross-attention keys changed nothing visible: a random text
-    encoder gives near-identical context tokens, so cross-attention barely depends on its keys.)"""
+    variant like it. (The same term on the cross-attention keys changed nothing visible in a live run on the
+    random-weight model, probably because its cross-attention barely depends on the keys.)"""
     import torch
 
     from lib_lorakit.formats.safetensors_io import OutEntry, StreamingWriter
