@@ -162,7 +162,8 @@ def test_a_lora_left_out_is_named(recipe, tmp_path, capsys):
 
 def test_a_lora_that_bakes_unlike_it_runs_is_named(recipe, tmp_path, capsys):
     """A LoKr with conv layers (lokr_w2_b 4-D, no Tucker core): A1111 1.10's network_lokr computes
-    ``w2a @ w2b``, which raises for a 4-D w2b, and skips the layer silently at runtime; the bake applies it."""
+    ``w2a @ w2b``, which raises for a 4-D w2b, and skips the layer at runtime (a debug-level log line and an
+    error count); the bake applies it."""
     ck, lo, tag, loras = recipe
     base = _base_file(ck)
     conv_lokr = _write_lora(lo, f"lorakit-it-doc-{tag}-lokrconv", "lokr", 14, 0.08, True)
