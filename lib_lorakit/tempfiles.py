@@ -147,4 +147,53 @@ def check_writable(path: str | None) -> None:
         raise output_error(e, path) from None
 
 
-__all__ = ["SUFFIX", "check_writable", "output_error", "owner_tag", "start_time", "sweep", "temp_path"]
+SCRATCH = "lorakit-scratch-"
+_SCRATCH = re.compile("^" + re.escape(SCRATCH) + r"[a-z0-9]+-(\d+)-(\d+)-[0-9a-f]{8}$")
+
+
+def scratch_dir(parent: str, what: str) -> str:
+    """A new scratch folder in ``parent`` for ``what`` (e.g. the bake doctor's variant bakes), tagged with this
+    process: ``lorakit-scratch-<what>-<pid>-<start>-<random>``. It is not hidden, so a WebUI that scans
+    ``parent`` lists the models in it. Folders of dead owners are swept first (:func:`sweep_scratch`)."""
+    sweep_scratch(parent)
+    path = os.path.join(parent, f"{SCRATCH}{what}-{owner_tag()}-{secrets.token_hex(4)}")
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        raise output_error(e, path) from None
+    return path
+
+
+def sweep_scratch(parent: str) -> list[str]:
+    """Remove the scratch folders in ``parent`` whose owner process is gone (never raises)."""
+    import shutil
+
+    removed = []
+    try:
+        names = os.listdir(parent or ".")
+    except OSError:
+        return removed
+    for name in names:
+        m = _SCRATCH.match(name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        now = start_time(int(m.group(1)))
+        if now is None or (int(m.group(2)) != 0 and now != 0 and now != int(m.group(2))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(os.path.join(parent, name))
+            log.warning("removed %s, a scratch folder left by an interrupted lorakit run", removed[-1])
+    return removed
+
+
+__all__ = [
+    "SCRATCH",
+    "scratch_dir",
+    "sweep_scratch",
+    "SUFFIX",
+    "check_writable",
+    "output_error",
+    "owner_tag",
+    "start_time",
+    "sweep",
+    "temp_path",
+]

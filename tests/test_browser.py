@@ -691,3 +691,86 @@ def test_first_screen_of_every_sub_tab(tmp_path):
     ]
     assert [m for _, m in ours if "non-interactive or hidden tab" not in m] == [], ours
     assert sum("non-interactive or hidden tab" in m for _, m in ours) <= 1, ours
+
+
+@pytest.fixture
+def doctor_server(tmp_path):
+    """The standalone launcher whose host renders from the weights (tests/doctor_server.py)."""
+    import urllib.request
+
+    need(os.path.exists(CHROMIUM) or shutil.which("chromium"), "Chromium is not installed")
+    pytest.importorskip("gradio")
+    ckpt, loras = tmp_path / "Stable-diffusion", tmp_path / "Lora"
+    ckpt.mkdir()
+    loras.mkdir()
+    write_checkpoint(str(ckpt / "sd15-base.safetensors"), "sd15", tiny=True, seed=0)
+    write(loras, "ink.safetensors", make_lora("sd15", "lora", seed=1, std=0.2))
+    write(loras, "grain.safetensors", make_lora("sd15", "lokr", seed=3, std=0.2))
+    port = free_port()
+    script = os.path.join(ROOT, "tests", "doctor_server.py")
+    p = subprocess.Popen(
+        [sys.executable, script, str(ckpt), str(loras), str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url + "lorakit/v1/jobs", timeout=2)
+                break
+            except OSError:
+                if p.poll() is not None:
+                    raise AssertionError(p.stdout.read()) from None
+                time.sleep(0.3)
+        yield url, ckpt
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
+def test_bake_then_check_against_runtime_in_the_browser(doctor_server):
+    """Bake -> "Check against runtime" -> the verdict and the contact sheets appear in the tab."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, ckpt = doctor_server
+    with sync_api.sync_playwright() as pw:
+        browser = open_browser(pw)
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#lorakit_bake_base", timeout=60_000)
+        pick(page, "lorakit_bake_base", "sd15-base.safetensors")
+        for name, s in (("ink", "0.6"), ("grain", "0.5")):
+            pick(page, "lorakit_bake_lora", name)
+            page.locator("#lorakit_bake_strength input").fill(s)
+            page.locator("#lorakit_bake_add").click()
+            page.wait_for_function(f"document.querySelector('#lorakit_bake_recipe').innerText.includes('{name}')")
+        page.locator("#lorakit_bake_output textarea, #lorakit_bake_output input").first.fill("doctor-baked")
+        page.locator("#lorakit_bake_run").click()
+        page.wait_for_function(
+            "document.querySelector('#lorakit_bake_summary').innerText.includes('Saved')", timeout=120_000
+        )
+        # the bake fills the doctor's baked checkpoint; small renders for the test
+        page.wait_for_function(
+            "(document.querySelector('#lorakit_doctor_baked textarea, #lorakit_doctor_baked input') || {}).value"
+            " && document.querySelector('#lorakit_doctor_baked textarea, #lorakit_doctor_baked input').value"
+            ".includes('doctor-baked')",
+            timeout=30_000,
+        )
+        page.locator("#lorakit_doctor_prompts textarea").first.fill("a cat\na lake\na red car")
+        page.locator("#lorakit_doctor_width input").fill("64")
+        page.locator("#lorakit_doctor_height input").fill("64")
+        page.locator("#lorakit_doctor_steps input").fill("3")
+        page.locator("#lorakit_doctor_check").click()
+        page.wait_for_function(
+            "document.querySelector('#lorakit_doctor_verdict').innerText.includes('Verdict')", timeout=120_000
+        )
+        verdict = page.locator("#lorakit_doctor_verdict").first.inner_text()
+        page.wait_for_selector("#lorakit_doctor_sheets img", timeout=30_000)
+        n_sheets = page.locator("#lorakit_doctor_sheets img").count()
+        browser.close()
+    assert "Verdict: identical" in verdict or "Verdict: equivalent" in verdict, verdict
+    assert "SSIM" in verdict and "effect ratio" in verdict
+    assert n_sheets >= 3  # one contact sheet per prompt (a gallery may repeat the selected one)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from ..ops.context import HostContext
-from . import bake, inspect, jobs, tournament, triage, workshop
+from . import bake, doctor, inspect, jobs, tournament, triage, workshop
 from .common import PREFIX, LorakitRoute, auth_dependency, parse_credentials
 
 __all__ = ["PREFIX", "build_router", "parse_credentials"]
@@ -23,6 +23,6 @@ def build_router(ctx: HostContext, credentials: dict[str, str] | None = None) ->
     """Every lorakit route, on one router (``credentials``: user -> password, or None for no auth)."""
     deps = [Depends(auth_dependency(credentials))] if credentials else []
     r = APIRouter(prefix=PREFIX, tags=["lorakit"], dependencies=deps, route_class=LorakitRoute)
-    for feature in (bake, inspect, triage, tournament, workshop, jobs):
+    for feature in (bake, inspect, triage, tournament, workshop, doctor, jobs):
         r.include_router(feature.router(ctx))
     return r

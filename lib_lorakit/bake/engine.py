@@ -57,6 +57,8 @@ from .report import bake_metadata, bake_report
 
 log = logging.getLogger("lorakit.bake")
 
+ROUNDINGS = ("summed", "sequential")  # see bake(rounding=...)
+
 
 # --- execution ---------------------------------------------------------------------------------
 
@@ -124,8 +126,10 @@ class _Baker:
         stats: _Stats,
         profile: Profile | None = None,
         device: torch.device | None = None,
+        rounding: str = "summed",
     ):
         self.plan = plan
+        self.sequential = rounding == "sequential"
         self.save_code = save_code
         self.pool = pool
         self.stats = stats
@@ -224,8 +228,8 @@ class _Baker:
         key = f.key
         contribs = self.plan.weights.get(key, [])
         bias_contribs = self.plan.biases.get(key, [])
-        lows: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        others: list[tuple[int, int, Delta, float]] = []
+        lows: dict[tuple[int, int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        others: list[tuple[int, int, Delta, float, int]] = []  # (rows, update, multiplier, LoRA: sequential only)
         notes: list[tuple[Contribution, float, int, int]] = []
         w32 = w2.float() if any(c.needs_weight for c in contribs) else None
         for c, p in zip(contribs, f.params):
@@ -245,11 +249,12 @@ class _Baker:
             notes.append((c, abs(m) * d.norm(), r0, r1))
             if t.transpose:  # stored transposed (OpenCLIP text_projection)
                 d = Delta(dense=d.to_dense(t.shape).T.contiguous())
+            phase = c.lora if self.sequential else -1
             if d.lowrank is not None:
                 up, down = d.lowrank
-                lows.setdefault((r0, r1), []).append((up * m, down))
+                lows.setdefault((r0, r1, phase), []).append((up * m, down))
             elif d.kron is not None or d.hada is not None or d.dense is not None:
-                others.append((r0, r1, d, m))
+                others.append((r0, r1, d, m, phase))
         for (c, bp), (b, scale) in zip(bias_contribs, f.biases):
             t = c.target
             r0, r1 = t.rows if t.rows else (0, w2.shape[0])
@@ -258,18 +263,32 @@ class _Baker:
                     f"{self.plan.loras[c.lora].spec.path}: {c.params[bp]} has {b.numel()} values, "
                     f"the bias {key} takes {r1 - r0}."
                 )
-            others.append((r0, r1, Delta(dense=b.reshape(-1, 1)), scale * c.multiplier))
+            phase = c.lora if self.sequential else -1
+            others.append((r0, r1, Delta(dense=b.reshape(-1, 1)), scale * c.multiplier, phase))
         merged = []
-        for (r0, r1), parts in lows.items():
+        for (r0, r1, phase), parts in lows.items():
             merged.append(
                 (
                     r0,
                     r1,
                     torch.cat([u for u, _ in parts], dim=1).contiguous(),
                     torch.cat([d for _, d in parts], dim=0).contiguous(),
+                    phase,
                 )
             )
         return merged, others, notes
+
+    def _steps(self, wc: torch.Tensor, lows, others, dtype: torch.dtype):
+        """The order updates are added in: one step (-1) when summed; with sequential rounding, the LoRAs
+        in recipe order, the weight rounded to the save dtype before each (as a chain of bakes leaves it)."""
+        for phase in sorted({e[-1] for e in lows} | {e[-1] for e in others}):
+            self._round_step(wc, dtype)
+            yield phase
+
+    def _round_step(self, wc: torch.Tensor, dtype: torch.dtype) -> None:
+        """Sequential rounding only: round ``wc`` (float32) to the save dtype in place."""
+        if self.sequential and dtype != torch.float32:
+            wc.copy_(wc.to(dtype))
 
     def _note_changes(self, notes, w2: torch.Tensor, wnorm: float) -> None:
         """Per LoRA and block: the largest |m·ΔW| / |W| (W the target, a row slice for CLIP-G q/k/v).
@@ -314,14 +333,16 @@ class _Baker:
             if has_delta:
                 flat = wc.view(-1)
                 wn2 += float(torch.dot(flat, flat))
-            for s0, s1, up, down in lows:
-                a, b = max(r0, s0), min(r1, s1)
-                if a < b:
-                    wc[a - r0 : b - r0].addmm_(up[a - s0 : b - s0], down)
-            for s0, s1, d, m in others:
-                a, b = max(r0, s0), min(r1, s1)
-                if a < b:
-                    d.add_rows(wc[a - r0 : b - r0], a - s0, b - s0, m)
+            for phase in self._steps(wc, lows, others, out.dtype):
+                for s0, s1, up, down, st in lows:
+                    a, b = max(r0, s0), min(r1, s1)
+                    if a < b and st == phase:
+                        wc[a - r0 : b - r0].addmm_(up[a - s0 : b - s0], down)
+                for s0, s1, d, m, st in others:
+                    a, b = max(r0, s0), min(r1, s1)
+                    if a < b and st == phase:
+                        d.add_rows(wc[a - r0 : b - r0], a - s0, b - s0, m)
+            self._round_step(wc, out.dtype)
             t2 = clock()
             lo, hi = torch.aminmax(wc)
             lo, hi = float(lo), float(hi)
@@ -358,10 +379,14 @@ class _Baker:
         t1 = clock()
         has_delta = bool(lows or others)
         wn2 = float(torch.dot(wc.view(-1), wc.view(-1))) if has_delta else 0.0
-        for s0, s1, up, down in lows:
-            wc[s0:s1].addmm_(up.to(dev), down.to(dev))
-        for s0, s1, d, m in others:
-            _delta_to(d, dev).add_rows(wc[s0:s1], 0, s1 - s0, m)
+        for phase in self._steps(wc, lows, others, out.dtype):
+            for s0, s1, up, down, st in lows:
+                if st == phase:
+                    wc[s0:s1].addmm_(up.to(dev), down.to(dev))
+            for s0, s1, d, m, st in others:
+                if st == phase:
+                    _delta_to(d, dev).add_rows(wc[s0:s1], 0, s1 - s0, m)
+        self._round_step(wc, out.dtype)
         t2 = clock()
         lo, hi = torch.aminmax(wc)
         lo, hi = float(lo), float(hi)
@@ -439,6 +464,7 @@ def bake(
     hash_cache: HashCache | str | bool | None = None,
     scale_source: str = "writer",
     preflight_settings: Mapping[str, Any] | None = None,
+    rounding: str = "summed",
 ) -> dict:
     """Bake ``specs`` into ``base_path`` and write ``output`` (safetensors).
 
@@ -450,6 +476,9 @@ def bake(
             folder); None hashes every input.
         preflight_settings: the user's settings (max-safe and cross-lineage tables) the pre-flight warnings
             use; None: the shipped tables.
+        rounding: ``summed`` (default): every LoRA's update is added in float32 and the sum rounded once;
+            ``sequential``: the weight is rounded to the save dtype before and after each LoRA, as baking
+            the LoRAs one after another would leave it (the bake doctor's variant; never better).
 
     Returns:
         The report (a JSON-serialisable dict): per LoRA the modules matched per
@@ -461,6 +490,8 @@ def bake(
         Cancelled: when ``cancel`` was set; no output is left.
     """
     t0 = time.perf_counter()
+    if rounding not in ROUNDINGS:
+        raise RecipeError(f"Unknown rounding {rounding!r}.", fix=f"Use one of {', '.join(ROUNDINGS)}.")
     code = save_code(save_dtype)
     dev = resolve_device(device)
     n_workers = max(1, int(workers)) if workers else worker_count()
@@ -512,6 +543,7 @@ def bake(
                         dev,
                         n_workers,
                         profile,
+                        rounding,
                     )
                 if base_hash is None:
                     base_hash = (sha, "computed")
@@ -551,6 +583,7 @@ def _execute(
     device: torch.device,
     n_workers: int,
     profile: Profile,
+    rounding: str = "summed",
 ) -> str:
     """Stream the output. Every thread started here is stopped and joined before returning.
 
@@ -565,7 +598,7 @@ def _execute(
     total = sum(base.nbytes(k) for k in keys) or 1
     done = 0
     last = 0.0
-    baker = _Baker(plan, save_code, pool, stats, profile, device)
+    baker = _Baker(plan, save_code, pool, stats, profile, device, rounding)
     touched = {k for k, e in zip(keys, entries) if k in plan.weights or k in plan.biases or e.dtype != base.dtype(k)}
     pre = _Prefetcher(baker, [k for k in keys if k in touched], depth=3)
     wt: WriterThread | None = None

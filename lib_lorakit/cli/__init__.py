@@ -16,7 +16,7 @@ import traceback
 
 from .. import __version__
 from ..errors import LorakitError
-from . import bake, gen, inspect, tournament, triage, workshop
+from . import bake, doctor, gen, inspect, tournament, triage, workshop
 from .common import Parser
 
 log = logging.getLogger("lorakit")
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     triage.add_parsers(sub)
     tournament.add_parsers(sub)
     workshop.add_parsers(sub)
+    doctor.add_parsers(sub)
 
     d = sub.add_parser("demo", help="build a small demo workspace (real key layout, tiny sizes) and bake it")
     d.add_argument("--dir", default="lorakit-demo", help="workspace folder (default ./lorakit-demo)")

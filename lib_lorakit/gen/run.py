@@ -340,8 +340,10 @@ def execute(
     progress: Callable[[float, str], None] | None = None,
     cancel: threading.Event | None = None,
     check_infotext: bool = True,
+    only: Iterable[str] | None = None,
 ) -> dict[str, Any]:
-    """Make every missing image of ``run``; returns the run record (also written to ``run.json``).
+    """Make every missing image of ``run`` (``only``: of the cells with these keys, e.g. those whose
+    checkpoint exists now); returns the run record (also written to ``run.json``).
 
     Raises :class:`~lib_lorakit.errors.Cancelled` when ``cancel`` is set (the manifest stays
     consistent: a re-run continues where it stopped).
@@ -349,7 +351,12 @@ def execute(
     if getattr(backend, "kind", "") == "pool":  # several WebUIs (or batches): the pool's scheduler
         return backend.execute(run, progress=progress, cancel=cancel, check_infotext=check_infotext)
     todo = run.missing()
-    pf = preflight(run.cells, backend)
+    scope = run.cells
+    if only is not None:
+        keys = set(only)
+        todo = [c for c in todo if c.key in keys]
+        scope = [c for c in run.cells if c.key in keys]
+    pf = preflight(scope, backend)
     run.append(pf.as_event())
     current = backend.current_checkpoint()
     cur_name = next((k for k, v in pf.checkpoints.items() if v.name == current), None)

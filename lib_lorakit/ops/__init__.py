@@ -7,7 +7,7 @@ result; user errors are :class:`~lib_lorakit.errors.LorakitError` with an HTTP s
 class. A new operation is one request type plus one function here, and a few lines per door.
 """
 
-from . import bake, gen, grid, inspect, jobs, merge, models, tournament, triage
+from . import bake, doctor, gen, grid, inspect, jobs, merge, models, tournament, triage
 from .context import Context, HostContext, LocalContext
 from .model import Request, RequestInvalid
 
@@ -18,6 +18,7 @@ __all__ = [
     "Request",
     "RequestInvalid",
     "bake",
+    "doctor",
     "gen",
     "grid",
     "inspect",

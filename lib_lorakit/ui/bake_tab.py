@@ -205,3 +205,7 @@ def build_bake_tab(service: HostContext) -> None:
     run.click(lambda *a: (yield from do_bake(False, *a)), inputs=inputs, outputs=outputs)
     check.click(lambda *a: (yield from do_bake(True, *a)), inputs=inputs, outputs=outputs)
     cancel.click(do_cancel, inputs=[job_id], outputs=[summary], queue=False)
+
+    from .doctor_tab import build_doctor_section  # the bake doctor: "Check against runtime" after a bake
+
+    build_doctor_section(service, base, recipe, done, rows_to_loras)

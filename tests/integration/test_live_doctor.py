@@ -1,0 +1,265 @@
+"""The bake doctor against a running WebUI (LORAKIT_WEBUI_URL; skipped without it).
+
+From outside, through the WebUI's /sdapi/v1 (the command line and the library with a WebUI URL):
+lorakit bakes a 3-LoRA recipe (kohya LoRA with conv layers, LoHa, LoKr; text encoder trained)
+into the host's checkpoint folder, then the doctor renders runtime | baked | base and names the
+planted causes. Needs LORAKIT_WEBUI_CKPT_DIR and LORAKIT_WEBUI_LORA_DIR (the host's folders, on
+this machine). A random-weight model barely responds to LoRAs at normal CFG, so the renders use
+64x64, 3 steps, CFG 30 (LORAKIT_DOCTOR_CFG). Files are named lorakit-it-doc-* and removed at the end.
+Timings and verdicts are printed (pytest -s) for the record.
+"""
+
+import json
+import os
+import time
+import uuid
+
+import pytest
+from live import URL, call
+
+pytestmark = pytest.mark.skipif(not URL, reason="LORAKIT_WEBUI_URL is not set")
+CFG = os.environ.get("LORAKIT_DOCTOR_CFG", "30")
+PROMPTS = ["a portrait of a woman, red coat", "a mountain lake at sunrise", "a bowl of fruit on a table"]
+
+
+def _dirs():
+    ck, lo = os.environ.get("LORAKIT_WEBUI_CKPT_DIR"), os.environ.get("LORAKIT_WEBUI_LORA_DIR")
+    if not (ck and lo):
+        pytest.skip("set LORAKIT_WEBUI_CKPT_DIR and LORAKIT_WEBUI_LORA_DIR")
+    return ck, lo
+
+
+def _args(extra=(), prompts=None, seeds="1, 2"):
+    args = ["--webui", URL, "--steps", "3", "--width", "64", "--height", "64", "--cfg-scale", CFG, "--seeds", seeds]
+    args += ["--sampler", "Euler"]
+    for p in prompts or PROMPTS:
+        args += ["--prompt", p]
+    if os.environ.get("LORAKIT_WEBUI_AUTH"):
+        args += ["--api-auth", os.environ["LORAKIT_WEBUI_AUTH"]]
+    return args + list(extra)
+
+
+def _base_file(ck):
+    status, models = call("GET", "/sdapi/v1/sd-models")
+    assert status == 200 and models, models
+    want = os.environ.get("LORAKIT_WEBUI_BASE")
+    for m in models:
+        f = m.get("filename") or ""
+        if os.path.isfile(f) and not os.path.basename(f).startswith("lorakit-") and (not want or want in m["title"]):
+            return f
+    pytest.skip("the host's base checkpoint is not a file on this machine")
+
+
+def _write_lora(lo, name, algo, seed, std, conv):
+    import torch
+
+    from lib_lorakit.formats.safetensors_io import save_file
+    from lib_lorakit.synth import make_lora
+
+    sd = make_lora(
+        "sd15", algo, rank=4, alpha=4, tiny=False, conv=conv, te=True, seed=seed, dtype=torch.float16, std=std
+    )
+    save_file(sd, os.path.join(lo, name + ".safetensors"))
+    return os.path.join(lo, name + ".safetensors")
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    """Three LoRAs in the host's LoRA folder, all training the text encoder: a kohya LoRA with conv layers
+    (LoCon), a LoHa and a LoKr on the attention and text-encoder layers."""
+    ck, lo = _dirs()
+    tag = uuid.uuid4().hex[:5]
+    out = []
+    for algo, seed, std, strength, conv in (
+        ("lora", 11, 0.02, 0.8, True),
+        ("loha", 12, 0.08, 0.6, False),
+        ("lokr", 13, 0.08, 0.7, False),
+    ):
+        out.append((_write_lora(lo, f"lorakit-it-doc-{tag}-{algo}", algo, seed, std, conv), strength))
+    call("POST", "/sdapi/v1/refresh-loras", {})
+    return ck, lo, tag, out
+
+
+def _bake(ck, base, loras, name, save_dtype="fp16", te=None, drop=None):
+    """lorakit's bake into the host's checkpoint folder (te: {index: TE strength} to plant; drop: an index to leave out)."""
+    from lib_lorakit.ops import LocalContext
+    from lib_lorakit.ops import bake as bake_op
+
+    entries = [
+        {"name": p, "strength": s, "te_strength": (te or {}).get(i)} for i, (p, s) in enumerate(loras) if i != drop
+    ]
+    out = os.path.join(ck, name + ".safetensors")
+    t = time.time()
+    bake_op.bake(
+        LocalContext(None, engine={"hash_cache": False}),
+        {"base": base, "output": out, "loras": entries, "save_dtype": save_dtype},
+    )
+    print(f"\n[doctor-live] bake {name} ({save_dtype}): {time.time() - t:.1f} s")
+    call("POST", "/sdapi/v1/refresh-checkpoints", {})
+    return out
+
+
+def _doctor(kind, baked, extra, tmp_path, capsys, prompts=None, seeds="1, 2"):
+    from lib_lorakit.cli import main
+
+    js = str(tmp_path / f"{kind}-{uuid.uuid4().hex[:4]}.json")
+    t = time.time()
+    code = main(["doctor", kind, baked, *_args(extra, prompts, seeds), "--out", str(tmp_path / "runs"), "--json", js])
+    wall = time.time() - t
+    text = capsys.readouterr().out
+    with open(js) as f:
+        rep = json.load(f)
+    o = rep["parity"]["overall"]
+    print(
+        f"\n[doctor-live] {kind} {os.path.basename(baked)}: exit {code}, {wall:.1f} s wall; verdict {o['verdict']}, "
+        f"mean diff {o['mean_diff']}, max {o['max_diff']}, SSIM {o['ssim']}, effect {o.get('effect')}, "
+        f"effect ratio {o.get('effect_ratio')}; causes {[c['cause'] for c in rep.get('causes') or []]}; "
+        f"timing {rep.get('timing')}\n{text}"
+    )
+    return code, rep, text
+
+
+def _recipe_args(loras):
+    return [x for p, s in loras for x in ("--lora", f"{p}:{s}")]
+
+
+@pytest.fixture(scope="module")
+def correct(recipe):
+    ck, lo, tag, loras = recipe
+    base = _base_file(ck)
+    return base, _bake(ck, base, loras, f"lorakit-it-doc-{tag}-ok")
+
+
+def test_correct_three_lora_bake_is_identical_or_equivalent(correct, recipe, tmp_path, capsys):
+    base, baked = correct
+    code, rep, text = _doctor("parity", baked, ["--base", base], tmp_path, capsys)
+    assert rep["parity"]["overall"]["verdict"] in ("identical", "equivalent"), text
+    assert code == 0 and rep["parity"]["overall"]["effect"] > 1.0  # the recipe moves the renders at this CFG
+    assert len(rep["parity"]["prompts"]) == 3 and len(rep["sheets"]) == 3
+
+
+def test_text_encoder_at_the_wrong_strength_is_named(recipe, tmp_path, capsys):
+    ck, lo, tag, loras = recipe
+    base = _base_file(ck)
+    baked = _bake(ck, base, loras, f"lorakit-it-doc-{tag}-te", te={0: 3.0})
+    code, rep, text = _doctor(
+        "diagnose", baked, ["--base", base, *_recipe_args(loras), "--variants", "rebake"], tmp_path, capsys, seeds="1"
+    )
+    te = [c for c in rep["causes"] if c["cause"] == "te-strength"]
+    assert te and te[0]["lora"].endswith("-lora"), text
+    assert not [n for n in os.listdir(ck) if n.startswith("lorakit-scratch-")]
+
+
+def test_a_lora_left_out_is_named(recipe, tmp_path, capsys):
+    ck, lo, tag, loras = recipe
+    base = _base_file(ck)
+    baked = _bake(ck, base, loras, f"lorakit-it-doc-{tag}-out", drop=2)
+    code, rep, text = _doctor("parity", baked, ["--base", base, *_recipe_args(loras)], tmp_path, capsys, seeds="1")
+    assert code == 4 and rep["parity"]["overall"]["verdict"] not in ("identical", "equivalent"), text
+    left = [f for f in rep["recipe_findings"] if f["cause"] == "lora-left-out"]
+    assert left and left[0]["lora"].endswith("-lokr"), text
+
+
+def test_a_lora_that_bakes_unlike_it_runs_is_named(recipe, tmp_path, capsys):
+    """A LoKr with conv layers (lokr_w2_b 4-D, no Tucker core): A1111 1.10's network_lokr computes
+    ``w2a @ w2b``, which raises for a 4-D w2b, and skips the layer at runtime (a debug-level log line and an
+    error count); the bake applies it."""
+    ck, lo, tag, loras = recipe
+    base = _base_file(ck)
+    conv_lokr = _write_lora(lo, f"lorakit-it-doc-{tag}-lokrconv", "lokr", 14, 0.08, True)
+    call("POST", "/sdapi/v1/refresh-loras", {})
+    rec = [loras[0], (conv_lokr, 0.7)]
+    baked = _bake(ck, base, rec, f"lorakit-it-doc-{tag}-convlokr")
+    code, rep, text = _doctor(
+        "diagnose",
+        baked,
+        ["--base", base, *_recipe_args(rec), "--variants", "alone"],
+        tmp_path,
+        capsys,
+        prompts=PROMPTS[:2],
+        seeds="1",
+    )
+    named = [c for c in rep["causes"] if c["cause"] == "lora-bakes-differently"]
+    assert [c["lora"] for c in named] == [os.path.splitext(os.path.basename(conv_lokr))[0]], text
+
+
+@pytest.mark.xfail(
+    reason="not shown live yet: on the random-weight SD1.5 at 64x64 the planted key term changed no render "
+    "(fp16 and fp32 variants both equivalent, 0.86 and 0.84 levels); the unit test shows the case",
+    strict=False,
+)
+def test_fp16_precision_loss_is_named_and_fp32_restores_parity(recipe, tmp_path, capsys):
+    """An fp32 base whose self-attention to_k weights carry a large rank-one term that attention cannot see
+    in exact arithmetic (it shifts every key's score by the same amount per query: the input of to_k is the
+    block's LayerNorm output, whose channels sum to a constant once divided by the norm's gain), but that
+    leaves fp16 few bits of the real weights: the fp16 bake renders unlike the runtime recipe, the fp32
+    variant like it. (The same term on the cross-attention keys changed nothing visible in a live run on the
+    random-weight model, probably because its cross-attention barely depends on the keys.)"""
+    import torch
+
+    from lib_lorakit.formats.safetensors_io import OutEntry, StreamingWriter
+    from lib_lorakit.formats.sources import open_source
+
+    ck, lo, tag, loras = recipe
+    base = _base_file(ck)
+    src = open_source(base)
+    keys = src.keys()
+    out = os.path.join(ck, f"lorakit-it-doc-{tag}-base32.safetensors")
+    g = torch.Generator().manual_seed(5)
+    entries = [
+        OutEntry(k, "F32" if src.dtype(k) in ("F16", "BF16", "F32") else src.dtype(k), src.shape(k)) for k in keys
+    ]
+    t = time.time()
+    with StreamingWriter(out, entries, {}) as w:
+        for k in keys:
+            v = src.read(k)
+            if v.is_floating_point():
+                v = v.float()
+                if k.endswith("attn1.to_k.weight"):
+                    gain = src.read(k.replace("attn1.to_k.weight", "norm1.weight")).float()
+                    u = torch.randn(v.shape[0], generator=g)
+                    term = torch.outer(u, 1.0 / gain)  # LayerNorm gains near 0 make some columns huge:
+                    v = v + term * (60.0 / term.abs().max())  # the largest entry 60 (fp16 step 1/32 there)
+            w.write(k, v)
+        w.commit()
+    src.close()
+    print(f"\n[doctor-live] fp32 base with the planted term: {time.time() - t:.1f} s")
+    baked = _bake(ck, out, loras, f"lorakit-it-doc-{tag}-fp16", save_dtype="fp16")
+    code, rep, text = _doctor(
+        "diagnose",
+        baked,
+        ["--base", out, *_recipe_args(loras), "--variants", "rebake,fp32"],
+        tmp_path,
+        capsys,
+        seeds="1",
+    )
+    v = {x["id"]: x["metrics"] for x in rep["variants"]}
+    assert rep["parity"]["overall"]["verdict"] not in ("identical", "equivalent"), text
+    assert v["fp32"]["verdict"] in ("identical", "equivalent"), text
+    assert "precision" in {c["cause"] for c in rep["causes"]}, text
+    assert not [n for n in os.listdir(ck) if n.startswith("lorakit-scratch-")]
+
+
+def test_variant_batch_time_against_its_renders_and_bakes(correct, recipe, tmp_path, capsys):
+    """The batch's wall time over the time spent inside the WebUI's txt2img plus the bakes (acceptance: ≤ 2)."""
+    base, baked = correct
+    ck, lo, tag, loras = recipe
+    variants = os.environ.get("LORAKIT_DOCTOR_VARIANTS", "rebake,fp32,sequential")
+    code, rep, text = _doctor(
+        "diagnose", baked, ["--base", base, "--variants", variants], tmp_path, capsys, prompts=PROMPTS[:1]
+    )
+    t = rep["timing"]
+    assert t["overhead_ratio"] <= 2.0, t
+    assert not [n for n in os.listdir(ck) if n.startswith("lorakit-scratch-")]
+
+
+def test_tags_left_in_the_prompt_are_named(correct, recipe, tmp_path, capsys):
+    base, baked = correct
+    ck, lo, tag, loras = recipe
+    name = os.path.splitext(os.path.basename(loras[0][0]))[0]
+    extra = ["--base", base, "--variants", "untagged"]
+    prompts = [f"{p} <lora:{name}:{loras[0][1]}>" for p in PROMPTS]
+    code, rep, text = _doctor("diagnose", baked, extra, tmp_path, capsys, prompts, seeds="1")
+    assert any("double application" in w for w in rep["warnings"]), text
+    assert rep["parity"]["overall"]["verdict"] not in ("identical", "equivalent"), text
+    assert "double-application" in {c["cause"] for c in rep["causes"]}, text
