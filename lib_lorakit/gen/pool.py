@@ -432,7 +432,9 @@ class Pool:
         progress: Callable[[float, str], None] | None = None,
         cancel: threading.Event | None = None,
         check_infotext: bool = True,
+        only: Any = None,
     ) -> dict[str, Any]:
+        """``run.execute`` over the pool (``only``: the keys of the cells to make now, as there)."""
         from .run import SETTINGS_KEYS, _now, _write_record, infotext_problem, infotext_seed, preflight, store_image
 
         cancel = cancel or threading.Event()
@@ -440,8 +442,13 @@ class Pool:
             prof = (run.plan.get("meta") or {}).get("profile") or {}
             self.batch_size = min(MAX_BATCH, int(prof.get("batch_size") or 1)) if isinstance(prof, dict) else 1
         todo = run.missing()
+        scope = run.cells
+        if only is not None:
+            keys = set(only)
+            todo = [c for c in todo if c.key in keys]
+            scope = [c for c in run.cells if c.key in keys]
         self._refreshed = False
-        pf = preflight(run.cells, self)
+        pf = preflight(scope, self)
         self.check(pf, [str(c.settings["sampler_name"]) for c in todo if c.settings.get("sampler_name")])
         pf.warnings.extend(self.notes)
         run.append({**pf.as_event(), "members": self.status()})

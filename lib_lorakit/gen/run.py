@@ -349,7 +349,7 @@ def execute(
     consistent: a re-run continues where it stopped).
     """
     if getattr(backend, "kind", "") == "pool":  # several WebUIs (or batches): the pool's scheduler
-        return backend.execute(run, progress=progress, cancel=cancel, check_infotext=check_infotext)
+        return backend.execute(run, progress=progress, cancel=cancel, check_infotext=check_infotext, only=only)
     todo = run.missing()
     scope = run.cells
     if only is not None:
