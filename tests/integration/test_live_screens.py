@@ -340,3 +340,48 @@ def test_every_workshop_operation_from_its_tab(base, lora):
             h.update(chunk)
     assert hashes["sha256"] == h.hexdigest(), hashes
     print("\nworkshop from the tab: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+
+
+def test_bake_then_check_against_runtime(base, lora):
+    """Bake in the Bake tab, then "Check against runtime": the WebUI renders base + <lora:…>, the baked
+    checkpoint and the base (3 prompts x 2 seeds, 64x64, 3 steps, CFG 30 so a random-weight model
+    responds); the verdict and one contact sheet per prompt appear in the tab."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    out = f"lorakit-it-doc-{uuid.uuid4().hex[:6]}"
+    with sync_api.sync_playwright() as pw:
+        browser, page = open_lorakit(pw)
+        sub_tab(page, "Bake")
+        page.locator("#lorakit_bake_refresh").click()
+        page.wait_for_timeout(1500)
+        pick(page, "lorakit_bake_base", base)
+        pick(page, "lorakit_bake_lora", lora)
+        page.locator("#lorakit_bake_add").click()
+        page.wait_for_function(f"document.querySelector('#lorakit_bake_recipe').innerText.includes('{lora}')")
+        fill(page, "lorakit_bake_output", out)
+        page.locator("#lorakit_bake_run").click()
+        page.wait_for_function(
+            "document.querySelector('#lorakit_bake_summary').innerText.includes('Saved')", timeout=600_000
+        )
+        page.wait_for_function(
+            "(document.querySelector('#lorakit_doctor_baked textarea, #lorakit_doctor_baked input') || {}).value"
+            f".includes('{out}')",
+            timeout=60_000,
+        )
+        fill(page, "lorakit_doctor_prompts", "a cat\na lake\na red car")
+        for box, v in (("width", 64), ("height", 64), ("steps", 3), ("cfg", 30)):
+            fill(page, f"lorakit_doctor_{box}", v)
+        t0 = time.time()
+        page.locator("#lorakit_doctor_check").click()
+        page.wait_for_function(
+            "document.querySelector('#lorakit_doctor_verdict').innerText.includes('Verdict')", timeout=900_000
+        )
+        took = time.time() - t0
+        verdict = page.locator("#lorakit_doctor_verdict").first.inner_text()
+        page.wait_for_selector("#lorakit_doctor_sheets img", timeout=60_000)
+        n_sheets = page.locator("#lorakit_doctor_sheets img").count()
+        shot(page, "bake-doctor")
+        browser.close()
+    print(f"\nbake doctor from the tab in {took:.0f} s: {verdict[:400]}")
+    assert "Verdict: identical" in verdict or "Verdict: equivalent" in verdict, verdict
+    assert "SSIM" in verdict and "effect ratio" in verdict
+    assert n_sheets >= 3
