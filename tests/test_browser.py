@@ -770,7 +770,12 @@ def test_bake_then_check_against_runtime_in_the_browser(doctor_server):
         verdict = page.locator("#lorakit_doctor_verdict").first.inner_text()
         page.wait_for_selector("#lorakit_doctor_sheets img", timeout=30_000)
         n_sheets = page.locator("#lorakit_doctor_sheets img").count()
+        fits = page.evaluate(
+            "[...document.querySelectorAll('#lorakit_doctor_sheets img')].map(i => getComputedStyle(i).objectFit)"
+        )
         browser.close()
     assert "Verdict: identical" in verdict or "Verdict: equivalent" in verdict, verdict
     assert "SSIM" in verdict and "effect ratio" in verdict
     assert n_sheets >= 3  # one contact sheet per prompt (a gallery may repeat the selected one)
+    # each sheet shown whole (runtime | baked | base), not cropped to a square around its middle column
+    assert fits and all(f == "contain" for f in fits), fits

@@ -67,7 +67,14 @@ def build_doctor_section(service: HostContext, base: Any, recipe_rows: Any, done
             cancel = gr.Button("Cancel", variant="stop", elem_id="lorakit_doctor_cancel")
         progress = gr.HTML(progress_html(0, "", "idle"), elem_id="lorakit_doctor_progress")
         verdict = gr.Markdown("", elem_id="lorakit_doctor_verdict")
-        sheets = gr.Gallery(label="Contact sheets: runtime | baked | base", columns=3, elem_id="lorakit_doctor_sheets")
+        # one sheet a row, shown whole (a square thumbnail would crop a wide sheet to its middle column)
+        sheets = gr.Gallery(
+            label="Contact sheets: runtime | baked | base",
+            columns=1,
+            object_fit="contain",
+            height="auto",
+            elem_id="lorakit_doctor_sheets",
+        )
         with gr.Accordion("Doctor report (JSON)", open=False):
             report = gr.JSON(label="Report", elem_id="lorakit_doctor_report")
         job_id = gr.Textbox(value="", elem_id="lorakit_doctor_job", elem_classes=["lorakit-hidden"], show_label=False)
