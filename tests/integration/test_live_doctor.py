@@ -106,7 +106,9 @@ def _doctor(kind, baked, extra, tmp_path, capsys, prompts=None, seeds="1, 2"):
     t = time.time()
     code = main(["doctor", kind, baked, *_args(extra, prompts, seeds), "--out", str(tmp_path / "runs"), "--json", js])
     wall = time.time() - t
-    text = capsys.readouterr().out
+    cap = capsys.readouterr()
+    text = cap.out
+    assert os.path.exists(js), f"doctor {kind} exited {code} without a report:\n{cap.out}\n{cap.err}"
     with open(js) as f:
         rep = json.load(f)
     o = rep["parity"]["overall"]
