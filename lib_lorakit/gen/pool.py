@@ -435,18 +435,22 @@ class Pool:
         only: Any = None,
     ) -> dict[str, Any]:
         """``run.execute`` over the pool (``only``: the keys of the cells to make now, as there)."""
-        from .run import SETTINGS_KEYS, _now, _write_record, infotext_problem, infotext_seed, preflight, store_image
+        from .run import (
+            SETTINGS_KEYS,
+            _now,
+            _write_record,
+            infotext_problem,
+            infotext_seed,
+            preflight,
+            store_image,
+            work_of,
+        )
 
         cancel = cancel or threading.Event()
         if not self.user_batch:
             prof = (run.plan.get("meta") or {}).get("profile") or {}
             self.batch_size = min(MAX_BATCH, int(prof.get("batch_size") or 1)) if isinstance(prof, dict) else 1
-        todo = run.missing()
-        scope = run.cells
-        if only is not None:
-            keys = set(only)
-            todo = [c for c in todo if c.key in keys]
-            scope = [c for c in run.cells if c.key in keys]
+        todo, scope = work_of(run, only)
         self._refreshed = False
         pf = preflight(scope, self)
         self.check(pf, [str(c.settings["sampler_name"]) for c in todo if c.settings.get("sampler_name")])

@@ -333,6 +333,17 @@ def order_cells(cells: Sequence[Cell], current: str | None) -> list[Cell]:
     return sorted(cells, key=rank)
 
 
+def work_of(run: Run, only: Iterable[str] | None = None) -> tuple[list[Cell], list[Cell]]:
+    """The cells to make now (missing ones, of ``only``'s keys when given) and the cells whose files the
+    pre-flight checks (all of the run's, or ``only``'s)."""
+    todo, scope = run.missing(), run.cells
+    if only is not None:
+        keys = set(only)
+        todo = [c for c in todo if c.key in keys]
+        scope = [c for c in scope if c.key in keys]
+    return todo, scope
+
+
 def execute(
     run: Run,
     backend: Backend,
@@ -350,12 +361,7 @@ def execute(
     """
     if getattr(backend, "kind", "") == "pool":  # several WebUIs (or batches): the pool's scheduler
         return backend.execute(run, progress=progress, cancel=cancel, check_infotext=check_infotext, only=only)
-    todo = run.missing()
-    scope = run.cells
-    if only is not None:
-        keys = set(only)
-        todo = [c for c in todo if c.key in keys]
-        scope = [c for c in run.cells if c.key in keys]
+    todo, scope = work_of(run, only)
     pf = preflight(scope, backend)
     run.append(pf.as_event())
     current = backend.current_checkpoint()
