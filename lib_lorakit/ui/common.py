@@ -32,3 +32,15 @@ def empty_table(headers: list[str]) -> dict:
     """An empty Dataframe value that shows its headers on gradio 3.41 and 4.x alike (``[]`` shows
     ``1 2 3`` on 3.41; ``None`` adds a blank row)."""
     return {"headers": list(headers), "data": []}
+
+
+def box_value(v: Any, cast: Any = int) -> Any:
+    """A number box's value, None when unset (gradio shows an unset number as 0, so 0 means unset)."""
+    return None if v in (None, "") or float(v) == 0 else cast(v)
+
+
+def settings_boxes(**boxes: Any) -> dict[str, Any]:
+    """The generation settings typed in number boxes (steps, cfg_scale, width, height), without the unset
+    ones: those keep the profile's value. ``cfg_scale`` is a float, the others whole numbers."""
+    out = {k: box_value(v, float if k == "cfg_scale" else int) for k, v in boxes.items()}
+    return {k: v for k, v in out.items() if v is not None}

@@ -14,7 +14,7 @@ from ..errors import LorakitError
 from ..jobs import FINISHED
 from ..ops import doctor as doctor_op
 from ..ops.context import HostContext
-from .common import POLL_S, error_md, progress_html
+from .common import POLL_S, error_md, progress_html, settings_boxes
 
 DEFAULT_PROMPTS = (
     "a portrait photo of a woman in a red coat, city street\n"
@@ -90,9 +90,7 @@ def build_doctor_section(service: HostContext, base: Any, recipe_rows: Any, done
                 "prompts": [p for p in (prompts_v or "").splitlines() if p.strip()] or None,
                 "seeds": seeds_v or None,
             }
-            for k, v in (("steps", steps_v), ("cfg_scale", cfg_v), ("width", w_v), ("height", h_v)):
-                if v:  # an unset number box reads 0 in gradio: 0 means the profile's value
-                    req[k] = int(v) if k != "cfg_scale" else float(v)
+            req.update(settings_boxes(steps=steps_v, cfg_scale=cfg_v, width=w_v, height=h_v))
             start = doctor_op.start_parity if kind == "parity" else doctor_op.start_diagnose
             job = start(service, req)
         except LorakitError as e:

@@ -15,7 +15,7 @@ from ..errors import LorakitError
 from ..ops import tournament as tour_op
 from ..ops.context import HostContext
 from . import lists
-from .common import POLL_S, empty_table, error_md, progress_html
+from .common import POLL_S, empty_table, error_md, progress_html, settings_boxes
 from .tournament_parts import FORM_HEADERS, VIEWER, _form_rows, _merge_models, example_spec, scores_md
 
 
@@ -295,16 +295,7 @@ def build_tournament_tab(service: HostContext) -> None:
     def do_create_form(rows, control, first, prompts_text, seeds_text, steps_v, cfg_v, width_v, height_v, name_v):
         rows = _rows(rows)
         try:
-            settings = {
-                k: v
-                for k, v in (
-                    ("steps", int(steps_v) if steps_v else None),
-                    ("cfg_scale", float(cfg_v) if cfg_v else None),
-                    ("width", int(width_v) if width_v else None),
-                    ("height", int(height_v) if height_v else None),
-                )
-                if v is not None
-            }
+            settings = settings_boxes(steps=steps_v, cfg_scale=cfg_v, width=width_v, height=height_v)
             ctl = None if first or not control else int(control) - 1
             d = tour_op.spec_from_form(
                 service,

@@ -17,7 +17,7 @@ import gradio as gr
 from ..ops import triage as triage_op
 from ..ops.context import HostContext
 from . import lists
-from .common import POLL_S, error_md, progress_html
+from .common import POLL_S, error_md, progress_html, settings_boxes
 
 VIEWER = """
 <div id="lorakit-triage-view" class="lorakit-triage" tabindex="0">
@@ -238,9 +238,7 @@ def build_triage_tab(service: HostContext) -> None:
                 "name_filter": nm or None,
                 "seeds": seeds_v or None,
                 "strength": float(st) if str(st or "").strip() else None,
-                "steps": int(steps_v) if steps_v else None,
-                "width": int(w) if w else None,
-                "height": int(h) if h else None,
+                **settings_boxes(steps=steps_v, width=w, height=h),
             }
             job, new = triage_op.start(service, req)
         except Exception as e:  # noqa: BLE001

@@ -14,14 +14,9 @@ from ..jobs import FINISHED
 from ..ops import workshop as W
 from ..ops.context import HostContext
 from . import lists
-from .common import POLL_S, error_md, progress_html
+from .common import POLL_S, box_value, error_md, progress_html
 
 SAVE = ["fp16", "bf16", "fp32"]
-
-
-def _num(v, cast=int):
-    """A number box's value, None when unset (gradio shows an unset number as 0, so 0 means unset here)."""
-    return None if v in (None, "") or float(v) == 0 else cast(v)
 
 
 def build_workshop_tab(service: HostContext) -> None:
@@ -128,15 +123,15 @@ def build_workshop_tab(service: HostContext) -> None:
                 "tuned": tuned or "",
                 "base": base or "",
                 "output": out or "",
-                "rank": _num(rank) or 32,
-                "conv_rank": _num(conv),
+                "rank": box_value(rank) or 32,
+                "conv_rank": box_value(conv),
                 "dynamic": dyn or None,
             },
         )
 
     def do_resize(lora, rank, dyn, out):
         yield from follow(
-            "resize", {"lora": lora or "", "output": out or "", "rank": _num(rank), "dynamic": dyn or None}
+            "resize", {"lora": lora or "", "output": out or "", "rank": box_value(rank), "dynamic": dyn or None}
         )
 
     def do_merge(text, mode, rank, out):
@@ -147,7 +142,7 @@ def build_workshop_tab(service: HostContext) -> None:
                 items.append({"name": name.strip(), "weight": float(w)} if sep else {"name": part})
             except ValueError:
                 items.append({"name": part})
-        yield from follow("lora-merge", {"loras": items, "output": out or "", "mode": mode, "rank": _num(rank)})
+        yield from follow("lora-merge", {"loras": items, "output": out or "", "mode": mode, "rank": box_value(rank)})
 
     def do_clean(ck, vae, save, ema, other, pos, strip, title, author, trig, out):
         yield from follow(
