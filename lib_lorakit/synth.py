@@ -200,7 +200,8 @@ def module_tensors(
         r2 = max(1, min(r, o2, i2 * math.prod(k)))
         if r2 < max(o2, i2) / 2:
             t["lokr_w2_a"] = rnd(o2, r2)
-            t["lokr_w2_b"] = rnd(r2, i2, *k) if k else rnd(r2, i2)
+            # LyCORIS stores a conv kernel flattened into lokr_w2_b: (rank, in * kh * kw).
+            t["lokr_w2_b"] = rnd(r2, i2 * math.prod(k))
         else:
             t["lokr_w2"] = rnd(o2, i2, *k)
         return t
