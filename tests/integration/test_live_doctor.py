@@ -185,19 +185,11 @@ def test_a_lora_that_bakes_unlike_it_runs_is_named(recipe, tmp_path, capsys):
     assert [c["lora"] for c in named] == [os.path.splitext(os.path.basename(conv_lokr))[0]], text
 
 
-@pytest.mark.xfail(
-    reason="not shown live yet: on the random-weight SD1.5 at 64x64 the planted key term changed no render "
-    "(fp16 and fp32 variants both equivalent, 0.86 and 0.84 levels); the unit test shows the case",
-    strict=False,
-)
 def test_fp16_precision_loss_is_named_and_fp32_restores_parity(recipe, tmp_path, capsys):
-    """An fp32 base whose self-attention to_k weights carry a large rank-one term that attention cannot see
-    in exact arithmetic (it shifts every key's score by the same amount per query: the input of to_k is the
-    block's LayerNorm output, whose channels sum to a constant once divided by the norm's gain), but that
-    leaves fp16 few bits of the real weights: the fp16 bake renders unlike the runtime recipe, the fp32
-    variant like it. (The same term on the cross-attention keys changed nothing visible in a live run on the
-    random-weight model, probably because its cross-attention barely depends on the keys.)"""
-    import torch
+    """An fp32 base whose ResNet blocks carry a large constant on the bias of their first convolution:
+    the GroupNorm that follows subtracts each group's mean, so in exact arithmetic (and in fp32) the
+    constant changes nothing, but fp16 keeps the bias only to the nearest 4 (the fp16 step at 4096):
+    the fp16 bake renders unlike the runtime recipe, the fp32 variant like it."""
 
     from lib_lorakit.formats.safetensors_io import OutEntry, StreamingWriter
     from lib_lorakit.formats.sources import open_source
@@ -207,25 +199,24 @@ def test_fp16_precision_loss_is_named_and_fp32_restores_parity(recipe, tmp_path,
     src = open_source(base)
     keys = src.keys()
     out = os.path.join(ck, f"lorakit-it-doc-{tag}-base32.safetensors")
-    g = torch.Generator().manual_seed(5)
     entries = [
         OutEntry(k, "F32" if src.dtype(k) in ("F16", "BF16", "F32") else src.dtype(k), src.shape(k)) for k in keys
     ]
+    planted = 0
     t = time.time()
     with StreamingWriter(out, entries, {}) as w:
         for k in keys:
             v = src.read(k)
             if v.is_floating_point():
                 v = v.float()
-                if k.endswith("attn1.to_k.weight"):
-                    gain = src.read(k.replace("attn1.to_k.weight", "norm1.weight")).float()
-                    u = torch.randn(v.shape[0], generator=g)
-                    term = torch.outer(u, 1.0 / gain)  # LayerNorm gains near 0 make some columns huge:
-                    v = v + term * (60.0 / term.abs().max())  # the largest entry 60 (fp16 step 1/32 there)
+                if k.startswith("model.diffusion_model.") and k.endswith("in_layers.2.bias"):
+                    v = v + 4096.0
+                    planted += 1
             w.write(k, v)
         w.commit()
     src.close()
-    print(f"\n[doctor-live] fp32 base with the planted term: {time.time() - t:.1f} s")
+    assert planted >= 20, planted
+    print(f"\n[doctor-live] fp32 base with +4096 on {planted} ResNet conv biases: {time.time() - t:.1f} s")
     baked = _bake(ck, out, loras, f"lorakit-it-doc-{tag}-fp16", save_dtype="fp16")
     code, rep, text = _doctor(
         "diagnose",
