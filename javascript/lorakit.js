@@ -49,6 +49,22 @@
         shown = now;
     }
 
+    // The sub-tabs are a row of buttons (lib_lorakit/ui/app.py says why): give them the tab roles, the
+    // selected one marked, so keyboard and screen-reader users meet tabs.
+    function markTabs() {
+        var row = root().querySelector("#lorakit_tabs");
+        if (!row) return;
+        row.setAttribute("role", "tablist");
+        var bs = row.querySelectorAll("button");
+        for (var i = 0; i < bs.length; i++) {
+            var on = bs[i].classList.contains("primary") ? "true" : "false";
+            if (bs[i].getAttribute("role") !== "tab") bs[i].setAttribute("role", "tab");
+            if (bs[i].getAttribute("aria-selected") !== on) bs[i].setAttribute("aria-selected", on);
+        }
+    }
+
+    setInterval(markTabs, 300);
+
     if (typeof onUiUpdate === "function") {
         onUiUpdate(check);
     } else {

@@ -23,6 +23,11 @@ DEFAULT_PROMPTS = (
 )
 
 
+def no_sheets():
+    """The gallery emptied and hidden (a fresh update for each yield)."""
+    return gr.update(value=None, visible=False)
+
+
 def verdict_md(rep: dict[str, Any]) -> str:
     o = rep["parity"]["overall"]
     head = (
@@ -62,8 +67,11 @@ def build_doctor_section(service: HostContext, base: Any, recipe_rows: Any, done
             width = gr.Number(label="Width (0: the profile's)", value=0, precision=0, elem_id="lorakit_doctor_width")
             height = gr.Number(label="Height (0: the profile's)", value=0, precision=0, elem_id="lorakit_doctor_height")
         with gr.Row():
-            check = gr.Button("Check against runtime", variant="primary", elem_id="lorakit_doctor_check")
-            diagnose = gr.Button("Diagnose (variant bakes)", elem_id="lorakit_doctor_diagnose")
+            # both need a baked checkpoint: enabled once the box names one (filled by a bake, or typed)
+            check = gr.Button(
+                "Check against runtime", variant="primary", interactive=False, elem_id="lorakit_doctor_check"
+            )
+            diagnose = gr.Button("Diagnose (variant bakes)", interactive=False, elem_id="lorakit_doctor_diagnose")
             cancel = gr.Button("Cancel", variant="stop", elem_id="lorakit_doctor_cancel")
         progress = gr.HTML(progress_html(0, "", "idle"), elem_id="lorakit_doctor_progress")
         verdict = gr.Markdown("", elem_id="lorakit_doctor_verdict")
@@ -73,6 +81,7 @@ def build_doctor_section(service: HostContext, base: Any, recipe_rows: Any, done
             columns=1,
             object_fit="contain",
             height="auto",
+            visible=False,  # shown with the first sheets, not as a blank panel before a check
             elem_id="lorakit_doctor_sheets",
         )
         with gr.Accordion("Doctor report (JSON)", open=False):
@@ -94,21 +103,28 @@ def build_doctor_section(service: HostContext, base: Any, recipe_rows: Any, done
             start = doctor_op.start_parity if kind == "parity" else doctor_op.start_diagnose
             job = start(service, req)
         except LorakitError as e:
-            yield "", progress_html(0, "not started", "error"), error_md(e), None, None
+            yield "", progress_html(0, "not started", "error"), error_md(e), no_sheets(), None
             return
-        yield job.id, progress_html(0, job.message, job.state), "", None, None
+        yield job.id, progress_html(0, job.message, job.state), "", no_sheets(), None
         while job.state not in FINISHED:
             time.sleep(POLL_S)
-            yield job.id, progress_html(job.progress, job.message, job.state), "", None, None
+            yield job.id, progress_html(job.progress, job.message, job.state), "", gr.update(), None
         if job.state == "done":
             rep = job.result
-            yield job.id, progress_html(1, "done", "done"), verdict_md(rep), rep.get("sheets") or [], rep
+            got = rep.get("sheets") or []
+            yield (
+                job.id,
+                progress_html(1, "done", "done"),
+                verdict_md(rep),
+                gr.update(value=got, visible=bool(got)),
+                rep,
+            )
         else:
             yield (
                 job.id,
                 progress_html(job.progress, job.state, job.state),
                 error_md(Exception(job.error or job.state)),
-                None,
+                no_sheets(),
                 None,
             )
 
@@ -119,6 +135,9 @@ def build_doctor_section(service: HostContext, base: Any, recipe_rows: Any, done
     inputs = [baked, base, recipe_rows, prompts, seeds, steps, cfg, width, height]
     outputs = [job_id, progress, verdict, sheets, report]
     done.change(baked_of, inputs=[done], outputs=[baked])
+    baked.change(
+        lambda v: (gr.update(interactive=bool((v or "").strip())),) * 2, inputs=[baked], outputs=[check, diagnose]
+    )
     check.click(lambda *a: (yield from run("parity", *a)), inputs=inputs, outputs=outputs)
     diagnose.click(lambda *a: (yield from run("diagnose", *a)), inputs=inputs, outputs=outputs)
     cancel.click(do_cancel, inputs=[job_id], outputs=[verdict], queue=False)
