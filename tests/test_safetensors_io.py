@@ -235,3 +235,77 @@ def test_direct_io_writer_handles_large_and_unaligned_files(tmp_path):
     back = safetensors.torch.load_file(p)
     assert torch.equal(back["big"], t["big"]) and torch.equal(back["tail"], t["tail"])
     assert os.path.getsize(p) % 4096 != 0  # the padding of the last direct block was trimmed
+
+
+def _pwrite_failing(monkeypatch, err: int, after: int):
+    """os.pwrite raising ``err`` from its ``after``-th call on (the writer threads' calls)."""
+    import errno as _errno
+
+    real, calls = os.pwrite, []
+
+    def pwrite(fd, data, off):
+        calls.append(off)
+        if len(calls) > after:
+            raise OSError(err, _errno.errorcode.get(err, "error"))
+        return real(fd, data, off)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return calls
+
+
+def test_direct_io_refused_at_write_time_goes_on_buffered(tmp_path, monkeypatch):
+    """A filesystem that accepts O_DIRECT at open but refuses the writes (EINVAL): the same bytes land
+    through a buffered descriptor, stages written by several threads at their own offsets."""
+    import errno
+
+    from lib_lorakit.formats import safetensors_io as sio
+
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd, data, off):
+        if _is_direct(fd):
+            refused.append(off)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, off)
+
+    def _is_direct(fd):
+        import fcntl
+
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT here")
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    g = torch.Generator().manual_seed(2)
+    t = {f"w{i}": torch.randn(1024 * 1024 + i, generator=g) for i in range(5)}  # ~20 MB: several stages
+    p = str(tmp_path / "fallback.safetensors")
+    with sio.StreamingWriter(p, [sio.OutEntry(k, "F32", list(v.shape)) for k, v in t.items()]) as w:
+        for k, v in t.items():
+            w.write(k, v)
+        w.commit()
+    monkeypatch.undo()
+    assert refused, "no write was refused: the fallback was not exercised"
+    back = safetensors.torch.load_file(p)
+    assert all(torch.equal(back[k], t[k]) for k in t)
+
+
+def test_a_write_error_in_a_writer_thread_reaches_the_caller_and_leaves_no_file(tmp_path, monkeypatch):
+    """Disk full while a stage is being written in the background: the caller gets the error (in words,
+    naming the output), and neither the output nor its temporary file is left."""
+    import errno
+
+    from lib_lorakit.formats import safetensors_io as sio
+
+    calls = _pwrite_failing(monkeypatch, errno.ENOSPC, after=1)
+    t = {f"w{i}": torch.zeros(1024 * 1024) for i in range(6)}
+    p = str(tmp_path / "full.safetensors")
+    with pytest.raises(OutputError) as e:
+        with sio.StreamingWriter(p, [sio.OutEntry(k, "F32", list(v.shape)) for k, v in t.items()]) as w:
+            for k, v in t.items():
+                w.write(k, v)
+            w.commit()
+    monkeypatch.undo()
+    assert len(calls) >= 2
+    assert "full.safetensors" in str(e.value) and "space" in str(e.value).lower(), e.value
+    assert os.listdir(tmp_path) == []
