@@ -309,12 +309,22 @@ def peak_rss_mb() -> float | None:
             return None
 
 
-def drain(q: queue.Queue) -> None:
+def drain(q: queue.Queue) -> list:
+    """Empty ``q`` without waiting; returns what it held."""
+    out = []
     try:
         while True:
-            q.get_nowait()
+            out.append(q.get_nowait())
     except queue.Empty:
         pass
+    return out
+
+
+def reader_count(cores: int | None = None) -> int:
+    """Threads reading inputs ahead: one on small machines (a second only competes with the maths for a
+    core), up to three where a fast SSD answers several requests at once."""
+    n = cores or os.cpu_count() or 1
+    return 1 if n < 4 else 2 if n < 8 else 3
 
 
 class Token:

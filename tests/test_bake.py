@@ -117,7 +117,12 @@ def test_clip_g_q_proj_changes_only_its_slice(tmp_path):
     assert rep["loras"][0]["matched"] == {"unet": 0, "te1": 0, "te2": 1}
 
 
-def test_mixed_algorithms_summed_once_against_float64(tmp_path):
+@pytest.mark.parametrize("readers", [1, 3])
+def test_mixed_algorithms_summed_once_against_float64(tmp_path, monkeypatch, readers):
+    """Also with three reader threads taking the keys in turn (what a machine with 8+ cores gets)."""
+    import lib_lorakit.bake.engine as bk
+
+    monkeypatch.setattr(bk, "reader_count", lambda: readers)
     base_p = tiny_checkpoint(tmp_path, "sdxl", seed=5)
     from lib_lorakit.formats.sources import open_source
 
@@ -343,8 +348,12 @@ def test_embedded_textual_inversions_are_reported(tmp_path):
     assert any("mychar" in w and "textual inversion" in w for w in rep["warnings"])
 
 
+@pytest.mark.parametrize("readers", [1, 3])
 @pytest.mark.parametrize("how", ["cancel", "interrupt", "error"])
-def test_cancel_or_interrupt_leaves_no_debris(tmp_path, how):
+def test_cancel_or_interrupt_leaves_no_debris(tmp_path, monkeypatch, how, readers):
+    import lib_lorakit.bake.engine as bk
+
+    monkeypatch.setattr(bk, "reader_count", lambda: readers)
     base_p = tiny_checkpoint(tmp_path, "sdxl")
     lora_p = write(tmp_path, "a.safetensors", make_lora("sdxl", "lora"))
     out = str(tmp_path / "out.safetensors")
@@ -360,8 +369,6 @@ def test_cancel_or_interrupt_leaves_no_debris(tmp_path, how):
                 raise KeyboardInterrupt
             else:
                 raise RuntimeError("disk on fire")
-
-    import lib_lorakit.bake.engine as bk
 
     old = bk.time.perf_counter
     ticks = iter(range(10**9))
