@@ -54,14 +54,15 @@ def worker_count(reserve: int | None = None) -> int:
 
 @contextlib.contextmanager
 def engine_threads(workers: int = 1):
-    """One torch thread per maths worker thread while an engine runs (restored afterwards).
+    """The usable cores shared out among the maths worker threads while an engine runs (restored
+    afterwards): each worker's torch operations get ``cores // workers`` threads.
 
-    The engines parallelise over tensors and row chunks with their own threads; torch's intra-op
-    pool on top would oversubscribe the cores and spin-wait between the many small chunk
-    operations, starving the hashing and I/O threads.
+    The engines parallelise over tensors and row chunks with their own threads; a torch intra-op
+    pool of every core per worker would oversubscribe the cores and spin-wait between the many
+    small chunk operations, starving the hashing and I/O threads.
     """
     before = torch.get_num_threads()
-    torch.set_num_threads(1 if workers > 1 else max(1, usable_cores() // 2))
+    torch.set_num_threads(max(1, usable_cores() // max(1, workers)))
     try:
         yield
     finally:
