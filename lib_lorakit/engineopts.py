@@ -44,7 +44,7 @@ def host_kwargs(host: Any, device: str | None) -> dict[str, Any]:
     host's own hashes when it has them), the request's device or the setting, and inside the
     WebUI one core left for its server."""
     from .hashcache import HashCache
-    from .streaming import worker_count
+    from .streaming import engine_workers
 
     in_webui = getattr(host, "flavour", "standalone") != "standalone"
     device = device or host.setting(SETTING_DEVICE, "auto") or "auto"
@@ -52,6 +52,6 @@ def host_kwargs(host: Any, device: str | None) -> dict[str, Any]:
         device = host.engine_device()  # the GPU the WebUI uses (the job runs after its queue lock)
     return {
         "device": device,
-        "workers": worker_count(1 if in_webui else 0),
+        "workers": engine_workers(1 if in_webui else 0),
         "hash_cache": HashCache(host.data_dir(), lookup=getattr(host, "known_sha256", None)),
     }

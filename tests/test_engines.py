@@ -175,6 +175,25 @@ def test_worker_count_leaves_cores(monkeypatch):
     assert worker_count() == 1
 
 
+def test_engines_default_to_two_maths_threads_sharing_the_cores(monkeypatch):
+    """Few Python threads, each with its share of the cores for torch (measured faster than one thread a
+    core: bench/README.md); one thread with every core on a 2-core machine."""
+    import torch
+
+    import lib_lorakit.streaming as s
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(s, "usable_cores", lambda: 16)
+    assert s.engine_workers(0) == 2 and s.engine_workers(1) == 2
+    with s.engine_threads(2):
+        assert torch.get_num_threads() == 8
+    monkeypatch.setattr(s, "usable_cores", lambda: 2)
+    assert s.engine_workers(0) == 1
+    with s.engine_threads(1):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+
+
 def test_cancel_with_many_threads_leaves_no_file(tmp_path):
     import threading
 

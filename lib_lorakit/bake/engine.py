@@ -48,10 +48,10 @@ from ..streaming import (
     WriterThread,
     drain,
     engine_threads,
+    engine_workers,
     exact_float32,
     reader_count,
     resolve_device,
-    worker_count,
 )
 from .plan import Contribution, LoraSpec, Plan, Progress, check_lora_values, plan_bake
 from .report import bake_metadata, bake_report
@@ -520,7 +520,7 @@ def bake(
         raise RecipeError(f"Unknown rounding {rounding!r}.", fix=f"Use one of {', '.join(ROUNDINGS)}.")
     code = save_code(save_dtype)
     dev = resolve_device(device)
-    n_workers = max(1, int(workers)) if workers else worker_count()
+    n_workers = max(1, int(workers)) if workers else engine_workers()
     if dev.type == "cuda":
         n_workers = min(n_workers, 4)  # a few streams keep the GPU busy; more threads only hold buffers
     base_file = base_path.path if isinstance(base_path, TensorSource) else os.fspath(base_path)

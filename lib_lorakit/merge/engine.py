@@ -47,10 +47,10 @@ from ..streaming import (
     WriterThread,
     drain,
     engine_threads,
+    engine_workers,
     exact_float32,
     peak_rss_mb,
     resolve_device,
-    worker_count,
 )
 from . import methods
 from .diff import Diag, block_key, tabulate
@@ -807,7 +807,7 @@ def merge(
     say = progress or (lambda f, m: None)
     code = save_code(save_dtype)
     dev = resolve_device(device)
-    n_workers = max(1, int(workers)) if workers else worker_count()
+    n_workers = max(1, int(workers)) if workers else engine_workers()
     if dev.type == "cuda":
         n_workers = min(n_workers, 4)
     if not str(output).lower().endswith(".safetensors"):
