@@ -55,12 +55,12 @@ def worker_count(reserve: int | None = None) -> int:
 ENGINE_WORKERS_MAX = 2
 
 
-def engine_workers(reserve: int | None = None) -> int:
+def engine_workers(reserve: int | None = None, most: int = ENGINE_WORKERS_MAX) -> int:
     """Maths threads for the bake and merge engines: at most ``ENGINE_WORKERS_MAX``, each with its share
     of the cores for torch's own threads (:func:`engine_threads`). Many Python threads each running
     small tensor operations contend for the interpreter lock: on 16 cores a bake took 10.7 s in the
     engine with 15 workers, 9.7 s with 8, 8.5 s with 4 and 7.4 s with 2 (bench/README.md)."""
-    return min(ENGINE_WORKERS_MAX, worker_count(reserve))
+    return min(most, worker_count(reserve))
 
 
 @contextlib.contextmanager

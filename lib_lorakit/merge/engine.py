@@ -50,6 +50,7 @@ from ..streaming import (
     engine_workers,
     exact_float32,
     peak_rss_mb,
+    reader_count,
     resolve_device,
 )
 from . import methods
@@ -399,6 +400,11 @@ def _release_later(item) -> None:
         item.release()
     elif isinstance(item, concurrent.futures.Future):
         item.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().release())
+
+
+# Maths threads by default: measured on 16 cores (bench/merge_sdxl.py --workers, hashes cached), 8.9 s in
+# the engine with 4, 10.4 s with 2, 11.9 s with 15; a merge has more maths per byte read than a bake.
+MERGE_WORKERS_MAX = 4
 
 
 class _Reader(threading.Thread):
@@ -807,7 +813,7 @@ def merge(
     say = progress or (lambda f, m: None)
     code = save_code(save_dtype)
     dev = resolve_device(device)
-    n_workers = max(1, int(workers)) if workers else engine_workers()
+    n_workers = max(1, int(workers)) if workers else engine_workers(most=MERGE_WORKERS_MAX)
     if dev.type == "cuda":
         n_workers = min(n_workers, 4)
     if not str(output).lower().endswith(".safetensors"):
@@ -928,8 +934,8 @@ def _execute(
         order,
         hashers,
         profile,
-        depth=min(4 + n_workers // 2, 8),
-        threads=min(4, max(1, n_workers // 3)),
+        depth=min(4 + 2 * reader_count(), 8),
+        threads=reader_count(),
     )
     merger = _Merger(plan, method, params, stats, reader, n_workers, device, profile)
     wt: WriterThread | None = None
