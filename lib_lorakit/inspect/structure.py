@@ -25,7 +25,6 @@ from ..formats.sources import LayoutSource, TensorSource
 from ..networks import ShapeProblem, algorithm_name, check_group
 from ..networks.base import scalar
 from ..networks.resolve import TargetIndex, parse_keys
-from ..synth import SHRINK
 
 ALGORITHM_LABELS = {
     "lora": "LoRA",
@@ -289,12 +288,16 @@ def read_structure(
         if base is not None and base[0] == a:
             targets = [(f"the checkpoint {base[1][0].path}", base[1])]
         else:
-            targets = [(None, 1), (None, SHRINK)]
+            targets = [(None, 1), (None, "shrink")]  # "shrink": lorakit's synthetic width (synth.SHRINK)
         for what, ctx in targets:
             ctx_key: Any = ("checkpoint", what)
             if what is None:
                 if ctx != 1 and (best is None or best[2] != a or not best[0].unmatched):
                     continue  # the full-width layout fits: no other width to try
+                if ctx == "shrink":
+                    from ..synth import SHRINK  # imports torch: only for files the full-width layout does not fit
+
+                    ctx = SHRINK
                 ctx_key = ("layout", ctx)
                 what, ctx = _layout_index(a, ctx)[0].path.strip("<>"), _layout_index(a, ctx)
                 what = "the " + what
