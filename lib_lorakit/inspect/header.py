@@ -182,7 +182,7 @@ def open_lora_header(path: str) -> LoraHeader:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise _bad(path, "__metadata__ must map strings to strings")
         start = after.end()
-    elif '"__metadata__"' in text:  # metadata after some tensors: this file's table is its own
+    elif '"__metadata__"' in text or "{" not in text:  # metadata after some tensors: a table of its own
         return _parse_full(path, None)
     else:
         start = text.index("{") + 1
