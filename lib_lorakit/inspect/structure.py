@@ -320,17 +320,21 @@ class _Skeleton:
     scale: dict[str, Any] | None = None
     naming: dict[str, int] = field(default_factory=dict)
     with_alpha: list[int] = field(default_factory=list)  # indices of modules with an alpha tensor
+    alpha_keys: list[str] = field(default_factory=list)  # their alpha tensors' names
+    alpha_conv: list[bool] = field(default_factory=list)  # their kernels are larger than 1x1
+    from_header: bool = False  # some module's scale comes from the header (PEFT adapter metadata)
     alpha_reps: list[Module] = field(default_factory=list)  # one module per (rank, conv, shape[:2])
     by_alphas: OrderedDict = field(default_factory=OrderedDict)  # alphas -> ModuleList
 
-    def with_alphas(self, values: tuple[float | None, ...]) -> ModuleList:
-        """The modules with these alphas (in ``with_alpha`` order); one list per distinct set of values."""
-        mods = self.by_alphas.get(values)
+    def with_alphas(self, key: tuple, values) -> ModuleList:
+        """The modules with the alphas ``values()`` gives (in ``with_alpha`` order), one list per ``key``."""
+        mods = self.by_alphas.get(key)
         if mods is None:
+            values = values()
             mods = ModuleList(self.modules)
             for i, v in zip(self.with_alpha, values):
                 mods[i] = dataclasses.replace(mods[i], alpha=v)
-            self.by_alphas[values] = mods
+            self.by_alphas[key] = mods
             while len(self.by_alphas) > 16:
                 self.by_alphas.popitem(last=False)
         return mods
@@ -421,6 +425,9 @@ def _skeleton(src: TensorSource, shapes, fam: Family, base: tuple[str, Any] | No
         mods.sort(key=lambda m: m.name)
         sk.modules = ModuleList(mods)
         sk.with_alpha = [i for i, m in enumerate(mods) if "alpha" in m.params]
+        sk.alpha_keys = [mods[i].params["alpha"] for i in sk.with_alpha]
+        sk.alpha_conv = [mods[i].conv for i in sk.with_alpha]
+        sk.from_header = any(m.alpha is not None for m in mods)
         reps: dict[tuple, Module] = {}
         for m in mods:
             reps.setdefault((m.rank, m.conv, m.shape[:2]), m)
@@ -475,17 +482,18 @@ def read_structure(
     st.scale = sk.scale
     st.naming = dict(sk.naming)
     st.modules = sk.modules
-    from_header = any(m.alpha is not None for m in sk.modules)
+    from_header = sk.from_header
     if not sk.with_alpha:
         st.alpha_source = ("PEFT adapter metadata" if from_header else "none in file (scale 1)") if sk.modules else ""
         return st
-    with_alpha = [sk.modules[i] for i in sk.with_alpha]
     declared = None if read_alphas else _declared_alpha(src.metadata, args or {}, sk.alpha_reps)
     if declared is not None:
-        values = tuple(declared.get("conv" if m.conv else "linear", declared["linear"]) for m in with_alpha)
+        lin = declared["linear"]
+        conv = declared.get("conv", lin)
+        st.modules = sk.with_alphas(("metadata", lin, conv), lambda: [conv if c else lin for c in sk.alpha_conv])
         st.alpha_source = "metadata"
     else:
-        keys = [m.params["alpha"] for m in with_alpha]
+        keys = sk.alpha_keys
         if hasattr(src, "read_scalars"):  # from the bytes at the header's offsets
             got = src.read_scalars(keys)
         elif src.path.lower().endswith(".safetensors"):
@@ -494,8 +502,8 @@ def read_structure(
         else:
             got = {k: scalar({"alpha": src.read(k)}, "alpha") for k in keys}
         values = tuple(float(got[k]) if got[k] is not None else None for k in keys)
+        st.modules = sk.with_alphas(("tensors", values), lambda: values)
         st.alpha_source = "tensors"
-    st.modules = sk.with_alphas(values)
     if from_header:
         st.alpha_source += " + PEFT adapter metadata"
     return st
