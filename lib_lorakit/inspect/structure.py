@@ -328,16 +328,16 @@ class _Skeleton:
 
     def with_alphas(self, key: tuple, values) -> ModuleList:
         """The modules with the alphas ``values()`` gives (in ``with_alpha`` order), one list per ``key``."""
-        mods = self.by_alphas.get(key)
-        if mods is None:
-            values = values()
-            mods = ModuleList(self.modules)
-            for i, v in zip(self.with_alpha, values):
-                mods[i] = dataclasses.replace(mods[i], alpha=v)
-            self.by_alphas[key] = mods
-            while len(self.by_alphas) > 16:
-                self.by_alphas.popitem(last=False)
-        return mods
+        with _MATCHES_LOCK:  # the reading threads share skeletons
+            mods = self.by_alphas.get(key)
+            if mods is None:
+                mods = ModuleList(self.modules)
+                for i, v in zip(self.with_alpha, values()):
+                    mods[i] = dataclasses.replace(mods[i], alpha=v)
+                self.by_alphas[key] = mods
+                while len(self.by_alphas) > 16:
+                    self.by_alphas.popitem(last=False)
+            return mods
 
 
 _SKELETONS: OrderedDict[tuple, _Skeleton] = OrderedDict()
