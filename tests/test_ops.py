@@ -34,6 +34,7 @@ DOOR_ALLOWED = (
     "gen.profiles",
     "merge.registry",
     "engineopts",
+    "lazyimport",  # start-up: the CLI defers torch before importing the operations
     "api",
     "cli",
     "ui",

@@ -16,8 +16,14 @@ import traceback
 
 from .. import __version__
 from ..errors import LorakitError
-from . import bake, doctor, gen, inspect, tournament, triage, workshop
-from .common import Parser
+from ..lazyimport import defer
+
+# torch loads when a command first touches a tensor: reading headers (inspect) never needs it
+defer("torch")
+defer("numpy")
+
+from . import bake, doctor, gen, inspect, tournament, triage, workshop  # noqa: E402
+from .common import Parser  # noqa: E402
 
 log = logging.getLogger("lorakit")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from ..ops import inspect as inspect_op
@@ -12,7 +11,10 @@ from .common import local, progress_printer
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    jobs = args.jobs if args.jobs is not None else min(8, os.cpu_count() or 1)
+    # one process with reading threads by default: the tensor tables are parsed and matched once per
+    # distinct table, so worker processes (each importing the library and planning again) cost more
+    # than they save (bench/README.md, inspect_scan.py)
+    jobs = args.jobs if args.jobs is not None else 1
     reports = inspect_op.inspect(
         local(args),
         {"loras": args.lora, "checkpoint": args.checkpoint, "weights": args.weights},
@@ -90,7 +92,7 @@ def add_parsers(sub) -> None:
         "--jobs",
         type=int,
         metavar="N",
-        help="worker processes for large folders (default: CPU cores, at most 8; 1 = none)",
+        help="worker processes for large folders (default 1: one process, reading threads)",
     )
     i.add_argument("-q", "--quiet", action="store_true")
     i.set_defaults(func=cmd_inspect)

@@ -286,18 +286,9 @@ _LORA_SD1_BLOCK = re.compile(
 )
 
 
-def detect_lora(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], path: str = "") -> Family:
-    """Detect which architecture a LoRA was trained for.
-
-    Evidence, strongest first: the cross-attention context width of attn2 to_k/to_v
-    (768 SD1.5, 1024 SD2, 2048 SDXL), text-encoder naming (te1/te2 only exist for SDXL),
-    block structure, then the trainer's metadata.
-    """
-    fam = Family(arch=None, lineage=lineage_hints(metadata, path))
-    vpred, ev = _vpred_from(metadata, ())
-    fam.vpred, fam.vpred_evidence = vpred, ev
+def lora_name_votes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, list[str]]:
+    """The architecture votes a LoRA's tensor names and shapes give (metadata aside): see :func:`detect_lora`."""
     votes: dict[str, list[str]] = {}
-
     for k, shape in shapes.items():
         if "attn2" not in k:
             continue
@@ -315,6 +306,27 @@ def detect_lora(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, st
         votes.setdefault("sdxl", []).append("UNet blocks with two or more transformer layers")
     if _LORA_SD1_BLOCK.search("\n".join(k[:64] for k in shapes)):  # the block part is at the start of a name
         votes.setdefault("sd15", []).append("UNet blocks that only SD1.x has")
+    return votes
+
+
+def detect_lora(
+    shapes: Mapping[str, tuple[int, ...]],
+    metadata: Mapping[str, str],
+    path: str = "",
+    name_votes: Mapping[str, list[str]] | None = None,
+) -> Family:
+    """Detect which architecture a LoRA was trained for.
+
+    Evidence, strongest first: the cross-attention context width of attn2 to_k/to_v
+    (768 SD1.5, 1024 SD2, 2048 SDXL), text-encoder naming (te1/te2 only exist for SDXL),
+    block structure, then the trainer's metadata. ``name_votes``: :func:`lora_name_votes` of
+    ``shapes`` when already known (files that share a tensor table).
+    """
+    fam = Family(arch=None, lineage=lineage_hints(metadata, path))
+    vpred, ev = _vpred_from(metadata, ())
+    fam.vpred, fam.vpred_evidence = vpred, ev
+    names = name_votes if name_votes is not None else lora_name_votes(shapes)
+    votes: dict[str, list[str]] = {a: list(e) for a, e in names.items()}
     bmv = metadata.get("ss_base_model_version", "")
     ms = metadata.get("modelspec.architecture", "")
     if bmv.startswith("sdxl") or ms.startswith("stable-diffusion-xl"):

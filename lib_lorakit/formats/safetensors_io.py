@@ -25,25 +25,69 @@ import torch
 
 from ..errors import FormatError, OutputError
 
-# safetensors dtype code -> (torch dtype or None when torch lacks it, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-    "U16": (getattr(torch, "uint16", None), 2),
-    "U32": (getattr(torch, "uint32", None), 4),
-    "U64": (getattr(torch, "uint64", None), 8),
-    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1),
-    "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
+# safetensors dtype code -> (torch dtype or None when torch lacks it, bytes per element). The torch dtypes
+# are looked up on first use, so reading headers (names, shapes, dtypes, metadata) never imports torch.
+_DTYPE_NAMES = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-TORCH_TO_CODE: dict[torch.dtype, str] = {v[0]: k for k, v in DTYPES.items() if v[0] is not None}
+ITEMSIZE: dict[str, int] = {k: n for k, (_, n) in _DTYPE_NAMES.items()}
+
+
+class _TorchTable(Mapping):
+    """A read-only table built from torch's dtypes the first time a value is read."""
+
+    def __init__(self, build):
+        self._build, self._table = build, None
+
+    def _get(self) -> dict:
+        if self._table is None:
+            self._table = self._build()
+        return self._table
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __contains__(self, key) -> bool:
+        return key in self._get()
+
+
+def _dtypes() -> dict[str, tuple[torch.dtype | None, int]]:
+    return {k: (getattr(torch, name, None), n) for k, (name, n) in _DTYPE_NAMES.items()}
+
+
+class _Codes(_TorchTable):
+    def __iter__(self):  # the codes are known without torch
+        return iter(_DTYPE_NAMES)
+
+    def __len__(self) -> int:
+        return len(_DTYPE_NAMES)
+
+    def __contains__(self, key) -> bool:
+        return key in _DTYPE_NAMES
+
+
+DTYPES: Mapping[str, tuple[torch.dtype | None, int]] = _Codes(_dtypes)
+TORCH_TO_CODE: Mapping[torch.dtype, str] = _TorchTable(lambda: {v[0]: k for k, v in DTYPES.items() if v[0] is not None})
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 _READ_CHUNK = 64 * 1024 * 1024
@@ -136,7 +180,7 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     data_start = 8 + n
     data_size = size - data_start
     tensors: dict[str, TensorInfo] = {}
-    sizes = {k: v[1] for k, v in DTYPES.items()}
+    sizes = ITEMSIZE
     for name, entry in header.items():
         try:  # the common case in one go; anything odd falls through to the checks that name the problem
             dtype, shape, (o0, o1) = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -172,8 +216,8 @@ def _explain(path: str, name: str, entry: object, data_size: int) -> None:
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offs = entry.get("data_offsets")
-    if dtype not in DTYPES:
-        raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    if dtype not in ITEMSIZE:
+        raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(ITEMSIZE)})")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
     if (
@@ -184,7 +228,7 @@ def _explain(path: str, name: str, entry: object, data_size: int) -> None:
         or offs[1] < offs[0]
     ):
         raise _bad(path, f"tensor {name!r} has invalid data_offsets {offs!r}")
-    expected = math.prod(shape) * DTYPES[dtype][1]
+    expected = math.prod(shape) * ITEMSIZE[dtype]
     if offs[1] - offs[0] != expected:
         raise _bad(
             path,
@@ -314,7 +358,7 @@ class SafetensorsFile:
         info = self.tensors[name]
         rows = info.shape[0] if info.shape else 1
         cols = info.numel // rows if rows else 0
-        item = DTYPES[info.dtype][1]
+        item = ITEMSIZE[info.dtype]
         n = (r1 - r0) * cols * item
         buf = torch.empty(n, dtype=torch.uint8) if out is None else out[:n]
         if n:
@@ -333,7 +377,7 @@ class OutEntry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
 def build_header(entries: Sequence[OutEntry], metadata: Mapping[str, str] | None) -> bytes:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import FormatError
-from .safetensors_io import DTYPES, TORCH_TO_CODE, SafetensorsFile
+from .safetensors_io import ITEMSIZE, TORCH_TO_CODE, SafetensorsFile
 
 PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -38,7 +38,7 @@ class TensorSource:
         raise NotImplementedError  # pragma: no cover
 
     def nbytes(self, key: str) -> int:
-        n = DTYPES[self.dtype(key)][1]
+        n = ITEMSIZE[self.dtype(key)]
         for s in self.shape(key):
             n *= s
         return n

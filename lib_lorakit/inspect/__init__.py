@@ -118,14 +118,35 @@ def checkpoint_report(path: str, settings: dict[str, Any] | None = None) -> dict
     }
 
 
+def _open(path: str):
+    """The header of a LoRA file: :mod:`.header` for safetensors (no torch, tables shared), else the generic reader."""
+    if path.lower().endswith(".safetensors") and os.path.isfile(path):
+        from .header import open_lora_header
+
+        return open_lora_header(path)
+    return open_header(path)
+
+
+def _is_checkpoint(src) -> bool:
+    table = getattr(src, "table", None)
+    if table is None:
+        return is_checkpoint(src.keys())
+    if "is_checkpoint" not in table.memo:
+        table.memo["is_checkpoint"] = is_checkpoint(table.keys)
+    return table.memo["is_checkpoint"]
+
+
 def _parse(path: str, read_alphas: bool, base=None) -> _Parsed | dict:
-    with open_header(path) as src:
-        if is_checkpoint(src.keys()):
+    src = _open(path)
+    try:
+        if _is_checkpoint(src):
             ckpt = True
         else:
             ckpt = False
             tr = read_training(src.metadata, path)
             st = read_structure(src, tr.network_args, read_alphas=read_alphas, base=base)
+    finally:
+        src.close()
     if ckpt:
         return checkpoint_report(path)
     return _Parsed(path=path, training=tr, structure=st, size=os.path.getsize(path))
@@ -346,7 +367,14 @@ def inspect_paths(
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as ex:
+        from ..lazyimport import defer
+
+        with ProcessPoolExecutor(
+            max_workers=processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=defer,  # each worker reads headers without importing torch
+            initargs=("torch",),
+        ) as ex:
             for path, res in zip(
                 files, ex.map(_parse_safe, [(f, deep, checkpoint if base else None) for f in files], chunksize=16)
             ):

@@ -12,6 +12,7 @@ from ``ss_dataset_dirs`` (``{"10_mychar": {"n_repeats": 10, "img_count": 25}}``)
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -184,6 +185,13 @@ def _number(raw: str, kind: str) -> Any:
     return raw
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _tag_forms(tag: str) -> tuple[str, bool, str]:
+    """A caption tag stripped, whether it carries emphasis, and the form counted (tags repeat across files)."""
+    t = tag.strip()
+    return (t, emphasis_in(t), normalise_tag(t)) if t else ("", False, "")
+
+
 def _int(v: Any) -> int | None:
     try:
         return int(v) if v is not None and not isinstance(v, bool) else None
@@ -249,12 +257,11 @@ def read_training(meta: Mapping[str, str], path: str = "") -> Training:
             if n is None or n < 0 or not isinstance(t, str):
                 warnings.append(f"ss_tag_frequency[{name!r}][{t!r}] = {c!r} is not a count; ignored.")
                 continue
-            t = t.strip()
+            t, emphasis, key = _tag_forms(t)  # blue_hair, blue hair and (blue hair:1.2) count as one tag
             if not t:
                 continue
-            if emphasis_in(t):
+            if emphasis:
                 tr.emphasis.append((t, n))
-            key = normalise_tag(t)  # blue_hair, blue hair and (blue hair:1.2) count as one tag
             if not key:
                 continue
             clean[key] = clean.get(key, 0) + n

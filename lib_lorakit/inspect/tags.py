@@ -10,6 +10,7 @@ says when a caption tag carries emphasis syntax.
 
 from __future__ import annotations
 
+import functools
 import re
 
 _WEIGHT = re.compile(r":\s*-?\d+(?:\.\d+)?\s*$")
@@ -19,12 +20,15 @@ _BRACKET = re.compile(r"(?<!\\)[()\[\]]")
 _EMOTICON = re.compile(r"^[\W_a-z0-9]{1,3}_[\W_a-z0-9]{1,3}$", re.I)
 
 
+# pure functions of a string, called for every tag of every file: remembered (tags repeat across files)
+@functools.lru_cache(maxsize=1 << 16)
 def emphasis_in(tag: str) -> bool:
     """True when ``tag`` carries prompt emphasis: unescaped brackets or a ``:weight``."""
     t = tag.strip()
     return bool(_BRACKET.search(t))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def normalise_tag(tag: str) -> str:
     """The tag as counted: emphasis brackets and weights dropped, escapes undone, underscores as
     spaces (emoticons such as ``^_^`` kept), lower case, single spaces.

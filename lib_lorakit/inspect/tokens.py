@@ -257,9 +257,19 @@ GENERIC_TAGS = frozenset(
 
 def words_of(tag: str) -> list[str]:
     """The words of a tag that could carry meaning: letter runs of two or more (digits and punctuation drop out)."""
-    return [w for w in re.findall(r"[^\W\d_]+", tag.lower()) if len(w) >= 2]
+    return list(_words_of(tag))
 
 
+_LETTER_RUNS = re.compile(r"[^\W\d_]+")
+
+
+# pure functions of a string (and of the one CLIP table), called for every tag of every file: remembered
+@functools.lru_cache(maxsize=1 << 16)
+def _words_of(tag: str) -> tuple[str, ...]:
+    return tuple(w for w in _LETTER_RUNS.findall(tag.lower()) if len(w) >= 2)
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def is_generic(tag: str) -> bool:
     t = tag.strip().lower().replace("_", " ")
     return t in GENERIC_TAGS or tag.strip().lower() in GENERIC_TAGS or t.replace(" ", "_") in GENERIC_TAGS
@@ -284,6 +294,7 @@ def _looks_made_up(word: str) -> bool:
     return best >= 4 or (best >= 3 and len(letters) <= 5)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def rarity(tag: str, bpe: ClipBPE | None) -> tuple[float, str]:
     """How unlike everyday caption text ``tag`` is, 0 (common) .. 1 (made up), with the reason.
 

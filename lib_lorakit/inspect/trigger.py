@@ -11,6 +11,7 @@ evidence for its score; below the threshold the answer is "no trigger".
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,8 +51,12 @@ class Verdict:
     baking: str  # what the kind means for baking
 
 
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def _norm(s: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "", s.lower())
+    return _NON_ALNUM.sub("", s.lower())
 
 
 def _name_hit(tag: str, names: list[str]) -> str | None:
@@ -89,6 +94,10 @@ def rank_candidates(
     for f in folders:
         for t, c in f.tags.items():
             counts[t] = counts.get(t, 0) + c
+    # the tags each folder's captions start with (kept in place by keep_tokens): one set per folder
+    first = [
+        set(list(f.tags)[: max(1, f.keep_tokens if f.keep_tokens is not None else tr.keep_tokens)]) for f in folders
+    ]
     cands: list[Candidate] = []
     for tag, count in counts.items():
         share = min(1.0, count / total_images) if total_images else 0.0
@@ -103,10 +112,9 @@ def rank_candidates(
         r, why = rarity(tag, bpe)
         c.score += 2.0 * r
         c.evidence.append(f"rarity {r:.2f}: {why}")
-        for f in folders:
-            pos = list(f.tags).index(tag) if tag in f.tags else -1
+        for f, lead in zip(folders, first):
             keep = f.keep_tokens if f.keep_tokens is not None else tr.keep_tokens
-            if 0 <= pos < max(1, keep):
+            if tag in lead:
                 c.score += 1.5 if keep >= 1 else 1.0
                 c.evidence.append(
                     f"first tag of folder {f.name!r}'s captions"
