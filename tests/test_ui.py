@@ -140,3 +140,30 @@ def test_inspect_report_markdown(tmp_path):
     assert "Folder `10_zkw`" in md and "12 images × 10 repeats" in md
     row = summary_rows([rep, {"file": "/x/bad.safetensors", "lora": "bad", "error": "truncated"}])
     assert row[0][:2] == ["zkw", "SD1.5"] and row[0][4] == "zkw" and row[1][1] == "unreadable"
+
+
+def test_data_fields_are_kept_out_of_the_webuis_saved_defaults(tmp_path):
+    """A1111 and Forge restore each labelled component's value from ui-config.json over the code's default
+    (modules/ui_loadsave.py), skipping components marked ``do_not_save_to_config``. A config saved by an
+    older version held "Preferred weight" 0: fields filled from a LoRA or a job must not take it, while a
+    user's default (the doctor's seeds) still does."""
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "lo").mkdir()
+    block = build_ui(HostContext(LocalHost(str(tmp_path / "ck"), str(tmp_path / "lo"))))
+    stale = {
+        "lorakit/Preferred weight/value": 0.0,
+        "lorakit/Baked checkpoint (filled after a bake)/value": "old.safetensors",
+        "lorakit/Seeds/value": "7",
+    }
+    by_id = {}
+    for c in block.blocks.values():  # the host's walk: key = tab / label / field
+        label = getattr(c, "label", None)
+        if label is None:
+            continue
+        by_id[getattr(c, "elem_id", None)] = c
+        key = f"lorakit/{label}/value"
+        if key in stale and not getattr(c, "do_not_save_to_config", False):
+            c.value = stale[key]
+    assert by_id["lorakit_inspect_pref"].value == 1.0
+    assert by_id["lorakit_doctor_baked"].value == ""
+    assert by_id["lorakit_doctor_seeds"].value == "7"

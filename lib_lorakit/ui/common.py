@@ -44,3 +44,12 @@ def settings_boxes(**boxes: Any) -> dict[str, Any]:
     ones: those keep the profile's value. ``cfg_scale`` is a float, the others whole numbers."""
     out = {k: box_value(v, float if k == "cfg_scale" else int) for k, v in boxes.items()}
     return {k: v for k, v in out.items() if v is not None}
+
+
+def not_saved(*components: Any) -> None:
+    """Keep these out of the WebUI's ui-config.json: they hold data filled from a file or a job (a LoRA's
+    preferred weight, a baked checkpoint's name), not a default the user chose. A1111 and Forge save
+    every labelled component's value there and restore it over the code's default at start, so a value
+    saved once (e.g. by an older version) would stay; they skip components with this attribute."""
+    for c in components:
+        c.do_not_save_to_config = True

@@ -14,7 +14,7 @@ from ..errors import LorakitError
 from ..jobs import FINISHED
 from ..ops import doctor as doctor_op
 from ..ops.context import HostContext
-from .common import POLL_S, error_md, progress_html, settings_boxes
+from .common import POLL_S, error_md, not_saved, progress_html, settings_boxes
 
 DEFAULT_PROMPTS = (
     "a portrait photo of a woman in a red coat, city street\n"
@@ -55,6 +55,7 @@ def build_doctor_section(service: HostContext, base: Any, recipe_rows: Any, done
                 label="Baked checkpoint (filled after a bake)", value="", elem_id="lorakit_doctor_baked", scale=3
             )
             seeds = gr.Textbox(label="Seeds", value="1, 2", elem_id="lorakit_doctor_seeds", scale=1)
+            not_saved(baked)
         prompts = gr.Textbox(
             label="Prompts (one per line; the baked render uses them as written)",
             value=DEFAULT_PROMPTS,

@@ -15,7 +15,7 @@ from ..jobs import FINISHED
 from ..ops import inspect as inspect_op
 from ..ops.context import HostContext
 from . import lists
-from .common import POLL_S, empty_table, error_md, progress_html, table_rows
+from .common import POLL_S, empty_table, error_md, not_saved, progress_html, table_rows
 
 SUMMARY_HEADERS = ["LoRA", "model", "network", "rank", "trigger", "kind", "category", "max safe", "warnings"]
 
@@ -184,6 +184,7 @@ def build_inspect_tab(service: HostContext) -> None:
             ask = gr.Button(
                 "Write to the LoRA's user metadata…", elem_id="lorakit_inspect_write", scale=2, interactive=False
             )
+            not_saved(act, pref)
         with gr.Row(visible=False) as confirm_row:
             confirm_text = gr.Markdown("", elem_id="lorakit_inspect_confirm_text")
             confirm = gr.Button("Confirm: write it", variant="primary", elem_id="lorakit_inspect_confirm")

@@ -121,6 +121,8 @@ def test_first_screen_of_every_sub_tab_and_a_clean_console():
                 "Workshop": ["lorakit_ws_x_run", "lorakit_ws_r_run"],
             }.get(tab, []):
                 seen[tab][button + ":disabled"] = page.locator(f"#{button}").first.is_disabled()
+            if tab == "Inspect":  # the code's default, whatever the host's ui-config.json saved earlier
+                seen[tab]["pref"] = float(page.locator("#lorakit_inspect_pref input").first.input_value())
             if tab == "Triage":
                 b = page.locator("[data-lorakit-decide]")
                 seen[tab]["decide:disabled"] = [b.nth(i).is_disabled() for i in range(b.count())]
@@ -140,6 +142,7 @@ def test_first_screen_of_every_sub_tab_and_a_clean_console():
     assert seen["Inspect"]["lorakit_inspect_summary"] == (heads, 0)
     assert seen["Tournament"]["lorakit_tour_f_candidates"] == (["#", "candidate", "kind"], 0)
     assert all(v for k, v in seen["Inspect"].items() if k.endswith(":disabled"))
+    assert seen["Inspect"]["pref"] == 1.0
     assert all(v for k, v in seen["Workshop"].items() if k.endswith(":disabled"))
     # YES/MAYBE/NO wait for a triage to be picked (the host may hold one from an earlier run)
     assert seen["Triage"]["decide:disabled"] == [not seen["Triage"].pop("picked")] * 3
