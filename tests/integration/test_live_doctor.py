@@ -201,6 +201,13 @@ def test_a_lora_that_bakes_unlike_it_runs_is_named(recipe, tmp_path, capsys):
     assert [c["lora"] for c in named] == [os.path.splitext(os.path.basename(conv_lokr))[0]], text
 
 
+@pytest.mark.xfail(
+    reason="not shown live yet. Forge, +4096 on the ResNet conv biases: the fp16 bake rendered identical "
+    "(a change to the UNet alone is not amplified by CFG). A1111, the text-encoder key term below: the fp16 "
+    "bake diverged (1.46 levels) but the fp32 variant did too (2.24), so the host's runtime on that base "
+    "differs from fp32 maths for another reason, not isolated. tests/test_doctor.py shows the case.",
+    strict=False,
+)
 def test_fp16_precision_loss_is_named_and_fp32_restores_parity(recipe, tmp_path, capsys):
     """An fp32 base whose text-encoder key projections carry a large rank-one term that attention cannot
     see in exact arithmetic: its input is a LayerNorm output, whose channels divided by the norm's gain sum
