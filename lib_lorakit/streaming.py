@@ -59,8 +59,15 @@ def engine_workers(reserve: int | None = None, most: int = ENGINE_WORKERS_MAX) -
     """Maths threads for the bake and merge engines: at most ``ENGINE_WORKERS_MAX``, each with its share
     of the cores for torch's own threads (:func:`engine_threads`). Many Python threads each running
     small tensor operations contend for the interpreter lock: on 16 cores a bake took 10.7 s in the
-    engine with 15 workers, 9.7 s with 8, 8.5 s with 4 and 7.4 s with 2 (bench/README.md)."""
-    return min(most, worker_count(reserve))
+    engine with 15 workers, 9.7 s with 8, 8.5 s with 4 and 7.4 s with 2; on 2 cores, two workers of one
+    torch thread each beat one worker of two (11.6 s against 16.0 s for the whole bake; bench/README.md).
+    Unlike :func:`worker_count`, no core is set aside for the I/O threads: they mostly wait on the disk."""
+    if reserve is None:
+        try:
+            reserve = max(0, int(os.environ.get(ENV_RESERVE, "0")))
+        except ValueError:
+            reserve = 0
+    return max(1, min(most, usable_cores() - reserve))
 
 
 @contextlib.contextmanager
