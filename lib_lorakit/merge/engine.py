@@ -976,7 +976,8 @@ def _execute(
                 if a.kind == "repair":  # pre-flight: the integer arange, not the inputs' broken copy
                     from ..formats.position_ids import repaired_position_ids
 
-                    wt.put(("data", k, repaired_position_ids(torch.empty(e.shape)), None))
+                    # queued behind the tensors still being merged: the writer takes them in file order
+                    pending.append(("item", ("data", k, repaired_position_ids(torch.empty(e.shape)), None)))
                     stats.copied[a.reason] = stats.copied.get(a.reason, 0) + 1
                 elif a.kind == "copy":
                     src = plan.inputs[a.src].source
