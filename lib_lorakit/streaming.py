@@ -37,6 +37,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def reserved_cores(reserve: int | None = None) -> int:
+    """``reserve``, or ``$LORAKIT_RESERVE_CORES`` when it is None (0 when unset or not a number)."""
+    if reserve is not None:
+        return reserve
+    try:
+        return max(0, int(os.environ.get(ENV_RESERVE, "0")))
+    except ValueError:
+        return 0
+
+
 def worker_count(reserve: int | None = None) -> int:
     """Maths threads for an engine: every usable core but those reserved and one for the I/O threads.
 
@@ -44,11 +54,7 @@ def worker_count(reserve: int | None = None) -> int:
     WebUI one stays free for its server. The read, write and hash threads mostly wait on the disk
     or run SHA-256/memcpy with the GIL released, so they share the one core kept for them.
     """
-    if reserve is None:
-        try:
-            reserve = max(0, int(os.environ.get(ENV_RESERVE, "0")))
-        except ValueError:
-            reserve = 0
+    reserve = reserved_cores(reserve)
     return max(1, usable_cores() - reserve - 1)
 
 
@@ -62,11 +68,7 @@ def engine_workers(reserve: int | None = None, most: int = ENGINE_WORKERS_MAX) -
     engine with 15 workers, 9.7 s with 8, 8.5 s with 4 and 7.4 s with 2; on 2 cores, two workers of one
     torch thread each beat one worker of two (11.6 s against 16.0 s for the whole bake; bench/README.md).
     Unlike :func:`worker_count`, no core is set aside for the I/O threads: they mostly wait on the disk."""
-    if reserve is None:
-        try:
-            reserve = max(0, int(os.environ.get(ENV_RESERVE, "0")))
-        except ValueError:
-            reserve = 0
+    reserve = reserved_cores(reserve)
     return max(1, min(most, usable_cores() - reserve))
 
 
@@ -328,15 +330,12 @@ def peak_rss_mb() -> float | None:
             return None
 
 
-def drain(q: queue.Queue) -> list:
-    """Empty ``q`` without waiting; returns what it held."""
-    out = []
+def drain(q: queue.Queue) -> None:
     try:
         while True:
-            out.append(q.get_nowait())
+            q.get_nowait()
     except queue.Empty:
         pass
-    return out
 
 
 def reader_count(cores: int | None = None) -> int:

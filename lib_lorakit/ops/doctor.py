@@ -153,14 +153,18 @@ def summary(report: dict[str, Any]) -> str:
     return render(report)
 
 
-def parity(ctx: Context, req: ParityRequest | dict, progress: Progress | None = None, cancel: Any = None):
-    """Render runtime / baked / base and compare (the command line). Returns the report."""
+def _parity_runner(ctx: Context, req: ParityRequest):
+    """Check the request now (errors answer at once); returns the render-and-compare step."""
     from ..doctor import parity as run_parity
 
-    req = ParityRequest.parse(req)
     check = prepare(ctx, req)
     backend = ctx.backend("check a bake against its runtime recipe")
-    return run_parity(check, backend, ctx.outputs_dir(), progress=progress, cancel=cancel)
+    return lambda progress, cancel: run_parity(check, backend, ctx.outputs_dir(), progress=progress, cancel=cancel)
+
+
+def parity(ctx: Context, req: ParityRequest | dict, progress: Progress | None = None, cancel: Any = None):
+    """Render runtime / baked / base and compare (the command line). Returns the report."""
+    return _parity_runner(ctx, ParityRequest.parse(req))(progress, cancel)
 
 
 def _scratch_parent(ctx: Context, req: DiagnoseRequest, check) -> str:
@@ -186,51 +190,16 @@ def _diagnose_plan(ctx: Context, req: DiagnoseRequest):
     return check, _scratch_parent(ctx, req, check)
 
 
-def diagnose(ctx: Context, req: DiagnoseRequest | dict, progress: Progress | None = None, cancel: Any = None):
-    """Parity plus the variant batch, and the cause(s) named (the command line). Returns the report."""
+def _diagnose_runner(ctx: Context, req: DiagnoseRequest):
+    """Check the request now; returns the variant batch step (its scratch bakes are removed at the end
+    or on cancel)."""
     from ..doctor import diagnose as run_diagnose
 
-    req = DiagnoseRequest.parse(req)
-    check, scratch = _diagnose_plan(ctx, req)
-    backend = ctx.backend("diagnose a bake")
-    return run_diagnose(
-        check,
-        backend,
-        ctx.outputs_dir(),
-        scratch,
-        variants=req.variants,
-        keep_scratch=req.keep_scratch,
-        engine=ctx.engine_kwargs(None),
-        progress=progress,
-        cancel=cancel,
-    )
-
-
-def start_parity(ctx: Context, req: ParityRequest | dict) -> Job:
-    """Check now (errors answer at once), render and compare as a job."""
-    from ..doctor import parity as run_parity
-
-    req = ParityRequest.parse(req)
-    check = prepare(ctx, req)
-    backend = ctx.backend("check a bake against its runtime recipe")
-
-    def work(progress, cancel):
-        rep = run_parity(check, backend, ctx.outputs_dir(), progress=progress, cancel=cancel)
-        return {**rep, "summary": summary(rep)}
-
-    return ctx.submit("doctor-parity", req.dump(), work, exclusive=False, running="rendering")
-
-
-def start_diagnose(ctx: Context, req: DiagnoseRequest | dict) -> Job:
-    """Check now, run the variant batch as a job (its scratch bakes are removed at the end or on cancel)."""
-    from ..doctor import diagnose as run_diagnose
-
-    req = DiagnoseRequest.parse(req)
     check, scratch = _diagnose_plan(ctx, req)
     backend = ctx.backend("diagnose a bake")
 
-    def work(progress, cancel):
-        rep = run_diagnose(
+    def run(progress, cancel):
+        return run_diagnose(
             check,
             backend,
             ctx.outputs_dir(),
@@ -241,6 +210,32 @@ def start_diagnose(ctx: Context, req: DiagnoseRequest | dict) -> Job:
             progress=progress,
             cancel=cancel,
         )
+
+    return run
+
+
+def diagnose(ctx: Context, req: DiagnoseRequest | dict, progress: Progress | None = None, cancel: Any = None):
+    """Parity plus the variant batch, and the cause(s) named (the command line). Returns the report."""
+    return _diagnose_runner(ctx, DiagnoseRequest.parse(req))(progress, cancel)
+
+
+def _with_summary(run):
+    def work(progress, cancel):
+        rep = run(progress, cancel)
         return {**rep, "summary": summary(rep)}
 
+    return work
+
+
+def start_parity(ctx: Context, req: ParityRequest | dict) -> Job:
+    """Check now (errors answer at once), render and compare as a job."""
+    req = ParityRequest.parse(req)
+    work = _with_summary(_parity_runner(ctx, req))
+    return ctx.submit("doctor-parity", req.dump(), work, exclusive=False, running="rendering")
+
+
+def start_diagnose(ctx: Context, req: DiagnoseRequest | dict) -> Job:
+    """Check now, run the variant batch as a job (its scratch bakes are removed at the end or on cancel)."""
+    req = DiagnoseRequest.parse(req)
+    work = _with_summary(_diagnose_runner(ctx, req))
     return ctx.submit("doctor-diagnose", req.dump(), work, exclusive=False, running="rendering")
