@@ -26,7 +26,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         metavar="N",
-        help="maths threads (default: every core but one for reading, writing and hashing)",
+        help="maths threads (default: 2 for a bake, 4 for a merge, fewer on small machines; each gets its share of the cores)",
     )
     g.add_argument(
         "--hash-cache", metavar="DIR", help="folder of the hash cache (default $LORAKIT_DATA_DIR or ~/.cache/lorakit)"

@@ -497,7 +497,7 @@ def bake(
     Args:
         device: where the float32 maths runs: ``auto`` (the GPU when torch sees one), ``cpu`` or ``cuda``.
             Either way each weight is rounded once; GPU and CPU outputs agree within one step of the save dtype.
-        workers: maths threads (default: every usable core but one, less ``$LORAKIT_RESERVE_CORES``).
+        workers: maths threads (default: :func:`engine_workers`, at most 2, less ``$LORAKIT_RESERVE_CORES``).
         hash_cache: remembered file hashes (a :class:`HashCache`, a data folder, True for the default
             folder); None hashes every input.
         preflight_settings: the user's settings (max-safe and cross-lineage tables) the pre-flight warnings
