@@ -434,3 +434,27 @@ def test_parse_lora_arg():
     with pytest.raises(RecipeError, match="not a finite number"):
         parse_lora_arg("a.safetensors:nan")
     assert math.isfinite(parse_lora_arg("a:2").strength)
+
+
+def test_reported_rounding_loss_is_the_largest_of_the_whole_bake(tmp_path, monkeypatch):
+    """The engine measures the rounding loss only in chunks whose values could still beat the largest found
+    so far (streaming.max_rounding_error); the figure must still be the exact maximum, recomputed here
+    from float64 over every tensor. Tiny chunks put each tensor in many of them."""
+    import lib_lorakit.bake.engine as eng
+
+    monkeypatch.setattr(eng, "CHUNK_ELEMS", 2048)
+    base_p = tiny_checkpoint(tmp_path, "sdxl")
+    sd = make_lora("sdxl", "lora", seed=6, std=0.3)
+    lora_p = write(tmp_path, "a.safetensors", sd)
+    out = str(tmp_path / "out.safetensors")
+    report = bake(base_p, [LoraSpec(lora_p, 1.7)], out)
+    exp = expected_lora(load(base_p), sd, "sdxl", 1.7)
+    worst, worst_key = 0.0, None
+    for k in sorted(exp):
+        x32 = exp[k].float()
+        e = float((x32.half().double() - x32.double()).abs().max())
+        if e > worst:
+            worst, worst_key = e, k
+    r = report["rounding"]
+    assert r["max_abs_rounding_loss"] == pytest.approx(worst, rel=1e-3), (r, worst_key)
+    assert r["key"] == worst_key

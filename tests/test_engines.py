@@ -308,3 +308,21 @@ def test_cli_engine_flags_and_cached_hash(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bake", base_p, "--lora", lora, "-o", str(tmp_path / "x.safetensors"), "--device", "tpu"])
     assert e.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_max_rounding_error_bounds_every_rounding_and_is_reached(dtype):
+    """The bound the engines prune with: never below a real rounding error, and reached (within a factor
+    of 2) by values spread over the top binade; subnormals share the smallest step."""
+    from lib_lorakit.streaming import max_rounding_error
+
+    g = torch.Generator().manual_seed(0)
+    for amax in (3e-8, 1e-5, 0.01, 0.3, 1.0, 1.999, 7.0, 300.0, 60000.0):
+        x = ((torch.rand(200_000, generator=g, dtype=torch.float64) * 2 - 1) * amax).float()
+        x[0] = amax
+        worst = float((x.to(dtype).double() - x.double()).abs().max())
+        bound = max_rounding_error(float(x.abs().max()), dtype)
+        assert worst <= bound, (amax, worst, bound)
+        assert worst >= bound / 2 or amax == 1.0, (amax, worst, bound)  # 1.0 opens its binade: nothing above it
+    assert max_rounding_error(1.0, torch.float32) == 0.0 and max_rounding_error(0.0, torch.float16) == 0.0
+    assert max_rounding_error(float("nan"), torch.float16) == 0.0

@@ -426,3 +426,25 @@ def test_small_chunks_give_the_same_result(tmp_path, three, monkeypatch, method)
     a, b = load(big), load(small)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point() and a[k].numel())
     assert worst <= 1e-6
+
+
+def test_reported_rounding_loss_is_the_largest_of_the_whole_merge(tmp_path, three, monkeypatch):
+    """As for the bake: the loss is measured only where it could beat the largest so far, and must still be
+    the exact maximum (float64 recomputation), with tensors split over many tiny chunks."""
+    import lib_lorakit.merge.engine as eng
+
+    monkeypatch.setattr(eng, "CHUNK_ELEMS", 2048)
+    out = str(tmp_path / "out.safetensors")
+    rep = merge([ModelSpec(three[0], 0.3), ModelSpec(three[1], 0.9)], out, normalize=False)
+    s = [load(p) for p in three[:2]]
+    worst, worst_key = 0.0, None
+    for k in sorted(float_keys(s[0])):
+        if is_vae(k):
+            continue
+        x32 = (0.3 * s[0][k].double() + 0.9 * s[1][k].double()).float()
+        e = float((x32.half().double() - x32.double()).abs().max())
+        if e > worst:
+            worst, worst_key = e, k
+    r = rep["rounding"]
+    assert r["max_abs_rounding_loss"] == pytest.approx(worst, rel=1e-3), (r, worst_key)
+    assert r["key"] == worst_key

@@ -50,6 +50,7 @@ from ..streaming import (
     engine_threads,
     engine_workers,
     exact_float32,
+    max_rounding_error,
     reader_count,
     resolve_device,
 )
@@ -377,7 +378,7 @@ class _Baker:
             amax = max(amax, -lo, hi)
             oc = out[r0:r1]
             oc.copy_(wc)
-            if rounding:
+            if rounding and max_rounding_error(max(-lo, hi), out.dtype) >= max(max_round, self.stats.max_round[0]):
                 rc = (torch.empty(n) if big else scratch_r[:n]).view(r1 - r0, cols)
                 torch.sub(oc, wc, out=rc)  # the rounding error, in one pass
                 lo, hi = torch.aminmax(rc)

@@ -49,6 +49,7 @@ from ..streaming import (
     engine_threads,
     engine_workers,
     exact_float32,
+    max_rounding_error,
     peak_rss_mb,
     reader_count,
     resolve_device,
@@ -731,7 +732,7 @@ class _Merger:
             out.copy_(od)
         else:
             out.copy_(res)
-            if out.dtype != torch.float32:
+            if out.dtype != torch.float32 and max_rounding_error(max(-lo, hi), out.dtype) >= self.stats.max_round[0]:
                 sc = self.scratch
                 err = sc.err[: res.numel()].view(res.shape) if res.numel() <= CHUNK_ELEMS else torch.empty_like(res)
                 torch.sub(out, res, out=err)
