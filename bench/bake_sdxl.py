@@ -293,10 +293,27 @@ def print_profile(name: str, rep: dict) -> None:
             print(f"    {t}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])))
 
 
+COLD = {"dropped": 0, "warm": 0}  # runs that started with the page cache dropped / not (not root)
+
+
 def settle() -> None:
-    """Let writeback (and discard of deleted outputs) finish before the next measurement."""
+    """Let writeback (and discard of deleted outputs) finish, then drop the page cache (root only), so
+    every measurement reads its inputs from the disk: a warm cache hides the reads and flatters ratios."""
     os.sync()
-    time.sleep(5)
+    time.sleep(3)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        COLD["dropped"] += 1
+    except OSError:
+        COLD["warm"] += 1
+    time.sleep(2)
+
+
+def cold_line() -> str:
+    if COLD["warm"]:
+        return f"page cache: NOT dropped before {COLD['warm']} run(s) (needs root): those runs read a warm cache"
+    return f"page cache: dropped before every run ({COLD['dropped']})"
 
 
 def main() -> None:
@@ -406,6 +423,7 @@ def main() -> None:
             extra = " ".join(f"{x:.1f}" for x in r.get("samples_s", []))
             print(f"{name:<17}{r['wall_s']:>9.1f}{rss:>13.0f}{r['wall_s'] / floor:>9.2f}   {extra}")
     print(f"floor = max(io-floor-direct, compute-floor) = {floor:.1f} s")
+    print(cold_line())
     for name, *_ in variants:
         lk = results[name]
         ok = lk["wall_s"] / floor <= 1.25 and lk["peak_rss_mb"] <= 1024
@@ -430,6 +448,7 @@ def main() -> None:
             f"naive vs lorakit output: max abs difference {results['naive']['max_abs_diff_vs_lorakit']:.3g} "
             f"(the naive bake rounds to fp16 after each LoRA)"
         )
+    results["page_cache"] = dict(COLD)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
