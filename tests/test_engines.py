@@ -326,3 +326,36 @@ def test_max_rounding_error_bounds_every_rounding_and_is_reached(dtype):
         assert worst >= bound / 2 or amax == 1.0, (amax, worst, bound)  # 1.0 opens its binade: nothing above it
     assert max_rounding_error(1.0, torch.float32) == 0.0 and max_rounding_error(0.0, torch.float16) == 0.0
     assert max_rounding_error(float("nan"), torch.float16) == 0.0
+
+
+def test_read_ahead_keeps_the_kernel_reading_just_ahead_of_the_engine(tmp_path, monkeypatch):
+    """ReadAhead asks for the file in order, never more than ``lead`` past the engine, all of it by the end;
+    a platform that refuses fadvise turns it off instead of failing the bake."""
+    import lib_lorakit.streaming as S
+
+    calls = []
+    monkeypatch.setattr(S.os, "posix_fadvise", lambda fd, off, n, adv: calls.append((off, n, adv)), raising=False)
+    monkeypatch.setattr(S.os, "POSIX_FADV_WILLNEED", 3, raising=False)
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"\0" * 1000)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        ra = S.ReadAhead(fd, lead=300)
+        ra.STEP = 128
+        ra.advance(0)
+        assert calls[0] == (0, 128, 3) and sum(n for _, n, _ in calls) <= 300 + 128
+        ra.advance(500)
+        assert max(o + n for o, n, _ in calls) <= 800 + 128
+        ra.advance(990)
+        assert [o for o, _, _ in calls] == list(range(0, 1000, 128)) and max(o + n for o, n, _ in calls) == 1000
+
+        def refuse(*a):
+            raise OSError(22, "Invalid argument")
+
+        monkeypatch.setattr(S.os, "posix_fadvise", refuse)
+        ra2 = S.ReadAhead(fd)
+        ra2.advance(0)
+        assert ra2.fd is None
+        S.ReadAhead.whole(fd)  # swallows the refusal too
+    finally:
+        os.close(fd)

@@ -44,6 +44,7 @@ from ..streaming import (
     Hasher,
     Pool,
     Profile,
+    ReadAhead,
     ReadGate,
     WriterThread,
     drain,
@@ -656,7 +657,14 @@ def _execute(
             wt.put(item)
             profile.add("wait writer", clock() - t)
 
+    first = base.raw_span(keys[0]) if keys else None
+    ahead = ReadAhead(first[0] if first and hasher is None else None)
+    for st in plan.loras:
+        ks = st.source.keys()
+        span = st.source.raw_span(ks[0]) if ks else None
+        ReadAhead.whole(span[0] if span else None)
     try:
+        ahead.advance(0)
         pre.start()
         with StreamingWriter(
             output, entries, bake_metadata(plan, save_dtype, HASH_PLACEHOLDER), overwrite=overwrite
@@ -687,6 +695,8 @@ def _execute(
                 span = base.raw_span(key)
                 if span is not None and hasher is not None and hasher.gate is not None:  # keep the hasher just ahead
                     hasher.gate.advance(span[1] + span[2])
+                elif span is not None:
+                    ahead.advance(span[1] + span[2])
                 now = clock()
                 if now - last > 0.25:
                     say(0.02 + 0.93 * done / total, f"baking {key}")

@@ -39,7 +39,6 @@ from ..formats.sources import TensorSource, open_source
 from ..hashcache import HashCache, file_key
 from ..hashcache import resolve as resolve_cache
 from ..streaming import (
-    CHUNK_ELEMS,
     FedHasher,
     Pool,
     Profile,
@@ -57,6 +56,11 @@ from ..streaming import (
 from . import methods
 from .diff import Diag, block_key, tabulate
 from .registry import BASE_METHODS, METHODS, REGISTRY  # declared once, in registry.py
+
+# The merge reads, merges and writes in chunks of this many float32 elements (4 MB). The bake's
+# maths chunk (streaming.CHUNK_ELEMS, 1 MB) is smaller; here each chunk is also a read of every
+# input, and smaller ones were not measured.
+CHUNK_ELEMS = 1 << 20
 
 VAE_PREFIX = "first_stage_model."
 
