@@ -546,6 +546,7 @@ def bake(
             hasher = Hasher(base_file, ReadGate(), profile=profile)
             hasher.start()
     try:
+        t_plan = time.perf_counter()
         plan = plan_bake(base_path, specs, allow_unmatched=allow_unmatched, scale_source=scale_source)
         # --- pre-flight (lib_lorakit/preflight.py): strength above max-safe, stacked styles, other lineage ---
         from ..preflight import bake_preflight
@@ -553,8 +554,11 @@ def bake(
         plan.warnings.extend(bake_preflight(base_path, specs, preflight_settings))
         plan.hash_cache = cache
         stats = _Stats()
+        profile.add("plan", time.perf_counter() - t_plan)
         try:
+            t_check = time.perf_counter()
             check_lora_values(plan, cancel=cancel)
+            profile.add("check loras", time.perf_counter() - t_check)
             if not dry_run:
                 with engine_threads(n_workers), exact_float32(dev):
                     sha = _execute(
@@ -659,16 +663,14 @@ def _execute(
 
     first = base.raw_span(keys[0]) if keys else None
     ahead = ReadAhead(first[0] if first and hasher is None else None)
-    for st in plan.loras:
-        ks = st.source.keys()
-        span = st.source.raw_span(ks[0]) if ks else None
-        ReadAhead.whole(span[0] if span else None)
     try:
         ahead.advance(0)
         pre.start()
+        t_open = clock()
         with StreamingWriter(
             output, entries, bake_metadata(plan, save_dtype, HASH_PLACEHOLDER), overwrite=overwrite
         ) as w:
+            profile.add("open output", clock() - t_open)
             wt = WriterThread(w, pool, profile=profile)
             wt.start()
             for key in keys:

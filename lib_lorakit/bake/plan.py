@@ -6,6 +6,7 @@ LoRA tensors once to refuse NaN/inf.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import os
 import threading
@@ -374,43 +375,65 @@ def _family_warnings(spec: LoraSpec, lfam: Family, base: Family) -> list[str]:
 
 
 def check_lora_values(plan: Plan, progress: Progress | None = None, cancel: threading.Event | None = None) -> None:
-    """Read every used LoRA tensor once; refuse NaN/inf. Also hashes the LoRA files."""
+    """Read every used LoRA tensor once; refuse NaN/inf. Also hashes the LoRA files.
+
+    The LoRAs are checked side by side, one thread each, their tensors read in file order after
+    asking the kernel for each whole file: cold, key-name order made these reads random and the
+    check ran before the bake could start. Errors are raised in recipe order.
+    """
+    from ..streaming import ReadAhead
+
     for st in plan.loras:
-        mine = [c for cs in plan.weights.values() for c in cs if plan.loras[c.lora] is st]
-        used = {k for c in mine for k in c.params.values()}
-        alpha_keys = {c.params["alpha"]: c for c in mine if c.alg.id == "lora" and "alpha" in c.params}
-        alphas = []
-        bad = []
-        for key in sorted(used):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("Cancelled while checking the LoRA files; nothing was written.")
-            t = st.source.read(key)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                n = int((~torch.isfinite(t)).sum())
-                bad.append(f"{key} ({n} of {t.numel()} values are NaN/inf)")
-            elif key in alpha_keys and t.numel():
-                c = alpha_keys[key]
-                shp = c.target.shape
-                alphas.append(
-                    (
-                        st.source.shape(c.params["lora_down.weight"])[0],
-                        float(t.reshape(-1)[0]),
-                        len(shp) == 4 and tuple(shp[2:]) != (1, 1),
-                    )
+        ks = st.source.keys()
+        span = st.source.raw_span(ks[0]) if ks else None
+        ReadAhead.whole(span[0] if span else None)
+    if len(plan.loras) <= 1:
+        for st in plan.loras:
+            _check_one_lora(plan, st, cancel)
+        return
+    with concurrent.futures.ThreadPoolExecutor(min(4, len(plan.loras)), thread_name_prefix="lorakit-check") as ex:
+        futs = [ex.submit(_check_one_lora, plan, st, cancel) for st in plan.loras]
+        for f in futs:
+            f.result()
+
+
+def _check_one_lora(plan: Plan, st: LoraState, cancel: threading.Event | None) -> None:
+    mine = [c for cs in plan.weights.values() for c in cs if plan.loras[c.lora] is st]
+    used = {k for c in mine for k in c.params.values()}
+    alpha_keys = {c.params["alpha"]: c for c in mine if c.alg.id == "lora" and "alpha" in c.params}
+    alphas = []
+    bad = []
+    spans = {k: st.source.raw_span(k) for k in used}
+    for key in sorted(used, key=lambda k: (spans[k][1] if spans[k] else 0, k)):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("Cancelled while checking the LoRA files; nothing was written.")
+        t = st.source.read(key)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            bad.append(f"{key} ({n} of {t.numel()} values are NaN/inf)")
+        elif key in alpha_keys and t.numel():
+            c = alpha_keys[key]
+            shp = c.target.shape
+            alphas.append(
+                (
+                    st.source.shape(c.params["lora_down.weight"])[0],
+                    float(t.reshape(-1)[0]),
+                    len(shp) == 4 and tuple(shp[2:]) != (1, 1),
                 )
-        note = crosscheck_network_alpha(st.source.metadata, alphas)
-        if note and st.scales is not None and note not in st.scales.notes:
-            st.scales.notes.append(note)
-        if bad:
-            raise ValueProblem(
-                f"{st.spec.path} has NaN/inf weights in {len(bad)} tensor(s): " + "; ".join(bad[:5]),
-                fix="The LoRA is broken (training diverged or the file is damaged). Use another epoch or re-export it.",
             )
-        known = plan.hash_cache.get(st.spec.path) if plan.hash_cache is not None else None
-        if known is not None:
-            st.sha256, st.sha256_source = known
-        else:
-            stamp = file_key(st.spec.path)
-            st.sha256, st.sha256_source = sha256_file(st.spec.path), "computed"
-            if plan.hash_cache is not None and stamp is not None:
-                plan.hash_cache.put(st.spec.path, st.sha256, stamp[1])
+    note = crosscheck_network_alpha(st.source.metadata, alphas)
+    if note and st.scales is not None and note not in st.scales.notes:
+        st.scales.notes.append(note)
+    if bad:
+        raise ValueProblem(
+            f"{st.spec.path} has NaN/inf weights in {len(bad)} tensor(s): " + "; ".join(bad[:5]),
+            fix="The LoRA is broken (training diverged or the file is damaged). Use another epoch or re-export it.",
+        )
+    known = plan.hash_cache.get(st.spec.path) if plan.hash_cache is not None else None
+    if known is not None:
+        st.sha256, st.sha256_source = known
+    else:
+        stamp = file_key(st.spec.path)
+        st.sha256, st.sha256_source = sha256_file(st.spec.path), "computed"
+        if plan.hash_cache is not None and stamp is not None:
+            plan.hash_cache.put(st.spec.path, st.sha256, stamp[1])
