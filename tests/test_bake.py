@@ -458,3 +458,9 @@ def test_reported_rounding_loss_is_the_largest_of_the_whole_bake(tmp_path, monke
     r = report["rounding"]
     assert r["max_abs_rounding_loss"] == pytest.approx(worst, rel=1e-3), (r, worst_key)
     assert r["key"] == worst_key
+
+
+def test_whole_tensor_maths_is_exact_too(tmp_path, monkeypatch):
+    """LORAKIT_MATHS=whole (per-tensor maths, the many-core experiment) keeps one rounding of the fp32 sum."""
+    monkeypatch.setenv("LORAKIT_MATHS", "whole")
+    test_single_lora_matches_float64_and_rounds_once(tmp_path, "sdxl")

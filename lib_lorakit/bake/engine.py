@@ -163,6 +163,9 @@ class _Baker:
         self.stats = stats
         self.profile = profile or Profile()
         self.device = device or torch.device("cpu")
+        # CPU maths per tensor in one go instead of 1 MB row chunks: fewer, larger torch operations for the
+        # intra-op threads; an experiment for many-core machines (bench/README.md), off by default.
+        self.whole = os.environ.get("LORAKIT_MATHS", "chunks") == "whole"
         self._local = threading.local()
         self._lock = threading.Lock()  # stats and per-block changes
 
@@ -239,6 +242,9 @@ class _Baker:
                 with torch.cuda.stream(self._stream()):
                     wnorm, wdev = self._combine_device(key, w2, out, lows, others)
                     self._note_changes(notes, wdev, wnorm)
+            elif self.whole:
+                wnorm, _ = self._combine_device(key, w2, out, lows, others)
+                self._note_changes(notes, w2, wnorm)
             else:
                 wnorm = self._combine(key, w2, out, lows, others)
                 self._note_changes(notes, w2, wnorm)
@@ -421,12 +427,19 @@ class _Baker:
         if not (math.isfinite(lo) and math.isfinite(hi)):
             self._nonfinite(key, w2, has_delta)
         amax = max(-lo, hi, 0.0)
-        od = wc.to(out.dtype)
         max_round = 0.0
-        if out.dtype != torch.float32:
-            elo, ehi = torch.aminmax(od.float().sub_(wc))
-            max_round = max(-float(elo), float(ehi), 0.0)
-        out.copy_(od)  # device -> host, synchronous
+        check = out.dtype != torch.float32 and max_rounding_error(amax, out.dtype) >= self.stats.max_round[0]
+        if dev.type == "cpu":  # whole-tensor maths on the CPU (LORAKIT_MATHS=whole): round straight into out
+            out.copy_(wc)
+            if check:
+                elo, ehi = torch.aminmax(out.float().sub_(wc))
+                max_round = max(-float(elo), float(ehi), 0.0)
+        else:
+            od = wc.to(out.dtype)
+            if check:
+                elo, ehi = torch.aminmax(od.float().sub_(wc))
+                max_round = max(-float(elo), float(ehi), 0.0)
+            out.copy_(od)  # device -> host, synchronous
         t3 = clock()
         self.profile.add("convert", t1 - t0)
         self.profile.add("add", t2 - t1)
