@@ -353,7 +353,7 @@ class _Baker:
         has_delta = bool(lows or others)
         rounding = out.dtype != torch.float32
         scratch_w, scratch_r = self._scratch()
-        t_conv = t_add = t_round = 0.0
+        t_conv = t_add = t_round = t_norm = t_other = 0.0
         clock = time.perf_counter
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
@@ -367,17 +367,21 @@ class _Baker:
             if has_delta:
                 flat = wc.view(-1)
                 wn2 += float(torch.dot(flat, flat))
+            tn = clock()
             for phase in self._steps(wc, lows, others, out.dtype):
                 for s0, s1, up, down, st in lows:
                     a, b = max(r0, s0), min(r1, s1)
                     if a < b and st == phase:
                         wc[a - r0 : b - r0].addmm_(up[a - s0 : b - s0], down)
+                tl = clock()
                 for s0, s1, d, m, st in others:
                     a, b = max(r0, s0), min(r1, s1)
                     if a < b and st == phase:
                         d.add_rows(wc[a - r0 : b - r0], a - s0, b - s0, m)
+                t_other += clock() - tl
             self._round_step(wc, out.dtype)
             t2 = clock()
+            t_norm += tn - t1
             lo, hi = torch.aminmax(wc)
             lo, hi = float(lo), float(hi)
             if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -395,7 +399,10 @@ class _Baker:
             t_add += t2 - t1
             t_round += t3 - t2
         self.profile.add("convert", t_conv)
-        self.profile.add("add", t_add)
+        self.profile.add("norm", t_norm)
+        self.profile.add("add", t_add - t_norm - t_other)
+        if others:
+            self.profile.add(f"add {'+'.join(sorted({_kind(d) for _, _, d, _, _ in others}))}", t_other)
         self.profile.add("round", t_round)
         self._finish(key, amax, max_round, has_delta, out.dtype)
         return math.sqrt(wn2)
@@ -475,6 +482,11 @@ class _Baker:
             f"{key}: baking {' + '.join(names) or 'the recipe'} gives NaN/inf values.",
             fix="Lower the strengths; if it persists the LoRA is broken for this checkpoint.",
         )
+
+
+def _kind(d: Delta) -> str:
+    """The profile's name for an update that is not a plain low-rank pair."""
+    return "kron" if d.kron is not None else "hadamard" if d.hada is not None else "dense"
 
 
 def _delta_to(d: Delta, dev: torch.device) -> Delta:
@@ -573,6 +585,7 @@ def bake(
             check_lora_values(plan, cancel=cancel)
             profile.add("check loras", time.perf_counter() - t_check)
             if not dry_run:
+                t_stream = time.perf_counter()
                 with engine_threads(n_workers), exact_float32(dev):
                     sha = _execute(
                         plan,
@@ -590,6 +603,7 @@ def bake(
                         profile,
                         rounding,
                     )
+                profile.add("stream (all)", time.perf_counter() - t_stream)
                 if base_hash is None:
                     base_hash = (sha, "computed")
                     if cache is not None and stamp is not None:
@@ -739,6 +753,7 @@ def _execute(
             log.debug("bake: direct I/O: %s; profile %s", w.direct_io, profile.as_dict()["stages"])
         return digest
     finally:
+        t_end = clock()
         if hasher is not None:
             hasher.stop.set()
             if hasher.gate is not None:
@@ -754,3 +769,4 @@ def _execute(
             drain(wt.q)
             wt.q.put(None)
             wt.join(timeout=60)
+        profile.add("shut down", clock() - t_end)

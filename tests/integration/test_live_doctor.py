@@ -50,19 +50,29 @@ def _base_file(ck):
     pytest.skip("the host's base checkpoint is not a file on this machine")
 
 
-def _write_lora(lo, name, algo, seed, std, conv, kernel_4d=False):
+def _arch(base) -> str:
+    """The base checkpoint's family as lorakit detects it ("sd15" or "sdxl"): the LoRAs are made for it."""
+    from lib_lorakit.formats.arch import detect_checkpoint
+    from lib_lorakit.formats.sources import open_source
+
+    src = open_source(base)
+    try:
+        return detect_checkpoint(src.shapes(), src.metadata, base).arch
+    finally:
+        src.close()
+
+
+def _write_lora(lo, name, algo, seed, std, conv, kernel_4d=False, arch="sd15"):
     import torch
 
     from lib_lorakit.formats.safetensors_io import save_file
     from lib_lorakit.synth import make_lora
 
-    sd = make_lora(
-        "sd15", algo, rank=4, alpha=4, tiny=False, conv=conv, te=True, seed=seed, dtype=torch.float16, std=std
-    )
+    sd = make_lora(arch, algo, rank=4, alpha=4, tiny=False, conv=conv, te=True, seed=seed, dtype=torch.float16, std=std)
     if kernel_4d:  # lokr_w2_b (rank, in*kh*kw) -> (rank, in, kh, kw) on the conv layers
         from lib_lorakit.synth import kohya_modules
 
-        for mod, shape, _, _ in kohya_modules("sd15"):
+        for mod, shape, _, _ in kohya_modules(arch):
             k = mod + ".lokr_w2_b"
             if k in sd and len(shape) == 4 and shape[2:] != (1, 1):
                 b = sd[k]
@@ -76,6 +86,7 @@ def recipe():
     """Three LoRAs in the host's LoRA folder, all training the text encoder: a kohya LoRA with conv layers
     (LoCon), a LoHa and a LoKr on the attention and text-encoder layers."""
     ck, lo = _dirs()
+    arch = _arch(_base_file(ck))
     tag = uuid.uuid4().hex[:5]
     out = []
     for algo, seed, std, strength, conv in (
@@ -83,8 +94,9 @@ def recipe():
         ("loha", 12, 0.08, 0.6, False),
         ("lokr", 13, 0.08, 0.7, False),
     ):
-        out.append((_write_lora(lo, f"lorakit-it-doc-{tag}-{algo}", algo, seed, std, conv), strength))
+        out.append((_write_lora(lo, f"lorakit-it-doc-{tag}-{algo}", algo, seed, std, conv, arch=arch), strength))
     call("POST", "/sdapi/v1/refresh-loras", {})
+    print(f"\n[doctor-live] base {os.path.basename(_base_file(ck))}: {arch}")
     return ck, lo, tag, out
 
 
@@ -170,6 +182,12 @@ def test_a_lora_left_out_is_named(recipe, tmp_path, capsys):
     assert left and left[0]["lora"].endswith("-lokr"), text
 
 
+def _sd15_only(recipe):
+    """The planted LoRAs below are written for SD1.5's text encoder and layout."""
+    if _arch(_base_file(recipe[0])) != "sd15":
+        pytest.skip("this plant is written for SD1.5")
+
+
 def _is_forge() -> bool:
     _, opts = call("GET", "/sdapi/v1/options")
     return any(k.startswith("forge_") for k in opts)
@@ -180,6 +198,7 @@ def test_a_4d_lokr_that_bakes_unlike_it_runs_is_named(recipe, tmp_path, capsys):
     lorakit reads both layouts and bakes the layers; A1111 1.10's network_lokr computes ``w2a @ w2b``,
     which raises for a 4-D w2b, and skips those layers at runtime (a debug-level log line and an error
     count), so the bake renders unlike the runtime recipe and the doctor must name that LoRA."""
+    _sd15_only(recipe)
     if _is_forge():
         pytest.skip("Forge refuses this layout outright (the render fails: 'mat2 must be a matrix')")
     ck, lo, tag, loras = recipe
@@ -244,6 +263,7 @@ ROUNDED = "this Forge keeps the text encoder in fp16 at runtime; start it with -
 def test_a_huge_alpha_lora_that_bakes_unlike_it_runs_is_named(recipe, tmp_path, capsys):
     """The issue's own example on both hosts: a LoRA with a huge alpha whose fp16 bake loses what its runtime
     keeps (:func:`_write_huge_alpha_lora`). Baked alone it diverges; the other LoRA alone matches."""
+    _sd15_only(recipe)
     if _te_rounded_at_runtime():
         pytest.skip(ROUNDED)
     ck, lo, tag, loras = recipe
@@ -269,6 +289,7 @@ def test_fp16_precision_loss_is_named_and_fp32_restores_parity(recipe, tmp_path,
     """The 3-LoRA recipe plus a LoRA with a huge alpha whose delta the network cannot see but fp16 cannot
     hold (see :func:`_write_huge_alpha_lora`): the fp16 bake diverges from the runtime recipe, the fp32
     variant renders like it, and the doctor names precision."""
+    _sd15_only(recipe)
     if _te_rounded_at_runtime():
         pytest.skip(ROUNDED)
     ck, lo, tag, loras = recipe
