@@ -32,6 +32,7 @@ class FakeWebUI:
         kill_after: int | None = None,
         engine: str = "a1111",
         samplers: tuple[str, ...] = ("Euler a", "Euler", "DPM++ 2M"),
+        cmd_flags: dict | None = None,
     ):
         self.fake = fake
         self.auth = auth
@@ -39,6 +40,7 @@ class FakeWebUI:
         self.kill_after = kill_after  # images made before it vanishes
         self.engine = engine  # "forge": its settings carry forge_* keys, as Forge's do
         self.samplers = samplers
+        self.cmd_flags = cmd_flags  # None: no /sdapi/v1/cmd-flags route
         self.made = 0
         self.dead = False
         self.interrupts = 0
@@ -98,6 +100,11 @@ class FakeWebUI:
                     self._send(
                         200, [{"name": l.name, "alias": l.name, "path": l.path, "metadata": {}} for l in f.loras()]
                     )
+                elif self.path == "/sdapi/v1/cmd-flags" and outer.cmd_flags is not None:
+                    if outer.engine == "forge":  # Forge's flags fail its response model: HTTP 500, flags in "body"
+                        self._send(500, {"error": "ResponseValidationError", "detail": "", "body": outer.cmd_flags})
+                    else:
+                        self._send(200, outer.cmd_flags)
                 elif self.path == "/sdapi/v1/options":
                     opts = {"sd_model_checkpoint": f.loaded}
                     if outer.engine == "forge":

@@ -291,3 +291,50 @@ def test_sequential_rounding_equals_chained_bakes(tmp_path, monkeypatch, chunk):
     s, t, u = load_file(seq), load_file(two), load_file(summed)
     assert all(torch.equal(s[k], t[k]) for k in s)
     assert any(not torch.equal(s[k], u[k]) for k in s)  # summing first rounds differently somewhere
+
+
+def test_runtime_precision_from_the_hosts_flags():
+    """What each host applies runtime LoRAs in (doctor/runtime.py), from the flags that decide it."""
+    from lib_lorakit.doctor.runtime import precision_warning, runtime_precision
+
+    a1111 = runtime_precision("a1111", {"no_half": True, "precision": "autocast"})
+    assert (a1111["text_encoder"], a1111["unet"]) == ("fp32", "fp32")
+    assert runtime_precision("a1111", {"no_half": False, "precision": "autocast"})["unet"] == "fp16"
+    forge_cpu = runtime_precision("forge", {"always_cpu": True, "clip_in_fp32": False})
+    assert (forge_cpu["text_encoder"], forge_cpu["unet"]) == ("fp16", "fp32")
+    assert runtime_precision("forge", {"always_cpu": True, "clip_in_fp32": True})["text_encoder"] == "fp32"
+    assert runtime_precision("forge", {"all_in_fp32": True})["unet"] == "fp32"
+    assert runtime_precision("forge", {}) is None and runtime_precision("a1111", None) is None
+    w = precision_warning(forge_cpu, fp32_variant=True)
+    assert "text encoder in fp16" in w and "--clip-in-fp32" in w and "UNet" not in w
+    assert precision_warning(forge_cpu, fp32_variant=False) is None
+    assert precision_warning(a1111, fp32_variant=True) is None
+
+
+def test_diagnose_records_the_hosts_runtime_precision(models):
+    """A host that keeps the text encoder in fp16 (Forge on CPU by default) gets a warning beside the fp32
+    variant; one started with --clip-in-fp32 does not. Both reports record what the host said."""
+    ck, lo, base, recipe, tmp = models
+    bk = baked(ck, base, recipe)
+
+    class Forge(WeightRenderer):
+        flags: dict = {}
+
+        def engine(self):
+            return "forge"
+
+        def cmd_flags(self):
+            return self.flags
+
+    reps = []
+    for flags in ({"always_cpu": True}, {"always_cpu": True, "clip_in_fp32": True}):
+        be = Forge(ck, lo)
+        be.flags = flags
+        reps.append(
+            diagnose(check(base, bk, recipe, PROMPTS[:1], SEEDS[:1]), be, str(tmp / "o"), ck, variants=["fp32"])
+        )
+    fp16_te, fp32_te = reps
+    assert fp16_te["host_precision"]["text_encoder"] == "fp16" and fp32_te["host_precision"]["text_encoder"] == "fp32"
+    assert any("--clip-in-fp32" in w for w in fp16_te["warnings"]), fp16_te["warnings"]
+    assert not any("--clip-in-fp32" in w for w in fp32_te["warnings"]), fp32_te["warnings"]
+    assert "--clip-in-fp32" in summary(fp16_te)

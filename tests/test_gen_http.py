@@ -249,3 +249,18 @@ def test_grid_resume_fills_only_the_gaps(webui, capsys):
     assert main(["grid", "--webui", srv.url, "--resume", run_dir, "-q"]) == 0
     assert len(srv.fake.calls) - before == 1
     assert "styleA: healthy" in capsys.readouterr().out and Run(run_dir).missing() == []
+
+
+@pytest.mark.parametrize("engine", ["a1111", "forge"])
+def test_http_backend_reads_the_command_line_flags(tmp_path, engine):
+    """A1111 answers /sdapi/v1/cmd-flags plainly; Forge inside a validation error (HTTP 500, the flags in
+    ``body``); a WebUI without the route gives {}. The doctor reads the runtime precision from them."""
+    fake = FakeBackend(str(tmp_path), str(tmp_path), {})
+    srv = FakeWebUI(fake, engine=engine, cmd_flags={"no_half": True, "clip_in_fp32": False})
+    bare = FakeWebUI(fake, engine=engine)
+    try:
+        assert HttpBackend(srv.url).cmd_flags() == {"no_half": True, "clip_in_fp32": False}
+        assert HttpBackend(bare.url).cmd_flags() == {}
+    finally:
+        srv.close()
+        bare.close()

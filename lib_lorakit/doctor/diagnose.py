@@ -18,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import Cancelled
+from ..errors import Cancelled, LorakitError
 from ..fsutil import atomic_write
 from ..gen.backend import Backend
 from ..gen.run import Cell, Run, execute
 from ..prompt import strip_tags
 from . import parity as P
 from .report import COLUMNS, contact_sheet, save_png
+from .runtime import precision_warning, runtime_precision
 from .variants import CFGS, Variant, plan_variants
 
 REPORT = "doctor.json"
@@ -298,6 +299,10 @@ def diagnose(
         w = P.small_effect_warning(report["parity"]["overall"])
         if w:
             report["warnings"].append(w)
+        report["host_precision"] = _host_precision(backend)
+        w = precision_warning(report["host_precision"], any(v.id == "fp32" for v in vs))
+        if w:
+            report["warnings"].append(w)
         imgs = _images(run)
         report["variants"] = [_measure_variant(v, imgs, check, bakes) for v in vs]
         report["causes"], report["no_cause"] = name_causes(report)
@@ -319,6 +324,18 @@ def diagnose(
     finally:
         if not kept:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _host_precision(backend: Backend) -> dict[str, str] | None:
+    """What the host applies LoRAs in at runtime (doctor/runtime.py); None for a backend that cannot say."""
+    flags = getattr(backend, "cmd_flags", None)
+    engine = getattr(backend, "engine", None)
+    if flags is None or engine is None:
+        return None
+    try:
+        return runtime_precision(engine(), flags())
+    except LorakitError:
+        return None
 
 
 def _measure_variant(v: Variant, imgs, check: Check, bakes: list[dict[str, Any]]) -> dict[str, Any]:

@@ -198,6 +198,11 @@ class HostBackend:
         if stop:
             stop()
 
+    def cmd_flags(self) -> dict[str, Any]:
+        """The WebUI's command-line flags ({} when the host has none to show)."""
+        get = getattr(self.host, "cmd_flags", None)
+        return dict(get() or {}) if get else {}
+
     def txt2img(self, request: dict[str, Any]) -> GenImage:
         res = self.host.txt2img(request)
         images = res.get("images") or []
@@ -289,6 +294,23 @@ class HttpBackend:
         """ "forge" or "a1111" (Forge's settings have ``forge_*`` keys)."""
         opts = self._call("GET", "/sdapi/v1/options") or {}
         return "forge" if any(str(k).startswith("forge_") for k in opts) else "a1111"
+
+    def cmd_flags(self) -> dict[str, Any]:
+        """The WebUI's command-line flags (/sdapi/v1/cmd-flags); {} when it does not say. Forge answers
+        them inside a response-validation error (HTTP 500 with the flags in ``body``)."""
+        req = urllib.request.Request(self.url + "/sdapi/v1/cmd-flags", method="GET", headers=self._headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                data = json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            try:
+                data = json.loads(e.read() or b"null")
+            except ValueError:
+                return {}
+            data = data.get("body") if isinstance(data, dict) else None
+        except (urllib.error.URLError, OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def samplers(self) -> list[str]:
         """The sampler names its txt2img takes (names and aliases)."""

@@ -80,6 +80,13 @@ class WebUIHost:
             return "cpu"
         return str(dev) if getattr(dev, "type", None) == "cuda" else "cpu"
 
+    def cmd_flags(self) -> dict[str, Any]:
+        """The WebUI's parsed command-line flags."""
+        try:
+            return dict(vars(_m("modules.shared").cmd_opts))
+        except (ImportError, AttributeError, TypeError):
+            return {}
+
     def known_sha256(self, path: str) -> str | None:
         """The checkpoint's SHA-256 from the WebUI's cache.json, when it computed it for this mtime."""
         try:
