@@ -338,3 +338,29 @@ def test_diagnose_records_the_hosts_runtime_precision(models):
     assert any("--clip-in-fp32" in w for w in fp16_te["warnings"]), fp16_te["warnings"]
     assert not any("--clip-in-fp32" in w for w in fp32_te["warnings"]), fp32_te["warnings"]
     assert "--clip-in-fp32" in summary(fp16_te)
+
+
+def test_host_precision_through_a_pool_of_webuis(tmp_path):
+    """The command line's --webui makes a pool: the report takes the precision from the member that keeps
+    a part below fp32 (it decides the warning), and names that WebUI."""
+    from fake_gen import FakeBackend
+    from fake_sdapi import FakeWebUI
+
+    from lib_lorakit.doctor.diagnose import _host_precision
+    from lib_lorakit.gen.backend import HttpBackend
+    from lib_lorakit.gen.pool import Pool
+
+    fake = FakeBackend(str(tmp_path), str(tmp_path), {})
+    a = FakeWebUI(fake, engine="a1111", cmd_flags={"no_half": True})
+    f = FakeWebUI(fake, engine="forge", cmd_flags={"always_cpu": True})
+    try:
+        pool = Pool([HttpBackend(a.url), HttpBackend(f.url)])
+        pool.refresh()
+        p = _host_precision(pool)
+        assert (p["engine"], p["text_encoder"], p["webui"]) == ("forge", "fp16", f.url)
+        alone = Pool([HttpBackend(a.url)])
+        alone.refresh()
+        assert _host_precision(alone)["text_encoder"] == "fp32"
+    finally:
+        a.close()
+        f.close()

@@ -25,7 +25,7 @@ from ..gen.run import Cell, Run, execute
 from ..prompt import strip_tags
 from . import parity as P
 from .report import COLUMNS, contact_sheet, save_png
-from .runtime import precision_warning, runtime_precision
+from .runtime import FP32, precision_warning, runtime_precision
 from .variants import CFGS, Variant, plan_variants
 
 REPORT = "doctor.json"
@@ -327,7 +327,18 @@ def diagnose(
 
 
 def _host_precision(backend: Backend) -> dict[str, str] | None:
-    """What the host applies LoRAs in at runtime (doctor/runtime.py); None for a backend that cannot say."""
+    """What the host applies LoRAs in at runtime (doctor/runtime.py); None for a backend that cannot say.
+    For a pool of WebUIs: the first that keeps a part below fp32 (it decides the warning), else the first."""
+    members = getattr(backend, "members", None)
+    if members is not None:
+        found = []
+        for m in members:
+            if getattr(m, "state", "") != "down":
+                p = _host_precision(m.backend)
+                if p:
+                    found.append({**p, "webui": m.name})
+        low = [p for p in found if p["text_encoder"] != FP32 or p["unet"] != FP32]
+        return (low or found or [None])[0]
     flags = getattr(backend, "cmd_flags", None)
     engine = getattr(backend, "engine", None)
     if flags is None or engine is None:

@@ -310,6 +310,7 @@ def test_fp16_precision_loss_is_named_and_fp32_restores_parity(recipe, tmp_path,
     assert rep["parity"]["overall"]["verdict"] not in ("identical", "equivalent"), text
     assert v["fp32"]["verdict"] in ("identical", "equivalent"), text
     assert "precision" in {c["cause"] for c in rep["causes"]}, text
+    assert rep["host_precision"]["text_encoder"] == "fp32", rep["host_precision"]  # read from the host's flags
     assert not [n for n in os.listdir(ck) if n.startswith("lorakit-scratch-")]
 
 
