@@ -324,6 +324,10 @@ def test_variant_batch_time_against_its_renders_and_bakes(correct, recipe, tmp_p
     )
     t = rep["timing"]
     assert t["overhead_ratio"] <= 2.0, t
+    if "fp32" in variants.split(","):  # the host's runtime precision, read from its flags, and its warning
+        assert rep["host_precision"] is not None, rep.get("host_precision")
+        warned = any("cannot restore parity" in w for w in rep["warnings"])
+        assert warned == _te_rounded_at_runtime(), (rep["host_precision"], rep["warnings"])
     assert not [n for n in os.listdir(ck) if n.startswith("lorakit-scratch-")]
 
 
