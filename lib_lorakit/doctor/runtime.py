@@ -58,7 +58,8 @@ def precision_warning(prec: dict[str, str] | None, fp32_variant: bool) -> str | 
     ]
     if not low:
         return None
+    host = {"forge": "Forge", "a1111": "A1111"}.get(prec["engine"], prec["engine"] or "WebUI")
     return (
-        f"This {prec['engine']} keeps {' and '.join(low)} at runtime: it rounds the LoRAs there as a reduced-"
+        f"This {host} keeps {' and '.join(low)} at runtime: it rounds the LoRAs there as a reduced-"
         f"precision bake does, so the fp32 variant cannot restore parity for those parts ({prec['hint']})."
     )
