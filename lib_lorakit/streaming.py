@@ -396,7 +396,11 @@ def drain(q: queue.Queue) -> None:
 
 def reader_count(cores: int | None = None) -> int:
     """Threads reading inputs ahead: one on small machines (a second only competes with the maths for a
-    core), up to three where a fast SSD answers several requests at once."""
+    core), up to three where a fast SSD answers several requests at once. ``$LORAKIT_READERS`` overrides
+    (for measuring: a cold, high-latency disk may want more requests in flight)."""
+    env = os.environ.get("LORAKIT_READERS", "")
+    if env.isdigit() and int(env) > 0:
+        return min(8, int(env))
     n = cores or os.cpu_count() or 1
     return 1 if n < 4 else 2 if n < 8 else 3
 
