@@ -436,16 +436,12 @@ class _Baker:
         amax = max(-lo, hi, 0.0)
         max_round = 0.0
         check = out.dtype != torch.float32 and max_rounding_error(amax, out.dtype) >= self.stats.max_round[0]
-        if dev.type == "cpu":  # whole-tensor maths on the CPU (LORAKIT_MATHS=whole): round straight into out
-            out.copy_(wc)
-            if check:
-                elo, ehi = torch.aminmax(out.float().sub_(wc))
-                max_round = max(-float(elo), float(ehi), 0.0)
-        else:
-            od = wc.to(out.dtype)
-            if check:
-                elo, ehi = torch.aminmax(od.float().sub_(wc))
-                max_round = max(-float(elo), float(ehi), 0.0)
+        # on the CPU (LORAKIT_MATHS=whole) round straight into out; on the GPU there, then copy to the host
+        od = out.copy_(wc) if dev.type == "cpu" else wc.to(out.dtype)
+        if check:
+            elo, ehi = torch.aminmax(od.float().sub_(wc))
+            max_round = max(-float(elo), float(ehi), 0.0)
+        if od is not out:
             out.copy_(od)  # device -> host, synchronous
         t3 = clock()
         self.profile.add("convert", t1 - t0)

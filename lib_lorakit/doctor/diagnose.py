@@ -329,14 +329,13 @@ def diagnose(
 def _host_precision(backend: Backend) -> dict[str, str] | None:
     """What the host applies LoRAs in at runtime (doctor/runtime.py); None for a backend that cannot say.
     For a pool of WebUIs: the first that keeps a part below fp32 (it decides the warning), else the first."""
-    members = getattr(backend, "members", None)
-    if members is not None:
+    ready = getattr(backend, "ready", None)  # a pool: its members that answer
+    if ready is not None:
         found = []
-        for m in members:
-            if getattr(m, "state", "") != "down":
-                p = _host_precision(m.backend)
-                if p:
-                    found.append({**p, "webui": m.name})
+        for m in ready():
+            p = _host_precision(m.backend)
+            if p:
+                found.append({**p, "webui": m.name})
         low = [p for p in found if p["text_encoder"] != FP32 or p["unet"] != FP32]
         return (low or found or [None])[0]
     flags = getattr(backend, "cmd_flags", None)

@@ -246,12 +246,16 @@ class HttpBackend:
                 raise GenError("--api-auth must be USER:PASSWORD.")
             self._headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
 
-    def _call(self, method: str, route: str, body: Any = None, timeout: float | None = None) -> Any:
+    def _open(self, method: str, route: str, body: Any = None, timeout: float | None = None) -> bytes:
+        """The raw answer to one request (urllib's errors pass through)."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + route, data=data, method=method, headers=self._headers)
+        with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
+            return r.read()
+
+    def _call(self, method: str, route: str, body: Any = None, timeout: float | None = None) -> Any:
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
-                raw = r.read()
+            raw = self._open(method, route, body, timeout)
         except urllib.error.HTTPError as e:
             detail = e.read()[:500].decode("utf-8", "replace")
             if e.code == 401:
@@ -298,10 +302,8 @@ class HttpBackend:
     def cmd_flags(self) -> dict[str, Any]:
         """The WebUI's command-line flags (/sdapi/v1/cmd-flags); {} when it does not say. Forge answers
         them inside a response-validation error (HTTP 500 with the flags in ``body``)."""
-        req = urllib.request.Request(self.url + "/sdapi/v1/cmd-flags", method="GET", headers=self._headers)
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                data = json.loads(r.read() or b"null")
+            data = json.loads(self._open("GET", "/sdapi/v1/cmd-flags", timeout=30) or b"null")
         except urllib.error.HTTPError as e:
             try:
                 data = json.loads(e.read() or b"null")
