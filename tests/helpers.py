@@ -17,3 +17,15 @@ def wait_job(client, job_id: str, timeout: float = 60.0, auth=None) -> dict:
             return j
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish in {timeout:g} s: {j}")
+
+
+def worst_fp16_rounding(exact) -> tuple[float, str | None]:
+    """The largest error rounding ``exact`` ({key: float64 tensor}) to float32 and then once to float16
+    makes, and its key (the first in key order among ties): what a bake or merge report must state."""
+    worst, worst_key = 0.0, None
+    for k in sorted(exact):
+        x32 = exact[k].float()
+        e = float((x32.half().double() - x32.double()).abs().max())
+        if e > worst:
+            worst, worst_key = e, k
+    return worst, worst_key

@@ -10,6 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 from factories import files_in, tiny_checkpoint, write
+from helpers import worst_fp16_rounding
 
 from lib_lorakit.bake import LoraSpec, bake, parse_lora_arg, summary
 from lib_lorakit.errors import Cancelled, MatchError, OutputError, RecipeError, ValueProblem
@@ -448,13 +449,7 @@ def test_reported_rounding_loss_is_the_largest_of_the_whole_bake(tmp_path, monke
     lora_p = write(tmp_path, "a.safetensors", sd)
     out = str(tmp_path / "out.safetensors")
     report = bake(base_p, [LoraSpec(lora_p, 1.7)], out)
-    exp = expected_lora(load(base_p), sd, "sdxl", 1.7)
-    worst, worst_key = 0.0, None
-    for k in sorted(exp):
-        x32 = exp[k].float()
-        e = float((x32.half().double() - x32.double()).abs().max())
-        if e > worst:
-            worst, worst_key = e, k
+    worst, worst_key = worst_fp16_rounding(expected_lora(load(base_p), sd, "sdxl", 1.7))
     r = report["rounding"]
     assert r["max_abs_rounding_loss"] == pytest.approx(worst, rel=1e-3), (r, worst_key)
     assert r["key"] == worst_key

@@ -205,8 +205,14 @@ def test_a_4d_lokr_that_bakes_unlike_it_runs_is_named(recipe, tmp_path, capsys):
     base = _base_file(ck)
     conv_lokr = _write_lora(lo, f"lorakit-it-doc-{tag}-lokrconv", "lokr", 14, 0.08, True, kernel_4d=True)
     call("POST", "/sdapi/v1/refresh-loras", {})
-    rec = [loras[0], (conv_lokr, 0.7)]
-    baked = _bake(ck, base, rec, f"lorakit-it-doc-{tag}-convlokr")
+    named, text = _named_baking_differently(ck, base, [loras[0], (conv_lokr, 0.7)], f"{tag}-convlokr", tmp_path, capsys)
+    assert named == [os.path.splitext(os.path.basename(conv_lokr))[0]], text
+
+
+def _named_baking_differently(ck, base, rec, name, tmp_path, capsys):
+    """Bake ``rec``, diagnose it with each LoRA alone (2 prompts, 1 seed); the LoRAs named as baking unlike
+    they run, and the doctor's text."""
+    baked = _bake(ck, base, rec, f"lorakit-it-doc-{name}")
     code, rep, text = _doctor(
         "diagnose",
         baked,
@@ -216,8 +222,7 @@ def test_a_4d_lokr_that_bakes_unlike_it_runs_is_named(recipe, tmp_path, capsys):
         prompts=PROMPTS[:2],
         seeds="1",
     )
-    named = [c for c in rep["causes"] if c["cause"] == "lora-bakes-differently"]
-    assert [c["lora"] for c in named] == [os.path.splitext(os.path.basename(conv_lokr))[0]], text
+    return [c["lora"] for c in rep["causes"] if c["cause"] == "lora-bakes-differently"], text
 
 
 def _write_huge_alpha_lora(lo, name):
@@ -270,19 +275,8 @@ def test_a_huge_alpha_lora_that_bakes_unlike_it_runs_is_named(recipe, tmp_path, 
     base = _base_file(ck)
     huge = _write_huge_alpha_lora(lo, f"lorakit-it-doc-{tag}-hugealpha2")
     call("POST", "/sdapi/v1/refresh-loras", {})
-    rec = [loras[0], (huge, 1.0)]
-    baked = _bake(ck, base, rec, f"lorakit-it-doc-{tag}-huge")
-    code, rep, text = _doctor(
-        "diagnose",
-        baked,
-        ["--base", base, *_recipe_args(rec), "--variants", "alone"],
-        tmp_path,
-        capsys,
-        prompts=PROMPTS[:2],
-        seeds="1",
-    )
-    named = [c for c in rep["causes"] if c["cause"] == "lora-bakes-differently"]
-    assert [c["lora"] for c in named] == [os.path.splitext(os.path.basename(huge))[0]], text
+    named, text = _named_baking_differently(ck, base, [loras[0], (huge, 1.0)], f"{tag}-huge", tmp_path, capsys)
+    assert named == [os.path.splitext(os.path.basename(huge))[0]], text
 
 
 def test_fp16_precision_loss_is_named_and_fp32_restores_parity(recipe, tmp_path, capsys):
