@@ -235,9 +235,11 @@ def lorakit_variants(args, cache_dir: str) -> list[tuple[str, list[str], list[st
     if args.two_cores:
         out.append(("lorakit-2cores", ["taskset", "-c", "0,1"], ["--device", "cpu", *cache], True))
         out.append(("lorakit-2cores-cached", ["taskset", "-c", "0,1"], ["--device", "cpu", *cache], False))
-    for w in (args.workers or "").split(","):
+    for w in (args.workers or "").split(","):  # "8" or "8x1": 8 maths threads (of 1 torch thread each)
         if w.strip():
-            out.append((f"lorakit-w{int(w)}", [], ["--device", "cpu", *cache, "--workers", str(int(w))], False))
+            n, _, each = w.strip().partition("x")
+            env = ["env", f"LORAKIT_TORCH_THREADS={int(each)}"] if each else []
+            out.append((f"lorakit-w{w.strip()}", env, ["--device", "cpu", *cache, "--workers", str(int(n))], False))
     for dev in args.devices.split(","):
         if dev.strip() and dev.strip() != "cpu":
             out.append((f"lorakit-{dev.strip()}", [], ["--device", dev.strip(), *cache], True))
@@ -247,7 +249,7 @@ def lorakit_variants(args, cache_dir: str) -> list[tuple[str, list[str], list[st
 def add_lorakit_args(ap) -> None:
     ap.add_argument("--devices", default="cpu", help="comma-separated lorakit devices to run: cpu,cuda")
     ap.add_argument("--two-cores", action="store_true", help="also run lorakit pinned to two cores (taskset)")
-    ap.add_argument("--workers", help="also run lorakit (hash cached) with these maths-thread counts, e.g. 2,4,8")
+    ap.add_argument("--workers", help="also run lorakit (hash cached) with these maths-thread counts, e.g. 2,4,8 or 8x1 (1 torch thread each)")
 
 
 def empty_cache(cache_dir: str) -> None:

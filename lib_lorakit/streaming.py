@@ -100,7 +100,9 @@ def engine_threads(workers: int = 1):
     small chunk operations, starving the hashing and I/O threads.
     """
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, usable_cores() // max(1, workers)))
+    env = os.environ.get("LORAKIT_TORCH_THREADS", "")  # a measuring knob: torch threads per maths thread
+    each = int(env) if env.isdigit() and int(env) > 0 else usable_cores() // max(1, workers)
+    torch.set_num_threads(max(1, each))
     try:
         yield
     finally:

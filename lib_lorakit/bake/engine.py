@@ -347,6 +347,9 @@ class _Baker:
         """Add the updates chunk by chunk in float32, round once, and check the result. Returns |W|."""
         rows, cols = w2.shape
         step = max(1, CHUNK_ELEMS // max(cols, 1))
+        blocks = [d.kron[1].shape[0] for _, _, d, _, _ in others if d.kron is not None]
+        if blocks and blocks[0] <= step:  # whole kron blocks per chunk: one broadcast each, no per-row edges
+            step -= step % blocks[0]
         big = cols > CHUNK_ELEMS
         amax = wn2 = 0.0
         max_round = 0.0
