@@ -5,6 +5,7 @@ import json
 import math
 import os
 import threading
+import time
 
 import pytest
 import safetensors.torch
@@ -336,6 +337,72 @@ def test_nan_lora_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueProblem, match=rf"nan\.safetensors has NaN/inf weights in 1 tensor\(s\): {k} \(1 of"):
         bake(base_p, [LoraSpec(lora_p)], str(tmp_path / "out.safetensors"))
     assert files_in(tmp_path) == ["nan.safetensors", "sdxl-base.safetensors"]
+
+
+def test_nan_lora_found_by_the_stream_first_still_names_the_lora(tmp_path, monkeypatch):
+    """The LoRA check runs beside the stream: when the maths meets the NaN before the check has read
+    it, the error is still the check's (the file and tensor), and nothing is left."""
+    import lib_lorakit.bake.engine as bk
+
+    base_p = tiny_checkpoint(tmp_path, "sdxl")
+    sd = make_lora("sdxl", "lora", conv=False, te=False)
+    k = "lora_unet_input_blocks_5_1_proj_out.lora_up.weight"
+    sd[k] = sd[k].clone()
+    sd[k][0, 0] = float("nan")
+    lora_p = write(tmp_path, "nan.safetensors", sd)
+    real = bk.check_lora_values
+    streamed = threading.Event()
+
+    def late_check(plan, progress=None, cancel=None):
+        streamed.wait(30)  # start only once the stream has failed
+        return real(plan, cancel=None)
+
+    real_prefer = bk._LoraCheck.prefer
+
+    def prefer(self, e):
+        assert isinstance(e, ValueProblem) and "gives NaN/inf" in str(e)  # the stream's own error came first
+        streamed.set()
+        return real_prefer(self, e)
+
+    monkeypatch.setattr(bk, "check_lora_values", late_check)
+    monkeypatch.setattr(bk._LoraCheck, "prefer", prefer)
+    with pytest.raises(ValueProblem, match=rf"nan\.safetensors has NaN/inf weights in 1 tensor\(s\): {k} \(1 of"):
+        bake(base_p, [LoraSpec(lora_p)], str(tmp_path / "out.safetensors"))
+    assert streamed.is_set()
+    assert files_in(tmp_path) == ["nan.safetensors", "sdxl-base.safetensors"]
+
+
+def test_lora_hashes_are_patched_in_when_the_check_ends_after_the_stream(tmp_path, monkeypatch):
+    import lib_lorakit.bake.engine as bk
+
+    base_p = tiny_checkpoint(tmp_path, "sdxl")
+    lora_p = write(tmp_path, "style.safetensors", make_lora("sdxl", "lora", conv=False, te=False))
+    real = bk.check_lora_values
+    real_execute = bk._execute
+    order = []
+
+    def slow_check(plan, progress=None, cancel=None):
+        time.sleep(1.0)  # the tiny stream is done long before
+        order.append("check")
+        return real(plan, cancel=cancel)
+
+    def execute(*a, **k):
+        out = real_execute(*a, **k)
+        order.append("stream")
+        return out
+
+    monkeypatch.setattr(bk, "check_lora_values", slow_check)
+    monkeypatch.setattr(bk, "_execute", execute)
+    out = str(tmp_path / "out.safetensors")
+    rep = bake(base_p, [LoraSpec(lora_p)], out)
+    assert order == ["check", "stream"]  # the stream waited for the check before its header was final
+    from lib_lorakit.formats.safetensors_io import SafetensorsFile
+
+    with SafetensorsFile(out) as f:
+        recipe = json.loads(f.metadata["lorakit.recipe"])
+    assert recipe["loras"][0]["sha256"] == hashlib.sha256(open(lora_p, "rb").read()).hexdigest()
+    assert rep["loras"][0]["sha256"] == recipe["loras"][0]["sha256"]
+    assert rep["engine"]["stages"]["wait check"] > 0.3
 
 
 def test_embedded_textual_inversions_are_reported(tmp_path):

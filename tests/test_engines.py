@@ -278,6 +278,29 @@ def test_cuda_merge_agrees_with_cpu_within_one_fp16_step(tmp_path, method, extra
             assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_merge_reports_the_exact_rounding_loss(tmp_path):
+    """The GPU path measures the rounding loss only where it could be the largest, like the CPU paths."""
+    from helpers import worst_fp16_rounding
+
+    paths = [tiny_checkpoint(tmp_path, "sdxl", name=f"m{i}.safetensors", seed=i) for i in range(2)]
+    rep = merge(
+        [ModelSpec(paths[0], 0.3), ModelSpec(paths[1], 0.9)],
+        str(tmp_path / "o.safetensors"),
+        normalize=False,
+        device="cuda",
+    )
+    s = [safetensors.torch.load_file(p) for p in paths]
+    exact = {
+        k: 0.3 * s[0][k].double() + 0.9 * s[1][k].double()
+        for k in s[0]
+        if s[0][k].is_floating_point() and not k.startswith("first_stage_model.")
+    }
+    worst, worst_key = worst_fp16_rounding(exact)
+    assert rep["rounding"]["max_abs_rounding_loss"] == pytest.approx(worst, rel=1e-3), worst_key
+    assert rep["rounding"]["key"] == worst_key
+
+
 def test_cli_engine_flags_and_cached_hash(tmp_path, capsys):
     from lib_lorakit.cli import main
 

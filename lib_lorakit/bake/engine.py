@@ -143,6 +143,55 @@ class _Prefetcher:
             drain(q)
 
 
+class _LoraCheck(threading.Thread):
+    """:func:`check_lora_values` beside the stream: the LoRA files are read and hashed while the base
+    streams, instead of before it (1-2 s of a bake). The output's header carries placeholder LoRA
+    hashes until :meth:`result` (patched before the rename); a NaN/inf it finds stops the bake."""
+
+    def __init__(self, plan: Plan, profile: Profile):
+        super().__init__(name="lorakit-check", daemon=True)
+        self.plan = plan
+        self.profile = profile
+        self.halt = threading.Event()  # set when the bake stops for another reason
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        t = time.perf_counter()
+        try:
+            check_lora_values(self.plan, cancel=self.halt)
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+        self.profile.add("check loras", time.perf_counter() - t)
+
+    def failed(self) -> BaseException | None:
+        """The check's error once it has finished with one (never blocks)."""
+        return None if self.is_alive() else self.error
+
+    def result(self, cancel: threading.Event | None, profile: Profile) -> None:
+        """Wait for the check (the user may still cancel); raise what it found."""
+        t = time.perf_counter()
+        while self.is_alive():
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("Bake cancelled; nothing was written.")
+            self.join(0.05)
+        profile.add("wait check", time.perf_counter() - t)
+        if self.error is not None:
+            raise self.error
+
+    def stop(self, wait: float = 30.0) -> None:
+        self.halt.set()
+        if self.is_alive():
+            self.join(wait)
+
+    def prefer(self, e: BaseException) -> BaseException:
+        """The error to report when the stream failed with ``e``: the check's own, when it finds a
+        broken LoRA (its message names the file and tensors; the stream's only the weight)."""
+        if isinstance(e, Cancelled) or not isinstance(e, ValueProblem):
+            return e
+        self.join(30)
+        return self.error if isinstance(self.error, ValueProblem) else e
+
+
 class _Baker:
     """Computes output tensors; ``tensor`` may run on several threads at once (one tensor each)."""
 
@@ -166,6 +215,10 @@ class _Baker:
         # CPU maths per tensor in one go instead of 1 MB row chunks: fewer, larger torch operations for the
         # intra-op threads; an experiment for many-core machines (bench/README.md), off by default.
         self.whole = os.environ.get("LORAKIT_MATHS", "chunks") == "whole"
+        # A chunk holds 1 MB per torch thread of this maths thread: each operation shares out into pieces
+        # that stay in a core's L2, and the Python work per byte (under the interpreter lock, which many
+        # maths threads would contend for) shrinks with the core count (bench/README.md).
+        self.chunk = CHUNK_ELEMS * max(1, torch.get_num_threads())
         self._local = threading.local()
         self._lock = threading.Lock()  # stats and per-block changes
 
@@ -181,8 +234,8 @@ class _Baker:
         sc = getattr(self._local, "scratch", None)
         if sc is None:
             sc = self._local.scratch = (
-                torch.empty(CHUNK_ELEMS, dtype=torch.float32),
-                torch.empty(CHUNK_ELEMS, dtype=torch.float32),
+                torch.empty(self.chunk, dtype=torch.float32),
+                torch.empty(self.chunk, dtype=torch.float32),
             )
         return sc
 
@@ -346,11 +399,11 @@ class _Baker:
     def _combine(self, key: str, w2: torch.Tensor, out: torch.Tensor, lows, others) -> float:
         """Add the updates chunk by chunk in float32, round once, and check the result. Returns |W|."""
         rows, cols = w2.shape
-        step = max(1, CHUNK_ELEMS // max(cols, 1))
+        step = max(1, self.chunk // max(cols, 1))
         blocks = [d.kron[1].shape[0] for _, _, d, _, _ in others if d.kron is not None]
         if blocks and blocks[0] <= step:  # whole kron blocks per chunk: one broadcast each, no per-row edges
             step -= step % blocks[0]
-        big = cols > CHUNK_ELEMS
+        big = cols > self.chunk
         amax = wn2 = 0.0
         max_round = 0.0
         has_delta = bool(lows or others)
@@ -579,29 +632,40 @@ def bake(
         plan.hash_cache = cache
         stats = _Stats()
         profile.add("plan", time.perf_counter() - t_plan)
+        check: _LoraCheck | None = None
         try:
-            t_check = time.perf_counter()
-            check_lora_values(plan, cancel=cancel)
-            profile.add("check loras", time.perf_counter() - t_check)
-            if not dry_run:
+            if dry_run:
+                t_check = time.perf_counter()
+                check_lora_values(plan, cancel=cancel)
+                profile.add("check loras", time.perf_counter() - t_check)
+            else:
+                check = _LoraCheck(plan, profile)
+                check.start()
                 t_stream = time.perf_counter()
-                with engine_threads(n_workers), exact_float32(dev):
-                    sha = _execute(
-                        plan,
-                        output,
-                        code,
-                        save_dtype,
-                        overwrite,
-                        stats,
-                        say,
-                        cancel,
-                        hasher,
-                        base_hash[0] if base_hash else None,
-                        dev,
-                        n_workers,
-                        profile,
-                        rounding,
-                    )
+                try:
+                    with engine_threads(n_workers), exact_float32(dev):
+                        sha = _execute(
+                            plan,
+                            output,
+                            code,
+                            save_dtype,
+                            overwrite,
+                            stats,
+                            say,
+                            cancel,
+                            hasher,
+                            base_hash[0] if base_hash else None,
+                            dev,
+                            n_workers,
+                            profile,
+                            rounding,
+                            check,
+                        )
+                except BaseException as e:
+                    better = check.prefer(e)
+                    if better is not e:
+                        raise better from None
+                    raise
                 profile.add("stream (all)", time.perf_counter() - t_stream)
                 if base_hash is None:
                     base_hash = (sha, "computed")
@@ -615,6 +679,8 @@ def bake(
             say(1.0, "done")
             return report
         finally:
+            if check is not None:  # stopped before the files it reads are closed
+                check.stop()
             plan.base.close()
             for st in plan.loras:
                 st.source.close()
@@ -642,6 +708,7 @@ def _execute(
     n_workers: int,
     profile: Profile,
     rounding: str = "summed",
+    check: _LoraCheck | None = None,
 ) -> str:
     """Stream the output. Every thread started here is stopped and joined before returning.
 
@@ -702,6 +769,8 @@ def _execute(
             for key in keys:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("Bake cancelled; nothing was written.")
+                if check is not None and check.failed() is not None:
+                    raise check.failed()
                 if key not in touched:
                     span = base.raw_span(key)
                     pending.append(
@@ -744,6 +813,9 @@ def _execute(
                 if hasher.error is not None:
                     raise hasher.error
                 digest = hasher.digest
+            if check is not None:  # the LoRA hashes, and no NaN/inf in the LoRAs
+                say(0.97, "checking the LoRA files")
+                check.result(cancel, profile)
             w.patch_metadata(bake_metadata(plan, save_dtype, digest))
             say(0.98, "syncing to disk")
             t = clock()

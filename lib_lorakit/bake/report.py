@@ -9,7 +9,7 @@ import os
 from .. import __version__
 from ..blocks import format_weights
 from ..formats.arch import Arch
-from ..formats.dtypes import DROP_METADATA
+from ..formats.dtypes import DROP_METADATA, HASH_PLACEHOLDER
 from ..streaming import peak_rss_mb
 from .plan import Plan
 
@@ -23,7 +23,7 @@ def bake_metadata(plan: Plan, save_dtype: str, base_sha: str) -> dict[str, str]:
             {
                 "name": st.spec.label,
                 "file": os.path.basename(st.spec.path),
-                "sha256": st.sha256,
+                "sha256": st.sha256 or HASH_PLACEHOLDER,  # the check beside the stream patches it in
                 "strength": st.spec.strength,
                 "te_strength": st.spec.te_strength if st.spec.te_strength is not None else st.spec.strength,
                 "blocks": format_weights(st.weights, plan.arch.id) if st.spec.blocks else None,

@@ -728,15 +728,17 @@ class _Merger:
                 fix="Check the inputs; a damaged checkpoint cannot be merged.",
             )
         r = 0.0
+        # the rounding loss is measured only where it could beat the largest found so far (the report stays exact)
+        could = out.dtype != torch.float32 and max_rounding_error(max(-lo, hi), out.dtype) >= self.stats.max_round[0]
         if res.device.type != "cpu":
             od = res.to(out.dtype)
-            if out.dtype != torch.float32:
+            if could:
                 elo, ehi = torch.aminmax(od.float().sub_(res))
                 r = max(-float(elo), float(ehi))
             out.copy_(od)
         else:
             out.copy_(res)
-            if out.dtype != torch.float32 and max_rounding_error(max(-lo, hi), out.dtype) >= self.stats.max_round[0]:
+            if could:
                 sc = self.scratch
                 err = sc.err[: res.numel()].view(res.shape) if res.numel() <= CHUNK_ELEMS else torch.empty_like(res)
                 torch.sub(out, res, out=err)
