@@ -249,7 +249,10 @@ def lorakit_variants(args, cache_dir: str) -> list[tuple[str, list[str], list[st
 def add_lorakit_args(ap) -> None:
     ap.add_argument("--devices", default="cpu", help="comma-separated lorakit devices to run: cpu,cuda")
     ap.add_argument("--two-cores", action="store_true", help="also run lorakit pinned to two cores (taskset)")
-    ap.add_argument("--workers", help="also run lorakit (hash cached) with these maths-thread counts, e.g. 2,4,8 or 8x1 (1 torch thread each)")
+    ap.add_argument(
+        "--workers",
+        help="also run lorakit (hash cached) with these maths-thread counts, e.g. 2,4,8 or 8x1 (1 torch thread each)",
+    )
 
 
 def empty_cache(cache_dir: str) -> None:
