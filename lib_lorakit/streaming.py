@@ -337,6 +337,34 @@ class ReadAhead:
             self.pos += n
 
 
+def read_ahead_early(spans: list[tuple[str, int]]) -> None:
+    """Ask the kernel for the first bytes of each input (``(path, bytes)``, 0 for a whole file) from a
+    side thread, before anything else happens: a cold command line spends its first seconds importing
+    torch (2 s on the 2-core VM, about 4 s with a CUDA build on the 16-core machine), and the disk can
+    read the base's first stretch and the LoRA files meanwhile. Never fails; a no-op without fadvise.
+    """
+    if not hasattr(os, "posix_fadvise") or not spans:
+        return
+
+    def run() -> None:
+        for path, nbytes in spans:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                end = size if nbytes <= 0 else min(size, nbytes)
+                for pos in range(0, end, ReadAhead.STEP):  # in steps: the first arrive while later ones queue
+                    os.posix_fadvise(fd, pos, min(ReadAhead.STEP, end - pos), os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    threading.Thread(target=run, name="lorakit-readahead", daemon=True).start()
+
+
 class Hasher(threading.Thread):
     def __init__(self, path: str, gate: ReadGate | None = None, profile: Profile | None = None):
         super().__init__(name="lorakit-hash", daemon=True)

@@ -197,6 +197,37 @@ def test_engines_default_to_two_maths_threads_sharing_the_cores(monkeypatch):
     assert torch.get_num_threads() == before
 
 
+def test_bake_chunk_holds_one_mb_per_torch_thread(monkeypatch):
+    """On many cores each maths thread's chunk grows with its torch threads (fewer, larger operations
+    shared out over them); on two cores it stays 1 MB."""
+    import lib_lorakit.bake.engine as eng
+    import lib_lorakit.streaming as s
+
+    monkeypatch.setattr(s, "usable_cores", lambda: 16)
+    with s.engine_threads(2):
+        assert eng._Baker(None, "F16", s.Pool(), eng._Stats()).chunk == 8 * s.CHUNK_ELEMS
+    monkeypatch.setattr(s, "usable_cores", lambda: 2)
+    with s.engine_threads(2):
+        assert eng._Baker(None, "F16", s.Pool(), eng._Stats()).chunk == s.CHUNK_ELEMS
+
+
+def test_early_read_ahead_skips_missing_files_and_closes_what_it_opens(tmp_path):
+    import threading
+
+    import lib_lorakit.streaming as s
+
+    real = tmp_path / "a.bin"
+    real.write_bytes(b"x" * 100_000)
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    s.read_ahead_early([(str(tmp_path / "missing.safetensors"), 0), (str(real), 4096), (str(real), 0)])
+    for t in threading.enumerate():
+        if t.name == "lorakit-readahead":
+            t.join(10)
+    assert not any(t.name == "lorakit-readahead" for t in threading.enumerate())
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_cancel_with_many_threads_leaves_no_file(tmp_path):
     import threading
 

@@ -52,6 +52,7 @@ from ..streaming import (
     engine_workers,
     exact_float32,
     max_rounding_error,
+    read_ahead_early,
     reader_count,
     resolve_device,
 )
@@ -597,6 +598,8 @@ def bake(
     t0 = time.perf_counter()
     if rounding not in ROUNDINGS:
         raise RecipeError(f"Unknown rounding {rounding!r}.", fix=f"Use one of {', '.join(ROUNDINGS)}.")
+    if not dry_run and not isinstance(base_path, TensorSource):  # while torch loads (a cold command line)
+        read_ahead_early([(os.fspath(base_path), 512 << 20)] + [(s.path, 0) for s in specs])
     code = save_code(save_dtype)
     dev = resolve_device(device)
     n_workers = max(1, int(workers)) if workers else engine_workers()
@@ -622,6 +625,7 @@ def bake(
             stamp = file_key(base_file)
             hasher = Hasher(base_file, ReadGate(), profile=profile)
             hasher.start()
+    profile.add("prepare", time.perf_counter() - t0)
     try:
         t_plan = time.perf_counter()
         plan = plan_bake(base_path, specs, allow_unmatched=allow_unmatched, scale_source=scale_source)

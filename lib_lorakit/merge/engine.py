@@ -50,6 +50,7 @@ from ..streaming import (
     exact_float32,
     max_rounding_error,
     peak_rss_mb,
+    read_ahead_early,
     reader_count,
     resolve_device,
 )
@@ -818,8 +819,11 @@ def merge(
     """
     t0 = time.perf_counter()
     say = progress or (lambda f, m: None)
+    early = [m.path for m in models] + ([base] if isinstance(base, str) else [])
+    read_ahead_early([(p, 256 << 20) for p in early if isinstance(p, str)])  # while torch loads
     code = save_code(save_dtype)
     dev = resolve_device(device)
+    t_prepared = time.perf_counter()  # torch is loaded lazily, here on a cold command line
     n_workers = max(1, int(workers)) if workers else engine_workers(most=MERGE_WORKERS_MAX)
     if dev.type == "cuda":
         n_workers = min(n_workers, 4)
@@ -844,6 +848,7 @@ def merge(
         plan.warnings.append(repair_message(k, why))
     cache = resolve_cache(hash_cache)
     profile = Profile()
+    profile.add("prepare", t_prepared - t0)
     known = [cache.get(inp.path) if cache is not None else None for inp in plan.inputs]
     stamps = [None if k is not None else file_key(inp.path) for k, inp in zip(known, plan.inputs)]
     hashers: list[FedHasher | None] = [
