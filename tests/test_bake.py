@@ -327,13 +327,18 @@ def test_shape_mismatch_is_an_error(tmp_path):
         bake(base_p, [LoraSpec(lora_p)], str(tmp_path / "out.safetensors"))
 
 
-def test_nan_lora_is_refused_before_writing(tmp_path):
+def _nan_lora(tmp_path):
+    """An SDXL base and a LoRA with one NaN (in a UNet up weight): (base, LoRA, that key)."""
     base_p = tiny_checkpoint(tmp_path, "sdxl")
     sd = make_lora("sdxl", "lora", conv=False, te=False)
     k = "lora_unet_input_blocks_5_1_proj_out.lora_up.weight"
     sd[k] = sd[k].clone()
     sd[k][0, 0] = float("nan")
-    lora_p = write(tmp_path, "nan.safetensors", sd)
+    return base_p, write(tmp_path, "nan.safetensors", sd), k
+
+
+def test_nan_lora_is_refused_and_nothing_is_left(tmp_path):
+    base_p, lora_p, k = _nan_lora(tmp_path)
     with pytest.raises(ValueProblem, match=rf"nan\.safetensors has NaN/inf weights in 1 tensor\(s\): {k} \(1 of"):
         bake(base_p, [LoraSpec(lora_p)], str(tmp_path / "out.safetensors"))
     assert files_in(tmp_path) == ["nan.safetensors", "sdxl-base.safetensors"]
@@ -344,12 +349,7 @@ def test_nan_lora_found_by_the_stream_first_still_names_the_lora(tmp_path, monke
     it, the error is still the check's (the file and tensor), and nothing is left."""
     import lib_lorakit.bake.engine as bk
 
-    base_p = tiny_checkpoint(tmp_path, "sdxl")
-    sd = make_lora("sdxl", "lora", conv=False, te=False)
-    k = "lora_unet_input_blocks_5_1_proj_out.lora_up.weight"
-    sd[k] = sd[k].clone()
-    sd[k][0, 0] = float("nan")
-    lora_p = write(tmp_path, "nan.safetensors", sd)
+    base_p, lora_p, k = _nan_lora(tmp_path)
     real = bk.check_lora_values
     streamed = threading.Event()
 
