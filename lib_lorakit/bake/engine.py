@@ -5,14 +5,14 @@ network's update in float32 (each computed against the original weight), rounds
 once to the save dtype and streams the result into a temporary file that is renamed
 into place at the end. Tensors no LoRA touches are copied byte for byte.
 
-Reading, maths and writing overlap: a prefetch thread streams the touched base tensors,
-maths threads (one per core, less one for the I/O threads and any left to the host) each
-read their weight's LoRA tensors and add the updates in cache-sized row chunks (or on the
-GPU, the whole weight at once), a writer thread writes the results in file order, and a
-hasher thread takes the base file's SHA-256 for the recipe metadata unless the hash cache
-knows it. Memory stays bounded: buffers are reused and at most ``INFLIGHT_BYTES`` of
-tensors are being computed at once, whatever the core count. The report's ``engine``
-field gives the seconds per stage and thread.
+Reading, maths and writing overlap: prefetch threads stream the touched base tensors, two
+maths threads (each with its share of the cores for torch) read their weight's LoRA tensors
+and add the updates in row chunks of 1 MB per torch thread (or on the GPU, the whole weight
+at once), writer threads write the results in file order, a hasher thread takes the base
+file's SHA-256 for the recipe metadata unless the hash cache knows it, and a check thread
+reads every used LoRA tensor for NaN/inf and hashes the LoRA files. Memory stays bounded:
+buffers are reused and at most ``INFLIGHT_BYTES`` of tensors are being computed at once,
+whatever the core count. The report's ``engine`` field gives the seconds per stage and thread.
 """
 
 from __future__ import annotations

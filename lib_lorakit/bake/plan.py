@@ -378,8 +378,8 @@ def check_lora_values(plan: Plan, progress: Progress | None = None, cancel: thre
     """Read every used LoRA tensor once; refuse NaN/inf. Also hashes the LoRA files.
 
     The LoRAs are checked side by side, one thread each, their tensors read in file order after
-    asking the kernel for each whole file: cold, key-name order made these reads random and the
-    check ran before the bake could start. Errors are raised in recipe order.
+    asking the kernel for each whole file (cold, key-name order made these reads random). The bake
+    runs this beside its stream (``_LoraCheck``). Errors are raised in recipe order.
     """
     from ..streaming import ReadAhead
 
