@@ -240,6 +240,10 @@ def lorakit_variants(args, cache_dir: str) -> list[tuple[str, list[str], list[st
             n, _, each = w.strip().partition("x")
             env = ["env", f"LORAKIT_TORCH_THREADS={int(each)}"] if each else []
             out.append((f"lorakit-w{w.strip()}", env, ["--device", "cpu", *cache, "--workers", str(int(n))], False))
+    for r in (args.readers or "").split(","):  # LORAKIT_READERS: prefetch threads (default 3 on 8+ cores)
+        if r.strip():
+            env = ["env", f"LORAKIT_READERS={int(r)}"]
+            out.append((f"lorakit-r{int(r)}", env, ["--device", "cpu", *cache], False))
     for dev in args.devices.split(","):
         if dev.strip() and dev.strip() != "cpu":
             out.append((f"lorakit-{dev.strip()}", [], ["--device", dev.strip(), *cache], True))
@@ -249,6 +253,7 @@ def lorakit_variants(args, cache_dir: str) -> list[tuple[str, list[str], list[st
 def add_lorakit_args(ap) -> None:
     ap.add_argument("--devices", default="cpu", help="comma-separated lorakit devices to run: cpu,cuda")
     ap.add_argument("--two-cores", action="store_true", help="also run lorakit pinned to two cores (taskset)")
+    ap.add_argument("--readers", help="also run lorakit (hash cached) with these reader-thread counts, e.g. 1,2")
     ap.add_argument(
         "--workers",
         help="also run lorakit (hash cached) with these maths-thread counts, e.g. 2,4,8 or 8x1 (1 torch thread each)",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import mmap
 import os
 import queue
 import threading
@@ -176,8 +177,24 @@ class Profile:
         return {"threads": threads, "stages": stages}
 
 
+POOL_FREE_BYTES = 64 << 20  # free buffers a Pool keeps for reuse
+MAP_BYTES = 1 << 20  # buffers this large are mapped from the kernel and given back when dropped
+
+
+def _new_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer. Large ones are private anonymous mappings: malloc would keep a dropped buffer's
+    memory in its arenas (one per thread that allocated), where the peak memory still counts it."""
+    if nbytes >= MAP_BYTES and hasattr(mmap, "MAP_PRIVATE"):
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
+        return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=torch.uint8)
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
 class Pool:
-    """Reusable uint8 buffers: fresh large allocations cost page faults on every use."""
+    """Reusable uint8 buffers: fresh large allocations cost page faults on every use.
+
+    The free ones kept are at most ``QUEUE_ITEMS`` buffers and ``POOL_FREE_BYTES``: what waits in the
+    pool counts in the peak memory as much as what is in use."""
 
     def __init__(self) -> None:
         self._free: list[torch.Tensor] = []
@@ -191,14 +208,16 @@ class Pool:
                     best = i
             if best is not None:
                 return self._free.pop(best)
-        return torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+        return _new_buffer(max(nbytes, 1 << 16))
 
     def put(self, buf: torch.Tensor) -> None:
         with self._lock:
             self._free.append(buf)
-            if len(self._free) > QUEUE_ITEMS:
-                self._free.sort(key=lambda b: b.numel())
-                self._free.pop(0)
+            self._free.sort(key=lambda b: b.numel())
+            while len(self._free) > 1 and (
+                len(self._free) > QUEUE_ITEMS or sum(b.numel() for b in self._free) > POOL_FREE_BYTES
+            ):
+                self._free.pop(0)  # the smallest: the large ones cost the most to fault in again
 
 
 class WriterThread(threading.Thread):

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import threading
-import time
 
 import pytest
 import safetensors.torch
@@ -378,31 +377,32 @@ def test_lora_hashes_are_patched_in_when_the_check_ends_after_the_stream(tmp_pat
     base_p = tiny_checkpoint(tmp_path, "sdxl")
     lora_p = write(tmp_path, "style.safetensors", make_lora("sdxl", "lora", conv=False, te=False))
     real = bk.check_lora_values
-    real_execute = bk._execute
+    real_result = bk._LoraCheck.result
+    streamed = threading.Event()
     order = []
 
-    def slow_check(plan, progress=None, cancel=None):
-        time.sleep(1.0)  # the tiny stream is done long before
+    def late_check(plan, progress=None, cancel=None):
+        assert streamed.wait(30)  # begins only once every tensor is written and the stream waits for it
         order.append("check")
         return real(plan, cancel=cancel)
 
-    def execute(*a, **k):
-        out = real_execute(*a, **k)
-        order.append("stream")
-        return out
+    def result(self, cancel, profile):
+        order.append("stream done")
+        streamed.set()
+        return real_result(self, cancel, profile)
 
-    monkeypatch.setattr(bk, "check_lora_values", slow_check)
-    monkeypatch.setattr(bk, "_execute", execute)
+    monkeypatch.setattr(bk, "check_lora_values", late_check)
+    monkeypatch.setattr(bk._LoraCheck, "result", result)
     out = str(tmp_path / "out.safetensors")
     rep = bake(base_p, [LoraSpec(lora_p)], out)
-    assert order == ["check", "stream"]  # the stream waited for the check before its header was final
+    assert order == ["stream done", "check"]
     from lib_lorakit.formats.safetensors_io import SafetensorsFile
 
     with SafetensorsFile(out) as f:
         recipe = json.loads(f.metadata["lorakit.recipe"])
     assert recipe["loras"][0]["sha256"] == hashlib.sha256(open(lora_p, "rb").read()).hexdigest()
     assert rep["loras"][0]["sha256"] == recipe["loras"][0]["sha256"]
-    assert rep["engine"]["stages"]["wait check"] > 0.3
+    assert rep["engine"]["stages"]["wait check"] > 0
 
 
 def test_embedded_textual_inversions_are_reported(tmp_path):

@@ -92,13 +92,17 @@ class _Prefetcher:
     :meth:`get` hands them out in key order: one reader leaves a fast disk idle between requests.
     """
 
-    def __init__(self, baker: _Baker, keys: list[str], depth: int = 2, readers: int = 1):
+    def __init__(self, baker: _Baker, keys: list[str], depth: int = 2, readers: int = 1, budget: int = 64 << 20):
         self.baker = baker
         self.keys = keys
         n = max(1, readers)
         self.qs: list[queue.Queue] = [queue.Queue(maxsize=max(2, depth)) for _ in range(n)]
         self.stop = threading.Event()
         self._next = 0
+        # bytes read and not yet taken, over all readers: memory stays bounded whatever their number
+        self.budget = budget
+        self._ahead = 0
+        self._cv = threading.Condition()
         self.threads = [
             threading.Thread(target=self._run, args=(i, n), name=f"lorakit-prefetch-{i}", daemon=True) for i in range(n)
         ]
@@ -109,9 +113,16 @@ class _Prefetcher:
 
     def _run(self, i: int, n: int) -> None:
         q = self.qs[i]
-        for key in self.keys[i::n]:
+        for j, key in enumerate(self.keys[i::n]):
             if self.stop.is_set():
                 return
+            size = self.baker.plan.base.nbytes(key)
+            with self._cv:  # wait while the others hold the budget, unless this key is the next one wanted
+                while self._ahead and self._ahead + size > self.budget and self._next < j * n + i:
+                    if self.stop.is_set():
+                        return
+                    self._cv.wait(0.1)
+                self._ahead += size
             try:
                 item = self.baker.fetch(key)
             except BaseException as e:  # handed to the main thread
@@ -127,7 +138,11 @@ class _Prefetcher:
 
     def get(self) -> _Fetched:
         item = self.qs[self._next % len(self.qs)].get()
-        self._next += 1
+        with self._cv:
+            self._next += 1
+            if not isinstance(item, BaseException):
+                self._ahead -= self.baker.plan.base.nbytes(item.key)
+            self._cv.notify_all()
         if isinstance(item, BaseException):
             raise item
         return item
