@@ -303,7 +303,7 @@ def print_profile(name: str, rep: dict) -> None:
             print(f"    {t}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])))
 
 
-def print_in_process(name: str, lk: dict, rep: dict | None, floor: float) -> None:
+def print_in_process(name: str, lk: dict, rep: dict | None, floor: float, what: str = "bake") -> None:
     """The part of a command-line run a WebUI user does not wait for: the interpreter, the (cold) torch
     import and the exit. Inside the WebUI torch is loaded already; the rest is the engine's own time."""
     if not rep or "engine" not in rep:
@@ -313,7 +313,7 @@ def print_in_process(name: str, lk: dict, rep: dict | None, floor: float) -> Non
     lk["in_process_s"] = inside
     print(
         f"    of the {lk['wall_s']:.1f} s: start-up and exit {lk['wall_s'] - inside:.1f} s (torch import "
-        f"{torch_import:.1f} s, cold); the bake with torch loaded (as in the WebUI) {inside:.1f} s = "
+        f"{torch_import:.1f} s, cold); the {what} with torch loaded (as in the WebUI) {inside:.1f} s = "
         f"{inside / floor:.2f} x floor"
     )
 

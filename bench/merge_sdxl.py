@@ -233,7 +233,7 @@ def main() -> None:
             f"{name}: ratio {lk['wall_s'] / floor:.2f} (target <= 1.25), peak RSS {lk['peak_rss_mb']:.0f} MB "
             f"(target <= 1024): {'PASS' if ok else 'FAIL'}; hashes: {lk.get('sha256_sources')}"
         )
-        print_in_process(name, lk, reports.get(name), floor)
+        print_in_process(name, lk, reports.get(name), floor, what="merge")
     if "lorakit-2cores" in results:
         print(
             f"scaling: 2 cores {results['lorakit-2cores']['wall_s']:.1f} s -> {os.cpu_count()} cores "
