@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import pathlib
+import threading
 
 import pytest
 from factories import write
@@ -471,3 +472,44 @@ def test_scores_with_no_or_one_vote_are_valid_json_and_say_so(world, capsys):
     assert c.post(f"/lorakit/v1/tournaments/{tid}/reveal").status_code == 200
     report = c.get(f"/lorakit/v1/tournaments/{tid}/report").text
     assert "too few" in report and "nan" not in report.lower()
+
+
+def _with_nan_vae(path: str) -> str:
+    """Put one NaN into the checkpoint's first VAE tensor (rewritten in place: a test input)."""
+    from safetensors.torch import save_file
+
+    sd = load_file(path)
+    key = sorted(k for k in sd if k.startswith("first_stage_model.") and sd[k].is_floating_point())[0]
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] = float("nan")
+    save_file(sd, path)
+    return key
+
+
+def test_bake_and_merge_warn_of_a_vae_with_nan(tmp_path):
+    """The VAE is copied unchanged; a NaN in it is named in the report (the bake checks its base beside
+    the bake, the merge its output after)."""
+    from factories import tiny_checkpoint
+
+    base = tiny_checkpoint(tmp_path, "sd15")
+    key = _with_nan_vae(base)
+    other = tiny_checkpoint(tmp_path, "sd15", name="other.safetensors", seed=3)
+    lora = write(tmp_path, "ink.safetensors", make_lora("sd15", "lora", conv=False))
+    rep = bake_op.bake(
+        LocalContext(), {"base": base, "output": str(tmp_path / "baked.safetensors"), "loras": [{"name": lora}]}
+    )["report"]
+    warn = [w for w in rep.get("warnings", []) if "holds NaN/inf values" in w]
+    assert len(warn) == 1 and key in warn[0] and "sd15-base.safetensors" in warn[0]
+    assert not any(t.name.startswith("lorakit-vae-check") for t in threading.enumerate() if t.is_alive())
+    clean = bake_op.bake(
+        LocalContext(), {"base": other, "output": str(tmp_path / "clean.safetensors"), "loras": [{"name": lora}]}
+    )["report"]
+    assert not any("holds NaN/inf" in w for w in clean.get("warnings", []))
+    rep = merge_op.merge(
+        LocalContext(),
+        {
+            "models": [{"name": base, "weight": 0.5}, {"name": other, "weight": 0.5}],
+            "output": str(tmp_path / "m.safetensors"),
+        },
+    )["report"]
+    assert any("holds NaN/inf values" in w and key in w for w in rep.get("warnings", []))

@@ -167,9 +167,11 @@ def execute(
     ctx: Context, req: BakeRequest, plan: BakePlan, progress: Progress | None = None, cancel: Any = None
 ) -> dict[str, Any]:
     from ..bake import bake as bake_engine
+    from .checks import nonfinite_vae_later, warn_nonfinite_vae
 
     if plan.output is not None:
         os.makedirs(os.path.dirname(plan.output), exist_ok=True)
+    vae_check = nonfinite_vae_later(plan.base)  # beside the bake: its output's VAE is the base's, unchanged
     report = bake_engine(
         plan.base,
         plan.specs,
@@ -184,9 +186,7 @@ def execute(
         preflight_settings=ctx.settings(),
         **ctx.engine_kwargs(req.device),
     )
-    from .checks import warn_nonfinite_vae
-
-    warn_nonfinite_vae(report, plan.output or plan.base, plan.base)
+    warn_nonfinite_vae(report, plan.output or plan.base, plan.base, bad=vae_check())
     return {"report": report, "output": plan.output, "checkpoint": ctx.written(plan.output) if plan.output else None}
 
 

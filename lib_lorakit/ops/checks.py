@@ -33,9 +33,23 @@ def nonfinite_vae(path: str) -> list[str]:
     return bad
 
 
-def warn_nonfinite_vae(report: dict[str, Any], path: str, source: str) -> None:
-    """Add a warning to ``report`` when the VAE in ``path`` (copied from ``source``) holds NaN/inf values."""
-    bad = nonfinite_vae(path)
+def nonfinite_vae_later(path: str):
+    """:func:`nonfinite_vae` on a side thread, started now: returns a function that waits for the list.
+
+    The bake copies its base's VAE unchanged (a converted VAE with NaN/inf stops the bake), so checking
+    the base beside the bake tells the same as reading the VAE back from the output after it."""
+    import concurrent.futures
+
+    ex = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lorakit-vae-check")
+    fut = ex.submit(nonfinite_vae, path)
+    ex.shutdown(wait=False)
+    return fut.result
+
+
+def warn_nonfinite_vae(report: dict[str, Any], path: str, source: str, bad: list[str] | None = None) -> None:
+    """Add a warning to ``report`` when the VAE in ``path`` (copied from ``source``) holds NaN/inf values
+    (``bad``: the list :func:`nonfinite_vae` gave, when already taken)."""
+    bad = nonfinite_vae(path) if bad is None else bad
     if bad:
         report.setdefault("warnings", []).append(
             f"the VAE copied from {source} holds NaN/inf values in {len(bad)} tensor(s) ({'; '.join(bad[:3])}): "
