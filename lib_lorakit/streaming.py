@@ -371,11 +371,8 @@ def read_ahead_early(spans: list[tuple[str, int]]) -> None:
                 fd = os.open(path, os.O_RDONLY)
             except OSError:
                 continue
-            try:
-                size = os.fstat(fd).st_size
-                end = size if nbytes <= 0 else min(size, nbytes)
-                for pos in range(0, end, ReadAhead.STEP):  # in steps: the first arrive while later ones queue
-                    os.posix_fadvise(fd, pos, min(ReadAhead.STEP, end - pos), os.POSIX_FADV_WILLNEED)
+            try:  # in ReadAhead's steps: the first arrive while later ones queue
+                ReadAhead(fd, lead=nbytes if nbytes > 0 else 1 << 62).advance(0)
             except OSError:
                 pass
             finally:

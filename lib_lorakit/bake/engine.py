@@ -788,8 +788,9 @@ def _execute(
             for key in keys:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("Bake cancelled; nothing was written.")
-                if check is not None and check.failed() is not None:
-                    raise check.failed()
+                failed = check.failed() if check is not None else None
+                if failed is not None:
+                    raise failed
                 if key not in touched:
                     span = base.raw_span(key)
                     pending.append(

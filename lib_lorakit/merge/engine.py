@@ -820,7 +820,7 @@ def merge(
     t0 = time.perf_counter()
     say = progress or (lambda f, m: None)
     early = [m.path for m in models] + ([base] if isinstance(base, str) else [])
-    read_ahead_early([(p, 256 << 20) for p in early if isinstance(p, str)])  # while torch loads
+    read_ahead_early([(p, 256 << 20) for p in early])  # while torch loads
     code = save_code(save_dtype)
     dev = resolve_device(device)
     t_prepared = time.perf_counter()  # torch is loaded lazily, here on a cold command line

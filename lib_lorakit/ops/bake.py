@@ -186,7 +186,7 @@ def execute(
         preflight_settings=ctx.settings(),
         **ctx.engine_kwargs(req.device),
     )
-    warn_nonfinite_vae(report, plan.output or plan.base, plan.base, bad=vae_check())
+    warn_nonfinite_vae(report, plan.base, vae_check())
     return {"report": report, "output": plan.output, "checkpoint": ctx.written(plan.output) if plan.output else None}
 
 

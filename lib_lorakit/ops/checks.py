@@ -46,10 +46,9 @@ def nonfinite_vae_later(path: str):
     return fut.result
 
 
-def warn_nonfinite_vae(report: dict[str, Any], path: str, source: str, bad: list[str] | None = None) -> None:
-    """Add a warning to ``report`` when the VAE in ``path`` (copied from ``source``) holds NaN/inf values
-    (``bad``: the list :func:`nonfinite_vae` gave, when already taken)."""
-    bad = nonfinite_vae(path) if bad is None else bad
+def warn_nonfinite_vae(report: dict[str, Any], source: str, bad: list[str]) -> None:
+    """Add a warning to ``report`` when the VAE copied from ``source`` holds NaN/inf values (``bad``:
+    what :func:`nonfinite_vae` found)."""
     if bad:
         report.setdefault("warnings", []).append(
             f"the VAE copied from {source} holds NaN/inf values in {len(bad)} tensor(s) ({'; '.join(bad[:3])}): "

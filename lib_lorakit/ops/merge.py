@@ -160,9 +160,10 @@ def execute(
         cancel=cancel,
         **ctx.engine_kwargs(req.device),
     )
-    from .checks import warn_nonfinite_vae
+    from .checks import nonfinite_vae, warn_nonfinite_vae
 
-    warn_nonfinite_vae(report, plan.output, plan.vae if isinstance(plan.vae, str) else f"model {plan.vae or 1}")
+    source = plan.vae if isinstance(plan.vae, str) else f"model {plan.vae or 1}"
+    warn_nonfinite_vae(report, source, nonfinite_vae(plan.output))
     return {"report": report, "output": plan.output, "checkpoint": ctx.written(plan.output)}
 
 
