@@ -398,6 +398,8 @@ def check_lora_values(plan: Plan, progress: Progress | None = None, cancel: thre
 
 
 def _check_one_lora(plan: Plan, st: LoraState, cancel: threading.Event | None) -> None:
+    from ..streaming import all_finite
+
     mine = [c for cs in plan.weights.values() for c in cs if plan.loras[c.lora] is st]
     used = {k for c in mine for k in c.params.values()}
     alpha_keys = {c.params["alpha"]: c for c in mine if c.alg.id == "lora" and "alpha" in c.params}
@@ -408,7 +410,7 @@ def _check_one_lora(plan: Plan, st: LoraState, cancel: threading.Event | None) -
         if cancel is not None and cancel.is_set():
             raise Cancelled("Cancelled while checking the LoRA files; nothing was written.")
         t = st.source.read(key)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             n = int((~torch.isfinite(t)).sum())
             bad.append(f"{key} ({n} of {t.numel()} values are NaN/inf)")
         elif key in alpha_keys and t.numel():

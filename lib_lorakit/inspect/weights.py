@@ -13,14 +13,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ..bake import LoraSpec, plan_bake
 from ..errors import ValueProblem
 from ..formats.arch import ARCHS, load_layout
 from ..formats.sources import LayoutSource
 from ..networks import compute_delta, needs_weight
 from ..networks.base import Delta
+from ..streaming import all_finite
 
 OVERTRAINED = 0.25  # ‖ΔW‖/‖W‖ of a block at strength 1
 NEGLIGIBLE = 0.002
@@ -103,7 +102,7 @@ def weight_stats(
                     continue
                 p = {name: src.read(k) for name, k in c.params.items()}
                 for name, k in c.params.items():
-                    if p[name].is_floating_point() and not bool(torch.isfinite(p[name]).all()):
+                    if not all_finite(p[name]):
                         raise ValueProblem(
                             f"{lora_path}: {k} holds NaN/inf values; its weight statistics cannot be "
                             "computed and a bake would refuse it.",

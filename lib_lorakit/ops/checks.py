@@ -18,6 +18,7 @@ def nonfinite_vae(path: str) -> list[str]:
     import torch
 
     from ..formats.sources import open_source
+    from ..streaming import all_finite
 
     bad = []
     src = open_source(path)
@@ -26,7 +27,7 @@ def nonfinite_vae(path: str) -> list[str]:
             if not key.startswith(VAE_PREFIXES):
                 continue
             t = src.read(key)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 bad.append(f"{key} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)")
     finally:
         src.close()
