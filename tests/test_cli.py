@@ -152,6 +152,41 @@ def test_module_entry_point_and_demo(tmp_path):
     assert not os.path.exists(tmp_path / "demo" / "never-written.safetensors")
 
 
+@pytest.mark.parametrize("code,status,err", [(None, 0, ""), (3, 3, ""), ("no such recipe", 1, "no such recipe")])
+def test_leave_runs_exit_handlers_and_joins_threads(tmp_path, code, status, err):
+    """The command line exits without the interpreter's teardown, but after what a user may rely on:
+    buffered output, atexit handlers (logging's flush), threads that are not daemons."""
+    done = tmp_path / "thread.txt"
+    prog = (
+        "import atexit, sys, threading, time\n"
+        "from lib_lorakit.cli import leave\n"
+        "atexit.register(lambda: print('handler ran'))\n"
+        f"threading.Thread(target=lambda: (time.sleep(0.3), open({str(done)!r}, 'w').write('x'))).start()\n"
+        "print('buffered', end='')\n"
+        f"leave({code!r})\n"
+        "print('not reached')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", prog], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == status and r.stdout == "bufferedhandler ran\n" and r.stderr.strip() == err
+    assert done.read_text() == "x"
+
+
+def test_module_entry_point_exit_codes(tmp_path):
+    """``python -m lib_lorakit``: usage errors exit 2, --version 0, bad input 2 with its message."""
+
+    def run_module(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "lib_lorakit", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+
+    r = run_module("--version")
+    assert r.returncode == 0 and r.stdout.startswith("lorakit ")
+    r = run_module("bake")
+    assert r.returncode == 2 and "required: base" in r.stderr
+    r = run_module("inspect", str(tmp_path / "missing.safetensors"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "missing.safetensors" in r.stderr
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_real_signal_mid_write_leaves_no_debris(tmp_path, sig):
     """Send a real signal while the output is being written; nothing may remain.

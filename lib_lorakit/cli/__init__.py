@@ -9,10 +9,15 @@ failed (generation), 1 unexpected failure, 130 interrupted. No command leaves a 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
 import traceback
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import LorakitError
@@ -118,4 +123,33 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-__all__ = ["build_parser", "main"]
+def leave(code: object = 0) -> NoReturn:
+    """End the command line's process with ``code`` (as ``sys.exit`` takes it) without the interpreter's
+    teardown.
+
+    Once torch is loaded, tearing the interpreter down takes 0.4 s on the 2-core VM (the CPU build), the
+    modules' objects freed one by one. Everything a command writes is closed and renamed before
+    :func:`main` returns, so the teardown does nothing a user needs: the threads that are not daemons are
+    joined and the ``atexit`` handlers run (logging's flush among them), then the process exits.
+    """
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        status = 1
+    try:
+        me = threading.current_thread()
+        for t in threading.enumerate():
+            if t is not me and not t.daemon:
+                t.join()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+
+
+__all__ = ["build_parser", "leave", "main"]
