@@ -201,10 +201,8 @@ def _new_buffer(nbytes: int) -> torch.Tensor:
         flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
         m = mmap.mmap(-1, nbytes, flags=flags)
         if nbytes >= HUGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
+            with contextlib.suppress(OSError):  # huge pages turned off: plain pages
                 m.madvise(mmap.MADV_HUGEPAGE)
-            except OSError:
-                pass
         return torch.frombuffer(m, dtype=torch.uint8)
     return torch.empty(nbytes, dtype=torch.uint8)
 
@@ -341,10 +339,11 @@ SYS_DEV_BLOCK = "/sys/dev/block"
 
 
 def kernel_window(fd: int) -> int:
-    """The most one WILLNEED call makes Linux read of this file: ``max(read_ahead_kb, max_sectors_kb)`` of
-    its disk (``force_page_cache_ra`` caps each call there: a 64 MB call read 8 MB on a disk with
-    ``read_ahead_kb`` 8192, Linux 6.18, so the old 64 MB steps left 7/8 of every stretch unread). 128 KB, the kernel's default read-ahead, where the disk is unknown (an overlay, a network
-    file system); at least 128 KB, at most 64 MB."""
+    """The most one WILLNEED request makes Linux read of this file: ``max(read_ahead_kb, max_sectors_kb)``
+    of its disk, where ``force_page_cache_ra`` caps each request (a 64 MB request read 8 MB on a disk with
+    ``read_ahead_kb`` 8192, Linux 6.18: steps of 64 MB left 7/8 of every stretch unread). 128 KB, the
+    kernel's default read-ahead, where the disk is unknown (an overlay, a network file system); at least
+    128 KB, at most 64 MB."""
     lo, hi = 128 << 10, 64 << 20
     try:
         dev = os.fstat(fd).st_dev
@@ -385,7 +384,7 @@ class ReadAhead:
 
     @classmethod
     def whole(cls, fd: int | None) -> None:
-        """Ask for a whole (small) file at once: the LoRAs, read piece by piece by the maths threads."""
+        """Ask for a whole (small) file, window by window: the LoRAs, read piece by piece by the maths threads."""
         if fd is not None and hasattr(os, "posix_fadvise"):
             with contextlib.suppress(OSError):
                 cls(fd, lead=1 << 62).advance(0)
