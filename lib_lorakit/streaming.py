@@ -141,6 +141,15 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
+def nonfinite_count(t: torch.Tensor) -> int:
+    """How many NaN/inf values ``t`` holds; :func:`all_finite`'s one pass when there are none."""
+    if all_finite(t):
+        return 0
+    if t.dtype.itemsize == 1:  # float8: no isfinite kernel; float16 holds its values exactly
+        t = t.to(torch.float16)
+    return int((~torch.isfinite(t)).sum())
+
+
 @contextlib.contextmanager
 def exact_float32(device: torch.device):
     """Full float32 matrix products on the GPU (no TF32), so GPU and CPU results agree; memory freed after."""

@@ -196,7 +196,7 @@ def test_large_mapped_buffers_ask_for_huge_pages(monkeypatch):
 
 
 def test_all_finite_finds_every_nan_and_inf():
-    from lib_lorakit.streaming import all_finite
+    from lib_lorakit.streaming import all_finite, nonfinite_count
 
     for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for n in (1, 31, 4099):
@@ -209,6 +209,9 @@ def test_all_finite_finds_every_nan_and_inf():
     assert all_finite(torch.empty(0)) and all_finite(torch.arange(5))
     f8 = torch.tensor([1.0, float("nan")]).to(torch.float8_e5m2)  # no min/max kernel: the slow path
     assert not all_finite(f8) and all_finite(torch.ones(3).to(torch.float8_e4m3fn))
+    t = torch.tensor([1.0, float("nan"), float("inf"), 2.0, float("-inf")])
+    assert nonfinite_count(t) == 3 and nonfinite_count(t.half()) == 3 and nonfinite_count(f8) == 1
+    assert nonfinite_count(torch.ones(4)) == 0
 
 
 def test_kernel_window_reads_the_disks_queue(tmp_path, monkeypatch):

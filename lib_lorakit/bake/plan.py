@@ -14,8 +14,6 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from ..blocks import parse_block_weights
 from ..errors import ArchitectureError, Cancelled, FormatError, MatchError, RecipeError, ValueProblem
 from ..formats.arch import ARCHS, Arch, Family, detect_checkpoint, detect_lora
@@ -398,7 +396,7 @@ def check_lora_values(plan: Plan, progress: Progress | None = None, cancel: thre
 
 
 def _check_one_lora(plan: Plan, st: LoraState, cancel: threading.Event | None) -> None:
-    from ..streaming import all_finite
+    from ..streaming import nonfinite_count
 
     mine = [c for cs in plan.weights.values() for c in cs if plan.loras[c.lora] is st]
     used = {k for c in mine for k in c.params.values()}
@@ -410,8 +408,8 @@ def _check_one_lora(plan: Plan, st: LoraState, cancel: threading.Event | None) -
         if cancel is not None and cancel.is_set():
             raise Cancelled("Cancelled while checking the LoRA files; nothing was written.")
         t = st.source.read(key)
-        if not all_finite(t):
-            n = int((~torch.isfinite(t)).sum())
+        n = nonfinite_count(t)
+        if n:
             bad.append(f"{key} ({n} of {t.numel()} values are NaN/inf)")
         elif key in alpha_keys and t.numel():
             c = alpha_keys[key]

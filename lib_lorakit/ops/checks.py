@@ -15,10 +15,8 @@ VAE_PREFIXES = ("first_stage_model.", "vae.")
 
 def nonfinite_vae(path: str) -> list[str]:
     """The VAE tensors of ``path`` holding NaN/inf values, as ``"key (n of m values)"``."""
-    import torch
-
     from ..formats.sources import open_source
-    from ..streaming import all_finite
+    from ..streaming import nonfinite_count
 
     bad = []
     src = open_source(path)
@@ -27,8 +25,9 @@ def nonfinite_vae(path: str) -> list[str]:
             if not key.startswith(VAE_PREFIXES):
                 continue
             t = src.read(key)
-            if not all_finite(t):
-                bad.append(f"{key} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)")
+            n = nonfinite_count(t)
+            if n:
+                bad.append(f"{key} ({n} of {t.numel()} values)")
     finally:
         src.close()
     return bad
