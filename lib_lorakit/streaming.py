@@ -1,6 +1,6 @@
 """Threads, buffers and settings shared by the streaming engines (bake, merge).
 
-- :class:`Pool`: reusable byte buffers (fresh large allocations cost page faults each time).
+- :class:`Pool`: byte buffers for a stream of tensors, from an arena mapped once.
 - :class:`WriterThread`: drains a short queue of tensors/raw copies into a StreamingWriter.
 - :class:`Hasher`: SHA-256 of an input file on a side thread, for recipe metadata.
 - :class:`Profile`: seconds per stage and thread, for the report.
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import math
@@ -198,7 +199,9 @@ class Profile:
         return {"threads": threads, "stages": stages}
 
 
-POOL_FREE_BYTES = 64 << 20  # free buffers a Pool keeps for reuse
+ARENA_BYTES = 192 << 20  # a Pool's large buffers, mapped once: about what a stream holds at its peak
+ARENA_ALIGN = 64 << 10
+WRITER_BYTES = 64 << 20  # tensors queued for the writer (with O_DIRECT, 64 MB is tens of ms of the disk)
 HUGE_BYTES = 2 << 20  # mapped buffers this large ask for huge pages: one fault per 2 MB instead of per 4 KB
 MAP_BYTES = 1 << 20  # buffers this large are mapped from the kernel and given back when dropped
 
@@ -217,39 +220,80 @@ def _new_buffer(nbytes: int) -> torch.Tensor:
 
 
 class Pool:
-    """Reusable uint8 buffers: fresh large allocations cost page faults on every use.
+    """Byte buffers for a stream of tensors, carved from one arena mapped once.
 
-    The free ones kept are at most ``QUEUE_ITEMS`` buffers and ``POOL_FREE_BYTES``: what waits in the
-    pool counts in the peak memory as much as what is in use."""
+    Large buffers are ranges of an arena of ``arena_bytes`` (best fit; a range given back joins its
+    free neighbours), so its pages are faulted in once: fresh mappings for every tensor (what a free
+    list of mixed sizes comes to) zeroed 4-8 GB of new pages in a 7 GB bake. When the arena has no
+    room (a tensor larger than it, or more held at once than it holds) the buffer is a mapping of its
+    own, given back when dropped; small ones come from malloc. The peak memory is the arena plus
+    those: the callers' byte budgets bound what is held at once.
+    """
 
-    def __init__(self) -> None:
-        self._free: list[torch.Tensor] = []
+    def __init__(self, arena_bytes: int = ARENA_BYTES) -> None:
         self._lock = threading.Lock()
+        self._size = max(0, arena_bytes) // ARENA_ALIGN * ARENA_ALIGN
+        self._arena: torch.Tensor | None = None  # mapped at the first large request
+        self._base = 0  # its address
+        self._free = [(0, self._size)] if self._size else []  # (offset, size), by offset
+        self._held: dict[int, int] = {}  # offset -> size
+        self.overflow = 0  # large buffers that did not fit (a measure for tests and benches)
 
     def get(self, nbytes: int) -> torch.Tensor:
+        """A buffer of at least ``nbytes`` (its contents are undefined)."""
+        want = max(nbytes, 1 << 16)
+        if want < MAP_BYTES:
+            return _new_buffer(want)
+        n = -(-want // ARENA_ALIGN) * ARENA_ALIGN
         with self._lock:
             best = None
-            for i, b in enumerate(self._free):
-                if b.numel() >= nbytes and (best is None or b.numel() < self._free[best].numel()):
+            for i, (_, size) in enumerate(self._free):
+                if size >= n and (best is None or size < self._free[best][1]):
                     best = i
             if best is not None:
-                return self._free.pop(best)
-        return _new_buffer(max(nbytes, 1 << 16))
+                at, size = self._free[best]
+                if size == n:
+                    del self._free[best]
+                else:
+                    self._free[best] = (at + n, size - n)
+                self._held[at] = n
+                if self._arena is None:
+                    self._arena = _new_buffer(self._size)
+                    self._base = self._arena.data_ptr()
+                return self._arena[at : at + n]
+            self.overflow += 1
+        return _new_buffer(want)
 
     def put(self, buf: torch.Tensor) -> None:
+        """Give a buffer back: the caller and its views are done with it."""
+        if self._arena is None or buf.numel() == 0:
+            return
+        at = buf.data_ptr() - self._base
+        if not 0 <= at < self._size:
+            return  # a buffer of its own: freed when dropped
         with self._lock:
-            self._free.append(buf)
-            self._free.sort(key=lambda b: b.numel())
-            while len(self._free) > 1 and (
-                len(self._free) > QUEUE_ITEMS or sum(b.numel() for b in self._free) > POOL_FREE_BYTES
-            ):
-                self._free.pop(0)  # the smallest: the large ones cost the most to fault in again
+            n = self._held.pop(at, None)
+            if n is None:  # pragma: no cover - an engine bug
+                raise RuntimeError("a pooled buffer was given back twice")
+            i = bisect.bisect_left(self._free, (at, 0))
+            if i < len(self._free) and at + n == self._free[i][0]:  # joins the range after it
+                n += self._free.pop(i)[1]
+            if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == at:  # and the one before
+                at, n = self._free[i - 1][0], self._free[i - 1][1] + n
+                i -= 1
+                del self._free[i]
+            self._free.insert(i, (at, n))
+
+    def held(self) -> int:
+        """Bytes of the arena lent out and not yet given back."""
+        with self._lock:
+            return sum(self._held.values())
 
 
 class WriterThread(threading.Thread):
     """Writes queued tensors in order. At most ``QUEUE_ITEMS`` items and ``budget`` bytes wait."""
 
-    def __init__(self, writer: StreamingWriter, pool: Pool, budget: int = 128 << 20, profile: Profile | None = None):
+    def __init__(self, writer: StreamingWriter, pool: Pool, budget: int = WRITER_BYTES, profile: Profile | None = None):
         super().__init__(name="lorakit-writer", daemon=True)
         self.profile = profile
         self.w = writer

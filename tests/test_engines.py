@@ -156,21 +156,50 @@ def test_readers_held_to_a_byte_budget_still_finish_in_order(tmp_path, monkeypat
     assert sha(out) == sha(ref)
 
 
-def test_pool_keeps_few_free_bytes_and_maps_large_buffers():
+def test_pool_lends_ranges_of_one_arena_and_joins_them_when_given_back():
     import lib_lorakit.streaming as s
 
-    pool = s.Pool()
-    bufs = [pool.get(s.POOL_FREE_BYTES // 3 + 1) for _ in range(5)] + [pool.get(4096)]
-    for b in bufs:
-        pool.put(b)
-    assert sum(b.numel() for b in pool._free) <= s.POOL_FREE_BYTES and len(pool._free) >= 1
+    mb = s.MAP_BYTES
+    pool = s.Pool(arena_bytes=8 * mb)
+    a, b, c = pool.get(2 * mb), pool.get(3 * mb), pool.get(3 * mb - 5)  # the last rounded up
+    base = a.data_ptr()
+    assert [t.data_ptr() - base for t in (a, b, c)] == [0, 2 * mb, 5 * mb] and pool.held() == 8 * mb
+    a[:] = 1
+    b[:] = 2
+    c[:] = 3  # disjoint: writing one leaves the others alone
+    assert int(a.sum()) == 2 * mb and int(b.float().mean()) == 2
+    d = pool.get(mb)  # the arena is full: a mapping of its own, not a wait
+    assert pool.overflow == 1 and not base <= d.data_ptr() < base + 8 * mb
+    pool.put(d)  # dropped, nothing else
+    pool.put(b)
+    assert pool.get(4 * mb).data_ptr() not in range(base, base + 8 * mb)  # 3 MB free: does not fit
+    pool.put(a)  # joins b's range: 5 MB from the start
+    e = pool.get(4 * mb)
+    assert e.data_ptr() == base and pool.overflow == 2
+    pool.put(c)
+    pool.put(e)
+    assert pool.held() == 0 and pool._free == [(0, 8 * mb)]  # all ranges joined again
+    small = pool.get(4096)  # small buffers come from malloc
+    assert not base <= small.data_ptr() < base + 8 * mb
+    pool.put(small)
+    assert pool._free == [(0, 8 * mb)]
+
+
+def test_pool_takes_the_best_fitting_range_and_reuses_its_pages():
+    """A stream's buffers are given back out of order (three readers, two maths threads): the best
+    fitting free range keeps the large ones whole; the arena's pages are faulted in once."""
+    import lib_lorakit.streaming as s
+
+    mb = s.MAP_BYTES
+    pool = s.Pool(arena_bytes=16 * mb)
+    bufs = [pool.get(n * mb) for n in (1, 4, 2, 6, 3)]  # 16 MB: full
+    pool.put(bufs[1])  # a 4 MB hole at 1 MB
+    pool.put(bufs[3])  # a 6 MB hole at 7 MB
+    got = pool.get(4 * mb)
+    assert got.data_ptr() == bufs[1].data_ptr()  # the 4 MB hole, not the start of the 6 MB one
+    assert pool.get(6 * mb).data_ptr() == bufs[3].data_ptr() and pool.overflow == 0
     if hasattr(s.mmap, "MAP_PRIVATE"):  # a mapping starts on a page: malloc's large blocks do not
         assert s._new_buffer(s.MAP_BYTES).data_ptr() % 4096 == 0
-    pool = s.Pool()
-    big = pool.get(s.MAP_BYTES * 3)
-    big[:] = 7  # writable, and reusable through the pool
-    pool.put(big)
-    assert pool.get(s.MAP_BYTES * 2) is big
 
 
 def test_large_mapped_buffers_ask_for_huge_pages(monkeypatch):

@@ -92,7 +92,7 @@ class _Prefetcher:
     :meth:`get` hands them out in key order: one reader leaves a fast disk idle between requests.
     """
 
-    def __init__(self, baker: _Baker, keys: list[str], depth: int = 2, readers: int = 1, budget: int = 64 << 20):
+    def __init__(self, baker: _Baker, keys: list[str], depth: int = 2, readers: int = 1, budget: int = 48 << 20):
         self.baker = baker
         self.keys = keys
         n = max(1, readers)
@@ -709,7 +709,7 @@ def bake(
             hasher.join(timeout=30)
 
 
-INFLIGHT_BYTES = 160 << 20  # tensors being computed at once (inputs and outputs), whatever the core count
+INFLIGHT_BYTES = 96 << 20  # tensors being computed at once (inputs and outputs), whatever the core count
 
 
 def _execute(
