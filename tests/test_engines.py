@@ -202,6 +202,49 @@ def test_pool_takes_the_best_fitting_range_and_reuses_its_pages():
         assert s._new_buffer(s.MAP_BYTES).data_ptr() % 4096 == 0
 
 
+def test_gc_frozen_leaves_older_objects_out_and_gives_them_back():
+    import gc
+    import weakref
+
+    import lib_lorakit.streaming as s
+
+    class Node:
+        pass
+
+    def cycle():
+        n = Node()
+        n.me = n
+        return n, weakref.ref(n)
+
+    gc.unfreeze()
+    old, old_ref = cycle()  # exists before the stream
+    with s.gc_frozen():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        young, young_ref = cycle()  # made during the stream
+        assert gc.get_freeze_count() == frozen
+        del old, young
+        gc.collect()
+        assert young_ref() is None  # the stream's own garbage is still collected
+        assert old_ref() is not None  # the older object waits
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert old_ref() is None  # and is collected once the stream ends
+    with pytest.raises(RuntimeError), s.gc_frozen():
+        raise RuntimeError("a failing stream")
+    assert gc.get_freeze_count() == 0  # given back on the way out of an error too
+    keep = [Node() for _ in range(3)]
+    gc.freeze()  # the host froze its objects itself: left as they are
+    try:
+        host = gc.get_freeze_count()
+        with s.gc_frozen():
+            pass
+        assert gc.get_freeze_count() == host
+    finally:
+        gc.unfreeze()
+    del keep
+
+
 def test_large_mapped_buffers_ask_for_huge_pages(monkeypatch):
     """One fault per 2 MB instead of per 4 KB: with 4 KB pages the VM's bake spent 1.2 M page faults
     zeroing the pool's fresh output buffers."""

@@ -51,6 +51,7 @@ from ..streaming import (
     engine_threads,
     engine_workers,
     exact_float32,
+    gc_frozen,
     max_rounding_error,
     read_ahead_early,
     reader_count,
@@ -662,7 +663,7 @@ def bake(
                 check.start()
                 t_stream = time.perf_counter()
                 try:
-                    with engine_threads(n_workers), exact_float32(dev):
+                    with engine_threads(n_workers), exact_float32(dev), gc_frozen():
                         sha = _execute(
                             plan,
                             output,

@@ -48,6 +48,7 @@ from ..streaming import (
     engine_threads,
     engine_workers,
     exact_float32,
+    gc_frozen,
     max_rounding_error,
     peak_rss_mb,
     read_ahead_early,
@@ -858,7 +859,7 @@ def merge(
         if h is not None:
             h.start()
     try:
-        with engine_threads(n_workers), exact_float32(dev):
+        with engine_threads(n_workers), exact_float32(dev), gc_frozen():
             stats = _execute(
                 plan,
                 output,
