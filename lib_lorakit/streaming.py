@@ -28,6 +28,7 @@ from .formats.safetensors_io import StreamingWriter, pread_into
 
 QUEUE_ITEMS = 6
 CHUNK_ELEMS = 1 << 18  # float32 elements per row chunk (1 MB): memory stays flat, each pass over it stays in L2
+MIN_CHUNK_ELEMS = 1 << 19  # a chunk's least size: one torch thread makes 1 MB operations too small for their cost
 # (bench/README.md: on 16 cores the rounding pass took 3.3x as long with 4 MB chunks as with 1 MB)
 
 
