@@ -28,8 +28,8 @@ from .formats.safetensors_io import StreamingWriter, pread_into
 
 QUEUE_ITEMS = 6
 CHUNK_ELEMS = 1 << 18  # float32 elements per row chunk (1 MB): memory stays flat, each pass over it stays in L2
-MIN_CHUNK_ELEMS = 1 << 19  # a chunk's least size: one torch thread makes 1 MB operations too small for their cost
 # (bench/README.md: on 16 cores the rounding pass took 3.3x as long with 4 MB chunks as with 1 MB)
+MIN_CHUNK_ELEMS = 1 << 19  # a chunk's least size: one torch thread makes 1 MB operations too small for their cost
 
 
 def max_rounding_error(amax: float, dtype: torch.dtype) -> float:
@@ -121,8 +121,9 @@ def gc_frozen():
     A stream makes thousands of short-lived tensors; the collections they trigger hold the
     interpreter lock for every thread, and a full one scans every object torch and lorakit have
     loaded (83-86 ms at the start of a bake's stream on two cores; the stream's collections take
-    4 ms frozen). What the stream makes is still collected; an older object that becomes garbage meanwhile waits until the stream ends. Where
-    objects are frozen already (the host's own use, or another stream), it changes nothing.
+    4 ms frozen). What the stream makes is still collected; an older object that becomes garbage
+    meanwhile waits until the stream ends. Where objects are frozen already (the host's own use, or
+    another stream), it changes nothing.
     """
     if gc.get_freeze_count():
         yield
@@ -158,10 +159,7 @@ def all_finite(t: torch.Tensor) -> bool:
     faster than ``isfinite(t).all()``, which builds two boolean tensors on the way."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    try:
-        lo, hi = torch.aminmax(t.reshape(-1))
-    except (NotImplementedError, RuntimeError):  # float8: no min/max kernel; float16 holds its values exactly
-        lo, hi = torch.aminmax(t.reshape(-1).to(torch.float16))
+    lo, hi = torch.aminmax(_checkable(t).reshape(-1))
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
@@ -169,9 +167,12 @@ def nonfinite_count(t: torch.Tensor) -> int:
     """How many NaN/inf values ``t`` holds; :func:`all_finite`'s one pass when there are none."""
     if all_finite(t):
         return 0
-    if t.dtype.itemsize == 1:  # float8: no isfinite kernel; float16 holds its values exactly
-        t = t.to(torch.float16)
-    return int((~torch.isfinite(t)).sum())
+    return int((~torch.isfinite(_checkable(t))).sum())
+
+
+def _checkable(t: torch.Tensor) -> torch.Tensor:
+    """float8 as float16 (no min/max or isfinite kernels for it; float16 holds its values exactly)."""
+    return t.to(torch.float16) if t.dtype.itemsize == 1 else t
 
 
 @contextlib.contextmanager
