@@ -95,17 +95,20 @@ def engine_workers(reserve: int | None = None, most: int = ENGINE_WORKERS_MAX) -
 
 
 @contextlib.contextmanager
-def engine_threads(workers: int = 1):
+def engine_threads(workers: int = 1, hashers: int = 0):
     """The usable cores shared out among the maths worker threads while an engine runs (restored
-    afterwards): each worker's torch operations get ``cores // workers`` threads.
+    afterwards): each worker's torch operations get ``(cores - hashers) // workers`` threads, at least one.
 
     The engines parallelise over tensors and row chunks with their own threads; a torch intra-op
     pool of every core per worker would oversubscribe the cores and spin-wait between the many
-    small chunk operations, starving the hashing and I/O threads.
+    small chunk operations, starving the hashing and I/O threads. Each SHA-256 hasher (an input whose
+    hash is not cached) keeps a core busy for the whole stream and decides when it ends, so it gets
+    a core of its own: on 16 cores a merge that hashed its three inputs took 20.3-21.3 s with torch
+    on every core and 14.4-15.8 s with three cores left to the hashers (bench/README.md).
     """
     before = torch.get_num_threads()
     env = os.environ.get("LORAKIT_TORCH_THREADS", "")  # a measuring knob: torch threads per maths thread
-    each = int(env) if env.isdigit() and int(env) > 0 else usable_cores() // max(1, workers)
+    each = int(env) if env.isdigit() and int(env) > 0 else (usable_cores() - max(0, hashers)) // max(1, workers)
     torch.set_num_threads(max(1, each))
     try:
         yield

@@ -395,6 +395,28 @@ def test_engines_default_to_two_maths_threads_sharing_the_cores(monkeypatch):
     assert torch.get_num_threads() == before
 
 
+def test_engine_threads_leave_a_core_to_each_hasher(monkeypatch):
+    """An input being hashed keeps a core busy for the whole stream: torch gets what is left, at least
+    one thread per maths thread."""
+    import torch
+
+    import lib_lorakit.streaming as s
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("LORAKIT_TORCH_THREADS", raising=False)
+    monkeypatch.setattr(s, "usable_cores", lambda: 16)
+    with s.engine_threads(4, hashers=3):  # a merge of three unhashed checkpoints
+        assert torch.get_num_threads() == 3
+    with s.engine_threads(2, hashers=1):  # a bake of an unhashed base
+        assert torch.get_num_threads() == 7
+    with s.engine_threads(2, hashers=0):
+        assert torch.get_num_threads() == 8
+    monkeypatch.setattr(s, "usable_cores", lambda: 2)
+    with s.engine_threads(2, hashers=1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
 def test_bake_chunk_holds_one_mb_per_torch_thread_and_at_least_two(monkeypatch):
     """On many cores each maths thread's chunk grows with its torch threads (fewer, larger operations
     shared out over them); with one torch thread it is 2 MB (fewer calls for the same work)."""

@@ -666,7 +666,7 @@ def bake(
                 check.start()
                 t_stream = time.perf_counter()
                 try:
-                    with engine_threads(n_workers), exact_float32(dev), gc_frozen():
+                    with engine_threads(n_workers, hashers=int(hasher is not None)), exact_float32(dev), gc_frozen():
                         sha = _execute(
                             plan,
                             output,

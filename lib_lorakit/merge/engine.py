@@ -859,7 +859,7 @@ def merge(
         if h is not None:
             h.start()
     try:
-        with engine_threads(n_workers), exact_float32(dev), gc_frozen():
+        with engine_threads(n_workers, hashers=sum(h is not None for h in hashers)), exact_float32(dev), gc_frozen():
             stats = _execute(
                 plan,
                 output,
