@@ -72,6 +72,19 @@ def build_inputs(work: str, keep: bool) -> tuple[str, list[str]]:
     return base, paths
 
 
+def remove_on_exit(out: str) -> None:
+    """Whatever way the bench ends (a child that failed, Ctrl+C), remove the copies of lorakit's output
+    it keeps for the comparisons (a full-size checkpoint each) and the output itself."""
+    import atexit
+
+    def remove() -> None:
+        for p in (out, out + ".json", out + ".lorakit", out + ".lorakit-cuda"):
+            if os.path.exists(p):
+                os.unlink(p)
+
+    atexit.register(remove)
+
+
 def run_child(args: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """Run a child process; return (wall s, peak RSS MB, stdout)."""
     t = time.perf_counter()
@@ -358,6 +371,7 @@ def main() -> None:
     base, loras = build_inputs(work, keep=True)
     results: dict[str, dict] = {}
     out = os.path.join(work, "out.safetensors")
+    remove_on_exit(out)
 
     def clean() -> None:
         for p in (out, out + ".json"):

@@ -40,6 +40,7 @@ from bake_sdxl import (  # noqa: E402
     lorakit_variants,
     print_in_process,
     print_profile,
+    remove_on_exit,
     run_child,
     settle,
 )
@@ -136,6 +137,7 @@ def main() -> None:
     subprocess.run([py, __file__, "--dir", work, "--build"] + (["--keep"] if args.keep else []), check=True)
     inputs = build(work, keep=True)
     out = os.path.join(work, "merged.safetensors")
+    remove_on_exit(out)
 
     def clean():
         for p in (out, out + ".json"):
