@@ -46,12 +46,13 @@ def host_kwargs(host: Any, device: str | None) -> dict[str, Any]:
     from .hashcache import HashCache
     from .streaming import engine_workers
 
-    in_webui = getattr(host, "flavour", "standalone") != "standalone"
+    reserve = 1 if getattr(host, "flavour", "standalone") != "standalone" else 0
     device = device or host.setting(SETTING_DEVICE, "auto") or "auto"
     if device == "auto" and hasattr(host, "engine_device"):
         device = host.engine_device()  # the GPU the WebUI uses (the job runs after its queue lock)
     return {
         "device": device,
-        "workers": engine_workers(1 if in_webui else 0),
+        "workers": engine_workers(reserve),
+        "reserve_cores": reserve,
         "hash_cache": HashCache(host.data_dir(), lookup=getattr(host, "known_sha256", None)),
     }

@@ -48,7 +48,7 @@ def max_rounding_error(amax: float, dtype: torch.dtype) -> float:
     return math.ldexp(fi.eps, e - 1)
 
 
-ENV_RESERVE = "LORAKIT_RESERVE_CORES"  # cores left to the host (the WebUI sets 1)
+ENV_RESERVE = "LORAKIT_RESERVE_CORES"  # cores left to the host (inside the WebUI lorakit leaves 1 anyway)
 
 
 def usable_cores() -> int:
@@ -95,9 +95,10 @@ def engine_workers(reserve: int | None = None, most: int = ENGINE_WORKERS_MAX) -
 
 
 @contextlib.contextmanager
-def engine_threads(workers: int = 1, hashers: int = 0):
+def engine_threads(workers: int = 1, hashers: int = 0, reserve: int = 0):
     """The usable cores shared out among the maths worker threads while an engine runs (restored
-    afterwards): each worker's torch operations get ``(cores - hashers) // workers`` threads, at least one.
+    afterwards): each worker's torch operations get ``(cores - reserve - hashers) // workers`` threads, at
+    least one. ``reserve``: cores left to the host (inside the WebUI, one for its server).
 
     The engines parallelise over tensors and row chunks with their own threads; a torch intra-op
     pool of every core per worker would oversubscribe the cores and spin-wait between the many
@@ -108,7 +109,11 @@ def engine_threads(workers: int = 1, hashers: int = 0):
     """
     before = torch.get_num_threads()
     env = os.environ.get("LORAKIT_TORCH_THREADS", "")  # a measuring knob: torch threads per maths thread
-    each = int(env) if env.isdigit() and int(env) > 0 else (usable_cores() - max(0, hashers)) // max(1, workers)
+    each = (
+        int(env)
+        if env.isdigit() and int(env) > 0
+        else (usable_cores() - max(0, reserve) - max(0, hashers)) // max(1, workers)
+    )
     torch.set_num_threads(max(1, each))
     try:
         yield

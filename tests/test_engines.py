@@ -417,6 +417,66 @@ def test_engine_threads_leave_a_core_to_each_hasher(monkeypatch):
     assert torch.get_num_threads() == before
 
 
+def test_engine_threads_leave_the_hosts_cores(monkeypatch):
+    import torch
+
+    import lib_lorakit.streaming as s
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("LORAKIT_TORCH_THREADS", raising=False)
+    monkeypatch.setattr(s, "usable_cores", lambda: 16)
+    with s.engine_threads(2, hashers=1, reserve=1):
+        assert torch.get_num_threads() == 7
+    with s.engine_threads(2, reserve=1):
+        assert torch.get_num_threads() == 7
+    monkeypatch.setattr(s, "usable_cores", lambda: 2)
+    with s.engine_threads(1, hashers=1, reserve=1):  # never fewer than one
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("engine", ["bake", "merge"])
+def test_engines_hand_their_reserve_and_hashers_to_the_thread_split(tmp_path, monkeypatch, engine):
+    """Inside the WebUI the jobs leave a core to its server (``reserve_cores``), and each input being
+    hashed gets a core: the engines pass both on, and torch runs on what is left."""
+    import torch
+
+    import lib_lorakit.bake.engine as beng
+    import lib_lorakit.merge.engine as meng
+    import lib_lorakit.streaming as s
+
+    monkeypatch.delenv("LORAKIT_TORCH_THREADS", raising=False)
+    monkeypatch.setattr(s, "usable_cores", lambda: 8)
+    seen = []
+    real = s.engine_threads
+
+    def spy(workers=1, hashers=0, reserve=0):
+        cm = real(workers, hashers=hashers, reserve=reserve)
+
+        class Recorder:
+            def __enter__(self):
+                cm.__enter__()
+                seen.append((workers, hashers, reserve, torch.get_num_threads()))
+
+            def __exit__(self, *exc):
+                return cm.__exit__(*exc)
+
+        return Recorder()
+
+    mod = beng if engine == "bake" else meng
+    monkeypatch.setattr(mod, "engine_threads", spy)
+    base_p, specs = recipe(tmp_path)
+    if engine == "bake":
+        bake(base_p, specs, str(tmp_path / "o.safetensors"), device="cpu", reserve_cores=1, hash_cache=None)
+        assert seen == [(2, 1, 1, 3)]  # 8 cores - 1 for the host - 1 for the base's hasher, over 2 threads
+    else:
+        other = tiny_checkpoint(tmp_path, "sdxl", seed=6, name="other.safetensors")
+        models = [ModelSpec(base_p, 0.5), ModelSpec(other, 0.5)]
+        merge(models, str(tmp_path / "m.safetensors"), device="cpu", reserve_cores=1, hash_cache=None)
+        workers = seen[0][0]
+        assert seen == [(workers, 2, 1, max(1, (8 - 1 - 2) // workers))]
+
+
 def test_bake_chunk_holds_one_mb_per_torch_thread_and_at_least_two(monkeypatch):
     """On many cores each maths thread's chunk grows with its torch threads (fewer, larger operations
     shared out over them); with one torch thread it is 2 MB (fewer calls for the same work)."""

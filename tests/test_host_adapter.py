@@ -310,3 +310,16 @@ def test_settings_edit_the_generation_profiles(webui, caplog):
     gen.update_profiles(extension.service(), {"profiles": {"pony": {"cfg_scale": 6.5}}})  # through the API
     extension.on_ui_settings()
     assert json.loads(opts.data[key]) == {"pony": {"cfg_scale": 6.5}}
+
+
+def test_engine_jobs_leave_a_core_to_the_webui(webui, monkeypatch):
+    """Bake and merge jobs run inside the WebUI's process: they leave one core to its server, in the
+    number of maths threads and in torch's threads (the engines subtract ``reserve_cores``)."""
+    import lib_lorakit.streaming as s
+    from lib_lorakit.engineopts import host_kwargs
+
+    monkeypatch.setattr(s, "usable_cores", lambda: 16)
+    kw = host_kwargs(host_pkg.get_host(), "cpu")
+    assert kw["reserve_cores"] == 1 and kw["workers"] == s.engine_workers(1) and kw["device"] == "cpu"
+    monkeypatch.setattr(s, "usable_cores", lambda: 2)
+    assert host_kwargs(host_pkg.get_host(), "cpu")["workers"] == 1

@@ -56,6 +56,7 @@ from ..streaming import (
     max_rounding_error,
     read_ahead_early,
     reader_count,
+    reserved_cores,
     resolve_device,
 )
 from .plan import Contribution, LoraSpec, Plan, Progress, check_lora_values, plan_bake
@@ -586,6 +587,7 @@ def bake(
     cancel: threading.Event | None = None,
     device: str | None = "auto",
     workers: int | None = None,
+    reserve_cores: int | None = None,
     hash_cache: HashCache | str | bool | None = None,
     scale_source: str = "writer",
     preflight_settings: Mapping[str, Any] | None = None,
@@ -596,7 +598,9 @@ def bake(
     Args:
         device: where the float32 maths runs: ``auto`` (the GPU when torch sees one), ``cpu`` or ``cuda``.
             Either way each weight is rounded once; GPU and CPU outputs agree within one step of the save dtype.
-        workers: maths threads (default: :func:`engine_workers`, at most 2, less ``$LORAKIT_RESERVE_CORES``).
+        workers: maths threads (default: :func:`engine_workers`, at most 2).
+        reserve_cores: cores left to the host: fewer torch threads (default ``$LORAKIT_RESERVE_CORES``, else 0;
+            the WebUI's jobs leave 1 for its server).
         hash_cache: remembered file hashes (a :class:`HashCache`, a data folder, True for the default
             folder); None hashes every input.
         preflight_settings: the user's settings (max-safe and cross-lineage tables) the pre-flight warnings
@@ -621,7 +625,8 @@ def bake(
         read_ahead_early([(os.fspath(base_path), 512 << 20)] + [(s.path, 0) for s in specs])
     code = save_code(save_dtype)
     dev = resolve_device(device)
-    n_workers = max(1, int(workers)) if workers else engine_workers()
+    reserve = reserved_cores(reserve_cores)
+    n_workers = max(1, int(workers)) if workers else engine_workers(reserve)
     if dev.type == "cuda":
         n_workers = min(n_workers, 4)  # a few streams keep the GPU busy; more threads only hold buffers
     base_file = base_path.path if isinstance(base_path, TensorSource) else os.fspath(base_path)
@@ -666,7 +671,8 @@ def bake(
                 check.start()
                 t_stream = time.perf_counter()
                 try:
-                    with engine_threads(n_workers, hashers=int(hasher is not None)), exact_float32(dev), gc_frozen():
+                    threads = engine_threads(n_workers, hashers=int(hasher is not None), reserve=reserve)
+                    with threads, exact_float32(dev), gc_frozen():
                         sha = _execute(
                             plan,
                             output,

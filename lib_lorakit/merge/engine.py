@@ -53,6 +53,7 @@ from ..streaming import (
     peak_rss_mb,
     read_ahead_early,
     reader_count,
+    reserved_cores,
     resolve_device,
 )
 from . import methods
@@ -809,11 +810,12 @@ def merge(
     cancel: threading.Event | None = None,
     device: str | None = "auto",
     workers: int | None = None,
+    reserve_cores: int | None = None,
     hash_cache: HashCache | str | bool | None = None,
 ) -> dict:
     """Merge ``models`` into ``output`` (safetensors) and return the report.
 
-    ``device``, ``workers`` and ``hash_cache`` work as in :func:`lib_lorakit.bake.bake`.
+    ``device``, ``workers``, ``reserve_cores`` and ``hash_cache`` work as in :func:`lib_lorakit.bake.bake`.
 
     Raises:
         LorakitError: bad input (exit code 2); no output is left behind.
@@ -825,7 +827,8 @@ def merge(
     code = save_code(save_dtype)
     dev = resolve_device(device)
     t_prepared = time.perf_counter()  # torch is loaded lazily, here on a cold command line
-    n_workers = max(1, int(workers)) if workers else engine_workers(most=MERGE_WORKERS_MAX)
+    reserve = reserved_cores(reserve_cores)
+    n_workers = max(1, int(workers)) if workers else engine_workers(reserve, most=MERGE_WORKERS_MAX)
     if dev.type == "cuda":
         n_workers = min(n_workers, 4)
     if not str(output).lower().endswith(".safetensors"):
@@ -859,7 +862,8 @@ def merge(
         if h is not None:
             h.start()
     try:
-        with engine_threads(n_workers, hashers=sum(h is not None for h in hashers)), exact_float32(dev), gc_frozen():
+        threads = engine_threads(n_workers, hashers=sum(h is not None for h in hashers), reserve=reserve)
+        with threads, exact_float32(dev), gc_frozen():
             stats = _execute(
                 plan,
                 output,
