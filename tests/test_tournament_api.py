@@ -140,6 +140,8 @@ def test_tournament_end_to_end(client):
         json={**{k: v for k, v in win["merge"].items() if v is not None}, "output": "winner-rebuilt"},
     )
     assert r.status_code == 200, r.text  # the exported recipe is a valid merge request
+    done = wait(c, r.json()["job_id"])  # and it merges (finished before the fake WebUI goes away)
+    assert done["state"] == "done", done
     nxt = c.post(f"/lorakit/v1/tournaments/{tid}/next-round", json={"mode": "dial-in", "create": True}).json()
     assert nxt["winner"] == "mix" and nxt["round"] == 2 and nxt["id"]
     assert [x["id"] for x in nxt["candidates"]][:2] == ["v1", "mix"]
