@@ -395,9 +395,9 @@ def test_engines_default_to_two_maths_threads_sharing_the_cores(monkeypatch):
     assert torch.get_num_threads() == before
 
 
-def test_engine_threads_leave_a_core_to_each_hasher(monkeypatch):
-    """An input being hashed keeps a core busy for the whole stream: torch gets what is left, at least
-    one thread per maths thread."""
+def test_engine_threads_leave_cores_to_the_hashers_and_the_host(monkeypatch):
+    """An input being hashed keeps a core busy for the whole stream, and inside the WebUI one core is its
+    server's: torch gets what is left, at least one thread per maths thread."""
     import torch
 
     import lib_lorakit.streaming as s
@@ -405,31 +405,18 @@ def test_engine_threads_leave_a_core_to_each_hasher(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("LORAKIT_TORCH_THREADS", raising=False)
     monkeypatch.setattr(s, "usable_cores", lambda: 16)
-    with s.engine_threads(4, hashers=3):  # a merge of three unhashed checkpoints
-        assert torch.get_num_threads() == 3
-    with s.engine_threads(2, hashers=1):  # a bake of an unhashed base
-        assert torch.get_num_threads() == 7
-    with s.engine_threads(2, hashers=0):
-        assert torch.get_num_threads() == 8
+    for workers, hashers, reserve, each in [
+        (4, 3, 0, 3),  # a merge of three unhashed checkpoints
+        (2, 1, 0, 7),  # a bake of an unhashed base
+        (2, 0, 0, 8),
+        (2, 1, 1, 7),  # the same inside the WebUI
+        (2, 0, 1, 7),
+    ]:
+        with s.engine_threads(workers, hashers=hashers, reserve=reserve):
+            assert torch.get_num_threads() == each, (workers, hashers, reserve)
     monkeypatch.setattr(s, "usable_cores", lambda: 2)
     with s.engine_threads(2, hashers=1):
         assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-
-
-def test_engine_threads_leave_the_hosts_cores(monkeypatch):
-    import torch
-
-    import lib_lorakit.streaming as s
-
-    before = torch.get_num_threads()
-    monkeypatch.delenv("LORAKIT_TORCH_THREADS", raising=False)
-    monkeypatch.setattr(s, "usable_cores", lambda: 16)
-    with s.engine_threads(2, hashers=1, reserve=1):
-        assert torch.get_num_threads() == 7
-    with s.engine_threads(2, reserve=1):
-        assert torch.get_num_threads() == 7
-    monkeypatch.setattr(s, "usable_cores", lambda: 2)
     with s.engine_threads(1, hashers=1, reserve=1):  # never fewer than one
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
@@ -439,6 +426,8 @@ def test_engine_threads_leave_the_hosts_cores(monkeypatch):
 def test_engines_hand_their_reserve_and_hashers_to_the_thread_split(tmp_path, monkeypatch, engine):
     """Inside the WebUI the jobs leave a core to its server (``reserve_cores``), and each input being
     hashed gets a core: the engines pass both on, and torch runs on what is left."""
+    import contextlib
+
     import torch
 
     import lib_lorakit.bake.engine as beng
@@ -450,18 +439,11 @@ def test_engines_hand_their_reserve_and_hashers_to_the_thread_split(tmp_path, mo
     seen = []
     real = s.engine_threads
 
+    @contextlib.contextmanager
     def spy(workers=1, hashers=0, reserve=0):
-        cm = real(workers, hashers=hashers, reserve=reserve)
-
-        class Recorder:
-            def __enter__(self):
-                cm.__enter__()
-                seen.append((workers, hashers, reserve, torch.get_num_threads()))
-
-            def __exit__(self, *exc):
-                return cm.__exit__(*exc)
-
-        return Recorder()
+        with real(workers, hashers=hashers, reserve=reserve):
+            seen.append((workers, hashers, reserve, torch.get_num_threads()))
+            yield
 
     mod = beng if engine == "bake" else meng
     monkeypatch.setattr(mod, "engine_threads", spy)
